@@ -1,0 +1,326 @@
+//! Hyperparameters: typed config structs with torch's names, readable and writable by name.
+//!
+//! Each optimizer has a config struct (`AdamConfig`, ...) whose fields carry torch's keyword
+//! names and whose `Default` is torch's default. Schedulers and state dicts reach the fields by
+//! name through [`Hyperparams`], with values carried as [`HyperValue`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A hyperparameter value, as torch keeps it in a param group dict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HyperValue {
+    /// A flag (`amsgrad`, `nesterov`, ...).
+    Bool(bool),
+    /// A number (`lr`, `eps`, ...). Integers are carried as numbers too.
+    Number(f64),
+    /// A pair (`betas`, `etas`, `step_sizes`).
+    Pair(f64, f64),
+    /// A pair whose first element may be absent (Adafactor's `eps = (None, 1e-3)`).
+    OptPair(Option<f64>, f64),
+    /// An absent value (`None` in torch).
+    None,
+    /// A name (LBFGS's `line_search_fn`).
+    Str(String),
+}
+
+impl std::fmt::Display for HyperValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HyperValue::Bool(b) => write!(f, "{}", if *b { "True" } else { "False" }),
+            HyperValue::Number(x) => write!(f, "{x:?}"),
+            HyperValue::Pair(a, b) => write!(f, "({a:?}, {b:?})"),
+            HyperValue::OptPair(a, b) => match a {
+                Some(a) => write!(f, "({a:?}, {b:?})"),
+                None => write!(f, "(None, {b:?})"),
+            },
+            HyperValue::None => write!(f, "None"),
+            HyperValue::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+impl From<f64> for HyperValue {
+    fn from(x: f64) -> Self {
+        HyperValue::Number(x)
+    }
+}
+impl From<bool> for HyperValue {
+    fn from(x: bool) -> Self {
+        HyperValue::Bool(x)
+    }
+}
+impl From<(f64, f64)> for HyperValue {
+    fn from((a, b): (f64, f64)) -> Self {
+        HyperValue::Pair(a, b)
+    }
+}
+impl From<usize> for HyperValue {
+    fn from(x: usize) -> Self {
+        HyperValue::Number(x as f64)
+    }
+}
+
+/// A Rust type a hyperparameter field can have.
+pub trait HyperField: Sized {
+    /// Converts the field to a [`HyperValue`].
+    fn to_value(&self) -> HyperValue;
+    /// Converts a [`HyperValue`] back, or names what was expected.
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self>;
+}
+
+fn type_error(name: &str, expected: &'static str, got: &HyperValue) -> Error {
+    Error::HyperparameterType {
+        name: name.to_string(),
+        expected,
+        got: got.to_string(),
+    }
+}
+
+impl HyperField for f64 {
+    fn to_value(&self) -> HyperValue {
+        HyperValue::Number(*self)
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Number(x) => Ok(*x),
+            other => Err(type_error(name, "a number", other)),
+        }
+    }
+}
+
+impl HyperField for bool {
+    fn to_value(&self) -> HyperValue {
+        HyperValue::Bool(*self)
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Bool(x) => Ok(*x),
+            other => Err(type_error(name, "true or false", other)),
+        }
+    }
+}
+
+impl HyperField for (f64, f64) {
+    fn to_value(&self) -> HyperValue {
+        HyperValue::Pair(self.0, self.1)
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Pair(a, b) => Ok((*a, *b)),
+            HyperValue::OptPair(Some(a), b) => Ok((*a, *b)),
+            other => Err(type_error(name, "a pair of numbers", other)),
+        }
+    }
+}
+
+impl HyperField for usize {
+    fn to_value(&self) -> HyperValue {
+        HyperValue::Number(*self as f64)
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Number(x) if *x >= 0.0 && x.fract() == 0.0 && *x < 9.0e15 => {
+                Ok(*x as usize)
+            }
+            other => Err(type_error(name, "a non-negative whole number", other)),
+        }
+    }
+}
+
+impl HyperField for Option<f64> {
+    fn to_value(&self) -> HyperValue {
+        match self {
+            Some(x) => HyperValue::Number(*x),
+            None => HyperValue::None,
+        }
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Number(x) => Ok(Some(*x)),
+            HyperValue::None => Ok(None),
+            other => Err(type_error(name, "a number or None", other)),
+        }
+    }
+}
+
+impl HyperField for (Option<f64>, f64) {
+    fn to_value(&self) -> HyperValue {
+        match self.0 {
+            Some(a) => HyperValue::Pair(a, self.1),
+            None => HyperValue::OptPair(None, self.1),
+        }
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Pair(a, b) => Ok((Some(*a), *b)),
+            HyperValue::OptPair(a, b) => Ok((*a, *b)),
+            other => Err(type_error(name, "a pair (number or None, number)", other)),
+        }
+    }
+}
+
+impl HyperField for Option<String> {
+    fn to_value(&self) -> HyperValue {
+        match self {
+            Some(s) => HyperValue::Str(s.clone()),
+            None => HyperValue::None,
+        }
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Str(s) => Ok(Some(s.clone())),
+            HyperValue::None => Ok(None),
+            other => Err(type_error(name, "a name or None", other)),
+        }
+    }
+}
+
+/// A config struct whose fields can be read and written by torch's keyword names.
+pub trait Hyperparams: Clone + Default + std::fmt::Debug + PartialEq + Send + Sync + 'static {
+    /// The optimizer's torch class name, for messages.
+    const OPTIMIZER: &'static str;
+    /// Every field name, in declaration order.
+    const NAMES: &'static [&'static str];
+    /// The value of field `name`.
+    fn get(&self, name: &str) -> Result<HyperValue>;
+    /// Sets field `name`, checking the value's kind (not its range: see
+    /// [`Hyperparams::validate`]).
+    fn set(&mut self, name: &str, value: &HyperValue) -> Result<()>;
+    /// Checks every value as torch's constructor does, with torch's messages.
+    fn validate(&self) -> Result<()>;
+}
+
+pub(crate) fn unknown<H: Hyperparams>(name: &str) -> Error {
+    Error::UnknownHyperparameter {
+        optimizer: H::OPTIMIZER,
+        name: name.to_string(),
+        known: H::NAMES.join(", "),
+    }
+}
+
+/// Declares an optimizer config struct: pub fields with torch's names and defaults, `Default`,
+/// serde, and [`Hyperparams`] by name. Validation is written by hand beside it.
+macro_rules! hyperparams {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident for $optim:literal {
+            $(
+                $(#[$fmeta:meta])*
+                $field:ident : $ty:ty = $default:expr,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        $vis struct $name {
+            $(
+                $(#[$fmeta])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $($field: $default,)* }
+            }
+        }
+
+        impl $name {
+            /// Sets a field by its torch name, as a builder step.
+            pub fn with(mut self, name: &str, value: impl Into<$crate::hyper::HyperValue>)
+                -> $crate::error::Result<Self> {
+                $crate::hyper::Hyperparams::set(&mut self, name, &value.into())?;
+                Ok(self)
+            }
+        }
+
+        impl $crate::hyper::Hyperparams for $name {
+            const OPTIMIZER: &'static str = $optim;
+            const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
+            fn get(&self, name: &str) -> $crate::error::Result<$crate::hyper::HyperValue> {
+                match name {
+                    $(stringify!($field) =>
+                        Ok($crate::hyper::HyperField::to_value(&self.$field)),)*
+                    _ => Err($crate::hyper::unknown::<Self>(name)),
+                }
+            }
+            fn set(&mut self, name: &str, value: &$crate::hyper::HyperValue)
+                -> $crate::error::Result<()> {
+                match name {
+                    $(stringify!($field) => {
+                        self.$field = $crate::hyper::HyperField::from_value(name, value)?;
+                        Ok(())
+                    })*
+                    _ => Err($crate::hyper::unknown::<Self>(name)),
+                }
+            }
+            fn validate(&self) -> $crate::error::Result<()> {
+                self.check()
+            }
+        }
+    };
+}
+pub(crate) use hyperparams;
+
+/// Validation helpers with torch's exact messages.
+pub(crate) mod check {
+    use crate::error::{Error, Result};
+
+    fn invalid(msg: String) -> Result<()> {
+        Err(Error::InvalidHyperparameter(msg))
+    }
+
+    /// `0.0 <= lr` (NaN fails), torch: `Invalid learning rate: {lr}`.
+    pub fn lr(lr: f64) -> Result<()> {
+        if !(lr >= 0.0) {
+            return invalid(format!("Invalid learning rate: {lr:?}"));
+        }
+        Ok(())
+    }
+
+    /// `0.0 <= eps`, torch: `Invalid epsilon value: {eps}`.
+    pub fn eps(eps: f64) -> Result<()> {
+        if !(eps >= 0.0) {
+            return invalid(format!("Invalid epsilon value: {eps:?}"));
+        }
+        Ok(())
+    }
+
+    /// `0.0 <= b < 1.0` for both betas.
+    pub fn betas(b: (f64, f64)) -> Result<()> {
+        for (i, beta) in [b.0, b.1].into_iter().enumerate() {
+            if !(0.0..1.0).contains(&beta) {
+                return invalid(format!("Invalid beta parameter at index {i}: {beta:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `0.0 <= weight_decay`.
+    pub fn weight_decay(wd: f64) -> Result<()> {
+        if !(wd >= 0.0) {
+            return invalid(format!("Invalid weight_decay value: {wd:?}"));
+        }
+        Ok(())
+    }
+
+    /// `0.0 <= momentum`.
+    pub fn momentum(m: f64) -> Result<()> {
+        if !(m >= 0.0) {
+            return invalid(format!("Invalid momentum value: {m:?}"));
+        }
+        Ok(())
+    }
+
+    /// A value that must be a real number (not NaN or infinite) where torch has no check.
+    pub fn finite(name: &str, x: f64) -> Result<()> {
+        if !x.is_finite() {
+            return invalid(format!("Invalid {name} value: {x:?}"));
+        }
+        Ok(())
+    }
+}

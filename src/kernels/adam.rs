@@ -1,0 +1,181 @@
+//! Adam and AdamW (coupled or decoupled weight decay, AMSGrad): fused kernel and reference.
+
+use super::{for_each_lane, lerp, passes, ElementOp};
+use crate::float::{Float, Lane};
+
+/// Per-step scalars of Adam, computed once per run in f64 as torch does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamCoeffs {
+    /// Learning rate.
+    pub lr: f64,
+    /// `beta1`.
+    pub beta1: f64,
+    /// `beta2`.
+    pub beta2: f64,
+    /// `eps`.
+    pub eps: f64,
+    /// Weight decay factor.
+    pub weight_decay: f64,
+    /// Decoupled (AdamW) instead of L2 weight decay.
+    pub decoupled: bool,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+    /// `lr / (1 - beta1^step)`.
+    pub step_size: f64,
+    /// `sqrt(1 - beta2^step)`.
+    pub bias_correction2_sqrt: f64,
+}
+
+impl AdamCoeffs {
+    /// The scalars of step number `step` (1-based).
+    pub fn new(
+        lr: f64,
+        (beta1, beta2): (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+        decoupled: bool,
+        maximize: bool,
+        step: u64,
+    ) -> Self {
+        let step = step as f64;
+        let bias_correction1 = 1.0 - beta1.powf(step);
+        let bias_correction2 = 1.0 - beta2.powf(step);
+        AdamCoeffs {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decoupled,
+            maximize,
+            step_size: lr / bias_correction1,
+            bias_correction2_sqrt: bias_correction2.powf(0.5),
+        }
+    }
+}
+
+struct Op<T> {
+    grad_scale: T,
+    maximize: bool,
+    wd: u8, // 0 none, 1 L2, 2 decoupled
+    weight_decay: T,
+    decay_factor: T,
+    w1: T,
+    one_minus_w1: T,
+    beta2: T,
+    one_minus_beta2: T,
+    bc2_sqrt: T,
+    eps: T,
+    neg_step_size: T,
+}
+
+impl<T: Float> Op<T> {
+    #[inline(always)]
+    fn moments<V: Lane<Elem = T>>(&self, p: V, g: V, m: &mut V, v: &mut V) -> V {
+        let g = g * V::splat(self.grad_scale);
+        let mut g = if self.maximize { -g } else { g };
+        let mut p = p;
+        match self.wd {
+            1 => g = g + V::splat(self.weight_decay) * p,
+            2 => p = p * V::splat(self.decay_factor),
+            _ => {}
+        }
+        *m = lerp(*m, g, self.w1, self.one_minus_w1);
+        *v = *v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
+        p
+    }
+
+    #[inline(always)]
+    fn finish<V: Lane<Elem = T>>(&self, p: V, m: V, second: V) -> V {
+        let denom = second.sqrt() / V::splat(self.bc2_sqrt) + V::splat(self.eps);
+        p + V::splat(self.neg_step_size) * m / denom
+    }
+}
+
+impl<T: Float> ElementOp<T, 2> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
+        let [m, v] = s;
+        let p = self.moments(p, g, m, v);
+        self.finish(p, *m, *v)
+    }
+}
+
+impl<T: Float> ElementOp<T, 3> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 3]) -> V {
+        let [m, v, vmax] = s;
+        let p = self.moments(p, g, m, v);
+        *vmax = vmax.maximum(*v);
+        self.finish(p, *m, *vmax)
+    }
+}
+
+fn op<T: Float>(c: &AdamCoeffs, grad_scale: f64) -> Op<T> {
+    let w1 = T::from_f64(1.0 - c.beta1);
+    Op {
+        grad_scale: T::from_f64(grad_scale),
+        maximize: c.maximize,
+        wd: match (c.weight_decay != 0.0, c.decoupled) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        },
+        weight_decay: T::from_f64(c.weight_decay),
+        decay_factor: T::from_f64(1.0 - c.lr * c.weight_decay),
+        w1,
+        one_minus_w1: T::ONE - w1,
+        beta2: T::from_f64(c.beta2),
+        one_minus_beta2: T::from_f64(1.0 - c.beta2),
+        bc2_sqrt: T::from_f64(c.bias_correction2_sqrt),
+        eps: T::from_f64(c.eps),
+        neg_step_size: T::from_f64(-c.step_size),
+    }
+}
+
+/// Fused Adam over one piece: `bufs` is `[exp_avg, exp_avg_sq]` or, with AMSGrad,
+/// `[exp_avg, exp_avg_sq, max_exp_avg_sq]`.
+pub fn fused<T: Float>(c: &AdamCoeffs, grad_scale: f64, p: &mut [T], g: &[T], bufs: &mut [&mut [T]]) {
+    let op = op::<T>(c, grad_scale);
+    match bufs {
+        [m, v] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **v]),
+        [m, v, vmax] => for_each_lane::<T, 3, _>(&op, p, g, [&mut **m, &mut **v, &mut **vmax]),
+        _ => unreachable!("Adam keeps two or three buffers"),
+    }
+}
+
+/// torch's `_single_tensor_adam`, one pass per tensor operation.
+pub fn reference<T: Float>(
+    c: &AdamCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    if c.weight_decay != 0.0 {
+        if c.decoupled {
+            passes::mul(p, T::from_f64(1.0 - c.lr * c.weight_decay));
+        } else {
+            passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
+        }
+    }
+    let (m, rest) = bufs.split_first_mut().expect("exp_avg");
+    let (v, rest) = rest.split_first_mut().expect("exp_avg_sq");
+    passes::lerp(m, &grad, T::from_f64(1.0 - c.beta1));
+    passes::mul(v, T::from_f64(c.beta2));
+    passes::addcmul(v, &grad, &grad, T::from_f64(1.0 - c.beta2));
+    let second: &[T] = match rest {
+        [vmax] => {
+            for (x, &y) in vmax.iter_mut().zip(v.iter()) {
+                *x = x.maximum(y);
+            }
+            vmax
+        }
+        _ => v,
+    };
+    let bc2 = T::from_f64(c.bias_correction2_sqrt);
+    let eps = T::from_f64(c.eps);
+    let denom: Vec<T> = second.iter().map(|&x| x.sqrt() / bc2).map(|x| x + eps).collect();
+    passes::addcdiv(p, m, &denom, T::from_f64(-c.step_size));
+}

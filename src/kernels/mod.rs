@@ -1,0 +1,141 @@
+//! Update kernels: for each algorithm, a fused one-pass SIMD kernel and a scalar reference
+//! written as torch's sequence of tensor operations.
+//!
+//! A fused kernel is an [`ElementOp`]: the update of one lane group, written once against
+//! [`Lane`] and run by [`for_each_lane`] over `wide` vectors for the body and scalars for the
+//! tail. Both use the same IEEE operations in the same order (no fused multiply-add), so the
+//! two parts agree bit for bit and the reference kernel can be compared exactly.
+//!
+//! torch's vectorised CPU kernels do use FMA in places (`add` with `alpha`, `lerp`), so against
+//! torch itself the results agree to within a few ulp per step, well inside the parity
+//! tolerances of `SCHEMA.md`.
+
+pub mod adam;
+pub mod radam;
+pub mod sgd;
+
+use crate::float::{Float, Lane};
+
+/// The per-element update of a fused kernel with `B` state buffers.
+pub trait ElementOp<T: Float, const B: usize> {
+    /// Updates one lane group: returns the new parameter value and updates `state` in place.
+    fn apply<V: Lane<Elem = T>>(&self, param: V, grad: V, state: &mut [V; B]) -> V;
+}
+
+/// Runs `op` over every element: `wide` vectors for the body, scalars for the tail.
+///
+/// # Panics
+/// If the slices differ in length (the step driver never passes such slices).
+#[inline(always)]
+pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
+    op: &O,
+    params: &mut [T],
+    grads: &[T],
+    state: [&mut [T]; B],
+) {
+    let n = params.len();
+    assert!(grads.len() == n && state.iter().all(|s| s.len() == n));
+    let w = T::LANES;
+    let body = n - n % w;
+    let mut i = 0;
+    while i < body {
+        let p = T::Vector::load(&params[i..i + w]);
+        let g = T::Vector::load(&grads[i..i + w]);
+        let mut s: [T::Vector; B] = std::array::from_fn(|k| T::Vector::load(&state[k][i..i + w]));
+        let p = op.apply(p, g, &mut s);
+        p.store(&mut params[i..i + w]);
+        for (k, v) in s.iter().enumerate() {
+            v.store(&mut state[k][i..i + w]);
+        }
+        i += w;
+    }
+    while i < n {
+        let mut s: [T; B] = std::array::from_fn(|k| state[k][i]);
+        params[i] = op.apply(params[i], grads[i], &mut s);
+        for (k, v) in s.iter().enumerate() {
+            state[k][i] = *v;
+        }
+        i += 1;
+    }
+}
+
+/// torch's `lerp(start, end, weight)` for a scalar weight, as ATen's CPU kernel computes it.
+#[inline(always)]
+pub fn lerp<V: Lane>(start: V, end: V, weight: V::Elem, one_minus_weight: V::Elem) -> V {
+    if weight.to_f64().abs() < 0.5 {
+        start + V::splat(weight) * (end - start)
+    } else {
+        end - (end - start) * V::splat(one_minus_weight)
+    }
+}
+
+/// True when any element is NaN or infinite.
+pub fn any_non_finite<T: Float>(x: &[T]) -> bool {
+    // Sum of `x * 0` is NaN exactly when some element is NaN or infinite; the chunked form
+    // vectorises and stops early.
+    x.chunks(1024).any(|c| {
+        let mut acc = T::ZERO;
+        for &v in c {
+            acc = acc + v * T::ZERO;
+        }
+        acc != acc
+    })
+}
+
+/// Scalar helpers shared by the reference kernels: one whole-slice pass per torch operation.
+pub mod passes {
+    use crate::float::Float;
+
+    /// `grad = -grad` when maximizing, times `scale`, into a fresh vector.
+    pub fn effective_grad<T: Float>(g: &[T], maximize: bool, scale: T) -> Vec<T> {
+        g.iter()
+            .map(|&x| {
+                let x = x * scale;
+                if maximize {
+                    -x
+                } else {
+                    x
+                }
+            })
+            .collect()
+    }
+
+    /// `a.add_(b, alpha=alpha)`: `a + alpha * b`.
+    pub fn add_scaled<T: Float>(a: &mut [T], b: &[T], alpha: T) {
+        for (x, &y) in a.iter_mut().zip(b) {
+            *x = *x + alpha * y;
+        }
+    }
+
+    /// `a.mul_(s)`.
+    pub fn mul<T: Float>(a: &mut [T], s: T) {
+        for x in a {
+            *x = *x * s;
+        }
+    }
+
+    /// `a.lerp_(b, w)` with torch's two formulas.
+    pub fn lerp<T: Float>(a: &mut [T], b: &[T], w: T) {
+        for (x, &y) in a.iter_mut().zip(b) {
+            *x = if w.to_f64().abs() < 0.5 {
+                *x + w * (y - *x)
+            } else {
+                y - (y - *x) * (T::ONE - w)
+            };
+        }
+    }
+
+    /// `a.addcmul_(b, c, value=v)`: `a + v * b * c`.
+    pub fn addcmul<T: Float>(a: &mut [T], b: &[T], c: &[T], v: T) {
+        for ((x, &y), &z) in a.iter_mut().zip(b).zip(c) {
+            *x = *x + v * y * z;
+        }
+    }
+
+    /// `a.addcdiv_(b, c, value=v)`: `a + v * b / c`.
+    pub fn addcdiv<T: Float>(a: &mut [T], b: &[T], c: &[T], v: T) {
+        for ((x, &y), &z) in a.iter_mut().zip(b).zip(c) {
+            *x = *x + v * y / z;
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! RAdam (rectified Adam): fused kernel and reference.
+
+use super::{for_each_lane, lerp, passes, ElementOp};
+use crate::float::{Float, Lane};
+
+/// Per-step scalars of RAdam, computed once per run in f64 as torch does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RadamCoeffs {
+    /// Learning rate.
+    pub lr: f64,
+    /// `beta1`.
+    pub beta1: f64,
+    /// `beta2`.
+    pub beta2: f64,
+    /// `eps`.
+    pub eps: f64,
+    /// Weight decay factor.
+    pub weight_decay: f64,
+    /// Decoupled (AdamW-style) weight decay.
+    pub decoupled: bool,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+    /// `1 - beta1^step`.
+    pub bias_correction1: f64,
+    /// `sqrt(1 - beta2^step)`.
+    pub bias_correction2_sqrt: f64,
+    /// The variance rectification term, when `rho_t > 5`; `None` means the un-adapted update.
+    pub rect: Option<f64>,
+}
+
+impl RadamCoeffs {
+    /// The scalars of step number `step` (1-based), with torch's formulas.
+    pub fn new(
+        lr: f64,
+        (beta1, beta2): (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+        decoupled: bool,
+        maximize: bool,
+        step: u64,
+    ) -> Self {
+        let step = step as f64;
+        let bias_correction1 = 1.0 - beta1.powf(step);
+        let bias_correction2 = 1.0 - beta2.powf(step);
+        let rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+        let rho_t = rho_inf - 2.0 * step * beta2.powf(step) / bias_correction2;
+        let rect = (rho_t > 5.0).then(|| {
+            ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+                .powf(0.5)
+        });
+        RadamCoeffs {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decoupled,
+            maximize,
+            bias_correction1,
+            bias_correction2_sqrt: bias_correction2.powf(0.5),
+            rect,
+        }
+    }
+}
+
+struct Op<T> {
+    grad_scale: T,
+    maximize: bool,
+    wd: u8,
+    weight_decay: T,
+    decay_factor: T,
+    w1: T,
+    one_minus_w1: T,
+    beta2: T,
+    one_minus_beta2: T,
+    bc1: T,
+    lr: T,
+    eps: T,
+    bc2_sqrt: T,
+    rect: Option<T>,
+}
+
+impl<T: Float> ElementOp<T, 2> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
+        let [m, v] = s;
+        let g = g * V::splat(self.grad_scale);
+        let mut g = if self.maximize { -g } else { g };
+        let mut p = p;
+        match self.wd {
+            1 => g = g + V::splat(self.weight_decay) * p,
+            2 => p = p * V::splat(self.decay_factor),
+            _ => {}
+        }
+        *m = lerp(*m, g, self.w1, self.one_minus_w1);
+        *v = *v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
+        let corrected = *m / V::splat(self.bc1) * V::splat(self.lr);
+        match self.rect {
+            Some(rect) => {
+                let adaptive =
+                    V::splat(T::ONE) / (v.sqrt() + V::splat(self.eps)) * V::splat(self.bc2_sqrt);
+                p - corrected * adaptive * V::splat(rect)
+            }
+            None => p - corrected,
+        }
+    }
+}
+
+/// Fused RAdam over one piece: `bufs` is `[exp_avg, exp_avg_sq]`.
+pub fn fused<T: Float>(c: &RadamCoeffs, grad_scale: f64, p: &mut [T], g: &[T], bufs: &mut [&mut [T]]) {
+    let w1 = T::from_f64(1.0 - c.beta1);
+    let op = Op {
+        grad_scale: T::from_f64(grad_scale),
+        maximize: c.maximize,
+        wd: match (c.weight_decay != 0.0, c.decoupled) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        },
+        weight_decay: T::from_f64(c.weight_decay),
+        decay_factor: T::from_f64(1.0 - c.lr * c.weight_decay),
+        w1,
+        one_minus_w1: T::ONE - w1,
+        beta2: T::from_f64(c.beta2),
+        one_minus_beta2: T::from_f64(1.0 - c.beta2),
+        bc1: T::from_f64(c.bias_correction1),
+        lr: T::from_f64(c.lr),
+        eps: T::from_f64(c.eps),
+        bc2_sqrt: T::from_f64(c.bias_correction2_sqrt),
+        rect: c.rect.map(T::from_f64),
+    };
+    match bufs {
+        [m, v] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **v]),
+        _ => unreachable!("RAdam keeps two buffers"),
+    }
+}
+
+/// torch's `_single_tensor_radam`, one pass per tensor operation.
+pub fn reference<T: Float>(
+    c: &RadamCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    if c.weight_decay != 0.0 {
+        if c.decoupled {
+            passes::mul(p, T::from_f64(1.0 - c.lr * c.weight_decay));
+        } else {
+            passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
+        }
+    }
+    let [m, v] = bufs else {
+        unreachable!("RAdam keeps two buffers")
+    };
+    passes::lerp(m, &grad, T::from_f64(1.0 - c.beta1));
+    passes::mul(v, T::from_f64(c.beta2));
+    passes::addcmul(v, &grad, &grad, T::from_f64(1.0 - c.beta2));
+    let bc1 = T::from_f64(c.bias_correction1);
+    let lr = T::from_f64(c.lr);
+    let mut update: Vec<T> = m.iter().map(|&x| x / bc1).map(|x| x * lr).collect();
+    if let Some(rect) = c.rect {
+        let eps = T::from_f64(c.eps);
+        let bc2 = T::from_f64(c.bias_correction2_sqrt);
+        let adaptive: Vec<T> = v
+            .iter()
+            .map(|&x| x.sqrt() + eps)
+            .map(|x| T::ONE / x)
+            .map(|x| x * bc2)
+            .collect();
+        for (u, a) in update.iter_mut().zip(adaptive) {
+            *u = *u * a;
+        }
+        passes::mul(&mut update, T::from_f64(rect));
+    }
+    passes::add_scaled(p, &update, -T::ONE);
+}

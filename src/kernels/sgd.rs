@@ -1,0 +1,133 @@
+//! SGD with momentum, dampening, Nesterov and weight decay: fused kernel and reference.
+
+use super::{for_each_lane, passes, ElementOp};
+use crate::float::{Float, Lane};
+
+/// Per-step scalars of SGD (f64, as torch's Python floats).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdCoeffs {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0 disables the buffer).
+    pub momentum: f64,
+    /// Dampening of the gradient entering the buffer.
+    pub dampening: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+}
+
+struct Op<T> {
+    neg_lr: T,
+    momentum: T,
+    one_minus_dampening: T,
+    weight_decay: T,
+    grad_scale: T,
+    use_wd: bool,
+    nesterov: bool,
+    maximize: bool,
+    fresh: bool,
+}
+
+impl<T: Float> Op<T> {
+    #[inline(always)]
+    fn grad<V: Lane<Elem = T>>(&self, p: V, g: V) -> V {
+        let g = g * V::splat(self.grad_scale);
+        let g = if self.maximize { -g } else { g };
+        if self.use_wd {
+            g + V::splat(self.weight_decay) * p
+        } else {
+            g
+        }
+    }
+}
+
+impl<T: Float> ElementOp<T, 0> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, _: &mut [V; 0]) -> V {
+        let g = self.grad(p, g);
+        p + V::splat(self.neg_lr) * g
+    }
+}
+
+impl<T: Float> ElementOp<T, 1> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 1]) -> V {
+        let g = self.grad(p, g);
+        let buf = if self.fresh {
+            g
+        } else {
+            s[0] * V::splat(self.momentum) + V::splat(self.one_minus_dampening) * g
+        };
+        s[0] = buf;
+        let d = if self.nesterov {
+            g + V::splat(self.momentum) * buf
+        } else {
+            buf
+        };
+        p + V::splat(self.neg_lr) * d
+    }
+}
+
+fn op<T: Float>(c: &SgdCoeffs, fresh: bool, grad_scale: f64) -> Op<T> {
+    Op {
+        neg_lr: T::from_f64(-c.lr),
+        momentum: T::from_f64(c.momentum),
+        one_minus_dampening: T::from_f64(1.0 - c.dampening),
+        weight_decay: T::from_f64(c.weight_decay),
+        grad_scale: T::from_f64(grad_scale),
+        use_wd: c.weight_decay != 0.0,
+        nesterov: c.nesterov,
+        maximize: c.maximize,
+        fresh,
+    }
+}
+
+/// Fused SGD over one piece. `bufs` is empty (no momentum) or holds `momentum_buffer`.
+pub fn fused<T: Float>(
+    c: &SgdCoeffs,
+    fresh: bool,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let op = op::<T>(c, fresh, grad_scale);
+    match bufs {
+        [] => for_each_lane::<T, 0, _>(&op, p, g, []),
+        [m] => for_each_lane::<T, 1, _>(&op, p, g, [&mut **m]),
+        _ => unreachable!("SGD keeps at most one buffer"),
+    }
+}
+
+/// torch's `_single_tensor_sgd`, one pass per tensor operation.
+pub fn reference<T: Float>(
+    c: &SgdCoeffs,
+    fresh: bool,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    if c.weight_decay != 0.0 {
+        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
+    }
+    if let [buf] = bufs {
+        if fresh {
+            buf.copy_from_slice(&grad);
+        } else {
+            passes::mul(buf, T::from_f64(c.momentum));
+            passes::add_scaled(buf, &grad, T::from_f64(1.0 - c.dampening));
+        }
+        if c.nesterov {
+            passes::add_scaled(&mut grad, buf, T::from_f64(c.momentum));
+        } else {
+            grad.copy_from_slice(buf);
+        }
+    }
+    passes::add_scaled(p, &grad, T::from_f64(-c.lr));
+}

@@ -1,0 +1,76 @@
+//! # optarena
+//!
+//! PyTorch's `torch.optim` on the CPU, without the overhead: every parameter of a model lives in
+//! one flat, 64-byte-aligned [`Arena`]; gradients and each optimizer state buffer share its
+//! layout; every param group is one contiguous slice, updated by one fused SIMD pass that rayon
+//! spreads over threads. Results are bitwise the same for any thread count, and the numbers
+//! match torch's single-tensor code paths (see `tests/parity.rs`).
+//!
+//! ```
+//! use optarena::{Adam, AdamConfig, ArenaBuilder, MatchBy, ParamGroup};
+//!
+//! // Register parameters: name, shape, initial values.
+//! let mut b = ArenaBuilder::<f32>::new();
+//! let w = b.param("linear.weight", &[1, 2], &[0.5, -0.5])?;
+//! let bias = b.zeros("linear.bias", &[1])?;
+//! let mut arena = b.build();
+//!
+//! // torch: Adam(model.parameters(), lr=0.05)
+//! let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig { lr: 0.05, ..Default::default() })?;
+//!
+//! // Fit y = 2x₀ − x₁ + 1 on a few points.
+//! let data = [([1.0f32, 0.0], 3.0f32), ([0.0, 1.0], 0.0), ([1.0, 1.0], 2.0), ([2.0, 0.5], 4.5)];
+//! let mut loss = 0.0;
+//! for _ in 0..500 {
+//!     opt.zero_grad(&mut arena, true)?;
+//!     loss = 0.0;
+//!     let (wv, bv) = (arena.value(w).to_vec(), arena.value(bias)[0]);
+//!     for (x, y) in data {
+//!         let err = wv[0] * x[0] + wv[1] * x[1] + bv - y;
+//!         loss += err * err / data.len() as f32;
+//!         let gw = arena.grad_mut(w);
+//!         gw[0] += 2.0 * err * x[0] / data.len() as f32;
+//!         gw[1] += 2.0 * err * x[1] / data.len() as f32;
+//!         arena.grad_mut(bias)[0] += 2.0 * err / data.len() as f32;
+//!     }
+//!     opt.step(&mut arena)?;
+//! }
+//! assert!(loss < 1e-3, "loss {loss}");
+//!
+//! // Save and reload: parameters are named, never matched by pointer.
+//! let saved = opt.state_dict_json()?;
+//! opt.load_state_dict_json(&saved, MatchBy::Name)?;
+//! # Ok::<(), optarena::Error>(())
+//! ```
+//!
+//! ## Where optarena differs from torch, on purpose
+//! - `load_state_dict` checks kinds, shapes and lengths and can match parameters by name
+//!   ([`MatchBy::Name`]); torch matches by position only and loads mismatches silently.
+//! - [`Optimizer::step_checked`] skips a step whose gradients hold NaN or infinity and leaves
+//!   everything as it was; a plain torch step lets one bad batch corrupt the weights and state.
+//! - NaN hyperparameters are rejected everywhere (torch's `lr < 0.0` lets NaN through).
+//! - A failed call changes nothing.
+
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms)]
+
+pub mod arena;
+pub mod error;
+pub mod float;
+pub mod hyper;
+pub mod kernels;
+pub mod optim;
+pub mod optimizer;
+pub mod parallel;
+pub mod state;
+
+pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
+pub use error::{Error, Result};
+pub use float::{Float, Lane};
+pub use hyper::{HyperValue, Hyperparams};
+pub use optim::*;
+pub use optimizer::{
+    Algorithm, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepOptions, StepOutcome,
+};
+pub use parallel::Parallelism;
+pub use state::{MatchBy, StateDict};

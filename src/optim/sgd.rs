@@ -1,0 +1,100 @@
+//! Stochastic gradient descent with momentum, torch's `torch.optim.SGD`.
+
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::hyper::{check, hyperparams};
+use crate::kernels::sgd::{self as kernel, SgdCoeffs};
+use crate::optimizer::{Algorithm, KernelArgs, Optimizer};
+
+hyperparams! {
+    /// Hyperparameters of [`Sgd`], with torch's names and defaults.
+    pub struct SgdConfig for "SGD" {
+        /// Learning rate (torch's default since 2.x: `1e-3`).
+        lr: f64 = 1e-3,
+        /// Momentum factor.
+        momentum: f64 = 0.0,
+        /// Dampening for momentum.
+        dampening: f64 = 0.0,
+        /// L2 penalty.
+        weight_decay: f64 = 0.0,
+        /// Nesterov momentum.
+        nesterov: bool = false,
+        /// Maximize the objective instead of minimizing.
+        maximize: bool = false,
+    }
+}
+
+impl SgdConfig {
+    fn check(&self) -> Result<()> {
+        check::lr(self.lr)?;
+        check::momentum(self.momentum)?;
+        check::weight_decay(self.weight_decay)?;
+        check::finite("dampening", self.dampening)?;
+        check::finite("lr", self.lr)?;
+        check::finite("momentum", self.momentum)?;
+        check::finite("weight_decay", self.weight_decay)?;
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(Error::InvalidHyperparameter(
+                "Nesterov momentum requires a momentum and zero dampening".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The SGD algorithm (see [`Sgd`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SgdAlgorithm;
+
+/// Stochastic gradient descent, optionally with momentum (torch's `SGD`).
+///
+/// With `g` the gradient (negated when `maximize`), `λ` the weight decay, `μ` the momentum,
+/// `τ` the dampening and `γ` the learning rate:
+///
+/// ```text
+/// g ← g + λθ                       (if λ ≠ 0)
+/// b ← g                            (first step)
+/// b ← μb + (1 − τ)g                (later steps)
+/// g ← g + μb  (Nesterov)  or  g ← b
+/// θ ← θ − γg
+/// ```
+///
+/// Momentum as in Sutskever et al., "On the importance of initialization and momentum in deep
+/// learning" (ICML 2013); Nesterov's variant from Nesterov (1983). State: `momentum_buffer`
+/// when `momentum ≠ 0`; SGD keeps no step count.
+pub type Sgd<T> = Optimizer<T, SgdAlgorithm>;
+
+impl Algorithm for SgdAlgorithm {
+    const NAME: &'static str = "SGD";
+    const TRACKS_STEP: bool = false;
+    type Config = SgdConfig;
+    type Scalars = ();
+    type Coeffs = SgdCoeffs;
+
+    fn buffers(config: &SgdConfig) -> &'static [&'static str] {
+        if config.momentum != 0.0 {
+            &["momentum_buffer"]
+        } else {
+            &[]
+        }
+    }
+
+    fn prepare(c: &SgdConfig, _step: u64, _: &mut ()) -> SgdCoeffs {
+        SgdCoeffs {
+            lr: c.lr,
+            momentum: c.momentum,
+            dampening: c.dampening,
+            weight_decay: c.weight_decay,
+            nesterov: c.nesterov,
+            maximize: c.maximize,
+        }
+    }
+
+    fn fused<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+        kernel::fused(&a.coeffs, a.fresh, a.grad_scale, p, g, b)
+    }
+
+    fn reference<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+        kernel::reference(&a.coeffs, a.fresh, a.grad_scale, p, g, b)
+    }
+}

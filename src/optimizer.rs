@@ -1,0 +1,962 @@
+//! The optimizer machinery shared by every elementwise algorithm: param groups, lazy state,
+//! the fused parallel step, and `state_dict` / `load_state_dict`.
+//!
+//! An algorithm (SGD, Adam, ...) implements [`Algorithm`]: its config, the names of its state
+//! buffers, the per-step scalars it computes once per group in f64, and two kernels over
+//! contiguous slices, a fused SIMD one and a scalar reference. [`Optimizer`] does the rest.
+//!
+//! # How a step runs
+//! 1. Every group's hyperparameters are checked; on an error nothing has changed.
+//! 2. Parameters with a gradient get their state on first use, exactly as torch's lazy state
+//!    init does. Parameters without one (`grad is None`) are skipped: no state, no step count,
+//!    no weight decay.
+//! 3. Consecutive parameters of a group whose state agrees (same step count, same scalars)
+//!    form a run. The algorithm's per-step scalars are computed once per run in f64.
+//! 4. Runs are cut into [`CHUNK`]-element pieces and the fused kernel runs on each, on the
+//!    [`Parallelism`] the optimizer was given. The piece length never depends on the thread
+//!    count, so the result is bitwise the same on any number of threads.
+//!
+//! Once state exists a step allocates nothing: the work list is kept between steps.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::hyper::{HyperValue, Hyperparams};
+use crate::parallel::{Parallelism, CHUNK};
+use crate::state::{
+    GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT,
+};
+
+/// Most state buffers any algorithm keeps per parameter.
+pub const MAX_BUFFERS: usize = 4;
+
+/// Per-parameter scalar state besides the step count (ASGD's `eta` and `mu`, NAdam's
+/// `mu_product`). `()` for algorithms that have none.
+pub trait ParamScalars: Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static {
+    /// torch's state keys for the scalars, in order.
+    const NAMES: &'static [&'static str];
+    /// The values, in [`ParamScalars::NAMES`] order.
+    fn values(&self) -> Vec<f64>;
+    /// Rebuilds from values in [`ParamScalars::NAMES`] order.
+    fn from_values(values: &[f64]) -> Self;
+}
+
+impl ParamScalars for () {
+    const NAMES: &'static [&'static str] = &[];
+    fn values(&self) -> Vec<f64> {
+        Vec::new()
+    }
+    fn from_values(_: &[f64]) -> Self {}
+}
+
+/// Arguments of one kernel call, beyond the slices.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelArgs<C> {
+    /// The per-step scalars [`Algorithm::prepare`] computed for this run.
+    pub coeffs: C,
+    /// True when the run's state buffers were created this step (SGD then sets its momentum
+    /// buffer to the gradient, as torch does).
+    pub fresh: bool,
+    /// Factor every gradient is multiplied by before use: 1 for a plain step, `1/scale` to
+    /// unscale, a clip coefficient to clip. Multiplying by 1 is exact, so a plain step matches
+    /// torch bit for bit.
+    pub grad_scale: f64,
+}
+
+/// An elementwise optimization algorithm: what differs between SGD, Adam, RAdam, ...
+pub trait Algorithm: Send + Sync + 'static {
+    /// torch's class name (`"Adam"`).
+    const NAME: &'static str;
+    /// Whether torch keeps `state["step"]` for it (SGD does not).
+    const TRACKS_STEP: bool = true;
+    /// The hyperparameters of one group.
+    type Config: Hyperparams + serde::Serialize + serde::de::DeserializeOwned;
+    /// Per-parameter scalar state besides `step`.
+    type Scalars: ParamScalars;
+    /// Per-step scalars computed once per run in f64.
+    type Coeffs: Copy + Send + Sync + std::fmt::Debug;
+
+    /// torch's names of the state buffers this config needs, in order. Each is as long as the
+    /// parameter.
+    fn buffers(config: &Self::Config) -> &'static [&'static str];
+
+    /// The value buffer `index` starts at (Adagrad's `initial_accumulator_value`, Rprop's `lr`).
+    fn buffer_init(_config: &Self::Config, _index: usize) -> f64 {
+        0.0
+    }
+
+    /// Per-parameter scalars of a new state.
+    fn init_scalars(_config: &Self::Config) -> Self::Scalars {
+        Self::Scalars::default()
+    }
+
+    /// Computes the run's per-step scalars for step number `step` (already incremented), and
+    /// advances `scalars` as torch does after the update.
+    fn prepare(config: &Self::Config, step: u64, scalars: &mut Self::Scalars) -> Self::Coeffs;
+
+    /// The fused SIMD update over one contiguous piece: `params`, `grads` and every buffer have
+    /// the same length.
+    fn fused<T: Float>(
+        args: &KernelArgs<Self::Coeffs>,
+        params: &mut [T],
+        grads: &[T],
+        buffers: &mut [&mut [T]],
+    );
+
+    /// The scalar reference: the same update written as torch's sequence of tensor operations,
+    /// one pass per operation. The oracle the fused kernel is tested against.
+    fn reference<T: Float>(
+        args: &KernelArgs<Self::Coeffs>,
+        params: &mut [T],
+        grads: &[T],
+        buffers: &mut [&mut [T]],
+    );
+}
+
+/// The parameters of one param group and the hyperparameters it overrides.
+///
+/// ```
+/// use optarena::{ArenaBuilder, ParamGroup};
+/// let mut b = ArenaBuilder::<f32>::new();
+/// let w = b.zeros("w", &[4]).unwrap();
+/// let bias = b.zeros("b", &[1]).unwrap();
+/// let group = ParamGroup::new([w, bias]).with("lr", 0.01).with("weight_decay", 0.0);
+/// # let _ = group;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ParamGroup<T> {
+    params: Selection<T>,
+    overrides: Vec<(String, HyperValue)>,
+}
+
+#[derive(Debug, Clone)]
+enum Selection<T> {
+    Handles(Vec<Param<T>>),
+    Names(Vec<String>),
+    All,
+}
+
+impl<T: Float> ParamGroup<T> {
+    /// A group of the given parameters. They must be registered one after another in the arena
+    /// (in any order here); the group then is one contiguous slice.
+    pub fn new(params: impl IntoIterator<Item = Param<T>>) -> Self {
+        ParamGroup {
+            params: Selection::Handles(params.into_iter().collect()),
+            overrides: Vec::new(),
+        }
+    }
+
+    /// A group of the parameters with these names.
+    pub fn named<S: Into<String>>(names: impl IntoIterator<Item = S>) -> Self {
+        ParamGroup {
+            params: Selection::Names(names.into_iter().map(Into::into).collect()),
+            overrides: Vec::new(),
+        }
+    }
+
+    /// A group of every parameter in the arena.
+    pub fn all() -> Self {
+        ParamGroup {
+            params: Selection::All,
+            overrides: Vec::new(),
+        }
+    }
+
+    /// Overrides one hyperparameter for this group (torch's per-group dict entries).
+    pub fn with(mut self, name: &str, value: impl Into<HyperValue>) -> Self {
+        self.overrides.push((name.to_string(), value.into()));
+        self
+    }
+
+    /// Resolves to arena positions, checking emptiness, duplicates and contiguity.
+    fn resolve(&self, arena: &Arena<T>, group_index: usize) -> Result<Range<usize>> {
+        let mut idx: Vec<usize> = match &self.params {
+            Selection::All => (0..arena.num_params()).collect(),
+            Selection::Handles(h) => {
+                let mut v = Vec::with_capacity(h.len());
+                for p in h {
+                    if arena.param_at(p.index()) != Some(*p) {
+                        return Err(Error::ArenaMismatch(
+                            "a parameter handle in this group belongs to another arena".into(),
+                        ));
+                    }
+                    v.push(p.index());
+                }
+                v
+            }
+            Selection::Names(names) => names
+                .iter()
+                .map(|n| arena.find(n).map(|p| p.index()))
+                .collect::<Result<_>>()?,
+        };
+        if idx.is_empty() {
+            return Err(Error::EmptyParamList);
+        }
+        idx.sort_unstable();
+        let infos = arena.infos();
+        for w in idx.windows(2) {
+            if w[0] == w[1] {
+                return Err(Error::DuplicateParamInGroup {
+                    name: infos[w[0]].name.clone(),
+                });
+            }
+            if w[1] != w[0] + 1 {
+                return Err(Error::NonContiguousGroup {
+                    group: group_index,
+                    after: infos[w[0]].name.clone(),
+                    next: infos[w[0] + 1].name.clone(),
+                });
+            }
+        }
+        Ok(idx[0]..idx[idx.len() - 1] + 1)
+    }
+}
+
+/// One parameter's state inside the optimizer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ParamState<S> {
+    step: u64,
+    scalars: S,
+    /// How many of the algorithm's buffers hold live state for this parameter.
+    live_buffers: u8,
+}
+
+/// A param group inside the optimizer.
+struct Group<T, A: Algorithm> {
+    config: A::Config,
+    /// Arena positions of the group's parameters.
+    params: Range<usize>,
+    /// Arena element range.
+    elems: Range<usize>,
+    /// One entry per parameter; `None` until it first has a gradient.
+    state: Vec<Option<ParamState<A::Scalars>>>,
+    /// State buffers, each `elems.len()` long, named by `A::buffers(config)`.
+    buffers: Vec<AlignedBuf<T>>,
+}
+
+impl<T: Float, A: Algorithm> Clone for Group<T, A> {
+    fn clone(&self) -> Self {
+        Group {
+            config: self.config.clone(),
+            params: self.params.clone(),
+            elems: self.elems.clone(),
+            state: self.state.clone(),
+            buffers: self.buffers.clone(),
+        }
+    }
+}
+
+/// One piece of a step: raw pointers into disjoint ranges of the arena and the state buffers.
+struct WorkItem<T, C> {
+    params: *mut T,
+    grads: *const T,
+    buffers: [*mut T; MAX_BUFFERS],
+    n_buffers: usize,
+    len: usize,
+    args: KernelArgs<C>,
+}
+
+// SAFETY: a work item is only a set of pointers to ranges no other work item touches (groups
+// are disjoint arena ranges, pieces are disjoint sub-ranges of a group); the step holds the
+// `&mut` borrows those pointers came from until every item has run.
+unsafe impl<T: Send, C: Send> Send for WorkItem<T, C> {}
+// SAFETY: as above; an item is executed by exactly one thread.
+unsafe impl<T: Send, C: Sync> Sync for WorkItem<T, C> {}
+
+impl<T: Float, C: Copy> WorkItem<T, C> {
+    /// Runs `kernel` on the item's slices.
+    ///
+    /// # Safety
+    /// The pointers must be valid for `len` elements and not aliased by any other live
+    /// reference or concurrently running item.
+    unsafe fn run(&self, kernel: impl Fn(&KernelArgs<C>, &mut [T], &[T], &mut [&mut [T]])) {
+        // SAFETY: guaranteed by the caller (see above).
+        let params = unsafe { std::slice::from_raw_parts_mut(self.params, self.len) };
+        // SAFETY: as above; grads are only read.
+        let grads = unsafe { std::slice::from_raw_parts(self.grads, self.len) };
+        let mut bufs: [&mut [T]; MAX_BUFFERS] = Default::default();
+        for (slot, &ptr) in bufs.iter_mut().zip(&self.buffers[..self.n_buffers]) {
+            // SAFETY: as above; each buffer pointer covers `len` elements of its own buffer.
+            *slot = unsafe { std::slice::from_raw_parts_mut(ptr, self.len) };
+        }
+        kernel(&self.args, params, grads, &mut bufs[..self.n_buffers]);
+    }
+}
+
+/// What a checked step found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// The update was applied.
+    Applied,
+    /// A gradient was NaN or infinite; nothing changed (parameters, state, step counts).
+    SkippedNonFinite,
+}
+
+/// Options of one step beyond the plain update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOptions {
+    /// Every gradient is multiplied by this inside the fused update (an unscale factor
+    /// `1/scale`, a clip coefficient, or `1/k` for k accumulated micro-batches).
+    pub grad_scale: f64,
+    /// Check every gradient for NaN and infinity first, and skip the whole step if one is
+    /// found (torch's fused `found_inf`, and what a plain torch step lacks: one bad batch then
+    /// poisons the weights).
+    pub skip_non_finite: bool,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions {
+            grad_scale: 1.0,
+            skip_non_finite: false,
+        }
+    }
+}
+
+/// An optimizer: an [`Algorithm`] applied to param groups of one [`Arena`].
+pub struct Optimizer<T: Float, A: Algorithm> {
+    arena_id: u64,
+    layout: Vec<ParamInfo>,
+    defaults: A::Config,
+    groups: Vec<Group<T, A>>,
+    parallelism: Parallelism,
+    work: Vec<WorkItem<T, A::Coeffs>>,
+}
+
+impl<T: Float, A: Algorithm> std::fmt::Debug for Optimizer<T, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct(A::NAME);
+        d.field("dtype", &T::DTYPE).field("defaults", &self.defaults);
+        for (i, g) in self.groups.iter().enumerate() {
+            d.field(&format!("group{i}"), &g.config);
+        }
+        d.finish()
+    }
+}
+
+impl<T: Float, A: Algorithm> Optimizer<T, A> {
+    /// Builds an optimizer over `groups` of `arena`, with `defaults` for every hyperparameter a
+    /// group does not override (torch's constructor).
+    ///
+    /// Errors, as torch raises them: an empty list, a parameter in two groups or twice in one,
+    /// an unknown hyperparameter name, an invalid value. A group must also be one contiguous
+    /// run of the arena.
+    pub fn new(
+        arena: &Arena<T>,
+        groups: impl IntoIterator<Item = ParamGroup<T>>,
+        defaults: A::Config,
+    ) -> Result<Self> {
+        defaults.validate()?;
+        let mut opt = Optimizer {
+            arena_id: arena.id(),
+            layout: arena.infos().to_vec(),
+            defaults,
+            groups: Vec::new(),
+            parallelism: Parallelism::default(),
+            work: Vec::new(),
+        };
+        let mut any = false;
+        for g in groups {
+            opt.add_param_group(arena, g)?;
+            any = true;
+        }
+        if !any {
+            return Err(Error::EmptyParamList);
+        }
+        Ok(opt)
+    }
+
+    /// Adds a param group, for example to unfreeze layers mid-training. Its hyperparameters are
+    /// the optimizer's defaults with the group's overrides on top.
+    pub fn add_param_group(&mut self, arena: &Arena<T>, group: ParamGroup<T>) -> Result<()> {
+        self.check_arena(arena)?;
+        let params = group.resolve(arena, self.groups.len())?;
+        for g in &self.groups {
+            let overlap = params.start.max(g.params.start)..params.end.min(g.params.end);
+            if !overlap.is_empty() {
+                return Err(Error::ParamInTwoGroups {
+                    name: self.layout[overlap.start].name.clone(),
+                });
+            }
+        }
+        let mut config = self.defaults.clone();
+        for (name, value) in &group.overrides {
+            config.set(name, value)?;
+        }
+        config.validate()?;
+        let elems = arena.elem_range(params.clone());
+        self.groups.push(Group {
+            config,
+            state: vec![None; params.len()],
+            params,
+            elems,
+            buffers: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Chooses where steps run (default: rayon's global pool).
+    pub fn set_parallelism(&mut self, parallelism: Parallelism) {
+        self.parallelism = parallelism;
+    }
+
+    /// Builder form of [`Optimizer::set_parallelism`].
+    pub fn with_parallelism(mut self, parallelism: Parallelism) -> Self {
+        self.parallelism = parallelism;
+        self
+    }
+
+    /// The constructor defaults.
+    pub fn defaults(&self) -> &A::Config {
+        &self.defaults
+    }
+
+    /// Number of param groups.
+    pub fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    fn group_ref(&self, index: usize) -> Result<&Group<T, A>> {
+        self.groups.get(index).ok_or(Error::NoSuchGroup {
+            index,
+            count: self.groups.len(),
+        })
+    }
+
+    /// The hyperparameters of group `index`.
+    pub fn group_config(&self, index: usize) -> Result<&A::Config> {
+        Ok(&self.group_ref(index)?.config)
+    }
+
+    /// Replaces the hyperparameters of group `index`, after checking them.
+    pub fn set_group_config(&mut self, index: usize, config: A::Config) -> Result<()> {
+        self.group_ref(index)?;
+        config.validate()?;
+        self.groups[index].config = config;
+        Ok(())
+    }
+
+    /// The arena positions of group `index`'s parameters.
+    pub fn group_params(&self, index: usize) -> Result<Range<usize>> {
+        Ok(self.group_ref(index)?.params.clone())
+    }
+
+    /// One hyperparameter of group `index`, by torch's name.
+    pub fn hyper(&self, index: usize, name: &str) -> Result<HyperValue> {
+        self.group_ref(index)?.config.get(name)
+    }
+
+    /// Sets one hyperparameter of group `index` by torch's name. An unknown name or an invalid
+    /// value is an error and leaves the group as it was.
+    pub fn set_hyper(&mut self, index: usize, name: &str, value: impl Into<HyperValue>) -> Result<()> {
+        let mut config = self.group_ref(index)?.config.clone();
+        config.set(name, &value.into())?;
+        config.validate()?;
+        self.groups[index].config = config;
+        Ok(())
+    }
+
+    /// The learning rate of group `index`.
+    pub fn lr(&self, index: usize) -> Result<f64> {
+        match self.hyper(index, "lr")? {
+            HyperValue::Number(x) => Ok(x),
+            other => Err(Error::HyperparameterType {
+                name: "lr".into(),
+                expected: "a number",
+                got: other.to_string(),
+            }),
+        }
+    }
+
+    /// Sets the learning rate of group `index`.
+    pub fn set_lr(&mut self, index: usize, lr: f64) -> Result<()> {
+        self.set_hyper(index, "lr", lr)
+    }
+
+    fn check_arena(&self, arena: &Arena<T>) -> Result<()> {
+        if arena.id() != self.arena_id {
+            return Err(Error::ArenaMismatch(format!(
+                "this {} optimizer was built for another arena",
+                A::NAME
+            )));
+        }
+        Ok(())
+    }
+
+    /// Zeroes (`set_to_none = false`) or removes (`true`) the gradients of this optimizer's
+    /// parameters, as `torch.optim.Optimizer.zero_grad` does.
+    pub fn zero_grad(&self, arena: &mut Arena<T>, set_to_none: bool) -> Result<()> {
+        self.check_arena(arena)?;
+        for g in &self.groups {
+            arena.zero_grad_range(g.params.clone(), set_to_none);
+        }
+        Ok(())
+    }
+
+    /// One optimization step over every group, as `optimizer.step()`.
+    pub fn step(&mut self, arena: &mut Arena<T>) -> Result<()> {
+        self.step_with_options(arena, StepOptions::default()).map(|_| ())
+    }
+
+    /// `optimizer.step(closure)`: calls `closure` (which recomputes the loss and writes the
+    /// gradients), then steps, and returns the loss.
+    pub fn step_with<L>(
+        &mut self,
+        arena: &mut Arena<T>,
+        closure: impl FnOnce(&mut Arena<T>) -> L,
+    ) -> Result<L> {
+        self.check_arena(arena)?;
+        let loss = closure(arena);
+        self.step(arena)?;
+        Ok(loss)
+    }
+
+    /// A step that refuses NaN and infinite gradients: if any parameter's gradient holds one,
+    /// nothing changes (parameters, state, step counts) and
+    /// [`StepOutcome::SkippedNonFinite`] is returned.
+    pub fn step_checked(&mut self, arena: &mut Arena<T>) -> Result<StepOutcome> {
+        self.step_with_options(
+            arena,
+            StepOptions {
+                skip_non_finite: true,
+                ..StepOptions::default()
+            },
+        )
+    }
+
+    /// A step with gradient scaling folded into the fused update and, optionally, the
+    /// non-finite guard (see [`StepOptions`]).
+    pub fn step_with_options(
+        &mut self,
+        arena: &mut Arena<T>,
+        options: StepOptions,
+    ) -> Result<StepOutcome> {
+        self.check_arena(arena)?;
+        for g in &self.groups {
+            g.config.validate()?;
+        }
+        if !options.grad_scale.is_finite() {
+            return Err(Error::InvalidHyperparameter(format!(
+                "Invalid grad_scale value: {:?}",
+                options.grad_scale
+            )));
+        }
+        if options.skip_non_finite && self.has_non_finite_grad(arena) {
+            return Ok(StepOutcome::SkippedNonFinite);
+        }
+        let total = self.plan(arena, options.grad_scale);
+        let work = std::mem::take(&mut self.work);
+        self.parallelism.for_each(&work, total, |item| {
+            // SAFETY: `plan` built every item from disjoint ranges of the arena and the state
+            // buffers, and `arena` and `self.groups` stay mutably borrowed here until all
+            // items have run.
+            unsafe { item.run(A::fused::<T>) }
+        });
+        self.work = work;
+        self.work.clear();
+        Ok(StepOutcome::Applied)
+    }
+
+    /// True when any parameter of any group has a gradient holding NaN or infinity.
+    fn has_non_finite_grad(&self, arena: &Arena<T>) -> bool {
+        let flags = arena.grad_flags();
+        let grads = arena.grads();
+        self.groups.iter().any(|g| {
+            g.params.clone().any(|i| {
+                flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()])
+            })
+        })
+    }
+
+    /// The first parameter of any group with a non-finite gradient, if any.
+    pub fn find_non_finite_grad(&self, arena: &Arena<T>) -> Option<&str> {
+        let flags = arena.grad_flags();
+        let grads = arena.grads();
+        self.groups
+            .iter()
+            .flat_map(|g| g.params.clone())
+            .find(|&i| flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()]))
+            .map(|i| self.layout[i].name.as_str())
+    }
+
+    /// Initialises state, advances step counts and fills `self.work`. Returns the number of
+    /// elements to update.
+    fn plan(&mut self, arena: &mut Arena<T>, grad_scale: f64) -> usize {
+        let (params, grads, has_grad) = arena.step_view();
+        let params_ptr = params.as_mut_ptr();
+        let grads_ptr = grads.as_ptr();
+        let layout = &self.layout;
+        let mut total = 0;
+        for group in &mut self.groups {
+            let names = A::buffers(&group.config);
+            let need = names.len();
+            debug_assert!(need <= MAX_BUFFERS);
+            let gl = group.elems.len();
+            let any_grad = group.params.clone().any(|i| has_grad[i]);
+            if any_grad {
+                while group.buffers.len() < need {
+                    let k = group.buffers.len();
+                    let init = T::from_f64(A::buffer_init(&group.config, k));
+                    group.buffers.push(filled(gl, init));
+                }
+            }
+            let base = group.elems.start;
+            // The open run: (first param, last param, end element, its state, fresh).
+            let mut run: Option<(usize, usize, usize, ParamState<A::Scalars>, bool)> = None;
+            let n = group.params.len();
+            for j in 0..=n {
+                // Decide what param j contributes (None = breaks the run).
+                let next = if j < n && has_grad[group.params.start + j] {
+                    let st = group.state[j].get_or_insert(ParamState {
+                        step: 0,
+                        scalars: A::init_scalars(&group.config),
+                        live_buffers: 0,
+                    });
+                    let info = &layout[group.params.start + j];
+                    let local = info.offset - base;
+                    let mut fresh = false;
+                    while (st.live_buffers as usize) < need {
+                        let k = st.live_buffers as usize;
+                        let init = T::from_f64(A::buffer_init(&group.config, k));
+                        group.buffers[k][local..local + info.len].fill(init);
+                        st.live_buffers += 1;
+                        fresh = true;
+                    }
+                    if A::TRACKS_STEP {
+                        st.step += 1;
+                    }
+                    Some((j, *st, fresh))
+                } else {
+                    None
+                };
+                // Extend the current run or close it.
+                if let (Some(open), Some((_, st, fresh))) = (&mut run, &next) {
+                    if open.3 == *st && open.4 == *fresh {
+                        let info = &layout[group.params.start + j];
+                        open.1 = j;
+                        open.2 = info.offset + info.len;
+                        continue;
+                    }
+                }
+                if let Some((first, last, end, mut st, fresh)) = run.take() {
+                    let coeffs = A::prepare(&group.config, st.step, &mut st.scalars);
+                    for s in group.state[first..=last].iter_mut().flatten() {
+                        s.scalars = st.scalars;
+                    }
+                    let start = layout[group.params.start + first].offset;
+                    let args = KernelArgs {
+                        coeffs,
+                        fresh,
+                        grad_scale,
+                    };
+                    let mut at = start;
+                    while at < end {
+                        let len = CHUNK.min(end - at);
+                        let local = at - base;
+                        let mut buffers = [std::ptr::null_mut(); MAX_BUFFERS];
+                        for (k, b) in group.buffers[..need].iter_mut().enumerate() {
+                            buffers[k] = b[local..local + len].as_mut_ptr();
+                        }
+                        self.work.push(WorkItem {
+                            // SAFETY: `at..at+len` lies inside the arena (it is part of a
+                            // registered parameter's range).
+                            params: unsafe { params_ptr.add(at) },
+                            // SAFETY: the gradient buffer has the same length as the arena.
+                            grads: unsafe { grads_ptr.add(at) },
+                            buffers,
+                            n_buffers: need,
+                            len,
+                            args,
+                        });
+                        total += len;
+                        at += len;
+                    }
+                }
+                if let Some((j, st, fresh)) = next {
+                    let info = &layout[group.params.start + j];
+                    run = Some((j, j, info.offset + info.len, st, fresh));
+                }
+            }
+        }
+        total
+    }
+
+    /// The state buffer `buffer` (torch's name, e.g. `"exp_avg"`, ASGD's `"ax"`) of parameter
+    /// `param`, or `None` if it has no state yet.
+    pub fn buffer(&self, param: Param<T>, buffer: &str) -> Option<&[T]> {
+        let i = param.index();
+        let g = self.groups.iter().find(|g| g.params.contains(&i))?;
+        let st = g.state[i - g.params.start]?;
+        let k = A::buffers(&g.config).iter().position(|&b| b == buffer)?;
+        if k >= st.live_buffers as usize {
+            return None;
+        }
+        let info = &self.layout[i];
+        let local = info.offset - g.elems.start;
+        Some(&g.buffers[k][local..local + info.len])
+    }
+
+    /// The step count of parameter `param` (torch's `state[p]["step"]`), or `None` before its
+    /// first step.
+    pub fn step_count(&self, param: Param<T>) -> Option<u64> {
+        let i = param.index();
+        let g = self.groups.iter().find(|g| g.params.contains(&i))?;
+        g.state[i - g.params.start].map(|s| s.step)
+    }
+
+    /// A serialisable snapshot of the groups and every parameter's state.
+    pub fn state_dict(&self) -> StateDict<T> {
+        let mut param_groups = Vec::with_capacity(self.groups.len());
+        let mut state = Vec::new();
+        let mut number = 0;
+        for g in &self.groups {
+            let hyperparams = <A::Config as Hyperparams>::NAMES
+                .iter()
+                .map(|&n| {
+                    let v = g.config.get(n).expect("every listed name is gettable");
+                    (n.to_string(), v)
+                })
+                .collect::<BTreeMap<_, _>>();
+            let names = A::buffers(&g.config);
+            let mut params = Vec::with_capacity(g.params.len());
+            for (j, i) in g.params.clone().enumerate() {
+                let info = &self.layout[i];
+                params.push(ParamRef {
+                    index: number,
+                    name: info.name.clone(),
+                    offset: info.offset,
+                    shape: info.shape.clone(),
+                });
+                if let Some(st) = g.state[j] {
+                    let local = info.offset - g.elems.start;
+                    let buffers: BTreeMap<String, Vec<T>> = (0..st.live_buffers as usize)
+                        .map(|k| {
+                            (
+                                names[k].to_string(),
+                                g.buffers[k][local..local + info.len].to_vec(),
+                            )
+                        })
+                        .collect();
+                    let scalars: BTreeMap<String, f64> = <A::Scalars as ParamScalars>::NAMES
+                        .iter()
+                        .map(|n| n.to_string())
+                        .zip(st.scalars.values())
+                        .collect();
+                    if A::TRACKS_STEP || !buffers.is_empty() || !scalars.is_empty() {
+                        state.push(ParamStateDict {
+                            index: number,
+                            step: A::TRACKS_STEP.then_some(st.step),
+                            scalars,
+                            buffers,
+                        });
+                    }
+                }
+                number += 1;
+            }
+            param_groups.push(GroupDict {
+                hyperparams,
+                params,
+            });
+        }
+        StateDict {
+            format: STATE_DICT_FORMAT,
+            optimizer: A::NAME.to_string(),
+            dtype: T::DTYPE.to_string(),
+            param_groups,
+            state,
+        }
+    }
+
+    /// Loads a snapshot: the saved hyperparameters replace the current ones and every saved
+    /// state is restored, as torch's `load_state_dict` does.
+    ///
+    /// Checks the optimizer kind, the number of groups, each group's parameter count, each
+    /// parameter's shape and each buffer's length, and names what does not match. With
+    /// [`MatchBy::Name`] saved parameters are paired with the group's parameters by name, so a
+    /// model registered in another order loads correctly (torch matches by position only,
+    /// pytorch/pytorch#1489). On any error nothing changes.
+    ///
+    /// A state saved in the other float type is converted, as torch casts state to the
+    /// parameter's dtype.
+    pub fn load_state_dict<U: Float>(&mut self, saved: &StateDict<U>, by: MatchBy) -> Result<()> {
+        let bad = |m: String| Err(Error::StateDict(m));
+        if saved.format != STATE_DICT_FORMAT {
+            return bad(format!(
+                "format version {} is not supported (this build reads {STATE_DICT_FORMAT})",
+                saved.format
+            ));
+        }
+        if saved.optimizer != A::NAME {
+            return bad(format!(
+                "it was saved by a {} optimizer, this is {}",
+                saved.optimizer,
+                A::NAME
+            ));
+        }
+        if saved.dtype != U::DTYPE {
+            return bad(format!(
+                "its dtype field says {} but its values were read as {}",
+                saved.dtype,
+                U::DTYPE
+            ));
+        }
+        if saved.param_groups.len() != self.groups.len() {
+            return bad(format!(
+                "it has {} parameter groups, the optimizer has {}",
+                saved.param_groups.len(),
+                self.groups.len()
+            ));
+        }
+        // Saved parameter number -> (group, position in group).
+        let mut target: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        let mut groups = self.groups.clone();
+        for (gi, (sg, g)) in saved.param_groups.iter().zip(groups.iter_mut()).enumerate() {
+            if sg.params.len() != g.params.len() {
+                return bad(format!(
+                    "group {gi} has {} parameters in the saved state and {} in the optimizer",
+                    sg.params.len(),
+                    g.params.len()
+                ));
+            }
+            let mut config = g.config.clone();
+            for (name, value) in &sg.hyperparams {
+                config.set(name, value).map_err(|e| {
+                    Error::StateDict(format!("group {gi}: {e}"))
+                })?;
+            }
+            config
+                .validate()
+                .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
+            g.config = config;
+            let mut used = vec![false; g.params.len()];
+            for (pos, pr) in sg.params.iter().enumerate() {
+                let j = match by {
+                    MatchBy::Position => pos,
+                    MatchBy::Name => g
+                        .params
+                        .clone()
+                        .position(|i| self.layout[i].name == pr.name)
+                        .ok_or_else(|| {
+                            Error::StateDict(format!(
+                                "group {gi} has no parameter named `{}`",
+                                pr.name
+                            ))
+                        })?,
+                };
+                if used[j] {
+                    return bad(format!(
+                        "group {gi}: two saved parameters map to `{}`",
+                        self.layout[g.params.start + j].name
+                    ));
+                }
+                used[j] = true;
+                let info = &self.layout[g.params.start + j];
+                if info.shape != pr.shape {
+                    return bad(format!(
+                        "parameter `{}` has shape {:?} in the saved state and `{}` has shape {:?}",
+                        pr.name, pr.shape, info.name, info.shape
+                    ));
+                }
+                if target.insert(pr.index, (gi, j)).is_some() {
+                    return bad(format!("parameter number {} appears twice", pr.index));
+                }
+            }
+            g.state.iter_mut().for_each(|s| *s = None);
+        }
+        for ps in &saved.state {
+            let &(gi, j) = target.get(&ps.index).ok_or_else(|| {
+                Error::StateDict(format!(
+                    "state for parameter number {} which no group lists",
+                    ps.index
+                ))
+            })?;
+            let g = &mut groups[gi];
+            let info = &self.layout[g.params.start + j];
+            let names = A::buffers(&g.config);
+            let live = ps.buffers.len();
+            if live > names.len() || names[..live].iter().any(|n| !ps.buffers.contains_key(*n)) {
+                let saved_names: Vec<&str> = ps.buffers.keys().map(String::as_str).collect();
+                return bad(format!(
+                    "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
+                    info.name,
+                    A::NAME
+                ));
+            }
+            let step = match (A::TRACKS_STEP, ps.step) {
+                (true, Some(s)) => s,
+                (false, _) => 0,
+                (true, None) => {
+                    return bad(format!("parameter `{}` has no step count", info.name));
+                }
+            };
+            let mut scalar_values = Vec::with_capacity(<A::Scalars as ParamScalars>::NAMES.len());
+            for n in <A::Scalars as ParamScalars>::NAMES {
+                match ps.scalars.get(*n) {
+                    Some(v) => scalar_values.push(*v),
+                    None => {
+                        return bad(format!("parameter `{}` has no `{n}` state", info.name));
+                    }
+                }
+            }
+            let local = info.offset - g.elems.start;
+            let gl = g.elems.len();
+            while g.buffers.len() < live {
+                g.buffers.push(filled(gl, T::ZERO));
+            }
+            for (k, name) in names[..live].iter().enumerate() {
+                let values = &ps.buffers[*name];
+                if values.len() != info.len {
+                    return bad(format!(
+                        "buffer `{name}` of parameter `{}` has {} values, the parameter has {}",
+                        info.name,
+                        values.len(),
+                        info.len
+                    ));
+                }
+                for (dst, src) in g.buffers[k][local..local + info.len].iter_mut().zip(values) {
+                    *dst = T::from_f64(src.to_f64());
+                }
+            }
+            g.state[j] = Some(ParamState {
+                step,
+                scalars: A::Scalars::from_values(&scalar_values),
+                live_buffers: live as u8,
+            });
+        }
+        self.groups = groups;
+        Ok(())
+    }
+
+    /// [`Optimizer::state_dict`] as JSON.
+    pub fn state_dict_json(&self) -> Result<String> {
+        Ok(serde_json::to_string(&self.state_dict())?)
+    }
+
+    /// [`Optimizer::load_state_dict`] from JSON written by [`Optimizer::state_dict_json`].
+    pub fn load_state_dict_json(&mut self, json: &str, by: MatchBy) -> Result<()> {
+        let sd: StateDict<T> = serde_json::from_str(json)?;
+        self.load_state_dict(&sd, by)
+    }
+
+    /// Runs the scalar reference kernels instead of the fused ones for one step. For tests:
+    /// the result must equal [`Optimizer::step`]'s bit for bit.
+    #[doc(hidden)]
+    pub fn step_reference(&mut self, arena: &mut Arena<T>) -> Result<()> {
+        self.check_arena(arena)?;
+        for g in &self.groups {
+            g.config.validate()?;
+        }
+        self.plan(arena, 1.0);
+        let work = std::mem::take(&mut self.work);
+        for item in &work {
+            // SAFETY: as in `step_with_options`; run sequentially here.
+            unsafe { item.run(A::reference::<T>) }
+        }
+        self.work = work;
+        self.work.clear();
+        Ok(())
+    }
+}
