@@ -179,7 +179,9 @@ impl HyperField for Option<String> {
 }
 
 /// A config struct whose fields can be read and written by torch's keyword names.
-pub trait Hyperparams: Clone + Default + std::fmt::Debug + PartialEq + Send + Sync + 'static {
+pub trait Hyperparams:
+    Clone + Default + std::fmt::Debug + PartialEq + Send + Sync + 'static
+{
     /// The optimizer's torch class name, for messages.
     const OPTIMIZER: &'static str;
     /// Every field name, in declaration order.
@@ -276,7 +278,7 @@ pub(crate) mod check {
 
     /// `0.0 <= lr` (NaN fails), torch: `Invalid learning rate: {lr}`.
     pub fn lr(lr: f64) -> Result<()> {
-        if !(lr >= 0.0) {
+        if lr.is_nan() || lr < 0.0 {
             return invalid(format!("Invalid learning rate: {lr:?}"));
         }
         Ok(())
@@ -284,7 +286,7 @@ pub(crate) mod check {
 
     /// `0.0 <= eps`, torch: `Invalid epsilon value: {eps}`.
     pub fn eps(eps: f64) -> Result<()> {
-        if !(eps >= 0.0) {
+        if eps.is_nan() || eps < 0.0 {
             return invalid(format!("Invalid epsilon value: {eps:?}"));
         }
         Ok(())
@@ -302,7 +304,7 @@ pub(crate) mod check {
 
     /// `0.0 <= weight_decay`.
     pub fn weight_decay(wd: f64) -> Result<()> {
-        if !(wd >= 0.0) {
+        if wd.is_nan() || wd < 0.0 {
             return invalid(format!("Invalid weight_decay value: {wd:?}"));
         }
         Ok(())
@@ -310,7 +312,7 @@ pub(crate) mod check {
 
     /// `0.0 <= momentum`.
     pub fn momentum(m: f64) -> Result<()> {
-        if !(m >= 0.0) {
+        if m.is_nan() || m < 0.0 {
             return invalid(format!("Invalid momentum value: {m:?}"));
         }
         Ok(())
@@ -322,5 +324,25 @@ pub(crate) mod check {
             return invalid(format!("Invalid {name} value: {x:?}"));
         }
         Ok(())
+    }
+}
+
+/// Any optimizer's param groups, reached by torch's hyperparameter names: what LR schedulers
+/// and hooks act on. Object-safe, so a scheduler can drive any optimizer.
+pub trait GroupHyperparams {
+    /// Number of param groups.
+    fn num_groups(&self) -> usize;
+    /// One hyperparameter of group `group`.
+    fn group_hyper(&self, group: usize, name: &str) -> Result<HyperValue>;
+    /// Sets one hyperparameter of group `group`, checking it; on error nothing changes.
+    fn set_group_hyper(&mut self, group: usize, name: &str, value: HyperValue) -> Result<()>;
+
+    /// The learning rate of group `group`.
+    fn group_lr(&self, group: usize) -> Result<f64> {
+        f64::from_value("lr", &self.group_hyper(group, "lr")?)
+    }
+    /// Sets the learning rate of group `group`.
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        self.set_group_hyper(group, "lr", HyperValue::Number(lr))
     }
 }

@@ -67,7 +67,7 @@ pub mod state;
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
 pub use error::{Error, Result};
 pub use float::{Float, Lane};
-pub use hyper::{HyperValue, Hyperparams};
+pub use hyper::{GroupHyperparams, HyperValue, Hyperparams};
 pub use optim::*;
 pub use optimizer::{
     Algorithm, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepOptions, StepOutcome,

@@ -26,16 +26,16 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{HyperValue, Hyperparams};
 use crate::parallel::{Parallelism, CHUNK};
-use crate::state::{
-    GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT,
-};
+use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
 
 /// Most state buffers any algorithm keeps per parameter.
 pub const MAX_BUFFERS: usize = 4;
 
 /// Per-parameter scalar state besides the step count (ASGD's `eta` and `mu`, NAdam's
 /// `mu_product`). `()` for algorithms that have none.
-pub trait ParamScalars: Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static {
+pub trait ParamScalars:
+    Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static
+{
     /// torch's state keys for the scalars, in order.
     const NAMES: &'static [&'static str];
     /// The values, in [`ParamScalars::NAMES`] order.
@@ -224,6 +224,19 @@ struct ParamState<S> {
     live_buffers: u8,
 }
 
+/// Consecutive parameters of a group whose state agrees, being collected into one run.
+struct OpenRun<S> {
+    /// First and last parameter (positions in the group).
+    first: usize,
+    last: usize,
+    /// One past the run's last arena element.
+    end: usize,
+    /// The state every parameter of the run shares.
+    state: ParamState<S>,
+    /// Whether the run's buffers were created this step.
+    fresh: bool,
+}
+
 /// A param group inside the optimizer.
 struct Group<T, A: Algorithm> {
     config: A::Config,
@@ -329,7 +342,8 @@ pub struct Optimizer<T: Float, A: Algorithm> {
 impl<T: Float, A: Algorithm> std::fmt::Debug for Optimizer<T, A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct(A::NAME);
-        d.field("dtype", &T::DTYPE).field("defaults", &self.defaults);
+        d.field("dtype", &T::DTYPE)
+            .field("defaults", &self.defaults);
         for (i, g) in self.groups.iter().enumerate() {
             d.field(&format!("group{i}"), &g.config);
         }
@@ -451,7 +465,12 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
 
     /// Sets one hyperparameter of group `index` by torch's name. An unknown name or an invalid
     /// value is an error and leaves the group as it was.
-    pub fn set_hyper(&mut self, index: usize, name: &str, value: impl Into<HyperValue>) -> Result<()> {
+    pub fn set_hyper(
+        &mut self,
+        index: usize,
+        name: &str,
+        value: impl Into<HyperValue>,
+    ) -> Result<()> {
         let mut config = self.group_ref(index)?.config.clone();
         config.set(name, &value.into())?;
         config.validate()?;
@@ -498,7 +517,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
 
     /// One optimization step over every group, as `optimizer.step()`.
     pub fn step(&mut self, arena: &mut Arena<T>) -> Result<()> {
-        self.step_with_options(arena, StepOptions::default()).map(|_| ())
+        self.step_with_options(arena, StepOptions::default())
+            .map(|_| ())
     }
 
     /// `optimizer.step(closure)`: calls `closure` (which recomputes the loss and writes the
@@ -565,9 +585,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let flags = arena.grad_flags();
         let grads = arena.grads();
         self.groups.iter().any(|g| {
-            g.params.clone().any(|i| {
-                flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()])
-            })
+            g.params
+                .clone()
+                .any(|i| flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()]))
         })
     }
 
@@ -604,8 +624,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 }
             }
             let base = group.elems.start;
-            // The open run: (first param, last param, end element, its state, fresh).
-            let mut run: Option<(usize, usize, usize, ParamState<A::Scalars>, bool)> = None;
+            let mut run: Option<OpenRun<A::Scalars>> = None;
             let n = group.params.len();
             for j in 0..=n {
                 // Decide what param j contributes (None = breaks the run).
@@ -634,14 +653,21 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 };
                 // Extend the current run or close it.
                 if let (Some(open), Some((_, st, fresh))) = (&mut run, &next) {
-                    if open.3 == *st && open.4 == *fresh {
+                    if open.state == *st && open.fresh == *fresh {
                         let info = &layout[group.params.start + j];
-                        open.1 = j;
-                        open.2 = info.offset + info.len;
+                        open.last = j;
+                        open.end = info.offset + info.len;
                         continue;
                     }
                 }
-                if let Some((first, last, end, mut st, fresh)) = run.take() {
+                if let Some(OpenRun {
+                    first,
+                    last,
+                    end,
+                    state: mut st,
+                    fresh,
+                }) = run.take()
+                {
                     let coeffs = A::prepare(&group.config, st.step, &mut st.scalars);
                     for s in group.state[first..=last].iter_mut().flatten() {
                         s.scalars = st.scalars;
@@ -677,7 +703,13 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 }
                 if let Some((j, st, fresh)) = next {
                     let info = &layout[group.params.start + j];
-                    run = Some((j, j, info.offset + info.len, st, fresh));
+                    run = Some(OpenRun {
+                        first: j,
+                        last: j,
+                        end: info.offset + info.len,
+                        state: st,
+                        fresh,
+                    });
                 }
             }
         }
@@ -823,9 +855,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             }
             let mut config = g.config.clone();
             for (name, value) in &sg.hyperparams {
-                config.set(name, value).map_err(|e| {
-                    Error::StateDict(format!("group {gi}: {e}"))
-                })?;
+                config
+                    .set(name, value)
+                    .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
             }
             config
                 .validate()
@@ -876,8 +908,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let g = &mut groups[gi];
             let info = &self.layout[g.params.start + j];
             let names = A::buffers(&g.config);
-            let live = ps.buffers.len();
-            if live > names.len() || names[..live].iter().any(|n| !ps.buffers.contains_key(*n)) {
+            let live = names.len();
+            if ps.buffers.len() != live || names.iter().any(|n| !ps.buffers.contains_key(*n)) {
                 let saved_names: Vec<&str> = ps.buffers.keys().map(String::as_str).collect();
                 return bad(format!(
                     "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
@@ -958,5 +990,17 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         self.work = work;
         self.work.clear();
         Ok(())
+    }
+}
+
+impl<T: Float, A: Algorithm> crate::hyper::GroupHyperparams for Optimizer<T, A> {
+    fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+    fn group_hyper(&self, group: usize, name: &str) -> Result<HyperValue> {
+        self.hyper(group, name)
+    }
+    fn set_group_hyper(&mut self, group: usize, name: &str, value: HyperValue) -> Result<()> {
+        self.set_hyper(group, name, value)
     }
 }

@@ -30,7 +30,12 @@ pub enum Parallelism {
 
 impl Parallelism {
     /// Runs `f` on every item, in parallel when `total_elems` makes it worth it.
-    pub(crate) fn for_each<W: Sync>(&self, items: &[W], total_elems: usize, f: impl Fn(&W) + Sync + Send) {
+    pub(crate) fn for_each<W: Sync>(
+        &self,
+        items: &[W],
+        total_elems: usize,
+        f: impl Fn(&W) + Sync + Send,
+    ) {
         let parallel = items.len() > 1 && total_elems >= PARALLEL_THRESHOLD;
         match self {
             Parallelism::Global if parallel => items.par_iter().for_each(f),

@@ -13,11 +13,21 @@ use optarena::Parallelism;
 #[test]
 fn hashed_matches_the_schema_check_value() {
     // SCHEMA.md prints the values to 7 significant digits.
-    let want = [6.380665, -0.01529538, -0.8362646, -0.05153453, 0.34291106, -0.27646607];
+    let want = [
+        6.380665,
+        -0.01529538,
+        -0.8362646,
+        -0.05153453,
+        0.34291106,
+        -0.27646607,
+    ];
     let got = hashed(12345, 3, 6);
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(want) {
-        assert!((g - w).abs() <= 5e-7 * w.abs(), "hashed gave {g}, SCHEMA.md says {w}");
+        assert!(
+            (g - w).abs() <= 5e-7 * w.abs(),
+            "hashed gave {g}, SCHEMA.md says {w}"
+        );
         assert_eq!(*g as f32 as f64, *g, "{g} is not exact in f32");
     }
 }

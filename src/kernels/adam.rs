@@ -135,7 +135,13 @@ fn op<T: Float>(c: &AdamCoeffs, grad_scale: f64) -> Op<T> {
 
 /// Fused Adam over one piece: `bufs` is `[exp_avg, exp_avg_sq]` or, with AMSGrad,
 /// `[exp_avg, exp_avg_sq, max_exp_avg_sq]`.
-pub fn fused<T: Float>(c: &AdamCoeffs, grad_scale: f64, p: &mut [T], g: &[T], bufs: &mut [&mut [T]]) {
+pub fn fused<T: Float>(
+    c: &AdamCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
     let op = op::<T>(c, grad_scale);
     match bufs {
         [m, v] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **v]),
@@ -176,6 +182,10 @@ pub fn reference<T: Float>(
     };
     let bc2 = T::from_f64(c.bias_correction2_sqrt);
     let eps = T::from_f64(c.eps);
-    let denom: Vec<T> = second.iter().map(|&x| x.sqrt() / bc2).map(|x| x + eps).collect();
+    let denom: Vec<T> = second
+        .iter()
+        .map(|&x| x.sqrt() / bc2)
+        .map(|x| x + eps)
+        .collect();
     passes::addcdiv(p, m, &denom, T::from_f64(-c.step_size));
 }

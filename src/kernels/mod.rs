@@ -78,7 +78,7 @@ pub fn any_non_finite<T: Float>(x: &[T]) -> bool {
         for &v in c {
             acc = acc + v * T::ZERO;
         }
-        acc != acc
+        acc.to_f64().is_nan()
     })
 }
 

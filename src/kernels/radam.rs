@@ -107,7 +107,13 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 }
 
 /// Fused RAdam over one piece: `bufs` is `[exp_avg, exp_avg_sq]`.
-pub fn fused<T: Float>(c: &RadamCoeffs, grad_scale: f64, p: &mut [T], g: &[T], bufs: &mut [&mut [T]]) {
+pub fn fused<T: Float>(
+    c: &RadamCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
     let w1 = T::from_f64(1.0 - c.beta1);
     let op = Op {
         grad_scale: T::from_f64(grad_scale),

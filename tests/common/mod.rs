@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use optarena::{
-    Algorithm, ArenaBuilder, Float, HyperValue, Hyperparams, Optimizer, ParamGroup, Parallelism,
+    Algorithm, ArenaBuilder, Float, HyperValue, Hyperparams, Optimizer, Parallelism, ParamGroup,
 };
 use serde_json::Value;
 
@@ -113,7 +113,13 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
     let mut group_of: Vec<usize> = Vec::new();
     for (gi, g) in groups_json.iter().enumerate() {
         for s in g["shapes"].as_array().unwrap() {
-            shapes.push(s.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect());
+            shapes.push(
+                s.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect(),
+            );
             group_of.push(gi);
         }
     }
@@ -154,7 +160,11 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
     };
     let (rel, abs) = elementwise_tol(dtype);
     let steps = case["steps"].as_array().unwrap();
-    let last = steps.iter().map(|s| s["step"].as_u64().unwrap()).max().unwrap_or(0);
+    let last = steps
+        .iter()
+        .map(|s| s["step"].as_u64().unwrap())
+        .max()
+        .unwrap_or(0);
     let mut rec = steps.iter().peekable();
     for t in 1..=last {
         let g = hashed(seed, t, n_total);
@@ -353,4 +363,65 @@ pub fn replay_dir(dir: &Path) -> Vec<String> {
         failures.extend(tally.failed);
     }
     failures
+}
+
+/// A small deterministic generator for test data (not the fixture hash).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next value in [-1, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(1);
+        (splitmix64(self.0) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+    /// `n` values in [-scale, scale).
+    pub fn vec<T: Float>(&mut self, n: usize, scale: f64) -> Vec<T> {
+        (0..n)
+            .map(|_| T::from_f64(self.next_f64() * scale))
+            .collect()
+    }
+}
+
+/// Builds an arena of `shapes` split into `groups` (counts of consecutive params), with
+/// deterministic initial values; returns it with the handles.
+pub fn build_arena<T: Float>(
+    shapes: &[Vec<usize>],
+    seed: u64,
+    reverse_within: &[usize],
+) -> (optarena::Arena<T>, Vec<optarena::Param<T>>) {
+    let mut rng = Rng(seed);
+    let values: Vec<Vec<T>> = shapes
+        .iter()
+        .map(|s| rng.vec(s.iter().product(), 1.0))
+        .collect();
+    let mut order: Vec<usize> = (0..shapes.len()).collect();
+    // Reverse registration order inside each block listed (for by-name loading tests).
+    let mut at = 0;
+    for &len in reverse_within {
+        order[at..at + len].reverse();
+        at += len;
+    }
+    let mut b = ArenaBuilder::<T>::new();
+    let mut handles = vec![None; shapes.len()];
+    for &i in &order {
+        handles[i] = Some(b.param(&format!("p{i}"), &shapes[i], &values[i]).unwrap());
+    }
+    (b.build(), handles.into_iter().map(Option::unwrap).collect())
+}
+
+/// Writes deterministic gradients for step `t` into every parameter (by name, so the values do
+/// not depend on registration order). `skip` names parameters left without a gradient.
+pub fn write_grads<T: Float>(arena: &mut optarena::Arena<T>, t: u64, skip: &[usize]) {
+    arena.zero_grad(true);
+    let infos: Vec<_> = arena.infos().to_vec();
+    for info in infos {
+        let i: usize = info.name[1..].parse().unwrap();
+        if skip.contains(&i) {
+            continue;
+        }
+        let mut rng = Rng(t * 1_000_003 + i as u64 * 7919);
+        let g: Vec<T> = rng.vec(info.len, 1.5);
+        let p = arena.find(&info.name).unwrap();
+        arena.set_grad(p, &g).unwrap();
+    }
 }

@@ -1,0 +1,381 @@
+//! Every validation error, with torch's message where torch has one, and the promise that a
+//! failed call changes nothing.
+
+use optarena::optim::*;
+use optarena::{Arena, ArenaBuilder, Error, HyperValue, MatchBy, Param, ParamGroup};
+
+fn arena() -> (Arena<f32>, Vec<Param<f32>>) {
+    let mut b = ArenaBuilder::<f32>::new();
+    let h = vec![
+        b.param("a", &[2, 2], &[1.0, 2.0, 3.0, 4.0]).unwrap(),
+        b.param("b", &[3], &[1.0, 2.0, 3.0]).unwrap(),
+        b.param("c", &[1], &[5.0]).unwrap(),
+    ];
+    (b.build(), h)
+}
+
+fn msg<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
+    r.expect_err("expected an error").to_string()
+}
+
+fn adam_with(name: &str, v: impl Into<HyperValue>) -> String {
+    let (arena, _) = arena();
+    msg(Adam::new(
+        &arena,
+        [ParamGroup::all()],
+        AdamConfig::default().with(name, v).unwrap(),
+    ))
+}
+
+fn sgd_with(pairs: &[(&str, HyperValue)]) -> String {
+    let (arena, _) = arena();
+    let mut c = SgdConfig::default();
+    for (k, v) in pairs {
+        c = c.with(k, v.clone()).unwrap();
+    }
+    msg(Sgd::new(&arena, [ParamGroup::all()], c))
+}
+
+#[test]
+fn torch_messages_for_invalid_values() {
+    assert!(adam_with("lr", -1.0).contains("Invalid learning rate: -1"));
+    assert!(adam_with("eps", -1e-8).contains("Invalid epsilon value"));
+    assert!(adam_with("betas", (1.0, 0.999)).contains("Invalid beta parameter at index 0: 1.0"));
+    assert!(adam_with("betas", (0.9, -0.1)).contains("Invalid beta parameter at index 1: -0.1"));
+    assert!(adam_with("weight_decay", -0.1).contains("Invalid weight_decay value"));
+    assert!(sgd_with(&[("momentum", (-0.5).into())]).contains("Invalid momentum value"));
+    assert_eq!(
+        sgd_with(&[("nesterov", true.into())]),
+        "Nesterov momentum requires a momentum and zero dampening"
+    );
+    assert_eq!(
+        sgd_with(&[
+            ("nesterov", true.into()),
+            ("momentum", 0.9.into()),
+            ("dampening", 0.1.into())
+        ]),
+        "Nesterov momentum requires a momentum and zero dampening"
+    );
+}
+
+#[test]
+fn nan_is_rejected_everywhere() {
+    for name in ["lr", "eps", "weight_decay"] {
+        let m = adam_with(name, f64::NAN);
+        assert!(m.starts_with("Invalid") && m.contains("NaN"), "{name}: {m}");
+    }
+    assert!(adam_with("betas", (f64::NAN, 0.9)).contains("Invalid beta parameter at index 0: NaN"));
+    for name in ["lr", "momentum", "dampening", "weight_decay"] {
+        let m = sgd_with(&[(name, f64::NAN.into())]);
+        assert!(m.starts_with("Invalid") && m.contains("NaN"), "{name}: {m}");
+    }
+    let (arena, _) = arena();
+    let m = msg(RAdam::new(
+        &arena,
+        [ParamGroup::all()],
+        RAdamConfig {
+            eps: f64::NAN,
+            ..Default::default()
+        },
+    ));
+    assert!(m.contains("Invalid epsilon value: NaN"), "{m}");
+}
+
+#[test]
+fn invalid_values_in_an_added_group() {
+    let (arena, h) = arena();
+    let mut opt = Adam::new(&arena, [ParamGroup::new([h[0]])], AdamConfig::default()).unwrap();
+    let e = msg(opt.add_param_group(&arena, ParamGroup::new([h[1]]).with("lr", -1.0)));
+    assert!(e.contains("Invalid learning rate: -1"), "{e}");
+    let e = msg(opt.add_param_group(&arena, ParamGroup::new([h[1]]).with("betas", (0.9, 1.0))));
+    assert!(e.contains("Invalid beta parameter at index 1: 1.0"), "{e}");
+    assert_eq!(opt.num_groups(), 1, "a rejected group is not added");
+    opt.add_param_group(&arena, ParamGroup::new([h[1]]).with("lr", 0.5))
+        .unwrap();
+    assert_eq!(opt.lr(1).unwrap(), 0.5);
+    assert_eq!(opt.lr(0).unwrap(), 1e-3);
+}
+
+#[test]
+fn empty_parameter_lists() {
+    let (arena, _) = arena();
+    let none: [ParamGroup<f32>; 0] = [];
+    assert_eq!(
+        msg(Adam::new(&arena, none, AdamConfig::default())),
+        "optimizer got an empty parameter list"
+    );
+    let e = msg(Adam::new(
+        &arena,
+        [ParamGroup::new([])],
+        AdamConfig::default(),
+    ));
+    assert_eq!(e, "optimizer got an empty parameter list");
+}
+
+#[test]
+fn parameter_in_two_groups_or_twice_in_one() {
+    let (arena, h) = arena();
+    let e = msg(Adam::new(
+        &arena,
+        [ParamGroup::new([h[0], h[1]]), ParamGroup::new([h[1], h[2]])],
+        AdamConfig::default(),
+    ));
+    assert!(
+        e.contains("some parameters appear in more than one parameter group"),
+        "{e}"
+    );
+    assert!(e.contains("`b`"), "names the parameter: {e}");
+    let e = msg(Adam::new(
+        &arena,
+        [ParamGroup::new([h[0], h[0]])],
+        AdamConfig::default(),
+    ));
+    assert!(
+        e.contains("duplicate parameters") && e.contains("`a`"),
+        "{e}"
+    );
+    let mut opt = Sgd::new(&arena, [ParamGroup::new([h[0]])], SgdConfig::default()).unwrap();
+    let e = msg(opt.add_param_group(&arena, ParamGroup::new([h[0]])));
+    assert!(e.contains("more than one parameter group"), "{e}");
+}
+
+#[test]
+fn group_must_be_contiguous() {
+    let (arena, h) = arena();
+    let e = msg(Adam::new(
+        &arena,
+        [ParamGroup::new([h[0], h[2]])],
+        AdamConfig::default(),
+    ));
+    assert!(
+        e.contains("not contiguous") && e.contains("`a`") && e.contains("`b`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_hyperparameter_names() {
+    let (arena, _) = arena();
+    let e = msg(Adam::new(
+        &arena,
+        [ParamGroup::all().with("momentum", 0.9)],
+        AdamConfig::default(),
+    ));
+    assert!(
+        e.contains("Adam has no hyperparameter `momentum`") && e.contains("betas"),
+        "{e}"
+    );
+    let e = msg(AdamConfig::default().with("nesterov", true));
+    assert!(e.contains("no hyperparameter `nesterov`"), "{e}");
+    let e = msg(AdamConfig::default().with("lr", true));
+    assert!(e.contains("`lr` expects a number"), "{e}");
+    let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default()).unwrap();
+    let e = msg(opt.set_hyper(0, "betas", (0.9, 0.99)));
+    assert!(e.contains("SGD has no hyperparameter `betas`"), "{e}");
+    let e = msg(opt.set_hyper(3, "lr", 0.1));
+    assert!(e.contains("no parameter group 3"), "{e}");
+}
+
+#[test]
+fn set_hyper_validates_and_changes_nothing_on_error() {
+    let (arena, _) = arena();
+    let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default()).unwrap();
+    let before = opt.group_config(0).unwrap().clone();
+    assert!(msg(opt.set_hyper(0, "lr", -0.5)).contains("Invalid learning rate"));
+    assert!(msg(opt.set_hyper(0, "eps", f64::NAN)).contains("Invalid epsilon value"));
+    assert_eq!(opt.group_config(0).unwrap(), &before);
+    opt.set_lr(0, 0.25).unwrap();
+    assert_eq!(opt.lr(0).unwrap(), 0.25);
+    assert_eq!(opt.hyper(0, "amsgrad").unwrap(), HyperValue::Bool(false));
+}
+
+#[test]
+fn unknown_names_and_foreign_arenas() {
+    let (arena, _) = arena();
+    let (other, oh) = arena_pair();
+    assert_eq!(msg(arena.find("zzz")), "no parameter named `zzz`");
+    let e = msg(Adam::new(
+        &arena,
+        [ParamGroup::named(["a", "zzz"])],
+        AdamConfig::default(),
+    ));
+    assert_eq!(e, "no parameter named `zzz`");
+    let e = msg(Adam::new(
+        &arena,
+        [ParamGroup::new([oh])],
+        AdamConfig::default(),
+    ));
+    assert!(e.contains("another arena"), "{e}");
+    let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default()).unwrap();
+    let mut other = other;
+    assert!(msg(opt.step(&mut other)).contains("built for another arena"));
+}
+
+fn arena_pair() -> (Arena<f32>, Param<f32>) {
+    let mut b = ArenaBuilder::<f32>::new();
+    let p = b.param("a", &[1], &[0.0]).unwrap();
+    (b.build(), p)
+}
+
+#[test]
+fn registration_errors() {
+    let mut b = ArenaBuilder::<f64>::new();
+    b.param("w", &[2], &[1.0, 2.0]).unwrap();
+    assert_eq!(
+        msg(b.param("w", &[1], &[1.0])),
+        "a parameter named `w` is already registered"
+    );
+    let e = msg(b.param("v", &[2, 3], &[1.0; 5]));
+    assert_eq!(e, "parameter `v` has shape [2, 3] (6 values), got 5 values");
+    let mut arena = b.build();
+    let w = arena.find("w").unwrap();
+    assert!(msg(arena.set_grad(w, &[1.0])).contains("got 1 values"));
+}
+
+#[test]
+fn defaults_are_torchs() {
+    // burn's defaults differ (eps 1e-5, dampening 0.1); ours are torch's.
+    let a = AdamConfig::default();
+    assert_eq!(
+        (a.lr, a.betas, a.eps, a.weight_decay),
+        (1e-3, (0.9, 0.999), 1e-8, 0.0)
+    );
+    assert!(!a.amsgrad && !a.maximize && !a.decoupled_weight_decay);
+    let w = AdamWConfig::default();
+    assert_eq!((w.weight_decay, w.decoupled_weight_decay), (1e-2, true));
+    let s = SgdConfig::default();
+    assert_eq!(
+        (s.lr, s.momentum, s.dampening, s.weight_decay, s.nesterov),
+        (1e-3, 0.0, 0.0, 0.0, false)
+    );
+    let r = RAdamConfig::default();
+    assert_eq!(
+        (
+            r.lr,
+            r.betas,
+            r.eps,
+            r.weight_decay,
+            r.decoupled_weight_decay
+        ),
+        (1e-3, (0.9, 0.999), 1e-8, 0.0, false)
+    );
+}
+
+fn stepped_adam() -> (Arena<f32>, Vec<Param<f32>>, Adam<f32>) {
+    let (mut arena, h) = arena();
+    let mut opt = Adam::new(
+        &arena,
+        [
+            ParamGroup::new([h[0], h[1]]),
+            ParamGroup::new([h[2]]).with("lr", 0.1),
+        ],
+        AdamConfig::default(),
+    )
+    .unwrap();
+    for p in &h {
+        arena.grad_mut(*p).fill(0.5);
+    }
+    opt.step(&mut arena).unwrap();
+    (arena, h, opt)
+}
+
+#[test]
+fn load_state_dict_names_each_mismatch_and_changes_nothing() {
+    let (_, _, opt) = stepped_adam();
+    let good = opt.state_dict();
+    let (_, _, mut target) = stepped_adam();
+    target.set_lr(0, 0.7).unwrap();
+    let before = target.state_dict();
+
+    let mut sd = good.clone();
+    sd.optimizer = "SGD".into();
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position))
+        .contains("saved by a SGD optimizer, this is Adam"));
+
+    let mut sd = good.clone();
+    sd.param_groups.pop();
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position))
+        .contains("it has 1 parameter groups, the optimizer has 2"));
+
+    let mut sd = good.clone();
+    sd.param_groups[0].params.pop();
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position))
+        .contains("group 0 has 1 parameters in the saved state and 2"));
+
+    let mut sd = good.clone();
+    sd.param_groups[0].params[1].shape = vec![4];
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position))
+        .contains("has shape [4] in the saved state"));
+
+    let mut sd = good.clone();
+    sd.state[1].buffers.get_mut("exp_avg").unwrap().pop();
+    let e = msg(target.load_state_dict(&sd, MatchBy::Position));
+    assert!(
+        e.contains("buffer `exp_avg` of parameter `b` has 2 values, the parameter has 3"),
+        "{e}"
+    );
+
+    let mut sd = good.clone();
+    sd.param_groups[1].params[0].name = "zzz".into();
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Name))
+        .contains("group 1 has no parameter named `zzz`"));
+
+    let mut sd = good.clone();
+    sd.param_groups[1]
+        .hyperparams
+        .insert("momentum".into(), HyperValue::Number(0.9));
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position))
+        .contains("no hyperparameter `momentum`"));
+
+    let mut sd = good.clone();
+    sd.param_groups[0]
+        .hyperparams
+        .insert("lr".into(), HyperValue::Number(-1.0));
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position)).contains("Invalid learning rate"));
+
+    let mut sd = good.clone();
+    sd.state[0].step = None;
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position)).contains("has no step count"));
+
+    let mut sd = good.clone();
+    sd.state[0].buffers.remove("exp_avg_sq");
+    assert!(
+        msg(target.load_state_dict(&sd, MatchBy::Position)).contains("has buffers [\"exp_avg\"]")
+    );
+
+    let mut sd = good.clone();
+    sd.format = 99;
+    assert!(msg(target.load_state_dict(&sd, MatchBy::Position)).contains("format version 99"));
+
+    assert!(
+        msg(target.load_state_dict_json("{not json", MatchBy::Position))
+            .starts_with("serialisation:")
+    );
+
+    assert_eq!(target.state_dict(), before, "failed loads changed nothing");
+    target.load_state_dict(&good, MatchBy::Position).unwrap();
+    assert_eq!(target.state_dict(), good);
+}
+
+#[test]
+fn f64_state_loads_into_f32_optimizer() {
+    let mut b = ArenaBuilder::<f64>::new();
+    let p = b.param("a", &[2], &[1.0, 2.0]).unwrap();
+    let mut a64 = b.build();
+    let mut o64 = Adam::new(&a64, [ParamGroup::all()], AdamConfig::default()).unwrap();
+    a64.set_grad(p, &[0.1, 0.2]).unwrap();
+    o64.step(&mut a64).unwrap();
+    let sd = o64.state_dict();
+    let mut b = ArenaBuilder::<f32>::new();
+    b.param("a", &[2], &[1.0, 2.0]).unwrap();
+    let a32 = b.build();
+    let mut o32 = Adam::new(&a32, [ParamGroup::all()], AdamConfig::default()).unwrap();
+    o32.load_state_dict(&sd, MatchBy::Name).unwrap();
+    let got = o32.state_dict();
+    let want: Vec<f32> = sd.state[0].buffers["exp_avg"]
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    assert_eq!(got.state[0].buffers["exp_avg"], want);
+    assert_eq!(got.state[0].step, Some(1));
+}
