@@ -128,5 +128,5 @@ impl From<serde_json::Error> for Error {
     }
 }
 
-/// `Result` with optarena's [`Error`].
+/// `Result` with optarena's [`Error`](enum@Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -74,3 +74,8 @@ pub use optimizer::{
 };
 pub use parallel::Parallelism;
 pub use state::{MatchBy, StateDict};
+
+/// The README's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
