@@ -429,6 +429,11 @@ impl<T: Float> Arena<T> {
         }
     }
 
+    /// Gradient elements `elems` (an element range), writable, presence flags untouched.
+    pub(crate) fn grads_raw_mut(&mut self, elems: Range<usize>) -> &mut [T] {
+        &mut self.grads[elems]
+    }
+
     /// Presence flags, one per parameter.
     pub(crate) fn grad_flags(&self) -> &[bool] {
         &self.has_grad

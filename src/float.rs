@@ -49,6 +49,8 @@ pub trait Float:
     fn to_f64(self) -> f64;
     /// True for NaN and ±infinity.
     fn is_non_finite(self) -> bool;
+    /// `self` raised to `p`, as C's `powf` / `pow`.
+    fn powf(self, p: Self) -> Self;
 }
 
 impl Float for f32 {
@@ -69,6 +71,10 @@ impl Float for f32 {
     fn is_non_finite(self) -> bool {
         !self.is_finite()
     }
+    #[inline(always)]
+    fn powf(self, p: Self) -> Self {
+        <Self>::powf(self, p)
+    }
 }
 
 impl Float for f64 {
@@ -88,6 +94,10 @@ impl Float for f64 {
     #[inline(always)]
     fn is_non_finite(self) -> bool {
         !self.is_finite()
+    }
+    #[inline(always)]
+    fn powf(self, p: Self) -> Self {
+        <Self>::powf(self, p)
     }
 }
 

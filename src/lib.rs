@@ -55,6 +55,7 @@
 #![warn(rust_2018_idioms)]
 
 pub mod arena;
+pub mod clip;
 pub mod error;
 pub mod float;
 pub mod hyper;
@@ -62,17 +63,21 @@ pub mod kernels;
 pub mod optim;
 pub mod optimizer;
 pub mod parallel;
+pub mod scaler;
 pub mod state;
 
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
+pub use clip::NormType;
 pub use error::{Error, Result};
 pub use float::{Float, Lane};
 pub use hyper::{GroupHyperparams, HyperValue, Hyperparams};
 pub use optim::*;
 pub use optimizer::{
-    Algorithm, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepOptions, StepOutcome,
+    Algorithm, ClipNorm, HookHandle, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepHook,
+    StepOptions, StepOutcome, StepReport,
 };
 pub use parallel::Parallelism;
+pub use scaler::GradScaler;
 pub use state::{MatchBy, StateDict};
 
 /// The README's code blocks, compiled and run as doc tests.

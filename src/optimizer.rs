@@ -22,9 +22,10 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
+use crate::clip::{clip_coefficient, total_norm, NormType};
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::hyper::{HyperValue, Hyperparams};
+use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
 use crate::parallel::{Parallelism, CHUNK};
 use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
 
@@ -312,12 +313,16 @@ pub enum StepOutcome {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOptions {
     /// Every gradient is multiplied by this inside the fused update (an unscale factor
-    /// `1/scale`, a clip coefficient, or `1/k` for k accumulated micro-batches).
+    /// `1/scale`, or `1/k` for k accumulated micro-batches). Multiplying by 1 is exact.
     pub grad_scale: f64,
     /// Check every gradient for NaN and infinity first, and skip the whole step if one is
     /// found (torch's fused `found_inf`, and what a plain torch step lacks: one bad batch then
     /// poisons the weights).
     pub skip_non_finite: bool,
+    /// Clip by total norm inside the step: the norm of the (scaled) gradients is computed
+    /// first, then the clip coefficient is folded into the fused update. The gradients are
+    /// read twice (norm, update) and never rewritten.
+    pub clip: Option<ClipNorm>,
 }
 
 impl Default for StepOptions {
@@ -325,9 +330,52 @@ impl Default for StepOptions {
         StepOptions {
             grad_scale: 1.0,
             skip_non_finite: false,
+            clip: None,
         }
     }
 }
+
+/// `clip_grad_norm_`'s arguments, for a clip folded into the step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClipNorm {
+    /// The largest total norm allowed.
+    pub max_norm: f64,
+    /// The norm's order.
+    pub norm_type: NormType,
+    /// Make a NaN or infinite total norm an error (nothing is changed) instead of scaling the
+    /// gradients by it.
+    pub error_if_nonfinite: bool,
+}
+
+impl ClipNorm {
+    /// Clip to `max_norm` in the Euclidean norm, as `clip_grad_norm_(params, max_norm)`.
+    pub fn l2(max_norm: f64) -> Self {
+        ClipNorm {
+            max_norm,
+            norm_type: NormType::P(2.0),
+            error_if_nonfinite: false,
+        }
+    }
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Applied, or skipped for a non-finite gradient.
+    pub outcome: StepOutcome,
+    /// The total gradient norm (of the scaled gradients), when the step clipped.
+    pub total_norm: Option<f64>,
+    /// The factor the gradients were multiplied by in the update (scale times clip
+    /// coefficient).
+    pub grad_factor: f64,
+}
+
+/// A step hook: gets the optimizer's groups, e.g. to log or change hyperparameters.
+pub type StepHook = Box<dyn FnMut(&mut dyn GroupHyperparams) + Send>;
+
+/// Identifies a registered hook, for [`Optimizer::remove_hook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HookHandle(u64);
 
 /// An optimizer: an [`Algorithm`] applied to param groups of one [`Arena`].
 pub struct Optimizer<T: Float, A: Algorithm> {
@@ -337,6 +385,9 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     groups: Vec<Group<T, A>>,
     parallelism: Parallelism,
     work: Vec<WorkItem<T, A::Coeffs>>,
+    pre_hooks: Vec<(HookHandle, StepHook)>,
+    post_hooks: Vec<(HookHandle, StepHook)>,
+    next_hook: u64,
 }
 
 impl<T: Float, A: Algorithm> std::fmt::Debug for Optimizer<T, A> {
@@ -371,6 +422,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             groups: Vec::new(),
             parallelism: Parallelism::default(),
             work: Vec::new(),
+            pre_hooks: Vec::new(),
+            post_hooks: Vec::new(),
+            next_hook: 0,
         };
         let mut any = false;
         for g in groups {
@@ -538,26 +592,50 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// nothing changes (parameters, state, step counts) and
     /// [`StepOutcome::SkippedNonFinite`] is returned.
     pub fn step_checked(&mut self, arena: &mut Arena<T>) -> Result<StepOutcome> {
-        self.step_with_options(
-            arena,
-            StepOptions {
-                skip_non_finite: true,
-                ..StepOptions::default()
-            },
-        )
+        let options = StepOptions {
+            skip_non_finite: true,
+            ..StepOptions::default()
+        };
+        Ok(self.step_with_options(arena, options)?.outcome)
     }
 
-    /// A step with gradient scaling folded into the fused update and, optionally, the
-    /// non-finite guard (see [`StepOptions`]).
+    /// `clip_grad_norm_(params, max_norm, norm_type)` then `step()`, fused: the norm over this
+    /// optimizer's parameters is computed in one pass and the clip coefficient is folded into
+    /// the update, so the gradients are read twice and never rewritten. Returns the total norm
+    /// before clipping. The numbers equal clip followed by step, bit for bit.
+    pub fn step_clipped(&mut self, arena: &mut Arena<T>, clip: ClipNorm) -> Result<f64> {
+        let options = StepOptions {
+            clip: Some(clip),
+            ..StepOptions::default()
+        };
+        let report = self.step_with_options(arena, options)?;
+        Ok(report.total_norm.unwrap_or(0.0))
+    }
+
+    /// A step after `k` accumulated micro-batches: the gradients hold the sum of `k`
+    /// micro-batch gradients (write them with [`Arena::grad_mut`] without zeroing in between)
+    /// and the `1/k` averaging is folded into the update.
+    pub fn step_accumulated(&mut self, arena: &mut Arena<T>, k: usize) -> Result<()> {
+        if k == 0 {
+            return Err(Error::InvalidHyperparameter(
+                "Invalid micro-batch count: 0".to_string(),
+            ));
+        }
+        let options = StepOptions {
+            grad_scale: 1.0 / k as f64,
+            ..StepOptions::default()
+        };
+        self.step_with_options(arena, options).map(|_| ())
+    }
+
+    /// A step with gradient scaling, clipping and the non-finite guard folded into the fused
+    /// update (see [`StepOptions`]). On an error nothing has changed.
     pub fn step_with_options(
         &mut self,
         arena: &mut Arena<T>,
         options: StepOptions,
-    ) -> Result<StepOutcome> {
+    ) -> Result<StepReport> {
         self.check_arena(arena)?;
-        for g in &self.groups {
-            g.config.validate()?;
-        }
         if !options.grad_scale.is_finite() {
             return Err(Error::InvalidHyperparameter(format!(
                 "Invalid grad_scale value: {:?}",
@@ -565,11 +643,44 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             )));
         }
         if options.skip_non_finite && self.has_non_finite_grad(arena) {
-            return Ok(StepOutcome::SkippedNonFinite);
+            return Ok(StepReport {
+                outcome: StepOutcome::SkippedNonFinite,
+                total_norm: None,
+                grad_factor: 0.0,
+            });
         }
-        let total = self.plan(arena, options.grad_scale);
+        self.run_hooks(true);
+        for g in &self.groups {
+            g.config.validate()?;
+        }
+        let mut grad_factor = options.grad_scale;
+        let mut total = None;
+        if let Some(clip) = options.clip {
+            if clip.max_norm.is_nan() {
+                return Err(Error::InvalidHyperparameter(
+                    "Invalid max_norm value: NaN".to_string(),
+                ));
+            }
+            let ranges: Vec<Range<usize>> = self.groups.iter().map(|g| g.params.clone()).collect();
+            let norm = total_norm(arena, &ranges, clip.norm_type, &self.parallelism)
+                * options.grad_scale.abs();
+            if clip.error_if_nonfinite && !norm.is_finite() {
+                return Err(Error::InvalidHyperparameter(format!(
+                    "The total norm of order {:?} for gradients from `parameters` is non-finite, \
+                     so it cannot be clipped. To disable this error and scale the gradients by \
+                     the non-finite norm anyway, set `error_if_nonfinite=False`",
+                    match clip.norm_type {
+                        NormType::Inf => f64::INFINITY,
+                        NormType::P(p) => p,
+                    }
+                )));
+            }
+            grad_factor *= clip_coefficient(clip.max_norm, norm);
+            total = Some(norm);
+        }
+        let elems = self.plan(arena, grad_factor);
         let work = std::mem::take(&mut self.work);
-        self.parallelism.for_each(&work, total, |item| {
+        self.parallelism.for_each(&work, elems, |item| {
             // SAFETY: `plan` built every item from disjoint ranges of the arena and the state
             // buffers, and `arena` and `self.groups` stay mutably borrowed here until all
             // items have run.
@@ -577,7 +688,66 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         });
         self.work = work;
         self.work.clear();
-        Ok(StepOutcome::Applied)
+        self.run_hooks(false);
+        Ok(StepReport {
+            outcome: StepOutcome::Applied,
+            total_norm: total,
+            grad_factor,
+        })
+    }
+
+    /// Registers a hook called before every step that is applied (torch's
+    /// `register_step_pre_hook`). It may read and change hyperparameters.
+    pub fn register_step_pre_hook(
+        &mut self,
+        hook: impl FnMut(&mut dyn GroupHyperparams) + Send + 'static,
+    ) -> HookHandle {
+        let h = HookHandle(self.next_hook);
+        self.next_hook += 1;
+        self.pre_hooks.push((h, Box::new(hook)));
+        h
+    }
+
+    /// Registers a hook called after every applied step (torch's `register_step_post_hook`).
+    pub fn register_step_post_hook(
+        &mut self,
+        hook: impl FnMut(&mut dyn GroupHyperparams) + Send + 'static,
+    ) -> HookHandle {
+        let h = HookHandle(self.next_hook);
+        self.next_hook += 1;
+        self.post_hooks.push((h, Box::new(hook)));
+        h
+    }
+
+    /// Removes a hook; returns false if it was not registered (or already removed).
+    pub fn remove_hook(&mut self, handle: HookHandle) -> bool {
+        let before = self.pre_hooks.len() + self.post_hooks.len();
+        self.pre_hooks.retain(|(h, _)| *h != handle);
+        self.post_hooks.retain(|(h, _)| *h != handle);
+        before != self.pre_hooks.len() + self.post_hooks.len()
+    }
+
+    fn run_hooks(&mut self, pre: bool) {
+        let slot = if pre {
+            &mut self.pre_hooks
+        } else {
+            &mut self.post_hooks
+        };
+        if slot.is_empty() {
+            return;
+        }
+        let mut hooks = std::mem::take(slot);
+        for (_, hook) in &mut hooks {
+            hook(self);
+        }
+        let slot = if pre {
+            &mut self.pre_hooks
+        } else {
+            &mut self.post_hooks
+        };
+        // Hooks registered by a hook go after the existing ones.
+        hooks.append(slot);
+        *slot = hooks;
     }
 
     /// True when any parameter of any group has a gradient holding NaN or infinity.
@@ -993,7 +1163,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     }
 }
 
-impl<T: Float, A: Algorithm> crate::hyper::GroupHyperparams for Optimizer<T, A> {
+impl<T: Float, A: Algorithm> GroupHyperparams for Optimizer<T, A> {
     fn num_groups(&self) -> usize {
         self.groups.len()
     }

@@ -43,4 +43,22 @@ impl Parallelism {
             _ => items.iter().for_each(f),
         }
     }
+
+    /// Maps every item to a value and returns the values in item order, so a reduction over
+    /// them is the same for any thread count.
+    pub(crate) fn map_collect<W: Sync, R: Send>(
+        &self,
+        items: &[W],
+        total_elems: usize,
+        f: impl Fn(&W) -> R + Sync + Send,
+    ) -> Vec<R> {
+        let parallel = items.len() > 1 && total_elems >= PARALLEL_THRESHOLD;
+        match self {
+            Parallelism::Global if parallel => items.par_iter().map(f).collect(),
+            Parallelism::Pool(pool) if parallel => {
+                pool.install(|| items.par_iter().map(f).collect())
+            }
+            _ => items.iter().map(f).collect(),
+        }
+    }
 }

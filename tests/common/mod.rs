@@ -1,6 +1,6 @@
 //! Test support: the fixture format of `SCHEMA.md` (deterministic inputs, base64 arrays) and
 //! runners that replay PyTorch-recorded cases through optarena.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::single_range_in_vec_init)]
 
 use std::path::{Path, PathBuf};
 
@@ -348,7 +348,7 @@ pub fn run_any(kind: Kind, case: &Value) -> Outcome {
             "scheduler {}",
             case["scheduler"].as_str().unwrap_or("?")
         )),
-        Kind::Clip => Outcome::Skip("clip_grad".into()),
+        Kind::Clip => run_clip_case(case),
         Kind::Unknown => Outcome::Skip("unrecognised case".into()),
     }
 }
@@ -424,4 +424,78 @@ pub fn write_grads<T: Float>(arena: &mut optarena::Arena<T>, t: u64, skip: &[usi
         let p = arena.find(&info.name).unwrap();
         arena.set_grad(p, &g).unwrap();
     }
+}
+
+/// Replays a `clip.json` case (always f32): `clip_grad_norm_` or `clip_grad_value_` on
+/// `hashed(seed, 1, n_total)` gradients.
+pub fn run_clip_case(case: &Value) -> Outcome {
+    use optarena::clip::{clip_grad_norm, clip_grad_value, NormType};
+    let name = case["name"].as_str().unwrap_or("?");
+    let seed = case["seed"].as_u64().unwrap();
+    let shapes: Vec<Vec<usize>> = case["shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect()
+        })
+        .collect();
+    let n_total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let mut b = ArenaBuilder::<f32>::new();
+    for (i, s) in shapes.iter().enumerate() {
+        b.zeros(&format!("p{i}"), s).unwrap();
+    }
+    let mut arena = b.build();
+    let g = hashed(seed, 1, n_total);
+    for (dst, src) in arena.grads_mut().iter_mut().zip(&g) {
+        *dst = *src as f32;
+    }
+    let all = [0..shapes.len()];
+    if let Some(max_norm) = case.get("max_norm").and_then(Value::as_f64) {
+        let p = match &case["norm_type"] {
+            Value::String(s) if s == "inf" => f64::INFINITY,
+            v => v.as_f64().unwrap(),
+        };
+        let norm = match NormType::from_f64(p) {
+            Ok(n) => n,
+            Err(e) => return Outcome::Fail(format!("{name}: {e}")),
+        };
+        let total = match clip_grad_norm(
+            &mut arena,
+            &all,
+            max_norm,
+            norm,
+            false,
+            &Parallelism::Global,
+        ) {
+            Ok(t) => t,
+            Err(e) => return Outcome::Fail(format!("{name}: {e}")),
+        };
+        let want = case["total_norm"].as_f64().unwrap();
+        if (total - want).abs() > 1e-5 * want.abs() {
+            return Outcome::Fail(format!("{name}: total_norm {total}, torch {want}"));
+        }
+    } else {
+        let v = case["clip_value"].as_f64().unwrap();
+        if let Err(e) = clip_grad_value(&mut arena, &all, v) {
+            return Outcome::Fail(format!("{name}: {e}"));
+        }
+    }
+    let want: Vec<f64> = case["grads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| decode(b.as_str().unwrap(), "float32"))
+        .collect();
+    for (k, (w, g)) in want.iter().zip(arena.grads()).enumerate() {
+        let g = *g as f64;
+        if (g - w).abs() > 1e-6 * w.abs() {
+            return Outcome::Fail(format!("{name}: grad[{k}] {g:e}, torch {w:e}"));
+        }
+    }
+    Outcome::Pass
 }

@@ -1,0 +1,272 @@
+//! Gradient clipping, as `torch.nn.utils.clip_grad_norm_` and `clip_grad_value_` compute it,
+//! over a whole arena or chosen parameter ranges (for example an optimizer's groups).
+//!
+//! The 1-, 2- and max-norms are one SIMD pass over the flat gradient buffer, spread over
+//! threads in fixed [`CHUNK`]-element pieces whose partial sums (f64) are combined in piece
+//! order, so the result is bitwise the same for any thread count and more accurate than torch's
+//! f32 accumulation. Other orders `p` follow torch's own sequence (a sequential sum of `|g|^p`
+//! in the element type per parameter, then the norm of the per-parameter norms), because their
+//! rounding is large enough to matter at torch's tolerance; they run per parameter in parallel,
+//! combined in parameter order.
+//!
+//! Parameters without a gradient (`grad is None`) are left out, as torch leaves them out.
+//!
+//! To clip inside the optimizer step instead (the gradients are then read twice, norm and
+//! update, and never rewritten), see [`crate::Optimizer::step_clipped`].
+
+use std::ops::Range;
+
+use crate::arena::Arena;
+use crate::error::{Error, Result};
+use crate::float::{Float, Lane};
+use crate::parallel::{Parallelism, CHUNK};
+
+/// The order of a p-norm: torch's `norm_type`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormType {
+    /// `max |g|` (torch's `'inf'` / `float('inf')`).
+    Inf,
+    /// `(Σ |g|^p)^(1/p)` for a finite `p > 0`; `P(2.0)` is the default Euclidean norm.
+    P(f64),
+}
+
+impl NormType {
+    /// From torch's float `norm_type` (`f64::INFINITY` for the max norm).
+    pub fn from_f64(p: f64) -> Result<Self> {
+        if p == f64::INFINITY {
+            Ok(NormType::Inf)
+        } else if p.is_finite() && p > 0.0 {
+            Ok(NormType::P(p))
+        } else {
+            Err(Error::InvalidHyperparameter(format!(
+                "Invalid norm_type value: {p:?} (expected a positive number or inf)"
+            )))
+        }
+    }
+
+    fn value(self) -> f64 {
+        match self {
+            NormType::Inf => f64::INFINITY,
+            NormType::P(p) => p,
+        }
+    }
+}
+
+/// One piece of a norm reduction: an element range of the gradient buffer.
+fn pieces(arena_ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    for r in arena_ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let end = (at + CHUNK).min(r.end);
+            out.push(at..end);
+            at = end;
+        }
+    }
+    out
+}
+
+/// Elements per block whose lane sums are widened to f64: short enough that the lane
+/// accumulation in `T` stays within a few ulp.
+const BLOCK: usize = 64;
+
+/// Sums `f(lanes)` over `x` in `T` lanes, widening to f64 every [`BLOCK`] elements.
+#[inline(always)]
+fn lane_sum<T: Float>(x: &[T], f: impl Fn(T::Vector) -> T::Vector, g: impl Fn(f64) -> f64) -> f64 {
+    let mut total = 0.0f64;
+    let mut lanes = [T::ZERO; 8];
+    let body = x.len() - x.len() % BLOCK;
+    for block in x[..body].chunks_exact(BLOCK) {
+        let mut acc = T::Vector::splat(T::ZERO);
+        for c in block.chunks_exact(T::LANES) {
+            acc = acc + f(T::Vector::load(c));
+        }
+        acc.store(&mut lanes[..T::LANES]);
+        total += lanes[..T::LANES].iter().map(|v| v.to_f64()).sum::<f64>();
+    }
+    total + x[body..].iter().map(|v| g(v.to_f64())).sum::<f64>()
+}
+
+/// Σ|x|^p (or max |x|) of one piece, in f64; for orders other than 1, 2 and inf, the
+/// piece is a whole parameter and the result is its p-norm.
+fn partial<T: Float>(x: &[T], norm: NormType) -> f64 {
+    match norm {
+        NormType::Inf => {
+            let mut m = T::Vector::splat(T::ZERO);
+            let body = x.len() - x.len() % T::LANES;
+            for c in x[..body].chunks_exact(T::LANES) {
+                m = m.maximum(T::Vector::load(c).abs());
+            }
+            let mut lanes = [T::ZERO; 8];
+            m.store(&mut lanes[..T::LANES]);
+            lanes[..T::LANES]
+                .iter()
+                .chain(&x[body..])
+                .map(|v| v.to_f64().abs())
+                .fold(0.0f64, nan_max)
+        }
+        NormType::P(2.0) => lane_sum(x, |v| v * v, |v| v * v),
+        NormType::P(1.0) => lane_sum(x, |v| v.abs(), f64::abs),
+        NormType::P(p) => {
+            // Other orders: torch's own sequence, so the numbers match its (less accurate)
+            // result: a sequential sum of |x|^p in the element type per parameter, then the
+            // 1/p power, then the same over the per-parameter norms.
+            let p = T::from_f64(p);
+            let mut acc = T::ZERO;
+            for v in x {
+                acc = acc + v.abs().powf(p);
+            }
+            acc.powf(T::ONE / p).to_f64()
+        }
+    }
+}
+
+/// `max` that propagates NaN, as torch's norms do.
+fn nan_max(m: f64, v: f64) -> f64 {
+    if m.is_nan() || v.is_nan() {
+        f64::NAN
+    } else {
+        m.max(v)
+    }
+}
+
+/// The element ranges of the parameters at positions `params` that have a gradient.
+fn grad_ranges<'a, T: Float>(
+    arena: &'a Arena<T>,
+    params: &'a [Range<usize>],
+) -> impl Iterator<Item = Range<usize>> + 'a {
+    let flags = arena.grad_flags();
+    params
+        .iter()
+        .flat_map(|r| r.clone())
+        .filter(move |&i| flags[i])
+        .map(move |i| arena.infos()[i].range())
+}
+
+/// The total `norm_type` norm of the gradients of the parameters at positions `params` (e.g.
+/// `[0..arena.num_params()]`, or an optimizer's `group_params`), as torch's
+/// `get_total_norm` computes it. Returns 0 when no parameter has a gradient.
+pub fn total_norm<T: Float>(
+    arena: &Arena<T>,
+    params: &[Range<usize>],
+    norm: NormType,
+    parallelism: &Parallelism,
+) -> f64 {
+    let work: Vec<Range<usize>> = match norm {
+        NormType::P(p) if p != 1.0 && p != 2.0 => grad_ranges(arena, params).collect(),
+        _ => pieces(grad_ranges(arena, params)),
+    };
+    let total: usize = work.iter().map(|r| r.len()).sum();
+    let grads = arena.grads();
+    let partials = parallelism.map_collect(&work, total, |r| partial(&grads[r.clone()], norm));
+    // Combine in piece order: the same result for any thread count.
+    match norm {
+        NormType::Inf => partials.iter().copied().fold(0.0f64, nan_max),
+        NormType::P(2.0) => partials.iter().sum::<f64>().sqrt(),
+        NormType::P(1.0) => partials.iter().sum(),
+        NormType::P(p) => {
+            let p = T::from_f64(p);
+            let mut acc = T::ZERO;
+            for &n in &partials {
+                acc = acc + T::from_f64(n).powf(p);
+            }
+            acc.powf(T::ONE / p).to_f64()
+        }
+    }
+}
+
+/// torch's clip coefficient: `min(max_norm / (total + 1e-6), 1)`.
+pub fn clip_coefficient(max_norm: f64, total: f64) -> f64 {
+    let c = max_norm / (total + 1e-6);
+    if c > 1.0 {
+        1.0
+    } else {
+        c
+    }
+}
+
+fn check_total(total: f64, norm: NormType, error_if_nonfinite: bool) -> Result<()> {
+    if error_if_nonfinite && !total.is_finite() {
+        return Err(Error::InvalidHyperparameter(format!(
+            "The total norm of order {:?} for gradients from `parameters` is non-finite, so it \
+             cannot be clipped. To disable this error and scale the gradients by the non-finite \
+             norm anyway, set `error_if_nonfinite=False`",
+            norm.value()
+        )));
+    }
+    Ok(())
+}
+
+/// `torch.nn.utils.clip_grad_norm_` over the parameters at positions `params`: scales their
+/// gradients by `min(max_norm / (total + 1e-6), 1)` and returns the total norm (before
+/// clipping). With `error_if_nonfinite`, a NaN or infinite total is an error and nothing is
+/// changed.
+pub fn clip_grad_norm<T: Float>(
+    arena: &mut Arena<T>,
+    params: &[Range<usize>],
+    max_norm: f64,
+    norm: NormType,
+    error_if_nonfinite: bool,
+    parallelism: &Parallelism,
+) -> Result<f64> {
+    if max_norm.is_nan() {
+        return Err(Error::InvalidHyperparameter(
+            "Invalid max_norm value: NaN".to_string(),
+        ));
+    }
+    let total = total_norm(arena, params, norm, parallelism);
+    check_total(total, norm, error_if_nonfinite)?;
+    let coef = T::from_f64(clip_coefficient(max_norm, total));
+    let ranges: Vec<Range<usize>> = grad_ranges(arena, params).collect();
+    for r in ranges {
+        for g in arena.grads_raw_mut(r) {
+            *g = *g * coef;
+        }
+    }
+    Ok(total)
+}
+
+/// [`clip_grad_norm`] over every parameter of the arena, on rayon's global pool.
+pub fn clip_grad_norm_all<T: Float>(
+    arena: &mut Arena<T>,
+    max_norm: f64,
+    norm: NormType,
+    error_if_nonfinite: bool,
+) -> Result<f64> {
+    let all = 0..arena.num_params();
+    clip_grad_norm(
+        arena,
+        std::slice::from_ref(&all),
+        max_norm,
+        norm,
+        error_if_nonfinite,
+        &Parallelism::Global,
+    )
+}
+
+/// `torch.nn.utils.clip_grad_value_`: clamps every gradient of the parameters at positions
+/// `params` to `[-clip_value, clip_value]`.
+pub fn clip_grad_value<T: Float>(
+    arena: &mut Arena<T>,
+    params: &[Range<usize>],
+    clip_value: f64,
+) -> Result<()> {
+    if clip_value.is_nan() {
+        return Err(Error::InvalidHyperparameter(
+            "Invalid clip_value value: NaN".to_string(),
+        ));
+    }
+    let (lo, hi) = (T::from_f64(-clip_value), T::from_f64(clip_value));
+    let ranges: Vec<Range<usize>> = grad_ranges(arena, params).collect();
+    for r in ranges {
+        for g in arena.grads_raw_mut(r) {
+            // torch's clamp_(min, max): NaN stays NaN.
+            if *g < lo {
+                *g = lo;
+            } else if *g > hi {
+                *g = hi;
+            }
+        }
+    }
+    Ok(())
+}
