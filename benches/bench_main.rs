@@ -1,27 +1,17 @@
-//! Criterion benchmarks. Run with `cargo bench`; see README.md for how to read the report.
+//! Criterion benchmarks: `cargo bench`. See README.md ("Reading the benchmarks").
+//!
+//! - `step/<optimizer>/<dtype>/<seq|par>/<n>`: one optimizer step over `n` elements, with the
+//!   roofline kernel of the same memory traffic in the same group (`roofline/...`), so each
+//!   optimizer's time can be read as a fraction of it.
+//! - `gpt2_small/...`: one AdamW step over GPT-2 small's 148 tensors (124M parameters).
+//! - `latency/adapter16k`: one step of a 16K-element adapter on one thread.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use optarena::{Adam, AdamConfig, ArenaBuilder, ParamGroup, Parallelism};
+use criterion::criterion_main;
 
-fn adam_step(c: &mut Criterion) {
-    let mut group = c.benchmark_group("adam_f32");
-    for &n in &[4096usize, 65536, 1 << 20] {
-        let mut b = ArenaBuilder::<f32>::new();
-        b.param_with("w", &[n], |i| (i as f32 * 1e-3).sin()).unwrap();
-        let mut arena = b.build();
-        for (i, g) in arena.grads_mut().iter_mut().enumerate() {
-            *g = (i as f32 * 7e-3).cos();
-        }
-        let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default())
-            .unwrap()
-            .with_parallelism(Parallelism::Sequential);
-        group.throughput(Throughput::Elements(n as u64));
-        group.bench_with_input(BenchmarkId::new("seq", n), &n, |bch, _| {
-            bch.iter(|| opt.step(&mut arena).unwrap())
-        });
-    }
-    group.finish();
-}
+mod benchmarks;
 
-criterion_group!(benches, adam_step);
-criterion_main!(benches);
+criterion_main!(
+    benchmarks::optimizers::benches,
+    benchmarks::layouts::benches,
+    benchmarks::latency::benches
+);

@@ -1,0 +1,5 @@
+pub mod latency;
+pub mod layouts;
+pub mod optimizers;
+pub mod roofline;
+pub mod setup;

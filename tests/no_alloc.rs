@@ -1,0 +1,95 @@
+//! Once state exists, a step allocates nothing on the heap: counted by a global allocator that
+//! tallies the allocations made on the current thread.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use optarena::optim::*;
+use optarena::{Algorithm, ArenaBuilder, Optimizer, Parallelism, ParamGroup};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; the counter is a thread-local `Cell` that does not
+// allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+fn steps_allocate_nothing<A: Algorithm>(config: A::Config) {
+    let mut b = ArenaBuilder::<f32>::new();
+    let w = b
+        .param_with("adapter.a", &[128, 64], |i| (i as f32 * 0.01).sin())
+        .unwrap();
+    let v = b
+        .param_with("adapter.b", &[64, 128], |i| (i as f32 * 0.02).cos())
+        .unwrap();
+    let c = b.zeros("adapter.bias", &[3]).unwrap();
+    let mut arena = b.build();
+    let mut opt = Optimizer::<f32, A>::new(
+        &arena,
+        [
+            ParamGroup::new([w]),
+            ParamGroup::new([v, c]).with("lr", 0.5),
+        ],
+        config,
+    )
+    .unwrap()
+    .with_parallelism(Parallelism::Sequential);
+    arena
+        .grads_mut()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, g)| *g = (i as f32).sin());
+    opt.step(&mut arena).unwrap(); // creates the state
+    let before = allocations();
+    for _ in 0..50 {
+        arena.grads_mut().iter_mut().for_each(|g| *g *= 0.9);
+        opt.step(&mut arena).unwrap();
+        opt.zero_grad(&mut arena, false).unwrap();
+    }
+    assert_eq!(
+        allocations() - before,
+        0,
+        "{} allocated during steps",
+        A::NAME
+    );
+}
+
+#[test]
+fn a_step_allocates_nothing_once_state_exists() {
+    steps_allocate_nothing::<SgdAlgorithm>(SgdConfig {
+        momentum: 0.9,
+        nesterov: true,
+        ..Default::default()
+    });
+    steps_allocate_nothing::<AdamAlgorithm>(AdamConfig {
+        amsgrad: true,
+        ..Default::default()
+    });
+    steps_allocate_nothing::<AdamWAlgorithm>(AdamWConfig::default());
+    steps_allocate_nothing::<RAdamAlgorithm>(RAdamConfig::default());
+}
