@@ -37,25 +37,29 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
     assert!(grads.len() == n && state.iter().all(|s| s.len() == n));
     let w = T::LANES;
     let body = n - n % w;
+    // Split every slice at `body` so the vector loop's bounds are provably in range and the
+    // checks vanish.
+    let (p_body, p_tail) = params.split_at_mut(body);
+    let (g_body, g_tail) = grads.split_at(body);
+    let parts = state.map(|s| s.split_at_mut(body));
     let mut i = 0;
-    while i < body {
-        let p = T::Vector::load(&params[i..i + w]);
-        let g = T::Vector::load(&grads[i..i + w]);
-        let mut s: [T::Vector; B] = std::array::from_fn(|k| T::Vector::load(&state[k][i..i + w]));
+    while i + w <= body {
+        let p = T::Vector::load(&p_body[i..i + w]);
+        let g = T::Vector::load(&g_body[i..i + w]);
+        let mut s: [T::Vector; B] = std::array::from_fn(|k| T::Vector::load(&parts[k].0[i..i + w]));
         let p = op.apply(p, g, &mut s);
-        p.store(&mut params[i..i + w]);
+        p.store(&mut p_body[i..i + w]);
         for (k, v) in s.iter().enumerate() {
-            v.store(&mut state[k][i..i + w]);
+            v.store(&mut parts[k].0[i..i + w]);
         }
         i += w;
     }
-    while i < n {
-        let mut s: [T; B] = std::array::from_fn(|k| state[k][i]);
-        params[i] = op.apply(params[i], grads[i], &mut s);
+    for (j, (p, g)) in p_tail.iter_mut().zip(g_tail).enumerate() {
+        let mut s: [T; B] = std::array::from_fn(|k| parts[k].1[j]);
+        *p = op.apply(*p, *g, &mut s);
         for (k, v) in s.iter().enumerate() {
-            state[k][i] = *v;
+            parts[k].1[j] = *v;
         }
-        i += 1;
     }
 }
 

@@ -1,0 +1,175 @@
+//! Times optarena optimizer steps and prints one JSON line per measurement. Used by
+//! `scripts/bench_vs_torch.py`, which runs it interleaved with PyTorch on the same machine.
+//!
+//! ```sh
+//! cargo run --release --example bench_step -- adam flat 33554432 2 20
+//! cargo run --release --example bench_step -- adamw gpt2 0 2 10
+//! cargo run --release --example bench_step -- adamw adapter 0 1 5000
+//! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
+//! ```
+//! Arguments: optimizer (`sgd_momentum`, `adam`, `adamw`, `radam`, `roofline3`, `roofline4`,
+//! or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`, `gpt2`,
+//! `adapter`), elements (for `flat`), threads, timed steps.
+
+use std::time::Instant;
+
+use optarena::optim::*;
+use optarena::parallel::{CHUNK, PARALLEL_THRESHOLD};
+use optarena::{Arena, ArenaBuilder, ClipNorm, ParamGroup, Parallelism};
+use rayon::prelude::*;
+
+fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
+    match layout {
+        "flat" => vec![("w".into(), vec![n])],
+        "adapter" => vec![
+            ("adapter.down".into(), vec![64, 128]),
+            ("adapter.up".into(), vec![128, 64]),
+            ("adapter.bias".into(), vec![64]),
+        ],
+        "gpt2" => {
+            let mut v = vec![("wte".into(), vec![50257, 768]), ("wpe".into(), vec![1024, 768])];
+            for i in 0..12 {
+                for (s, shape) in [
+                    ("ln_1.weight", vec![768]),
+                    ("ln_1.bias", vec![768]),
+                    ("attn.c_attn.weight", vec![768, 2304]),
+                    ("attn.c_attn.bias", vec![2304]),
+                    ("attn.c_proj.weight", vec![768, 768]),
+                    ("attn.c_proj.bias", vec![768]),
+                    ("ln_2.weight", vec![768]),
+                    ("ln_2.bias", vec![768]),
+                    ("mlp.c_fc.weight", vec![768, 3072]),
+                    ("mlp.c_fc.bias", vec![3072]),
+                    ("mlp.c_proj.weight", vec![3072, 768]),
+                    ("mlp.c_proj.bias", vec![768]),
+                ] {
+                    v.push((format!("h.{i}.{s}"), shape));
+                }
+            }
+            v.push(("ln_f.weight".into(), vec![768]));
+            v.push(("ln_f.bias".into(), vec![768]));
+            v
+        }
+        other => panic!("unknown layout {other}"),
+    }
+}
+
+fn arena(shapes: &[(String, Vec<usize>)]) -> Arena<f32> {
+    let mut b = ArenaBuilder::<f32>::new();
+    for (name, shape) in shapes {
+        b.param_with(name, shape, |i| ((i % 1000) as f32 * 1e-3).sin()).unwrap();
+    }
+    let mut a = b.build();
+    a.grads_mut().iter_mut().enumerate().for_each(|(i, g)| *g = ((i % 777) as f32 * 3e-3).cos() * 1e-2);
+    a
+}
+
+fn roofline(n: usize, states: usize, par: &Parallelism) -> impl FnMut() {
+    let mut p = vec![1.0f32; n];
+    let g = vec![0.5f32; n];
+    let mut s: Vec<Vec<f32>> = (0..states).map(|_| vec![0.25f32; n]).collect();
+    let par = par.clone();
+    move || {
+        let parallel = n >= PARALLEL_THRESHOLD && !matches!(par, Parallelism::Sequential);
+        match &mut s[..] {
+            [a] => {
+                let f = |((p, g), a): ((&mut [f32], &[f32]), &mut [f32])| {
+                    for ((p, g), a) in p.iter_mut().zip(g).zip(a.iter_mut()) {
+                        *p += *g * 1e-7;
+                        *a += *g * 1e-7;
+                    }
+                };
+                if parallel {
+                    p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(a.par_chunks_mut(CHUNK)).for_each(f)
+                } else {
+                    p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).zip(a.chunks_mut(CHUNK)).for_each(f)
+                }
+            }
+            [a, b] => {
+                let f = |(((p, g), a), b): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+                    for (((p, g), a), b) in p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut()) {
+                        *p += *g * 1e-7;
+                        *a += *g * 1e-7;
+                        *b += *g * 1e-7;
+                    }
+                };
+                if parallel {
+                    p.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(a.par_chunks_mut(CHUNK))
+                        .zip(b.par_chunks_mut(CHUNK))
+                        .for_each(f)
+                } else {
+                    p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).zip(a.chunks_mut(CHUNK)).zip(b.chunks_mut(CHUNK)).for_each(f)
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() != 5 {
+        eprintln!("usage: bench_step <optimizer> <flat|gpt2|adapter> <elements> <threads> <steps>");
+        std::process::exit(2);
+    }
+    let (name, layout) = (args[0].as_str(), args[1].as_str());
+    let n: usize = args[2].parse().expect("elements");
+    let threads: usize = args[3].parse().expect("threads");
+    let steps: usize = args[4].parse().expect("steps");
+    let par = if threads <= 1 {
+        Parallelism::Sequential
+    } else {
+        Parallelism::Pool(std::sync::Arc::new(
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap(),
+        ))
+    };
+    let shapes = shapes(layout, n);
+    let total: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let mut a = arena(&shapes);
+    let g = || [ParamGroup::all()];
+    let mut step: Box<dyn FnMut()> = match name {
+        "roofline3" => Box::new(roofline(total, 1, &par)),
+        "roofline4" => Box::new(roofline(total, 2, &par)),
+        _ => {
+            macro_rules! run {
+                ($opt:expr) => {{
+                    let mut o = $opt.unwrap().with_parallelism(par.clone());
+                    Box::new(move || o.step(&mut a).unwrap())
+                }};
+            }
+            match name {
+                "sgd_momentum" => run!(Sgd::new(&a, g(), SgdConfig { momentum: 0.9, ..Default::default() })),
+                "adam" => run!(Adam::new(&a, g(), AdamConfig::default())),
+                "adamw" => run!(AdamW::new(&a, g(), AdamWConfig::default())),
+                "radam" => run!(RAdam::new(&a, g(), RAdamConfig::default())),
+                "clip_adamw" => {
+                    let mut o = AdamW::new(&a, g(), AdamWConfig::default()).unwrap().with_parallelism(par.clone());
+                    Box::new(move || {
+                        o.step_clipped(&mut a, ClipNorm::l2(1.0)).unwrap();
+                    })
+                }
+                other => panic!("unknown optimizer {other}"),
+            }
+        }
+    };
+    // Warm-up: creates state and touches every page.
+    for _ in 0..3.min(steps) {
+        step();
+    }
+    let mut times: Vec<f64> = (0..steps)
+        .map(|_| {
+            let t = Instant::now();
+            step();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
+    println!(
+        "{{\"impl\": \"optarena\", \"optimizer\": \"{name}\", \"layout\": \"{layout}\", \"elements\": {total}, \"threads\": {threads}, \"steps\": {steps}, \"median_s\": {median:e}, \"p99_s\": {p99:e}, \"min_s\": {:e}}}",
+        times[0]
+    );
+}
