@@ -50,6 +50,9 @@
 //!   everything as it was; a plain torch step lets one bad batch corrupt the weights and state.
 //! - NaN hyperparameters are rejected everywhere (torch's `lr < 0.0` lets NaN through).
 //! - A failed call changes nothing.
+//! - Adagrad's state is created on a parameter's first gradient, as every other optimizer's
+//!   is; torch creates it at construction, so its state dict also lists never-stepped
+//!   parameters with `step: 0`. The numbers are the same (see [`Adagrad`]).
 
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]

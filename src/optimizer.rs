@@ -89,6 +89,14 @@ pub trait Algorithm: Send + Sync + 'static {
         0.0
     }
 
+    /// The value buffer `index` of a group with config `config` starts at, in an optimizer
+    /// built with `defaults`. [`Algorithm::buffer_init`] of the group's config unless the
+    /// algorithm overrides it: torch's Adagrad fills `sum` with the constructor's
+    /// `initial_accumulator_value` whatever a group says.
+    fn buffer_init_in(config: &Self::Config, _defaults: &Self::Config, index: usize) -> f64 {
+        Self::buffer_init(config, index)
+    }
+
     /// Per-parameter scalars of a new state.
     fn init_scalars(_config: &Self::Config) -> Self::Scalars {
         Self::Scalars::default()
@@ -779,6 +787,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let params_ptr = params.as_mut_ptr();
         let grads_ptr = grads.as_ptr();
         let layout = &self.layout;
+        let defaults = &self.defaults;
         let mut total = 0;
         for group in &mut self.groups {
             let names = A::buffers(&group.config);
@@ -789,7 +798,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             if any_grad {
                 while group.buffers.len() < need {
                     let k = group.buffers.len();
-                    let init = T::from_f64(A::buffer_init(&group.config, k));
+                    let init = T::from_f64(A::buffer_init_in(&group.config, defaults, k));
                     group.buffers.push(filled(gl, init));
                 }
             }
@@ -809,7 +818,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     let mut fresh = false;
                     while (st.live_buffers as usize) < need {
                         let k = st.live_buffers as usize;
-                        let init = T::from_f64(A::buffer_init(&group.config, k));
+                        let init = T::from_f64(A::buffer_init_in(&group.config, defaults, k));
                         group.buffers[k][local..local + info.len].fill(init);
                         st.live_buffers += 1;
                         fresh = true;

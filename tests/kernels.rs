@@ -164,3 +164,60 @@ kernel_test!(
         &[("betas", Pair(0.5, 0.7))],
     ]
 );
+
+kernel_test!(
+    nadam,
+    NAdamAlgorithm,
+    NAdamConfig,
+    [
+        &[],
+        &[("weight_decay", Number(0.1)), ("maximize", Bool(true))],
+        &[
+            ("weight_decay", Number(0.1)),
+            ("decoupled_weight_decay", Bool(true)),
+            ("momentum_decay", Number(0.006))
+        ],
+        &[("betas", Pair(0.5, 0.7)), ("eps", Number(1e-3))],
+    ]
+);
+
+kernel_test!(
+    adamax,
+    AdamaxAlgorithm,
+    AdamaxConfig,
+    [
+        &[],
+        &[("weight_decay", Number(0.1)), ("maximize", Bool(true))],
+        &[("betas", Pair(0.8, 0.95)), ("eps", Number(1e-4))],
+    ]
+);
+
+kernel_test!(
+    adagrad,
+    AdagradAlgorithm,
+    AdagradConfig,
+    [
+        &[],
+        &[("lr_decay", Number(0.5)), ("weight_decay", Number(0.1))],
+        &[
+            ("initial_accumulator_value", Number(0.5)),
+            ("eps", Number(1e-6)),
+            ("maximize", Bool(true))
+        ],
+    ]
+);
+
+kernel_test!(
+    adadelta,
+    AdadeltaAlgorithm,
+    AdadeltaConfig,
+    [
+        &[],
+        &[("weight_decay", Number(0.1)), ("maximize", Bool(true))],
+        &[
+            ("rho", Number(0.8)),
+            ("eps", Number(1e-4)),
+            ("lr", Number(0.5))
+        ],
+    ]
+);

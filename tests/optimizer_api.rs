@@ -226,3 +226,15 @@ api_tests!(adamw, AdamWAlgorithm, AdamWConfig,
 api_tests!(radam, RAdamAlgorithm, RAdamConfig,
     [("lr", 0.01), ("weight_decay", 0.01), ("decoupled_weight_decay", true)],
     group2: [("eps", 1e-6)]);
+api_tests!(nadam, NAdamAlgorithm, NAdamConfig,
+    [("lr", 0.01), ("weight_decay", 0.01), ("momentum_decay", 0.006)],
+    group2: [("decoupled_weight_decay", true), ("weight_decay", 0.05)]);
+api_tests!(adamax, AdamaxAlgorithm, AdamaxConfig,
+    [("lr", 0.01), ("weight_decay", 0.01)],
+    group2: [("betas", (0.8, 0.99)), ("maximize", true)]);
+api_tests!(adagrad, AdagradAlgorithm, AdagradConfig,
+    [("lr", 0.05), ("lr_decay", 0.1), ("initial_accumulator_value", 0.1)],
+    group2: [("weight_decay", 0.02), ("eps", 1e-6)]);
+api_tests!(adadelta, AdadeltaAlgorithm, AdadeltaConfig,
+    [("lr", 0.5), ("rho", 0.8), ("weight_decay", 0.01)],
+    group2: [("eps", 1e-4), ("maximize", true)]);

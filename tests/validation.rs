@@ -379,3 +379,184 @@ fn f64_state_loads_into_f32_optimizer() {
     assert_eq!(got.state[0].buffers["exp_avg"], want);
     assert_eq!(got.state[0].step, Some(1));
 }
+
+/// Builds an optimizer of algorithm `A` over every parameter with `pairs` set on its
+/// defaults, and returns the error message (the values are set unchecked, then validated by
+/// the constructor, as torch's `__init__` checks them).
+fn msg_of<A: optarena::Algorithm>(pairs: &[(&str, HyperValue)]) -> String
+where
+    A::Config: optarena::Hyperparams,
+{
+    use optarena::Hyperparams;
+    let (arena, _) = arena();
+    let mut c = A::Config::default();
+    for (k, v) in pairs {
+        c.set(k, v).unwrap();
+    }
+    msg(optarena::Optimizer::<f32, A>::new(
+        &arena,
+        [ParamGroup::all()],
+        c,
+    ))
+}
+
+#[test]
+fn torch_messages_nadam_adamax_adagrad_adadelta() {
+    use HyperValue::*;
+    // NAdam
+    assert_eq!(
+        msg_of::<NAdamAlgorithm>(&[("momentum_decay", Number(-0.1))]),
+        "Invalid momentum_decay value: -0.1"
+    );
+    assert_eq!(
+        msg_of::<NAdamAlgorithm>(&[("lr", Number(-1.0))]),
+        "Invalid learning rate: -1.0"
+    );
+    assert_eq!(
+        msg_of::<NAdamAlgorithm>(&[("betas", Pair(0.9, 1.0))]),
+        "Invalid beta parameter at index 1: 1.0"
+    );
+    assert_eq!(
+        msg_of::<NAdamAlgorithm>(&[("eps", Number(-1e-8))]),
+        "Invalid epsilon value: -1e-8"
+    );
+    assert_eq!(
+        msg_of::<NAdamAlgorithm>(&[("weight_decay", Number(-0.1))]),
+        "Invalid weight_decay value: -0.1"
+    );
+    // Adamax
+    assert_eq!(
+        msg_of::<AdamaxAlgorithm>(&[("betas", Pair(-0.1, 0.999))]),
+        "Invalid beta parameter at index 0: -0.1"
+    );
+    assert_eq!(
+        msg_of::<AdamaxAlgorithm>(&[("eps", Number(-1.0))]),
+        "Invalid epsilon value: -1.0"
+    );
+    assert_eq!(
+        msg_of::<AdamaxAlgorithm>(&[("weight_decay", Number(-1.0))]),
+        "Invalid weight_decay value: -1.0"
+    );
+    assert_eq!(
+        msg_of::<AdamaxAlgorithm>(&[("lr", Number(-0.5))]),
+        "Invalid learning rate: -0.5"
+    );
+    // Adagrad, in torch's order of checks.
+    assert_eq!(
+        msg_of::<AdagradAlgorithm>(&[("lr_decay", Number(-0.5))]),
+        "Invalid lr_decay value: -0.5"
+    );
+    assert_eq!(
+        msg_of::<AdagradAlgorithm>(&[("initial_accumulator_value", Number(-1.0))]),
+        "Invalid initial_accumulator_value value: -1.0"
+    );
+    assert_eq!(
+        msg_of::<AdagradAlgorithm>(&[("eps", Number(-1e-10))]),
+        "Invalid epsilon value: -1e-10"
+    );
+    assert_eq!(
+        msg_of::<AdagradAlgorithm>(&[
+            ("weight_decay", Number(-1.0)),
+            ("initial_accumulator_value", Number(-1.0))
+        ]),
+        "Invalid weight_decay value: -1.0"
+    );
+    assert_eq!(
+        msg_of::<AdagradAlgorithm>(&[("lr", Number(-0.01)), ("lr_decay", Number(-1.0))]),
+        "Invalid learning rate: -0.01"
+    );
+    // Adadelta: 0 <= rho <= 1, both ends allowed.
+    assert_eq!(
+        msg_of::<AdadeltaAlgorithm>(&[("rho", Number(1.1))]),
+        "Invalid rho value: 1.1"
+    );
+    assert_eq!(
+        msg_of::<AdadeltaAlgorithm>(&[("rho", Number(-0.1))]),
+        "Invalid rho value: -0.1"
+    );
+    assert_eq!(
+        msg_of::<AdadeltaAlgorithm>(&[("eps", Number(-1e-6))]),
+        "Invalid epsilon value: -1e-6"
+    );
+    assert_eq!(
+        msg_of::<AdadeltaAlgorithm>(&[("weight_decay", Number(-0.1))]),
+        "Invalid weight_decay value: -0.1"
+    );
+    assert_eq!(
+        msg_of::<AdadeltaAlgorithm>(&[("lr", Number(-1.0))]),
+        "Invalid learning rate: -1.0"
+    );
+    let (arena, _) = arena();
+    for rho in [0.0, 1.0] {
+        let c = AdadeltaConfig {
+            rho,
+            ..Default::default()
+        };
+        Adadelta::new(&arena, [ParamGroup::all()], c).unwrap();
+    }
+}
+
+#[test]
+fn nan_is_rejected_by_nadam_adamax_adagrad_adadelta() {
+    let nan = || HyperValue::Number(f64::NAN);
+    let check = |m: String, what: &str| {
+        assert!(m.starts_with("Invalid") && m.contains("NaN"), "{what}: {m}");
+    };
+    for name in ["lr", "eps", "weight_decay", "momentum_decay"] {
+        check(msg_of::<NAdamAlgorithm>(&[(name, nan())]), name);
+    }
+    check(
+        msg_of::<NAdamAlgorithm>(&[("betas", HyperValue::Pair(0.9, f64::NAN))]),
+        "betas",
+    );
+    for name in ["lr", "eps", "weight_decay"] {
+        check(msg_of::<AdamaxAlgorithm>(&[(name, nan())]), name);
+    }
+    for name in [
+        "lr",
+        "lr_decay",
+        "weight_decay",
+        "initial_accumulator_value",
+        "eps",
+    ] {
+        check(msg_of::<AdagradAlgorithm>(&[(name, nan())]), name);
+    }
+    for name in ["lr", "rho", "eps", "weight_decay"] {
+        check(msg_of::<AdadeltaAlgorithm>(&[(name, nan())]), name);
+    }
+    assert_eq!(
+        msg_of::<AdagradAlgorithm>(&[("lr_decay", HyperValue::Number(f64::INFINITY))]),
+        "Invalid lr_decay value: inf"
+    );
+}
+
+#[test]
+fn defaults_of_nadam_adamax_adagrad_adadelta_are_torchs() {
+    let n = NAdamConfig::default();
+    assert_eq!(
+        (n.lr, n.betas, n.eps, n.weight_decay, n.momentum_decay),
+        (2e-3, (0.9, 0.999), 1e-8, 0.0, 4e-3)
+    );
+    assert!(!n.decoupled_weight_decay && !n.maximize);
+    let m = AdamaxConfig::default();
+    assert_eq!(
+        (m.lr, m.betas, m.eps, m.weight_decay),
+        (2e-3, (0.9, 0.999), 1e-8, 0.0)
+    );
+    assert!(!m.maximize);
+    let a = AdagradConfig::default();
+    assert_eq!(
+        (
+            a.lr,
+            a.lr_decay,
+            a.weight_decay,
+            a.initial_accumulator_value,
+            a.eps
+        ),
+        (1e-2, 0.0, 0.0, 0.0, 1e-10)
+    );
+    assert!(!a.maximize);
+    let d = AdadeltaConfig::default();
+    assert_eq!((d.lr, d.rho, d.eps, d.weight_decay), (1.0, 0.9, 1e-6, 0.0));
+    assert!(!d.maximize);
+}

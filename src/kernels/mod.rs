@@ -10,7 +10,11 @@
 //! torch itself the results agree to within a few ulp per step, well inside the parity
 //! tolerances of `SCHEMA.md`.
 
+pub mod adadelta;
+pub mod adagrad;
 pub mod adam;
+pub mod adamax;
+pub mod nadam;
 pub mod radam;
 pub mod sgd;
 

@@ -1,10 +1,18 @@
 //! The optimizers: one file per algorithm, each with its config (torch's names and defaults),
 //! its update rule and its paper.
 
+pub mod adadelta;
+pub mod adagrad;
 pub mod adam;
+pub mod adamax;
+pub mod nadam;
 pub mod radam;
 pub mod sgd;
 
+pub use adadelta::{Adadelta, AdadeltaAlgorithm, AdadeltaConfig};
+pub use adagrad::{Adagrad, AdagradAlgorithm, AdagradConfig};
 pub use adam::{Adam, AdamAlgorithm, AdamConfig, AdamW, AdamWAlgorithm, AdamWConfig};
+pub use adamax::{Adamax, AdamaxAlgorithm, AdamaxConfig};
+pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig, NAdamScalars};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};

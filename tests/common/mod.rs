@@ -220,6 +220,10 @@ pub fn run_elementwise_case(case: &Value, parallelism: Parallelism) -> Outcome {
         "Adam" => AdamAlgorithm,
         "AdamW" => AdamWAlgorithm,
         "RAdam" => RAdamAlgorithm,
+        "NAdam" => NAdamAlgorithm,
+        "Adamax" => AdamaxAlgorithm,
+        "Adagrad" => AdagradAlgorithm,
+        "Adadelta" => AdadeltaAlgorithm,
     }
 }
 

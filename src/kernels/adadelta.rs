@@ -1,0 +1,118 @@
+//! Adadelta: fused kernel and reference.
+
+use super::{for_each_lane, passes, ElementOp};
+use crate::float::{Float, Lane};
+
+/// Per-step scalars of Adadelta (f64, as torch's Python floats). Adadelta's update does not
+/// depend on the step number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdadeltaCoeffs {
+    /// Learning rate (scales the computed delta).
+    pub lr: f64,
+    /// Decay rate of both running averages.
+    pub rho: f64,
+    /// Added inside both square roots.
+    pub eps: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+}
+
+struct Op<T> {
+    grad_scale: T,
+    maximize: bool,
+    use_wd: bool,
+    weight_decay: T,
+    rho: T,
+    one_minus_rho: T,
+    eps: T,
+    neg_lr: T,
+}
+
+impl<T: Float> ElementOp<T, 2> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
+        let [square_avg, acc_delta] = s;
+        let g = g * V::splat(self.grad_scale);
+        let mut g = if self.maximize { -g } else { g };
+        if self.use_wd {
+            g = g + V::splat(self.weight_decay) * p;
+        }
+        let rho = V::splat(self.rho);
+        let one_minus_rho = V::splat(self.one_minus_rho);
+        let eps = V::splat(self.eps);
+        *square_avg = *square_avg * rho + one_minus_rho * g * g;
+        let std = (*square_avg + eps).sqrt();
+        let delta = (*acc_delta + eps).sqrt() / std * g;
+        *acc_delta = *acc_delta * rho + one_minus_rho * delta * delta;
+        p + V::splat(self.neg_lr) * delta
+    }
+}
+
+/// Fused Adadelta over one piece: `bufs` is `[square_avg, acc_delta]`.
+pub fn fused<T: Float>(
+    c: &AdadeltaCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let op = Op {
+        grad_scale: T::from_f64(grad_scale),
+        maximize: c.maximize,
+        use_wd: c.weight_decay != 0.0,
+        weight_decay: T::from_f64(c.weight_decay),
+        rho: T::from_f64(c.rho),
+        one_minus_rho: T::from_f64(1.0 - c.rho),
+        eps: T::from_f64(c.eps),
+        neg_lr: T::from_f64(-c.lr),
+    };
+    match bufs {
+        [sq, acc] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **sq, &mut **acc]),
+        _ => unreachable!("Adadelta keeps two buffers"),
+    }
+}
+
+/// torch's `_single_tensor_adadelta`, one pass per tensor operation.
+pub fn reference<T: Float>(
+    c: &AdadeltaCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    if c.weight_decay != 0.0 {
+        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
+    }
+    let [square_avg, acc_delta] = bufs else {
+        unreachable!("Adadelta keeps two buffers")
+    };
+    let rho = T::from_f64(c.rho);
+    let one_minus_rho = T::from_f64(1.0 - c.rho);
+    let eps = T::from_f64(c.eps);
+    passes::mul(square_avg, rho);
+    passes::addcmul(square_avg, &grad, &grad, one_minus_rho);
+    // std = square_avg.add(eps).sqrt_()
+    let std: Vec<T> = square_avg
+        .iter()
+        .map(|&x| x + eps)
+        .map(|x| x.sqrt())
+        .collect();
+    // delta = acc_delta.add(eps).sqrt_(); delta.div_(std).mul_(grad)
+    let mut delta: Vec<T> = acc_delta
+        .iter()
+        .map(|&x| x + eps)
+        .map(|x| x.sqrt())
+        .collect();
+    for (d, &s) in delta.iter_mut().zip(&std) {
+        *d = *d / s;
+    }
+    for (d, &g) in delta.iter_mut().zip(&grad) {
+        *d = *d * g;
+    }
+    passes::mul(acc_delta, rho);
+    passes::addcmul(acc_delta, &delta, &delta, one_minus_rho);
+    passes::add_scaled(p, &delta, T::from_f64(-c.lr));
+}

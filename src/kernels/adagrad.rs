@@ -1,0 +1,105 @@
+//! Adagrad (dense gradients): fused kernel and reference.
+
+use super::{for_each_lane, passes, ElementOp};
+use crate::float::{Float, Lane};
+
+/// Per-step scalars of Adagrad, computed once per run in f64 as torch does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdagradCoeffs {
+    /// `eps`.
+    pub eps: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+    /// `clr = lr / (1 + (step - 1) * lr_decay)`.
+    pub clr: f64,
+}
+
+impl AdagradCoeffs {
+    /// The scalars of step number `step` (1-based).
+    pub fn new(
+        lr: f64,
+        lr_decay: f64,
+        eps: f64,
+        weight_decay: f64,
+        maximize: bool,
+        step: u64,
+    ) -> Self {
+        let step = step as f64;
+        AdagradCoeffs {
+            eps,
+            weight_decay,
+            maximize,
+            clr: lr / (1.0 + (step - 1.0) * lr_decay),
+        }
+    }
+}
+
+struct Op<T> {
+    grad_scale: T,
+    maximize: bool,
+    use_wd: bool,
+    weight_decay: T,
+    eps: T,
+    neg_clr: T,
+}
+
+impl<T: Float> ElementOp<T, 1> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 1]) -> V {
+        let [sum] = s;
+        let g = g * V::splat(self.grad_scale);
+        let mut g = if self.maximize { -g } else { g };
+        if self.use_wd {
+            g = g + V::splat(self.weight_decay) * p;
+        }
+        // torch: state_sum.addcmul_(grad, grad, value=1); `1 * g` is exact.
+        *sum = *sum + g * g;
+        let std = sum.sqrt() + V::splat(self.eps);
+        p + V::splat(self.neg_clr) * g / std
+    }
+}
+
+/// Fused Adagrad over one piece: `bufs` is `[sum]`.
+pub fn fused<T: Float>(
+    c: &AdagradCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let op = Op {
+        grad_scale: T::from_f64(grad_scale),
+        maximize: c.maximize,
+        use_wd: c.weight_decay != 0.0,
+        weight_decay: T::from_f64(c.weight_decay),
+        eps: T::from_f64(c.eps),
+        neg_clr: T::from_f64(-c.clr),
+    };
+    match bufs {
+        [sum] => for_each_lane::<T, 1, _>(&op, p, g, [&mut **sum]),
+        _ => unreachable!("Adagrad keeps one buffer"),
+    }
+}
+
+/// torch's `_single_tensor_adagrad` for dense gradients, one pass per tensor operation.
+pub fn reference<T: Float>(
+    c: &AdagradCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    if c.weight_decay != 0.0 {
+        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
+    }
+    let [sum] = bufs else {
+        unreachable!("Adagrad keeps one buffer")
+    };
+    passes::addcmul(sum, &grad, &grad, T::ONE);
+    let eps = T::from_f64(c.eps);
+    let std: Vec<T> = sum.iter().map(|&x| x.sqrt()).map(|x| x + eps).collect();
+    passes::addcdiv(p, &grad, &std, T::from_f64(-c.clr));
+}

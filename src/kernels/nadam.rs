@@ -1,0 +1,176 @@
+//! NAdam (Adam with Nesterov momentum, coupled or decoupled weight decay): fused kernel and
+//! reference.
+
+use super::{for_each_lane, lerp, passes, ElementOp};
+use crate::float::{Float, Lane};
+
+/// Per-step scalars of NAdam, computed once per run in f64 as torch does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NadamCoeffs {
+    /// Learning rate.
+    pub lr: f64,
+    /// `beta1`.
+    pub beta1: f64,
+    /// `beta2`.
+    pub beta2: f64,
+    /// `eps`.
+    pub eps: f64,
+    /// Weight decay factor.
+    pub weight_decay: f64,
+    /// Decoupled (AdamW-style) instead of L2 weight decay.
+    pub decoupled: bool,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+    /// `1 - beta2^step`.
+    pub bias_correction2: f64,
+    /// `-lr * (1 - mu) / (1 - mu_product)`: the weight of the gradient term.
+    pub grad_value: f64,
+    /// `(-lr * mu_next) / (1 - mu_product_next)`: the weight of the momentum term.
+    pub exp_avg_value: f64,
+}
+
+impl NadamCoeffs {
+    /// torch's momentum cache `mu_t = beta1 (1 - 0.5 · 0.96^(t · momentum_decay))` (f64).
+    pub fn mu(beta1: f64, momentum_decay: f64, step: f64) -> f64 {
+        beta1 * (1.0 - 0.5 * 0.96f64.powf(step * momentum_decay))
+    }
+
+    /// The scalars of step number `step` (1-based), given `mu_product` already multiplied by
+    /// this step's `mu` (in f32, as torch's 0-dim `mu_product` tensor holds it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        lr: f64,
+        (beta1, beta2): (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+        momentum_decay: f64,
+        decoupled: bool,
+        maximize: bool,
+        step: u64,
+        mu_product: f32,
+    ) -> Self {
+        let step = step as f64;
+        let mu = Self::mu(beta1, momentum_decay, step);
+        let mu_next = Self::mu(beta1, momentum_decay, step + 1.0);
+        // torch: `mu_product_next = _get_value(mu_product) * mu_next`, a Python float.
+        let mu_product = mu_product as f64;
+        let mu_product_next = mu_product * mu_next;
+        NadamCoeffs {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decoupled,
+            maximize,
+            bias_correction2: 1.0 - beta2.powf(step),
+            grad_value: -lr * (1.0 - mu) / (1.0 - mu_product),
+            exp_avg_value: (-lr * mu_next) / (1.0 - mu_product_next),
+        }
+    }
+}
+
+struct Op<T> {
+    grad_scale: T,
+    maximize: bool,
+    wd: u8, // 0 none, 1 L2, 2 decoupled
+    weight_decay: T,
+    decay_factor: T,
+    w1: T,
+    one_minus_w1: T,
+    beta2: T,
+    one_minus_beta2: T,
+    bc2: T,
+    eps: T,
+    grad_value: T,
+    exp_avg_value: T,
+}
+
+impl<T: Float> ElementOp<T, 2> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
+        let [m, v] = s;
+        let g = g * V::splat(self.grad_scale);
+        let mut g = if self.maximize { -g } else { g };
+        let mut p = p;
+        match self.wd {
+            1 => g = g + V::splat(self.weight_decay) * p,
+            2 => p = p * V::splat(self.decay_factor),
+            _ => {}
+        }
+        *m = lerp(*m, g, self.w1, self.one_minus_w1);
+        *v = *v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
+        let denom = (*v / V::splat(self.bc2)).sqrt() + V::splat(self.eps);
+        let p = p + V::splat(self.grad_value) * g / denom;
+        p + V::splat(self.exp_avg_value) * *m / denom
+    }
+}
+
+/// Fused NAdam over one piece: `bufs` is `[exp_avg, exp_avg_sq]`.
+pub fn fused<T: Float>(
+    c: &NadamCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let w1 = T::from_f64(1.0 - c.beta1);
+    let op = Op {
+        grad_scale: T::from_f64(grad_scale),
+        maximize: c.maximize,
+        wd: match (c.weight_decay != 0.0, c.decoupled) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        },
+        weight_decay: T::from_f64(c.weight_decay),
+        decay_factor: T::from_f64(1.0 - c.lr * c.weight_decay),
+        w1,
+        one_minus_w1: T::ONE - w1,
+        beta2: T::from_f64(c.beta2),
+        one_minus_beta2: T::from_f64(1.0 - c.beta2),
+        bc2: T::from_f64(c.bias_correction2),
+        eps: T::from_f64(c.eps),
+        grad_value: T::from_f64(c.grad_value),
+        exp_avg_value: T::from_f64(c.exp_avg_value),
+    };
+    match bufs {
+        [m, v] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **v]),
+        _ => unreachable!("NAdam keeps two buffers"),
+    }
+}
+
+/// torch's `_single_tensor_nadam`, one pass per tensor operation.
+pub fn reference<T: Float>(
+    c: &NadamCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    if c.weight_decay != 0.0 {
+        if c.decoupled {
+            passes::mul(p, T::from_f64(1.0 - c.lr * c.weight_decay));
+        } else {
+            passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
+        }
+    }
+    let [m, v] = bufs else {
+        unreachable!("NAdam keeps two buffers")
+    };
+    passes::lerp(m, &grad, T::from_f64(1.0 - c.beta1));
+    passes::mul(v, T::from_f64(c.beta2));
+    passes::addcmul(v, &grad, &grad, T::from_f64(1.0 - c.beta2));
+    // denom = exp_avg_sq.div(bias_correction2).sqrt(); denom.add_(eps)
+    let bc2 = T::from_f64(c.bias_correction2);
+    let eps = T::from_f64(c.eps);
+    let denom: Vec<T> = v
+        .iter()
+        .map(|&x| x / bc2)
+        .map(|x| x.sqrt())
+        .map(|x| x + eps)
+        .collect();
+    passes::addcdiv(p, &grad, &denom, T::from_f64(c.grad_value));
+    passes::addcdiv(p, m, &denom, T::from_f64(c.exp_avg_value));
+}
