@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use optarena::optim::*;
 use optarena::parallel::{CHUNK, PARALLEL_THRESHOLD};
-use optarena::{Arena, ArenaBuilder, ClipNorm, ParamGroup, Parallelism};
+use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup};
 use rayon::prelude::*;
 
 fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
@@ -27,7 +27,10 @@ fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
             ("adapter.bias".into(), vec![64]),
         ],
         "gpt2" => {
-            let mut v = vec![("wte".into(), vec![50257, 768]), ("wpe".into(), vec![1024, 768])];
+            let mut v = vec![
+                ("wte".into(), vec![50257, 768]),
+                ("wpe".into(), vec![1024, 768]),
+            ];
             for i in 0..12 {
                 for (s, shape) in [
                     ("ln_1.weight", vec![768]),
@@ -57,10 +60,14 @@ fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
 fn arena(shapes: &[(String, Vec<usize>)]) -> Arena<f32> {
     let mut b = ArenaBuilder::<f32>::new();
     for (name, shape) in shapes {
-        b.param_with(name, shape, |i| ((i % 1000) as f32 * 1e-3).sin()).unwrap();
+        b.param_with(name, shape, |i| ((i % 1000) as f32 * 1e-3).sin())
+            .unwrap();
     }
     let mut a = b.build();
-    a.grads_mut().iter_mut().enumerate().for_each(|(i, g)| *g = ((i % 777) as f32 * 3e-3).cos() * 1e-2);
+    a.grads_mut()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, g)| *g = ((i % 777) as f32 * 3e-3).cos() * 1e-2);
     a
 }
 
@@ -80,14 +87,22 @@ fn roofline(n: usize, states: usize, par: &Parallelism) -> impl FnMut() {
                     }
                 };
                 if parallel {
-                    p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(a.par_chunks_mut(CHUNK)).for_each(f)
+                    p.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(a.par_chunks_mut(CHUNK))
+                        .for_each(f)
                 } else {
-                    p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).zip(a.chunks_mut(CHUNK)).for_each(f)
+                    p.chunks_mut(CHUNK)
+                        .zip(g.chunks(CHUNK))
+                        .zip(a.chunks_mut(CHUNK))
+                        .for_each(f)
                 }
             }
             [a, b] => {
-                let f = |(((p, g), a), b): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
-                    for (((p, g), a), b) in p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut()) {
+                type Four<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]);
+                let f = |(((p, g), a), b): Four<'_>| {
+                    for (((p, g), a), b) in p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut())
+                    {
                         *p += *g * 1e-7;
                         *a += *g * 1e-7;
                         *b += *g * 1e-7;
@@ -100,7 +115,11 @@ fn roofline(n: usize, states: usize, par: &Parallelism) -> impl FnMut() {
                         .zip(b.par_chunks_mut(CHUNK))
                         .for_each(f)
                 } else {
-                    p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).zip(a.chunks_mut(CHUNK)).zip(b.chunks_mut(CHUNK)).for_each(f)
+                    p.chunks_mut(CHUNK)
+                        .zip(g.chunks(CHUNK))
+                        .zip(a.chunks_mut(CHUNK))
+                        .zip(b.chunks_mut(CHUNK))
+                        .for_each(f)
                 }
             }
             _ => unreachable!(),
@@ -122,11 +141,17 @@ fn main() {
         Parallelism::Sequential
     } else {
         Parallelism::Pool(std::sync::Arc::new(
-            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap(),
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap(),
         ))
     };
     let shapes = shapes(layout, n);
-    let total: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let total: usize = shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     let mut a = arena(&shapes);
     let g = || [ParamGroup::all()];
     let mut step: Box<dyn FnMut()> = match name {
@@ -140,12 +165,21 @@ fn main() {
                 }};
             }
             match name {
-                "sgd_momentum" => run!(Sgd::new(&a, g(), SgdConfig { momentum: 0.9, ..Default::default() })),
+                "sgd_momentum" => run!(Sgd::new(
+                    &a,
+                    g(),
+                    SgdConfig {
+                        momentum: 0.9,
+                        ..Default::default()
+                    }
+                )),
                 "adam" => run!(Adam::new(&a, g(), AdamConfig::default())),
                 "adamw" => run!(AdamW::new(&a, g(), AdamWConfig::default())),
                 "radam" => run!(RAdam::new(&a, g(), RAdamConfig::default())),
                 "clip_adamw" => {
-                    let mut o = AdamW::new(&a, g(), AdamWConfig::default()).unwrap().with_parallelism(par.clone());
+                    let mut o = AdamW::new(&a, g(), AdamWConfig::default())
+                        .unwrap()
+                        .with_parallelism(par.clone());
                     Box::new(move || {
                         o.step_clipped(&mut a, ClipNorm::l2(1.0)).unwrap();
                     })

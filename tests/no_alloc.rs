@@ -92,4 +92,8 @@ fn a_step_allocates_nothing_once_state_exists() {
     });
     steps_allocate_nothing::<AdamWAlgorithm>(AdamWConfig::default());
     steps_allocate_nothing::<RAdamAlgorithm>(RAdamConfig::default());
+    steps_allocate_nothing::<NAdamAlgorithm>(NAdamConfig::default());
+    steps_allocate_nothing::<AdamaxAlgorithm>(AdamaxConfig::default());
+    steps_allocate_nothing::<AdagradAlgorithm>(AdagradConfig::default());
+    steps_allocate_nothing::<AdadeltaAlgorithm>(AdadeltaConfig::default());
 }
