@@ -318,6 +318,15 @@ pub(crate) mod check {
         Ok(())
     }
 
+    /// `0.0 <= x` for a value torch checks with `Invalid {name} value: {x}` (RMSprop's and
+    /// ASGD's `alpha`, ASGD's `lambd`).
+    pub fn non_negative(name: &str, x: f64) -> Result<()> {
+        if x.is_nan() || x < 0.0 {
+            return invalid(format!("Invalid {name} value: {x:?}"));
+        }
+        Ok(())
+    }
+
     /// A value that must be a real number (not NaN or infinite) where torch has no check.
     pub fn finite(name: &str, x: f64) -> Result<()> {
         if !x.is_finite() {

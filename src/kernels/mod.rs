@@ -11,7 +11,10 @@
 //! tolerances of `SCHEMA.md`.
 
 pub mod adam;
+pub mod asgd;
 pub mod radam;
+pub mod rmsprop;
+pub mod rprop;
 pub mod sgd;
 
 use crate::float::{Float, Lane};

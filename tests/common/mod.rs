@@ -220,6 +220,9 @@ pub fn run_elementwise_case(case: &Value, parallelism: Parallelism) -> Outcome {
         "Adam" => AdamAlgorithm,
         "AdamW" => AdamWAlgorithm,
         "RAdam" => RAdamAlgorithm,
+        "RMSprop" => RMSpropAlgorithm,
+        "Rprop" => RpropAlgorithm,
+        "ASGD" => AsgdAlgorithm,
     }
 }
 
