@@ -136,6 +136,9 @@ pub trait Lane:
     fn gt_select(self, other: Self, a: Self, b: Self) -> Self;
     /// Per lane: `if self < other { a } else { b }`.
     fn lt_select(self, other: Self, a: Self, b: Self) -> Self;
+    /// Per lane: `if self == other { a } else { b }` (IEEE equality: NaN equals nothing,
+    /// `-0.0 == 0.0`).
+    fn eq_select(self, other: Self, a: Self, b: Self) -> Self;
 }
 
 macro_rules! scalar_lane {
@@ -199,6 +202,14 @@ macro_rules! scalar_lane {
                     b
                 }
             }
+            #[inline(always)]
+            fn eq_select(self, other: Self, a: Self, b: Self) -> Self {
+                if self == other {
+                    a
+                } else {
+                    b
+                }
+            }
         }
     };
 }
@@ -249,6 +260,10 @@ macro_rules! vector_lane {
             #[inline(always)]
             fn lt_select(self, other: Self, a: Self, b: Self) -> Self {
                 self.simd_lt(other).select(a, b)
+            }
+            #[inline(always)]
+            fn eq_select(self, other: Self, a: Self, b: Self) -> Self {
+                self.simd_eq(other).select(a, b)
             }
         }
     };

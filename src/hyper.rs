@@ -319,7 +319,8 @@ pub(crate) mod check {
     }
 
     /// `0.0 <= x` (NaN fails), torch's `Invalid {name} value: {x}` (`lr_decay`,
-    /// `momentum_decay`, `initial_accumulator_value`, ...).
+    /// `momentum_decay`, `initial_accumulator_value`, RMSprop's and ASGD's `alpha`, ASGD's
+    /// `lambd`, ...).
     pub fn non_negative(name: &str, x: f64) -> Result<()> {
         if x.is_nan() || x < 0.0 {
             return invalid(format!("Invalid {name} value: {x:?}"));

@@ -271,6 +271,60 @@ impl<T: Float, A: Algorithm> Clone for Group<T, A> {
     }
 }
 
+impl<T: Float, A: Algorithm> Group<T, A> {
+    /// Re-lays the state buffers out by name after the config changed from `old` to one that
+    /// keeps other buffers (RMSprop's `momentum` or `centered`, Adam's `amsgrad`), so each
+    /// buffer keeps its meaning: a buffer both configs keep moves to its new position with its
+    /// values; one the new config drops is freed; one it adds before a kept one starts at its
+    /// initial value. Buffers it adds at the end are left to the next step, which initialises
+    /// them as on first use (so SGD's new momentum buffer still starts at the gradient).
+    fn relayout_buffers(&mut self, old: &A::Config) {
+        let old_names = A::buffers(old);
+        let new_names = A::buffers(&self.config);
+        if old_names == new_names {
+            return;
+        }
+        let mut old_buffers: Vec<Option<AlignedBuf<T>>> = std::mem::take(&mut self.buffers)
+            .into_iter()
+            .map(Some)
+            .collect();
+        // Where each new buffer was: its old index, when it was allocated.
+        let source: Vec<Option<usize>> = new_names
+            .iter()
+            .map(|name| {
+                old_names
+                    .iter()
+                    .position(|n| n == name)
+                    .filter(|&j| j < old_buffers.len())
+            })
+            .collect();
+        if !old_buffers.is_empty() {
+            let gl = self.elems.len();
+            for (k, src) in source.iter().enumerate() {
+                let moved = src.and_then(|j| old_buffers[j].take());
+                self.buffers.push(
+                    moved.unwrap_or_else(|| {
+                        filled(gl, T::from_f64(A::buffer_init(&self.config, k)))
+                    }),
+                );
+            }
+        }
+        for st in self.state.iter_mut().flatten() {
+            // Valid for this parameter: a kept buffer it had, or a new one (holding its
+            // initial value). New buffers at the end are left to the next step.
+            let valid = source
+                .iter()
+                .take_while(|src| src.is_none_or(|j| j < st.live_buffers as usize))
+                .count();
+            let live = source[..valid]
+                .iter()
+                .rposition(Option::is_some)
+                .map_or(0, |k| k + 1);
+            st.live_buffers = live as u8;
+        }
+    }
+}
+
 /// One piece of a step: raw pointers into disjoint ranges of the arena and the state buffers.
 struct WorkItem<T, C> {
     params: *mut T,
@@ -511,7 +565,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     pub fn set_group_config(&mut self, index: usize, config: A::Config) -> Result<()> {
         self.group_ref(index)?;
         config.validate()?;
-        self.groups[index].config = config;
+        let old = std::mem::replace(&mut self.groups[index].config, config);
+        self.groups[index].relayout_buffers(&old);
         Ok(())
     }
 
@@ -536,7 +591,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let mut config = self.group_ref(index)?.config.clone();
         config.set(name, &value.into())?;
         config.validate()?;
-        self.groups[index].config = config;
+        let old = std::mem::replace(&mut self.groups[index].config, config);
+        self.groups[index].relayout_buffers(&old);
         Ok(())
     }
 
@@ -916,6 +972,14 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let i = param.index();
         let g = self.groups.iter().find(|g| g.params.contains(&i))?;
         g.state[i - g.params.start].map(|s| s.step)
+    }
+
+    /// The per-parameter scalar state of `param` besides its step count (ASGD's `eta` and
+    /// `mu`), or `None` before its first step.
+    pub fn scalars(&self, param: Param<T>) -> Option<A::Scalars> {
+        let i = param.index();
+        let g = self.groups.iter().find(|g| g.params.contains(&i))?;
+        g.state[i - g.params.start].map(|s| s.scalars)
     }
 
     /// A serialisable snapshot of the groups and every parameter's state.

@@ -221,3 +221,54 @@ kernel_test!(
         ],
     ]
 );
+
+kernel_test!(
+    rmsprop,
+    RMSpropAlgorithm,
+    RMSpropConfig,
+    [
+        &[],
+        &[("weight_decay", Number(0.1)), ("maximize", Bool(true))],
+        &[("momentum", Number(0.9))],
+        &[("centered", Bool(true)), ("alpha", Number(0.9))],
+        // 1 - alpha > 0.5: lerp's other formula.
+        &[
+            ("centered", Bool(true)),
+            ("momentum", Number(0.5)),
+            ("alpha", Number(0.3)),
+            ("eps", Number(1e-3)),
+            ("weight_decay", Number(0.01))
+        ],
+    ]
+);
+
+kernel_test!(
+    rprop,
+    RpropAlgorithm,
+    RpropConfig,
+    [
+        &[],
+        &[("maximize", Bool(true)), ("etas", Pair(0.3, 1.5))],
+        &[("step_sizes", Pair(0.05, 0.5)), ("lr", Number(0.1))],
+        // etaminus rounds to 1.0 in f32: torch then also zeroes the gradient where the
+        // product's sign was 0.
+        &[("etas", Pair(0.999_999_99, 1.2))],
+    ]
+);
+
+kernel_test!(
+    asgd,
+    AsgdAlgorithm,
+    AsgdConfig,
+    [
+        &[],
+        &[("t0", Number(3.0)), ("lambd", Number(0.01))],
+        &[
+            ("t0", Number(0.0)),
+            ("weight_decay", Number(0.1)),
+            ("maximize", Bool(true)),
+            ("alpha", Number(0.5)),
+            ("lr", Number(0.1))
+        ],
+    ]
+);

@@ -96,4 +96,11 @@ fn a_step_allocates_nothing_once_state_exists() {
     steps_allocate_nothing::<AdamaxAlgorithm>(AdamaxConfig::default());
     steps_allocate_nothing::<AdagradAlgorithm>(AdagradConfig::default());
     steps_allocate_nothing::<AdadeltaAlgorithm>(AdadeltaConfig::default());
+    steps_allocate_nothing::<RMSpropAlgorithm>(RMSpropConfig {
+        centered: true,
+        momentum: 0.9,
+        ..Default::default()
+    });
+    steps_allocate_nothing::<RpropAlgorithm>(RpropConfig::default());
+    steps_allocate_nothing::<AsgdAlgorithm>(AsgdConfig::default());
 }

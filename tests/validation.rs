@@ -560,3 +560,169 @@ fn defaults_of_nadam_adamax_adagrad_adadelta_are_torchs() {
     assert_eq!((d.lr, d.rho, d.eps, d.weight_decay), (1.0, 0.9, 1e-6, 0.0));
     assert!(!d.maximize);
 }
+
+fn new_with<A: optarena::Algorithm>(config: Result<A::Config, Error>) -> String {
+    let (arena, _) = arena();
+    msg(optarena::Optimizer::<f32, A>::new(
+        &arena,
+        [ParamGroup::all()],
+        config.unwrap(),
+    ))
+}
+
+fn rmsprop_with(name: &str, v: impl Into<HyperValue>) -> String {
+    new_with::<RMSpropAlgorithm>(RMSpropConfig::default().with(name, v))
+}
+
+fn rprop_with(name: &str, v: impl Into<HyperValue>) -> String {
+    new_with::<RpropAlgorithm>(RpropConfig::default().with(name, v))
+}
+
+fn asgd_with(name: &str, v: impl Into<HyperValue>) -> String {
+    new_with::<AsgdAlgorithm>(AsgdConfig::default().with(name, v))
+}
+
+#[test]
+fn rmsprop_torch_messages() {
+    assert_eq!(rmsprop_with("lr", -0.1), "Invalid learning rate: -0.1");
+    assert_eq!(rmsprop_with("eps", -1e-8), "Invalid epsilon value: -1e-8");
+    assert_eq!(
+        rmsprop_with("momentum", -0.5),
+        "Invalid momentum value: -0.5"
+    );
+    assert_eq!(
+        rmsprop_with("weight_decay", -1.0),
+        "Invalid weight_decay value: -1.0"
+    );
+    assert_eq!(rmsprop_with("alpha", -0.5), "Invalid alpha value: -0.5");
+    for name in ["lr", "eps", "momentum", "weight_decay", "alpha"] {
+        let m = rmsprop_with(name, f64::NAN);
+        assert!(m.starts_with("Invalid") && m.contains("NaN"), "{name}: {m}");
+    }
+    // torch accepts alpha above 1 and zero momentum.
+    let (arena, _) = arena();
+    RMSprop::new(
+        &arena,
+        [ParamGroup::all()],
+        RMSpropConfig {
+            alpha: 1.5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn rprop_torch_messages() {
+    // torch: `if not 0.0 < etas[0] < 1.0 < etas[1]`.
+    assert_eq!(
+        rprop_with("etas", (1.0, 0.5)),
+        "Invalid eta values: 1.0, 0.5"
+    );
+    assert_eq!(
+        rprop_with("etas", (0.0, 1.2)),
+        "Invalid eta values: 0.0, 1.2"
+    );
+    assert_eq!(
+        rprop_with("etas", (0.5, 1.0)),
+        "Invalid eta values: 0.5, 1.0"
+    );
+    assert_eq!(
+        rprop_with("etas", (f64::NAN, 1.2)),
+        "Invalid eta values: NaN, 1.2"
+    );
+    assert_eq!(
+        rprop_with("etas", (0.5, f64::NAN)),
+        "Invalid eta values: 0.5, NaN"
+    );
+    assert_eq!(rprop_with("lr", -1.0), "Invalid learning rate: -1.0");
+    assert!(rprop_with("lr", f64::NAN).contains("Invalid learning rate: NaN"));
+    let m = rprop_with("step_sizes", (f64::NAN, 50.0));
+    assert!(
+        m.starts_with("Invalid step_sizes") && m.contains("NaN"),
+        "{m}"
+    );
+    // An unbounded step size is meaningful.
+    let (arena, _) = arena();
+    Rprop::new(
+        &arena,
+        [ParamGroup::all()],
+        RpropConfig {
+            step_sizes: (0.0, f64::INFINITY),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn asgd_torch_messages() {
+    assert_eq!(asgd_with("lr", -0.1), "Invalid learning rate: -0.1");
+    assert_eq!(asgd_with("lambd", -1e-4), "Invalid lambd value: -0.0001");
+    assert_eq!(asgd_with("alpha", -0.75), "Invalid alpha value: -0.75");
+    assert_eq!(
+        asgd_with("weight_decay", -0.1),
+        "Invalid weight_decay value: -0.1"
+    );
+    for name in ["lr", "lambd", "alpha", "weight_decay", "t0"] {
+        let m = asgd_with(name, f64::NAN);
+        assert!(m.starts_with("Invalid") && m.contains("NaN"), "{name}: {m}");
+    }
+    // t0 = inf: never average; allowed.
+    let (arena, _) = arena();
+    Asgd::new(
+        &arena,
+        [ParamGroup::all()],
+        AsgdConfig {
+            t0: f64::INFINITY,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn rmsprop_rprop_asgd_defaults_are_torchs() {
+    let r = RMSpropConfig::default();
+    assert_eq!(
+        (r.lr, r.alpha, r.eps, r.weight_decay, r.momentum),
+        (1e-2, 0.99, 1e-8, 0.0, 0.0)
+    );
+    assert!(!r.centered && !r.maximize);
+    let p = RpropConfig::default();
+    assert_eq!(
+        (p.lr, p.etas, p.step_sizes),
+        (1e-2, (0.5, 1.2), (1e-6, 50.0))
+    );
+    assert!(!p.maximize);
+    let a = AsgdConfig::default();
+    assert_eq!(
+        (a.lr, a.lambd, a.alpha, a.t0, a.weight_decay),
+        (1e-2, 1e-4, 0.75, 1e6, 0.0)
+    );
+    assert!(!a.maximize);
+}
+
+#[test]
+fn rmsprop_buffers_follow_momentum_and_centered() {
+    use optarena::Algorithm;
+    let names = |momentum: f64, centered: bool| {
+        RMSpropAlgorithm::buffers(&RMSpropConfig {
+            momentum,
+            centered,
+            ..Default::default()
+        })
+    };
+    assert_eq!(names(0.0, false), ["square_avg"]);
+    assert_eq!(names(0.9, false), ["square_avg", "momentum_buffer"]);
+    assert_eq!(names(0.0, true), ["square_avg", "grad_avg"]);
+    assert_eq!(
+        names(0.9, true),
+        ["square_avg", "momentum_buffer", "grad_avg"]
+    );
+    assert_eq!(
+        RpropAlgorithm::buffers(&RpropConfig::default()),
+        ["prev", "step_size"]
+    );
+    assert_eq!(AsgdAlgorithm::buffers(&AsgdConfig::default()), ["ax"]);
+}

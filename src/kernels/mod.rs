@@ -14,8 +14,11 @@ pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
+pub mod asgd;
 pub mod nadam;
 pub mod radam;
+pub mod rmsprop;
+pub mod rprop;
 pub mod sgd;
 
 use crate::float::{Float, Lane};

@@ -224,6 +224,9 @@ pub fn run_elementwise_case(case: &Value, parallelism: Parallelism) -> Outcome {
         "Adamax" => AdamaxAlgorithm,
         "Adagrad" => AdagradAlgorithm,
         "Adadelta" => AdadeltaAlgorithm,
+        "RMSprop" => RMSpropAlgorithm,
+        "Rprop" => RpropAlgorithm,
+        "ASGD" => AsgdAlgorithm,
     }
 }
 

@@ -1,0 +1,114 @@
+//! ASGD (averaged SGD): fused kernel and reference.
+
+use super::{for_each_lane, passes, ElementOp};
+use crate::float::{Float, Lane};
+
+/// Per-step scalars of ASGD, computed once per run from the parameter's `eta` and `mu` before
+/// they advance (as torch reads them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AsgdCoeffs {
+    /// `eta.item()`: the step's learning rate, an f32 value widened to f64.
+    pub eta: f64,
+    /// `1 - lambd * eta.item()`, computed in f64 (a Python float).
+    pub decay: f64,
+    /// `mu`: the averaging weight, an f32 value widened to f64.
+    pub mu: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+}
+
+impl AsgdCoeffs {
+    /// torch's `mu.item() != 1`: average (`ax += mu (θ − ax)`) instead of copying.
+    pub fn averages(&self) -> bool {
+        self.mu != 1.0
+    }
+}
+
+struct Op<T> {
+    grad_scale: T,
+    maximize: bool,
+    use_wd: bool,
+    weight_decay: T,
+    decay: T,
+    neg_eta: T,
+    average: bool,
+    mu: T,
+}
+
+impl<T: Float> ElementOp<T, 1> for Op<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 1]) -> V {
+        let [ax] = s;
+        let g = g * V::splat(self.grad_scale);
+        let g = if self.maximize { -g } else { g };
+        let g = if self.use_wd {
+            g + V::splat(self.weight_decay) * p
+        } else {
+            g
+        };
+        // param.mul_(1 - lambd * eta); param.add_(grad, alpha=-eta)
+        let p = p * V::splat(self.decay);
+        let p = p + V::splat(self.neg_eta) * g;
+        // ax.add_(param.sub(ax).mul_(mu)), or ax.copy_(param) while mu is 1
+        *ax = if self.average {
+            *ax + (p - *ax) * V::splat(self.mu)
+        } else {
+            p
+        };
+        p
+    }
+}
+
+/// Fused ASGD over one piece: `bufs` is `[ax]`.
+pub fn fused<T: Float>(
+    c: &AsgdCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let op = Op {
+        grad_scale: T::from_f64(grad_scale),
+        maximize: c.maximize,
+        use_wd: c.weight_decay != 0.0,
+        weight_decay: T::from_f64(c.weight_decay),
+        decay: T::from_f64(c.decay),
+        neg_eta: T::from_f64(-c.eta),
+        average: c.averages(),
+        mu: T::from_f64(c.mu),
+    };
+    match bufs {
+        [ax] => for_each_lane::<T, 1, _>(&op, p, g, [&mut **ax]),
+        _ => unreachable!("ASGD keeps one buffer"),
+    }
+}
+
+/// torch's `_single_tensor_asgd` (not capturable), one pass per tensor operation.
+pub fn reference<T: Float>(
+    c: &AsgdCoeffs,
+    grad_scale: f64,
+    p: &mut [T],
+    g: &[T],
+    bufs: &mut [&mut [T]],
+) {
+    let [ax] = bufs else {
+        unreachable!("ASGD keeps one buffer")
+    };
+    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    if c.weight_decay != 0.0 {
+        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
+    }
+    passes::mul(p, T::from_f64(c.decay));
+    passes::add_scaled(p, &grad, T::from_f64(-c.eta));
+    if c.averages() {
+        let mut diff: Vec<T> = p.iter().zip(ax.iter()).map(|(&a, &b)| a - b).collect();
+        passes::mul(&mut diff, T::from_f64(c.mu));
+        for (x, d) in ax.iter_mut().zip(diff) {
+            *x = *x + d;
+        }
+    } else {
+        ax.copy_from_slice(p);
+    }
+}
