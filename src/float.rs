@@ -34,6 +34,10 @@ pub trait Float:
 {
     /// The `wide` vector of this type used by the fused kernels.
     type Vector: Lane<Elem = Self>;
+    /// The AVX2 vector used when the CPU has AVX2 (chosen at run time).
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    type Avx2: Lane<Elem = Self>;
     /// Elements per [`Float::Vector`].
     const LANES: usize;
     /// torch's name for the dtype: `"float32"` or `"float64"`.
@@ -55,6 +59,8 @@ pub trait Float:
 
 impl Float for f32 {
     type Vector = f32x8;
+    #[cfg(target_arch = "x86_64")]
+    type Avx2 = crate::arch::x86_64::F32x8;
     const LANES: usize = 8;
     const DTYPE: &'static str = "float32";
     const ZERO: Self = 0.0;
@@ -79,6 +85,8 @@ impl Float for f32 {
 
 impl Float for f64 {
     type Vector = f64x4;
+    #[cfg(target_arch = "x86_64")]
+    type Avx2 = crate::arch::x86_64::F64x4;
     const LANES: usize = 4;
     const DTYPE: &'static str = "float64";
     const ZERO: Self = 0.0;

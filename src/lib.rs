@@ -57,6 +57,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod arch;
 pub mod arena;
 pub mod clip;
 pub mod error;
@@ -69,6 +70,7 @@ pub mod parallel;
 pub mod scaler;
 pub mod state;
 
+pub use arch::{set_simd_level, simd_level, SimdLevel};
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
 pub use clip::NormType;
 pub use error::{Error, Result};

@@ -7,7 +7,18 @@ use common::Rng;
 use optarena::optim::*;
 use optarena::{Algorithm, Float, Hyperparams, KernelArgs, ParamScalars};
 
+/// Checks every instruction-set level this CPU has: each must equal the reference bit for bit.
+/// (Tests run in parallel and share the level setting; every level gives the same bits, so a
+/// race can only make a pass run another level, never fail.)
 fn check<T: Float, A: Algorithm>(configs: &[A::Config]) {
+    for level in [optarena::SimdLevel::Portable, optarena::SimdLevel::Avx2] {
+        optarena::set_simd_level(level);
+        check_level::<T, A>(configs);
+    }
+    optarena::set_simd_level(optarena::SimdLevel::Avx2);
+}
+
+fn check_level<T: Float, A: Algorithm>(configs: &[A::Config]) {
     let n_buf_max = 4;
     let mut rng = Rng(7);
     for config in configs {

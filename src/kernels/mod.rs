@@ -29,7 +29,8 @@ pub trait ElementOp<T: Float, const B: usize> {
     fn apply<V: Lane<Elem = T>>(&self, param: V, grad: V, state: &mut [V; B]) -> V;
 }
 
-/// Runs `op` over every element: `wide` vectors for the body, scalars for the tail.
+/// Runs `op` over every element: SIMD vectors for the body (AVX2 when the CPU has it, else
+/// `wide`'s lanes; see [`crate::arch`]), scalars for the tail. Every level gives the same bits.
 ///
 /// # Panics
 /// If the slices differ in length (the step driver never passes such slices).
@@ -40,9 +41,25 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
     grads: &[T],
     state: [&mut [T]; B],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::arch::simd_level() == crate::arch::SimdLevel::Avx2 {
+        // SAFETY: `simd_level` returns `Avx2` only when the CPU has AVX2.
+        return unsafe { crate::arch::x86_64::run_avx2(op, params, grads, state) };
+    }
+    lane_loop::<T, T::Vector, B, O>(op, params, grads, state)
+}
+
+/// The fused loop over vectors of type `V`, then scalars for the tail.
+#[inline(always)]
+pub(crate) fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
+    op: &O,
+    params: &mut [T],
+    grads: &[T],
+    state: [&mut [T]; B],
+) {
     let n = params.len();
     assert!(grads.len() == n && state.iter().all(|s| s.len() == n));
-    let w = T::LANES;
+    let w = V::WIDTH;
     let body = n - n % w;
     // Split every slice at `body` so the vector loop's bounds are provably in range and the
     // checks vanish.
@@ -51,9 +68,9 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
     let parts = state.map(|s| s.split_at_mut(body));
     let mut i = 0;
     while i + w <= body {
-        let p = T::Vector::load(&p_body[i..i + w]);
-        let g = T::Vector::load(&g_body[i..i + w]);
-        let mut s: [T::Vector; B] = std::array::from_fn(|k| T::Vector::load(&parts[k].0[i..i + w]));
+        let p = V::load(&p_body[i..i + w]);
+        let g = V::load(&g_body[i..i + w]);
+        let mut s: [V; B] = std::array::from_fn(|k| V::load(&parts[k].0[i..i + w]));
         let p = op.apply(p, g, &mut s);
         p.store(&mut p_body[i..i + w]);
         for (k, v) in s.iter().enumerate() {
