@@ -113,6 +113,13 @@ def main():
 
     subprocess.run(["cargo", "build", "--release", "--example", "bench_step"], check=True)
     binary = os.path.join("target", "release", "examples", "bench_step")
+    # The same code built for this CPU (`-C target-cpu=native`), to compare with the default
+    # build's run-time dispatch.
+    native_env = dict(os.environ, RUSTFLAGS="-C target-cpu=native",
+                      CARGO_TARGET_DIR=os.path.join("target", "native"))
+    subprocess.run(["cargo", "build", "--release", "--example", "bench_step"], check=True,
+                   env=native_env)
+    native = os.path.join("target", "native", "release", "examples", "bench_step")
     torch.set_num_threads(args.threads)
 
     big = 1 << 20 if args.quick else N_32M
@@ -145,6 +152,8 @@ def main():
                 del case
                 results.setdefault((label, "optarena"), []).append(
                     optarena_time(binary, opt, layout, n, threads, steps))
+            results.setdefault((label, "optarena native"), []).append(
+                optarena_time(native, opt, layout, n, threads, steps))
             torch.set_num_threads(args.threads)
         for label, name, n in rooflines:
             results.setdefault((label, "optarena"), []).append(
@@ -166,12 +175,19 @@ def main():
               f"- Command: `{cmd}`",
               "- Numbers are medians over rounds of each round's median step time; the machine is "
               "shared and noisy, so read ratios, not absolutes.", "",
+              "`optarena` is the default build (`cargo build --release`, SSE2 baseline with AVX2 "
+              "chosen at run time); `optarena native` is the same code built with "
+              "`RUSTFLAGS=\"-C target-cpu=native\"`. Both give bitwise the same results.", "",
               "| case | impl | median step | p99 step | optarena speed-up |",
               "|---|---|---|---|---|"]
     for label, opt, layout, n, threads, steps, impls in cases:
         ours = med(label, "optarena")
         lines.append(f"| {label} | optarena | {ours * 1e3:.3f} ms | "
                      f"{med(label, 'optarena', 1) * 1e3:.3f} ms | |")
+        nat = med(label, "optarena native")
+        lines.append(f"| {label} | optarena native | {nat * 1e3:.3f} ms | "
+                     f"{med(label, 'optarena native', 1) * 1e3:.3f} ms | "
+                     f"default build at {nat / ours:.0%} of native speed |")
         for impl in impls:
             t = med(label, f"torch {impl}")
             lines.append(f"| {label} | torch {impl} | {t * 1e3:.3f} ms | "
