@@ -62,6 +62,7 @@ pub mod kernels;
 pub mod optim;
 pub mod optimizer;
 pub mod parallel;
+pub mod schedule;
 pub mod state;
 
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
@@ -73,4 +74,5 @@ pub use optimizer::{
     Algorithm, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepOptions, StepOutcome,
 };
 pub use parallel::Parallelism;
+pub use schedule::LrScheduler;
 pub use state::{MatchBy, StateDict};

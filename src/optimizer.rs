@@ -337,6 +337,8 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     groups: Vec<Group<T, A>>,
     parallelism: Parallelism,
     work: Vec<WorkItem<T, A::Coeffs>>,
+    /// torch's `group["initial_lr"]` per group, set by LR schedulers (`crate::schedule`).
+    initial_lrs: Vec<Option<f64>>,
 }
 
 impl<T: Float, A: Algorithm> std::fmt::Debug for Optimizer<T, A> {
@@ -371,6 +373,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             groups: Vec::new(),
             parallelism: Parallelism::default(),
             work: Vec::new(),
+            initial_lrs: Vec::new(),
         };
         let mut any = false;
         for g in groups {
@@ -1002,5 +1005,17 @@ impl<T: Float, A: Algorithm> crate::hyper::GroupHyperparams for Optimizer<T, A> 
     }
     fn set_group_hyper(&mut self, group: usize, name: &str, value: HyperValue) -> Result<()> {
         self.set_hyper(group, name, value)
+    }
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
+        self.group_ref(group)?;
+        Ok(self.initial_lrs.get(group).copied().flatten())
+    }
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
+        self.group_ref(group)?;
+        if self.initial_lrs.len() <= group {
+            self.initial_lrs.resize(group + 1, None);
+        }
+        self.initial_lrs[group] = initial_lr;
+        Ok(())
     }
 }
