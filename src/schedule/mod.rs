@@ -93,9 +93,11 @@
 //!    the values of the child that stepped last ([`SequentialLR`]) and its own `_last_lr`.
 //! 2. **A `last_epoch` given to a constructor means "steps already taken"**
 //!    (pytorch/pytorch#60265). In torch, building a scheduler with `last_epoch = k` performs
-//!    one more chainable step on the optimizer's current (already scheduled) lr, so `StepLR`,
-//!    `MultiStepLR`, `ConstantLR` apply a decay a second time, others keep the lr but count
-//!    `k + 1`, and `CosineAnnealingWarmRestarts` wraps `T_cur` at most once. optarena builds
+//!    one more step on the optimizer's current (already scheduled) lr: `last_epoch` becomes
+//!    `k + 1`; `StepLR`, `MultiStepLR` and `ConstantLR` apply the change due at epoch `k + 1`
+//!    at once (the resumed run is an epoch ahead), the others keep the lr but count one epoch
+//!    more than they stepped (`CosineAnnealingLR`, `PolynomialLR` then run an epoch late), and
+//!    `CosineAnnealingWarmRestarts` sets `T_cur = k + 1`, wrapped at most once. optarena builds
 //!    the scheduler fresh from the groups' `initial_lr` (which must be set, as torch
 //!    requires; [`CyclicLR`] and [`OneCycleLR`] take their bases from their own options and
 //!    need none) and replays `k` steps: the result, scheduler and optimizer, is exactly that of
