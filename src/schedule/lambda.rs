@@ -8,8 +8,9 @@ use super::{
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
 
-/// A function of the epoch (torch's `lr_lambda`). Not serialized: a state is loaded into a
-/// scheduler built with the same functions.
+/// A function of the epoch (torch's `lr_lambda`), called with `last_epoch` (never negative
+/// unless an explicit negative epoch is passed to `step_epoch`, which is then an error). Not
+/// serialized: a state is loaded into a scheduler built with the same functions.
 pub type LrLambda = Box<dyn Fn(usize) -> f64 + Send>;
 
 /// Options of [`LambdaLR`] and [`MultiplicativeLR`] besides the functions.

@@ -83,9 +83,9 @@
 //! 1. **Loading a state also restores the optimizer's lr** (pytorch/pytorch#29697). torch's
 //!    chainable schedulers compute the next lr from the group's *current* lr, but
 //!    `load_state_dict` restores only the scheduler: if the optimizer's lr is not restored too
-//!    (its state not loaded, loaded before the scheduler was built, whose constructor then
-//!    overwrote it, or a `ConstantLR`/`LinearLR` whose first step rescaled it), every later lr
-//!    is wrong, silently. optarena's [`LrScheduler::load_state_dict`] writes the saved
+//!    (the optimizer's state not loaded, or loaded before the scheduler was built, whose first
+//!    step then changed it: `ConstantLR`, `LinearLR`, `LambdaLR`, `CyclicLR`, `OneCycleLR`),
+//!    every later lr is wrong, silently. optarena's [`LrScheduler::load_state_dict`] writes the saved
 //!    `_last_lr` into the optimizer's groups, the cycled momentum (`momentum` or `betas.0`) of
 //!    [`CyclicLR`] / [`OneCycleLR`] too, and the saved `base_lrs` into the groups'
 //!    `initial_lr`. Optimizer and scheduler states may be loaded in either order, before or
@@ -96,7 +96,8 @@
 //!    one more step on the optimizer's current (already scheduled) lr: `last_epoch` becomes
 //!    `k + 1`; `StepLR`, `MultiStepLR` and `ConstantLR` apply the change due at epoch `k + 1`
 //!    at once (the resumed run is an epoch ahead), the others keep the lr but count one epoch
-//!    more than they stepped (`CosineAnnealingLR`, `PolynomialLR` then run an epoch late), and
+//!    more than they stepped, so their later lrs miss one epoch's change (`LinearLR`,
+//!    `PolynomialLR`, `CosineAnnealingLR`), and
 //!    `CosineAnnealingWarmRestarts` sets `T_cur = k + 1`, wrapped at most once. optarena builds
 //!    the scheduler fresh from the groups' `initial_lr` (which must be set, as torch
 //!    requires; [`CyclicLR`] and [`OneCycleLR`] take their bases from their own options and
