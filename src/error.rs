@@ -120,6 +120,12 @@ pub enum Error {
     /// The closure passed to `step_with` failed.
     #[error("closure failed: {0}")]
     Closure(String),
+
+    /// An LR scheduler could not step or load: stepping past `total_steps`, a division by zero
+    /// torch would raise `ZeroDivisionError` for, a missing `initial_lr`, a different number of
+    /// param groups. The message is torch's where torch has one.
+    #[error("{0}")]
+    Scheduler(String),
 }
 
 impl From<serde_json::Error> for Error {

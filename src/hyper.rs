@@ -355,4 +355,20 @@ pub trait GroupHyperparams {
     fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
         self.set_group_hyper(group, "lr", HyperValue::Number(lr))
     }
+
+    /// torch's `group["initial_lr"]`: the learning rate the first LR scheduler attached to the
+    /// group found there, shared by every scheduler attached later (see [`crate::schedule`]).
+    /// `None` until a scheduler sets it.
+    ///
+    /// The default keeps nothing and always answers `None`; every scheduler then takes the
+    /// group's current `lr` as its base when it is attached. [`crate::Optimizer`] keeps it.
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
+        let _ = group;
+        Ok(None)
+    }
+    /// Sets (or, with `None`, clears) `group["initial_lr"]`. The default keeps nothing.
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
+        let _ = (group, initial_lr);
+        Ok(())
+    }
 }

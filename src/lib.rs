@@ -68,6 +68,7 @@ pub mod optim;
 pub mod optimizer;
 pub mod parallel;
 pub mod scaler;
+pub mod schedule;
 pub mod state;
 
 pub use arch::{set_simd_level, simd_level, SimdLevel};
@@ -83,6 +84,7 @@ pub use optimizer::{
 };
 pub use parallel::Parallelism;
 pub use scaler::GradScaler;
+pub use schedule::LrScheduler;
 pub use state::{MatchBy, StateDict};
 
 /// The README's code blocks, compiled and run as doc tests.

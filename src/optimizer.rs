@@ -450,6 +450,8 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     pre_hooks: Vec<(HookHandle, StepHook)>,
     post_hooks: Vec<(HookHandle, StepHook)>,
     next_hook: u64,
+    /// torch's `group["initial_lr"]` per group, set by LR schedulers (`crate::schedule`).
+    initial_lrs: Vec<Option<f64>>,
 }
 
 impl<T: Float, A: Algorithm> std::fmt::Debug for Optimizer<T, A> {
@@ -487,6 +489,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             pre_hooks: Vec::new(),
             post_hooks: Vec::new(),
             next_hook: 0,
+            initial_lrs: Vec::new(),
         };
         let mut any = false;
         for g in groups {
@@ -1245,5 +1248,17 @@ impl<T: Float, A: Algorithm> GroupHyperparams for Optimizer<T, A> {
     }
     fn set_group_hyper(&mut self, group: usize, name: &str, value: HyperValue) -> Result<()> {
         self.set_hyper(group, name, value)
+    }
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
+        self.group_ref(group)?;
+        Ok(self.initial_lrs.get(group).copied().flatten())
+    }
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
+        self.group_ref(group)?;
+        if self.initial_lrs.len() <= group {
+            self.initial_lrs.resize(group + 1, None);
+        }
+        self.initial_lrs[group] = initial_lr;
+        Ok(())
     }
 }

@@ -131,16 +131,46 @@ macro_rules! avx_lane {
     };
 }
 
-avx_lane!(F32x8, f32, 8, __m256,
-    set1 = _mm256_set1_ps, loadu = _mm256_loadu_ps, storeu = _mm256_storeu_ps,
-    add = _mm256_add_ps, sub = _mm256_sub_ps, mul = _mm256_mul_ps, div = _mm256_div_ps,
-    sqrt = _mm256_sqrt_ps, xor = _mm256_xor_ps, andnot = _mm256_andnot_ps,
-    max = _mm256_max_ps, min = _mm256_min_ps, cmp = _mm256_cmp_ps, blendv = _mm256_blendv_ps);
-avx_lane!(F64x4, f64, 4, __m256d,
-    set1 = _mm256_set1_pd, loadu = _mm256_loadu_pd, storeu = _mm256_storeu_pd,
-    add = _mm256_add_pd, sub = _mm256_sub_pd, mul = _mm256_mul_pd, div = _mm256_div_pd,
-    sqrt = _mm256_sqrt_pd, xor = _mm256_xor_pd, andnot = _mm256_andnot_pd,
-    max = _mm256_max_pd, min = _mm256_min_pd, cmp = _mm256_cmp_pd, blendv = _mm256_blendv_pd);
+avx_lane!(
+    F32x8,
+    f32,
+    8,
+    __m256,
+    set1 = _mm256_set1_ps,
+    loadu = _mm256_loadu_ps,
+    storeu = _mm256_storeu_ps,
+    add = _mm256_add_ps,
+    sub = _mm256_sub_ps,
+    mul = _mm256_mul_ps,
+    div = _mm256_div_ps,
+    sqrt = _mm256_sqrt_ps,
+    xor = _mm256_xor_ps,
+    andnot = _mm256_andnot_ps,
+    max = _mm256_max_ps,
+    min = _mm256_min_ps,
+    cmp = _mm256_cmp_ps,
+    blendv = _mm256_blendv_ps
+);
+avx_lane!(
+    F64x4,
+    f64,
+    4,
+    __m256d,
+    set1 = _mm256_set1_pd,
+    loadu = _mm256_loadu_pd,
+    storeu = _mm256_storeu_pd,
+    add = _mm256_add_pd,
+    sub = _mm256_sub_pd,
+    mul = _mm256_mul_pd,
+    div = _mm256_div_pd,
+    sqrt = _mm256_sqrt_pd,
+    xor = _mm256_xor_pd,
+    andnot = _mm256_andnot_pd,
+    max = _mm256_max_pd,
+    min = _mm256_min_pd,
+    cmp = _mm256_cmp_pd,
+    blendv = _mm256_blendv_pd
+);
 
 /// Runs the generic lane loop with AVX2 lanes.
 ///

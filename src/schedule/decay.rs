@@ -1,0 +1,245 @@
+//! `ExponentialLR` and `PolynomialLR`: smooth decays of the lr.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    check_groups, construct, div, finite, group_lrs, leaf_scheduler, py_pow, BaseState, Leaf,
+    LeafState, Values,
+};
+use crate::error::Result;
+use crate::hyper::GroupHyperparams;
+
+fn minus_one() -> i64 {
+    -1
+}
+fn five() -> i64 {
+    5
+}
+fn one() -> f64 {
+    1.0
+}
+
+/// Options of [`ExponentialLR`], with torch's names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExponentialLRConfig {
+    /// Multiplicative factor of the decay, every epoch (required).
+    pub gamma: f64,
+    /// -1 for a fresh schedule, or the number of steps already taken (see the
+    /// [module docs](super)).
+    #[serde(default = "minus_one")]
+    pub last_epoch: i64,
+}
+
+impl ExponentialLRConfig {
+    /// torch's defaults with the required `gamma`.
+    pub fn new(gamma: f64) -> Self {
+        ExponentialLRConfig {
+            gamma,
+            last_epoch: -1,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        finite("gamma", self.gamma)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ExponentialState {
+    config: ExponentialLRConfig,
+    #[serde(flatten)]
+    base: BaseState,
+}
+
+impl LeafState for ExponentialState {
+    fn base(&self) -> &BaseState {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut BaseState {
+        &mut self.base
+    }
+    fn validate(&self) -> Result<()> {
+        self.config.check()
+    }
+}
+
+/// torch's `ExponentialLR`: every epoch the lr is multiplied by `gamma`.
+///
+/// ```text
+/// lr ← lr · γ                   (each step after the initial one)
+/// lr = base_lr · γ^epoch        (closed form)
+/// ```
+#[derive(Debug)]
+pub struct ExponentialLR {
+    state: ExponentialState,
+}
+
+impl ExponentialLR {
+    /// torch's `ExponentialLR(optimizer, gamma, last_epoch=-1)`.
+    pub fn new(opt: &mut dyn GroupHyperparams, config: ExponentialLRConfig) -> Result<Self> {
+        config.check()?;
+        let last_epoch = config.last_epoch;
+        construct(opt, last_epoch, |base| {
+            Ok(ExponentialLR {
+                state: ExponentialState {
+                    config,
+                    base: BaseState::new(base),
+                },
+            })
+        })
+    }
+
+    /// The options.
+    pub fn config(&self) -> &ExponentialLRConfig {
+        &self.state.config
+    }
+}
+
+impl Leaf for ExponentialLR {
+    const NAME: &'static str = "ExponentialLR";
+    type State = ExponentialState;
+    fn state(&self) -> &ExponentialState {
+        &self.state
+    }
+    fn state_mut(&mut self) -> &mut ExponentialState {
+        &mut self.state
+    }
+    fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
+        check_groups(opt, self.state.base.base_lrs.len())?;
+        let lrs = group_lrs(opt)?;
+        if initial {
+            return Ok(Values::lrs(lrs));
+        }
+        let g = self.state.config.gamma;
+        Ok(Values::lrs(lrs.iter().map(|lr| lr * g).collect()))
+    }
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        let b = &self.state.base;
+        Some(
+            py_pow(self.state.config.gamma, b.last_epoch as f64)
+                .map(|f| b.base_lrs.iter().map(|base| base * f).collect()),
+        )
+    }
+}
+
+leaf_scheduler!(ExponentialLR);
+
+/// Options of [`PolynomialLR`], with torch's names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolynomialLRConfig {
+    /// Number of epochs over which the lr decays to 0.
+    #[serde(default = "five")]
+    pub total_iters: i64,
+    /// The power of the polynomial.
+    #[serde(default = "one")]
+    pub power: f64,
+    /// -1 for a fresh schedule, or the number of steps already taken (see the
+    /// [module docs](super)).
+    #[serde(default = "minus_one")]
+    pub last_epoch: i64,
+}
+
+impl Default for PolynomialLRConfig {
+    fn default() -> Self {
+        PolynomialLRConfig {
+            total_iters: 5,
+            power: 1.0,
+            last_epoch: -1,
+        }
+    }
+}
+
+impl PolynomialLRConfig {
+    fn check(&self) -> Result<()> {
+        finite("power", self.power)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PolynomialState {
+    config: PolynomialLRConfig,
+    #[serde(flatten)]
+    base: BaseState,
+}
+
+impl LeafState for PolynomialState {
+    fn base(&self) -> &BaseState {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut BaseState {
+        &mut self.base
+    }
+    fn validate(&self) -> Result<()> {
+        self.config.check()
+    }
+}
+
+/// torch's `PolynomialLR`: the lr decays to 0 over `total_iters` epochs as a polynomial.
+///
+/// ```text
+/// 0 < epoch ≤ T:  lr ← lr · ((1 − epoch/T) / (1 − (epoch − 1)/T))^power
+/// closed form:    lr = base_lr · (1 − min(T, epoch)/T)^power
+/// ```
+#[derive(Debug)]
+pub struct PolynomialLR {
+    state: PolynomialState,
+}
+
+impl PolynomialLR {
+    /// torch's `PolynomialLR(optimizer, total_iters=5, power=1.0, last_epoch=-1)`.
+    pub fn new(opt: &mut dyn GroupHyperparams, config: PolynomialLRConfig) -> Result<Self> {
+        config.check()?;
+        let last_epoch = config.last_epoch;
+        construct(opt, last_epoch, |base| {
+            Ok(PolynomialLR {
+                state: PolynomialState {
+                    config,
+                    base: BaseState::new(base),
+                },
+            })
+        })
+    }
+
+    /// The options.
+    pub fn config(&self) -> &PolynomialLRConfig {
+        &self.state.config
+    }
+}
+
+impl Leaf for PolynomialLR {
+    const NAME: &'static str = "PolynomialLR";
+    type State = PolynomialState;
+    fn state(&self) -> &PolynomialState {
+        &self.state
+    }
+    fn state_mut(&mut self) -> &mut PolynomialState {
+        &mut self.state
+    }
+    fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
+        check_groups(opt, self.state.base.base_lrs.len())?;
+        let c = &self.state.config;
+        let e = self.state.base.last_epoch;
+        let lrs = group_lrs(opt)?;
+        if initial || e > c.total_iters {
+            return Ok(Values::lrs(lrs));
+        }
+        let t = c.total_iters as f64;
+        let num = 1.0 - div(e as f64, t)?;
+        let den = 1.0 - div((e - 1) as f64, t)?;
+        let f = py_pow(div(num, den)?, c.power)?;
+        Ok(Values::lrs(lrs.iter().map(|lr| lr * f).collect()))
+    }
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        let c = &self.state.config;
+        let b = &self.state.base;
+        Some((|| {
+            let m = c.total_iters.min(b.last_epoch) as f64;
+            let f = py_pow(1.0 - div(m, c.total_iters as f64)?, c.power)?;
+            Ok(b.base_lrs.iter().map(|base| base * f).collect())
+        })())
+    }
+}
+
+leaf_scheduler!(PolynomialLR);
