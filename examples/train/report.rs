@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::runner::{RunResult, Settings};
+use crate::runner::{EpochStats, RunResult, Settings};
 
 /// Writes `results.md`, `history.csv` and `training.svg` into `out`, prints the table, and
 /// returns the paths written.
@@ -119,6 +119,9 @@ const COLORS: [RGBColor; 6] = [
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
+/// Reads one number of an epoch's stats.
+type Metric = fn(&EpochStats) -> f64;
+
 /// Three panels: train loss, test loss (log scale) and test accuracy, per run, against epochs.
 fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
     let root = SVGBackend::new(path, (1500, 520)).into_drawing_area();
@@ -138,7 +141,7 @@ fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
         .unwrap_or(1)
         .max(2) as f64;
 
-    let loss_range = |f: fn(&crate::runner::EpochStats) -> f64| {
+    let loss_range = |f: Metric| {
         let vals = results.iter().flat_map(|r| r.history.iter().map(f));
         let (lo, hi) = vals.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
@@ -146,7 +149,7 @@ fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
         let lo = if lo.is_finite() && lo > 0.0 { lo } else { 1e-3 };
         (lo * 0.8, hi.max(lo) * 1.25)
     };
-    let panel_specs: [(&str, &str, fn(&crate::runner::EpochStats) -> f64); 2] = [
+    let panel_specs: [(&str, &str, Metric); 2] = [
         ("train loss (cross-entropy)", "train loss", |h| h.train_loss),
         ("test loss (cross-entropy)", "test loss", |h| h.test_loss),
     ];

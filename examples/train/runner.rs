@@ -25,7 +25,7 @@ use crate::report;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "train")]
 pub struct Args {
-    /// Epochs of every run [default: 40, or 3 with --smoke].
+    /// Epochs of every run [default: 40, or 5 with --smoke].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Mini-batch size of the MLP runs.
@@ -48,12 +48,12 @@ pub struct Args {
     /// later with --resume.
     #[arg(long, value_name = "N")]
     pub stop_after_epoch: Option<usize>,
-    /// A reduced, fast mode for CI: 3 epochs, a narrower MLP, fewer full-batch steps.
+    /// A reduced, fast mode for CI: 5 epochs, fewer full-batch steps.
     #[arg(long)]
     pub smoke: bool,
-    /// Hidden layer widths of the MLP [default: 256,256, or 64 with --smoke].
-    #[arg(long, value_delimiter = ',')]
-    pub hidden: Option<Vec<usize>>,
+    /// Hidden layer widths of the MLP.
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 256])]
+    pub hidden: Vec<usize>,
     /// Full-batch steps per epoch of the logistic regression.
     #[arg(long)]
     pub full_batch_steps: Option<usize>,
@@ -78,16 +78,10 @@ impl Args {
     /// The settings these options stand for.
     pub fn settings(&self) -> Settings {
         Settings {
-            epochs: self.epochs.unwrap_or(if self.smoke { 3 } else { 40 }),
+            epochs: self.epochs.unwrap_or(if self.smoke { 5 } else { 40 }),
             batch_size: self.batch_size,
             seed: self.seed,
-            hidden: self.hidden.clone().unwrap_or_else(|| {
-                if self.smoke {
-                    vec![64]
-                } else {
-                    vec![256, 256]
-                }
-            }),
+            hidden: self.hidden.clone(),
             full_batch_steps: self
                 .full_batch_steps
                 .unwrap_or(if self.smoke { 5 } else { 10 }),
