@@ -1,0 +1,578 @@
+//! The training runs: options, the epoch loop, checkpoints and resume.
+
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use optarena::{ClipNorm, Parallelism};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{self, Dataset};
+use crate::model::{Architecture, Mlp};
+use crate::optimizers::{LrSchedule, OptKind};
+use crate::report;
+
+/// Train a digits classifier with SGD+momentum, Adam, AdamW and RAdam from one initialisation,
+/// plus a full-batch logistic regression; write a results table, curves, a plot and
+/// checkpoints.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "train")]
+pub struct Args {
+    /// Epochs of every run [default: 40, or 5 with --smoke].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Mini-batch size of the MLP runs.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Seed of the train/test split, the initialisation and the shuffling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Threads of the rayon pool the optimizer steps run on (results are bitwise the same for
+    /// any count) [default: the number of cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Output directory: results, curves, plot, checkpoints.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// Continue every run from its last checkpoint in `<out>/checkpoints`.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop every run after this epoch, as if interrupted (its checkpoint is written); finish
+    /// later with --resume.
+    #[arg(long, value_name = "N")]
+    pub stop_after_epoch: Option<usize>,
+    /// A reduced, fast mode for CI: 5 epochs, fewer full-batch steps.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Hidden layer widths of the MLP.
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 256])]
+    pub hidden: Vec<usize>,
+    /// Full-batch steps per epoch of the logistic regression.
+    #[arg(long)]
+    pub full_batch_steps: Option<usize>,
+}
+
+/// Everything that determines a run's numbers; a checkpoint only resumes under the same.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Epochs of each run.
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Hidden widths of the MLP.
+    pub hidden: Vec<usize>,
+    /// Full-batch steps per epoch of the logistic regression.
+    pub full_batch_steps: usize,
+}
+
+impl Args {
+    /// The settings these options stand for.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            epochs: self.epochs.unwrap_or(if self.smoke { 5 } else { 40 }),
+            batch_size: self.batch_size,
+            seed: self.seed,
+            hidden: self.hidden.clone(),
+            full_batch_steps: self
+                .full_batch_steps
+                .unwrap_or(if self.smoke { 5 } else { 10 }),
+        }
+    }
+}
+
+/// How a run goes through the data.
+#[derive(Clone, Copy, Debug)]
+pub enum Batching {
+    /// Shuffled mini-batches of `--batch-size`, one pass per epoch.
+    MiniBatch,
+    /// The whole training set per step, `steps` steps per epoch.
+    FullBatch {
+        /// Steps per epoch.
+        steps: usize,
+    },
+}
+
+/// One run of the comparison.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    /// File-name-safe identifier (checkpoint name).
+    pub id: &'static str,
+    /// Name in the table and the plot legend.
+    pub label: &'static str,
+    /// The model.
+    pub arch: Architecture,
+    /// Data per step.
+    pub batching: Batching,
+    /// Optimizer and hyperparameters.
+    pub opt: OptKind,
+    /// Gradient clipping folded into the step.
+    pub clip: Option<ClipNorm>,
+    /// Learning rate per step.
+    pub schedule: LrSchedule,
+}
+
+impl RunSpec {
+    fn steps_per_epoch(&self, settings: &Settings, train_len: usize) -> usize {
+        match self.batching {
+            Batching::MiniBatch => train_len.div_ceil(settings.batch_size),
+            Batching::FullBatch { steps } => steps,
+        }
+    }
+}
+
+/// The comparison: one MLP from one initialisation under four optimizers, each with clipping
+/// and a warmup + cosine schedule, and multinomial logistic regression trained full-batch.
+///
+/// The logistic regression uses full-batch Adam until optarena's L-BFGS lands; then it becomes
+/// `OptKind::Lbfgs { .. }` with `Batching::FullBatch { steps: 1 }` (see
+/// [`crate::optimizers::Stepper`]).
+pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
+    let mlp = Architecture::mlp(&settings.hidden);
+    let total = (settings.epochs * train_len.div_ceil(settings.batch_size)) as u64;
+    let cosine = |base: f64| LrSchedule::WarmupCosine {
+        base,
+        warmup: (total / 20).max(1),
+        total,
+        min_lr: base * 0.01,
+    };
+    let clip = Some(ClipNorm::l2(1.0));
+    let run = |id, label, opt: OptKind| RunSpec {
+        id,
+        label,
+        arch: mlp.clone(),
+        batching: Batching::MiniBatch,
+        opt,
+        clip,
+        schedule: cosine(opt.lr()),
+    };
+    vec![
+        run(
+            "sgd",
+            "MLP SGD+momentum",
+            OptKind::SgdMomentum {
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+            },
+        ),
+        run("adam", "MLP Adam", OptKind::Adam { lr: 2e-3 }),
+        run(
+            "adamw",
+            "MLP AdamW",
+            OptKind::AdamW {
+                lr: 2e-3,
+                weight_decay: 0.05,
+            },
+        ),
+        run("radam", "MLP RAdam", OptKind::RAdam { lr: 2e-3 }),
+        RunSpec {
+            id: "logreg",
+            label: "LogReg full-batch Adam",
+            arch: Architecture::logistic(),
+            batching: Batching::FullBatch {
+                steps: settings.full_batch_steps,
+            },
+            opt: OptKind::Adam { lr: 0.05 },
+            clip,
+            schedule: LrSchedule::Constant(0.05),
+        },
+    ]
+}
+
+/// One epoch's numbers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    /// 1-based epoch; 0 is the initial model, before any step.
+    pub epoch: usize,
+    /// Learning rate of the epoch's last step (of the first step for epoch 0).
+    pub lr: f64,
+    /// Mean of the mini-batch losses seen during the epoch (none for epoch 0).
+    pub batch_loss: Option<f64>,
+    /// Loss on the whole training set after the epoch.
+    pub train_loss: f64,
+    /// Accuracy on the training set after the epoch.
+    pub train_acc: f64,
+    /// Loss on the test set after the epoch.
+    pub test_loss: f64,
+    /// Accuracy on the test set after the epoch.
+    pub test_acc: f64,
+}
+
+/// Time spent, summed over every process that worked on the run (not part of the bitwise
+/// comparison).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Timing {
+    /// Wall time of the epochs (training and evaluation), seconds.
+    pub wall_s: f64,
+    /// Time inside the optimizer step (clipping included, forward/backward excluded), ns.
+    pub opt_ns: u128,
+    /// Optimizer steps timed.
+    pub opt_steps: u64,
+}
+
+/// Everything needed to continue a run exactly where it stopped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Format version of this file.
+    pub format: u32,
+    /// The run's id.
+    pub run: String,
+    /// The settings it was started with.
+    pub settings: Settings,
+    /// Completed epochs.
+    pub epochs_done: usize,
+    /// Optimizer steps taken (drives the LR schedule).
+    pub global_step: u64,
+    /// Parameter names, in arena order.
+    pub param_names: Vec<String>,
+    /// The whole arena's values as `f32::to_bits`, so they restore bit for bit.
+    pub params: Vec<u32>,
+    /// `optimizer.state_dict()` as JSON (`state_dict_json`).
+    pub optimizer: String,
+    /// The shuffling RNG's exact state.
+    pub rng: ChaCha8Rng,
+    /// Per-epoch numbers so far.
+    pub history: Vec<EpochStats>,
+    /// Time spent so far.
+    pub timing: Timing,
+}
+
+const CHECKPOINT_FORMAT: u32 = 1;
+
+/// Where run `id`'s checkpoint lives.
+pub fn checkpoint_path(out: &Path, id: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{id}.json"))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed to
+/// disk, then renamed over the target. A crash leaves either the old or the new file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| format!("{} -> {}: {e}", tmp.display(), path.display()))
+}
+
+/// A finished (or stopped) run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// What ran.
+    pub spec: RunSpec,
+    /// Parameter count of its model.
+    pub num_params: usize,
+    /// Per-epoch numbers.
+    pub history: Vec<EpochStats>,
+    /// Time spent.
+    pub timing: Timing,
+}
+
+/// What [`run`] did.
+pub struct Summary {
+    /// Every run's result.
+    pub results: Vec<RunResult>,
+    /// True when `--stop-after-epoch` stopped the runs before their last epoch.
+    pub stopped: bool,
+    /// Files written (results, curves, plot), when not stopped.
+    pub files: Vec<PathBuf>,
+}
+
+fn err<E: std::fmt::Display>(context: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{context}: {e}")
+}
+
+/// Runs every run (or continues them with `--resume`), then writes the report.
+pub fn run(args: &Args) -> Result<Summary, String> {
+    let settings = args.settings();
+    if settings.epochs == 0 || settings.batch_size == 0 {
+        return Err("--epochs and --batch-size must be at least 1".into());
+    }
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(err("thread pool"))?;
+    let parallelism = Parallelism::Pool(Arc::new(pool));
+
+    let all = data::load_digits()?;
+    let mut split_rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    split_rng.set_stream(0);
+    let (train, test) = data::split(&all, 0.2, &mut split_rng);
+    let interactive = std::io::stderr().is_terminal();
+    println!(
+        "digits: {} train / {} test images (8x8, 10 classes), seed {}, {} epochs, batch {}, \
+         {} thread(s){}",
+        train.len(),
+        test.len(),
+        settings.seed,
+        settings.epochs,
+        settings.batch_size,
+        threads,
+        if args.smoke { ", smoke mode" } else { "" }
+    );
+
+    let mut results = Vec::new();
+    let mut stopped = false;
+    for spec in runs(&settings, train.len()) {
+        let (result, was_stopped) = train_one(
+            &spec,
+            &settings,
+            args,
+            &train,
+            &test,
+            parallelism.clone(),
+            interactive,
+        )?;
+        stopped |= was_stopped;
+        results.push(result);
+    }
+    let mut files = Vec::new();
+    if stopped {
+        println!(
+            "stopped after epoch {} (--stop-after-epoch); continue with --resume",
+            args.stop_after_epoch.unwrap_or(0)
+        );
+    } else {
+        files = report::write_all(&args.out, &settings, &results)?;
+    }
+    Ok(Summary {
+        results,
+        stopped,
+        files,
+    })
+}
+
+/// The initial parameters of `arch`, the same for every run of that architecture.
+fn initial_params(arch: &Architecture, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(1);
+    arch.init(&mut rng)
+}
+
+/// The shuffling stream: every run starts from the same one, so every run sees the same batches.
+fn shuffle_rng(seed: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(2);
+    rng
+}
+
+/// Trains one run from scratch or from its checkpoint. Returns its result and whether it was
+/// stopped early.
+fn train_one(
+    spec: &RunSpec,
+    settings: &Settings,
+    args: &Args,
+    train: &Dataset,
+    test: &Dataset,
+    parallelism: Parallelism,
+    interactive: bool,
+) -> Result<(RunResult, bool), String> {
+    let ctx = |what: &str| format!("run {}: {what}", spec.id);
+    let (model, mut arena) =
+        Mlp::build(&spec.arch, &initial_params(&spec.arch, settings.seed)).map_err(err("model"))?;
+    let mut opt = spec
+        .opt
+        .build(&model, &arena, spec.clip, parallelism)
+        .map_err(err(&ctx("optimizer")))?;
+    let mut rng = shuffle_rng(settings.seed);
+    let mut history = Vec::new();
+    let mut timing = Timing::default();
+    let mut global_step = 0u64;
+    let mut start_epoch = 0usize;
+
+    let ckpt_path = checkpoint_path(&args.out, spec.id);
+    if args.resume && ckpt_path.exists() {
+        let text = fs::read_to_string(&ckpt_path).map_err(err(&ctx("reading checkpoint")))?;
+        let ck: Checkpoint = serde_json::from_str(&text).map_err(err(&ctx("checkpoint")))?;
+        if ck.format != CHECKPOINT_FORMAT || ck.run != spec.id {
+            return Err(ctx("checkpoint is of another format or run"));
+        }
+        if ck.settings != *settings {
+            return Err(ctx(&format!(
+                "checkpoint was written with {:?}, these options give {:?}; use the same \
+                 options or another --out",
+                ck.settings, settings
+            )));
+        }
+        let names: Vec<String> = arena.infos().iter().map(|i| i.name.clone()).collect();
+        if ck.param_names != names || ck.params.len() != arena.len() {
+            return Err(ctx("checkpoint holds another model"));
+        }
+        for (dst, &bits) in arena.params_mut().iter_mut().zip(&ck.params) {
+            *dst = f32::from_bits(bits);
+        }
+        opt.load_state_dict_json(&ck.optimizer)
+            .map_err(err(&ctx("optimizer state")))?;
+        rng = ck.rng;
+        history = ck.history;
+        timing = ck.timing;
+        global_step = ck.global_step;
+        start_epoch = ck.epochs_done;
+    }
+
+    let steps_per_epoch = spec.steps_per_epoch(settings, train.len());
+    let batch_rows = match spec.batching {
+        Batching::MiniBatch => settings.batch_size,
+        Batching::FullBatch { .. } => train.len(),
+    };
+    let mut ws = model.workspace(batch_rows.max(256));
+    let total_steps = (settings.epochs * steps_per_epoch) as u64;
+    let bar = ProgressBar::new(total_steps).with_prefix(spec.label);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>24} [{bar:30.cyan/blue}] {pos:>5}/{len} steps {msg} ({elapsed})",
+        )
+        .map_err(err("progress style"))?
+        .progress_chars("=> "),
+    );
+    bar.set_position(global_step);
+    if start_epoch > 0 {
+        let line = format!(
+            "{:>24}: resumed after epoch {start_epoch} (step {global_step})",
+            spec.label
+        );
+        if interactive {
+            bar.println(line);
+        } else {
+            println!("{line}");
+        }
+    }
+
+    if history.is_empty() {
+        // Epoch 0: the initial model, the same for every run of an architecture.
+        let (train_loss, train_acc) = model.evaluate(&arena, train, &mut ws);
+        let (test_loss, test_acc) = model.evaluate(&arena, test, &mut ws);
+        history.push(EpochStats {
+            epoch: 0,
+            lr: spec.schedule.lr_at(0),
+            batch_loss: None,
+            train_loss,
+            train_acc,
+            test_loss,
+            test_acc,
+        });
+    }
+    let log_every = settings.epochs.div_ceil(8).max(1);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut stopped = false;
+    for epoch in start_epoch..settings.epochs {
+        if args.stop_after_epoch.is_some_and(|n| epoch >= n) {
+            stopped = true;
+            break;
+        }
+        let t0 = Instant::now();
+        let mut opt_time = Duration::ZERO;
+        let mut loss_sum = 0.0f64;
+        let mut lr = 0.0;
+        // This epoch's order of the samples: a fresh permutation from the run's stream (whose
+        // state is in the checkpoint), so a resumed run shuffles exactly as an unbroken one.
+        order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
+        if let Batching::MiniBatch = spec.batching {
+            order.shuffle(&mut rng);
+        }
+        let batches: Box<dyn Iterator<Item = &[usize]>> = match spec.batching {
+            Batching::MiniBatch => Box::new(order.chunks(settings.batch_size)),
+            Batching::FullBatch { steps } => Box::new(std::iter::repeat_n(&order[..], steps)),
+        };
+        for batch in batches {
+            lr = spec.schedule.lr_at(global_step);
+            opt.set_lr(lr).map_err(err(&ctx("set_lr")))?;
+            let mut closure_time = Duration::ZERO;
+            let mut closure = |arena: &mut optarena::Arena<f32>| {
+                let t = Instant::now();
+                arena.zero_grad(true);
+                let loss = model.loss_and_grad(arena, train, batch, &mut ws);
+                closure_time += t.elapsed();
+                loss
+            };
+            let t = Instant::now();
+            let loss = opt
+                .step(&mut arena, &mut closure)
+                .map_err(err(&ctx("step")))?;
+            opt_time += t.elapsed().saturating_sub(closure_time);
+            loss_sum += f64::from(loss);
+            global_step += 1;
+            bar.inc(1);
+        }
+        let (train_loss, train_acc) = model.evaluate(&arena, train, &mut ws);
+        let (test_loss, test_acc) = model.evaluate(&arena, test, &mut ws);
+        let stats = EpochStats {
+            epoch: epoch + 1,
+            lr,
+            batch_loss: Some(loss_sum / steps_per_epoch as f64),
+            train_loss,
+            train_acc,
+            test_loss,
+            test_acc,
+        };
+        timing.wall_s += t0.elapsed().as_secs_f64();
+        timing.opt_ns += opt_time.as_nanos();
+        timing.opt_steps += steps_per_epoch as u64;
+        let msg = format!(
+            "epoch {:>3}/{}  train loss {:.4}  test loss {:.4}  test acc {:.2}%",
+            stats.epoch,
+            settings.epochs,
+            train_loss,
+            test_loss,
+            100.0 * test_acc
+        );
+        bar.set_message(msg.clone());
+        if !interactive && (stats.epoch % log_every == 0 || stats.epoch == settings.epochs) {
+            println!("{:>24}: {msg}", spec.label);
+        }
+        history.push(stats);
+
+        let ck = Checkpoint {
+            format: CHECKPOINT_FORMAT,
+            run: spec.id.to_string(),
+            settings: settings.clone(),
+            epochs_done: epoch + 1,
+            global_step,
+            param_names: arena.infos().iter().map(|i| i.name.clone()).collect(),
+            params: arena.params().iter().map(|v| v.to_bits()).collect(),
+            optimizer: opt.state_dict_json().map_err(err(&ctx("state_dict")))?,
+            rng: rng.clone(),
+            history: history.clone(),
+            timing: timing.clone(),
+        };
+        let json = serde_json::to_vec(&ck).map_err(err(&ctx("checkpoint")))?;
+        write_atomic(&ckpt_path, &json)?;
+    }
+    bar.finish_and_clear();
+    let result = RunResult {
+        spec: spec.clone(),
+        num_params: spec.arch.num_params(),
+        history,
+        timing,
+    };
+    if let Some(last) = result.history.last() {
+        println!(
+            "{:>24}: {} epochs  train loss {:.4}  test loss {:.4}  test acc {:.2}%  {:.1} s{}",
+            spec.label,
+            last.epoch,
+            last.train_loss,
+            last.test_loss,
+            100.0 * last.test_acc,
+            result.timing.wall_s,
+            if stopped { "  (stopped)" } else { "" }
+        );
+    }
+    Ok((result, stopped))
+}

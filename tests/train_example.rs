@@ -1,0 +1,153 @@
+//! The training example (`examples/train`) in smoke mode: the loss falls, every file is written,
+//! and a run interrupted after an epoch and resumed (on another thread count) ends bit for bit
+//! where an uninterrupted run ends.
+//!
+//! The example's modules are compiled into this test (`#[path]`), so the test runs exactly the
+//! code `cargo run --release --example train` runs, without a nested cargo.
+
+#[path = "../examples/train/data.rs"]
+mod data;
+#[path = "../examples/train/model.rs"]
+mod model;
+#[path = "../examples/train/optimizers.rs"]
+mod optimizers;
+#[path = "../examples/train/report.rs"]
+mod report;
+#[path = "../examples/train/runner.rs"]
+mod runner;
+
+use std::path::Path;
+
+use clap::Parser;
+use runner::{checkpoint_path, Args, Checkpoint};
+
+fn args(out: &Path, extra: &[&str]) -> Args {
+    let mut argv = vec![
+        "train",
+        "--smoke",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ];
+    argv.extend_from_slice(extra);
+    Args::try_parse_from(argv).expect("valid options")
+}
+
+fn load(out: &Path, id: &str) -> Checkpoint {
+    let text = std::fs::read_to_string(checkpoint_path(out, id)).expect("checkpoint written");
+    serde_json::from_str(&text).expect("checkpoint parses")
+}
+
+#[test]
+fn smoke_run_learns_writes_files_and_resumes_bitwise() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let full = tmp.path().join("full");
+    let split = tmp.path().join("split");
+
+    // 1. Uninterrupted.
+    let summary = runner::run(&args(&full, &["--threads", "2"])).expect("smoke run");
+    assert!(!summary.stopped);
+    assert_eq!(
+        summary.results.len(),
+        5,
+        "four MLP runs and logistic regression"
+    );
+    for r in &summary.results {
+        let first = &r.history[0];
+        let last = r.history.last().expect("history");
+        assert_eq!(first.epoch, 0);
+        assert_eq!(last.epoch, 5);
+        assert!(
+            last.train_loss < 0.5 * first.train_loss && last.test_loss < 0.5 * first.test_loss,
+            "{}: loss did not fall: {first:?} -> {last:?}",
+            r.spec.label
+        );
+        assert!(
+            last.test_acc > 0.85,
+            "{}: test accuracy {}",
+            r.spec.label,
+            last.test_acc
+        );
+        assert!(r.timing.opt_steps > 0 && r.timing.wall_s > 0.0);
+    }
+    // Every MLP run starts from the same initialisation.
+    let e0: Vec<_> = summary.results[..4]
+        .iter()
+        .map(|r| {
+            let h = &r.history[0];
+            (h.train_loss, h.train_acc, h.test_loss, h.test_acc)
+        })
+        .collect();
+    assert!(e0.windows(2).all(|w| w[0] == w[1]), "{e0:?}");
+
+    for name in ["results.md", "history.csv", "training.svg"] {
+        let path = full.join(name);
+        assert!(summary.files.contains(&path), "{name} not reported");
+        let text = std::fs::read_to_string(&path).expect(name);
+        assert!(!text.is_empty(), "{name} is empty");
+    }
+    let svg = std::fs::read_to_string(full.join("training.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("MLP AdamW") && svg.contains("test accuracy"));
+    let md = std::fs::read_to_string(full.join("results.md")).unwrap();
+    for label in [
+        "MLP SGD+momentum",
+        "MLP Adam",
+        "MLP AdamW",
+        "MLP RAdam",
+        "LogReg",
+    ] {
+        assert!(md.contains(label), "results.md lacks {label}");
+    }
+    let csv = std::fs::read_to_string(full.join("history.csv")).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        1 + 5 * 6,
+        "header + 5 runs x epochs 0..=5"
+    );
+
+    // 2. Interrupted after epoch 2: checkpoints, no report yet, no temporary files left.
+    let stopped =
+        runner::run(&args(&split, &["--stop-after-epoch", "2"])).expect("interrupted run");
+    assert!(stopped.stopped);
+    assert!(stopped.files.is_empty());
+    assert!(!split.join("results.md").exists());
+    for r in &summary.results {
+        assert_eq!(load(&split, r.spec.id).epochs_done, 2);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(split.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.ends_with(".json"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // Resuming with other options is refused rather than silently diverging.
+    let refused = runner::run(&args(&split, &["--resume", "--epochs", "6"]));
+    assert!(refused.is_err());
+
+    // 3. Resumed on one thread: bitwise the same end as the uninterrupted two-thread run.
+    let resumed = runner::run(&args(&split, &["--resume", "--threads", "1"])).expect("resume");
+    assert!(!resumed.stopped);
+    for r in &summary.results {
+        let a = load(&full, r.spec.id);
+        let b = load(&split, r.spec.id);
+        assert_eq!(a.epochs_done, 5);
+        assert_eq!(b.epochs_done, 5);
+        assert_eq!(a.global_step, b.global_step);
+        assert_eq!(a.param_names, b.param_names);
+        assert!(
+            a.params == b.params,
+            "{}: parameters differ after resume",
+            r.spec.id
+        );
+        assert_eq!(a.optimizer, b.optimizer, "{}: optimizer state", r.spec.id);
+        assert_eq!(
+            serde_json::to_string(&a.rng).unwrap(),
+            serde_json::to_string(&b.rng).unwrap()
+        );
+        assert_eq!(a.history, b.history, "{}: curves", r.spec.id);
+    }
+    assert_eq!(
+        std::fs::read_to_string(full.join("history.csv")).unwrap(),
+        std::fs::read_to_string(split.join("history.csv")).unwrap()
+    );
+}
