@@ -53,8 +53,8 @@ impl NormType {
 }
 
 /// One piece of a norm reduction: an element range of the gradient buffer.
-fn pieces(arena_ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
+fn pieces(arena_ranges: impl Iterator<Item = Range<usize>>, out: &mut Vec<Range<usize>>) {
+    out.clear();
     for r in arena_ranges {
         let mut at = r.start;
         while at < r.end {
@@ -63,7 +63,6 @@ fn pieces(arena_ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>>
             at = end;
         }
     }
-    out
 }
 
 /// Elements per block whose lane sums are widened to f64: short enough that the lane
@@ -152,13 +151,45 @@ pub fn total_norm<T: Float>(
     norm: NormType,
     parallelism: &Parallelism,
 ) -> f64 {
-    let work: Vec<Range<usize>> = match norm {
-        NormType::P(p) if p != 1.0 && p != 2.0 => grad_ranges(arena, params).collect(),
-        _ => pieces(grad_ranges(arena, params)),
-    };
+    total_norm_with(
+        arena,
+        params,
+        norm,
+        parallelism,
+        &mut NormScratch::default(),
+    )
+}
+
+/// Buffers a norm computation reuses, so a clipped step allocates nothing once they have
+/// grown to the arena's piece count.
+#[derive(Debug, Default)]
+pub struct NormScratch {
+    pieces: Vec<Range<usize>>,
+    partials: Vec<f64>,
+}
+
+/// [`total_norm`] with reusable buffers.
+pub fn total_norm_with<T: Float>(
+    arena: &Arena<T>,
+    params: &[Range<usize>],
+    norm: NormType,
+    parallelism: &Parallelism,
+    scratch: &mut NormScratch,
+) -> f64 {
+    match norm {
+        NormType::P(p) if p != 1.0 && p != 2.0 => {
+            scratch.pieces.clear();
+            scratch.pieces.extend(grad_ranges(arena, params));
+        }
+        _ => pieces(grad_ranges(arena, params), &mut scratch.pieces),
+    }
+    let work = &scratch.pieces;
     let total: usize = work.iter().map(|r| r.len()).sum();
     let grads = arena.grads();
-    let partials = parallelism.map_collect(&work, total, |r| partial(&grads[r.clone()], norm));
+    parallelism.map_into(work, total, &mut scratch.partials, |r| {
+        partial(&grads[r.clone()], norm)
+    });
+    let partials = &scratch.partials;
     // Combine in piece order: the same result for any thread count.
     match norm {
         NormType::Inf => partials.iter().copied().fold(0.0f64, nan_max),
@@ -167,7 +198,7 @@ pub fn total_norm<T: Float>(
         NormType::P(p) => {
             let p = T::from_f64(p);
             let mut acc = T::ZERO;
-            for &n in &partials {
+            for &n in partials {
                 acc = acc + T::from_f64(n).powf(p);
             }
             acc.powf(T::ONE / p).to_f64()

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
-use crate::clip::{clip_coefficient, total_norm, NormType};
+use crate::clip::{clip_coefficient, total_norm_with, NormScratch, NormType};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
@@ -450,6 +450,9 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     pre_hooks: Vec<(HookHandle, StepHook)>,
     post_hooks: Vec<(HookHandle, StepHook)>,
     next_hook: u64,
+    /// Reused by clipped steps: the groups' parameter ranges and the norm's partial sums.
+    norm_ranges: Vec<Range<usize>>,
+    norm_scratch: NormScratch,
     /// torch's `group["initial_lr"]` per group, set by LR schedulers (`crate::schedule`).
     initial_lrs: Vec<Option<f64>>,
 }
@@ -489,6 +492,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             pre_hooks: Vec::new(),
             post_hooks: Vec::new(),
             next_hook: 0,
+            norm_ranges: Vec::new(),
+            norm_scratch: NormScratch::default(),
             initial_lrs: Vec::new(),
         };
         let mut any = false;
@@ -728,9 +733,16 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     "Invalid max_norm value: NaN".to_string(),
                 ));
             }
-            let ranges: Vec<Range<usize>> = self.groups.iter().map(|g| g.params.clone()).collect();
-            let norm = total_norm(arena, &ranges, clip.norm_type, &self.parallelism)
-                * options.grad_scale.abs();
+            self.norm_ranges.clear();
+            self.norm_ranges
+                .extend(self.groups.iter().map(|g| g.params.clone()));
+            let norm = total_norm_with(
+                arena,
+                &self.norm_ranges,
+                clip.norm_type,
+                &self.parallelism,
+                &mut self.norm_scratch,
+            ) * options.grad_scale.abs();
             if clip.error_if_nonfinite && !norm.is_finite() {
                 return Err(Error::InvalidHyperparameter(format!(
                     "The total norm of order {:?} for gradients from `parameters` is non-finite, \

@@ -44,21 +44,25 @@ impl Parallelism {
         }
     }
 
-    /// Maps every item to a value and returns the values in item order, so a reduction over
-    /// them is the same for any thread count.
-    pub(crate) fn map_collect<W: Sync, R: Send>(
+    /// Maps every item to a value and writes the values to `out` in item order, so a
+    /// reduction over them is the same for any thread count. Reuses `out`'s allocation.
+    pub(crate) fn map_into<W: Sync, R: Send>(
         &self,
         items: &[W],
         total_elems: usize,
+        out: &mut Vec<R>,
         f: impl Fn(&W) -> R + Sync + Send,
-    ) -> Vec<R> {
+    ) {
         let parallel = items.len() > 1 && total_elems >= PARALLEL_THRESHOLD;
         match self {
-            Parallelism::Global if parallel => items.par_iter().map(f).collect(),
+            Parallelism::Global if parallel => items.par_iter().map(f).collect_into_vec(out),
             Parallelism::Pool(pool) if parallel => {
-                pool.install(|| items.par_iter().map(f).collect())
+                pool.install(|| items.par_iter().map(f).collect_into_vec(out))
             }
-            _ => items.iter().map(f).collect(),
+            _ => {
+                out.clear();
+                out.extend(items.iter().map(f));
+            }
         }
     }
 }
