@@ -11,6 +11,7 @@
 //! tolerances of `SCHEMA.md`.
 
 pub mod adam;
+pub mod lbfgs;
 pub mod radam;
 pub mod sgd;
 
