@@ -130,6 +130,26 @@ impl HyperField for usize {
     }
 }
 
+impl HyperField for Option<usize> {
+    fn to_value(&self) -> HyperValue {
+        match self {
+            Some(x) => x.to_value(),
+            None => HyperValue::None,
+        }
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::None => Ok(None),
+            HyperValue::Number(_) => usize::from_value(name, v).map(Some),
+            other => Err(type_error(
+                name,
+                "a non-negative whole number or None",
+                other,
+            )),
+        }
+    }
+}
+
 impl HyperField for Option<f64> {
     fn to_value(&self) -> HyperValue {
         match self {

@@ -180,8 +180,13 @@ impl<T: Float> ParamGroup<T> {
         self
     }
 
+    /// The hyperparameters this group overrides, in the order given.
+    pub(crate) fn overrides(&self) -> &[(String, HyperValue)] {
+        &self.overrides
+    }
+
     /// Resolves to arena positions, checking emptiness, duplicates and contiguity.
-    fn resolve(&self, arena: &Arena<T>, group_index: usize) -> Result<Range<usize>> {
+    pub(crate) fn resolve(&self, arena: &Arena<T>, group_index: usize) -> Result<Range<usize>> {
         let mut idx: Vec<usize> = match &self.params {
             Selection::All => (0..arena.num_params()).collect(),
             Selection::Handles(h) => {

@@ -15,6 +15,7 @@ pub mod adagrad;
 pub mod adam;
 pub mod adamax;
 pub mod asgd;
+pub mod lbfgs;
 pub mod nadam;
 pub mod radam;
 pub mod rmsprop;

@@ -1,0 +1,848 @@
+//! L-BFGS beyond the torch fixtures: save / load / continue bit for bit, undoing a failed
+//! closure, maximize, validation messages, the one-group rule, and the flat-vector kernels.
+
+mod common;
+
+use common::{LbfgsProblem, Rng};
+use optarena::kernels::lbfgs as k;
+use optarena::{
+    Arena, ArenaBuilder, Error, Float, GroupHyperparams, HyperValue, Lbfgs, LbfgsConfig,
+    LbfgsStateDict, MatchBy, Param, ParamGroup,
+};
+
+/// Rosenbrock over 52 elements split into `a` [5, 5], `b` [12], `c` [15]: vector bodies and
+/// scalar tails in every kernel.
+const SHAPES: [(&str, &[usize]); 3] = [("a", &[5, 5]), ("b", &[12]), ("c", &[15])];
+const N: usize = 52;
+
+fn x0<T: Float>() -> Vec<T> {
+    let mut rng = Rng(77);
+    (0..N).map(|_| T::from_f64(rng.next_f64() * 0.8)).collect()
+}
+
+fn arena_from<T: Float>(values: &[T], order: &[usize]) -> (Arena<T>, Vec<Param<T>>) {
+    let mut starts = Vec::new();
+    let mut at = 0;
+    for (_, s) in SHAPES {
+        starts.push(at);
+        at += s.iter().product::<usize>();
+    }
+    let mut b = ArenaBuilder::<T>::new();
+    let mut handles = vec![None; SHAPES.len()];
+    for &i in order {
+        let (name, shape) = SHAPES[i];
+        let len: usize = shape.iter().product();
+        handles[i] = Some(
+            b.param(name, shape, &values[starts[i]..starts[i] + len])
+                .unwrap(),
+        );
+    }
+    (b.build(), handles.into_iter().map(Option::unwrap).collect())
+}
+
+fn arena<T: Float>() -> Arena<T> {
+    arena_from(&x0::<T>(), &[0, 1, 2]).0
+}
+
+/// The closure: Rosenbrock of the flat parameters (by name, so registration order does not
+/// matter), gradients written to the arena.
+fn rosenbrock<T: Float>(a: &mut Arena<T>) -> T {
+    let mut x = Vec::with_capacity(N);
+    for (name, _) in SHAPES {
+        x.extend_from_slice(a.value_by_name(name).unwrap());
+    }
+    let mut g = vec![T::ZERO; N];
+    let f = LbfgsProblem::Rosenbrock.eval(&x, &mut g);
+    let mut at = 0;
+    for (name, _) in SHAPES {
+        let dst = a.grad_by_name_mut(name).unwrap();
+        let len = dst.len();
+        dst.copy_from_slice(&g[at..at + len]);
+        at += len;
+    }
+    f
+}
+
+fn configs() -> Vec<LbfgsConfig> {
+    let sw = Some("strong_wolfe".to_string());
+    vec![
+        LbfgsConfig::default(),
+        LbfgsConfig {
+            line_search_fn: sw.clone(),
+            ..Default::default()
+        },
+        LbfgsConfig {
+            history_size: 3,
+            max_iter: 7,
+            lr: 0.5,
+            ..Default::default()
+        },
+        LbfgsConfig {
+            history_size: 2,
+            max_iter: 10,
+            tolerance_change: 1e-12,
+            line_search_fn: sw,
+            ..Default::default()
+        },
+        LbfgsConfig {
+            max_iter: 4,
+            max_eval: Some(6),
+            maximize: false,
+            ..Default::default()
+        },
+    ]
+}
+
+fn bits<T: Float>(a: &Arena<T>) -> Vec<u64> {
+    a.params().iter().map(|x| x.to_f64().to_bits()).collect()
+}
+
+fn save_load_continue<T: Float>() {
+    for config in configs() {
+        let mut a1 = arena::<T>();
+        let mut opt1 = Lbfgs::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
+        for _ in 0..3 {
+            opt1.step(&mut a1, rosenbrock).unwrap();
+        }
+        let json = opt1.state_dict_json().unwrap();
+        // The JSON round trip is exact.
+        let parsed: LbfgsStateDict<T> = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed, opt1.state_dict(), "{config:?}");
+
+        // A fresh arena and optimizer, loaded from the checkpoint.
+        let mut a2 = arena::<T>();
+        a2.params_mut().copy_from_slice(a1.params());
+        let mut opt2 = Lbfgs::new(&a2, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+        opt2.load_state_dict_json(&json, MatchBy::Position).unwrap();
+        assert_eq!(opt2.config(), opt1.config());
+        assert_eq!(opt2.state_dict(), opt1.state_dict());
+        for s in 0..4 {
+            let l1 = opt1.step(&mut a1, rosenbrock).unwrap();
+            let l2 = opt2.step(&mut a2, rosenbrock).unwrap();
+            assert_eq!(
+                l1.to_f64().to_bits(),
+                l2.to_f64().to_bits(),
+                "{config:?} step {s}"
+            );
+            assert_eq!(bits(&a1), bits(&a2), "{config:?} step {s}");
+            assert_eq!(opt1.func_evals(), opt2.func_evals());
+            assert_eq!(opt1.n_iter(), opt2.n_iter());
+        }
+        assert_eq!(
+            opt1.state_dict_json().unwrap(),
+            opt2.state_dict_json().unwrap()
+        );
+    }
+}
+
+#[test]
+fn save_load_continue_is_bitwise_f32() {
+    save_load_continue::<f32>();
+}
+
+#[test]
+fn save_load_continue_is_bitwise_f64() {
+    save_load_continue::<f64>();
+}
+
+#[test]
+fn state_dict_holds_torchs_state() {
+    let mut a = arena::<f64>();
+    let config = LbfgsConfig {
+        history_size: 3,
+        max_iter: 7,
+        ..Default::default()
+    };
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
+    assert!(
+        opt.state_dict().state.is_none(),
+        "no state before the first step"
+    );
+    opt.step(&mut a, rosenbrock).unwrap();
+    let sd = opt.state_dict();
+    let st = sd.state.as_ref().unwrap();
+    assert_eq!(st.func_evals, opt.func_evals());
+    assert_eq!(st.n_iter, 7);
+    assert_eq!(st.d.as_ref().unwrap().len(), N);
+    assert_eq!(st.prev_flat_grad.as_ref().unwrap().len(), N);
+    let dirs = st.old_dirs.as_ref().unwrap();
+    assert_eq!(dirs.len(), 3, "the history is capped at history_size");
+    assert_eq!(st.old_stps.as_ref().unwrap().len(), 3);
+    assert_eq!(st.ro.as_ref().unwrap().len(), 3);
+    assert_eq!(st.al.as_ref().unwrap().len(), 3, "al is history_size long");
+    // ro = 1 / (y·s) and H_diag = y·s / y·y of the newest pair (in the dtype).
+    let stps = st.old_stps.as_ref().unwrap();
+    for ((y, s), ro) in dirs.iter().zip(stps).zip(st.ro.as_ref().unwrap()) {
+        assert_eq!(*ro, 1.0 / k::dot(y, s));
+    }
+    let (y, s) = (&dirs[2], &stps[2]);
+    assert_eq!(st.h_diag.unwrap(), k::dot(y, s) / k::dot(y, y));
+    let json = serde_json::to_value(&sd).unwrap();
+    for key in [
+        "func_evals",
+        "n_iter",
+        "d",
+        "t",
+        "old_dirs",
+        "old_stps",
+        "ro",
+        "H_diag",
+        "prev_flat_grad",
+        "prev_loss",
+        "al",
+    ] {
+        assert!(json["state"].get(key).is_some(), "state has `{key}`");
+    }
+    assert_eq!(
+        json["param_groups"][0]["hyperparams"]["max_eval"],
+        8.75f64.floor()
+    );
+}
+
+#[test]
+fn early_return_counts_the_evaluation_only() {
+    let mut a = arena::<f32>();
+    let config = LbfgsConfig {
+        tolerance_grad: 1e9,
+        ..Default::default()
+    };
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
+    let before = bits(&a);
+    let loss = opt.step(&mut a, rosenbrock).unwrap();
+    assert_eq!(loss, rosenbrock(&mut arena::<f32>()));
+    assert_eq!(bits(&a), before);
+    let st = opt.state_dict().state.unwrap();
+    assert_eq!((st.func_evals, st.n_iter), (1, 0));
+    assert!(st.d.is_none() && st.old_dirs.is_none() && st.al.is_none());
+}
+
+fn failing_closure_changes_nothing<T: Float>() {
+    for config in configs() {
+        for fail_at in [1, 2, 5, 9] {
+            let mut a = arena::<T>();
+            let mut twin_a = arena::<T>();
+            let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone()).unwrap();
+            let mut twin = Lbfgs::new(&twin_a, [ParamGroup::all()], config.clone()).unwrap();
+            for _ in 0..2 {
+                opt.step(&mut a, rosenbrock).unwrap();
+                twin.step(&mut twin_a, rosenbrock).unwrap();
+            }
+            let saved = opt.state_dict_json().unwrap();
+            let params = bits(&a);
+            let mut calls = 0;
+            let r = opt.try_step(&mut a, |a| {
+                calls += 1;
+                if calls == fail_at {
+                    Err("boom")
+                } else {
+                    Ok(rosenbrock(a))
+                }
+            });
+            if calls < fail_at {
+                // The step finished before the failing call.
+                r.unwrap();
+                continue;
+            }
+            assert_eq!(
+                r.unwrap_err(),
+                Error::Closure("boom".into()),
+                "{config:?} at {fail_at}"
+            );
+            assert_eq!(bits(&a), params, "parameters restored");
+            assert_eq!(opt.state_dict_json().unwrap(), saved, "state restored");
+            // And the run continues as if the failed step never happened.
+            for _ in 0..3 {
+                let l1 = opt
+                    .try_step(&mut a, |a| Ok::<_, String>(rosenbrock(a)))
+                    .unwrap();
+                let l2 = twin.step(&mut twin_a, rosenbrock).unwrap();
+                assert_eq!(l1.to_f64().to_bits(), l2.to_f64().to_bits());
+                assert_eq!(bits(&a), bits(&twin_a), "{config:?} at {fail_at}");
+            }
+            assert_eq!(
+                opt.state_dict_json().unwrap(),
+                twin.state_dict_json().unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn failing_closure_changes_nothing_f32() {
+    failing_closure_changes_nothing::<f32>();
+}
+
+#[test]
+fn failing_closure_changes_nothing_f64() {
+    failing_closure_changes_nothing::<f64>();
+}
+
+fn maximize_matches_minimizing<T: Float>() {
+    for config in configs() {
+        let mut a1 = arena::<T>();
+        let mut a2 = arena::<T>();
+        let mut min = Lbfgs::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
+        let max_config = LbfgsConfig {
+            maximize: true,
+            ..config.clone()
+        };
+        let mut max = Lbfgs::new(&a2, [ParamGroup::all()], max_config).unwrap();
+        for _ in 0..4 {
+            let l1 = min.step(&mut a1, rosenbrock).unwrap();
+            // Maximize -f: the closure reports -f and -grad f.
+            let l2 = max
+                .step(&mut a2, |a| {
+                    let f = rosenbrock(a);
+                    for g in a.grads_mut() {
+                        *g = -*g;
+                    }
+                    -f
+                })
+                .unwrap();
+            assert_eq!(
+                (-l2).to_f64().to_bits(),
+                l1.to_f64().to_bits(),
+                "{config:?}"
+            );
+            assert_eq!(bits(&a1), bits(&a2), "{config:?}");
+            assert_eq!(min.func_evals(), max.func_evals());
+        }
+    }
+}
+
+#[test]
+fn maximizing_minus_f_is_minimizing_f() {
+    maximize_matches_minimizing::<f32>();
+    maximize_matches_minimizing::<f64>();
+}
+
+#[test]
+fn converges_on_rosenbrock() {
+    for config in configs() {
+        let mut a = arena::<f64>();
+        let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone()).unwrap();
+        for _ in 0..200 {
+            opt.step(&mut a, rosenbrock).unwrap();
+        }
+        let f = rosenbrock(&mut a);
+        assert!(f < 1e-6, "{config:?}: f = {f}");
+    }
+}
+
+#[test]
+fn a_parameter_without_gradient_counts_as_zero() {
+    let mut a = arena::<f64>();
+    let b = a.find("b").unwrap();
+    let before = a.value(b).to_vec();
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    for _ in 0..3 {
+        opt.step(&mut a, |a| {
+            let f = rosenbrock(a);
+            a.clear_grad(b);
+            f
+        })
+        .unwrap();
+    }
+    assert_eq!(a.value(b), &before[..], "torch's zero view: b never moves");
+    assert_ne!(a.value_by_name("a").unwrap(), &x0::<f64>()[..25]);
+}
+
+#[test]
+fn validation_messages() {
+    let a = arena::<f32>();
+    let new = |c: LbfgsConfig| {
+        Lbfgs::new(&a, [ParamGroup::all()], c)
+            .unwrap_err()
+            .to_string()
+    };
+    let with = |name: &str, v: HyperValue| new(LbfgsConfig::default().with(name, v).unwrap());
+    assert_eq!(with("lr", (-1.0).into()), "Invalid learning rate: -1.0");
+    assert_eq!(with("lr", f64::NAN.into()), "Invalid learning rate: NaN");
+    assert!(with("lr", f64::INFINITY.into()).starts_with("Invalid lr value"));
+    assert_eq!(
+        with("tolerance_grad", f64::NAN.into()),
+        "Invalid tolerance_grad value: NaN"
+    );
+    assert_eq!(
+        with("tolerance_change", f64::NAN.into()),
+        "Invalid tolerance_change value: NaN"
+    );
+    assert_eq!(
+        with("line_search_fn", HyperValue::Str("backtracking".into())),
+        "only 'strong_wolfe' is supported"
+    );
+    assert!(with("history_size", 0usize.into()).starts_with("Invalid history_size value: 0"));
+    let e = new(LbfgsConfig {
+        max_eval: Some(0),
+        line_search_fn: Some("strong_wolfe".into()),
+        ..Default::default()
+    });
+    assert!(e.starts_with("Invalid max_eval value: 0"), "{e}");
+    // max_eval 0 without a line search is what torch runs: one iteration and its
+    // re-evaluation (checked with torch 2.15: func_evals 2, n_iter 1).
+    let mut a = arena::<f32>();
+    let mut opt = Lbfgs::new(
+        &a,
+        [ParamGroup::all()],
+        LbfgsConfig {
+            max_eval: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.step(&mut a, rosenbrock).unwrap();
+    assert_eq!((opt.func_evals(), opt.n_iter()), (2, 1));
+    // Kinds are checked when set.
+    let e = LbfgsConfig::default()
+        .with("max_eval", HyperValue::Number(2.5))
+        .unwrap_err();
+    assert!(e.to_string().contains("max_eval"), "{e}");
+    assert!(LbfgsConfig::default()
+        .with("max_eval", HyperValue::None)
+        .is_ok());
+    let e = LbfgsConfig::default()
+        .with("betas", (0.9, 0.99))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("LBFGS has no hyperparameter `betas`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn set_hyper_validates_and_changes_nothing_on_error() {
+    let a = arena::<f32>();
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let before = opt.config().clone();
+    assert!(opt.set_hyper("lr", -0.5).is_err());
+    assert!(opt
+        .set_hyper("line_search_fn", HyperValue::Str("x".into()))
+        .is_err());
+    assert_eq!(opt.config(), &before);
+    // Through the scheduler interface.
+    assert_eq!(opt.num_groups(), 1);
+    opt.set_group_lr(0, 0.25).unwrap();
+    assert_eq!(opt.group_lr(0).unwrap(), 0.25);
+    assert_eq!(opt.lr(), 0.25);
+    assert_eq!(
+        opt.group_hyper(1, "lr").unwrap_err(),
+        Error::NoSuchGroup { index: 1, count: 1 }
+    );
+    assert!(opt.set_group_lr(0, f64::NAN).is_err());
+    assert_eq!(opt.lr(), 0.25);
+}
+
+#[test]
+fn defaults_are_torchs() {
+    let c = LbfgsConfig::default();
+    assert_eq!(c.lr, 1.0);
+    assert_eq!(c.max_iter, 20);
+    assert_eq!(c.max_eval, None);
+    assert_eq!(c.tolerance_grad, 1e-7);
+    assert_eq!(c.tolerance_change, 1e-9);
+    assert_eq!(c.history_size, 100);
+    assert_eq!(c.line_search_fn, None);
+    assert!(!c.maximize);
+    assert_eq!(c.effective_max_eval(), 25);
+    let a = arena::<f32>();
+    let opt = Lbfgs::new(&a, [ParamGroup::all()], c).unwrap();
+    // torch fills in max_eval = max_iter * 5 // 4 in the constructor.
+    assert_eq!(opt.config().max_eval, Some(25));
+    assert_eq!(opt.hyper("max_eval").unwrap(), HyperValue::Number(25.0));
+    let c = LbfgsConfig {
+        max_iter: 7,
+        ..Default::default()
+    };
+    assert_eq!(
+        Lbfgs::new(&a, [ParamGroup::all()], c)
+            .unwrap()
+            .config()
+            .max_eval,
+        Some(8)
+    );
+    // ... from the defaults' max_iter, before the group's overrides (as torch does).
+    let opt = Lbfgs::new(
+        &a,
+        [ParamGroup::all().with("max_iter", 100usize).with("lr", 0.5)],
+        LbfgsConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(opt.config().max_iter, 100);
+    assert_eq!(opt.config().max_eval, Some(25));
+    assert_eq!(opt.config().lr, 0.5);
+}
+
+#[test]
+fn exactly_one_param_group() {
+    let (a, h) = arena_from::<f32>(&x0::<f32>(), &[0, 1, 2]);
+    let e = Lbfgs::new(
+        &a,
+        [ParamGroup::new([h[0]]), ParamGroup::new([h[1], h[2]])],
+        LbfgsConfig::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "LBFGS doesn't support per-parameter options (parameter groups)"
+    );
+    let none: [ParamGroup<f32>; 0] = [];
+    assert_eq!(
+        Lbfgs::new(&a, none, LbfgsConfig::default()).unwrap_err(),
+        Error::EmptyParamList
+    );
+    let e = Lbfgs::new(&a, [ParamGroup::new([h[0], h[2]])], LbfgsConfig::default()).unwrap_err();
+    assert!(matches!(e, Error::NonContiguousGroup { .. }), "{e}");
+    // A sub-range of the arena is fine; the rest is left alone.
+    let mut a = a;
+    let mut opt = Lbfgs::new(&a, [ParamGroup::new([h[1], h[2]])], LbfgsConfig::default()).unwrap();
+    assert_eq!(opt.params(), 1..3);
+    let before = a.value(h[0]).to_vec();
+    opt.step(&mut a, rosenbrock).unwrap();
+    assert_eq!(a.value(h[0]), &before[..]);
+    assert_ne!(a.value(h[1]), &x0::<f32>()[25..37]);
+    // Other arenas are refused.
+    let mut other = arena::<f32>();
+    assert!(matches!(
+        opt.step(&mut other, rosenbrock).unwrap_err(),
+        Error::ArenaMismatch(_)
+    ));
+}
+
+#[test]
+fn a_closure_that_replaces_the_arena_is_an_error() {
+    let mut a = arena::<f64>();
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut spare = Some(arena::<f64>());
+    let e = opt
+        .step(&mut a, |a| {
+            if let Some(mut s) = spare.take() {
+                std::mem::swap(a, &mut s);
+            }
+            rosenbrock(a)
+        })
+        .unwrap_err();
+    assert!(matches!(e, Error::ArenaMismatch(_)), "{e}");
+}
+
+#[test]
+fn load_by_name_into_a_reordered_arena() {
+    let mut a1 = arena::<f64>();
+    let mut opt1 = Lbfgs::new(&a1, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    opt1.step(&mut a1, rosenbrock).unwrap();
+    let saved = opt1.state_dict();
+    let (a2, _) = arena_from::<f64>(&x0::<f64>(), &[2, 0, 1]);
+    let mut opt2 = Lbfgs::new(&a2, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let e = opt2.load_state_dict(&saved, MatchBy::Position).unwrap_err();
+    assert!(e.to_string().contains("has shape"), "{e}");
+    opt2.load_state_dict(&saved, MatchBy::Name).unwrap();
+    // Each parameter's segment of every vector moved with it.
+    let d1 = saved.state.as_ref().unwrap().d.clone().unwrap();
+    let d2 = opt2.state_dict().state.unwrap().d.unwrap();
+    // a2's layout is c (15), a (25), b (12); a1's is a, b, c.
+    assert_eq!(&d2[..15], &d1[37..]);
+    assert_eq!(&d2[15..40], &d1[..25]);
+    assert_eq!(&d2[40..], &d1[25..37]);
+    let names: Vec<_> = opt2.state_dict().param_groups[0]
+        .params
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(names, ["c", "a", "b"]);
+}
+
+#[test]
+fn bad_state_dicts_are_named_and_change_nothing() {
+    let mut a = arena::<f32>();
+    let config = LbfgsConfig {
+        history_size: 4,
+        ..Default::default()
+    };
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
+    opt.step(&mut a, rosenbrock).unwrap();
+    opt.step(&mut a, rosenbrock).unwrap();
+    let good = opt.state_dict();
+    let before = opt.state_dict_json().unwrap();
+    let check = |opt: &mut Lbfgs<f32>, sd: LbfgsStateDict<f32>, want: &str| {
+        let e = opt
+            .load_state_dict(&sd, MatchBy::Position)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cannot load state dict"), "{e}");
+        assert!(e.contains(want), "`{e}` should mention `{want}`");
+        assert_eq!(
+            opt.state_dict_json().unwrap(),
+            before,
+            "changed by a failed load"
+        );
+    };
+    let mut sd = good.clone();
+    sd.optimizer = "Adam".into();
+    check(&mut opt, sd, "saved by a Adam optimizer");
+    let mut sd = good.clone();
+    sd.param_groups.push(sd.param_groups[0].clone());
+    check(&mut opt, sd, "2 parameter groups");
+    let mut sd = good.clone();
+    sd.param_groups[0].params.pop();
+    check(&mut opt, sd, "2 parameters in the saved state and 3");
+    let mut sd = good.clone();
+    sd.param_groups[0].params[1].shape = vec![3, 4];
+    check(&mut opt, sd, "has shape [3, 4]");
+    let mut sd = good.clone();
+    sd.param_groups[0]
+        .hyperparams
+        .insert("lr".into(), HyperValue::Number(-1.0));
+    check(&mut opt, sd, "Invalid learning rate: -1.0");
+    let mut sd = good.clone();
+    sd.state.as_mut().unwrap().d.as_mut().unwrap().pop();
+    check(&mut opt, sd, "`d` has 51 values");
+    let mut sd = good.clone();
+    sd.state.as_mut().unwrap().old_dirs.as_mut().unwrap()[0].push(1.0);
+    check(&mut opt, sd, "`old_dirs[0]` has 53 values");
+    let mut sd = good.clone();
+    sd.state.as_mut().unwrap().ro.as_mut().unwrap().push(1.0);
+    check(&mut opt, sd, "must agree");
+    let mut sd = good.clone();
+    sd.state.as_mut().unwrap().prev_loss = None;
+    check(&mut opt, sd, "but not all");
+    let mut sd = good.clone();
+    let st = sd.state.as_mut().unwrap();
+    for v in [&mut st.old_dirs, &mut st.old_stps] {
+        let v = v.as_mut().unwrap();
+        while v.len() < 5 {
+            v.push(vec![0.5; N]);
+        }
+    }
+    st.ro.as_mut().unwrap().resize(5, 1.0);
+    check(&mut opt, sd, "more than history_size 4");
+    let e = opt
+        .load_state_dict_json("{\"format\": 1}", MatchBy::Position)
+        .unwrap_err();
+    assert!(matches!(e, Error::Serde(_)), "{e}");
+    assert_eq!(opt.state_dict_json().unwrap(), before);
+    // The good one still loads, also into f64.
+    opt.load_state_dict(&good, MatchBy::Position).unwrap();
+    let a64 = arena::<f64>();
+    let mut opt64 = Lbfgs::new(&a64, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    opt64.load_state_dict(&good, MatchBy::Position).unwrap();
+    assert_eq!(opt64.n_iter(), opt.n_iter());
+    assert_eq!(opt64.history_len(), opt.history_len());
+}
+
+#[test]
+fn zero_elements_just_evaluate() {
+    let mut b = ArenaBuilder::<f32>::new();
+    b.zeros("empty", &[0]).unwrap();
+    let mut a = b.build();
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    assert_eq!(opt.step(&mut a, |_| 3.5).unwrap(), 3.5);
+    assert_eq!(opt.func_evals(), 0);
+}
+
+/// Replays `tests/data/lbfgs_torch_bitwise.json` (see `scripts/gen_lbfgs_bitwise.py`): 1- to
+/// 3-element problems where torch's reductions add left to right, so every loss, parameter
+/// and counter must equal torch's bit for bit, in f32 and f64, with and without the line
+/// search. This pins torch's mix of Python floats and 0-dim tensors in the line search.
+fn replay_bitwise<T: Float>(case: &serde_json::Value) -> Result<(), String> {
+    let mut config = LbfgsConfig::default();
+    for (key, v) in case["config"].as_object().unwrap() {
+        config = config
+            .with(key, common::hyper_value(v))
+            .map_err(|e| e.to_string())?;
+    }
+    let maximize = config.maximize;
+    let function = case["function"].as_str().unwrap().to_string();
+    let x0: Vec<T> = case["x0"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| T::from_f64(v.as_f64().unwrap()))
+        .collect();
+    let n = x0.len();
+    let mut b = ArenaBuilder::<T>::new();
+    let x = b.param("x", &[n], &x0).unwrap();
+    let mut arena = b.build();
+    let mut opt = Lbfgs::new(&arena, [ParamGroup::all()], config).unwrap();
+    let mut g = vec![T::ZERO; n];
+    for (s, r) in case["recs"].as_array().unwrap().iter().enumerate() {
+        let loss = opt
+            .step(&mut arena, |a| {
+                let xv = a.value(x);
+                let mut f = if function == "poly" {
+                    let c = |v: f64| T::from_f64(v);
+                    let xx = xv[0];
+                    g[0] = (c(4.0) * xx * xx - c(6.0)) * xx + T::ONE;
+                    ((xx * xx - c(3.0)) * xx + T::ONE) * xx
+                } else {
+                    LbfgsProblem::Rosenbrock.eval(xv, &mut g)
+                };
+                if maximize {
+                    f = -f;
+                    g.iter_mut().for_each(|v| *v = -*v);
+                }
+                a.set_grad(x, &g).unwrap();
+                f
+            })
+            .map_err(|e| e.to_string())?;
+        let want_x: Vec<f64> = r["x"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let got_x: Vec<f64> = arena.value(x).iter().map(|v| v.to_f64()).collect();
+        let got = (loss.to_f64(), got_x, opt.func_evals(), opt.n_iter());
+        let want = (
+            r["loss"].as_f64().unwrap(),
+            want_x,
+            r["evals"].as_u64().unwrap(),
+            r["n_iter"].as_u64().unwrap(),
+        );
+        if got.0.to_bits() != want.0.to_bits()
+            || got
+                .1
+                .iter()
+                .zip(&want.1)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            || (got.2, got.3) != (want.2, want.3)
+        {
+            return Err(format!(
+                "{} {} {} x0={}: call {}: optarena (loss, x, evals, n_iter) {got:?}, torch {want:?}",
+                case["function"],
+                case["dtype"],
+                case["config"],
+                case["x0"],
+                s + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn torch_lbfgs_bit_for_bit() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/lbfgs_torch_bitwise.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() >= 200);
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|c| match c["dtype"].as_str().unwrap() {
+            "float32" => replay_bitwise::<f32>(c).err(),
+            _ => replay_bitwise::<f64>(c).err(),
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------
+
+const LENGTHS: [usize; 12] = [0, 1, 3, 4, 7, 8, 9, 31, 32, 33, 100, 1031];
+
+fn vecs<T: Float>(n: usize, seed: u64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut r = Rng(seed);
+    (r.vec(n, 2.0), r.vec(n, 2.0), r.vec(n, 2.0))
+}
+
+fn same<T: Float>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits())
+}
+
+fn kernels_match_reference<T: Float>() {
+    let alpha = T::from_f64(-0.37);
+    for n in LENGTHS {
+        let (x, y, z) = vecs::<T>(n, n as u64 + 1);
+        let (mut s, mut r) = (y.clone(), y.clone());
+        k::axpy(&mut s, alpha, &x);
+        k::reference::axpy(&mut r, alpha, &x);
+        assert!(same(&s, &r), "axpy n={n}");
+        let mut s = vec![T::ZERO; n];
+        k::axpy_into(&mut s, &y, alpha, &x);
+        let mut r = y.clone();
+        k::reference::axpy(&mut r, alpha, &x);
+        assert!(same(&s, &r), "axpy_into n={n}");
+        k::sub_into(&mut s, &x, &y);
+        k::reference::sub_into(&mut r, &x, &y);
+        assert!(same(&s, &r), "sub n={n}");
+        k::scale_into(&mut s, &x, alpha);
+        k::reference::scale_into(&mut r, &x, alpha);
+        assert!(same(&s, &r), "scale_into n={n}");
+        let mut sc = x.clone();
+        k::scale(&mut sc, alpha);
+        assert!(same(&sc, &r), "scale n={n}");
+        k::neg_into(&mut s, &x);
+        k::reference::neg_into(&mut r, &x);
+        assert!(same(&s, &r), "neg n={n}");
+        let mut ng = x.clone();
+        k::neg(&mut ng);
+        assert!(same(&ng, &r), "neg in place n={n}");
+
+        // Fused axpy + dot is bitwise the two passes.
+        let (mut q1, mut q2) = (y.clone(), y.clone());
+        let fused = k::axpy_dot(&mut q1, alpha, &x, &z);
+        k::axpy(&mut q2, alpha, &x);
+        let two = k::dot(&z, &q2);
+        assert!(same(&q1, &q2) && same(&[fused], &[two]), "axpy_dot n={n}");
+
+        // Reductions: within rounding of an f64 sum, and the exact max.
+        let eps = if T::DTYPE == "float32" { 1e-5 } else { 1e-13 };
+        let scale: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a.to_f64() * b.to_f64()).abs())
+            .sum();
+        let want = k::reference::dot_f64(&x, &y);
+        assert!(
+            (k::dot(&x, &y).to_f64() - want).abs() <= eps * scale + 1e-300,
+            "dot n={n}"
+        );
+        let want = k::reference::abs_sum_f64(&x);
+        assert!(
+            (k::abs_sum(&x).to_f64() - want).abs() <= eps * want,
+            "abs_sum n={n}"
+        );
+        assert_eq!(k::abs_max(&x), k::reference::abs_max(&x), "abs_max n={n}");
+        let scaled: Vec<T> = x.iter().map(|&v| v * alpha).collect();
+        assert_eq!(
+            k::abs_max_scaled(&x, alpha),
+            k::reference::abs_max(&scaled),
+            "abs_max_scaled n={n}"
+        );
+    }
+}
+
+#[test]
+fn kernels_match_reference_f32() {
+    kernels_match_reference::<f32>();
+}
+
+#[test]
+fn kernels_match_reference_f64() {
+    kernels_match_reference::<f64>();
+}
+
+#[test]
+fn abs_max_propagates_nan_at_any_position() {
+    for n in [1usize, 5, 8, 33, 40] {
+        for at in [0, n / 2, n - 1] {
+            let mut v = vec![1.0f32; n];
+            v[at] = f32::NAN;
+            assert!(k::abs_max(&v).is_nan(), "n={n} at={at}");
+            assert!(k::abs_max_scaled(&v, 2.0).is_nan());
+        }
+    }
+    assert_eq!(k::abs_max::<f64>(&[]), 0.0);
+}
