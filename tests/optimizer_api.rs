@@ -465,3 +465,26 @@ fn sgd_momentum_switched_on_starts_at_the_gradient() {
         arena.grad(h[0]).unwrap()
     );
 }
+
+#[test]
+fn arena_and_state_buffers_are_64_byte_aligned() {
+    let (mut arena, h) = build_arena::<f32>(&shapes(), 1, &[]);
+    assert_eq!(arena.params().as_ptr() as usize % 64, 0);
+    assert_eq!(arena.grads().as_ptr() as usize % 64, 0);
+    let mut opt =
+        Optimizer::<f32, AdamAlgorithm>::new(&arena, groups(&h, &[]), AdamConfig::default())
+            .unwrap();
+    write_grads(&mut arena, 1, &[]);
+    opt.step(&mut arena).unwrap();
+    // The first parameter of each group starts its group's state buffers.
+    for g in [0, 3] {
+        for name in ["exp_avg", "exp_avg_sq"] {
+            let buf = opt.buffer(h[g], name).unwrap();
+            assert_eq!(
+                buf.as_ptr() as usize % 64,
+                0,
+                "{name} of group starting at p{g}"
+            );
+        }
+    }
+}
