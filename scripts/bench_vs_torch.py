@@ -203,6 +203,10 @@ def main():
         r = roof["roofline3" if opt == "sgd_momentum" else "roofline4"]
         ours = med(label, "optarena")
         lines.append(f"| {label} | {ours * 1e3:.2f} ms | {r * 1e3:.2f} ms | {r / ours:.0%} |")
+    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks_notes.md")
+    if os.path.exists(notes):
+        with open(notes) as f:
+            lines.append(f.read().rstrip())
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
