@@ -76,7 +76,8 @@ pub struct ParamStateDict<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MatchBy {
     /// The i-th parameter of saved group g goes to the i-th parameter of group g (torch's rule).
-    /// Names and shapes must still agree.
+    /// Shapes must still agree (torch does not check them); names may differ, so a model whose
+    /// parameters were renamed still loads.
     #[default]
     Position,
     /// Each saved parameter goes to the parameter of the same name in the same group, so a
