@@ -1,6 +1,8 @@
 //! The training example (`examples/train`) in smoke mode: the loss falls, every file is written,
-//! and a run interrupted after an epoch and resumed (on another thread count) ends bit for bit
-//! where an uninterrupted run ends.
+//! the MLP runs follow the warmup + cosine schedule of optarena's schedulers and the logistic
+//! regression runs L-BFGS, and a run interrupted after an epoch and resumed (on another thread
+//! count) ends bit for bit where an uninterrupted run ends: parameters, optimizer state (L-BFGS's
+//! history included), scheduler state and curves.
 //!
 //! The example's modules are compiled into this test (`#[path]`), so the test runs exactly the
 //! code `cargo run --release --example train` runs, without a nested cargo.
@@ -19,7 +21,9 @@ mod runner;
 use std::path::Path;
 
 use clap::Parser;
+use optimizers::{LrSchedule, OptKind};
 use runner::{checkpoint_path, Args, Checkpoint};
+use serde_json::Value;
 
 fn args(out: &Path, extra: &[&str]) -> Args {
     let mut argv = vec![
@@ -35,6 +39,10 @@ fn args(out: &Path, extra: &[&str]) -> Args {
 fn load(out: &Path, id: &str) -> Checkpoint {
     let text = std::fs::read_to_string(checkpoint_path(out, id)).expect("checkpoint written");
     serde_json::from_str(&text).expect("checkpoint parses")
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).expect("valid JSON")
 }
 
 #[test]
@@ -79,6 +87,65 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
         .collect();
     assert!(e0.windows(2).all(|w| w[0] == w[1]), "{e0:?}");
 
+    // The MLP runs' lr comes from SequentialLR(LinearLR, CosineAnnealingLR), stepped per batch:
+    // base/warmup before the first step, the peak after the warmup, near eta_min at the end.
+    for r in &summary.results[..4] {
+        let LrSchedule::WarmupCosine {
+            warmup,
+            total,
+            eta_min,
+        } = r.spec.schedule
+        else {
+            panic!("{}: no warmup + cosine schedule", r.spec.id);
+        };
+        let base = r.spec.opt.lr();
+        let lrs: Vec<f64> = r.history.iter().map(|h| h.lr).collect();
+        assert_eq!(
+            lrs[0],
+            base * (1.0 / warmup as f64),
+            "{}: {lrs:?}",
+            r.spec.id
+        );
+        assert!(lrs[1] > lrs[4] && lrs[4] > lrs[5], "{}: {lrs:?}", r.spec.id);
+        assert!(lrs.iter().all(|&lr| lr <= base), "{}: {lrs:?}", r.spec.id);
+        // The last step's lr is the cosine one step before its end.
+        let t_max = (total - warmup) as f64;
+        let last = eta_min
+            + (base - eta_min) * (1.0 + (std::f64::consts::PI * (t_max - 1.0) / t_max).cos()) / 2.0;
+        assert!(
+            ((lrs[5] - last) / last).abs() < 1e-9,
+            "{}: {} vs {last}",
+            r.spec.id,
+            lrs[5]
+        );
+        let ck = load(&full, r.spec.id);
+        let sched = json(ck.scheduler.as_deref().expect("scheduler state saved"));
+        assert_eq!(sched["scheduler"], "SequentialLR");
+        assert_eq!(sched["last_epoch"], ck.global_step);
+        assert_eq!(sched["_schedulers"][0]["scheduler"], "LinearLR");
+        assert_eq!(sched["_schedulers"][1]["scheduler"], "CosineAnnealingLR");
+    }
+    // The logistic regression: full-batch L-BFGS with the strong Wolfe line search, no
+    // scheduler.
+    let logreg = &summary.results[4];
+    assert!(matches!(logreg.spec.opt, OptKind::Lbfgs { .. }));
+    assert!(logreg.history.iter().all(|h| h.lr == 1.0));
+    let ck = load(&full, logreg.spec.id);
+    assert!(ck.scheduler.is_none());
+    let lbfgs = json(&ck.optimizer);
+    assert_eq!(lbfgs["optimizer"], "LBFGS");
+    assert_eq!(
+        lbfgs["param_groups"][0]["hyperparams"]["line_search_fn"],
+        "strong_wolfe"
+    );
+    let (evals, iters) = logreg.evaluations.expect("L-BFGS counts evaluations");
+    assert_eq!(lbfgs["state"]["func_evals"], evals);
+    assert_eq!(lbfgs["state"]["n_iter"], iters);
+    assert!(
+        iters > 5 && evals >= iters,
+        "{evals} evaluations, {iters} iterations"
+    );
+
     for name in ["results.md", "history.csv", "training.svg"] {
         let path = full.join(name);
         assert!(summary.files.contains(&path), "{name} not reported");
@@ -105,14 +172,31 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     );
 
     // 2. Interrupted after epoch 2: checkpoints, no report yet, no temporary files left.
-    let stopped =
-        runner::run(&args(&split, &["--stop-after-epoch", "2"])).expect("interrupted run");
+    let stopped = runner::run(&args(
+        &split,
+        &["--stop-after-epoch", "2", "--threads", "3"],
+    ))
+    .expect("interrupted run");
     assert!(stopped.stopped);
     assert!(stopped.files.is_empty());
     assert!(!split.join("results.md").exists());
     for r in &summary.results {
-        assert_eq!(load(&split, r.spec.id).epochs_done, 2);
+        let ck = load(&split, r.spec.id);
+        assert_eq!(ck.epochs_done, 2);
+        // Mid-schedule and mid-optimization: the resume below has real state to restore.
+        if let Some(s) = &ck.scheduler {
+            assert_eq!(json(s)["last_epoch"], ck.global_step);
+        }
     }
+    let lbfgs = json(&load(&split, "logreg").optimizer);
+    let history = lbfgs["state"]["old_dirs"]
+        .as_array()
+        .expect("L-BFGS history saved");
+    assert!(
+        !history.is_empty(),
+        "no correction pairs at the interruption"
+    );
+    assert!(lbfgs["state"]["d"].is_array() && lbfgs["state"]["prev_flat_grad"].is_array());
     let leftovers: Vec<_> = std::fs::read_dir(split.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -140,6 +224,7 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
             r.spec.id
         );
         assert_eq!(a.optimizer, b.optimizer, "{}: optimizer state", r.spec.id);
+        assert_eq!(a.scheduler, b.scheduler, "{}: scheduler state", r.spec.id);
         assert_eq!(
             serde_json::to_string(&a.rng).unwrap(),
             serde_json::to_string(&b.rng).unwrap()

@@ -1,22 +1,27 @@
 //! The crate's main job: train a small MLP on a real data set (the UCI handwritten digits,
 //! shipped in `examples/data`) with SGD+momentum, Adam, AdamW and RAdam from one
-//! initialisation, plus a full-batch logistic regression, and compare them.
+//! initialisation, plus a full-batch logistic regression by L-BFGS, and compare them.
 //!
 //! ```sh
-//! cargo run --release --example train                # everything, about a minute
+//! cargo run --release --example train                # everything, well under a minute
 //! cargo run --release --example train -- --smoke     # a few seconds, for CI
 //! cargo run --release --example train -- --help
 //! ```
 //!
 //! Writes to `--out` (default `out/`): `results.md` (the table also printed here),
 //! `history.csv` (per-epoch curves), `training.svg` (loss and accuracy plot) and
-//! `checkpoints/<run>.json` (after every epoch, written atomically). `--stop-after-epoch N`
-//! interrupts every run after epoch N; `--resume` continues from the checkpoints and ends bit
-//! for bit where an uninterrupted run ends.
+//! `checkpoints/<run>.json` (after every epoch, written atomically: parameters, optimizer and
+//! scheduler state, shuffling RNG). `--stop-after-epoch N` interrupts every run after epoch N;
+//! `--resume` continues from the checkpoints and ends bit for bit where an uninterrupted run
+//! ends, on any `--threads`.
 //!
 //! The model's forward and backward (ndarray/matrixmultiply) write the gradients straight into
-//! the optarena arena; each optimizer step clips by global norm inside the fused update and
-//! runs on a rayon pool of `--threads` threads (bitwise the same for any count).
+//! the optarena arena. Each MLP step clips by global norm inside the fused update and runs on a
+//! rayon pool of `--threads` threads (bitwise the same for any count); its learning rate comes
+//! from optarena's schedulers, `SequentialLR` of a `LinearLR` warmup and a
+//! `CosineAnnealingLR`, stepped after every optimizer step. The logistic regression
+//! (L2-regularized as scikit-learn's default) takes one full-batch `Lbfgs::step(closure)` per
+//! epoch with the strong Wolfe line search.
 
 mod data;
 mod model;

@@ -198,6 +198,21 @@ impl Mlp {
         (loss / rows as f64) as f32
     }
 
+    /// Adds the L2 penalty `λ/2 · Σ W²` over the weights (not the biases) to the objective:
+    /// `λ · W` into the weight gradients (call after [`Mlp::loss_and_grad`]). Returns the
+    /// penalty.
+    pub fn add_l2_penalty(&self, arena: &mut Arena<f32>, lambda: f32) -> f32 {
+        let mut sum = 0.0f64;
+        for &w in &self.weights {
+            for i in 0..arena.info(w).len {
+                let v = arena.value(w)[i];
+                sum += f64::from(v) * f64::from(v);
+                arena.grad_mut(w)[i] += lambda * v;
+            }
+        }
+        (0.5 * f64::from(lambda) * sum) as f32
+    }
+
     /// Mean loss and accuracy over a whole data set, in chunks of the workspace's size.
     pub fn evaluate(&self, arena: &Arena<f32>, data: &Dataset, ws: &mut Workspace) -> (f64, f64) {
         let chunk = ws.acts[0].len_of(Axis(0));

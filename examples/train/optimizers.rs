@@ -1,17 +1,18 @@
-//! The runs' optimizers behind one small interface, and the learning-rate schedule.
+//! The runs' optimizers behind one small interface, and their learning-rate schedules.
 //!
 //! [`Stepper::step`] takes a closure that zeroes the gradients, runs forward and backward and
 //! returns the loss — torch's `optimizer.step(closure)` shape. First-order optimizers call it
-//! once and then step; a quasi-Newton optimizer such as L-BFGS calls it as often as its line
-//! search needs. That is what lets an L-BFGS run drop in: implement [`Stepper`] for it (its
-//! `step(arena, closure)` has exactly this shape), add an [`OptKind`] variant and a row in
-//! [`crate::runner::runs`].
+//! once and then step; L-BFGS ([`optarena::Lbfgs`]) calls it as often as its strong Wolfe line
+//! search needs. The schedules are optarena's LR schedulers ([`optarena::schedule`]), which
+//! act on either kind through [`GroupHyperparams`], as torch's act on `param_groups`.
 
-use std::f64::consts::PI;
-
+use optarena::schedule::{
+    CosineAnnealingLR, CosineAnnealingLRConfig, LinearLR, LinearLRConfig, LrScheduler,
+    SequentialLR, SequentialLRConfig,
+};
 use optarena::{
-    Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, MatchBy, Optimizer,
-    Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
+    Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams, Lbfgs,
+    LbfgsConfig, MatchBy, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
 };
 
 use crate::model::Mlp;
@@ -27,14 +28,20 @@ pub trait Stepper {
         closure: &mut dyn FnMut(&mut Arena<f32>) -> f32,
     ) -> optarena::Result<f32>;
 
-    /// Sets the learning rate of every param group (the schedule's output).
-    fn set_lr(&mut self, lr: f64) -> optarena::Result<()>;
+    /// The param groups' hyperparameters, which the LR scheduler reads and sets.
+    fn groups(&mut self) -> &mut dyn GroupHyperparams;
 
     /// The optimizer state (`optimizer.state_dict()`) as JSON, for checkpoints.
     fn state_dict_json(&self) -> optarena::Result<String>;
 
     /// Restores a state written by [`Stepper::state_dict_json`].
     fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()>;
+
+    /// Closure evaluations and iterations so far, for optimizers that count them (L-BFGS's
+    /// `func_evals` and `n_iter`).
+    fn evaluations(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Any elementwise optimizer of optarena (SGD, Adam, AdamW, RAdam, ...), with the gradient
@@ -62,11 +69,8 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
         Ok(loss)
     }
 
-    fn set_lr(&mut self, lr: f64) -> optarena::Result<()> {
-        for g in 0..self.opt.num_groups() {
-            self.opt.set_lr(g, lr)?;
-        }
-        Ok(())
+    fn groups(&mut self) -> &mut dyn GroupHyperparams {
+        &mut self.opt
     }
 
     fn state_dict_json(&self) -> optarena::Result<String> {
@@ -75,6 +79,37 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
 
     fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
         self.opt.load_state_dict_json(json, MatchBy::Name)
+    }
+}
+
+/// L-BFGS over the model's parameters as one flat group (torch's `LBFGS` takes one group).
+pub struct QuasiNewton {
+    opt: Lbfgs<f32>,
+}
+
+impl Stepper for QuasiNewton {
+    fn step(
+        &mut self,
+        arena: &mut Arena<f32>,
+        closure: &mut dyn FnMut(&mut Arena<f32>) -> f32,
+    ) -> optarena::Result<f32> {
+        self.opt.step(arena, closure)
+    }
+
+    fn groups(&mut self) -> &mut dyn GroupHyperparams {
+        &mut self.opt
+    }
+
+    fn state_dict_json(&self) -> optarena::Result<String> {
+        self.opt.state_dict_json()
+    }
+
+    fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
+        self.opt.load_state_dict_json(json, MatchBy::Name)
+    }
+
+    fn evaluations(&self) -> Option<(u64, u64)> {
+        Some((self.opt.func_evals(), self.opt.n_iter()))
     }
 }
 
@@ -107,6 +142,16 @@ pub enum OptKind {
         /// Peak learning rate.
         lr: f64,
     },
+    /// `LBFGS(params, lr, max_iter, history_size, line_search_fn="strong_wolfe")`, over all
+    /// parameters as one group.
+    Lbfgs {
+        /// Step length tried first by the line search.
+        lr: f64,
+        /// Most iterations per `step(closure)`.
+        max_iter: usize,
+        /// Correction pairs kept.
+        history_size: usize,
+    },
 }
 
 impl OptKind {
@@ -116,7 +161,8 @@ impl OptKind {
             OptKind::SgdMomentum { lr, .. }
             | OptKind::Adam { lr }
             | OptKind::AdamW { lr, .. }
-            | OptKind::RAdam { lr } => lr,
+            | OptKind::RAdam { lr }
+            | OptKind::Lbfgs { lr, .. } => lr,
         }
     }
 
@@ -131,11 +177,19 @@ impl OptKind {
             OptKind::Adam { lr } => format!("Adam lr={lr}"),
             OptKind::AdamW { lr, weight_decay } => format!("AdamW lr={lr} wd={weight_decay}"),
             OptKind::RAdam { lr } => format!("RAdam lr={lr}"),
+            OptKind::Lbfgs {
+                lr,
+                max_iter,
+                history_size,
+            } => format!(
+                "LBFGS lr={lr} max_iter={max_iter} history_size={history_size} strong_wolfe"
+            ),
         }
     }
 
     /// Builds the optimizer over `model`'s two param groups (weights, then biases without
-    /// weight decay), running its steps on `parallelism`.
+    /// weight decay), running its steps on `parallelism`. L-BFGS takes every parameter as one
+    /// group and runs on the calling thread.
     pub fn build(
         &self,
         model: &Mlp,
@@ -202,6 +256,32 @@ impl OptKind {
                 clip,
                 parallelism,
             ),
+            OptKind::Lbfgs {
+                lr,
+                max_iter,
+                history_size,
+            } => {
+                if clip.is_some() {
+                    return Err(optarena::Error::InvalidHyperparameter(
+                        "L-BFGS takes no gradient clipping: its line search needs the true \
+                         gradient"
+                            .into(),
+                    ));
+                }
+                Box::new(QuasiNewton {
+                    opt: Lbfgs::new(
+                        arena,
+                        [ParamGroup::all()],
+                        LbfgsConfig {
+                            lr,
+                            max_iter,
+                            history_size,
+                            line_search_fn: Some("strong_wolfe".into()),
+                            ..Default::default()
+                        },
+                    )?,
+                })
+            }
         })
     }
 }
@@ -217,59 +297,79 @@ fn boxed<A: Algorithm>(
     })
 }
 
-/// The learning rate as a pure function of the global step count, so a resumed run needs only
-/// the step count to be back on schedule.
-///
-/// Until optarena's LR schedulers land (they drive `GroupHyperparams`, as torch's drive
-/// `param_groups`), this is computed here and applied with `set_lr` before every step. The
-/// warmup + cosine shape equals torch's `SequentialLR([LinearLR(start_factor=1/warmup,
-/// total_iters=warmup), CosineAnnealingLR(T_max=total−warmup, eta_min)], [warmup])` stepped
-/// once per batch.
+/// A run's learning-rate schedule, stepped once per optimizer step (per mini-batch).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LrSchedule {
-    /// The same rate throughout.
-    Constant(f64),
-    /// Linear warmup from `base/warmup` to `base` over `warmup` steps, then a half cosine down
-    /// to `min_lr` at step `total`.
+    /// No scheduler: the optimizer's own `lr` throughout.
+    Constant,
+    /// torch's warmup + cosine recipe,
+    /// `SequentialLR([LinearLR(start_factor=1/warmup, total_iters=warmup),
+    /// CosineAnnealingLR(T_max=total−warmup, eta_min)], milestones=[warmup])`: the lr rises
+    /// linearly from `base/warmup` to the optimizer's `lr` over `warmup` steps, then follows
+    /// half a cosine down to `eta_min` at step `total`.
     WarmupCosine {
-        /// Peak rate, reached after the warmup.
-        base: f64,
-        /// Warmup steps.
+        /// Warmup steps (the milestone).
         warmup: u64,
         /// Total steps of the run.
         total: u64,
         /// Final rate.
-        min_lr: f64,
+        eta_min: f64,
     },
 }
 
 impl LrSchedule {
-    /// The rate for step `step` (0-based).
-    pub fn lr_at(&self, step: u64) -> f64 {
-        match *self {
-            LrSchedule::Constant(lr) => lr,
-            LrSchedule::WarmupCosine {
-                base,
-                warmup,
-                total,
-                min_lr,
-            } => {
-                if step < warmup {
-                    base * (step + 1) as f64 / warmup as f64
-                } else {
-                    let span = total.saturating_sub(warmup).max(1) as f64;
-                    let t = ((step - warmup) as f64 / span).min(1.0);
-                    min_lr + (base - min_lr) * 0.5 * (1.0 + (PI * t).cos())
-                }
-            }
-        }
+    /// Builds the scheduler on `opt` (torch's constructors: each sets the first lr), or `None`
+    /// for [`LrSchedule::Constant`].
+    pub fn build(
+        &self,
+        opt: &mut dyn GroupHyperparams,
+    ) -> optarena::Result<Option<Box<dyn LrScheduler>>> {
+        let LrSchedule::WarmupCosine {
+            warmup,
+            total,
+            eta_min,
+        } = *self
+        else {
+            return Ok(None);
+        };
+        let steps = |n: u64| {
+            i64::try_from(n).map_err(|_| {
+                optarena::Error::InvalidHyperparameter(format!("{n} steps is too many"))
+            })
+        };
+        let warmup = steps(warmup.max(1))?;
+        let t_max = steps(total)?.saturating_sub(warmup).max(1);
+        let linear = LinearLR::new(
+            opt,
+            LinearLRConfig {
+                start_factor: 1.0 / warmup as f64,
+                end_factor: 1.0,
+                total_iters: warmup,
+                last_epoch: -1,
+            },
+        )?;
+        let cosine = CosineAnnealingLR::new(
+            opt,
+            CosineAnnealingLRConfig {
+                eta_min,
+                ..CosineAnnealingLRConfig::new(t_max)
+            },
+        )?;
+        let seq = SequentialLR::new(
+            opt,
+            vec![Box::new(linear), Box::new(cosine)],
+            SequentialLRConfig::new(vec![warmup]),
+        )?;
+        Ok(Some(Box::new(seq)))
     }
 
     /// A short description, for the results table.
     pub fn describe(&self) -> String {
         match *self {
-            LrSchedule::Constant(_) => "constant".into(),
-            LrSchedule::WarmupCosine { warmup, .. } => format!("warmup {warmup} + cosine"),
+            LrSchedule::Constant => "constant".into(),
+            LrSchedule::WarmupCosine { warmup, .. } => {
+                format!("SequentialLR(LinearLR warmup {warmup} steps, CosineAnnealingLR)")
+            }
         }
     }
 }

@@ -31,20 +31,34 @@ pub fn write_all(
     for r in results {
         let _ = writeln!(
             md,
-            "- {}: {}, {} params, {}, schedule {}, clip {}",
+            "- {}: {}, {} params, {}, schedule {}, clip {}{}",
             r.spec.label,
             r.spec.opt.describe(),
             r.num_params,
             match r.spec.batching {
                 crate::runner::Batching::MiniBatch => "mini-batches".to_string(),
-                crate::runner::Batching::FullBatch { steps } =>
-                    format!("full batch, {steps} steps per epoch"),
+                crate::runner::Batching::FullBatch { steps } => match r.evaluations {
+                    Some((evals, iters)) => format!(
+                        "full batch, {steps} step(closure) per epoch ({iters} iterations, \
+                         {evals} loss/gradient evaluations in all; its µs/step is per \
+                         step(closure), evaluations excluded)"
+                    ),
+                    None => format!("full batch, {steps} steps per epoch"),
+                },
             },
             r.spec.schedule.describe(),
             r.spec
                 .clip
                 .map(|c| format!("L2 norm {}", c.max_norm))
                 .unwrap_or_else(|| "none".into()),
+            if r.spec.l2 > 0.0 {
+                format!(
+                    ", L2 penalty λ/2·‖W‖² on the weights, λ = {:.3e}",
+                    r.spec.l2
+                )
+            } else {
+                String::new()
+            },
         );
     }
     fs::write(&results_path, md).map_err(|e| format!("{}: {e}", results_path.display()))?;
@@ -129,7 +143,7 @@ fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
     let (title, body) = root.split_vertically(40);
     title.draw(&Text::new(
         "Handwritten digits (UCI, 8x8): one MLP initialisation under four optimizers \
-         (warmup + cosine, clip 1.0), and logistic regression",
+         (warmup + cosine, clip 1.0), and logistic regression by L-BFGS",
         (20, 12),
         ("sans-serif", 20).into_font(),
     ))?;

@@ -48,15 +48,18 @@ pub struct Args {
     /// later with --resume.
     #[arg(long, value_name = "N")]
     pub stop_after_epoch: Option<usize>,
-    /// A reduced, fast mode for CI: 5 epochs, fewer full-batch steps.
+    /// A reduced, fast mode for CI: 5 epochs, fewer L-BFGS iterations.
     #[arg(long)]
     pub smoke: bool,
     /// Hidden layer widths of the MLP.
     #[arg(long, value_delimiter = ',', default_values_t = [256, 256])]
     pub hidden: Vec<usize>,
-    /// Full-batch steps per epoch of the logistic regression.
+    /// L-BFGS `step(closure)` calls per epoch of the logistic regression (full batch).
+    #[arg(long, default_value_t = 1)]
+    pub full_batch_steps: usize,
+    /// L-BFGS `max_iter`: iterations per `step(closure)` [default: 20, or 10 with --smoke].
     #[arg(long)]
-    pub full_batch_steps: Option<usize>,
+    pub lbfgs_max_iter: Option<usize>,
 }
 
 /// Everything that determines a run's numbers; a checkpoint only resumes under the same.
@@ -70,8 +73,10 @@ pub struct Settings {
     pub seed: u64,
     /// Hidden widths of the MLP.
     pub hidden: Vec<usize>,
-    /// Full-batch steps per epoch of the logistic regression.
+    /// L-BFGS `step(closure)` calls per epoch of the logistic regression.
     pub full_batch_steps: usize,
+    /// L-BFGS iterations per `step(closure)` (`max_iter`).
+    pub lbfgs_max_iter: usize,
 }
 
 impl Args {
@@ -82,9 +87,10 @@ impl Args {
             batch_size: self.batch_size,
             seed: self.seed,
             hidden: self.hidden.clone(),
-            full_batch_steps: self
-                .full_batch_steps
-                .unwrap_or(if self.smoke { 5 } else { 10 }),
+            full_batch_steps: self.full_batch_steps,
+            lbfgs_max_iter: self
+                .lbfgs_max_iter
+                .unwrap_or(if self.smoke { 10 } else { 20 }),
         }
     }
 }
@@ -116,8 +122,11 @@ pub struct RunSpec {
     pub opt: OptKind,
     /// Gradient clipping folded into the step.
     pub clip: Option<ClipNorm>,
-    /// Learning rate per step.
+    /// Learning-rate schedule, stepped per optimizer step.
     pub schedule: LrSchedule,
+    /// L2 penalty `λ/2 · Σ W²` on the weights, added to the loss the optimizer minimizes
+    /// (0: none).
+    pub l2: f64,
 }
 
 impl RunSpec {
@@ -130,19 +139,16 @@ impl RunSpec {
 }
 
 /// The comparison: one MLP from one initialisation under four optimizers, each with clipping
-/// and a warmup + cosine schedule, and multinomial logistic regression trained full-batch.
-///
-/// The logistic regression uses full-batch Adam until optarena's L-BFGS lands; then it becomes
-/// `OptKind::Lbfgs { .. }` with `Batching::FullBatch { steps: 1 }` (see
-/// [`crate::optimizers::Stepper`]).
+/// and a warmup + cosine schedule stepped per mini-batch (optarena's `SequentialLR` of a
+/// `LinearLR` and a `CosineAnnealingLR`), and multinomial logistic regression trained
+/// full-batch by L-BFGS with the strong Wolfe line search.
 pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
     let mlp = Architecture::mlp(&settings.hidden);
     let total = (settings.epochs * train_len.div_ceil(settings.batch_size)) as u64;
     let cosine = |base: f64| LrSchedule::WarmupCosine {
-        base,
         warmup: (total / 20).max(1),
         total,
-        min_lr: base * 0.01,
+        eta_min: base * 0.01,
     };
     let clip = Some(ClipNorm::l2(1.0));
     let run = |id, label, opt: OptKind| RunSpec {
@@ -153,6 +159,7 @@ pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
         opt,
         clip,
         schedule: cosine(opt.lr()),
+        l2: 0.0,
     };
     vec![
         run(
@@ -176,14 +183,21 @@ pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
         run("radam", "MLP RAdam", OptKind::RAdam { lr: 2e-3 }),
         RunSpec {
             id: "logreg",
-            label: "LogReg full-batch Adam",
+            label: "LogReg L-BFGS",
             arch: Architecture::logistic(),
             batching: Batching::FullBatch {
                 steps: settings.full_batch_steps,
             },
-            opt: OptKind::Adam { lr: 0.05 },
-            clip,
-            schedule: LrSchedule::Constant(0.05),
+            opt: OptKind::Lbfgs {
+                lr: 1.0,
+                max_iter: settings.lbfgs_max_iter,
+                history_size: 10,
+            },
+            clip: None,
+            schedule: LrSchedule::Constant,
+            // scikit-learn's LogisticRegression(C=1.0): λ = 1 / n on the mean loss. Without
+            // it the training set is separable and the minimum lies at infinity.
+            l2: 1.0 / train_len as f64,
         },
     ]
 }
@@ -230,14 +244,18 @@ pub struct Checkpoint {
     pub settings: Settings,
     /// Completed epochs.
     pub epochs_done: usize,
-    /// Optimizer steps taken (drives the LR schedule).
+    /// Optimizer steps taken.
     pub global_step: u64,
     /// Parameter names, in arena order.
     pub param_names: Vec<String>,
     /// The whole arena's values as `f32::to_bits`, so they restore bit for bit.
     pub params: Vec<u32>,
-    /// `optimizer.state_dict()` as JSON (`state_dict_json`).
+    /// `optimizer.state_dict()` as JSON (`state_dict_json`; L-BFGS's whole state, history
+    /// included, for the logistic regression).
     pub optimizer: String,
+    /// `scheduler.state_dict()` as JSON (`LrScheduler::state_dict_json`), for runs with a
+    /// schedule.
+    pub scheduler: Option<String>,
     /// The shuffling RNG's exact state.
     pub rng: ChaCha8Rng,
     /// Per-epoch numbers so far.
@@ -246,7 +264,7 @@ pub struct Checkpoint {
     pub timing: Timing,
 }
 
-const CHECKPOINT_FORMAT: u32 = 1;
+const CHECKPOINT_FORMAT: u32 = 2;
 
 /// Where run `id`'s checkpoint lives.
 pub fn checkpoint_path(out: &Path, id: &str) -> PathBuf {
@@ -278,6 +296,8 @@ pub struct RunResult {
     pub history: Vec<EpochStats>,
     /// Time spent.
     pub timing: Timing,
+    /// Closure evaluations and iterations, for L-BFGS.
+    pub evaluations: Option<(u64, u64)>,
 }
 
 /// What [`run`] did.
@@ -297,8 +317,18 @@ fn err<E: std::fmt::Display>(context: &str) -> impl FnOnce(E) -> String + '_ {
 /// Runs every run (or continues them with `--resume`), then writes the report.
 pub fn run(args: &Args) -> Result<Summary, String> {
     let settings = args.settings();
-    if settings.epochs == 0 || settings.batch_size == 0 {
-        return Err("--epochs and --batch-size must be at least 1".into());
+    if [
+        settings.epochs,
+        settings.batch_size,
+        settings.full_batch_steps,
+        settings.lbfgs_max_iter,
+    ]
+    .contains(&0)
+    {
+        return Err(
+            "--epochs, --batch-size, --full-batch-steps and --lbfgs-max-iter must be at least 1"
+                .into(),
+        );
     }
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -391,6 +421,10 @@ fn train_one(
         .opt
         .build(&model, &arena, spec.clip, parallelism)
         .map_err(err(&ctx("optimizer")))?;
+    let mut sched = spec
+        .schedule
+        .build(opt.groups())
+        .map_err(err(&ctx("scheduler")))?;
     let mut rng = shuffle_rng(settings.seed);
     let mut history = Vec::new();
     let mut timing = Timing::default();
@@ -420,6 +454,15 @@ fn train_one(
         }
         opt.load_state_dict_json(&ck.optimizer)
             .map_err(err(&ctx("optimizer state")))?;
+        // The scheduler's state after the optimizer's: it writes its last lr (and the groups'
+        // `initial_lr`) back into the groups, so the schedule continues where it was.
+        match (&mut sched, &ck.scheduler) {
+            (Some(s), Some(json)) => s
+                .load_state_dict_json(opt.groups(), json)
+                .map_err(err(&ctx("scheduler state")))?,
+            (None, None) => {}
+            _ => return Err(ctx("checkpoint has another LR schedule")),
+        }
         rng = ck.rng;
         history = ck.history;
         timing = ck.timing;
@@ -461,7 +504,7 @@ fn train_one(
         let (test_loss, test_acc) = model.evaluate(&arena, test, &mut ws);
         history.push(EpochStats {
             epoch: 0,
-            lr: spec.schedule.lr_at(0),
+            lr: opt.groups().group_lr(0).map_err(err(&ctx("lr")))?,
             batch_loss: None,
             train_loss,
             train_acc,
@@ -492,13 +535,15 @@ fn train_one(
             Batching::FullBatch { steps } => Box::new(std::iter::repeat_n(&order[..], steps)),
         };
         for batch in batches {
-            lr = spec.schedule.lr_at(global_step);
-            opt.set_lr(lr).map_err(err(&ctx("set_lr")))?;
+            lr = opt.groups().group_lr(0).map_err(err(&ctx("lr")))?;
             let mut closure_time = Duration::ZERO;
             let mut closure = |arena: &mut optarena::Arena<f32>| {
                 let t = Instant::now();
                 arena.zero_grad(true);
-                let loss = model.loss_and_grad(arena, train, batch, &mut ws);
+                let mut loss = model.loss_and_grad(arena, train, batch, &mut ws);
+                if spec.l2 > 0.0 {
+                    loss += model.add_l2_penalty(arena, spec.l2 as f32);
+                }
                 closure_time += t.elapsed();
                 loss
             };
@@ -507,6 +552,10 @@ fn train_one(
                 .step(&mut arena, &mut closure)
                 .map_err(err(&ctx("step")))?;
             opt_time += t.elapsed().saturating_sub(closure_time);
+            // torch's order: optimizer.step(), then scheduler.step(), once per batch.
+            if let Some(s) = &mut sched {
+                s.step(opt.groups()).map_err(err(&ctx("scheduler step")))?;
+            }
             loss_sum += f64::from(loss);
             global_step += 1;
             bar.inc(1);
@@ -548,6 +597,11 @@ fn train_one(
             param_names: arena.infos().iter().map(|i| i.name.clone()).collect(),
             params: arena.params().iter().map(|v| v.to_bits()).collect(),
             optimizer: opt.state_dict_json().map_err(err(&ctx("state_dict")))?,
+            scheduler: sched
+                .as_ref()
+                .map(|s| s.state_dict_json())
+                .transpose()
+                .map_err(err(&ctx("scheduler state_dict")))?,
             rng: rng.clone(),
             history: history.clone(),
             timing: timing.clone(),
@@ -561,6 +615,7 @@ fn train_one(
         num_params: spec.arch.num_params(),
         history,
         timing,
+        evaluations: opt.evaluations(),
     };
     if let Some(last) = result.history.last() {
         println!(
