@@ -8,9 +8,8 @@
 //! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
 //! ```
 //! Arguments: optimizer (`sgd_momentum`, `adam`, `adamw`, `radam`, `adafactor`, `roofline3`,
-//! `roofline4`,
-//! or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`, `gpt2`,
-//! `adapter`), elements (for `flat`), threads, timed steps.
+//! `roofline4`, or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
+//! `gpt2`, `adapter`), elements (for `flat`), threads, timed steps.
 
 use std::time::Instant;
 
