@@ -126,33 +126,34 @@ fn lanes<T: Float>() -> usize {
 
 /// Folds a vector's lanes left to right, as torch's `buffer[0] = buffer[0] + buffer[j]`.
 #[inline(always)]
-fn fold<T: Float>(acc: T::Vector) -> T {
+fn fold<T: Float, V: Lane<Elem = T>>(acc: V) -> T {
     let mut l = [T::ZERO; 8];
-    acc.store(&mut l[..T::LANES]);
+    acc.store(&mut l[..V::WIDTH]);
     let mut b = l[0];
-    for &x in &l[1..T::LANES] {
+    for &x in &l[1..V::WIDTH] {
         b = b + x;
     }
     b
 }
 
-/// Σ f(x)² over contiguous `x` in the order of torch's 2-norm fast path: one vector of lanes,
-/// folded, then the remainder with a fused multiply-add. `fv` and `fs` are the same map on a
-/// vector and on a scalar.
+/// Σ f(x)² over contiguous `x` in the order of torch's 2-norm fast path: one vector of
+/// [`Float::LANES`] lanes, folded, then the remainder with a fused multiply-add. `fv` and `fs`
+/// are the same map on a vector `V` (which must have [`Float::LANES`] lanes) and on a scalar.
 #[inline(always)]
-pub fn sumsq_lastdim<T: Float>(
+pub fn sumsq_lastdim<T: Float, V: Lane<Elem = T>>(
     x: &[T],
-    fv: impl Fn(T::Vector) -> T::Vector,
+    fv: impl Fn(V) -> V,
     fs: impl Fn(T) -> T,
 ) -> T {
-    let w = T::LANES;
+    assert_eq!(V::WIDTH, T::LANES, "torch's order has Float::LANES lanes");
+    let w = V::WIDTH;
     let body = x.len() - x.len() % w;
-    let mut acc = T::Vector::splat(T::ZERO);
+    let mut acc = V::splat(T::ZERO);
     for c in x[..body].chunks_exact(w) {
-        let v = fv(T::Vector::load(c));
+        let v = fv(V::load(c));
         acc = acc + v * v;
     }
-    let mut b = fold::<T>(acc);
+    let mut b = fold::<T, V>(acc);
     for &t in &x[body..] {
         let v = fs(t);
         b = v.mul_add(v, b);
@@ -333,8 +334,8 @@ impl<T: Float> Op<T> {
 }
 
 /// The 2-norm of a contiguous run, in torch's order.
-fn norm<T: Float>(x: &[T]) -> T {
-    sumsq_lastdim(x, |v| v, |s| s).sqrt()
+fn norm<T: Float, V: Lane<Elem = T>>(x: &[T]) -> T {
+    sumsq_lastdim::<T, V>(x, |v| v, |s| s).sqrt()
 }
 
 /// `(‖x‖₂)² / count`: torch's `vector_norm(...).square_().div_(count)`.
@@ -359,20 +360,35 @@ pub fn fused<T: Float>(
     g: &[T],
     aux: &mut [&mut [T]],
 ) {
+    fused_with::<T, T::Vector>(c, grad_scale, shape, p, g, aux)
+}
+
+/// [`fused`] on vectors of type `V`, which must have [`Float::LANES`] lanes (the width of
+/// torch's reduction order): `wide`'s [`Float::Vector`], or another instruction set's
+/// vectors of the same width, with bitwise the same result.
+pub fn fused_with<T: Float, V: Lane<Elem = T>>(
+    c: &AdafactorCoeffs,
+    grad_scale: f64,
+    shape: &[usize],
+    p: &mut [T],
+    g: &[T],
+    aux: &mut [&mut [T]],
+) {
+    assert_eq!(V::WIDTH, T::LANES, "torch's order has Float::LANES lanes");
     if p.is_empty() {
         return;
     }
     let op = Op::<T>::new(c, grad_scale);
     match aux {
         [row_var, col_var] if is_factored(shape) => {
-            fused_factored(&op, c, factored_dims(shape), p, g, row_var, col_var)
+            fused_factored::<T, V>(&op, c, factored_dims(shape), p, g, row_var, col_var)
         }
-        [variance] if !is_factored(shape) => fused_unfactored(&op, c, p, g, variance),
+        [variance] if !is_factored(shape) => fused_unfactored::<T, V>(&op, c, p, g, variance),
         _ => unreachable!("Adafactor keeps row_var and col_var, or variance"),
     }
 }
 
-fn fused_unfactored<T: Float>(
+fn fused_unfactored<T: Float, V: Lane<Elem = T>>(
     op: &Op<T>,
     c: &AdafactorCoeffs,
     p: &mut [T],
@@ -381,21 +397,21 @@ fn fused_unfactored<T: Float>(
 ) {
     let n = p.len();
     assert!(g.len() == n && variance.len() == n);
-    let alpha = c.alpha(norm(p), n);
-    let w = T::LANES;
+    let alpha = c.alpha(norm::<T, V>(p), n);
+    let w = V::WIDTH;
     let body = n - n % w;
     // variance.lerp_(grad * grad, w), and U's squares in the lanes of torch's norm.
     let (g_body, g_tail) = g.split_at(body);
     let (v_body, v_tail) = variance.split_at_mut(body);
-    let mut acc = T::Vector::splat(T::ZERO);
+    let mut acc = V::splat(T::ZERO);
     for (gc, vc) in g_body.chunks_exact(w).zip(v_body.chunks_exact_mut(w)) {
-        let gv = op.grad(T::Vector::load(gc));
-        let v = lerp(T::Vector::load(vc), gv * gv, op.w, op.one_minus_w);
+        let gv = op.grad(V::load(gc));
+        let v = lerp(V::load(vc), gv * gv, op.w, op.one_minus_w);
         v.store(vc);
         let u = op.update(gv, v);
         acc = acc + u * u;
     }
-    let mut sumsq = fold::<T>(acc);
+    let mut sumsq = fold::<T, V>(acc);
     for (&gs, vs) in g_tail.iter().zip(v_tail.iter_mut()) {
         let gs = op.grad(gs);
         *vs = lerp(*vs, gs * gs, op.w, op.one_minus_w);
@@ -409,8 +425,8 @@ fn fused_unfactored<T: Float>(
         .zip(g_body.chunks_exact(w))
         .zip(v_body.chunks_exact(w))
     {
-        let u = op.update(op.grad(T::Vector::load(gc)), T::Vector::load(vc));
-        op.apply(T::Vector::load(pc), u, step).store(pc);
+        let u = op.update(op.grad(V::load(gc)), V::load(vc));
+        op.apply(V::load(pc), u, step).store(pc);
     }
     for ((ps, &gs), &vs) in p_tail.iter_mut().zip(g_tail).zip(v_tail.iter()) {
         let u = op.update(op.grad(gs), vs);
@@ -422,7 +438,7 @@ fn fused_unfactored<T: Float>(
 /// or L1 while each row is read contiguously.
 const COL_BLOCK: usize = 16;
 
-fn fused_factored<T: Float>(
+fn fused_factored<T: Float, V: Lane<Elem = T>>(
     op: &Op<T>,
     c: &AdafactorCoeffs,
     (nb, m, n): (usize, usize, usize),
@@ -434,11 +450,11 @@ fn fused_factored<T: Float>(
     let numel = p.len();
     assert!(numel == nb * m * n && g.len() == numel);
     assert!(row_var.len() == nb * m && col_var.len() == nb * n);
-    let alpha = c.alpha(norm(p), numel);
-    let w = T::LANES;
+    let alpha = c.alpha(norm::<T, V>(p), numel);
+    let w = V::WIDTH;
     // Row means: each row's norm is a contiguous reduction.
     for (rv, row) in row_var.iter_mut().zip(g.chunks_exact(n)) {
-        let s = sumsq_lastdim(row, |v| op.grad(v), |s| op.grad(s));
+        let s = sumsq_lastdim::<T, V>(row, |v| op.grad(v), |s| op.grad(s));
         *rv = lerp(*rv, mean_square(s, n), op.w, op.one_minus_w);
     }
     // Column means.
@@ -446,7 +462,7 @@ fn fused_factored<T: Float>(
         let cv = &mut col_var[b * n..(b + 1) * n];
         if n == 1 {
             // One column: contiguous, torch's fast path.
-            let s = sumsq_lastdim(gb, |v| op.grad(v), |s| op.grad(s));
+            let s = sumsq_lastdim::<T, V>(gb, |v| op.grad(v), |s| op.grad(s));
             cv[0] = lerp(cv[0], mean_square(s, m), op.w, op.one_minus_w);
             continue;
         }
@@ -455,11 +471,11 @@ fn fused_factored<T: Float>(
         let mut j0 = 0;
         while j0 < n_body {
             let nv = ((n_body - j0) / w).min(COL_BLOCK);
-            let mut acc = [T::Vector::splat(T::ZERO); COL_BLOCK];
+            let mut acc = [V::splat(T::ZERO); COL_BLOCK];
             for row in gb.chunks_exact(n) {
                 let seg = &row[j0..j0 + nv * w];
                 for (a, x) in acc[..nv].iter_mut().zip(seg.chunks_exact(w)) {
-                    let v = op.grad(T::Vector::load(x));
+                    let v = op.grad(V::load(x));
                     *a = *a + v * v;
                 }
             }
@@ -467,7 +483,7 @@ fn fused_factored<T: Float>(
                 .iter()
                 .zip(cv[j0..j0 + nv * w].chunks_exact_mut(w))
             {
-                let old = T::Vector::load(cc);
+                let old = V::load(cc);
                 lerp(old, mean_square(*a, m), op.w, op.one_minus_w).store(cc);
             }
             j0 += nv * w;
@@ -492,33 +508,33 @@ fn fused_factored<T: Float>(
         eps1: op.eps1,
     };
     // ‖U‖ in torch's order: lanes over the flat parameter, folded, then the remainder.
-    let mut sums = (T::Vector::splat(T::ZERO), T::ZERO, false);
-    factors.visit(
+    let mut sums = (V::splat(T::ZERO), T::ZERO, false);
+    factors.visit::<V, _>(
         numel,
         &mut sums,
         |(acc, _, _), k, v| {
-            let u = op.update(op.grad(T::Vector::load(&g[k..k + w])), v);
+            let u = op.update(op.grad(V::load(&g[k..k + w])), v);
             *acc = *acc + u * u;
         },
         |(acc, sumsq, folded), k, v| {
             if !*folded {
-                *sumsq = fold::<T>(*acc);
+                *sumsq = fold::<T, V>(*acc);
                 *folded = true;
             }
             let u = op.update(op.grad(g[k]), v);
             *sumsq = u.mul_add(u, *sumsq);
         },
     );
-    let sumsq = if sums.2 { sums.1 } else { fold::<T>(sums.0) };
+    let sumsq = if sums.2 { sums.1 } else { fold::<T, V>(sums.0) };
     let step = T::from_f64(-alpha / c.denom(sumsq.sqrt(), numel));
     // The same U again, applied.
-    factors.visit(
+    factors.visit::<V, _>(
         numel,
         p,
         |p, k, v| {
             let pc = &mut p[k..k + w];
-            let u = op.update(op.grad(T::Vector::load(&g[k..k + w])), v);
-            op.apply(T::Vector::load(pc), u, step).store(pc);
+            let u = op.update(op.grad(V::load(&g[k..k + w])), v);
+            op.apply(V::load(pc), u, step).store(pc);
         },
         |p, k, v| {
             let u = op.update(op.grad(g[k]), v);
@@ -546,15 +562,15 @@ impl<T: Float> Factors<'_, T> {
 
     /// Calls `body(state, k, V̂[k..k + LANES])` for each full vector of the flat parameter
     /// from the start, then `tail(state, k, V̂[k])` for the remaining elements, in order.
-    fn visit<S: ?Sized>(
+    fn visit<V: Lane<Elem = T>, S: ?Sized>(
         &self,
         len: usize,
         state: &mut S,
-        mut body: impl FnMut(&mut S, usize, T::Vector),
+        mut body: impl FnMut(&mut S, usize, V),
         mut tail: impl FnMut(&mut S, usize, T),
     ) {
         let (m, n) = (self.m, self.n);
-        let w = T::LANES;
+        let w = V::WIDTH;
         let body_len = len - len % w;
         // Position of flat element k: batch b, row i (within the batch), column j.
         let (mut b, mut i, mut j) = (0usize, 0usize, 0usize);
@@ -580,9 +596,9 @@ impl<T: Float> Factors<'_, T> {
         while k < body_len {
             let v = if j + w <= n {
                 // Within one row: one row factor, contiguous column factors.
-                let r = T::Vector::splat(self.row_var[b * m + i]);
-                let c = T::Vector::load(&self.col_var[b * n + j..b * n + j + w]);
-                let rm = T::Vector::splat(row_mean(b));
+                let r = V::splat(self.row_var[b * m + i]);
+                let c = V::load(&self.col_var[b * n + j..b * n + j + w]);
+                let rm = V::splat(row_mean(b));
                 j += w;
                 if j == n {
                     j = 0;
@@ -602,7 +618,7 @@ impl<T: Float> Factors<'_, T> {
                     rm[l] = row_mean(b);
                     advance(&mut b, &mut i, &mut j);
                 }
-                T::Vector::load(&r[..w]) * T::Vector::load(&c[..w]) / T::Vector::load(&rm[..w])
+                V::load(&r[..w]) * V::load(&c[..w]) / V::load(&rm[..w])
             };
             body(state, k, v);
             k += w;
