@@ -7,9 +7,9 @@
 //! cargo run --release --example bench_step -- adamw adapter 0 1 5000
 //! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
 //! ```
-//! Arguments: optimizer (`sgd_momentum`, `adam`, `adamw`, `radam`, `roofline3`, `roofline4`,
-//! or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`, `gpt2`,
-//! `adapter`), elements (for `flat`), threads, timed steps.
+//! Arguments: optimizer (`sgd_momentum`, `adam`, `adamw`, `radam`, `adafactor`, `roofline3`,
+//! `roofline4`, or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
+//! `gpt2`, `adapter`), elements (for `flat`), threads, timed steps.
 
 use std::time::Instant;
 
@@ -176,6 +176,7 @@ fn main() {
                 "adam" => run!(Adam::new(&a, g(), AdamConfig::default())),
                 "adamw" => run!(AdamW::new(&a, g(), AdamWConfig::default())),
                 "radam" => run!(RAdam::new(&a, g(), RAdamConfig::default())),
+                "adafactor" => run!(Adafactor::new(&a, g(), AdafactorConfig::default())),
                 "clip_adamw" => {
                     let mut o = AdamW::new(&a, g(), AdamWConfig::default())
                         .unwrap()

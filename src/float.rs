@@ -55,6 +55,12 @@ pub trait Float:
     fn is_non_finite(self) -> bool;
     /// `self` raised to `p`, as C's `powf` / `pow`.
     fn powf(self, p: Self) -> Self;
+    /// The machine epsilon, `torch.finfo(dtype).eps`: the gap between 1 and the next value.
+    const EPSILON: Self;
+    /// `self * a + b` with one rounding (a fused multiply-add), as C's `fma`. Only for
+    /// emulating torch reductions whose scalar loops the C++ compiler contracts; the [`Lane`]
+    /// kernels never use it.
+    fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
 impl Float for f32 {
@@ -65,6 +71,7 @@ impl Float for f32 {
     const DTYPE: &'static str = "float32";
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    const EPSILON: Self = f32::EPSILON;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x as f32
@@ -81,6 +88,10 @@ impl Float for f32 {
     fn powf(self, p: Self) -> Self {
         <Self>::powf(self, p)
     }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        <Self>::mul_add(self, a, b)
+    }
 }
 
 impl Float for f64 {
@@ -91,6 +102,7 @@ impl Float for f64 {
     const DTYPE: &'static str = "float64";
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    const EPSILON: Self = f64::EPSILON;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x
@@ -106,6 +118,10 @@ impl Float for f64 {
     #[inline(always)]
     fn powf(self, p: Self) -> Self {
         <Self>::powf(self, p)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        <Self>::mul_add(self, a, b)
     }
 }
 

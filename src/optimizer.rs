@@ -17,6 +17,21 @@
 //!    count, so the result is bitwise the same on any number of threads.
 //!
 //! Once state exists a step allocates nothing: the work list is kept between steps.
+//!
+//! # Per-parameter algorithms
+//! Most algorithms are elementwise, and the steps above cut runs anywhere. An algorithm whose
+//! update needs reductions over each parameter (Adafactor's RMS scaling and its factored second
+//! moments) sets [`Algorithm::PER_PARAMETER`]: then runs never merge parameters and are never
+//! cut, so each kernel call gets exactly one whole parameter, and it gets the parameter's shape
+//! too ([`Algorithm::fused_param`]). Such an algorithm may also keep *shaped* state
+//! ([`Algorithm::aux_buffers`]): buffers whose length follows from the parameter's shape
+//! instead of equalling it (Adafactor's `row_var` of shape `[..., m, 1]`). They live in one
+//! more per-group buffer, each parameter's back to back, are created (zeroed) with the
+//! parameter's state, and are saved and loaded by name beside the elementwise buffers.
+//! Parameters then run in parallel with each other, each on one thread, and a kernel's
+//! reductions run in a fixed order, so the result is still bitwise the same on any number of
+//! threads. The elementwise algorithms are untouched by all of this: every addition has a
+//! default that keeps their behaviour.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -31,6 +46,9 @@ use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STAT
 
 /// Most state buffers any algorithm keeps per parameter.
 pub const MAX_BUFFERS: usize = 4;
+
+/// Most shaped state buffers ([`Algorithm::aux_buffers`]) any algorithm keeps per parameter.
+pub const MAX_AUX_BUFFERS: usize = 4;
 
 /// Per-parameter scalar state besides the step count (ASGD's `eta` and `mu`, NAdam's
 /// `mu_product`). `()` for algorithms that have none.
@@ -123,6 +141,72 @@ pub trait Algorithm: Send + Sync + 'static {
         grads: &[T],
         buffers: &mut [&mut [T]],
     );
+
+    /// Whether every kernel call gets exactly one whole parameter and its shape (through
+    /// [`Algorithm::fused_param`] and [`Algorithm::reference_param`]) instead of a piece of a
+    /// run that may span parameters. For updates that need reductions over each parameter.
+    /// Parameters then run in parallel with each other, each on one thread.
+    const PER_PARAMETER: bool = false;
+
+    /// torch's names of the shaped state of a parameter of shape `shape`: buffers whose length
+    /// follows from the shape instead of equalling the parameter's (Adafactor's `row_var` and
+    /// `col_var`), at most [`MAX_AUX_BUFFERS`], none sharing a name with
+    /// [`Algorithm::buffers`]. They depend on the shape only, never on the config; each starts
+    /// at zero when the parameter's state is created. Only a [`Algorithm::PER_PARAMETER`]
+    /// algorithm's kernels receive them.
+    fn aux_buffers(_shape: &[usize]) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The length of shaped buffer `index` (of [`Algorithm::aux_buffers`]) of a parameter of
+    /// shape `shape`.
+    fn aux_len(_shape: &[usize], _index: usize) -> usize {
+        0
+    }
+
+    /// The fused update of one whole parameter of shape `shape`, called instead of
+    /// [`Algorithm::fused`] when [`Algorithm::PER_PARAMETER`] is set: `buffers` as for
+    /// `fused`, `aux` the shaped buffers of [`Algorithm::aux_buffers`] (each as long as
+    /// [`Algorithm::aux_len`] says). The default ignores the shape and runs `fused`.
+    fn fused_param<T: Float>(
+        args: &KernelArgs<Self::Coeffs>,
+        shape: &[usize],
+        params: &mut [T],
+        grads: &[T],
+        buffers: &mut [&mut [T]],
+        aux: &mut [&mut [T]],
+    ) {
+        let _ = (shape, aux);
+        Self::fused(args, params, grads, buffers)
+    }
+
+    /// The scalar reference of [`Algorithm::fused_param`]. The default runs
+    /// [`Algorithm::reference`].
+    fn reference_param<T: Float>(
+        args: &KernelArgs<Self::Coeffs>,
+        shape: &[usize],
+        params: &mut [T],
+        grads: &[T],
+        buffers: &mut [&mut [T]],
+        aux: &mut [&mut [T]],
+    ) {
+        let _ = (shape, aux);
+        Self::reference(args, params, grads, buffers)
+    }
+}
+
+/// Element ranges of the shaped state buffers of a parameter of shape `shape` whose shaped
+/// state starts at `start`, in [`Algorithm::aux_buffers`] order.
+fn aux_ranges<A: Algorithm>(
+    shape: &[usize],
+    start: usize,
+) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut at = start;
+    (0..A::aux_buffers(shape).len()).map(move |k| {
+        let r = at..at + A::aux_len(shape, k);
+        at = r.end;
+        r
+    })
 }
 
 /// The parameters of one param group and the hyperparameters it overrides.
@@ -262,6 +346,11 @@ struct Group<T, A: Algorithm> {
     state: Vec<Option<ParamState<A::Scalars>>>,
     /// State buffers, each `elems.len()` long, named by `A::buffers(config)`.
     buffers: Vec<AlignedBuf<T>>,
+    /// Where each parameter's shaped state ([`Algorithm::aux_buffers`]) starts in `aux`, one
+    /// entry per parameter and one for the end. All zero for algorithms without shaped state.
+    aux_offsets: Vec<usize>,
+    /// Every parameter's shaped state, back to back; empty until the first state exists.
+    aux: AlignedBuf<T>,
 }
 
 impl<T: Float, A: Algorithm> Clone for Group<T, A> {
@@ -272,11 +361,22 @@ impl<T: Float, A: Algorithm> Clone for Group<T, A> {
             elems: self.elems.clone(),
             state: self.state.clone(),
             buffers: self.buffers.clone(),
+            aux_offsets: self.aux_offsets.clone(),
+            aux: self.aux.clone(),
         }
     }
 }
 
 impl<T: Float, A: Algorithm> Group<T, A> {
+    /// Allocates the shaped state buffer (zeroed) if the algorithm keeps shaped state and it
+    /// is not allocated yet.
+    fn ensure_aux(&mut self) {
+        let total = self.aux_offsets.last().copied().unwrap_or(0);
+        if self.aux.len() != total {
+            self.aux = filled(total, T::ZERO);
+        }
+    }
+
     /// Re-lays the state buffers out by name after the config changed from `old` to one that
     /// keeps other buffers (RMSprop's `momentum` or `centered`, Adam's `amsgrad`), so each
     /// buffer keeps its meaning: a buffer both configs keep moves to its new position with its
@@ -338,6 +438,13 @@ struct WorkItem<T, C> {
     n_buffers: usize,
     len: usize,
     args: KernelArgs<C>,
+    /// Arena position of the piece's (first) parameter: the parameter whose shape a
+    /// per-parameter kernel gets.
+    param: usize,
+    /// Shaped state of that parameter (per-parameter algorithms only) and each one's length.
+    aux: [*mut T; MAX_AUX_BUFFERS],
+    aux_lens: [usize; MAX_AUX_BUFFERS],
+    n_aux: usize,
 }
 
 // SAFETY: a work item is only a set of pointers to ranges no other work item touches (groups
@@ -348,12 +455,14 @@ unsafe impl<T: Send, C: Send> Send for WorkItem<T, C> {}
 unsafe impl<T: Send, C: Sync> Sync for WorkItem<T, C> {}
 
 impl<T: Float, C: Copy> WorkItem<T, C> {
-    /// Runs `kernel` on the item's slices.
+    /// Runs `A`'s fused kernel (or its reference, when `reference`) on the item's slices;
+    /// for a per-parameter algorithm, with the parameter's shape from `layout` and its shaped
+    /// state.
     ///
     /// # Safety
-    /// The pointers must be valid for `len` elements and not aliased by any other live
-    /// reference or concurrently running item.
-    unsafe fn run(&self, kernel: impl Fn(&KernelArgs<C>, &mut [T], &[T], &mut [&mut [T]])) {
+    /// The pointers must be valid for `len` elements (each shaped state pointer for its
+    /// length) and not aliased by any other live reference or concurrently running item.
+    unsafe fn run<A: Algorithm<Coeffs = C>>(&self, layout: &[ParamInfo], reference: bool) {
         // SAFETY: guaranteed by the caller (see above).
         let params = unsafe { std::slice::from_raw_parts_mut(self.params, self.len) };
         // SAFETY: as above; grads are only read.
@@ -363,7 +472,30 @@ impl<T: Float, C: Copy> WorkItem<T, C> {
             // SAFETY: as above; each buffer pointer covers `len` elements of its own buffer.
             *slot = unsafe { std::slice::from_raw_parts_mut(ptr, self.len) };
         }
-        kernel(&self.args, params, grads, &mut bufs[..self.n_buffers]);
+        let bufs = &mut bufs[..self.n_buffers];
+        if !A::PER_PARAMETER {
+            if reference {
+                A::reference::<T>(&self.args, params, grads, bufs);
+            } else {
+                A::fused::<T>(&self.args, params, grads, bufs);
+            }
+            return;
+        }
+        let mut aux: [&mut [T]; MAX_AUX_BUFFERS] = Default::default();
+        for ((slot, &ptr), &len) in aux.iter_mut().zip(&self.aux).zip(&self.aux_lens) {
+            if !ptr.is_null() {
+                // SAFETY: as above; each shaped state pointer covers its length, in a region
+                // of the group's shaped state no other item touches.
+                *slot = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            }
+        }
+        let aux = &mut aux[..self.n_aux];
+        let shape = &layout[self.param].shape;
+        if reference {
+            A::reference_param::<T>(&self.args, shape, params, grads, bufs, aux);
+        } else {
+            A::fused_param::<T>(&self.args, shape, params, grads, bufs, aux);
+        }
     }
 }
 
@@ -531,12 +663,23 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         }
         config.validate()?;
         let elems = arena.elem_range(params.clone());
+        let mut aux_offsets = Vec::with_capacity(params.len() + 1);
+        let mut at = 0;
+        aux_offsets.push(at);
+        for info in &self.layout[params.clone()] {
+            at += aux_ranges::<A>(&info.shape, 0)
+                .map(|r| r.len())
+                .sum::<usize>();
+            aux_offsets.push(at);
+        }
         self.groups.push(Group {
             config,
             state: vec![None; params.len()],
             params,
             elems,
             buffers: Vec::new(),
+            aux_offsets,
+            aux: AlignedBuf::new(crate::arena::ALIGN),
         });
         Ok(())
     }
@@ -764,11 +907,12 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         }
         let elems = self.plan(arena, grad_factor);
         let work = std::mem::take(&mut self.work);
+        let layout = &self.layout;
         self.parallelism.for_each(&work, elems, |item| {
             // SAFETY: `plan` built every item from disjoint ranges of the arena and the state
             // buffers, and `arena` and `self.groups` stay mutably borrowed here until all
             // items have run.
-            unsafe { item.run(A::fused::<T>) }
+            unsafe { item.run::<A>(layout, false) }
         });
         self.work = work;
         self.work.clear();
@@ -877,6 +1021,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     let init = T::from_f64(A::buffer_init_in(&group.config, defaults, k));
                     group.buffers.push(filled(gl, init));
                 }
+                group.ensure_aux();
             }
             let base = group.elems.start;
             let mut run: Option<OpenRun<A::Scalars>> = None;
@@ -884,6 +1029,11 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             for j in 0..=n {
                 // Decide what param j contributes (None = breaks the run).
                 let next = if j < n && has_grad[group.params.start + j] {
+                    if group.state[j].is_none() {
+                        // Shaped state starts at zero with the parameter's state (it may hold
+                        // values from before a `load_state_dict` that dropped this state).
+                        group.aux[group.aux_offsets[j]..group.aux_offsets[j + 1]].fill(T::ZERO);
+                    }
                     let st = group.state[j].get_or_insert(ParamState {
                         step: 0,
                         scalars: A::init_scalars(&group.config),
@@ -908,7 +1058,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 };
                 // Extend the current run or close it.
                 if let (Some(open), Some((_, st, fresh))) = (&mut run, &next) {
-                    if open.state == *st && open.fresh == *fresh {
+                    // A per-parameter algorithm's runs are single parameters.
+                    if !A::PER_PARAMETER && open.state == *st && open.fresh == *fresh {
                         let info = &layout[group.params.start + j];
                         open.last = j;
                         open.end = info.offset + info.len;
@@ -933,9 +1084,27 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         fresh,
                         grad_scale,
                     };
+                    let param = group.params.start + first;
+                    let mut aux = [std::ptr::null_mut(); MAX_AUX_BUFFERS];
+                    let mut aux_lens = [0; MAX_AUX_BUFFERS];
+                    let mut n_aux = 0;
+                    if A::PER_PARAMETER {
+                        let shape = &layout[param].shape;
+                        let ranges = aux_ranges::<A>(shape, group.aux_offsets[first]);
+                        for (k, r) in ranges.enumerate() {
+                            aux_lens[k] = r.len();
+                            aux[k] = group.aux[r].as_mut_ptr();
+                            n_aux = k + 1;
+                        }
+                    }
                     let mut at = start;
                     while at < end {
-                        let len = CHUNK.min(end - at);
+                        // A per-parameter kernel gets its parameter whole.
+                        let len = if A::PER_PARAMETER {
+                            end - at
+                        } else {
+                            CHUNK.min(end - at)
+                        };
                         let local = at - base;
                         let mut buffers = [std::ptr::null_mut(); MAX_BUFFERS];
                         for (k, b) in group.buffers[..need].iter_mut().enumerate() {
@@ -951,6 +1120,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                             n_buffers: need,
                             len,
                             args,
+                            param,
+                            aux,
+                            aux_lens,
+                            n_aux,
                         });
                         total += len;
                         at += len;
@@ -971,19 +1144,27 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         total
     }
 
-    /// The state buffer `buffer` (torch's name, e.g. `"exp_avg"`, ASGD's `"ax"`) of parameter
-    /// `param`, or `None` if it has no state yet.
+    /// The state buffer `buffer` (torch's name, e.g. `"exp_avg"`, ASGD's `"ax"`, Adafactor's
+    /// shaped `"row_var"`) of parameter `param`, or `None` if it has no state yet. Row-major;
+    /// a shaped buffer is as long as [`Algorithm::aux_len`] says.
     pub fn buffer(&self, param: Param<T>, buffer: &str) -> Option<&[T]> {
         let i = param.index();
         let g = self.groups.iter().find(|g| g.params.contains(&i))?;
-        let st = g.state[i - g.params.start]?;
-        let k = A::buffers(&g.config).iter().position(|&b| b == buffer)?;
-        if k >= st.live_buffers as usize {
-            return None;
-        }
+        let j = i - g.params.start;
+        let st = g.state[j]?;
         let info = &self.layout[i];
-        let local = info.offset - g.elems.start;
-        Some(&g.buffers[k][local..local + info.len])
+        if let Some(k) = A::buffers(&g.config).iter().position(|&b| b == buffer) {
+            if k >= st.live_buffers as usize {
+                return None;
+            }
+            let local = info.offset - g.elems.start;
+            return Some(&g.buffers[k][local..local + info.len]);
+        }
+        let k = A::aux_buffers(&info.shape)
+            .iter()
+            .position(|&b| b == buffer)?;
+        let r = aux_ranges::<A>(&info.shape, g.aux_offsets[j]).nth(k)?;
+        Some(&g.aux[r])
     }
 
     /// The step count of parameter `param` (torch's `state[p]["step"]`), or `None` before its
@@ -1027,7 +1208,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 });
                 if let Some(st) = g.state[j] {
                     let local = info.offset - g.elems.start;
-                    let buffers: BTreeMap<String, Vec<T>> = (0..st.live_buffers as usize)
+                    let mut buffers: BTreeMap<String, Vec<T>> = (0..st.live_buffers as usize)
                         .map(|k| {
                             (
                                 names[k].to_string(),
@@ -1035,6 +1216,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                             )
                         })
                         .collect();
+                    let aux = aux_ranges::<A>(&info.shape, g.aux_offsets[j]);
+                    for (name, r) in A::aux_buffers(&info.shape).iter().zip(aux) {
+                        buffers.insert(name.to_string(), g.aux[r].to_vec());
+                    }
                     let scalars: BTreeMap<String, f64> = <A::Scalars as ParamScalars>::NAMES
                         .iter()
                         .map(|n| n.to_string())
@@ -1172,10 +1357,17 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let info = &self.layout[g.params.start + j];
             let names = A::buffers(&g.config);
             let live = names.len();
-            if ps.buffers.len() != live || names.iter().any(|n| !ps.buffers.contains_key(*n)) {
+            let aux_names = A::aux_buffers(&info.shape);
+            if ps.buffers.len() != live + aux_names.len()
+                || names
+                    .iter()
+                    .chain(aux_names)
+                    .any(|n| !ps.buffers.contains_key(*n))
+            {
                 let saved_names: Vec<&str> = ps.buffers.keys().map(String::as_str).collect();
+                let kept: Vec<&str> = names.iter().chain(aux_names).copied().collect();
                 return bad(format!(
-                    "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
+                    "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {kept:?}",
                     info.name,
                     A::NAME
                 ));
@@ -1215,6 +1407,26 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     *dst = T::from_f64(src.to_f64());
                 }
             }
+            if !aux_names.is_empty() {
+                g.ensure_aux();
+            }
+            let aux = aux_ranges::<A>(&info.shape, g.aux_offsets[j]);
+            for (name, r) in aux_names.iter().zip(aux) {
+                let values = &ps.buffers[*name];
+                if values.len() != r.len() {
+                    return bad(format!(
+                        "buffer `{name}` of parameter `{}` (shape {:?}) has {} values, {} keeps {}",
+                        info.name,
+                        info.shape,
+                        values.len(),
+                        A::NAME,
+                        r.len()
+                    ));
+                }
+                for (dst, src) in g.aux[r].iter_mut().zip(values) {
+                    *dst = T::from_f64(src.to_f64());
+                }
+            }
             g.state[j] = Some(ParamState {
                 step,
                 scalars: A::Scalars::from_values(&scalar_values),
@@ -1248,7 +1460,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let work = std::mem::take(&mut self.work);
         for item in &work {
             // SAFETY: as in `step_with_options`; run sequentially here.
-            unsafe { item.run(A::reference::<T>) }
+            unsafe { item.run::<A>(&self.layout, true) }
         }
         self.work = work;
         self.work.clear();

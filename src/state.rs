@@ -68,7 +68,8 @@ pub struct ParamStateDict<T> {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub scalars: BTreeMap<String, f64>,
     /// State buffers by torch's name (`exp_avg`, `momentum_buffer`, ...), each the
-    /// parameter's length, row-major.
+    /// parameter's length, row-major; shaped state (Adafactor's `row_var` and `col_var`) as
+    /// long as its own shape, row-major.
     pub buffers: BTreeMap<String, Vec<T>>,
 }
 

@@ -283,3 +283,141 @@ kernel_test!(
         ],
     ]
 );
+
+// ---- Adafactor: per-parameter kernels, which take a whole parameter and its shape ----
+
+/// Shapes that reach every path: scalars and vectors (unfactored), rows shorter and longer
+/// than a vector (gathered factors across row ends, the norm's remainder), one row or one
+/// column, batches, many column blocks, long columns (the cascade sum's levels), and empty
+/// parameters.
+const ADAFACTOR_SHAPES: &[&[usize]] = &[
+    &[],
+    &[1],
+    &[5],
+    &[8],
+    &[17],
+    &[67],
+    &[1, 1],
+    &[6, 1],
+    &[1, 6],
+    &[7, 5],
+    &[3, 4, 2],
+    &[2, 1, 3],
+    &[4, 3, 5],
+    &[2, 3, 4, 5],
+    &[9, 8],
+    &[3, 16],
+    &[5, 300],
+    &[2, 3, 129],
+    &[300, 3],
+    &[40, 9],
+    &[33, 1],
+    &[0, 3],
+    &[4, 0],
+    &[0],
+];
+
+fn check_adafactor<T: Float>(configs: &[AdafactorConfig]) {
+    let mut rng = Rng(11);
+    for config in configs {
+        for step in [1u64, 2, 7, 40] {
+            let coeffs = AdafactorAlgorithm::prepare(config, step, &mut ());
+            for grad_scale in [1.0, 0.37] {
+                let args = KernelArgs {
+                    coeffs,
+                    fresh: step == 1,
+                    grad_scale,
+                };
+                for shape in ADAFACTOR_SHAPES {
+                    let n: usize = shape.iter().product();
+                    let p0: Vec<T> = rng.vec(n, 2.0);
+                    let mut g: Vec<T> = rng.vec(n, 2.0);
+                    // Exact zeros happen (ReLU layers): a zero row or column factor.
+                    for x in g.iter_mut().skip(3).step_by(7) {
+                        *x = T::ZERO;
+                    }
+                    let names = AdafactorAlgorithm::aux_buffers(shape);
+                    let aux0: Vec<Vec<T>> = (0..names.len())
+                        .map(|k| {
+                            let len = AdafactorAlgorithm::aux_len(shape, k);
+                            if step == 1 {
+                                vec![T::ZERO; len]
+                            } else {
+                                rng.vec::<T>(len, 1.0)
+                                    .into_iter()
+                                    .map(|x| if x < T::ZERO { -x } else { x })
+                                    .collect()
+                            }
+                        })
+                        .collect();
+                    let (mut p1, mut p2) = (p0.clone(), p0.clone());
+                    let (mut a1, mut a2) = (aux0.clone(), aux0.clone());
+                    {
+                        let mut s1: Vec<&mut [T]> = a1.iter_mut().map(|b| &mut b[..]).collect();
+                        AdafactorAlgorithm::fused_param(
+                            &args,
+                            shape,
+                            &mut p1,
+                            &g,
+                            &mut [],
+                            &mut s1,
+                        );
+                        let mut s2: Vec<&mut [T]> = a2.iter_mut().map(|b| &mut b[..]).collect();
+                        AdafactorAlgorithm::reference_param(
+                            &args,
+                            shape,
+                            &mut p2,
+                            &g,
+                            &mut [],
+                            &mut s2,
+                        );
+                    }
+                    let bits =
+                        |v: &[T]| -> Vec<u64> { v.iter().map(|x| x.to_f64().to_bits()).collect() };
+                    let what = format!("{config:?} step {step} scale {grad_scale} shape {shape:?}");
+                    assert_eq!(bits(&p1), bits(&p2), "{what}: params differ");
+                    for k in 0..names.len() {
+                        assert_eq!(bits(&a1[k]), bits(&a2[k]), "{what}: {} differs", names[k]);
+                    }
+                    if n > 0 {
+                        assert_ne!(bits(&p1), bits(&p0), "{what}: nothing changed");
+                        assert!(p1.iter().all(|x| x.to_f64().is_finite()), "{what}: {p1:?}");
+                    }
+                    // The elementwise entry points update a whole vector with `[variance]`.
+                    if shape.len() <= 1 {
+                        let (mut p3, mut p4) = (p0.clone(), p0.clone());
+                        let (mut v3, mut v4) = (aux0[0].clone(), aux0[0].clone());
+                        AdafactorAlgorithm::fused(&args, &mut p3, &g, &mut [&mut v3[..]]);
+                        AdafactorAlgorithm::reference(&args, &mut p4, &g, &mut [&mut v4[..]]);
+                        assert_eq!(bits(&p3), bits(&p1), "{what}: fused entry");
+                        assert_eq!(bits(&p4), bits(&p1), "{what}: reference entry");
+                        assert_eq!(bits(&v3), bits(&a1[0]), "{what}: fused entry variance");
+                        assert_eq!(bits(&v4), bits(&a1[0]), "{what}: reference entry variance");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn adafactor() {
+    use optarena::HyperValue::*;
+    let cs = configs::<AdafactorConfig>(&[
+        &[],
+        &[("weight_decay", Number(0.1)), ("maximize", Bool(true))],
+        &[("eps", OptPair(Some(1e-15), 1e-3)), ("d", Number(1.5))],
+        &[
+            ("eps", OptPair(Option::None, 0.01)),
+            ("beta2_decay", Number(-0.5)),
+            ("lr", Number(0.05)),
+        ],
+        // A large eps1 clamps most of the variance estimate; d = inf never clips.
+        &[
+            ("eps", OptPair(Some(0.3), 1e-3)),
+            ("d", Number(f64::INFINITY)),
+        ],
+    ]);
+    check_adafactor::<f32>(&cs);
+    check_adafactor::<f64>(&cs);
+}

@@ -103,4 +103,8 @@ fn a_step_allocates_nothing_once_state_exists() {
     });
     steps_allocate_nothing::<RpropAlgorithm>(RpropConfig::default());
     steps_allocate_nothing::<AsgdAlgorithm>(AsgdConfig::default());
+    steps_allocate_nothing::<AdafactorAlgorithm>(AdafactorConfig {
+        weight_decay: 0.01,
+        ..Default::default()
+    });
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use common::{build_arena, write_grads};
 use optarena::optim::*;
 use optarena::{
-    Algorithm, Arena, Float, Hyperparams, MatchBy, Optimizer, Parallelism, Param, ParamGroup,
-    StateDict, StepOutcome,
+    Algorithm, Arena, ArenaBuilder, Float, Hyperparams, MatchBy, Optimizer, Parallelism, Param,
+    ParamGroup, StateDict, StepOutcome,
 };
 
 /// Two groups: params 0..3 and 3..6, the largest over the parallel threshold.
@@ -247,6 +247,9 @@ api_tests!(rprop, RpropAlgorithm, RpropConfig,
 api_tests!(asgd, AsgdAlgorithm, AsgdConfig,
     [("lr", 0.05), ("t0", 2.0), ("lambd", 0.01), ("weight_decay", 0.01)],
     group2: [("t0", 1e6), ("alpha", 0.5)]);
+api_tests!(adafactor, AdafactorAlgorithm, AdafactorConfig,
+    [("lr", 0.02), ("weight_decay", 0.01), ("d", 1.5)],
+    group2: [("beta2_decay", -0.6), ("maximize", true), ("eps", (1e-20, 1e-3))]);
 
 // ---- Algorithm-specific API ----
 
@@ -487,4 +490,235 @@ fn arena_and_state_buffers_are_64_byte_aligned() {
             );
         }
     }
+}
+
+// ---- Adafactor: shaped state, whole-parameter kernels ----
+
+/// Parameters of every kind Adafactor distinguishes: matrices, a batched 3-D tensor, vectors,
+/// a scalar, a one-column matrix, and an empty parameter.
+fn adafactor_arena<T: Float>(seed: u64) -> (Arena<T>, Vec<Param<T>>) {
+    let shapes = vec![
+        vec![7, 5],
+        vec![5],
+        vec![300, 401],
+        vec![4, 3, 6],
+        vec![],
+        vec![129, 1],
+        vec![0, 3],
+    ];
+    build_arena::<T>(&shapes, seed, &[])
+}
+
+#[test]
+fn adafactor_state_is_factored_by_shape() {
+    let (mut arena, h) = adafactor_arena::<f32>(41);
+    let mut opt = Adafactor::new(&arena, [ParamGroup::all()], AdafactorConfig::default()).unwrap();
+    assert!(
+        opt.buffer(h[0], "row_var").is_none(),
+        "no state before a step"
+    );
+    write_grads(&mut arena, 1, &[]);
+    opt.step(&mut arena).unwrap();
+    // torch: row_var has the gradient's shape with the last dim 1, col_var with the
+    // second-to-last dim 1; variance the gradient's shape.
+    let len = |p: Param<f32>, b: &str| opt.buffer(p, b).map(<[f32]>::len);
+    assert_eq!(
+        (len(h[0], "row_var"), len(h[0], "col_var")),
+        (Some(7), Some(5))
+    );
+    assert_eq!(len(h[0], "variance"), None);
+    assert_eq!(len(h[1], "variance"), Some(5));
+    assert_eq!(len(h[1], "row_var"), None);
+    assert_eq!(
+        (len(h[2], "row_var"), len(h[2], "col_var")),
+        (Some(300), Some(401))
+    );
+    assert_eq!(
+        (len(h[3], "row_var"), len(h[3], "col_var")),
+        (Some(4 * 3), Some(4 * 6))
+    );
+    assert_eq!(len(h[4], "variance"), Some(1), "a scalar is not factored");
+    assert_eq!(
+        (len(h[5], "row_var"), len(h[5], "col_var")),
+        (Some(129), Some(1))
+    );
+    assert_eq!(
+        (len(h[6], "row_var"), len(h[6], "col_var")),
+        (Some(0), Some(3))
+    );
+    // Step 1 weighs the new squared gradient by 1: row_var is the mean of g² over each row.
+    let g = arena.grad(h[0]).unwrap();
+    let row_var = opt.buffer(h[0], "row_var").unwrap();
+    for (i, &r) in row_var.iter().enumerate() {
+        let mean = g[i * 5..i * 5 + 5].iter().map(|x| x * x).sum::<f32>() / 5.0;
+        assert!((r - mean).abs() <= 1e-6 * mean, "row {i}: {r} vs {mean}");
+    }
+    let sd = opt.state_dict();
+    let keys: Vec<Vec<&str>> = sd
+        .state
+        .iter()
+        .map(|s| s.buffers.keys().map(String::as_str).collect())
+        .collect();
+    assert_eq!(keys[0], ["col_var", "row_var"]);
+    assert_eq!(keys[1], ["variance"]);
+    assert_eq!(keys[4], ["variance"]);
+    assert!(sd.state.iter().all(|s| s.step == Some(1)));
+    // The empty parameter has state (and a step count) but is left as it was.
+    assert_eq!(sd.state.len(), 7);
+    assert_eq!(opt.step_count(h[6]), Some(1));
+}
+
+#[test]
+fn adafactor_fused_step_equals_the_reference_step() {
+    for config in [
+        AdafactorConfig::default(),
+        AdafactorConfig {
+            weight_decay: 0.05,
+            maximize: true,
+            eps: (Some(1e-10), 1e-2),
+            ..Default::default()
+        },
+    ] {
+        let (mut a1, h) = adafactor_arena::<f32>(42);
+        let (mut a2, _) = adafactor_arena::<f32>(42);
+        let mut o1 = Adafactor::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
+        let mut o2 = Adafactor::new(&a2, [ParamGroup::all()], config.clone()).unwrap();
+        for t in 1..=4 {
+            let skip: &[usize] = if t == 2 { &[1, 3] } else { &[] };
+            write_grads(&mut a1, t, skip);
+            write_grads(&mut a2, t, skip);
+            o1.step(&mut a1).unwrap();
+            o2.step_reference(&mut a2).unwrap();
+        }
+        assert_eq!(snapshot(&a1), snapshot(&a2));
+        assert_eq!(o1.state_dict(), o2.state_dict());
+        assert_eq!(o1.step_count(h[1]), Some(3));
+    }
+}
+
+/// `eps = (None, ε₂)` is `torch.finfo(dtype).eps`: f32's for an f32 model, f64's for f64.
+#[test]
+fn adafactor_eps1_none_is_the_dtype_epsilon() {
+    fn run<T: Float>(eps1: Option<f64>) -> Vec<(String, Vec<u64>)> {
+        let (mut arena, _) = adafactor_arena::<T>(43);
+        let config = AdafactorConfig {
+            eps: (eps1, 1e-3),
+            ..Default::default()
+        };
+        let mut opt = Adafactor::new(&arena, [ParamGroup::all()], config).unwrap();
+        for t in 1..=3 {
+            // Tiny gradients on a few elements (between the two epsilons): the estimate is
+            // clamped by eps1 there.
+            write_grads(&mut arena, t, &[]);
+            let infos = arena.infos().to_vec();
+            for info in &infos {
+                if let Ok(g) = arena.grad_by_name_mut(&info.name) {
+                    g.iter_mut().take(10).for_each(|x| *x = T::from_f64(1e-9));
+                }
+            }
+            opt.step(&mut arena).unwrap();
+        }
+        snapshot(&arena)
+    }
+    let same = |a: Vec<(String, Vec<u64>)>, b: Vec<(String, Vec<u64>)>| a == b;
+    assert!(same(
+        run::<f32>(None),
+        run::<f32>(Some(f32::EPSILON as f64))
+    ));
+    assert!(!same(run::<f32>(None), run::<f32>(Some(f64::EPSILON))));
+    assert!(same(run::<f64>(None), run::<f64>(Some(f64::EPSILON))));
+    assert!(!same(
+        run::<f64>(None),
+        run::<f64>(Some(f32::EPSILON as f64))
+    ));
+}
+
+/// The step is scaled by the parameter's RMS *before* weight decay shrinks it (torch computes
+/// `alpha` first), checked by hand on a scalar.
+#[test]
+fn adafactor_scales_by_the_rms_before_weight_decay() {
+    let mut b = ArenaBuilder::<f64>::new();
+    let p = b.param("p", &[], &[2.0]).unwrap();
+    let mut arena = b.build();
+    let config = AdafactorConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let mut opt = Adafactor::new(&arena, [ParamGroup::all()], config).unwrap();
+    arena.set_grad(p, &[0.5]).unwrap();
+    opt.step(&mut arena).unwrap();
+    // Step 1: variance = g² = 0.25, U = g / 0.5 = 1, RMS(U) = 1 (no clipping),
+    // rho = min(0.01, 1) = 0.01, alpha = max(1e-3, RMS(θ) = 2) · rho = 0.02.
+    // θ = 2 (1 − 0.01 · 0.1) − 0.02 · 1.
+    assert_eq!(arena.value(p), &[2.0 * (1.0 - 0.01 * 0.1) - 0.02]);
+    assert_eq!(opt.buffer(p, "variance").unwrap(), &[0.25]);
+}
+
+/// The step options work on Adafactor as on every algorithm: `k` accumulated micro-batches
+/// of the same gradient are the plain step (halving is exact).
+#[test]
+fn adafactor_accumulated_step_equals_the_plain_step() {
+    let (mut a1, _) = adafactor_arena::<f32>(44);
+    let (mut a2, _) = adafactor_arena::<f32>(44);
+    let c = AdafactorConfig::default();
+    let mut o1 = Adafactor::new(&a1, [ParamGroup::all()], c.clone()).unwrap();
+    let mut o2 = Adafactor::new(&a2, [ParamGroup::all()], c).unwrap();
+    for t in 1..=3 {
+        write_grads(&mut a1, t, &[]);
+        write_grads(&mut a2, t, &[]);
+        a2.grads_mut().iter_mut().for_each(|g| *g *= 2.0);
+        o1.step(&mut a1).unwrap();
+        o2.step_accumulated(&mut a2, 2).unwrap();
+    }
+    assert_eq!(snapshot(&a1), snapshot(&a2));
+}
+
+/// A checkpoint whose shaped state does not fit is refused, naming the buffer, and nothing
+/// changes.
+#[test]
+fn adafactor_load_checks_the_shaped_state() {
+    let (mut arena, _) = adafactor_arena::<f32>(45);
+    let mut opt = Adafactor::new(&arena, [ParamGroup::all()], AdafactorConfig::default()).unwrap();
+    write_grads(&mut arena, 1, &[]);
+    opt.step(&mut arena).unwrap();
+    let good = opt.state_dict();
+    write_grads(&mut arena, 2, &[]);
+    opt.step(&mut arena).unwrap();
+    let before = opt.state_dict();
+
+    let mut short = good.clone();
+    short.state[0].buffers.get_mut("col_var").unwrap().pop();
+    let e = opt
+        .load_state_dict(&short, MatchBy::Position)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`col_var`") && e.contains("4 values") && e.contains("keeps 5"),
+        "{e}"
+    );
+
+    let mut unfactored = good.clone();
+    let n = unfactored.state[0].buffers["row_var"].len();
+    unfactored.state[0].buffers.clear();
+    unfactored.state[0]
+        .buffers
+        .insert("variance".into(), vec![0.0; n]);
+    let e = opt
+        .load_state_dict(&unfactored, MatchBy::Name)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[\"variance\"]") && e.contains("[\"row_var\", \"col_var\"]"),
+        "{e}"
+    );
+    assert_eq!(
+        opt.state_dict(),
+        before,
+        "a failed load changed the optimizer"
+    );
+
+    // The good one loads, and the next step continues from it.
+    opt.load_state_dict(&good, MatchBy::Name).unwrap();
+    assert_eq!(opt.state_dict(), good);
 }

@@ -726,3 +726,136 @@ fn rmsprop_buffers_follow_momentum_and_centered() {
     );
     assert_eq!(AsgdAlgorithm::buffers(&AsgdConfig::default()), ["ax"]);
 }
+
+fn adafactor_with(name: &str, v: impl Into<HyperValue>) -> String {
+    new_with::<AdafactorAlgorithm>(AdafactorConfig::default().with(name, v))
+}
+
+#[test]
+fn adafactor_torch_messages() {
+    assert_eq!(
+        adafactor_with("lr", -0.1),
+        "Learning rate should be >= 0 but is: -0.1"
+    );
+    assert_eq!(
+        adafactor_with("beta2_decay", 0.5),
+        "beta2_decay should be <= 0 but is: 0.5"
+    );
+    assert_eq!(
+        adafactor_with("eps", (-1e-30, 1e-3)),
+        "epsilon1 should be >= 0 but is: -1e-30"
+    );
+    assert_eq!(
+        adafactor_with("eps", HyperValue::OptPair(None, -1e-3)),
+        "epsilon2 should be >= 0 but is: -0.001"
+    );
+    assert_eq!(
+        adafactor_with("d", 0.5),
+        "Clipping threshold d should be >= 1 but is: 0.5"
+    );
+    assert_eq!(
+        adafactor_with("weight_decay", -0.01),
+        "weight_decay should be >= 0 but is: -0.01"
+    );
+    // torch's order: lr is checked first.
+    let c = AdafactorConfig {
+        lr: -1.0,
+        d: 0.0,
+        ..Default::default()
+    };
+    assert!(new_with::<AdafactorAlgorithm>(Ok(c)).starts_with("Learning rate"));
+    // NaN fails each of torch's comparisons.
+    for (name, v) in [
+        ("lr", HyperValue::Number(f64::NAN)),
+        ("beta2_decay", HyperValue::Number(f64::NAN)),
+        ("eps", HyperValue::Pair(f64::NAN, 1e-3)),
+        ("eps", HyperValue::OptPair(None, f64::NAN)),
+        ("d", HyperValue::Number(f64::NAN)),
+        ("weight_decay", HyperValue::Number(f64::NAN)),
+    ] {
+        let m = adafactor_with(name, v);
+        assert!(m.contains("should be") && m.ends_with("NaN"), "{name}: {m}");
+    }
+    // Infinities torch lets through but that make the step meaningless.
+    for (name, v) in [
+        ("lr", HyperValue::Number(f64::INFINITY)),
+        ("beta2_decay", HyperValue::Number(f64::NEG_INFINITY)),
+        ("eps", HyperValue::Pair(f64::INFINITY, 1e-3)),
+        ("eps", HyperValue::OptPair(None, f64::INFINITY)),
+        ("weight_decay", HyperValue::Number(f64::INFINITY)),
+    ] {
+        let m = adafactor_with(name, v);
+        assert!(m.starts_with("Invalid") && m.contains("inf"), "{name}: {m}");
+    }
+    // d = inf turns update clipping off; beta2_decay = 0 keeps only the newest gradient; an
+    // explicit eps1 of 0 is allowed, as in torch.
+    let (arena, _) = arena();
+    for c in [
+        AdafactorConfig {
+            d: f64::INFINITY,
+            ..Default::default()
+        },
+        AdafactorConfig {
+            beta2_decay: 0.0,
+            eps: (Some(0.0), 0.0),
+            ..Default::default()
+        },
+    ] {
+        Adafactor::new(&arena, [ParamGroup::all()], c).unwrap();
+    }
+    // A group override is checked too, and a failed set_hyper changes nothing.
+    let err = Adafactor::new(
+        &arena,
+        [ParamGroup::all().with("d", 0.9)],
+        AdafactorConfig::default(),
+    );
+    assert_eq!(msg(err), "Clipping threshold d should be >= 1 but is: 0.9");
+    let mut opt = Adafactor::new(&arena, [ParamGroup::all()], AdafactorConfig::default()).unwrap();
+    assert!(opt.set_hyper(0, "beta2_decay", 0.1).is_err());
+    assert_eq!(opt.group_config(0).unwrap(), &AdafactorConfig::default());
+}
+
+#[test]
+fn adafactor_defaults_are_torchs() {
+    let c = AdafactorConfig::default();
+    assert_eq!(
+        (c.lr, c.beta2_decay, c.eps, c.d, c.weight_decay),
+        (1e-2, -0.8, (None, 1e-3), 1.0, 0.0)
+    );
+    assert!(!c.maximize);
+    // torch keeps eps as (None, 1e-3) in the group; it survives the state dict's JSON.
+    assert_eq!(
+        optarena::Hyperparams::get(&c, "eps").unwrap(),
+        HyperValue::OptPair(None, 1e-3)
+    );
+    let (mut arena, h) = arena();
+    let mut opt = Adafactor::new(&arena, [ParamGroup::all()], c.clone()).unwrap();
+    arena.set_grad(h[0], &[0.1, 0.2, 0.3, 0.4]).unwrap();
+    opt.step(&mut arena).unwrap();
+    let json = opt.state_dict_json().unwrap();
+    assert!(json.contains("\"eps\":[null,0.001]"), "{json}");
+    let mut other = Adafactor::new(
+        &arena,
+        [ParamGroup::all()],
+        AdafactorConfig {
+            eps: (Some(1e-20), 1e-2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    other.load_state_dict_json(&json, MatchBy::Name).unwrap();
+    assert_eq!(other.group_config(0).unwrap(), &c);
+    // Only the parameter with a gradient has state; it is a 2×2 matrix: factored.
+    use optarena::Algorithm;
+    assert!(AdafactorAlgorithm::buffers(&c).is_empty());
+    assert_eq!(
+        AdafactorAlgorithm::aux_buffers(&[2, 2]),
+        ["row_var", "col_var"]
+    );
+    assert_eq!(AdafactorAlgorithm::aux_buffers(&[3]), ["variance"]);
+    assert_eq!(AdafactorAlgorithm::aux_buffers(&[]), ["variance"]);
+    let sd = other.state_dict();
+    assert_eq!(sd.state.len(), 1);
+    assert_eq!(sd.state[0].step, Some(1));
+    assert_eq!(sd.state[0].buffers.len(), 2);
+}

@@ -11,6 +11,7 @@
 //! tolerances of `SCHEMA.md`.
 
 pub mod adadelta;
+pub mod adafactor;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;

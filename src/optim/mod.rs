@@ -2,6 +2,7 @@
 //! its update rule and its paper.
 
 pub mod adadelta;
+pub mod adafactor;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
@@ -14,6 +15,7 @@ pub mod rprop;
 pub mod sgd;
 
 pub use adadelta::{Adadelta, AdadeltaAlgorithm, AdadeltaConfig};
+pub use adafactor::{Adafactor, AdafactorAlgorithm, AdafactorConfig};
 pub use adagrad::{Adagrad, AdagradAlgorithm, AdagradConfig};
 pub use adam::{Adam, AdamAlgorithm, AdamConfig, AdamW, AdamWAlgorithm, AdamWConfig};
 pub use adamax::{Adamax, AdamaxAlgorithm, AdamaxConfig};

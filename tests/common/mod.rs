@@ -227,6 +227,7 @@ pub fn run_elementwise_case(case: &Value, parallelism: Parallelism) -> Outcome {
         "RMSprop" => RMSpropAlgorithm,
         "Rprop" => RpropAlgorithm,
         "ASGD" => AsgdAlgorithm,
+        "Adafactor" => AdafactorAlgorithm,
     }
 }
 
