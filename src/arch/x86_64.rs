@@ -2,8 +2,9 @@
 //!
 //! [`F32x8`] and [`F64x4`] implement [`Lane`] with AVX intrinsics. Their methods are
 //! `#[inline(always)]` and contain `unsafe` intrinsic calls; they are only ever executed inside
-//! [`run_avx2`], a `#[target_feature(enable = "avx2")]` function that the dispatcher calls
-//! after `is_x86_feature_detected!("avx2")`, so every instruction they compile to exists.
+//! [`run_avx2`] or [`adafactor_avx2`], `#[target_feature(enable = "avx2")]` functions that the
+//! dispatchers call after `is_x86_feature_detected!("avx2")`, so every instruction they compile
+//! to exists.
 //! Outside it no value of these types is created (their fields are private and nothing else
 //! constructs them).
 
@@ -25,7 +26,7 @@ pub struct F64x4(__m256d);
 macro_rules! avx {
     ($e:expr) => {{
         // SAFETY: AVX is available: values of the lane types below only exist inside
-        // `run_avx2`, which is entered after the run-time AVX2 check.
+        // `run_avx2` / `adafactor_avx2`, entered after the run-time AVX2 check.
         #[allow(unused_unsafe)]
         unsafe {
             $e
@@ -184,4 +185,20 @@ pub(crate) unsafe fn run_avx2<T: Float, const B: usize, O: ElementOp<T, B>>(
     state: [&mut [T]; B],
 ) {
     crate::kernels::lane_loop::<T, T::Avx2, B, O>(op, params, grads, state)
+}
+
+/// Runs the fused Adafactor kernel with AVX2 lanes.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn adafactor_avx2<T: Float>(
+    c: &crate::kernels::adafactor::AdafactorCoeffs,
+    grad_scale: f64,
+    shape: &[usize],
+    p: &mut [T],
+    g: &[T],
+    aux: &mut [&mut [T]],
+) {
+    crate::kernels::adafactor::fused_with::<T, T::Avx2>(c, grad_scale, shape, p, g, aux)
 }

@@ -334,6 +334,7 @@ impl<T: Float> Op<T> {
 }
 
 /// The 2-norm of a contiguous run, in torch's order.
+#[inline(always)]
 fn norm<T: Float, V: Lane<Elem = T>>(x: &[T]) -> T {
     sumsq_lastdim::<T, V>(x, |v| v, |s| s).sqrt()
 }
@@ -360,12 +361,18 @@ pub fn fused<T: Float>(
     g: &[T],
     aux: &mut [&mut [T]],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::arch::simd_level() == crate::arch::SimdLevel::Avx2 {
+        // SAFETY: `simd_level` returns `Avx2` only when the CPU has AVX2.
+        return unsafe { crate::arch::x86_64::adafactor_avx2(c, grad_scale, shape, p, g, aux) };
+    }
     fused_with::<T, T::Vector>(c, grad_scale, shape, p, g, aux)
 }
 
 /// [`fused`] on vectors of type `V`, which must have [`Float::LANES`] lanes (the width of
 /// torch's reduction order): `wide`'s [`Float::Vector`], or another instruction set's
 /// vectors of the same width, with bitwise the same result.
+#[inline(always)]
 pub fn fused_with<T: Float, V: Lane<Elem = T>>(
     c: &AdafactorCoeffs,
     grad_scale: f64,
@@ -388,6 +395,7 @@ pub fn fused_with<T: Float, V: Lane<Elem = T>>(
     }
 }
 
+#[inline(always)]
 fn fused_unfactored<T: Float, V: Lane<Elem = T>>(
     op: &Op<T>,
     c: &AdafactorCoeffs,
@@ -438,6 +446,7 @@ fn fused_unfactored<T: Float, V: Lane<Elem = T>>(
 /// or L1 while each row is read contiguously.
 const COL_BLOCK: usize = 16;
 
+#[inline(always)]
 fn fused_factored<T: Float, V: Lane<Elem = T>>(
     op: &Op<T>,
     c: &AdafactorCoeffs,
