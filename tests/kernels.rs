@@ -418,6 +418,10 @@ fn adafactor() {
             ("d", Number(f64::INFINITY)),
         ],
     ]);
-    check_adafactor::<f32>(&cs);
-    check_adafactor::<f64>(&cs);
+    for level in [optarena::SimdLevel::Portable, optarena::SimdLevel::Avx2] {
+        optarena::set_simd_level(level);
+        check_adafactor::<f32>(&cs);
+        check_adafactor::<f64>(&cs);
+    }
+    optarena::set_simd_level(optarena::SimdLevel::Avx2);
 }
