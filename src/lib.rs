@@ -58,6 +58,7 @@
 #![warn(rust_2018_idioms)]
 
 pub mod arena;
+pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod float;

@@ -29,6 +29,9 @@ use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
 use crate::parallel::{Parallelism, CHUNK};
 use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
 
+mod checkpoint_access;
+pub(crate) use checkpoint_access::{SavedState, StateRef};
+
 /// Most state buffers any algorithm keeps per parameter.
 pub const MAX_BUFFERS: usize = 4;
 
