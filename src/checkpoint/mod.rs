@@ -53,6 +53,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
+use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use crate::arena::Arena;
@@ -375,7 +376,10 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
                     missing.name
                 )));
             }
-            staged_params = Some(vec![T::ZERO; layout.iter().map(|i| i.len).sum()]);
+            let mut values = vec![T::ZERO; layout.iter().map(|i| i.len).sum()];
+            // First touch of fresh pages is slow; fault them in parallel.
+            values.par_chunks_mut(1 << 16).for_each(|c| c.fill(T::ZERO));
+            staged_params = Some(values);
         }
         (None, Some(_)) => {
             return Err(Error::StateDict(

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use super::{Algorithm, Group, Optimizer, ParamScalars, ParamState};
 use crate::arena::{filled, AlignedBuf, ParamInfo};
 use crate::error::{Error, Result};
@@ -287,22 +289,28 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 live_buffers: live as u8,
             });
         }
-        // Buffers only for groups that get state; each as long as the group.
-        let buffers = self
+        // Buffers only for groups that get state; each as long as the group. Fresh memory is
+        // slow to touch the first time (a page fault per 4 KiB), so the buffers are allocated
+        // and zeroed in parallel.
+        let lens: Vec<(usize, usize)> = self
             .groups
             .iter()
             .zip(&states)
             .zip(&configs)
-            .map(|((g, st), config)| {
-                if st.iter().any(Option::is_some) {
-                    (0..A::buffers(config).len())
-                        .map(|_| filled(g.elems.len(), T::ZERO))
-                        .collect()
-                } else {
-                    Vec::new()
-                }
+            .enumerate()
+            .filter(|(_, ((_, st), _))| st.iter().any(Option::is_some))
+            .flat_map(|(gi, ((g, _), config))| {
+                std::iter::repeat_n((gi, g.elems.len()), A::buffers(config).len())
             })
             .collect();
+        let mut made: Vec<AlignedBuf<T>> = lens
+            .par_iter()
+            .map(|&(_, len)| filled(len, T::ZERO))
+            .collect();
+        let mut buffers: Vec<Vec<AlignedBuf<T>>> = self.groups.iter().map(|_| Vec::new()).collect();
+        for (&(gi, _), buf) in lens.iter().zip(made.drain(..)) {
+            buffers[gi].push(buf);
+        }
         Ok(Staged {
             arena_id: self.arena_id,
             configs,
@@ -324,13 +332,16 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             buffers,
             ..
         } = staged;
+        let mut old = Vec::with_capacity(self.groups.len());
         for (((g, config), state), bufs) in
             self.groups.iter_mut().zip(configs).zip(states).zip(buffers)
         {
             let g: &mut Group<T, A> = g;
             g.config = config;
             g.state = state;
-            g.buffers = bufs;
+            old.extend(std::mem::replace(&mut g.buffers, bufs));
         }
+        // Returning large buffers to the system is slow too; do it in parallel.
+        old.into_par_iter().for_each(drop);
     }
 }
