@@ -88,3 +88,8 @@ pub use state::{MatchBy, StateDict};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The checkpoint documentation's code blocks (`docs/checkpoints.md`), as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/checkpoints.md")]
+pub struct CheckpointDocDoctests;

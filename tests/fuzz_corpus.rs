@@ -38,7 +38,10 @@ fn replay(target: &str, body: fn(&[u8])) {
             panic!("fuzz target `{target}` fails on {name}: {msg}");
         }
     }
-    println!("optarena fuzz corpus: {target}: {} inputs replayed", files.len());
+    println!(
+        "optarena fuzz corpus: {target}: {} inputs replayed",
+        files.len()
+    );
 }
 
 #[test]

@@ -8,8 +8,8 @@
 use optarena::checkpoint;
 use optarena::optim::*;
 use optarena::{
-    Algorithm, Arena, ArenaBuilder, Float, HyperValue, Hyperparams, KernelArgs, MatchBy,
-    Optimizer, ParamGroup, ParamScalars,
+    Algorithm, Arena, ArenaBuilder, Float, HyperValue, Hyperparams, KernelArgs, MatchBy, Optimizer,
+    ParamGroup, ParamScalars,
 };
 
 /// Reads fuzz input as a stream of choices; past the end everything reads as zero.
@@ -60,9 +60,30 @@ impl<'a> Input<'a> {
     /// A float: mostly interesting values, sometimes raw bits (NaN, infinities, subnormals).
     pub fn f64(&mut self) -> f64 {
         const SPECIAL: [f64; 24] = [
-            0.0, -0.0, 1.0, -1.0, 0.5, 0.9, 0.99, 0.999, 1e-8, 1e-3, 0.1, 2.0, 10.0, 1e6, 1e30,
-            -1e-3, 3.5, 1e-300, 5e-324, f64::MAX, f64::MIN_POSITIVE, f64::INFINITY,
-            f64::NEG_INFINITY, f64::NAN,
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            0.9,
+            0.99,
+            0.999,
+            1e-8,
+            1e-3,
+            0.1,
+            2.0,
+            10.0,
+            1e6,
+            1e30,
+            -1e-3,
+            3.5,
+            1e-300,
+            5e-324,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
         ];
         match self.u8() {
             b @ 0..=191 => SPECIAL[b as usize % SPECIAL.len()],
@@ -125,7 +146,9 @@ fn hyper_like(input: &mut Input<'_>, like: &HyperValue) -> HyperValue {
     match like {
         HyperValue::Bool(_) => HyperValue::Bool(input.bool()),
         HyperValue::Number(_) => HyperValue::Number(input.f64()),
-        HyperValue::Pair(..) | HyperValue::OptPair(..) => HyperValue::Pair(input.f64(), input.f64()),
+        HyperValue::Pair(..) | HyperValue::OptPair(..) => {
+            HyperValue::Pair(input.f64(), input.f64())
+        }
         HyperValue::None => HyperValue::Number(input.f64()),
         HyperValue::Str(s) => HyperValue::Str(s.clone()),
     }
@@ -222,8 +245,10 @@ pub const SHAPES: [&[usize]; 5] = [&[3, 2], &[2], &[4], &[1], &[2, 2]];
 pub fn standard_arena<T: Float>() -> Arena<T> {
     let mut b = ArenaBuilder::<T>::new();
     for (i, s) in SHAPES.iter().enumerate() {
-        b.param_with(&format!("p{i}"), s, |j| T::from_f64((i * 7 + j) as f64 * 0.125 - 1.0))
-            .expect("fresh names");
+        b.param_with(&format!("p{i}"), s, |j| {
+            T::from_f64((i * 7 + j) as f64 * 0.125 - 1.0)
+        })
+        .expect("fresh names");
     }
     b.build()
 }
@@ -236,8 +261,12 @@ pub fn standard_optimizer<T: Float, A: Algorithm>(arena: &Arena<T>) -> Optimizer
     if <A::Config as Hyperparams>::NAMES.contains(&"lr") {
         g2 = g2.with("lr", 0.005);
     }
-    Optimizer::new(arena, [ParamGroup::new(h[..2].iter().copied()), g2], A::Config::default())
-        .expect("a valid standard optimizer")
+    Optimizer::new(
+        arena,
+        [ParamGroup::new(h[..2].iter().copied()), g2],
+        A::Config::default(),
+    )
+    .expect("a valid standard optimizer")
 }
 
 /// Writes gradients for step `t` into every parameter.
@@ -253,8 +282,13 @@ pub fn standard_grads<T: Float>(arena: &mut Arena<T>, t: u64) {
 /// Everything observable: the state dict as JSON and the arena's values, bitwise.
 fn observe<T: Float, A: Algorithm>(opt: &Optimizer<T, A>, arena: &Arena<T>) -> (String, Vec<u64>) {
     (
-        opt.state_dict_json().unwrap_or_else(|e| format!("unserialisable: {e}")),
-        arena.params().iter().map(|x| x.to_f64().to_bits()).collect(),
+        opt.state_dict_json()
+            .unwrap_or_else(|e| format!("unserialisable: {e}")),
+        arena
+            .params()
+            .iter()
+            .map(|x| x.to_f64().to_bits())
+            .collect(),
     )
 }
 
@@ -292,7 +326,11 @@ pub fn decode(data: &[u8]) {
 
 fn decode_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
     let mode = input.u8();
-    let by = if input.bool() { MatchBy::Name } else { MatchBy::Position };
+    let by = if input.bool() {
+        MatchBy::Name
+    } else {
+        MatchBy::Position
+    };
     let with_arena = input.bool();
     let mut arena = standard_arena::<T>();
     let mut opt = standard_optimizer::<T, A>(&arena);
@@ -329,13 +367,27 @@ fn round_trip<T: Float, A: Algorithm>(opt: &mut Optimizer<T, A>, arena: &mut Are
     let now = observe(opt, arena);
     let mut bytes = Vec::new();
     checkpoint::write(&mut bytes, opt, Some(arena)).expect("a loaded state saves");
-    checkpoint::read(&mut &bytes[..], bytes.len() as u64, opt, Some(arena), MatchBy::Position)
-        .expect("a saved checkpoint loads back");
-    assert_eq!(observe(opt, arena), now, "binary round trip changed the state");
+    checkpoint::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        opt,
+        Some(arena),
+        MatchBy::Position,
+    )
+    .expect("a saved checkpoint loads back");
+    assert_eq!(
+        observe(opt, arena),
+        now,
+        "binary round trip changed the state"
+    );
     let json = opt.state_dict_json().expect("a loaded state serialises");
     opt.load_state_dict_json(&json, MatchBy::Position)
         .expect("a saved state dict loads back");
-    assert_eq!(observe(opt, arena), now, "JSON round trip changed the state");
+    assert_eq!(
+        observe(opt, arena),
+        now,
+        "JSON round trip changed the state"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,12 +492,17 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                 t += 1;
                 standard_grads(&mut arena, t);
                 let res = o.step(&mut arena);
-                assert!(res.is_ok(), "a plain step with valid settings failed: {res:?}");
+                assert!(
+                    res.is_ok(),
+                    "a plain step with valid settings failed: {res:?}"
+                );
                 continue;
             }
             3 => match input.u8() % 4 {
                 0 => o.step_checked(&mut arena).map(|_| ()),
-                1 => o.step_clipped(&mut arena, optarena::ClipNorm::l2(input.f64())).map(|_| ()),
+                1 => o
+                    .step_clipped(&mut arena, optarena::ClipNorm::l2(input.f64()))
+                    .map(|_| ()),
                 2 => {
                     let k = input.below(3);
                     let res = o.step_accumulated(&mut arena, k);
@@ -486,7 +543,11 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                     let i = input.u16() as usize % bytes.len();
                     bytes[i] ^= 1 << input.below(8);
                 }
-                let by = if input.bool() { MatchBy::Name } else { MatchBy::Position };
+                let by = if input.bool() {
+                    MatchBy::Name
+                } else {
+                    MatchBy::Position
+                };
                 let res = if binary {
                     checkpoint::read(&mut &bytes[..], bytes.len() as u64, o, Some(&mut arena), by)
                         .map(|_| ())
@@ -500,7 +561,11 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                     assert!(res.is_err(), "a corrupted checkpoint loaded");
                 }
                 if res.is_ok() && !corrupt && binary {
-                    assert_eq!(observe(o, &arena), snap, "a checkpoint loaded to another state");
+                    assert_eq!(
+                        observe(o, &arena),
+                        snap,
+                        "a checkpoint loaded to another state"
+                    );
                 }
                 res
             }
@@ -509,7 +574,11 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                 let names = <A::Config as Hyperparams>::NAMES;
                 let g = input.below(o.num_groups() + 1);
                 let unknown = input.u8() % 8 == 0;
-                let name = if unknown { "nope" } else { names[input.below(names.len())] };
+                let name = if unknown {
+                    "nope"
+                } else {
+                    names[input.below(names.len())]
+                };
                 let like = A::Config::default().get(names[0]).expect("listed");
                 let value = if unknown {
                     like
@@ -544,7 +613,11 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
             }
         };
         if result.is_err() {
-            assert_eq!(observe(o, &arena), before, "op {op} failed but changed the state");
+            assert_eq!(
+                observe(o, &arena),
+                before,
+                "op {op} failed but changed the state"
+            );
             assert_eq!(o.num_groups(), groups_before);
         }
     }
