@@ -849,3 +849,38 @@ fn killed_mid_save_leaves_a_loadable_checkpoint() {
     assert!(mid_save_kills >= 1, "no kill landed during a save");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Found by the `api` fuzz target: a state holding NaN or infinity (after one non-finite
+/// gradient) was saved as JSON `null` and could not be loaded. Both formats keep it now.
+#[test]
+fn non_finite_state_round_trips_in_both_formats() {
+    let (mut arena, h) = build_arena::<f32>(&shapes(), 3, &[]);
+    let mut opt = Adam::<f32>::new(&arena, groups(&h, &[]), AdamConfig::default()).unwrap();
+    write_grads(&mut arena, 1, &[]);
+    arena.grad_mut(h[0])[0] = f32::NAN;
+    arena.grad_mut(h[1])[1] = f32::INFINITY;
+    arena.grad_mut(h[1])[2] = f32::NEG_INFINITY;
+    opt.step(&mut arena).unwrap();
+    let json = opt.state_dict_json().unwrap();
+    assert!(
+        json.contains("\"NaN\"") && json.contains("\"Infinity\""),
+        "{json:.200}"
+    );
+    let before = state_of(&opt);
+    opt.load_state_dict_json(&json, MatchBy::Position).unwrap();
+    assert_eq!(state_of(&opt), before);
+    let mut bytes = Vec::new();
+    checkpoint::write(&mut bytes, &opt, Some(&arena)).unwrap();
+    checkpoint::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        &mut opt,
+        Some(&mut arena),
+        MatchBy::Name,
+    )
+    .unwrap();
+    assert_eq!(state_of(&opt), before);
+    let sd = opt.state_dict();
+    assert!(sd.state[0].buffers["exp_avg"][0].is_nan());
+    assert_eq!(sd.state[1].buffers["exp_avg_sq"][1], f32::INFINITY);
+}
