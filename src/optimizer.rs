@@ -1154,8 +1154,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let g = &mut groups[gi];
             let info = &self.layout[g.params.start + j];
             let names = A::buffers(&g.config);
-            let live = names.len();
-            if ps.buffers.len() != live || names.iter().any(|n| !ps.buffers.contains_key(*n)) {
+            // The first `live` buffers: all of them, or fewer when a setting that adds buffers
+            // at the end was switched on after the state was made (left to the next step).
+            let live = ps.buffers.len();
+            if live > names.len() || names[..live].iter().any(|n| !ps.buffers.contains_key(*n)) {
                 let saved_names: Vec<&str> = ps.buffers.keys().map(String::as_str).collect();
                 return bad(format!(
                     "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
@@ -1181,7 +1183,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             }
             let local = info.offset - g.elems.start;
             let gl = g.elems.len();
-            while g.buffers.len() < live {
+            while g.buffers.len() < names.len() {
                 g.buffers.push(filled(gl, T::ZERO));
             }
             for (k, name) in names[..live].iter().enumerate() {

@@ -884,3 +884,68 @@ fn non_finite_state_round_trips_in_both_formats() {
     assert!(sd.state[0].buffers["exp_avg"][0].is_nan());
     assert_eq!(sd.state[1].buffers["exp_avg_sq"][1], f32::INFINITY);
 }
+
+/// Found by the `api` fuzz target: after a setting that adds a buffer at the end (RMSprop's
+/// `momentum`, Adam's `amsgrad`, SGD's `momentum`) is switched on, the state lists fewer
+/// buffers until the next step, and such a state dict (JSON or binary) was refused on load.
+/// It loads now, and the run continues exactly as it would have.
+#[test]
+fn state_saved_between_a_buffer_adding_change_and_the_next_step_loads() {
+    fn case<A: Algorithm>(config: A::Config, switch: (&str, HyperValue)) {
+        let run = |reload: Option<bool>| {
+            let (mut arena, h) = build_arena::<f32>(&shapes(), 4, &[]);
+            let mut opt =
+                Optimizer::<f32, A>::new(&arena, groups(&h, &[]), config.clone()).unwrap();
+            write_grads(&mut arena, 1, &[]);
+            opt.step(&mut arena).unwrap();
+            opt.set_hyper(0, switch.0, switch.1.clone()).unwrap();
+            if let Some(binary) = reload {
+                let (mut a2, h2) = build_arena::<f32>(&shapes(), 9, &[]);
+                let mut o2 =
+                    Optimizer::<f32, A>::new(&a2, groups(&h2, &[]), config.clone()).unwrap();
+                if binary {
+                    let mut bytes = Vec::new();
+                    checkpoint::write(&mut bytes, &opt, Some(&arena)).unwrap();
+                    checkpoint::read(
+                        &mut &bytes[..],
+                        bytes.len() as u64,
+                        &mut o2,
+                        Some(&mut a2),
+                        MatchBy::Name,
+                    )
+                    .unwrap();
+                } else {
+                    o2.load_state_dict_json(&opt.state_dict_json().unwrap(), MatchBy::Name)
+                        .unwrap();
+                    for info in arena.infos() {
+                        a2.value_by_name_mut(&info.name)
+                            .unwrap()
+                            .copy_from_slice(arena.value_by_name(&info.name).unwrap());
+                    }
+                }
+                assert_eq!(state_of(&o2), state_of(&opt));
+                (arena, opt) = (a2, o2);
+            }
+            for t in 2..=4 {
+                write_grads(&mut arena, t, &[]);
+                opt.step(&mut arena).unwrap();
+            }
+            param_bits(&arena)
+        };
+        let straight = run(None);
+        assert_eq!(run(Some(false)), straight, "{} via JSON", A::NAME);
+        assert_eq!(run(Some(true)), straight, "{} via a checkpoint", A::NAME);
+    }
+    case::<RMSpropAlgorithm>(
+        RMSpropConfig::default(),
+        ("momentum", HyperValue::Number(0.5)),
+    );
+    case::<AdamAlgorithm>(AdamConfig::default(), ("amsgrad", HyperValue::Bool(true)));
+    case::<SgdAlgorithm>(
+        SgdConfig {
+            lr: 0.01,
+            ..Default::default()
+        },
+        ("momentum", HyperValue::Number(0.9)),
+    );
+}

@@ -252,12 +252,14 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 return bad(format!("parameter `{}` has two saved states", info.name));
             }
             let names = A::buffers(&configs[gi]);
-            let live = names.len();
+            // The first `live` buffers: all, or fewer when a setting that adds buffers at the
+            // end was switched on after the state was made (as `load_state_dict` accepts).
+            let live = ps.buffers.len();
             let mut saved_names: Vec<&str> = ps.buffers.iter().map(String::as_str).collect();
             saved_names.sort_unstable();
-            let mut want: Vec<&str> = names.to_vec();
+            let mut want: Vec<&str> = names[..live.min(names.len())].to_vec();
             want.sort_unstable();
-            if saved_names != want {
+            if live > names.len() || saved_names != want {
                 return bad(format!(
                     "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
                     info.name,
@@ -277,7 +279,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 }
             }
             let local = info.offset - g.elems.start;
-            for (k, name) in names.iter().enumerate() {
+            for (k, name) in names[..live].iter().enumerate() {
                 slots.insert(
                     (ps.index, name.to_string()),
                     (gi, k, local..local + info.len),
