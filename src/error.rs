@@ -106,6 +106,15 @@ pub enum Error {
     #[error("cannot load state dict: {0}")]
     StateDict(String),
 
+    /// A binary checkpoint is unreadable (truncated, corrupt, forged or of another format);
+    /// the message names what is wrong.
+    #[error("bad checkpoint: {0}")]
+    Checkpoint(String),
+
+    /// Reading or writing a file failed.
+    #[error("i/o: {0}")]
+    Io(String),
+
     /// (De)serialisation failed.
     #[error("serialisation: {0}")]
     Serde(String),

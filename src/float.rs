@@ -30,6 +30,7 @@ pub trait Float:
     + Sync
     + serde::Serialize
     + serde::de::DeserializeOwned
+    + bytemuck::Pod
     + 'static
 {
     /// The `wide` vector of this type used by the fused kernels.

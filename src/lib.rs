@@ -59,6 +59,7 @@
 
 pub mod arch;
 pub mod arena;
+pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod float;
@@ -91,3 +92,8 @@ pub use state::{MatchBy, StateDict};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The checkpoint documentation's code blocks (`docs/checkpoints.md`), as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/checkpoints.md")]
+pub struct CheckpointDocDoctests;

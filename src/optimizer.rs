@@ -44,6 +44,9 @@ use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
 use crate::parallel::{Parallelism, CHUNK};
 use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
 
+mod checkpoint_access;
+pub(crate) use checkpoint_access::{SavedState, StateRef};
+
 /// Most state buffers any algorithm keeps per parameter.
 pub const MAX_BUFFERS: usize = 4;
 
@@ -1356,10 +1359,14 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let g = &mut groups[gi];
             let info = &self.layout[g.params.start + j];
             let names = A::buffers(&g.config);
-            let live = names.len();
             let aux_names = A::aux_buffers(&info.shape);
-            if ps.buffers.len() != live + aux_names.len()
-                || names
+            // The leading `live` buffers: all of them, or fewer when a setting that adds
+            // buffers at the end was switched on after the state was made (the next step
+            // creates them). Shaped (auxiliary) buffers must all be there.
+            let live = ps.buffers.len().saturating_sub(aux_names.len());
+            if ps.buffers.len() < aux_names.len()
+                || live > names.len()
+                || names[..live]
                     .iter()
                     .chain(aux_names)
                     .any(|n| !ps.buffers.contains_key(*n))
@@ -1390,7 +1397,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             }
             let local = info.offset - g.elems.start;
             let gl = g.elems.len();
-            while g.buffers.len() < live {
+            while g.buffers.len() < names.len() {
                 g.buffers.push(filled(gl, T::ZERO));
             }
             for (k, name) in names[..live].iter().enumerate() {

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::float::Float;
 use crate::hyper::HyperValue;
 
 /// Version of the [`StateDict`] layout. Bumped on any incompatible change.
@@ -28,6 +29,7 @@ pub struct StateDict<T> {
     /// One entry per param group, in order.
     pub param_groups: Vec<GroupDict>,
     /// One entry per parameter that has state, in parameter-number order.
+    #[serde(bound(serialize = "T: Float", deserialize = "T: Float"))]
     pub state: Vec<ParamStateDict<T>>,
 }
 
@@ -69,8 +71,99 @@ pub struct ParamStateDict<T> {
     pub scalars: BTreeMap<String, f64>,
     /// State buffers by torch's name (`exp_avg`, `momentum_buffer`, ...), each the
     /// parameter's length, row-major; shaped state (Adafactor's `row_var` and `col_var`) as
-    /// long as its own shape, row-major.
+    /// long as its own shape, row-major. In JSON, NaN and infinities are written as the
+    /// strings `"NaN"`, `"Infinity"` and `"-Infinity"` (JSON has no such numbers).
+    #[serde(
+        serialize_with = "non_finite::serialize",
+        deserialize_with = "non_finite::deserialize",
+        bound(serialize = "T: Float", deserialize = "T: Float")
+    )]
     pub buffers: BTreeMap<String, Vec<T>>,
+}
+
+/// serde_json writes NaN and infinities as `null`, which does not read back as a number: a
+/// state that met one non-finite gradient could be saved but never loaded. Buffer values are
+/// written as numbers when finite and as the strings Python's `json` module uses otherwise.
+mod non_finite {
+    use std::collections::BTreeMap;
+
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::{Deserialize, Serialize, Serializer};
+
+    use crate::float::Float;
+
+    struct Elem<T>(T);
+
+    impl<T: Float> Serialize for Elem<T> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let x = self.0.to_f64();
+            if x.is_finite() {
+                self.0.serialize(s)
+            } else if x.is_nan() {
+                s.serialize_str("NaN")
+            } else if x > 0.0 {
+                s.serialize_str("Infinity")
+            } else {
+                s.serialize_str("-Infinity")
+            }
+        }
+    }
+
+    struct Values<'a, T>(&'a [T]);
+
+    impl<T: Float> Serialize for Values<'_, T> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(|&x| Elem(x)))
+        }
+    }
+
+    pub fn serialize<S: Serializer, T: Float>(
+        map: &BTreeMap<String, Vec<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(map.iter().map(|(k, v)| (k, Values(v))))
+    }
+
+    struct ElemVisitor<T>(std::marker::PhantomData<T>);
+
+    impl<T: Float> Visitor<'_> for ElemVisitor<T> {
+        type Value = Elem<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a number, \"NaN\", \"Infinity\" or \"-Infinity\"")
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Elem<T>, E> {
+            Ok(Elem(T::from_f64(v)))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Elem<T>, E> {
+            Ok(Elem(T::from_f64(v as f64)))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Elem<T>, E> {
+            Ok(Elem(T::from_f64(v as f64)))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Elem<T>, E> {
+            match v {
+                "NaN" => Ok(Elem(T::from_f64(f64::NAN))),
+                "Infinity" => Ok(Elem(T::from_f64(f64::INFINITY))),
+                "-Infinity" => Ok(Elem(T::from_f64(f64::NEG_INFINITY))),
+                other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+            }
+        }
+    }
+
+    impl<'de, T: Float> Deserialize<'de> for Elem<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(ElemVisitor(std::marker::PhantomData))
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Float>(
+        d: D,
+    ) -> Result<BTreeMap<String, Vec<T>>, D::Error> {
+        let m: BTreeMap<String, Vec<Elem<T>>> = BTreeMap::deserialize(d)?;
+        Ok(m.into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(|e| e.0).collect()))
+            .collect())
+    }
 }
 
 /// How `load_state_dict` pairs saved parameters with the optimizer's.

@@ -1,0 +1,624 @@
+//! The fuzz targets' bodies, shared by the cargo-fuzz binaries (`fuzz_targets/`) and by the
+//! corpus replay test of the main crate (`tests/fuzz_corpus.rs`, which includes this file), so
+//! CI replays every committed input on the stable toolchain without cargo-fuzz.
+//!
+//! Only optarena's public API and std are used here.
+#![allow(clippy::type_complexity)]
+
+use optarena::checkpoint;
+use optarena::optim::*;
+use optarena::{
+    Algorithm, Arena, ArenaBuilder, Float, HyperValue, Hyperparams, KernelArgs, MatchBy, Optimizer,
+    ParamGroup, ParamScalars,
+};
+
+/// Reads fuzz input as a stream of choices; past the end everything reads as zero.
+pub struct Input<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Input<'a> {
+    /// Over `data`.
+    pub fn new(data: &'a [u8]) -> Self {
+        Input { data, pos: 0 }
+    }
+    /// True when every byte has been read.
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+    /// One byte.
+    pub fn u8(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        b
+    }
+    /// Two bytes.
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+    /// Eight bytes.
+    pub fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        b.iter_mut().for_each(|x| *x = self.u8());
+        u64::from_le_bytes(b)
+    }
+    /// A number below `n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.u8() as usize % n
+    }
+    /// A flag.
+    pub fn bool(&mut self) -> bool {
+        self.u8() & 1 == 1
+    }
+    /// The rest of the input.
+    pub fn rest(&mut self) -> &'a [u8] {
+        let r = self.data.get(self.pos..).unwrap_or(&[]);
+        self.pos = self.data.len();
+        r
+    }
+    /// A float: mostly interesting values, sometimes raw bits (NaN, infinities, subnormals).
+    pub fn f64(&mut self) -> f64 {
+        const SPECIAL: [f64; 24] = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            0.9,
+            0.99,
+            0.999,
+            1e-8,
+            1e-3,
+            0.1,
+            2.0,
+            10.0,
+            1e6,
+            1e30,
+            -1e-3,
+            3.5,
+            1e-300,
+            5e-324,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ];
+        match self.u8() {
+            b @ 0..=191 => SPECIAL[b as usize % SPECIAL.len()],
+            192..=223 => (self.u16() as f64 - 32768.0) / 256.0,
+            _ => f64::from_bits(self.u64()),
+        }
+    }
+    /// A float for data (parameters, gradients, state): small values mostly.
+    pub fn data<T: Float>(&mut self) -> T {
+        match self.u8() {
+            b @ 0..=200 => T::from_f64((b as f64 - 100.0) / 37.0),
+            201..=247 => T::from_f64(self.f64()),
+            _ => T::from_f64(f64::from_bits(self.u64())),
+        }
+    }
+}
+
+/// Bitwise equality, with every NaN equal to every NaN.
+pub fn same<T: Float>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            let (x, y) = (x.to_f64(), y.to_f64());
+            (x.is_nan() && y.is_nan()) || x.to_bits() == y.to_bits()
+        })
+}
+
+/// Runs `$body` with `A` bound to the algorithm numbered `$k` (11 of them) and `T` to f32 or
+/// f64.
+macro_rules! dispatch {
+    ($k:expr, $f64:expr, $func:ident ( $($arg:expr),* )) => {
+        match ($k % 11, $f64) {
+            (0, false) => $func::<f32, SgdAlgorithm>($($arg),*),
+            (1, false) => $func::<f32, AdamAlgorithm>($($arg),*),
+            (2, false) => $func::<f32, AdamWAlgorithm>($($arg),*),
+            (3, false) => $func::<f32, RAdamAlgorithm>($($arg),*),
+            (4, false) => $func::<f32, NAdamAlgorithm>($($arg),*),
+            (5, false) => $func::<f32, AdamaxAlgorithm>($($arg),*),
+            (6, false) => $func::<f32, AdagradAlgorithm>($($arg),*),
+            (7, false) => $func::<f32, AdadeltaAlgorithm>($($arg),*),
+            (8, false) => $func::<f32, RMSpropAlgorithm>($($arg),*),
+            (9, false) => $func::<f32, RpropAlgorithm>($($arg),*),
+            (10, false) => $func::<f32, AsgdAlgorithm>($($arg),*),
+            (0, true) => $func::<f64, SgdAlgorithm>($($arg),*),
+            (1, true) => $func::<f64, AdamAlgorithm>($($arg),*),
+            (2, true) => $func::<f64, AdamWAlgorithm>($($arg),*),
+            (3, true) => $func::<f64, RAdamAlgorithm>($($arg),*),
+            (4, true) => $func::<f64, NAdamAlgorithm>($($arg),*),
+            (5, true) => $func::<f64, AdamaxAlgorithm>($($arg),*),
+            (6, true) => $func::<f64, AdagradAlgorithm>($($arg),*),
+            (7, true) => $func::<f64, AdadeltaAlgorithm>($($arg),*),
+            (8, true) => $func::<f64, RMSpropAlgorithm>($($arg),*),
+            (9, true) => $func::<f64, RpropAlgorithm>($($arg),*),
+            _ => $func::<f64, AsgdAlgorithm>($($arg),*),
+        }
+    };
+}
+
+/// A value of the same kind as `like`, from the input.
+fn hyper_like(input: &mut Input<'_>, like: &HyperValue) -> HyperValue {
+    match like {
+        HyperValue::Bool(_) => HyperValue::Bool(input.bool()),
+        HyperValue::Number(_) => HyperValue::Number(input.f64()),
+        HyperValue::Pair(..) | HyperValue::OptPair(..) => {
+            HyperValue::Pair(input.f64(), input.f64())
+        }
+        HyperValue::None => HyperValue::Number(input.f64()),
+        HyperValue::Str(s) => HyperValue::Str(s.clone()),
+    }
+}
+
+/// A config with some hyperparameters set from the input (maybe invalid).
+fn config_from<C: Hyperparams>(input: &mut Input<'_>) -> C {
+    let mut c = C::default();
+    for &name in C::NAMES {
+        if input.u8() % 3 == 0 {
+            let v = hyper_like(input, &c.get(name).expect("listed"));
+            let _ = c.set(name, &v);
+        }
+    }
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target 2: kernels
+
+/// Each fused SIMD kernel against its scalar reference, on arbitrary lengths, offsets (so
+/// unaligned slices), hyperparameters, step counts, scalars, gradient scales and data: bitwise
+/// equal, NaN equal to NaN.
+pub fn kernels(data: &[u8]) {
+    let mut input = Input::new(data);
+    let k = input.u8() as usize;
+    let wide = input.bool();
+    dispatch!(k, wide, kernel_case(&mut input));
+}
+
+fn kernel_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
+    let config: A::Config = config_from(input);
+    if config.validate().is_err() {
+        return;
+    }
+    let step = match input.u8() {
+        0..=200 => 1 + input.u8() as u64,
+        _ => 1 + input.u64() % (1 << 40),
+    };
+    let n_scalars = <A::Scalars as ParamScalars>::NAMES.len();
+    let mut scalars = if input.bool() {
+        A::init_scalars(&config)
+    } else {
+        let v: Vec<f64> = (0..n_scalars).map(|_| input.f64()).collect();
+        A::Scalars::from_values(&v)
+    };
+    let coeffs = A::prepare(&config, step, &mut scalars);
+    let args = KernelArgs {
+        coeffs,
+        fresh: input.bool(),
+        grad_scale: if input.bool() { 1.0 } else { input.f64() },
+    };
+    let len = input.below(70) + if input.bool() { 0 } else { input.u8() as usize };
+    let offset = input.below(9);
+    let n_buf = A::buffers(&config).len();
+    let mut params: Vec<T> = (0..offset + len).map(|_| input.data()).collect();
+    let grads: Vec<T> = (0..offset + len).map(|_| input.data()).collect();
+    let mut bufs: Vec<Vec<T>> = (0..n_buf)
+        .map(|_| (0..offset + len).map(|_| input.data()).collect())
+        .collect();
+    let mut params2 = params.clone();
+    let mut bufs2 = bufs.clone();
+    {
+        let mut views: Vec<&mut [T]> = bufs.iter_mut().map(|b| &mut b[offset..]).collect();
+        A::fused(&args, &mut params[offset..], &grads[offset..], &mut views);
+        let mut views: Vec<&mut [T]> = bufs2.iter_mut().map(|b| &mut b[offset..]).collect();
+        A::reference(&args, &mut params2[offset..], &grads[offset..], &mut views);
+    }
+    assert!(
+        same(&params, &params2),
+        "{} {}: fused and reference params differ (config {config:?}, step {step}, args {args:?})\n\
+         fused     {params:?}\nreference {params2:?}\ngrads {grads:?}",
+        A::NAME,
+        T::DTYPE
+    );
+    for (k, (a, b)) in bufs.iter().zip(&bufs2).enumerate() {
+        assert!(
+            same(a, b),
+            "{} {}: fused and reference buffer {k} differ (config {config:?}, step {step}, \
+             args {args:?})\nfused     {a:?}\nreference {b:?}",
+            A::NAME,
+            T::DTYPE
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The standard model of targets 1 and 3
+
+/// Shapes of the standard model: five parameters.
+pub const SHAPES: [&[usize]; 5] = [&[3, 2], &[2], &[4], &[1], &[2, 2]];
+
+/// The standard model with deterministic values.
+pub fn standard_arena<T: Float>() -> Arena<T> {
+    let mut b = ArenaBuilder::<T>::new();
+    for (i, s) in SHAPES.iter().enumerate() {
+        b.param_with(&format!("p{i}"), s, |j| {
+            T::from_f64((i * 7 + j) as f64 * 0.125 - 1.0)
+        })
+        .expect("fresh names");
+    }
+    b.build()
+}
+
+/// The standard optimizer: groups p0..p2 and p2..p5 (the second with a smaller lr when the
+/// algorithm has one).
+pub fn standard_optimizer<T: Float, A: Algorithm>(arena: &Arena<T>) -> Optimizer<T, A> {
+    let h: Vec<_> = arena.handles().collect();
+    let mut g2 = ParamGroup::new(h[2..].iter().copied());
+    if <A::Config as Hyperparams>::NAMES.contains(&"lr") {
+        g2 = g2.with("lr", 0.005);
+    }
+    Optimizer::new(
+        arena,
+        [ParamGroup::new(h[..2].iter().copied()), g2],
+        A::Config::default(),
+    )
+    .expect("a valid standard optimizer")
+}
+
+/// Writes gradients for step `t` into every parameter.
+pub fn standard_grads<T: Float>(arena: &mut Arena<T>, t: u64) {
+    for (i, p) in arena.handles().collect::<Vec<_>>().into_iter().enumerate() {
+        let g = arena.grad_mut(p);
+        for (j, x) in g.iter_mut().enumerate() {
+            *x = T::from_f64(((t as usize * 31 + i * 7 + j * 3) % 17) as f64 / 8.0 - 1.0);
+        }
+    }
+}
+
+/// Everything observable: the state dict as JSON and the arena's values, bitwise.
+fn observe<T: Float, A: Algorithm>(opt: &Optimizer<T, A>, arena: &Arena<T>) -> (String, Vec<u64>) {
+    (
+        opt.state_dict_json()
+            .unwrap_or_else(|e| format!("unserialisable: {e}")),
+        arena
+            .params()
+            .iter()
+            .map(|x| x.to_f64().to_bits())
+            .collect(),
+    )
+}
+
+/// Recomputes both checksums of something shaped like a checkpoint, so mutations reach the
+/// code behind the checksum checks.
+pub fn fix_checksums(bytes: &mut [u8]) {
+    if bytes.len() < 8 {
+        return;
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let Some(end) = usize::try_from(n).ok().and_then(|n| n.checked_add(8)) else {
+        return;
+    };
+    if end.checked_add(8).is_none_or(|e| e > bytes.len()) {
+        return;
+    }
+    let h = crc32fast::hash(&bytes[..end]);
+    let d = crc32fast::hash(&bytes[end + 8..]);
+    bytes[end..end + 4].copy_from_slice(&h.to_le_bytes());
+    bytes[end + 4..end + 8].copy_from_slice(&d.to_le_bytes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target 1: decoding
+
+/// Checkpoint (binary) and state-dict (JSON) decoding from arbitrary bytes into the standard
+/// optimizer of some kind: never a panic; on an error nothing changed; what loads saves and
+/// loads again to the same state.
+pub fn decode(data: &[u8]) {
+    let mut input = Input::new(data);
+    let k = input.u8() as usize;
+    let wide = input.bool();
+    dispatch!(k, wide, decode_case(&mut input));
+}
+
+fn decode_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
+    let mode = input.u8();
+    let by = if input.bool() {
+        MatchBy::Name
+    } else {
+        MatchBy::Position
+    };
+    let with_arena = input.bool();
+    let mut arena = standard_arena::<T>();
+    let mut opt = standard_optimizer::<T, A>(&arena);
+    if input.bool() {
+        standard_grads(&mut arena, 1);
+        opt.step(&mut arena).expect("a valid step");
+    }
+    let before = observe(&opt, &arena);
+    let mut bytes = input.rest().to_vec();
+    let result = match mode % 4 {
+        // Binary, with the checksums made right so the fuzzer gets past them.
+        0 | 1 => {
+            if mode % 4 == 0 {
+                fix_checksums(&mut bytes);
+            }
+            let _ = checkpoint::inspect_reader(&mut &bytes[..], bytes.len() as u64);
+            let target = if with_arena { Some(&mut arena) } else { None };
+            checkpoint::read(&mut &bytes[..], bytes.len() as u64, &mut opt, target, by).map(|_| ())
+        }
+        // JSON.
+        _ => match std::str::from_utf8(&bytes) {
+            Ok(text) => opt.load_state_dict_json(text, by),
+            Err(_) => return,
+        },
+    };
+    match result {
+        Err(_) => assert_eq!(observe(&opt, &arena), before, "changed by a failed load"),
+        Ok(()) => round_trip(&mut opt, &mut arena),
+    }
+}
+
+/// What is loaded saves (binary and JSON) and loads back to the same state.
+fn round_trip<T: Float, A: Algorithm>(opt: &mut Optimizer<T, A>, arena: &mut Arena<T>) {
+    let now = observe(opt, arena);
+    let mut bytes = Vec::new();
+    checkpoint::write(&mut bytes, opt, Some(arena)).expect("a loaded state saves");
+    checkpoint::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        opt,
+        Some(arena),
+        MatchBy::Position,
+    )
+    .expect("a saved checkpoint loads back");
+    assert_eq!(
+        observe(opt, arena),
+        now,
+        "binary round trip changed the state"
+    );
+    let json = opt.state_dict_json().expect("a loaded state serialises");
+    opt.load_state_dict_json(&json, MatchBy::Position)
+        .expect("a saved state dict loads back");
+    assert_eq!(
+        observe(opt, arena),
+        now,
+        "JSON round trip changed the state"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target 3: sequences of API calls
+
+/// Arbitrary sequences of calls (create, add group, write grads, step, zero_grad, save, load,
+/// change hyperparameters) against what must hold: no panic, an error for each call known to
+/// be invalid, and nothing changed by a call that errs.
+pub fn api(data: &[u8]) {
+    let mut input = Input::new(data);
+    let k = input.u8() as usize;
+    let wide = input.bool();
+    dispatch!(k, wide, api_case(&mut input));
+}
+
+/// A group spec from the input: a range of parameter positions (maybe empty or overlapping)
+/// and some overrides (maybe invalid).
+fn group_from<T: Float, A: Algorithm>(
+    input: &mut Input<'_>,
+    arena: &Arena<T>,
+) -> (ParamGroup<T>, std::ops::Range<usize>, bool) {
+    let a = input.below(SHAPES.len() + 1);
+    let b = input.below(SHAPES.len() + 1);
+    let (lo, hi) = (a.min(b), a.max(b));
+    let h: Vec<_> = arena.handles().collect();
+    let mut g = if input.u8() % 4 == 0 && hi > lo {
+        ParamGroup::named((lo..hi).map(|i| format!("p{i}")))
+    } else {
+        ParamGroup::new(h[lo..hi].iter().copied())
+    };
+    let mut bogus = false;
+    let c = A::Config::default();
+    for _ in 0..input.below(3) {
+        let names = <A::Config as Hyperparams>::NAMES;
+        if input.u8() % 8 == 0 {
+            g = g.with("no_such_hyperparameter", 1.0);
+            bogus = true;
+        } else {
+            let name = names[input.below(names.len())];
+            g = g.with(name, hyper_like(input, &c.get(name).expect("listed")));
+        }
+    }
+    (g, lo..hi, bogus)
+}
+
+fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
+    let mut arena = standard_arena::<T>();
+    let mut other = standard_arena::<T>();
+    let mut opt: Option<Optimizer<T, A>> = None;
+    // Ranges of the groups, to know which additions must fail.
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut saved: Vec<(bool, Vec<u8>, (String, Vec<u64>))> = Vec::new();
+    let mut t = 0u64;
+    let mut ops = 0;
+    while !input.is_empty() && ops < 64 {
+        ops += 1;
+        let op = input.u8() % 12;
+        let Some(o) = opt.as_mut() else {
+            // Create.
+            let (g, r, bogus) = group_from::<T, A>(input, &arena);
+            let defaults: A::Config = config_from(input);
+            if let Ok(o) = Optimizer::<T, A>::new(&arena, [g], defaults.clone()) {
+                assert!(
+                    !r.is_empty() && !bogus && defaults.validate().is_ok(),
+                    "created with {r:?}, bogus {bogus}, defaults {defaults:?}"
+                );
+                opt = Some(o);
+                ranges = vec![r];
+            }
+            continue;
+        };
+        let before = observe(o, &arena);
+        let groups_before = o.num_groups();
+        let result: optarena::Result<()> = match op {
+            0 => {
+                // Add a group.
+                let (g, r, bogus) = group_from::<T, A>(input, &arena);
+                let overlap = ranges.iter().any(|q| q.start < r.end && r.start < q.end);
+                let res = o.add_param_group(&arena, g);
+                if r.is_empty() || overlap || bogus {
+                    assert!(res.is_err(), "invalid group {r:?} accepted");
+                }
+                if res.is_ok() {
+                    assert_eq!(o.num_groups(), groups_before + 1);
+                    ranges.push(r);
+                }
+                res
+            }
+            1 => {
+                // Write gradients (sometimes non-finite), or clear one.
+                let h: Vec<_> = arena.handles().collect();
+                let p = h[input.below(h.len())];
+                if input.u8() % 4 == 0 {
+                    arena.clear_grad(p);
+                } else {
+                    let vals: Vec<T> = (0..arena.info(p).len).map(|_| input.data()).collect();
+                    arena.set_grad(p, &vals).expect("right length");
+                }
+                continue;
+            }
+            2 => {
+                t += 1;
+                standard_grads(&mut arena, t);
+                let res = o.step(&mut arena);
+                assert!(
+                    res.is_ok(),
+                    "a plain step with valid settings failed: {res:?}"
+                );
+                continue;
+            }
+            3 => match input.u8() % 4 {
+                0 => o.step_checked(&mut arena).map(|_| ()),
+                1 => o
+                    .step_clipped(&mut arena, optarena::ClipNorm::l2(input.f64()))
+                    .map(|_| ()),
+                2 => {
+                    let k = input.below(3);
+                    let res = o.step_accumulated(&mut arena, k);
+                    if k == 0 {
+                        assert!(res.is_err(), "step_accumulated(0) accepted");
+                    }
+                    res
+                }
+                _ => o.step(&mut other).map(|_| ()),
+            },
+            4 => {
+                let r = o.zero_grad(&mut arena, input.bool());
+                assert!(r.is_ok());
+                continue;
+            }
+            5 | 6 => {
+                // Save (binary or JSON) and check it loads back into the same optimizer.
+                let binary = op == 5;
+                let bytes = if binary {
+                    let mut b = Vec::new();
+                    checkpoint::write(&mut b, o, Some(&arena)).expect("saving works");
+                    b
+                } else {
+                    o.state_dict_json().expect("serialising works").into_bytes()
+                };
+                round_trip(o, &mut arena);
+                saved.push((binary, bytes, before.clone()));
+                continue;
+            }
+            7 | 8 => {
+                // Load a saved snapshot, maybe corrupted, maybe from another layout.
+                if saved.is_empty() {
+                    continue;
+                }
+                let (binary, mut bytes, snap) = saved[input.below(saved.len())].clone();
+                let corrupt = input.u8() % 3 == 0 && !bytes.is_empty();
+                if corrupt {
+                    let i = input.u16() as usize % bytes.len();
+                    bytes[i] ^= 1 << input.below(8);
+                }
+                let by = if input.bool() {
+                    MatchBy::Name
+                } else {
+                    MatchBy::Position
+                };
+                let res = if binary {
+                    checkpoint::read(&mut &bytes[..], bytes.len() as u64, o, Some(&mut arena), by)
+                        .map(|_| ())
+                } else {
+                    match std::str::from_utf8(&bytes) {
+                        Ok(s) => o.load_state_dict_json(s, by),
+                        Err(_) => continue,
+                    }
+                };
+                if corrupt && binary {
+                    assert!(res.is_err(), "a corrupted checkpoint loaded");
+                }
+                if res.is_ok() && !corrupt && binary {
+                    assert_eq!(
+                        observe(o, &arena),
+                        snap,
+                        "a checkpoint loaded to another state"
+                    );
+                }
+                res
+            }
+            9 => {
+                // Set a hyperparameter: maybe a bad group, an unknown name, a bad value.
+                let names = <A::Config as Hyperparams>::NAMES;
+                let g = input.below(o.num_groups() + 1);
+                let unknown = input.u8() % 8 == 0;
+                let name = if unknown {
+                    "nope"
+                } else {
+                    names[input.below(names.len())]
+                };
+                let like = A::Config::default().get(names[0]).expect("listed");
+                let value = if unknown {
+                    like
+                } else {
+                    hyper_like(input, &A::Config::default().get(name).expect("listed"))
+                };
+                let res = o.set_hyper(g, name, value.clone());
+                if g >= groups_before || unknown {
+                    assert!(res.is_err(), "set_hyper({g}, {name}) accepted");
+                }
+                if name == "lr" && matches!(value, HyperValue::Number(x) if x.is_nan()) {
+                    assert!(res.is_err(), "NaN lr accepted");
+                }
+                res
+            }
+            10 => {
+                // Replace a group's config wholesale.
+                let g = input.below(o.num_groups() + 1);
+                let c: A::Config = config_from(input);
+                let valid = c.validate().is_ok();
+                let res = o.set_group_config(g, c);
+                if g >= groups_before || !valid {
+                    assert!(res.is_err(), "set_group_config({g}) accepted");
+                }
+                res
+            }
+            _ => {
+                // A fresh optimizer replaces this one (new group layout).
+                opt = None;
+                ranges.clear();
+                continue;
+            }
+        };
+        if result.is_err() {
+            assert_eq!(
+                observe(o, &arena),
+                before,
+                "op {op} failed but changed the state"
+            );
+            assert_eq!(o.num_groups(), groups_before);
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Atomic replacement of a file: write a temporary file beside it, fsync it, rename it over the
+//! old one, fsync the directory. A crash or an I/O error at any point leaves either the old file
+//! or the complete new one, never a mix.
+//!
+//! The file-system calls go through [`SaveTarget`], so tests can make any of them fail.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// The file-system operations an atomic save uses. [`StdFs`] is the real one; a test double
+/// can fail any call, or a write after some number of bytes.
+pub trait SaveTarget {
+    /// An open file being written.
+    type File: Write;
+    /// Creates `path`, which must not exist yet.
+    fn create_new(&self, path: &Path) -> io::Result<Self::File>;
+    /// Flushes the file's data and metadata to the disk (`fsync`).
+    fn sync_file(&self, file: &mut Self::File) -> io::Result<()>;
+    /// Renames `from` to `to`, replacing `to` atomically.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Flushes the directory `dir` (so a rename in it survives a power loss).
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Removes a file (a failed save's temporary file).
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StdFs;
+
+impl SaveTarget for StdFs {
+    type File = File;
+    fn create_new(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new().write(true).create_new(true).open(path)
+    }
+    fn sync_file(&self, file: &mut File) -> io::Result<()> {
+        file.sync_all()
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            File::open(dir)?.sync_all()
+        }
+        #[cfg(not(unix))]
+        {
+            // Directories cannot be opened for syncing here; the rename is still atomic.
+            let _ = dir;
+            Ok(())
+        }
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+}
+
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+
+/// The temporary file a save of `path` writes first: hidden, in the same directory (so the
+/// rename stays on one file system), unique per process and call.
+pub fn temp_path(path: &Path) -> Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| {
+        Error::Io(format!(
+            "cannot save to `{}`: it does not name a file",
+            path.display()
+        ))
+    })?;
+    let unique = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".{}.{unique}.tmp", std::process::id()));
+    Ok(path.with_file_name(tmp))
+}
+
+fn io_error(what: &str, path: &Path, e: io::Error) -> Error {
+    Error::Io(format!("{what} `{}`: {e}", path.display()))
+}
+
+/// Writes `path` atomically through `target`: `write` fills a buffered writer over a temporary
+/// file, which is then synced and renamed over `path`, and the directory synced. On any error
+/// before the rename the temporary file is removed and `path` is untouched. Returns what
+/// `write` returned.
+pub fn write_atomic<S: SaveTarget>(
+    target: &S,
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<u64>,
+) -> Result<u64> {
+    let tmp = temp_path(path)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut file = target
+        .create_new(&tmp)
+        .map_err(|e| io_error("creating", &tmp, e))?;
+    let written = (|| {
+        let mut w = BufWriter::with_capacity(1 << 20, &mut file);
+        let n = write(&mut w)?;
+        w.flush().map_err(|e| io_error("writing", &tmp, e))?;
+        drop(w);
+        target
+            .sync_file(&mut file)
+            .map_err(|e| io_error("syncing", &tmp, e))?;
+        Ok(n)
+    })();
+    drop(file);
+    let n = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = target.remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    if let Err(e) = target.rename(&tmp, path) {
+        let _ = target.remove_file(&tmp);
+        return Err(io_error("renaming the new checkpoint over", path, e));
+    }
+    // The new file is complete and in place; a failure here only means the rename might not
+    // survive a power loss yet.
+    target
+        .sync_dir(&dir)
+        .map_err(|e| io_error("syncing the directory", &dir, e))?;
+    Ok(n)
+}

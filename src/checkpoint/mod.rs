@@ -1,0 +1,559 @@
+//! Binary checkpoints: an optimizer's state (and optionally the arena's parameter values) in
+//! one [safetensors](https://github.com/huggingface/safetensors) file that Python's
+//! `safetensors` reads, streamed from and into the optimizer's own buffers.
+//!
+//! JSON ([`Optimizer::state_dict_json`]) stays for small states and reading by eye; this format
+//! is for large ones.
+//!
+//! ```
+//! use optarena::{Adam, AdamConfig, ArenaBuilder, MatchBy, ParamGroup};
+//! # fn main() -> optarena::Result<()> {
+//! let mut b = ArenaBuilder::<f32>::new();
+//! let w = b.param("w", &[2], &[0.5, -0.5])?;
+//! let mut arena = b.build();
+//! let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default())?;
+//! arena.set_grad(w, &[0.1, 0.2])?;
+//! opt.step(&mut arena)?;
+//!
+//! let dir = std::env::temp_dir().join(format!("optarena-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("run.safetensors");
+//! // Optimizer state and parameter values: one file resumes the run.
+//! opt.save_checkpoint(&path, Some(&arena))?;
+//! opt.load_checkpoint(&path, Some(&mut arena), MatchBy::Name)?;
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok(()) }
+//! ```
+//!
+//! # The file
+//! A safetensors file. `__metadata__["optarena"]` holds [`CheckpointMeta`] as JSON: format name
+//! and version, optimizer kind, dtype, param groups (hyperparameters; parameter numbers, names,
+//! offsets, shapes), each parameter's step and scalar state and buffer names, and the stored
+//! parameters. Tensors:
+//! - `optarena.crc32` (U32, 2), first: the CRC-32 (zlib's) of the length prefix and header,
+//!   and of every data byte after it. A flipped byte anywhere is found.
+//! - `state.<number>.<buffer>` (F32 or F64, the parameter's shape): torch's state-dict keys.
+//! - `param.<name>`: the parameter values, when saved with the arena.
+//!
+//! # Guarantees
+//! - [`save`] writes a temporary file in the same directory, fsyncs it, renames it over the
+//!   old one and fsyncs the directory: a crash or I/O error leaves the previous checkpoint
+//!   intact. The tensors are written straight from the optimizer's buffers.
+//! - [`load`] checks the header checksum before believing the header, checks everything the
+//!   header says against the optimizer and the file length before allocating, reads the data
+//!   into freshly staged buffers (one extra copy of the state, never more), checks the data
+//!   checksum, and only then swaps the buffers in. On any error nothing has changed.
+//! - A state saved in f64 loads into an f32 optimizer and the reverse, cast as torch's
+//!   `load_state_dict` casts state to the parameter's dtype.
+
+pub mod atomic;
+pub mod format;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use rayon::prelude::*;
+use safetensors::tensor::Dtype;
+
+use crate::arena::Arena;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::optimizer::{Algorithm, Optimizer, SavedState, StateRef};
+use crate::state::MatchBy;
+
+pub use atomic::{SaveTarget, StdFs};
+pub use format::{
+    CheckpointMeta, FileDtype, StateMeta, TensorEntry, CRC_TENSOR, FORMAT_NAME, FORMAT_VERSION,
+};
+
+use format::{param_tensor, read_error, read_header, state_tensor, Header};
+
+/// Elements per piece when streaming (4 MiB of f64, 2 MiB of f32): large enough for disk speed,
+/// small enough that the checksum runs on data still in cache.
+const PIECE: usize = 1 << 19;
+
+/// What [`inspect`] finds in a checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointInfo {
+    /// The metadata.
+    pub meta: CheckpointMeta,
+    /// Every tensor but the checksum one, in file order.
+    pub tensors: Vec<TensorEntry>,
+    /// The file's length in bytes.
+    pub file_len: u64,
+}
+
+/// `s` as little-endian bytes, handed to `f` without a copy on little-endian machines.
+fn with_le_bytes<T: Float>(
+    s: &[T],
+    f: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    if cfg!(target_endian = "little") {
+        f(bytemuck::cast_slice(s))
+    } else {
+        let size = std::mem::size_of::<T>();
+        let mut buf = Vec::with_capacity(PIECE.min(s.len()) * size);
+        for piece in s.chunks(PIECE) {
+            buf.clear();
+            buf.extend_from_slice(bytemuck::cast_slice(piece));
+            buf.chunks_exact_mut(size).for_each(<[u8]>::reverse);
+            f(&buf)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_error(e: std::io::Error) -> Error {
+    Error::Io(format!("writing the checkpoint: {e}"))
+}
+
+/// Writes a checkpoint of `opt` (and of `params`' values, when given) to `w`. Not atomic: see
+/// [`save`] for files. Returns the number of bytes written.
+///
+/// The tensors are written straight from the optimizer's and the arena's buffers; only the
+/// header is built in memory.
+pub fn write<T: Float, A: Algorithm, W: Write + ?Sized>(
+    w: &mut W,
+    opt: &Optimizer<T, A>,
+    params: Option<&Arena<T>>,
+) -> Result<u64> {
+    if let Some(arena) = params {
+        if arena.id() != opt.arena_identity() {
+            return Err(Error::ArenaMismatch(format!(
+                "this {} optimizer was built for another arena",
+                A::NAME
+            )));
+        }
+    }
+    let dtype = FileDtype::from_name(T::DTYPE)?;
+    // Tensor table and metadata, borrowing the buffers.
+    let mut tensors: Vec<(String, Dtype, Vec<usize>)> =
+        vec![(CRC_TENSOR.to_string(), Dtype::U32, vec![2])];
+    let mut slices: Vec<&[T]> = Vec::new();
+    let mut state = Vec::new();
+    let layout = opt.param_layout();
+    opt.for_each_state(|s: StateRef<'_, T>| -> Result<()> {
+        let shape = &layout[s.param].shape;
+        let mut names = Vec::with_capacity(s.buffers.len());
+        for (name, values) in s.buffers {
+            tensors.push((
+                state_tensor(s.index, name),
+                dtype.safetensors(),
+                shape.clone(),
+            ));
+            slices.push(values);
+            names.push(name.to_string());
+        }
+        state.push(StateMeta {
+            index: s.index,
+            step: s.step,
+            scalars: s.scalars.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            buffers: names,
+        });
+        Ok(())
+    })?;
+    if let Some(arena) = params {
+        for (p, info) in arena.handles().zip(arena.infos()) {
+            tensors.push((
+                param_tensor(&info.name),
+                dtype.safetensors(),
+                info.shape.clone(),
+            ));
+            slices.push(arena.value(p));
+        }
+    }
+    let meta = CheckpointMeta {
+        format: FORMAT_NAME.to_string(),
+        version: FORMAT_VERSION,
+        optimizer: A::NAME.to_string(),
+        dtype: T::DTYPE.to_string(),
+        param_groups: opt.group_dicts(),
+        state,
+        params: params.map(|a| a.infos().to_vec()),
+    };
+    let header = format::build_header(&meta, &tensors)?;
+    // The data checksum comes before the data, so it is computed in a first pass over memory
+    // (several times faster than any disk).
+    let mut data_crc = crc32fast::Hasher::new();
+    for s in &slices {
+        with_le_bytes(s, &mut |b| {
+            data_crc.update(b);
+            Ok(())
+        })
+        .expect("hashing cannot fail");
+    }
+    let mut header_crc = crc32fast::Hasher::new();
+    header_crc.update(&header);
+    let mut head = header;
+    head.extend_from_slice(&header_crc.finalize().to_le_bytes());
+    head.extend_from_slice(&data_crc.finalize().to_le_bytes());
+    w.write_all(&head).map_err(write_error)?;
+    let mut total = head.len() as u64;
+    for s in &slices {
+        with_le_bytes(s, &mut |b| w.write_all(b)).map_err(write_error)?;
+        total += std::mem::size_of_val(*s) as u64;
+    }
+    Ok(total)
+}
+
+/// Saves a checkpoint of `opt` (and of `params`' values, when given, so that one file resumes
+/// a run) to `path`, atomically: see the [module docs](self). Returns the file's size.
+pub fn save<T: Float, A: Algorithm>(
+    path: impl AsRef<Path>,
+    opt: &Optimizer<T, A>,
+    params: Option<&Arena<T>>,
+) -> Result<u64> {
+    save_with(&StdFs, path, opt, params)
+}
+
+/// [`save`] through another [`SaveTarget`] (a test double that fails on cue).
+pub fn save_with<S: SaveTarget, T: Float, A: Algorithm>(
+    target: &S,
+    path: impl AsRef<Path>,
+    opt: &Optimizer<T, A>,
+    params: Option<&Arena<T>>,
+) -> Result<u64> {
+    atomic::write_atomic(target, path.as_ref(), |w| write(w, opt, params))
+}
+
+/// Where one tensor's values go.
+enum Dest {
+    /// Buffer of a saved parameter number.
+    State(usize, String),
+    /// Element range of the staged parameter values.
+    Param(std::ops::Range<usize>),
+    /// Read (and checksummed) but not kept: parameter values when no arena was given.
+    Skip,
+}
+
+/// Reads `n` elements of `dtype` from `r` into `dst` (cast to `T`), checksumming the bytes.
+fn read_values<T: Float, R: Read + ?Sized>(
+    r: &mut R,
+    crc: &mut crc32fast::Hasher,
+    dtype: FileDtype,
+    dst: &mut [T],
+    scratch: &mut Vec<u8>,
+    what: &str,
+) -> Result<()> {
+    let direct = cfg!(target_endian = "little") && dtype.size() == std::mem::size_of::<T>();
+    for piece in dst.chunks_mut(PIECE) {
+        if direct {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(piece);
+            r.read_exact(bytes).map_err(|e| read_error(e, what))?;
+            crc.update(bytes);
+        } else {
+            scratch.resize(piece.len() * dtype.size(), 0);
+            r.read_exact(scratch).map_err(|e| read_error(e, what))?;
+            crc.update(scratch);
+            match dtype {
+                FileDtype::F32 => {
+                    for (d, b) in piece.iter_mut().zip(scratch.chunks_exact(4)) {
+                        let x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                        *d = T::from_f64(x as f64);
+                    }
+                }
+                FileDtype::F64 => {
+                    for (d, b) in piece.iter_mut().zip(scratch.chunks_exact(8)) {
+                        *d = T::from_f64(f64::from_le_bytes(b.try_into().expect("8 bytes")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads `n` bytes, only checksumming them.
+fn skip_bytes<R: Read + ?Sized>(
+    r: &mut R,
+    crc: &mut crc32fast::Hasher,
+    mut n: usize,
+    scratch: &mut Vec<u8>,
+    what: &str,
+) -> Result<()> {
+    while n > 0 {
+        let k = n.min(PIECE * 8);
+        scratch.resize(k, 0);
+        r.read_exact(scratch).map_err(|e| read_error(e, what))?;
+        crc.update(scratch);
+        n -= k;
+    }
+    Ok(())
+}
+
+fn bad(msg: String) -> Error {
+    Error::Checkpoint(msg)
+}
+
+/// Loads a checkpoint of `file_len` bytes from `r` into `opt` (and the stored parameter values
+/// into `params`, when given), matching parameters `by` position or name. On any error nothing
+/// has changed. Returns the number of bytes read.
+///
+/// `params` must be the arena `opt` was built for, and the checkpoint must then hold every one
+/// of its parameters, by name and shape (torch's strict `load_state_dict` of the model).
+/// Without `params`, stored parameter values are read (for the checksum) and dropped.
+pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
+    r: &mut R,
+    file_len: u64,
+    opt: &mut Optimizer<T, A>,
+    params: Option<&mut Arena<T>>,
+    by: MatchBy,
+) -> Result<u64> {
+    if let Some(arena) = &params {
+        if arena.id() != opt.arena_identity() {
+            return Err(Error::ArenaMismatch(format!(
+                "this {} optimizer was built for another arena",
+                A::NAME
+            )));
+        }
+    }
+    let Header {
+        meta,
+        tensors,
+        data_crc,
+        header_len,
+        file_len,
+    } = read_header(r, file_len)?;
+    let dtype = FileDtype::from_name(&meta.dtype)?;
+    let saved: Vec<SavedState<'_>> = meta
+        .state
+        .iter()
+        .map(|s| SavedState {
+            index: s.index,
+            step: s.step,
+            scalars: &s.scalars,
+            buffers: &s.buffers,
+        })
+        .collect();
+    let mut staged = opt.stage_load(&meta.optimizer, &meta.param_groups, &saved, by)?;
+    // Shapes of the saved parameters by number, for the tensor checks.
+    let shapes: std::collections::BTreeMap<usize, &[usize]> = meta
+        .param_groups
+        .iter()
+        .flat_map(|g| &g.params)
+        .map(|p| (p.index, p.shape.as_slice()))
+        .collect();
+    // Every tensor must be one the metadata announces, with the announced dtype and shape,
+    // and every announced one must be there.
+    let mut expected: std::collections::BTreeMap<String, (Vec<usize>, Dest)> = Default::default();
+    for (index, name, _) in staged.slots() {
+        let shape = shapes.get(&index).map(|s| s.to_vec()).unwrap_or_default();
+        expected.insert(
+            state_tensor(index, name),
+            (shape, Dest::State(index, name.to_string())),
+        );
+    }
+    let layout = opt.param_layout().to_vec();
+    let mut staged_params: Option<Vec<T>> = None;
+    match (&meta.params, &params) {
+        (Some(stored), Some(_)) => {
+            let mut seen = std::collections::BTreeSet::new();
+            for p in stored {
+                if !seen.insert(p.name.as_str()) {
+                    return Err(bad(format!("parameter `{}` is stored twice", p.name)));
+                }
+                let info = layout.iter().find(|i| i.name == p.name).ok_or_else(|| {
+                    Error::StateDict(format!(
+                        "the checkpoint stores parameter `{}`, which the arena does not have",
+                        p.name
+                    ))
+                })?;
+                if info.shape != p.shape {
+                    return Err(Error::StateDict(format!(
+                        "parameter `{}` has shape {:?} in the checkpoint and {:?} in the arena",
+                        p.name, p.shape, info.shape
+                    )));
+                }
+                expected.insert(
+                    param_tensor(&p.name),
+                    (p.shape.clone(), Dest::Param(info.range())),
+                );
+            }
+            if let Some(missing) = layout.iter().find(|i| !seen.contains(i.name.as_str())) {
+                return Err(Error::StateDict(format!(
+                    "the checkpoint does not store parameter `{}`",
+                    missing.name
+                )));
+            }
+            let mut values = vec![T::ZERO; layout.iter().map(|i| i.len).sum()];
+            // First touch of fresh pages is slow; fault them in parallel.
+            values.par_chunks_mut(1 << 16).for_each(|c| c.fill(T::ZERO));
+            staged_params = Some(values);
+        }
+        (None, Some(_)) => {
+            return Err(Error::StateDict(
+                "the checkpoint holds no parameter values (it was saved without the arena)"
+                    .to_string(),
+            ))
+        }
+        (Some(stored), None) => {
+            for p in stored {
+                expected.insert(param_tensor(&p.name), (p.shape.clone(), Dest::Skip));
+            }
+        }
+        (None, None) => {}
+    }
+    let mut plan = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let Some((shape, dest)) = expected.remove(&t.name) else {
+            return Err(bad(format!(
+                "tensor `{}` is not described by the metadata",
+                t.name
+            )));
+        };
+        if t.dtype != dtype.safetensors() {
+            return Err(bad(format!(
+                "tensor `{}` has dtype {:?}, the checkpoint's dtype is {}",
+                t.name,
+                t.dtype,
+                dtype.name()
+            )));
+        }
+        if t.shape != shape {
+            return Err(bad(format!(
+                "tensor `{}` has shape {:?}, the metadata says {:?}",
+                t.name, t.shape, shape
+            )));
+        }
+        plan.push((t, dest));
+    }
+    if let Some(name) = expected.keys().next() {
+        return Err(bad(format!(
+            "tensor `{name}` is described by the metadata but missing"
+        )));
+    }
+    // Stream the data in file order into the staged buffers.
+    let mut crc = crc32fast::Hasher::new();
+    let mut scratch = Vec::new();
+    let mut at = 8usize; // after the checksum tensor
+    for (t, dest) in plan {
+        let n_bytes = t.data_offsets.1 - t.data_offsets.0;
+        if t.data_offsets.0 != at && n_bytes != 0 {
+            return Err(bad(format!(
+                "tensor `{}` is not where the data continues",
+                t.name
+            )));
+        }
+        let what = format!("tensor `{}`", t.name);
+        match dest {
+            Dest::State(index, name) => {
+                let dst = staged
+                    .slot_mut(index, &name)
+                    .expect("every announced slot exists");
+                read_values(r, &mut crc, dtype, dst, &mut scratch, &what)?;
+            }
+            Dest::Param(range) => {
+                let dst = &mut staged_params.as_mut().expect("staged with the arena")[range];
+                read_values(r, &mut crc, dtype, dst, &mut scratch, &what)?;
+            }
+            Dest::Skip => skip_bytes(r, &mut crc, n_bytes, &mut scratch, &what)?,
+        }
+        at = t.data_offsets.1;
+    }
+    let got = crc.finalize();
+    if got != data_crc {
+        return Err(bad(format!(
+            "data checksum mismatch (stored {data_crc:#010x}, computed {got:#010x}): the tensor \
+             data is corrupt"
+        )));
+    }
+    debug_assert_eq!(header_len + at as u64, file_len);
+    opt.commit_staged(staged);
+    if let (Some(arena), Some(values)) = (params, staged_params) {
+        arena.params_mut().copy_from_slice(&values);
+    }
+    Ok(file_len)
+}
+
+/// Loads a checkpoint file written by [`save`] into `opt` (and its parameter values into
+/// `params`, when given). See [`read`]; on any error nothing has changed.
+pub fn load<T: Float, A: Algorithm>(
+    path: impl AsRef<Path>,
+    opt: &mut Optimizer<T, A>,
+    params: Option<&mut Arena<T>>,
+    by: MatchBy,
+) -> Result<u64> {
+    let path = path.as_ref();
+    let file =
+        File::open(path).map_err(|e| Error::Io(format!("opening `{}`: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::Io(format!("reading `{}`: {e}", path.display())))?
+        .len();
+    let mut r = std::io::BufReader::with_capacity(1 << 16, file);
+    read(&mut r, len, opt, params, by)
+}
+
+/// Reads a checkpoint's metadata and tensor table from `r` (`file_len` bytes) and verifies both
+/// checksums, without loading it anywhere.
+pub fn inspect_reader<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Result<CheckpointInfo> {
+    let Header {
+        meta,
+        tensors,
+        data_crc,
+        file_len,
+        ..
+    } = read_header(r, file_len)?;
+    FileDtype::from_name(&meta.dtype)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut scratch = Vec::new();
+    for t in &tensors {
+        skip_bytes(
+            r,
+            &mut crc,
+            t.data_offsets.1 - t.data_offsets.0,
+            &mut scratch,
+            &format!("tensor `{}`", t.name),
+        )?;
+    }
+    let got = crc.finalize();
+    if got != data_crc {
+        return Err(bad(format!(
+            "data checksum mismatch (stored {data_crc:#010x}, computed {got:#010x}): the tensor \
+             data is corrupt"
+        )));
+    }
+    Ok(CheckpointInfo {
+        meta,
+        tensors,
+        file_len,
+    })
+}
+
+/// [`inspect_reader`] on a file.
+pub fn inspect(path: impl AsRef<Path>) -> Result<CheckpointInfo> {
+    let path = path.as_ref();
+    let file =
+        File::open(path).map_err(|e| Error::Io(format!("opening `{}`: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::Io(format!("reading `{}`: {e}", path.display())))?
+        .len();
+    inspect_reader(&mut std::io::BufReader::with_capacity(1 << 20, file), len)
+}
+
+impl<T: Float, A: Algorithm> Optimizer<T, A> {
+    /// Saves a binary checkpoint (safetensors) to `path`, atomically; with `params`, the
+    /// arena's values too, so one file resumes a run. See [`checkpoint`](crate::checkpoint).
+    /// Returns the file's size in bytes.
+    pub fn save_checkpoint(
+        &self,
+        path: impl AsRef<Path>,
+        params: Option<&Arena<T>>,
+    ) -> Result<u64> {
+        save(path, self, params)
+    }
+
+    /// Loads a binary checkpoint written by [`Optimizer::save_checkpoint`] (or converted from
+    /// PyTorch by `scripts/torch_checkpoint.py`); with `params`, restores the arena's values
+    /// too. On any error nothing has changed. See [`checkpoint`](crate::checkpoint).
+    pub fn load_checkpoint(
+        &mut self,
+        path: impl AsRef<Path>,
+        params: Option<&mut Arena<T>>,
+        by: MatchBy,
+    ) -> Result<u64> {
+        load(path, self, params, by)
+    }
+}

@@ -1,0 +1,349 @@
+//! What the binary checkpoint format needs from an [`Optimizer`] beyond its public API: visit
+//! every live state buffer in place (no copy), and load into freshly staged buffers that replace
+//! the optimizer's only once everything has been read and checked.
+//!
+//! A child module of `optimizer`, so it reaches the private fields without widening them.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+
+use super::{Algorithm, Group, Optimizer, ParamScalars, ParamState};
+use crate::arena::{filled, AlignedBuf, ParamInfo};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::hyper::Hyperparams;
+use crate::state::{GroupDict, MatchBy, ParamRef};
+
+/// One parameter's state, borrowed from the optimizer.
+pub(crate) struct StateRef<'a, T> {
+    /// Parameter number across all groups (torch's state-dict key).
+    pub index: usize,
+    /// The parameter's arena position.
+    pub param: usize,
+    /// Steps taken, for optimizers that count them.
+    pub step: Option<u64>,
+    /// Per-parameter scalars, by torch's names.
+    pub scalars: Vec<(&'static str, f64)>,
+    /// Live buffers, by torch's names, each the parameter's length.
+    pub buffers: Vec<(&'static str, &'a [T])>,
+}
+
+/// One parameter's saved state as a checkpoint's metadata describes it (its buffers' values
+/// come separately).
+pub(crate) struct SavedState<'a> {
+    /// Parameter number ([`ParamRef::index`]).
+    pub index: usize,
+    /// Step count, when saved.
+    pub step: Option<u64>,
+    /// Scalars by name.
+    pub scalars: &'a BTreeMap<String, f64>,
+    /// Names of the buffers saved for it.
+    pub buffers: &'a [String],
+}
+
+/// A load being prepared: new configs, states and buffers, checked against the optimizer and
+/// waiting for their values. Nothing of the optimizer changes until [`Optimizer::commit_staged`].
+pub(crate) struct Staged<T, A: Algorithm> {
+    arena_id: u64,
+    configs: Vec<A::Config>,
+    states: Vec<Vec<Option<ParamState<A::Scalars>>>>,
+    buffers: Vec<Vec<AlignedBuf<T>>>,
+    /// (saved parameter number, buffer name) -> (group, buffer index, element range in it).
+    slots: BTreeMap<(usize, String), (usize, usize, std::ops::Range<usize>)>,
+}
+
+impl<T: Float, A: Algorithm> Staged<T, A> {
+    /// The staged destination of buffer `name` of saved parameter `index`, or `None` when the
+    /// metadata did not announce it.
+    pub(crate) fn slot_mut(&mut self, index: usize, name: &str) -> Option<&mut [T]> {
+        let (g, k, r) = self.slots.get(&(index, name.to_string()))?.clone();
+        Some(&mut self.buffers[g][k][r])
+    }
+
+    /// Every announced (parameter number, buffer name, length).
+    pub(crate) fn slots(&self) -> impl Iterator<Item = (usize, &str, usize)> + '_ {
+        self.slots
+            .iter()
+            .map(|((i, n), (_, _, r))| (*i, n.as_str(), r.len()))
+    }
+}
+
+fn bad<X>(m: String) -> Result<X> {
+    Err(Error::StateDict(m))
+}
+
+impl<T: Float, A: Algorithm> Optimizer<T, A> {
+    /// The identity of the arena this optimizer was built for.
+    pub(crate) fn arena_identity(&self) -> u64 {
+        self.arena_id
+    }
+
+    /// The arena layout this optimizer was built for.
+    pub(crate) fn param_layout(&self) -> &[ParamInfo] {
+        &self.layout
+    }
+
+    /// The groups as [`Optimizer::state_dict`] describes them, without any state.
+    pub(crate) fn group_dicts(&self) -> Vec<GroupDict> {
+        let mut number = 0;
+        self.groups
+            .iter()
+            .map(|g| {
+                let hyperparams = <A::Config as Hyperparams>::NAMES
+                    .iter()
+                    .map(|&n| {
+                        let v = g.config.get(n).expect("every listed name is gettable");
+                        (n.to_string(), v)
+                    })
+                    .collect();
+                let params = g
+                    .params
+                    .clone()
+                    .map(|i| {
+                        let info = &self.layout[i];
+                        number += 1;
+                        ParamRef {
+                            index: number - 1,
+                            name: info.name.clone(),
+                            offset: info.offset,
+                            shape: info.shape.clone(),
+                        }
+                    })
+                    .collect();
+                GroupDict {
+                    hyperparams,
+                    params,
+                }
+            })
+            .collect()
+    }
+
+    /// Calls `f` with every parameter's state that [`Optimizer::state_dict`] would list, in
+    /// parameter-number order, borrowing the buffers in place.
+    pub(crate) fn for_each_state<'a, E>(
+        &'a self,
+        mut f: impl FnMut(StateRef<'a, T>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let mut number = 0;
+        for g in &self.groups {
+            let names = A::buffers(&g.config);
+            for (j, i) in g.params.clone().enumerate() {
+                let index = number;
+                number += 1;
+                let Some(st) = g.state[j] else { continue };
+                let info = &self.layout[i];
+                let local = info.offset - g.elems.start;
+                let buffers: Vec<(&'static str, &'a [T])> = (0..st.live_buffers as usize)
+                    .map(|k| (names[k], &g.buffers[k][local..local + info.len]))
+                    .collect();
+                let scalars: Vec<(&'static str, f64)> = <A::Scalars as ParamScalars>::NAMES
+                    .iter()
+                    .copied()
+                    .zip(st.scalars.values())
+                    .collect();
+                if A::TRACKS_STEP || !buffers.is_empty() || !scalars.is_empty() {
+                    f(StateRef {
+                        index,
+                        param: i,
+                        step: A::TRACKS_STEP.then_some(st.step),
+                        scalars,
+                        buffers,
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks saved groups and states against this optimizer, exactly as
+    /// [`Optimizer::load_state_dict`] does, and stages new buffers for the values. Allocates
+    /// only what the optimizer's own layout needs, whatever the metadata says.
+    pub(crate) fn stage_load(
+        &self,
+        optimizer: &str,
+        saved_groups: &[GroupDict],
+        saved_states: &[SavedState<'_>],
+        by: MatchBy,
+    ) -> Result<Staged<T, A>> {
+        if optimizer != A::NAME {
+            return bad(format!(
+                "it was saved by a {optimizer} optimizer, this is {}",
+                A::NAME
+            ));
+        }
+        if saved_groups.len() != self.groups.len() {
+            return bad(format!(
+                "it has {} parameter groups, the optimizer has {}",
+                saved_groups.len(),
+                self.groups.len()
+            ));
+        }
+        let mut target: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        let mut configs = Vec::with_capacity(self.groups.len());
+        for (gi, (sg, g)) in saved_groups.iter().zip(&self.groups).enumerate() {
+            if sg.params.len() != g.params.len() {
+                return bad(format!(
+                    "group {gi} has {} parameters in the saved state and {} in the optimizer",
+                    sg.params.len(),
+                    g.params.len()
+                ));
+            }
+            let mut config = g.config.clone();
+            for (name, value) in &sg.hyperparams {
+                config
+                    .set(name, value)
+                    .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
+            }
+            config
+                .validate()
+                .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
+            configs.push(config);
+            let mut used = vec![false; g.params.len()];
+            for (pos, pr) in sg.params.iter().enumerate() {
+                let j = match by {
+                    MatchBy::Position => pos,
+                    MatchBy::Name => g
+                        .params
+                        .clone()
+                        .position(|i| self.layout[i].name == pr.name)
+                        .ok_or_else(|| {
+                            Error::StateDict(format!(
+                                "group {gi} has no parameter named `{}`",
+                                pr.name
+                            ))
+                        })?,
+                };
+                if used[j] {
+                    return bad(format!(
+                        "group {gi}: two saved parameters map to `{}`",
+                        self.layout[g.params.start + j].name
+                    ));
+                }
+                used[j] = true;
+                let info = &self.layout[g.params.start + j];
+                if info.shape != pr.shape {
+                    return bad(format!(
+                        "parameter `{}` has shape {:?} in the saved state and `{}` has shape {:?}",
+                        pr.name, pr.shape, info.name, info.shape
+                    ));
+                }
+                if target.insert(pr.index, (gi, j)).is_some() {
+                    return bad(format!("parameter number {} appears twice", pr.index));
+                }
+            }
+        }
+        let mut states: Vec<Vec<Option<ParamState<A::Scalars>>>> = self
+            .groups
+            .iter()
+            .map(|g| vec![None; g.params.len()])
+            .collect();
+        let mut slots = BTreeMap::new();
+        for ps in saved_states {
+            let &(gi, j) = target.get(&ps.index).ok_or_else(|| {
+                Error::StateDict(format!(
+                    "state for parameter number {} which no group lists",
+                    ps.index
+                ))
+            })?;
+            let g = &self.groups[gi];
+            let info = &self.layout[g.params.start + j];
+            if states[gi][j].is_some() {
+                return bad(format!("parameter `{}` has two saved states", info.name));
+            }
+            let names = A::buffers(&configs[gi]);
+            // The first `live` buffers: all, or fewer when a setting that adds buffers at the
+            // end was switched on after the state was made (as `load_state_dict` accepts).
+            let live = ps.buffers.len();
+            let mut saved_names: Vec<&str> = ps.buffers.iter().map(String::as_str).collect();
+            saved_names.sort_unstable();
+            let mut want: Vec<&str> = names[..live.min(names.len())].to_vec();
+            want.sort_unstable();
+            if live > names.len() || saved_names != want {
+                return bad(format!(
+                    "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
+                    info.name,
+                    A::NAME
+                ));
+            }
+            let step = match (A::TRACKS_STEP, ps.step) {
+                (true, Some(s)) => s,
+                (false, _) => 0,
+                (true, None) => return bad(format!("parameter `{}` has no step count", info.name)),
+            };
+            let mut scalar_values = Vec::with_capacity(<A::Scalars as ParamScalars>::NAMES.len());
+            for n in <A::Scalars as ParamScalars>::NAMES {
+                match ps.scalars.get(*n) {
+                    Some(v) => scalar_values.push(*v),
+                    None => return bad(format!("parameter `{}` has no `{n}` state", info.name)),
+                }
+            }
+            let local = info.offset - g.elems.start;
+            for (k, name) in names[..live].iter().enumerate() {
+                slots.insert(
+                    (ps.index, name.to_string()),
+                    (gi, k, local..local + info.len),
+                );
+            }
+            states[gi][j] = Some(ParamState {
+                step,
+                scalars: A::Scalars::from_values(&scalar_values),
+                live_buffers: live as u8,
+            });
+        }
+        // Buffers only for groups that get state; each as long as the group. Fresh memory is
+        // slow to touch the first time (a page fault per 4 KiB), so the buffers are allocated
+        // and zeroed in parallel.
+        let lens: Vec<(usize, usize)> = self
+            .groups
+            .iter()
+            .zip(&states)
+            .zip(&configs)
+            .enumerate()
+            .filter(|(_, ((_, st), _))| st.iter().any(Option::is_some))
+            .flat_map(|(gi, ((g, _), config))| {
+                std::iter::repeat_n((gi, g.elems.len()), A::buffers(config).len())
+            })
+            .collect();
+        let mut made: Vec<AlignedBuf<T>> = lens
+            .par_iter()
+            .map(|&(_, len)| filled(len, T::ZERO))
+            .collect();
+        let mut buffers: Vec<Vec<AlignedBuf<T>>> = self.groups.iter().map(|_| Vec::new()).collect();
+        for (&(gi, _), buf) in lens.iter().zip(made.drain(..)) {
+            buffers[gi].push(buf);
+        }
+        Ok(Staged {
+            arena_id: self.arena_id,
+            configs,
+            states,
+            buffers,
+            slots,
+        })
+    }
+
+    /// Replaces the groups' configs, states and buffers with a staged load. Cannot fail.
+    pub(crate) fn commit_staged(&mut self, staged: Staged<T, A>) {
+        assert_eq!(
+            staged.arena_id, self.arena_id,
+            "a staged load is committed to the optimizer that staged it"
+        );
+        let Staged {
+            configs,
+            states,
+            buffers,
+            ..
+        } = staged;
+        let mut old = Vec::with_capacity(self.groups.len());
+        for (((g, config), state), bufs) in
+            self.groups.iter_mut().zip(configs).zip(states).zip(buffers)
+        {
+            let g: &mut Group<T, A> = g;
+            g.config = config;
+            g.state = state;
+            old.extend(std::mem::replace(&mut g.buffers, bufs));
+        }
+        // Returning large buffers to the system is slow too; do it in parallel.
+        old.into_par_iter().for_each(drop);
+    }
+}

@@ -1,0 +1,110 @@
+//! Replays every committed fuzz input (`fuzz/corpus/<target>/*`) through the fuzz targets'
+//! bodies on the stable toolchain, so CI keeps every case the fuzzers found, without
+//! cargo-fuzz. The bodies live in `fuzz/src/lib.rs`, which the cargo-fuzz binaries use too.
+//!
+//! `cargo test --release --test fuzz_corpus -- --ignored write_seeds` regenerates the
+//! `seed-*` inputs.
+
+#[allow(dead_code)]
+#[path = "../fuzz/src/lib.rs"]
+mod fuzz_bodies;
+
+use std::path::{Path, PathBuf};
+
+fn corpus(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target)
+}
+
+fn replay(target: &str, body: fn(&[u8])) {
+    let dir = corpus(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no inputs in {}", dir.display());
+    for f in &files {
+        let data = std::fs::read(f).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if let Err(e) = std::panic::catch_unwind(|| body(&data)) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("fuzz target `{target}` fails on {name}: {msg}");
+        }
+    }
+    println!(
+        "optarena fuzz corpus: {target}: {} inputs replayed",
+        files.len()
+    );
+}
+
+#[test]
+fn decode_corpus() {
+    replay("decode", fuzz_bodies::decode);
+}
+
+#[test]
+fn kernels_corpus() {
+    replay("kernels", fuzz_bodies::kernels);
+}
+
+#[test]
+fn api_corpus() {
+    replay("api", fuzz_bodies::api);
+}
+
+/// Writes the `seed-*` inputs: for each algorithm and dtype, a valid binary checkpoint and a
+/// JSON state dict of the standard optimizer (decode), a kernel case (kernels) and a typical
+/// call sequence (api).
+#[test]
+#[ignore]
+fn write_seeds() {
+    use optarena::optim::*;
+    use optarena::{checkpoint, Algorithm, Float};
+
+    fn seeds<T: Float, A: Algorithm>(k: u8, wide: u8) {
+        let mut arena = fuzz_bodies::standard_arena::<T>();
+        let mut opt = fuzz_bodies::standard_optimizer::<T, A>(&arena);
+        fuzz_bodies::standard_grads(&mut arena, 1);
+        opt.step(&mut arena).unwrap();
+        let tag = format!("{}-{}", A::NAME, T::DTYPE);
+        // decode: [k, wide, mode, by, with_arena, stepped] + payload.
+        let mut bin = Vec::new();
+        checkpoint::write(&mut bin, &opt, Some(&arena)).unwrap();
+        let mut d = vec![k, wide, 1, 0, 1, 1];
+        d.extend_from_slice(&bin);
+        std::fs::write(corpus("decode").join(format!("seed-bin-{tag}")), d).unwrap();
+        let mut d = vec![k, wide, 2, 1, 0, 1];
+        d.extend_from_slice(opt.state_dict_json().unwrap().as_bytes());
+        std::fs::write(corpus("decode").join(format!("seed-json-{tag}")), d).unwrap();
+        // kernels: defaults, step 3, fresh, 37 elements at offset 3, data from a counter.
+        let mut d = vec![k, wide];
+        d.extend(std::iter::repeat_n(1u8, 16)); // keep defaults
+        d.extend([0, 2, 1, 1, 1, 37, 1, 3]);
+        d.extend((0..600u32).map(|i| (i * 37 % 251) as u8));
+        std::fs::write(corpus("kernels").join(format!("seed-{tag}")), d).unwrap();
+        // api: create over all params, steps, save both ways, load, set lr, add group fails.
+        let d = vec![
+            k, wide, 0, 0, 5, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 5, 6, 2,
+            7, 0, 1, 8, 1, 0, 9, 0, 0, 3, 0, 2, 3, 2, 0, 4, 1, 0, 0, 3, 2, 11, 1, 1, 3, 2, 3, 2,
+        ];
+        std::fs::write(corpus("api").join(format!("seed-{tag}")), d).unwrap();
+    }
+    for t in ["decode", "kernels", "api"] {
+        std::fs::create_dir_all(corpus(t)).unwrap();
+    }
+    macro_rules! all {
+        ($($k:literal: $a:ty),*) => {
+            $(seeds::<f32, $a>($k, 0); seeds::<f64, $a>($k, 1);)*
+        };
+    }
+    all!(0: SgdAlgorithm, 1: AdamAlgorithm, 2: AdamWAlgorithm, 3: RAdamAlgorithm,
+         4: NAdamAlgorithm, 5: AdamaxAlgorithm, 6: AdagradAlgorithm, 7: AdadeltaAlgorithm,
+         8: RMSpropAlgorithm, 9: RpropAlgorithm, 10: AsgdAlgorithm);
+}
