@@ -33,7 +33,9 @@ fn groups<T: Float>(h: &[Param<T>], group2: &[(&str, HyperValue)]) -> Vec<ParamG
 
 /// A unique scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("optarena-ckpt-{}-{name}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("optarena-ckpt-{}-{n}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -472,6 +474,14 @@ fn forged_files_name_what_is_wrong() {
         header.clone(),
         data.clone(),
         "Invalid learning rate: -1.0",
+    );
+    let mut m = meta.clone();
+    m["state"][0]["buffers"] = serde_json::json!(["exp_avg_sq"]);
+    check(
+        m,
+        header.clone(),
+        data.clone(),
+        "has buffers [\"exp_avg_sq\"]",
     );
     let mut m = meta.clone();
     m["state"][0]["buffers"] = serde_json::json!(["exp_avg"]);
