@@ -32,6 +32,7 @@ Run with the venv that has torch and safetensors (``pip install safetensors``).
 
 import argparse
 import json
+import math
 import struct
 import sys
 import zlib
@@ -58,6 +59,15 @@ def _jsonable(v):
     if isinstance(v, (tuple, list)):
         return [_jsonable(x) for x in v]
     return v
+
+
+def _number(x):
+    """JSON has no NaN or infinity: optarena writes them as these strings."""
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return x
 
 
 def param_names_of(optimizer, named_parameters):
@@ -118,7 +128,7 @@ def torch_to_optarena_bytes(state_dict, optimizer_name, named_parameters, names=
             if k == "step":
                 entry["step"] = int(_jsonable(v))
             elif k in SCALAR_STATE:
-                entry.setdefault("scalars", {})[k] = float(_jsonable(v))
+                entry.setdefault("scalars", {})[k] = _number(float(_jsonable(v)))
             elif v is None:
                 continue  # SGD without momentum keeps momentum_buffer = None
             else:
@@ -222,7 +232,7 @@ def optarena_to_torch(data):
         if "step" in s:
             entry["step"] = torch.tensor(float(s["step"]), dtype=_scalar_dtype())
         for k, v in s.get("scalars", {}).items():
-            entry[k] = torch.tensor(v, dtype=_scalar_dtype())
+            entry[k] = torch.tensor(float(v), dtype=_scalar_dtype())  # float("Infinity") too
         for b in s["buffers"]:
             entry[b] = torch.from_numpy(np.array(arrays[f"state.{i}.{b}"]))
         state[i] = entry

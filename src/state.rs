@@ -67,7 +67,14 @@ pub struct ParamStateDict<T> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
     /// Per-parameter scalars besides `step` (ASGD's `eta` and `mu`, NAdam's `mu_product`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Non-finite values are written as buffers' are (ASGD's `eta` is rounded to f32 as torch
+    /// keeps it, so a huge `lr` makes it infinite).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "non_finite::serialize",
+        deserialize_with = "non_finite::deserialize_scalars"
+    )]
     pub scalars: BTreeMap<String, f64>,
     /// State buffers by torch's name (`exp_avg`, `momentum_buffer`, ...), each the
     /// parameter's length, row-major. In JSON, NaN and infinities are written as the strings
@@ -83,7 +90,7 @@ pub struct ParamStateDict<T> {
 /// serde_json writes NaN and infinities as `null`, which does not read back as a number: a
 /// state that met one non-finite gradient could be saved but never loaded. Buffer values are
 /// written as numbers when finite and as the strings Python's `json` module uses otherwise.
-mod non_finite {
+pub(crate) mod non_finite {
     use std::collections::BTreeMap;
 
     use serde::de::{self, Deserializer, Visitor};
@@ -116,11 +123,46 @@ mod non_finite {
         }
     }
 
-    pub fn serialize<S: Serializer, T: Float>(
-        map: &BTreeMap<String, Vec<T>>,
+    /// A map of value lists or of single values, non-finite numbers as strings.
+    pub fn serialize<S: Serializer, V: Encode>(
+        map: &BTreeMap<String, V>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.collect_map(map.iter().map(|(k, v)| (k, Values(v))))
+        s.collect_map(map.iter().map(|(k, v)| (k, Encoded(v))))
+    }
+
+    /// What [`serialize`] writes a map's values as.
+    pub trait Encode {
+        /// Serialises with non-finite numbers as strings.
+        fn encode<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error>;
+    }
+
+    impl<T: Float> Encode for Vec<T> {
+        fn encode<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            Values(self).serialize(s)
+        }
+    }
+
+    impl Encode for f64 {
+        fn encode<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            Elem(*self).serialize(s)
+        }
+    }
+
+    struct Encoded<'a, V>(&'a V);
+
+    impl<V: Encode> Serialize for Encoded<'_, V> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            self.0.encode(s)
+        }
+    }
+
+    /// Reads what [`serialize`] wrote for a map of single f64 values.
+    pub fn deserialize_scalars<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, f64>, D::Error> {
+        let m: BTreeMap<String, Elem<f64>> = BTreeMap::deserialize(d)?;
+        Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
     }
 
     struct ElemVisitor<T>(std::marker::PhantomData<T>);

@@ -959,3 +959,36 @@ fn state_saved_between_a_buffer_adding_change_and_the_next_step_loads() {
         ("momentum", HyperValue::Number(0.9)),
     );
 }
+
+/// Found by the `api` fuzz target: ASGD's `eta` is kept rounded to f32 as torch keeps it, so a
+/// huge (finite) `lr` makes it infinite; saving such a state failed (binary) or wrote `null`
+/// that never loaded (JSON).
+#[test]
+fn non_finite_scalar_state_round_trips() {
+    let (mut arena, h) = build_arena::<f64>(&shapes(), 3, &[]);
+    let cfg = AsgdConfig {
+        lr: 1e300,
+        ..Default::default()
+    };
+    let mut opt = Asgd::<f64>::new(&arena, groups(&h, &[]), cfg).unwrap();
+    write_grads(&mut arena, 1, &[]);
+    opt.step(&mut arena).unwrap();
+    let eta = opt.state_dict().state[0].scalars["eta"];
+    assert!(eta.is_infinite(), "{eta}");
+    let before = state_of(&opt);
+    assert!(before.contains("\"eta\":\"Infinity\""), "{before:.300}");
+    opt.load_state_dict_json(&before, MatchBy::Position)
+        .unwrap();
+    assert_eq!(state_of(&opt), before);
+    let mut bytes = Vec::new();
+    checkpoint::write(&mut bytes, &opt, Some(&arena)).unwrap();
+    checkpoint::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        &mut opt,
+        Some(&mut arena),
+        MatchBy::Name,
+    )
+    .unwrap();
+    assert_eq!(state_of(&opt), before);
+}

@@ -74,8 +74,14 @@ pub struct StateMeta {
     /// Steps taken, for optimizers that count them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
-    /// Per-parameter scalars besides `step` (ASGD's `eta` and `mu`, NAdam's `mu_product`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Per-parameter scalars besides `step` (ASGD's `eta` and `mu`, NAdam's `mu_product`);
+    /// NaN and infinities as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "crate::state::non_finite::serialize",
+        deserialize_with = "crate::state::non_finite::deserialize_scalars"
+    )]
     pub scalars: BTreeMap<String, f64>,
     /// Names of its buffers, each stored as a tensor of the parameter's shape.
     pub buffers: Vec<String>,
@@ -220,13 +226,6 @@ fn check_meta_finite(meta: &CheckpointMeta) -> Result<()> {
             };
             if !finite {
                 return bad(format!("group {gi}'s `{name}` ({v})"));
-            }
-        }
-    }
-    for s in &meta.state {
-        for (name, v) in &s.scalars {
-            if !v.is_finite() {
-                return bad(format!("parameter number {}'s `{name}` ({v})", s.index));
             }
         }
     }
