@@ -1155,14 +1155,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let info = &self.layout[g.params.start + j];
             let names = A::buffers(&g.config);
             // The first `live` buffers: all of them, or fewer when a setting that adds buffers
-            // at the end was switched on after the state was made (left to the next step);
-            // never fewer than the default settings keep.
+            // at the end was switched on after the state was made (left to the next step).
             let live = ps.buffers.len();
-            let least = A::buffers(&A::Config::default()).len().min(names.len());
-            if live < least
-                || live > names.len()
-                || names[..live].iter().any(|n| !ps.buffers.contains_key(*n))
-            {
+            if live > names.len() || names[..live].iter().any(|n| !ps.buffers.contains_key(*n)) {
                 let saved_names: Vec<&str> = ps.buffers.keys().map(String::as_str).collect();
                 return bad(format!(
                     "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",

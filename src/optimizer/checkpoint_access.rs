@@ -253,15 +253,13 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             }
             let names = A::buffers(&configs[gi]);
             // The first `live` buffers: all, or fewer when a setting that adds buffers at the
-            // end was switched on after the state was made (as `load_state_dict` accepts);
-            // never fewer than the default settings keep.
+            // end was switched on after the state was made (as `load_state_dict` accepts).
             let live = ps.buffers.len();
-            let least = A::buffers(&A::Config::default()).len().min(names.len());
             let mut saved_names: Vec<&str> = ps.buffers.iter().map(String::as_str).collect();
             saved_names.sort_unstable();
             let mut want: Vec<&str> = names[..live.min(names.len())].to_vec();
             want.sort_unstable();
-            if live < least || live > names.len() || saved_names != want {
+            if live > names.len() || saved_names != want {
                 return bad(format!(
                     "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
                     info.name,
