@@ -55,9 +55,21 @@ ST_DTYPES = {"float32": ("F32", "<f4", torch.float32), "float64": ("F64", "<f8",
 
 def _jsonable(v):
     if isinstance(v, torch.Tensor):
-        return v.item()
+        v = v.item()
     if isinstance(v, (tuple, list)):
         return [_jsonable(x) for x in v]
+    if isinstance(v, float):
+        return _number(v)
+    return v
+
+
+def _unjson(v):
+    """Inverse of ``_jsonable`` for hyperparameters: pairs become tuples, and the strings
+    optarena writes for NaN and infinities become floats."""
+    if isinstance(v, list):
+        return tuple(_unjson(x) for x in v)
+    if v in ("NaN", "Infinity", "-Infinity"):
+        return float(v)
     return v
 
 
@@ -126,9 +138,9 @@ def torch_to_optarena_bytes(state_dict, optimizer_name, named_parameters, names=
         entry = {"index": int(i), "buffers": []}
         for k, v in s.items():
             if k == "step":
-                entry["step"] = int(_jsonable(v))
+                entry["step"] = int(v.item() if isinstance(v, torch.Tensor) else v)
             elif k in SCALAR_STATE:
-                entry.setdefault("scalars", {})[k] = _number(float(_jsonable(v)))
+                entry.setdefault("scalars", {})[k] = _jsonable(float(v.item() if isinstance(v, torch.Tensor) else v))
             elif v is None:
                 continue  # SGD without momentum keeps momentum_buffer = None
             else:
@@ -222,7 +234,7 @@ def optarena_to_torch(data):
     meta, arrays = read_optarena(data)
     groups = []
     for g in meta["param_groups"]:
-        group = {k: tuple(v) if isinstance(v, list) else v for k, v in g["hyperparams"].items()}
+        group = {k: _unjson(v) for k, v in g["hyperparams"].items()}
         group["params"] = [p["index"] for p in g["params"]]
         groups.append(group)
     state = {}

@@ -998,3 +998,42 @@ fn non_finite_scalar_state_round_trips() {
     .unwrap();
     assert_eq!(state_of(&opt), before);
 }
+
+/// Found by the `api` fuzz target: ASGD accepts `t0 = inf` (as torch does: never average),
+/// which JSON wrote as `null`; such a state saved (JSON) but never loaded, and the binary save
+/// refused it.
+#[test]
+fn infinite_hyperparameter_round_trips() {
+    let (mut arena, h) = build_arena::<f32>(&shapes(), 3, &[]);
+    let cfg = AsgdConfig {
+        t0: f64::INFINITY,
+        ..Default::default()
+    };
+    let mut opt = Asgd::<f32>::new(
+        &arena,
+        groups(&h, &[("lambd", HyperValue::Number(0.5))]),
+        cfg,
+    )
+    .unwrap();
+    write_grads(&mut arena, 1, &[]);
+    opt.step(&mut arena).unwrap();
+    let before = state_of(&opt);
+    assert!(before.contains("\"t0\":\"Infinity\""), "{before:.300}");
+    let (mut a2, h2) = build_arena::<f32>(&shapes(), 4, &[]);
+    let mut o2 = Asgd::<f32>::new(&a2, groups(&h2, &[]), AsgdConfig::default()).unwrap();
+    o2.load_state_dict_json(&before, MatchBy::Position).unwrap();
+    assert_eq!(state_of(&o2), before);
+    assert_eq!(o2.group_config(0).unwrap().t0, f64::INFINITY);
+    let mut bytes = Vec::new();
+    checkpoint::write(&mut bytes, &opt, Some(&arena)).unwrap();
+    let mut o3 = Asgd::<f32>::new(&a2, groups(&h2, &[]), AsgdConfig::default()).unwrap();
+    checkpoint::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        &mut o3,
+        Some(&mut a2),
+        MatchBy::Name,
+    )
+    .unwrap();
+    assert_eq!(state_of(&o3), before);
+}

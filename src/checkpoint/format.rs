@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::arena::ParamInfo;
 use crate::error::{Error, Result};
-use crate::hyper::HyperValue;
 use crate::state::GroupDict;
 
 /// The value of the metadata's `format` field.
@@ -179,7 +178,6 @@ pub fn build_header(
     meta: &CheckpointMeta,
     tensors: &[(String, Dtype, Vec<usize>)],
 ) -> Result<Vec<u8>> {
-    check_meta_finite(meta)?;
     let json = serde_json::to_string(meta)?;
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
@@ -206,30 +204,6 @@ pub fn build_header(
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     out.extend_from_slice(&header);
     Ok(out)
-}
-
-/// JSON has no NaN or infinity: a value that would be written as `null` and never read back
-/// is an error at save time, not a checkpoint that cannot be loaded.
-fn check_meta_finite(meta: &CheckpointMeta) -> Result<()> {
-    let bad = |what: String| {
-        Err(Error::Checkpoint(format!(
-            "cannot save {what}: it is not finite and the JSON metadata cannot hold it"
-        )))
-    };
-    for (gi, g) in meta.param_groups.iter().enumerate() {
-        for (name, v) in &g.hyperparams {
-            let finite = match v {
-                HyperValue::Number(x) => x.is_finite(),
-                HyperValue::Pair(a, b) => a.is_finite() && b.is_finite(),
-                HyperValue::OptPair(a, b) => a.is_none_or(f64::is_finite) && b.is_finite(),
-                _ => true,
-            };
-            if !finite {
-                return bad(format!("group {gi}'s `{name}` ({v})"));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Reads and checks the length prefix, the header and the checksum tensor of a file of
