@@ -32,6 +32,7 @@ Run with the venv that has torch and safetensors (``pip install safetensors``).
 
 import argparse
 import json
+import math
 import struct
 import sys
 import zlib
@@ -54,10 +55,31 @@ ST_DTYPES = {"float32": ("F32", "<f4", torch.float32), "float64": ("F64", "<f8",
 
 def _jsonable(v):
     if isinstance(v, torch.Tensor):
-        return v.item()
+        v = v.item()
     if isinstance(v, (tuple, list)):
         return [_jsonable(x) for x in v]
+    if isinstance(v, float):
+        return _number(v)
     return v
+
+
+def _unjson(v):
+    """Inverse of ``_jsonable`` for hyperparameters: pairs become tuples, and the strings
+    optarena writes for NaN and infinities become floats."""
+    if isinstance(v, list):
+        return tuple(_unjson(x) for x in v)
+    if v in ("NaN", "Infinity", "-Infinity"):
+        return float(v)
+    return v
+
+
+def _number(x):
+    """JSON has no NaN or infinity: optarena writes them as these strings."""
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return x
 
 
 def param_names_of(optimizer, named_parameters):
@@ -116,9 +138,9 @@ def torch_to_optarena_bytes(state_dict, optimizer_name, named_parameters, names=
         entry = {"index": int(i), "buffers": []}
         for k, v in s.items():
             if k == "step":
-                entry["step"] = int(_jsonable(v))
+                entry["step"] = int(v.item() if isinstance(v, torch.Tensor) else v)
             elif k in SCALAR_STATE:
-                entry.setdefault("scalars", {})[k] = float(_jsonable(v))
+                entry.setdefault("scalars", {})[k] = _jsonable(float(v.item() if isinstance(v, torch.Tensor) else v))
             elif v is None:
                 continue  # SGD without momentum keeps momentum_buffer = None
             else:
@@ -212,7 +234,7 @@ def optarena_to_torch(data):
     meta, arrays = read_optarena(data)
     groups = []
     for g in meta["param_groups"]:
-        group = {k: tuple(v) if isinstance(v, list) else v for k, v in g["hyperparams"].items()}
+        group = {k: _unjson(v) for k, v in g["hyperparams"].items()}
         group["params"] = [p["index"] for p in g["params"]]
         groups.append(group)
     state = {}
@@ -222,7 +244,7 @@ def optarena_to_torch(data):
         if "step" in s:
             entry["step"] = torch.tensor(float(s["step"]), dtype=_scalar_dtype())
         for k, v in s.get("scalars", {}).items():
-            entry[k] = torch.tensor(v, dtype=_scalar_dtype())
+            entry[k] = torch.tensor(float(v), dtype=_scalar_dtype())  # float("Infinity") too
         for b in s["buffers"]:
             entry[b] = torch.from_numpy(np.array(arrays[f"state.{i}.{b}"]))
         state[i] = entry

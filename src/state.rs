@@ -37,7 +37,12 @@ pub struct StateDict<T> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupDict {
-    /// Every hyperparameter by torch's name.
+    /// Every hyperparameter by torch's name. Infinite values (ASGD's `t0 = inf`) are written
+    /// as the strings `"Infinity"` / `"-Infinity"` (`"NaN"` for NaN), as buffers' are.
+    #[serde(
+        serialize_with = "non_finite::serialize_hyper",
+        deserialize_with = "non_finite::deserialize_hyper"
+    )]
     pub hyperparams: BTreeMap<String, HyperValue>,
     /// The group's parameters, in order.
     pub params: Vec<ParamRef>,
@@ -67,7 +72,14 @@ pub struct ParamStateDict<T> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
     /// Per-parameter scalars besides `step` (ASGD's `eta` and `mu`, NAdam's `mu_product`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Non-finite values are written as buffers' are (ASGD's `eta` is rounded to f32 as torch
+    /// keeps it, so a huge `lr` makes it infinite).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "non_finite::serialize",
+        deserialize_with = "non_finite::deserialize_scalars"
+    )]
     pub scalars: BTreeMap<String, f64>,
     /// State buffers by torch's name (`exp_avg`, `momentum_buffer`, ...), each the
     /// parameter's length, row-major; shaped state (Adafactor's `row_var` and `col_var`) as
@@ -84,7 +96,7 @@ pub struct ParamStateDict<T> {
 /// serde_json writes NaN and infinities as `null`, which does not read back as a number: a
 /// state that met one non-finite gradient could be saved but never loaded. Buffer values are
 /// written as numbers when finite and as the strings Python's `json` module uses otherwise.
-mod non_finite {
+pub(crate) mod non_finite {
     use std::collections::BTreeMap;
 
     use serde::de::{self, Deserializer, Visitor};
@@ -117,11 +129,131 @@ mod non_finite {
         }
     }
 
-    pub fn serialize<S: Serializer, T: Float>(
-        map: &BTreeMap<String, Vec<T>>,
+    /// A map of value lists or of single values, non-finite numbers as strings.
+    pub fn serialize<S: Serializer, V: Encode>(
+        map: &BTreeMap<String, V>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.collect_map(map.iter().map(|(k, v)| (k, Values(v))))
+        s.collect_map(map.iter().map(|(k, v)| (k, Encoded(v))))
+    }
+
+    /// What [`serialize`] writes a map's values as.
+    pub trait Encode {
+        /// Serialises with non-finite numbers as strings.
+        fn encode<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error>;
+    }
+
+    impl<T: Float> Encode for Vec<T> {
+        fn encode<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            Values(self).serialize(s)
+        }
+    }
+
+    impl Encode for f64 {
+        fn encode<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            Elem(*self).serialize(s)
+        }
+    }
+
+    struct Encoded<'a, V>(&'a V);
+
+    impl<V: Encode> Serialize for Encoded<'_, V> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            self.0.encode(s)
+        }
+    }
+
+    fn number(x: f64) -> serde_json::Value {
+        if x.is_finite() {
+            serde_json::json!(x)
+        } else {
+            serde_json::Value::String(
+                if x.is_nan() {
+                    "NaN"
+                } else if x > 0.0 {
+                    "Infinity"
+                } else {
+                    "-Infinity"
+                }
+                .to_string(),
+            )
+        }
+    }
+
+    fn unnumber(v: &serde_json::Value) -> Option<f64> {
+        match v {
+            serde_json::Value::Number(n) => n.as_f64(),
+            serde_json::Value::String(s) => match s.as_str() {
+                "NaN" => Some(f64::NAN),
+                "Infinity" => Some(f64::INFINITY),
+                "-Infinity" => Some(f64::NEG_INFINITY),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Hyperparameters, numbers that are not finite as strings.
+    pub fn serialize_hyper<S: Serializer>(
+        map: &BTreeMap<String, crate::hyper::HyperValue>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        use crate::hyper::HyperValue as H;
+        s.collect_map(map.iter().map(|(k, v)| {
+            let j = match v {
+                H::Number(x) => number(*x),
+                H::Pair(a, b) => serde_json::json!([number(*a), number(*b)]),
+                H::OptPair(a, b) => {
+                    serde_json::json!([a.map_or(serde_json::Value::Null, number), number(*b)])
+                }
+                other => serde_json::to_value(other).unwrap_or(serde_json::Value::Null),
+            };
+            (k, j)
+        }))
+    }
+
+    /// Reads what [`serialize_hyper`] wrote (and plain JSON hyperparameters).
+    pub fn deserialize_hyper<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, crate::hyper::HyperValue>, D::Error> {
+        use crate::hyper::HyperValue as H;
+        use serde_json::Value as J;
+        let m: BTreeMap<String, J> = BTreeMap::deserialize(d)?;
+        m.into_iter()
+            .map(|(k, v)| {
+                let h = match &v {
+                    J::Bool(b) => H::Bool(*b),
+                    J::Null => H::None,
+                    J::Number(_) => H::Number(unnumber(&v).unwrap_or(f64::NAN)),
+                    J::String(s) => match unnumber(&v) {
+                        Some(x) => H::Number(x),
+                        None => H::Str(s.clone()),
+                    },
+                    J::Array(a) if a.len() == 2 => match (&a[0], unnumber(&a[1])) {
+                        (J::Null, Some(b)) => H::OptPair(None, b),
+                        (x, Some(b)) => match unnumber(x) {
+                            Some(a) => H::Pair(a, b),
+                            None => return Err(de::Error::custom(format!("`{k}`: bad pair {v}"))),
+                        },
+                        _ => return Err(de::Error::custom(format!("`{k}`: bad pair {v}"))),
+                    },
+                    other => {
+                        return Err(de::Error::custom(format!(
+                            "`{k}`: unsupported hyperparameter value {other}"
+                        )))
+                    }
+                };
+                Ok((k, h))
+            })
+            .collect()
+    }
+
+    /// Reads what [`serialize`] wrote for a map of single f64 values.
+    pub fn deserialize_scalars<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, f64>, D::Error> {
+        let m: BTreeMap<String, Elem<f64>> = BTreeMap::deserialize(d)?;
+        Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
     }
 
     struct ElemVisitor<T>(std::marker::PhantomData<T>);

@@ -33,7 +33,9 @@ fn groups<T: Float>(h: &[Param<T>], group2: &[(&str, HyperValue)]) -> Vec<ParamG
 
 /// A unique scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("optarena-ckpt-{}-{name}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("optarena-ckpt-{}-{n}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -486,6 +488,15 @@ fn forged_files_name_what_is_wrong() {
         header.clone(),
         data.clone(),
         "has buffers [\"exp_avg_sq\"]",
+    );
+    // Leading buffers only: the file's exp_avg_sq tensor is then one too many.
+    let mut m = meta.clone();
+    m["state"][0]["buffers"] = serde_json::json!(["exp_avg"]);
+    check(
+        m,
+        header.clone(),
+        data.clone(),
+        "tensor `state.0.exp_avg_sq` is not described by the metadata",
     );
     let mut m = meta.clone();
     m["state"][0]["index"] = 17.into();
@@ -959,4 +970,76 @@ fn state_saved_between_a_buffer_adding_change_and_the_next_step_loads() {
         },
         ("momentum", HyperValue::Number(0.9)),
     );
+}
+
+/// Found by the `api` fuzz target: ASGD's `eta` is kept rounded to f32 as torch keeps it, so a
+/// huge (finite) `lr` makes it infinite; saving such a state failed (binary) or wrote `null`
+/// that never loaded (JSON).
+#[test]
+fn non_finite_scalar_state_round_trips() {
+    let (mut arena, h) = build_arena::<f64>(&shapes(), 3, &[]);
+    let cfg = AsgdConfig {
+        lr: 1e300,
+        ..Default::default()
+    };
+    let mut opt = Asgd::<f64>::new(&arena, groups(&h, &[]), cfg).unwrap();
+    write_grads(&mut arena, 1, &[]);
+    opt.step(&mut arena).unwrap();
+    let eta = opt.state_dict().state[0].scalars["eta"];
+    assert!(eta.is_infinite(), "{eta}");
+    let before = state_of(&opt);
+    assert!(before.contains("\"eta\":\"Infinity\""), "{before:.300}");
+    opt.load_state_dict_json(&before, MatchBy::Position)
+        .unwrap();
+    assert_eq!(state_of(&opt), before);
+    let mut bytes = Vec::new();
+    checkpoint::write(&mut bytes, &opt, Some(&arena)).unwrap();
+    checkpoint::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        &mut opt,
+        Some(&mut arena),
+        MatchBy::Name,
+    )
+    .unwrap();
+    assert_eq!(state_of(&opt), before);
+}
+
+/// Found by the `api` fuzz target: ASGD accepts `t0 = inf` (as torch does: never average),
+/// which JSON wrote as `null`; such a state saved (JSON) but never loaded, and the binary save
+/// refused it.
+#[test]
+fn infinite_hyperparameter_round_trips() {
+    let (mut arena, h) = build_arena::<f32>(&shapes(), 3, &[]);
+    let cfg = AsgdConfig {
+        t0: f64::INFINITY,
+        ..Default::default()
+    };
+    let mut opt = Asgd::<f32>::new(
+        &arena,
+        groups(&h, &[("lambd", HyperValue::Number(0.5))]),
+        cfg,
+    )
+    .unwrap();
+    write_grads(&mut arena, 1, &[]);
+    opt.step(&mut arena).unwrap();
+    let before = state_of(&opt);
+    assert!(before.contains("\"t0\":\"Infinity\""), "{before:.300}");
+    let (mut a2, h2) = build_arena::<f32>(&shapes(), 4, &[]);
+    let mut o2 = Asgd::<f32>::new(&a2, groups(&h2, &[]), AsgdConfig::default()).unwrap();
+    o2.load_state_dict_json(&before, MatchBy::Position).unwrap();
+    assert_eq!(state_of(&o2), before);
+    assert_eq!(o2.group_config(0).unwrap().t0, f64::INFINITY);
+    let mut bytes = Vec::new();
+    checkpoint::write(&mut bytes, &opt, Some(&arena)).unwrap();
+    let mut o3 = Asgd::<f32>::new(&a2, groups(&h2, &[]), AsgdConfig::default()).unwrap();
+    checkpoint::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        &mut o3,
+        Some(&mut a2),
+        MatchBy::Name,
+    )
+    .unwrap();
+    assert_eq!(state_of(&o3), before);
 }

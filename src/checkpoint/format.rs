@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::arena::ParamInfo;
 use crate::error::{Error, Result};
-use crate::hyper::HyperValue;
 use crate::state::GroupDict;
 
 /// The value of the metadata's `format` field.
@@ -74,8 +73,14 @@ pub struct StateMeta {
     /// Steps taken, for optimizers that count them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
-    /// Per-parameter scalars besides `step` (ASGD's `eta` and `mu`, NAdam's `mu_product`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Per-parameter scalars besides `step` (ASGD's `eta` and `mu`, NAdam's `mu_product`);
+    /// NaN and infinities as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "crate::state::non_finite::serialize",
+        deserialize_with = "crate::state::non_finite::deserialize_scalars"
+    )]
     pub scalars: BTreeMap<String, f64>,
     /// Names of its buffers, each stored as a tensor of the parameter's shape.
     pub buffers: Vec<String>,
@@ -173,7 +178,6 @@ pub fn build_header(
     meta: &CheckpointMeta,
     tensors: &[(String, Dtype, Vec<usize>)],
 ) -> Result<Vec<u8>> {
-    check_meta_finite(meta)?;
     let json = serde_json::to_string(meta)?;
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
@@ -200,37 +204,6 @@ pub fn build_header(
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     out.extend_from_slice(&header);
     Ok(out)
-}
-
-/// JSON has no NaN or infinity: a value that would be written as `null` and never read back
-/// is an error at save time, not a checkpoint that cannot be loaded.
-fn check_meta_finite(meta: &CheckpointMeta) -> Result<()> {
-    let bad = |what: String| {
-        Err(Error::Checkpoint(format!(
-            "cannot save {what}: it is not finite and the JSON metadata cannot hold it"
-        )))
-    };
-    for (gi, g) in meta.param_groups.iter().enumerate() {
-        for (name, v) in &g.hyperparams {
-            let finite = match v {
-                HyperValue::Number(x) => x.is_finite(),
-                HyperValue::Pair(a, b) => a.is_finite() && b.is_finite(),
-                HyperValue::OptPair(a, b) => a.is_none_or(f64::is_finite) && b.is_finite(),
-                _ => true,
-            };
-            if !finite {
-                return bad(format!("group {gi}'s `{name}` ({v})"));
-            }
-        }
-    }
-    for s in &meta.state {
-        for (name, v) in &s.scalars {
-            if !v.is_finite() {
-                return bad(format!("parameter number {}'s `{name}` ({v})", s.index));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Reads and checks the length prefix, the header and the checksum tensor of a file of
