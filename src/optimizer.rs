@@ -167,6 +167,12 @@ pub trait Algorithm: Send + Sync + 'static {
         0
     }
 
+    /// The tensor shape shaped buffer `index` is saved with in a binary checkpoint (torch's
+    /// shape for it); its product is [`Algorithm::aux_len`]. The default is flat.
+    fn aux_shape(shape: &[usize], index: usize) -> Vec<usize> {
+        vec![Self::aux_len(shape, index)]
+    }
+
     /// The fused update of one whole parameter of shape `shape`, called instead of
     /// [`Algorithm::fused`] when [`Algorithm::PER_PARAMETER`] is set: `buffers` as for
     /// `fused`, `aux` the shaped buffers of [`Algorithm::aux_buffers`] (each as long as

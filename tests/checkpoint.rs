@@ -169,6 +169,7 @@ round_trip_tests! {
     rmsprop: RMSpropAlgorithm, RMSpropConfig { momentum: 0.5, centered: true, ..Default::default() }, [];
     rprop: RpropAlgorithm, RpropConfig::default(), [];
     asgd: AsgdAlgorithm, AsgdConfig { t0: 2.0, ..Default::default() }, [];
+    adafactor: AdafactorAlgorithm, AdafactorConfig { lr: 0.01, weight_decay: 0.01, ..Default::default() }, ["lr" => 0.02];
 }
 
 #[test]

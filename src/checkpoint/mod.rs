@@ -132,16 +132,10 @@ pub fn write<T: Float, A: Algorithm, W: Write + ?Sized>(
         vec![(CRC_TENSOR.to_string(), Dtype::U32, vec![2])];
     let mut slices: Vec<&[T]> = Vec::new();
     let mut state = Vec::new();
-    let layout = opt.param_layout();
     opt.for_each_state(|s: StateRef<'_, T>| -> Result<()> {
-        let shape = &layout[s.param].shape;
         let mut names = Vec::with_capacity(s.buffers.len());
-        for (name, values) in s.buffers {
-            tensors.push((
-                state_tensor(s.index, name),
-                dtype.safetensors(),
-                shape.clone(),
-            ));
+        for (name, shape, values) in s.buffers {
+            tensors.push((state_tensor(s.index, name), dtype.safetensors(), shape));
             slices.push(values);
             names.push(name.to_string());
         }
@@ -327,21 +321,13 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
         })
         .collect();
     let mut staged = opt.stage_load(&meta.optimizer, &meta.param_groups, &saved, by)?;
-    // Shapes of the saved parameters by number, for the tensor checks.
-    let shapes: std::collections::BTreeMap<usize, &[usize]> = meta
-        .param_groups
-        .iter()
-        .flat_map(|g| &g.params)
-        .map(|p| (p.index, p.shape.as_slice()))
-        .collect();
     // Every tensor must be one the metadata announces, with the announced dtype and shape,
     // and every announced one must be there.
     let mut expected: std::collections::BTreeMap<String, (Vec<usize>, Dest)> = Default::default();
-    for (index, name, _) in staged.slots() {
-        let shape = shapes.get(&index).map(|s| s.to_vec()).unwrap_or_default();
+    for (index, name, shape) in staged.slots() {
         expected.insert(
             state_tensor(index, name),
-            (shape, Dest::State(index, name.to_string())),
+            (shape.to_vec(), Dest::State(index, name.to_string())),
         );
     }
     let layout = opt.param_layout().to_vec();

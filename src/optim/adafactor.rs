@@ -181,6 +181,17 @@ impl Algorithm for AdafactorAlgorithm {
         }
     }
 
+    /// torch's shapes: `row_var` is the parameter's shape with the last dimension 1, `col_var`
+    /// with the second-to-last 1, `variance` the parameter's own.
+    fn aux_shape(shape: &[usize], index: usize) -> Vec<usize> {
+        let mut s = shape.to_vec();
+        if is_factored(shape) {
+            let d = if index == 0 { s.len() - 1 } else { s.len() - 2 };
+            s[d] = 1;
+        }
+        s
+    }
+
     fn aux_len(shape: &[usize], index: usize) -> usize {
         if is_factored(shape) {
             let (b, m, n) = factored_dims(shape);

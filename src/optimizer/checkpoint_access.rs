@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::{Algorithm, Group, Optimizer, ParamScalars, ParamState};
+use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, ParamState};
 use crate::arena::{filled, AlignedBuf, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -19,14 +19,14 @@ use crate::state::{GroupDict, MatchBy, ParamRef};
 pub(crate) struct StateRef<'a, T> {
     /// Parameter number across all groups (torch's state-dict key).
     pub index: usize,
-    /// The parameter's arena position.
-    pub param: usize,
     /// Steps taken, for optimizers that count them.
     pub step: Option<u64>,
     /// Per-parameter scalars, by torch's names.
     pub scalars: Vec<(&'static str, f64)>,
-    /// Live buffers, by torch's names, each the parameter's length.
-    pub buffers: Vec<(&'static str, &'a [T])>,
+    /// Live buffers, by torch's names, with the tensor shape each is saved with: the
+    /// parameter's for ordinary buffers, [`Algorithm::aux_shape`] for shaped ones (Adafactor's
+    /// `row_var`, `col_var`, `variance`).
+    pub buffers: Vec<(&'static str, Vec<usize>, &'a [T])>,
 }
 
 /// One parameter's saved state as a checkpoint's metadata describes it (its buffers' values
@@ -49,23 +49,37 @@ pub(crate) struct Staged<T, A: Algorithm> {
     configs: Vec<A::Config>,
     states: Vec<Vec<Option<ParamState<A::Scalars>>>>,
     buffers: Vec<Vec<AlignedBuf<T>>>,
-    /// (saved parameter number, buffer name) -> (group, buffer index, element range in it).
-    slots: BTreeMap<(usize, String), (usize, usize, std::ops::Range<usize>)>,
+    /// Per group, the staged shaped state ([`Algorithm::aux_buffers`]); empty when the group
+    /// has none.
+    aux: Vec<AlignedBuf<T>>,
+    /// (saved parameter number, buffer name) -> where its values go, and its tensor shape.
+    slots: BTreeMap<(usize, String), (Slot, Vec<usize>)>,
+}
+
+/// Where one saved buffer's values go in a staged load.
+#[derive(Debug, Clone)]
+enum Slot {
+    /// Group, buffer index, element range in that buffer.
+    Buffer(usize, usize, std::ops::Range<usize>),
+    /// Group, element range in the group's shaped state.
+    Aux(usize, std::ops::Range<usize>),
 }
 
 impl<T: Float, A: Algorithm> Staged<T, A> {
     /// The staged destination of buffer `name` of saved parameter `index`, or `None` when the
     /// metadata did not announce it.
     pub(crate) fn slot_mut(&mut self, index: usize, name: &str) -> Option<&mut [T]> {
-        let (g, k, r) = self.slots.get(&(index, name.to_string()))?.clone();
-        Some(&mut self.buffers[g][k][r])
+        match self.slots.get(&(index, name.to_string()))?.0.clone() {
+            Slot::Buffer(g, k, r) => Some(&mut self.buffers[g][k][r]),
+            Slot::Aux(g, r) => Some(&mut self.aux[g][r]),
+        }
     }
 
-    /// Every announced (parameter number, buffer name, length).
-    pub(crate) fn slots(&self) -> impl Iterator<Item = (usize, &str, usize)> + '_ {
+    /// Every announced (parameter number, buffer name, tensor shape).
+    pub(crate) fn slots(&self) -> impl Iterator<Item = (usize, &str, &[usize])> + '_ {
         self.slots
             .iter()
-            .map(|((i, n), (_, _, r))| (*i, n.as_str(), r.len()))
+            .map(|((i, n), (_, shape))| (*i, n.as_str(), shape.as_slice()))
     }
 }
 
@@ -134,9 +148,17 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 let Some(st) = g.state[j] else { continue };
                 let info = &self.layout[i];
                 let local = info.offset - g.elems.start;
-                let buffers: Vec<(&'static str, &'a [T])> = (0..st.live_buffers as usize)
-                    .map(|k| (names[k], &g.buffers[k][local..local + info.len]))
+                let mut buffers: Vec<(&'static str, Vec<usize>, &'a [T])> = (0..st.live_buffers
+                    as usize)
+                    .map(|k| {
+                        let values = &g.buffers[k][local..local + info.len];
+                        (names[k], info.shape.clone(), values)
+                    })
                     .collect();
+                let aux = aux_ranges::<A>(&info.shape, g.aux_offsets[j]);
+                for (k, (name, r)) in A::aux_buffers(&info.shape).iter().zip(aux).enumerate() {
+                    buffers.push((name, A::aux_shape(&info.shape, k), &g.aux[r]));
+                }
                 let scalars: Vec<(&'static str, f64)> = <A::Scalars as ParamScalars>::NAMES
                     .iter()
                     .copied()
@@ -145,7 +167,6 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 if A::TRACKS_STEP || !buffers.is_empty() || !scalars.is_empty() {
                     f(StateRef {
                         index,
-                        param: i,
                         step: A::TRACKS_STEP.then_some(st.step),
                         scalars,
                         buffers,
@@ -252,16 +273,23 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 return bad(format!("parameter `{}` has two saved states", info.name));
             }
             let names = A::buffers(&configs[gi]);
-            // The first `live` buffers: all, or fewer when a setting that adds buffers at the
-            // end was switched on after the state was made (as `load_state_dict` accepts).
-            let live = ps.buffers.len();
+            let aux_names = A::aux_buffers(&info.shape);
+            // The leading `live` ordinary buffers: all, or fewer when a setting that adds
+            // buffers at the end was switched on after the state was made (as
+            // `load_state_dict` accepts); every shaped buffer must be there.
+            let live = ps.buffers.len().saturating_sub(aux_names.len());
             let mut saved_names: Vec<&str> = ps.buffers.iter().map(String::as_str).collect();
             saved_names.sort_unstable();
-            let mut want: Vec<&str> = names[..live.min(names.len())].to_vec();
+            let mut want: Vec<&str> = names[..live.min(names.len())]
+                .iter()
+                .chain(aux_names)
+                .copied()
+                .collect();
             want.sort_unstable();
             if live > names.len() || saved_names != want {
+                let kept: Vec<&str> = names.iter().chain(aux_names).copied().collect();
                 return bad(format!(
-                    "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {names:?}",
+                    "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {kept:?}",
                     info.name,
                     A::NAME
                 ));
@@ -282,7 +310,17 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             for (k, name) in names[..live].iter().enumerate() {
                 slots.insert(
                     (ps.index, name.to_string()),
-                    (gi, k, local..local + info.len),
+                    (
+                        Slot::Buffer(gi, k, local..local + info.len),
+                        info.shape.clone(),
+                    ),
+                );
+            }
+            let aux = aux_ranges::<A>(&info.shape, g.aux_offsets[j]);
+            for (k, (name, r)) in aux_names.iter().zip(aux).enumerate() {
+                slots.insert(
+                    (ps.index, name.to_string()),
+                    (Slot::Aux(gi, r), A::aux_shape(&info.shape, k)),
                 );
             }
             states[gi][j] = Some(ParamState {
@@ -313,11 +351,26 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         for (&(gi, _), buf) in lens.iter().zip(made.drain(..)) {
             buffers[gi].push(buf);
         }
+        // Shaped state, for groups whose parameters have any and get state.
+        let aux = self
+            .groups
+            .iter()
+            .zip(&states)
+            .map(|(g, st)| {
+                let total = g.aux_offsets.last().copied().unwrap_or(0);
+                if total > 0 && st.iter().any(Option::is_some) {
+                    filled(total, T::ZERO)
+                } else {
+                    AlignedBuf::new(crate::arena::ALIGN)
+                }
+            })
+            .collect();
         Ok(Staged {
             arena_id: self.arena_id,
             configs,
             states,
             buffers,
+            aux,
             slots,
         })
     }
@@ -332,16 +385,24 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             configs,
             states,
             buffers,
+            aux,
             ..
         } = staged;
         let mut old = Vec::with_capacity(self.groups.len());
-        for (((g, config), state), bufs) in
-            self.groups.iter_mut().zip(configs).zip(states).zip(buffers)
+        for ((((g, config), state), bufs), aux) in self
+            .groups
+            .iter_mut()
+            .zip(configs)
+            .zip(states)
+            .zip(buffers)
+            .zip(aux)
         {
             let g: &mut Group<T, A> = g;
             g.config = config;
             g.state = state;
             old.extend(std::mem::replace(&mut g.buffers, bufs));
+            // A staged empty aux is reallocated (zeroed) by the next step that needs it.
+            old.push(std::mem::replace(&mut g.aux, aux));
         }
         // Returning large buffers to the system is slow too; do it in parallel.
         old.into_par_iter().for_each(drop);
