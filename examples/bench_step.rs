@@ -7,16 +7,15 @@
 //! cargo run --release --example bench_step -- adamw adapter 0 1 5000
 //! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
 //! ```
-//! Arguments: optimizer (`sgd_momentum`, `adam`, `adamw`, `radam`, `adafactor`, `roofline3`,
-//! `roofline4`, or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
+//! Arguments: optimizer (`sgd_momentum`, `adam`, `adamw`, `radam`, `adafactor`, `roofline2`
+//! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
 //! `gpt2`, `adapter`), elements (for `flat`), threads, timed steps.
 
 use std::time::Instant;
 
 use optarena::optim::*;
-use optarena::parallel::{CHUNK, PARALLEL_THRESHOLD};
+use optarena::roofline::Roofline;
 use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup};
-use rayon::prelude::*;
 
 fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
     match layout {
@@ -71,62 +70,6 @@ fn arena(shapes: &[(String, Vec<usize>)]) -> Arena<f32> {
     a
 }
 
-fn roofline(n: usize, states: usize, par: &Parallelism) -> impl FnMut() {
-    let mut p = vec![1.0f32; n];
-    let g = vec![0.5f32; n];
-    let mut s: Vec<Vec<f32>> = (0..states).map(|_| vec![0.25f32; n]).collect();
-    let par = par.clone();
-    move || {
-        let parallel = n >= PARALLEL_THRESHOLD && !matches!(par, Parallelism::Sequential);
-        match &mut s[..] {
-            [a] => {
-                let f = |((p, g), a): ((&mut [f32], &[f32]), &mut [f32])| {
-                    for ((p, g), a) in p.iter_mut().zip(g).zip(a.iter_mut()) {
-                        *p += *g * 1e-7;
-                        *a += *g * 1e-7;
-                    }
-                };
-                if parallel {
-                    p.par_chunks_mut(CHUNK)
-                        .zip(g.par_chunks(CHUNK))
-                        .zip(a.par_chunks_mut(CHUNK))
-                        .for_each(f)
-                } else {
-                    p.chunks_mut(CHUNK)
-                        .zip(g.chunks(CHUNK))
-                        .zip(a.chunks_mut(CHUNK))
-                        .for_each(f)
-                }
-            }
-            [a, b] => {
-                type Four<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]);
-                let f = |(((p, g), a), b): Four<'_>| {
-                    for (((p, g), a), b) in p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut())
-                    {
-                        *p += *g * 1e-7;
-                        *a += *g * 1e-7;
-                        *b += *g * 1e-7;
-                    }
-                };
-                if parallel {
-                    p.par_chunks_mut(CHUNK)
-                        .zip(g.par_chunks(CHUNK))
-                        .zip(a.par_chunks_mut(CHUNK))
-                        .zip(b.par_chunks_mut(CHUNK))
-                        .for_each(f)
-                } else {
-                    p.chunks_mut(CHUNK)
-                        .zip(g.chunks(CHUNK))
-                        .zip(a.chunks_mut(CHUNK))
-                        .zip(b.chunks_mut(CHUNK))
-                        .for_each(f)
-                }
-            }
-            _ => unreachable!(),
-        }
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() != 5 {
@@ -155,8 +98,11 @@ fn main() {
     let mut a = arena(&shapes);
     let g = || [ParamGroup::all()];
     let mut step: Box<dyn FnMut()> = match name {
-        "roofline3" => Box::new(roofline(total, 1, &par)),
-        "roofline4" => Box::new(roofline(total, 2, &par)),
+        "roofline2" | "roofline3" | "roofline4" | "roofline5" => {
+            let reads = name["roofline".len()..].parse().unwrap();
+            let mut roof = Roofline::<f32>::new(total, reads).unwrap();
+            Box::new(move || roof.run(&par))
+        }
         _ => {
             macro_rules! run {
                 ($opt:expr) => {{

@@ -15,21 +15,16 @@ use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aligned_vec::{AVec, ConstAlign};
-
 use crate::error::{Error, Result};
 use crate::float::Float;
 
-/// Alignment of every arena and state buffer, in bytes: one cache line, and a full AVX-512
-/// register.
-pub const ALIGN: usize = 64;
+pub(crate) use crate::buffer::AlignedBuf;
+use crate::buffer::Role;
+pub use crate::buffer::ALIGN;
 
-/// A 64-byte-aligned, fixed-length buffer of `T`.
-pub(crate) type AlignedBuf<T> = AVec<T, ConstAlign<ALIGN>>;
-
-/// A zero-filled (or `value`-filled) aligned buffer of `len` elements.
+/// A `value`-filled aligned buffer of `len` elements that is not one of a fused pass's arrays.
 pub(crate) fn filled<T: Float>(len: usize, value: T) -> AlignedBuf<T> {
-    AVec::from_iter(ALIGN, std::iter::repeat_n(value, len))
+    AlignedBuf::filled(Role::Other, len, value)
 }
 
 static NEXT_ARENA_ID: AtomicU64 = AtomicU64::new(1);
@@ -187,8 +182,8 @@ impl<T: Float> ArenaBuilder<T> {
         let n = self.values.len();
         Arena {
             id: self.id,
-            params: AVec::from_slice(ALIGN, &self.values),
-            grads: filled(n, T::ZERO),
+            params: AlignedBuf::from_slice(Role::Params, &self.values),
+            grads: AlignedBuf::filled(Role::Grads, n, T::ZERO),
             has_grad: vec![false; self.infos.len()],
             infos: self.infos,
             by_name: self.by_name,
@@ -377,6 +372,14 @@ impl<T: Float> Arena<T> {
     /// Every parameter has a gradient afterwards; those that had none start at zero.
     pub fn grads_mut(&mut self) -> &mut [T] {
         self.grads_range_mut(0..self.infos.len())
+    }
+
+    /// Every parameter value, read-only, beside every gradient, writable: what a backward
+    /// pass needs to write flat gradients from the values. Every parameter has a gradient
+    /// afterwards; those that had none start at zero.
+    pub fn params_and_grads_mut(&mut self) -> (&[T], &mut [T]) {
+        self.grads_range_mut(0..self.infos.len());
+        (&self.params, &mut self.grads)
     }
 
     /// The parameters `params` (a range of registration positions) as one flat slice.

@@ -59,6 +59,7 @@
 
 pub mod arch;
 pub mod arena;
+mod buffer;
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
@@ -68,6 +69,7 @@ pub mod kernels;
 pub mod optim;
 pub mod optimizer;
 pub mod parallel;
+pub mod roofline;
 pub mod scaler;
 pub mod schedule;
 pub mod state;

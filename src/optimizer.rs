@@ -37,6 +37,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
+use crate::buffer::Role;
 use crate::clip::{clip_coefficient, total_norm_with, NormScratch, NormType};
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -416,11 +417,13 @@ impl<T: Float, A: Algorithm> Group<T, A> {
             let gl = self.elems.len();
             for (k, src) in source.iter().enumerate() {
                 let moved = src.and_then(|j| old_buffers[j].take());
-                self.buffers.push(
-                    moved.unwrap_or_else(|| {
-                        filled(gl, T::from_f64(A::buffer_init(&self.config, k)))
-                    }),
-                );
+                self.buffers.push(moved.unwrap_or_else(|| {
+                    AlignedBuf::filled(
+                        Role::State(k),
+                        gl,
+                        T::from_f64(A::buffer_init(&self.config, k)),
+                    )
+                }));
             }
         }
         for st in self.state.iter_mut().flatten() {
@@ -688,7 +691,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             elems,
             buffers: Vec::new(),
             aux_offsets,
-            aux: AlignedBuf::new(crate::arena::ALIGN),
+            aux: AlignedBuf::empty(),
         });
         Ok(())
     }
@@ -1028,7 +1031,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 while group.buffers.len() < need {
                     let k = group.buffers.len();
                     let init = T::from_f64(A::buffer_init_in(&group.config, defaults, k));
-                    group.buffers.push(filled(gl, init));
+                    group
+                        .buffers
+                        .push(AlignedBuf::filled(Role::State(k), gl, init));
                 }
                 group.ensure_aux();
             }
@@ -1404,7 +1409,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let local = info.offset - g.elems.start;
             let gl = g.elems.len();
             while g.buffers.len() < names.len() {
-                g.buffers.push(filled(gl, T::ZERO));
+                let k = g.buffers.len();
+                g.buffers
+                    .push(AlignedBuf::filled(Role::State(k), gl, T::ZERO));
             }
             for (k, name) in names[..live].iter().enumerate() {
                 let values = &ps.buffers[*name];

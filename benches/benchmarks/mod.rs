@@ -1,5 +1,4 @@
 pub mod latency;
 pub mod layouts;
 pub mod optimizers;
-pub mod roofline;
 pub mod setup;

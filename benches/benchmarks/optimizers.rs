@@ -1,10 +1,10 @@
 //! Every optimizer, f32 at 4K, 64K, 1M and 32M elements (and f64 at 1M), sequential and
-//! parallel, each beside the roofline kernel of its memory traffic.
+//! parallel, each beside the roofline kernel of its memory traffic, in the same dtype.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use optarena::roofline::Roofline;
 use optarena::{Float, Parallelism};
 
-use super::roofline::Roofline;
 use super::setup::{arena, optimizer, OPTIMIZERS};
 
 const SIZES: &[usize] = &[4 << 10, 64 << 10, 1 << 20, 32 << 20];
@@ -20,13 +20,16 @@ fn bench_one<T: Float>(c: &mut Criterion, name: &str, reads: usize, n: usize) {
         ("seq", Parallelism::Sequential),
         ("par", Parallelism::Global),
     ] {
+        if reads == 0 && mode == "par" {
+            continue; // L-BFGS always runs on the calling thread.
+        }
         let mut opt = optimizer::<T>(name, &a, par.clone());
         opt.step(&mut a);
         group.bench_with_input(BenchmarkId::new(mode, n), &n, |b, _| {
             b.iter(|| opt.step(&mut a))
         });
-        if T::DTYPE == "float32" {
-            let mut roof = Roofline::new(n, reads);
+        // The roofline kernel of the same traffic (none for L-BFGS, which is not elementwise).
+        if let Some(mut roof) = Roofline::<T>::new(n, reads) {
             group.bench_with_input(
                 BenchmarkId::new(format!("roofline_{mode}"), n),
                 &n,

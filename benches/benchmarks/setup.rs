@@ -30,47 +30,89 @@ impl<T: Float, A: optarena::Algorithm> Step<T> for optarena::Optimizer<T, A> {
     }
 }
 
+impl<T: Float> Step<T> for Lbfgs<T> {
+    /// One L-BFGS iteration on `f(p) = ½‖p − 1‖²`: the closure writes `g = p − 1` (one
+    /// pass) and the step runs the two-loop recursion over its history.
+    fn step(&mut self, arena: &mut Arena<T>) {
+        Lbfgs::step(self, arena, |a| {
+            let (p, g) = a.params_and_grads_mut();
+            for (g, &p) in g.iter_mut().zip(p.iter()) {
+                *g = p - T::ONE;
+            }
+            T::ZERO
+        })
+        .unwrap();
+    }
+}
+
 /// The optimizers benchmarked, by name, with the arrays each reads and writes per element
-/// (for the roofline kernel).
+/// (for the roofline kernel; L-BFGS is not elementwise and has none).
 pub const OPTIMIZERS: &[(&str, usize, usize)] = &[
     // (name, arrays read, arrays written)
+    ("sgd", 2, 1),
     ("sgd_momentum", 3, 2),
     ("adam", 4, 3),
     ("adamw", 4, 3),
     ("radam", 4, 3),
+    ("nadam", 4, 3),
+    ("adamax", 4, 3),
+    ("adagrad", 3, 2),
+    ("adadelta", 4, 3),
+    ("rmsprop", 3, 2),
+    ("rprop", 4, 3),
+    ("asgd", 3, 2),
+    // A flat (1-D) parameter keeps a full-size variance, like RMSprop.
+    ("adafactor", 3, 2),
+    ("lbfgs", 0, 0),
 ];
 
-/// Builds optimizer `name` over every parameter of `arena`.
+/// Builds optimizer `name` over every parameter of `arena` (torch's defaults, SGD with
+/// `lr = 1e-3`, L-BFGS with one iteration per step and torch's history of 100).
 pub fn optimizer<T: Float>(name: &str, arena: &Arena<T>, par: Parallelism) -> Box<dyn Step<T>> {
     let g = [ParamGroup::all()];
+    macro_rules! make {
+        ($opt:ident, $config:expr) => {
+            Box::new($opt::new(arena, g, $config).unwrap().with_parallelism(par))
+        };
+    }
     match name {
-        "sgd_momentum" => Box::new(
-            Sgd::new(
+        "sgd" => make!(
+            Sgd,
+            SgdConfig {
+                lr: 1e-3,
+                ..Default::default()
+            }
+        ),
+        "sgd_momentum" => make!(
+            Sgd,
+            SgdConfig {
+                lr: 1e-3,
+                momentum: 0.9,
+                ..Default::default()
+            }
+        ),
+        "adam" => make!(Adam, AdamConfig::default()),
+        "adamw" => make!(AdamW, AdamWConfig::default()),
+        "radam" => make!(RAdam, RAdamConfig::default()),
+        "nadam" => make!(NAdam, NAdamConfig::default()),
+        "adamax" => make!(Adamax, AdamaxConfig::default()),
+        "adagrad" => make!(Adagrad, AdagradConfig::default()),
+        "adadelta" => make!(Adadelta, AdadeltaConfig::default()),
+        "rmsprop" => make!(RMSprop, RMSpropConfig::default()),
+        "rprop" => make!(Rprop, RpropConfig::default()),
+        "asgd" => make!(Asgd, AsgdConfig::default()),
+        "adafactor" => make!(Adafactor, AdafactorConfig::default()),
+        // L-BFGS runs on the calling thread (its reductions are sequential, as torch's).
+        "lbfgs" => Box::new(
+            Lbfgs::new(
                 arena,
                 g,
-                SgdConfig {
-                    lr: 1e-3,
-                    momentum: 0.9,
+                LbfgsConfig {
+                    max_iter: 1,
                     ..Default::default()
                 },
             )
-            .unwrap()
-            .with_parallelism(par),
-        ),
-        "adam" => Box::new(
-            Adam::new(arena, g, AdamConfig::default())
-                .unwrap()
-                .with_parallelism(par),
-        ),
-        "adamw" => Box::new(
-            AdamW::new(arena, g, AdamWConfig::default())
-                .unwrap()
-                .with_parallelism(par),
-        ),
-        "radam" => Box::new(
-            RAdam::new(arena, g, RAdamConfig::default())
-                .unwrap()
-                .with_parallelism(par),
+            .unwrap(),
         ),
         other => panic!("no optimizer {other} in the benchmarks"),
     }

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, ParamState};
 use crate::arena::{filled, AlignedBuf, ParamInfo};
+use crate::buffer::Role;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::Hyperparams;
@@ -332,7 +333,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         // Buffers only for groups that get state; each as long as the group. Fresh memory is
         // slow to touch the first time (a page fault per 4 KiB), so the buffers are allocated
         // and zeroed in parallel.
-        let lens: Vec<(usize, usize)> = self
+        let lens: Vec<(usize, usize, usize)> = self
             .groups
             .iter()
             .zip(&states)
@@ -340,15 +341,15 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             .enumerate()
             .filter(|(_, ((_, st), _))| st.iter().any(Option::is_some))
             .flat_map(|(gi, ((g, _), config))| {
-                std::iter::repeat_n((gi, g.elems.len()), A::buffers(config).len())
+                (0..A::buffers(config).len()).map(move |k| (gi, k, g.elems.len()))
             })
             .collect();
         let mut made: Vec<AlignedBuf<T>> = lens
             .par_iter()
-            .map(|&(_, len)| filled(len, T::ZERO))
+            .map(|&(_, k, len)| AlignedBuf::filled(Role::State(k), len, T::ZERO))
             .collect();
         let mut buffers: Vec<Vec<AlignedBuf<T>>> = self.groups.iter().map(|_| Vec::new()).collect();
-        for (&(gi, _), buf) in lens.iter().zip(made.drain(..)) {
+        for (&(gi, _, _), buf) in lens.iter().zip(made.drain(..)) {
             buffers[gi].push(buf);
         }
         // Shaped state, for groups whose parameters have any and get state.
@@ -361,7 +362,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 if total > 0 && st.iter().any(Option::is_some) {
                     filled(total, T::ZERO)
                 } else {
-                    AlignedBuf::new(crate::arena::ALIGN)
+                    AlignedBuf::empty()
                 }
             })
             .collect();

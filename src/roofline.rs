@@ -1,0 +1,149 @@
+//! The roofline kernel: the memory traffic of an optimizer step with trivial arithmetic, the
+//! speed limit a fused step is measured against.
+//!
+//! [`Roofline`] owns arrays allocated exactly as an arena and its state buffers are (aligned
+//! and staggered the same way), and [`Roofline::run`] makes one pass over them that reads every
+//! array once and writes all but the gradients once (`p += c·g`, `s_k += c·g`): the traffic of
+//! Adam (read 4, write 3) or SGD with momentum (read 3, write 2). It runs through the same SIMD
+//! lanes, the same [`CHUNK`]-element pieces and the same [`Parallelism`] as a step, so an
+//! optimizer that matches it is limited by memory bandwidth alone.
+
+use rayon::prelude::*;
+
+use crate::buffer::{AlignedBuf, Role};
+use crate::float::{Float, Lane};
+use crate::kernels::{for_each_lane, ElementOp};
+use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
+
+/// `p += c·g` and `s_k += c·g`: one multiply and one add per array written.
+struct Axpy<T> {
+    c: T,
+}
+
+impl<T: Float, const B: usize> ElementOp<T, B> for Axpy<T> {
+    #[inline(always)]
+    fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; B]) -> V {
+        let d = g * V::splat(self.c);
+        for x in s.iter_mut() {
+            *x = *x + d;
+        }
+        p + d
+    }
+}
+
+/// One chunk of every array.
+struct Piece<'a, T, const B: usize> {
+    p: &'a mut [T],
+    g: &'a [T],
+    s: [&'a mut [T]; B],
+}
+
+/// Arrays shaped like an arena with up to three state buffers.
+pub struct Roofline<T> {
+    params: AlignedBuf<T>,
+    grads: AlignedBuf<T>,
+    state: Vec<AlignedBuf<T>>,
+}
+
+impl<T: Float> Roofline<T> {
+    /// `len` elements per array; `reads` arrays read per element, from 2 (parameters and
+    /// gradients: plain SGD) through 3 (one state buffer: SGD with momentum, Adagrad, RMSprop)
+    /// and 4 (two: Adam, AdamW, RAdam, NAdam, Adamax, Adadelta, Rprop) to 5 (three: Adam with
+    /// `amsgrad`, centered RMSprop). Every array but the gradients is also written. Returns
+    /// `None` for any other count.
+    pub fn new(len: usize, reads: usize) -> Option<Self> {
+        if !(2..=5).contains(&reads) {
+            return None;
+        }
+        Some(Roofline {
+            params: AlignedBuf::filled(Role::Params, len, T::ONE),
+            grads: AlignedBuf::filled(Role::Grads, len, T::from_f64(0.5)),
+            state: (0..reads - 2)
+                .map(|k| AlignedBuf::filled(Role::State(k), len, T::from_f64(0.25)))
+                .collect(),
+        })
+    }
+
+    /// Elements per array.
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// True when the arrays are empty.
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// Bytes one pass reads and writes.
+    pub fn bytes_moved(&self) -> usize {
+        let arrays = 2 * (self.state.len() + 2) - 1;
+        arrays * self.len() * std::mem::size_of::<T>()
+    }
+
+    /// One pass, chunked and threaded as an optimizer step is.
+    pub fn run(&mut self, parallelism: &Parallelism) {
+        match self.state.len() {
+            0 => self.run_with::<0>(parallelism),
+            1 => self.run_with::<1>(parallelism),
+            2 => self.run_with::<2>(parallelism),
+            3 => self.run_with::<3>(parallelism),
+            _ => unreachable!("`new` makes at most three state buffers"),
+        }
+    }
+
+    fn run_with<const B: usize>(&mut self, parallelism: &Parallelism) {
+        let op = Axpy {
+            c: T::from_f64(1e-7),
+        };
+        let n = self.len();
+        let mut state = self.state.iter_mut().map(|s| s.chunks_mut(CHUNK));
+        let mut state: [_; B] = std::array::from_fn(|_| state.next().expect("B state buffers"));
+        let mut pieces: Vec<Piece<'_, T, B>> = self
+            .params
+            .chunks_mut(CHUNK)
+            .zip(self.grads.chunks(CHUNK))
+            .map(|(p, g)| Piece {
+                p,
+                g,
+                s: std::array::from_fn(|k| state[k].next().expect("same length")),
+            })
+            .collect();
+        let each = |piece: &mut Piece<'_, T, B>| {
+            let s = piece.s.each_mut().map(|s| &mut **s);
+            for_each_lane::<T, B, _>(&op, piece.p, piece.g, s)
+        };
+        let parallel = pieces.len() > 1 && n >= PARALLEL_THRESHOLD;
+        match parallelism {
+            Parallelism::Global if parallel => pieces.par_iter_mut().for_each(each),
+            Parallelism::Pool(pool) if parallel => {
+                pool.install(|| pieces.par_iter_mut().for_each(each))
+            }
+            _ => pieces.iter_mut().for_each(each),
+        }
+    }
+
+    /// The parameter array (for checking that a pass did its work).
+    pub fn params(&self) -> &[T] {
+        &self.params
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pass_adds_the_scaled_gradient_to_every_written_array() {
+        for reads in 2..=5 {
+            let mut r = Roofline::<f64>::new(100_003, reads).unwrap();
+            r.run(&Parallelism::Sequential);
+            let d = 0.5 * 1e-7;
+            assert!(r.params().iter().all(|&x| x == 1.0 + d));
+            assert!(r.state.iter().all(|s| s.iter().all(|&x| x == 0.25 + d)));
+            assert!(r.grads.iter().all(|&x| x == 0.5));
+            assert_eq!(r.bytes_moved(), (2 * reads - 1) * 100_003 * 8);
+        }
+        assert!(Roofline::<f32>::new(10, 6).is_none());
+        assert!(Roofline::<f32>::new(10, 1).is_none());
+    }
+}
