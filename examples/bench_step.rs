@@ -7,7 +7,8 @@
 //! cargo run --release --example bench_step -- adamw adapter 0 1 5000
 //! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
 //! ```
-//! Arguments: optimizer (`sgd_momentum`, `adam`, `adamw`, `radam`, `adafactor`, `roofline2`
+//! Arguments: optimizer (`sgd`, `sgd_momentum`, `adam`, `adamw`, `radam`, `nadam`, `adamax`,
+//! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `roofline2`
 //! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
 //! `gpt2`, `adapter`), elements (for `flat`), threads, timed steps.
 
@@ -122,6 +123,21 @@ fn main() {
                 "adam" => run!(Adam::new(&a, g(), AdamConfig::default())),
                 "adamw" => run!(AdamW::new(&a, g(), AdamWConfig::default())),
                 "radam" => run!(RAdam::new(&a, g(), RAdamConfig::default())),
+                "nadam" => run!(NAdam::new(&a, g(), NAdamConfig::default())),
+                "adamax" => run!(Adamax::new(&a, g(), AdamaxConfig::default())),
+                "adagrad" => run!(Adagrad::new(&a, g(), AdagradConfig::default())),
+                "adadelta" => run!(Adadelta::new(&a, g(), AdadeltaConfig::default())),
+                "rmsprop" => run!(RMSprop::new(&a, g(), RMSpropConfig::default())),
+                "rprop" => run!(Rprop::new(&a, g(), RpropConfig::default())),
+                "asgd" => run!(Asgd::new(&a, g(), AsgdConfig::default())),
+                "sgd" => run!(Sgd::new(
+                    &a,
+                    g(),
+                    SgdConfig {
+                        lr: 1e-3,
+                        ..Default::default()
+                    }
+                )),
                 "adafactor" => run!(Adafactor::new(&a, g(), AdafactorConfig::default())),
                 "clip_adamw" => {
                     let mut o = AdamW::new(&a, g(), AdamWConfig::default())

@@ -1,4 +1,19 @@
 //! Adam and AdamW (coupled or decoupled weight decay, AMSGrad): fused kernel and reference.
+//!
+//! Update rule (Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015;
+//! AdamW: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019), per
+//! element, with torch's order of operations:
+//!
+//! ```text
+//! m ← lerp(m, g, 1 − β₁)            v ← β₂·v + (1 − β₂)·g²
+//! p ← p − (lr / (1 − β₁ᵗ)) · m / (√v · (1 / √(1 − β₂ᵗ)) + ε)
+//! ```
+//!
+//! One deliberate difference from torch's literal sequence: torch divides `√v` by
+//! `√(1 − β₂ᵗ)`; both kernels here multiply by its reciprocal, computed once per step in f64.
+//! That removes one of the two divisions per element (the divider is the in-cache bottleneck:
+//! see BENCHMARKS.md) and moves each result by at most about one ulp, far inside the parity
+//! tolerances.
 
 use super::{for_each_lane, lerp, passes, ElementOp};
 use crate::float::{Float, Lane};
@@ -52,6 +67,12 @@ impl AdamCoeffs {
             bias_correction2_sqrt: bias_correction2.powf(0.5),
         }
     }
+
+    /// `1 / sqrt(1 - beta2^step)`, in f64 and rounded once: the kernels multiply by it where
+    /// torch divides by `sqrt(1 - beta2^step)`.
+    pub fn inv_bias_correction2_sqrt(&self) -> f64 {
+        1.0 / self.bias_correction2_sqrt
+    }
 }
 
 struct Op<T> {
@@ -64,7 +85,7 @@ struct Op<T> {
     one_minus_w1: T,
     beta2: T,
     one_minus_beta2: T,
-    bc2_sqrt: T,
+    inv_bc2_sqrt: T,
     eps: T,
     neg_step_size: T,
 }
@@ -87,7 +108,7 @@ impl<T: Float> Op<T> {
 
     #[inline(always)]
     fn finish<V: Lane<Elem = T>>(&self, p: V, m: V, second: V) -> V {
-        let denom = second.sqrt() / V::splat(self.bc2_sqrt) + V::splat(self.eps);
+        let denom = second.sqrt() * V::splat(self.inv_bc2_sqrt) + V::splat(self.eps);
         p + V::splat(self.neg_step_size) * m / denom
     }
 }
@@ -127,7 +148,7 @@ fn op<T: Float>(c: &AdamCoeffs, grad_scale: f64) -> Op<T> {
         one_minus_w1: T::ONE - w1,
         beta2: T::from_f64(c.beta2),
         one_minus_beta2: T::from_f64(1.0 - c.beta2),
-        bc2_sqrt: T::from_f64(c.bias_correction2_sqrt),
+        inv_bc2_sqrt: T::from_f64(c.inv_bias_correction2_sqrt()),
         eps: T::from_f64(c.eps),
         neg_step_size: T::from_f64(-c.step_size),
     }
@@ -150,7 +171,8 @@ pub fn fused<T: Float>(
     }
 }
 
-/// torch's `_single_tensor_adam`, one pass per tensor operation.
+/// torch's `_single_tensor_adam`, one pass per tensor operation (with the reciprocal
+/// multiply described in the module docs).
 pub fn reference<T: Float>(
     c: &AdamCoeffs,
     grad_scale: f64,
@@ -180,11 +202,11 @@ pub fn reference<T: Float>(
         }
         _ => v,
     };
-    let bc2 = T::from_f64(c.bias_correction2_sqrt);
+    let inv_bc2 = T::from_f64(c.inv_bias_correction2_sqrt());
     let eps = T::from_f64(c.eps);
     let denom: Vec<T> = second
         .iter()
-        .map(|&x| x.sqrt() / bc2)
+        .map(|&x| x.sqrt() * inv_bc2)
         .map(|x| x + eps)
         .collect();
     passes::addcdiv(p, m, &denom, T::from_f64(-c.step_size));

@@ -9,6 +9,16 @@
 //! torch's vectorised CPU kernels do use FMA in places (`add` with `alpha`, `lerp`), so against
 //! torch itself the results agree to within a few ulp per step, well inside the parity
 //! tolerances of `SCHEMA.md`.
+//!
+//! The reference kernels follow torch's sequence with one kind of exception, made where it
+//! measured faster: a division by a per-step constant becomes a multiplication by its
+//! reciprocal, computed once in f64 (Adam/AdamW's `√(1 − β₂ᵗ)`, NAdam's `1 − β₂ᵗ`, RAdam's
+//! folded step size), and NAdam divides once by its denominator instead of twice. Each module
+//! says what it changes. The divider is what bounds these kernels in cache: on the Zen 3
+//! development machine a bare AVX2 loop over 16K f32 takes 3.2 µs for a square root alone,
+//! 5.4 µs with one division more and 7.7 µs with two, and the AdamW adapter step went from
+//! 7.8 to 6.0 µs with the change. Results move by about one ulp: the parity tests still pass at
+//! a tenth of SCHEMA.md's f32 tolerance and a hundredth of its f64 one.
 
 pub mod adadelta;
 pub mod adafactor;
