@@ -125,3 +125,39 @@ impl<T: std::fmt::Debug> std::fmt::Debug for AlignedBuf<T> {
         f.debug_list().entries(self.iter()).finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_buffer_is_aligned_and_large_ones_are_staggered_by_role() {
+        let n = STAGGER_MIN_BYTES / 4;
+        let roles = [Role::Params, Role::Grads, Role::State(0), Role::State(1)];
+        let bufs: Vec<AlignedBuf<f32>> = roles
+            .iter()
+            .map(|&r| AlignedBuf::filled(r, n, 1.5))
+            .collect();
+        for (b, role) in bufs.iter().zip(roles) {
+            assert_eq!(b.len(), n);
+            assert_eq!(b.as_ptr() as usize % ALIGN, 0, "{role:?}");
+            assert!(b.iter().all(|&x| x == 1.5));
+            assert_eq!(b.start * 4, role.slot() * STAGGER_BYTES, "{role:?}");
+        }
+        // f64 and clones keep the layout.
+        let d = AlignedBuf::<f64>::filled(Role::State(3), STAGGER_MIN_BYTES / 8, 0.0);
+        assert_eq!(d.start * 8, 5 * STAGGER_BYTES);
+        let c = d.clone();
+        assert_eq!((c.start, c.len()), (d.start, d.len()));
+        assert_eq!(c.as_ptr() as usize % ALIGN, 0);
+    }
+
+    #[test]
+    fn small_buffers_are_not_padded() {
+        let b = AlignedBuf::filled(Role::State(2), 1000, 0.0f32);
+        assert_eq!((b.start, b.len()), (0, 1000));
+        let s = AlignedBuf::from_slice(Role::Grads, &[1.0f64, 2.0, 3.0]);
+        assert_eq!(&s[..], &[1.0, 2.0, 3.0]);
+        assert!(AlignedBuf::<f32>::empty().is_empty());
+    }
+}

@@ -865,11 +865,48 @@ fn killed_mid_save_leaves_a_loadable_checkpoint() {
             exp_avg.iter().all(|&x| x == exp_avg[0]),
             "trial {trial}: torn exp_avg"
         );
-        for f in files_in(&dir).into_iter().filter(|f| f.ends_with(".tmp")) {
-            std::fs::remove_file(dir.join(f)).unwrap();
-        }
+        // The dead child's temporary file is stale, and the next successful save removes it.
+        let orphans = checkpoint::atomic::stale_temp_files(&path);
+        assert_eq!(orphans.len(), temps, "trial {trial}: {orphans:?}");
+        opt.save_checkpoint(&path, Some(&arena)).unwrap();
+        assert_eq!(files_in(&dir), ["run.safetensors"], "trial {trial}");
     }
     assert!(mid_save_kills >= 1, "no kill landed during a save");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// What a save killed mid-way leaves (`.<name>.<pid>.<n>.tmp` of a dead process) goes with
+/// the next successful save of the same checkpoint; a running process's file and other files
+/// stay.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_next_save_removes_temp_files_of_dead_processes() {
+    let dir = scratch("stale");
+    let path = dir.join("run.safetensors");
+    let (_, arena, opt) = small_setup();
+    opt.save_checkpoint(&path, Some(&arena)).unwrap();
+    // u32::MAX is above any Linux pid_max, so no such process exists.
+    let dead = ".run.safetensors.4294967295.0.tmp";
+    let own = format!(".run.safetensors.{}.999.tmp", std::process::id());
+    let others = [
+        ".other.safetensors.4294967295.0.tmp",
+        ".run.safetensors.x.0.tmp",
+    ];
+    for f in [dead, own.as_str()].into_iter().chain(others) {
+        std::fs::write(dir.join(f), b"partial").unwrap();
+    }
+    assert_eq!(
+        checkpoint::atomic::stale_temp_files(&path),
+        [dir.join(dead)]
+    );
+    opt.save_checkpoint(&path, Some(&arena)).unwrap();
+    let mut want: Vec<String> = [own.as_str(), "run.safetensors"]
+        .into_iter()
+        .chain(others)
+        .map(String::from)
+        .collect();
+    want.sort();
+    assert_eq!(files_in(&dir), want);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

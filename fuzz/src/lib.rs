@@ -110,11 +110,15 @@ pub fn same<T: Float>(a: &[T], b: &[T]) -> bool {
         })
 }
 
-/// Runs `$body` with `A` bound to the algorithm numbered `$k` (11 of them) and `T` to f32 or
-/// f64.
+/// Algorithms the generic targets choose from (`Optimizer<T, A>`); L-BFGS, a type of its own,
+/// is number [`ALGORITHMS`] in the targets that cover it.
+pub const ALGORITHMS: usize = 12;
+
+/// Runs `$body` with `A` bound to the algorithm numbered `$k` (of [`ALGORITHMS`]) and `T` to
+/// f32 or f64.
 macro_rules! dispatch {
     ($k:expr, $f64:expr, $func:ident ( $($arg:expr),* )) => {
-        match ($k % 11, $f64) {
+        match ($k % ALGORITHMS, $f64) {
             (0, false) => $func::<f32, SgdAlgorithm>($($arg),*),
             (1, false) => $func::<f32, AdamAlgorithm>($($arg),*),
             (2, false) => $func::<f32, AdamWAlgorithm>($($arg),*),
@@ -126,6 +130,8 @@ macro_rules! dispatch {
             (8, false) => $func::<f32, RMSpropAlgorithm>($($arg),*),
             (9, false) => $func::<f32, RpropAlgorithm>($($arg),*),
             (10, false) => $func::<f32, AsgdAlgorithm>($($arg),*),
+            (11, false) => $func::<f32, AdafactorAlgorithm>($($arg),*),
+            (11, true) => $func::<f64, AdafactorAlgorithm>($($arg),*),
             (0, true) => $func::<f64, SgdAlgorithm>($($arg),*),
             (1, true) => $func::<f64, AdamAlgorithm>($($arg),*),
             (2, true) => $func::<f64, AdamWAlgorithm>($($arg),*),
@@ -201,6 +207,9 @@ fn kernel_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
         fresh: input.bool(),
         grad_scale: if input.bool() { 1.0 } else { input.f64() },
     };
+    if A::PER_PARAMETER {
+        return per_parameter_kernel_case::<T, A>(input, &config, step, &args);
+    }
     let len = input.below(70) + if input.bool() { 0 } else { input.u8() as usize };
     let offset = input.below(9);
     let n_buf = A::buffers(&config).len();
@@ -231,6 +240,64 @@ fn kernel_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
              args {args:?})\nfused     {a:?}\nreference {b:?}",
             A::NAME,
             T::DTYPE
+        );
+    }
+}
+
+/// Target 2 for an algorithm that updates a whole parameter of a given shape at once
+/// (Adafactor): a random shape of rank 0 to 3, arbitrary values in the parameter, gradient,
+/// buffers and shaped state, and the fused and reference kernels must agree bit for bit.
+fn per_parameter_kernel_case<T: Float, A: Algorithm>(
+    input: &mut Input<'_>,
+    config: &A::Config,
+    step: u64,
+    args: &KernelArgs<A::Coeffs>,
+) {
+    let rank = input.below(4);
+    let shape: Vec<usize> = (0..rank)
+        .map(|_| {
+            let max = if input.bool() { 9 } else { 80 };
+            input.below(max)
+        })
+        .collect();
+    let n: usize = shape.iter().product();
+    if n > 1 << 14 {
+        return;
+    }
+    let mut params: Vec<T> = (0..n).map(|_| input.data()).collect();
+    let grads: Vec<T> = (0..n).map(|_| input.data()).collect();
+    let mut bufs: Vec<Vec<T>> = (0..A::buffers(config).len())
+        .map(|_| (0..n).map(|_| input.data()).collect())
+        .collect();
+    let mut aux: Vec<Vec<T>> = (0..A::aux_buffers(&shape).len())
+        .map(|k| (0..A::aux_len(&shape, k)).map(|_| input.data()).collect())
+        .collect();
+    let (mut params2, mut bufs2, mut aux2) = (params.clone(), bufs.clone(), aux.clone());
+    {
+        let mut b: Vec<&mut [T]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        let mut x: Vec<&mut [T]> = aux.iter_mut().map(|b| &mut b[..]).collect();
+        A::fused_param(args, &shape, &mut params, &grads, &mut b, &mut x);
+        let mut b: Vec<&mut [T]> = bufs2.iter_mut().map(|b| &mut b[..]).collect();
+        let mut x: Vec<&mut [T]> = aux2.iter_mut().map(|b| &mut b[..]).collect();
+        A::reference_param(args, &shape, &mut params2, &grads, &mut b, &mut x);
+    }
+    let what = || {
+        format!(
+            "{} {} shape {shape:?} config {config:?} step {step} args {args:?}",
+            A::NAME,
+            T::DTYPE
+        )
+    };
+    assert!(
+        same(&params, &params2),
+        "{}: params differ\nfused     {params:?}\nreference {params2:?}",
+        what()
+    );
+    for (a, b) in bufs.iter().zip(&bufs2).chain(aux.iter().zip(&aux2)) {
+        assert!(
+            same(a, b),
+            "{}: state differs\nfused     {a:?}\nreference {b:?}",
+            what()
         );
     }
 }
@@ -321,7 +388,14 @@ pub fn decode(data: &[u8]) {
     let mut input = Input::new(data);
     let k = input.u8() as usize;
     let wide = input.bool();
-    dispatch!(k, wide, decode_case(&mut input));
+    if k % (ALGORITHMS + 1) == ALGORITHMS {
+        return if wide {
+            lbfgs_decode_case::<f64>(&mut input)
+        } else {
+            lbfgs_decode_case::<f32>(&mut input)
+        };
+    }
+    dispatch!(k % (ALGORITHMS + 1), wide, decode_case(&mut input));
 }
 
 fn decode_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
@@ -400,7 +474,14 @@ pub fn api(data: &[u8]) {
     let mut input = Input::new(data);
     let k = input.u8() as usize;
     let wide = input.bool();
-    dispatch!(k, wide, api_case(&mut input));
+    if k % (ALGORITHMS + 1) == ALGORITHMS {
+        return if wide {
+            lbfgs_api_case::<f64>(&mut input)
+        } else {
+            lbfgs_api_case::<f32>(&mut input)
+        };
+    }
+    dispatch!(k % (ALGORITHMS + 1), wide, api_case(&mut input));
 }
 
 /// A group spec from the input: a range of parameter positions (maybe empty or overlapping)
@@ -619,6 +700,181 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                 "op {op} failed but changed the state"
             );
             assert_eq!(o.num_groups(), groups_before);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// L-BFGS in targets 1 and 3: its own type, with closures
+
+/// Everything observable of an L-BFGS run: its state dict as JSON and the arena's values.
+fn lbfgs_observe<T: Float>(opt: &Lbfgs<T>, arena: &Arena<T>) -> (String, Vec<u64>) {
+    (
+        opt.state_dict_json()
+            .unwrap_or_else(|e| format!("unserialisable: {e}")),
+        arena
+            .params()
+            .iter()
+            .map(|x| x.to_f64().to_bits())
+            .collect(),
+    )
+}
+
+/// `f(p) = Σ cᵢ·(pᵢ − a)²` with `cᵢ` cycling through `coeffs`: writes the gradient, returns f.
+fn quadratic<T: Float>(arena: &mut Arena<T>, coeffs: &[T], a: T) -> T {
+    let (p, g) = arena.params_and_grads_mut();
+    let mut f = T::ZERO;
+    for (i, (g, &p)) in g.iter_mut().zip(p).enumerate() {
+        let c = coeffs[i % coeffs.len()];
+        let d = p - a;
+        f = f + c * d * d;
+        *g = T::from_f64(2.0) * c * d;
+    }
+    f
+}
+
+/// An L-BFGS over the standard arena with a config from the input, or `None` if the config
+/// is refused (which it must be exactly when it does not validate).
+fn lbfgs_from<T: Float>(input: &mut Input<'_>, arena: &Arena<T>) -> Option<Lbfgs<T>> {
+    let config: LbfgsConfig = config_from(input);
+    let res = Lbfgs::new(arena, [ParamGroup::all()], config.clone());
+    assert_eq!(
+        res.is_ok(),
+        config.validate().is_ok(),
+        "construction and validation disagree on {config:?}"
+    );
+    res.ok()
+}
+
+fn lbfgs_decode_case<T: Float>(input: &mut Input<'_>) {
+    let by = if input.bool() {
+        MatchBy::Name
+    } else {
+        MatchBy::Position
+    };
+    let mut arena = standard_arena::<T>();
+    let Some(mut opt) = lbfgs_from::<T>(input, &arena) else {
+        return;
+    };
+    let coeffs = [T::ONE, T::from_f64(0.5)];
+    for _ in 0..input.below(3) {
+        opt.step(&mut arena, |a| quadratic(a, &coeffs, T::ONE))
+            .expect("a valid step");
+    }
+    let before = lbfgs_observe(&opt, &arena);
+    let Ok(text) = std::str::from_utf8(input.rest()) else {
+        return;
+    };
+    match opt.load_state_dict_json(text, by) {
+        Err(_) => assert_eq!(
+            lbfgs_observe(&opt, &arena),
+            before,
+            "changed by a failed load"
+        ),
+        Ok(()) => {
+            let now = lbfgs_observe(&opt, &arena);
+            let json = opt.state_dict_json().expect("a loaded state serialises");
+            opt.load_state_dict_json(&json, MatchBy::Position)
+                .expect("a saved state dict loads back");
+            assert_eq!(
+                lbfgs_observe(&opt, &arena),
+                now,
+                "JSON round trip changed it"
+            );
+        }
+    }
+}
+
+/// Target 3 for L-BFGS: steps on a quadratic with arbitrary (maybe non-finite) curvature,
+/// failing closures, a wrong arena, saves and (maybe corrupted) loads, hyperparameter
+/// changes. No panic; a call that errs changes nothing, except that a failed closure leaves
+/// the gradients as it wrote them (documented), which `lbfgs_observe` does not look at.
+fn lbfgs_api_case<T: Float>(input: &mut Input<'_>) {
+    let mut arena = standard_arena::<T>();
+    let mut other = standard_arena::<T>();
+    let Some(mut opt) = lbfgs_from::<T>(input, &arena) else {
+        return;
+    };
+    let mut saved: Vec<String> = Vec::new();
+    let mut ops = 0;
+    while !input.is_empty() && ops < 32 {
+        ops += 1;
+        let op = input.u8() % 8;
+        let before = lbfgs_observe(&opt, &arena);
+        let result: optarena::Result<()> = match op {
+            0 | 1 => {
+                let coeffs: Vec<T> = (0..1 + input.below(3)).map(|_| input.data()).collect();
+                let a = input.data();
+                opt.step(&mut arena, |ar| quadratic(ar, &coeffs, a))
+                    .map(|_| ())
+            }
+            2 => {
+                // A closure that fails on call k: the step errs and nothing changes.
+                let k = input.below(4);
+                let coeffs = [T::ONE, T::from_f64(2.0)];
+                let mut calls = 0;
+                let res = opt.try_step(&mut arena, |ar| {
+                    calls += 1;
+                    if calls > k {
+                        Err("injected closure failure")
+                    } else {
+                        Ok(quadratic(ar, &coeffs, T::ZERO))
+                    }
+                });
+                if calls > k {
+                    assert!(res.is_err(), "a failing closure's step succeeded");
+                }
+                res.map(|_| ())
+            }
+            3 => {
+                let res = opt.step(&mut other, |_| T::ZERO).map(|_| ());
+                assert!(res.is_err(), "a step on another arena succeeded");
+                res
+            }
+            4 => {
+                let json = opt.state_dict_json().expect("serialising works");
+                saved.push(json);
+                continue;
+            }
+            5 => {
+                let Some(mut json) = saved.get(input.below(saved.len().max(1))).cloned() else {
+                    continue;
+                };
+                if input.bool() && !json.is_empty() {
+                    let i = input.u16() as usize % json.len();
+                    if json.is_char_boundary(i) && json.is_char_boundary(i + 1) {
+                        json.replace_range(
+                            i..i + 1,
+                            ["0", "}", ",", "\"", "-", "e"][input.below(6)],
+                        );
+                    }
+                }
+                let by = if input.bool() {
+                    MatchBy::Name
+                } else {
+                    MatchBy::Position
+                };
+                opt.load_state_dict_json(&json, by)
+            }
+            6 => {
+                let names = <LbfgsConfig as Hyperparams>::NAMES;
+                let name = names[input.below(names.len())];
+                let like = LbfgsConfig::default().get(name).expect("listed");
+                let value = hyper_like(input, &like);
+                opt.set_hyper(name, value)
+            }
+            _ => {
+                let r = opt.zero_grad(&mut arena, input.bool());
+                assert!(r.is_ok());
+                continue;
+            }
+        };
+        if result.is_err() {
+            assert_eq!(
+                lbfgs_observe(&opt, &arena),
+                before,
+                "L-BFGS op {op} failed but changed the state"
+            );
         }
     }
 }

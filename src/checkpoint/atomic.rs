@@ -78,14 +78,61 @@ pub fn temp_path(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
+/// Temporary files that earlier saves of `path` left behind because their process died
+/// mid-save (killed, or a power loss): `.<name>.<pid>.<n>.tmp` beside `path` whose process is
+/// no longer running. The previous checkpoint is intact in that case; these files are only
+/// wasted space, and every successful [`write_atomic`] of `path` removes them.
+///
+/// A file is reported only when its process is known to be gone: on Linux, when
+/// `/proc/<pid>` does not exist. Elsewhere, and for this process's own files (another
+/// thread may be saving), nothing is reported. A reused pid keeps its file until that process
+/// ends too.
+pub fn stale_temp_files(path: &Path) -> Vec<PathBuf> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let prefix = format!(".{name}.");
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let file = e.file_name().into_string().ok()?;
+            let middle = file.strip_prefix(&prefix)?.strip_suffix(".tmp")?;
+            let (pid, unique) = middle.split_once('.')?;
+            let pid: u32 = pid.parse().ok()?;
+            unique.parse::<u64>().ok()?;
+            (!process_may_be_running(pid)).then(|| dir.join(file))
+        })
+        .collect()
+}
+
+/// False only when process `pid` is known not to exist.
+fn process_may_be_running(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
 fn io_error(what: &str, path: &Path, e: io::Error) -> Error {
     Error::Io(format!("{what} `{}`: {e}", path.display()))
 }
 
 /// Writes `path` atomically through `target`: `write` fills a buffered writer over a temporary
 /// file, which is then synced and renamed over `path`, and the directory synced. On any error
-/// before the rename the temporary file is removed and `path` is untouched. Returns what
-/// `write` returned.
+/// before the rename the temporary file is removed and `path` is untouched. After a successful
+/// rename, the temporary files of earlier saves of `path` whose process died mid-save
+/// ([`stale_temp_files`]) are removed too. Returns what `write` returned.
 pub fn write_atomic<S: SaveTarget>(
     target: &S,
     path: &Path,
@@ -121,8 +168,12 @@ pub fn write_atomic<S: SaveTarget>(
         let _ = target.remove_file(&tmp);
         return Err(io_error("renaming the new checkpoint over", path, e));
     }
-    // The new file is complete and in place; a failure here only means the rename might not
-    // survive a power loss yet.
+    // The new file is complete and in place: clear what crashed saves left (best effort; a
+    // file that cannot be removed is only wasted space).
+    for stale in stale_temp_files(path) {
+        let _ = target.remove_file(&stale);
+    }
+    // A failure here only means the rename might not survive a power loss yet.
     target
         .sync_dir(&dir)
         .map_err(|e| io_error("syncing the directory", &dir, e))?;

@@ -104,6 +104,43 @@ fn with_le_bytes<T: Float>(
     }
 }
 
+/// CRC-32 of the slices' little-endian bytes, one after another. On little-endian machines it
+/// is computed on rayon's pool in fixed pieces of [`CRC_PIECE`] bytes whose CRCs are then
+/// combined in order (`crc32fast::Hasher::combine`), so the value never depends on the
+/// thread count; the save's first pass then takes half the time on two cores.
+fn data_checksum<T: Float>(slices: &[&[T]]) -> u32 {
+    let mut total = crc32fast::Hasher::new();
+    if cfg!(target_endian = "little") {
+        let pieces: Vec<&[u8]> = slices
+            .iter()
+            .flat_map(|s| bytemuck::cast_slice::<T, u8>(s).chunks(CRC_PIECE))
+            .collect();
+        let parts: Vec<crc32fast::Hasher> = pieces
+            .par_iter()
+            .map(|p| {
+                let mut h = crc32fast::Hasher::new();
+                h.update(p);
+                h
+            })
+            .collect();
+        for h in &parts {
+            total.combine(h);
+        }
+    } else {
+        for s in slices {
+            with_le_bytes(s, &mut |b| {
+                total.update(b);
+                Ok(())
+            })
+            .expect("hashing cannot fail");
+        }
+    }
+    total.finalize()
+}
+
+/// Bytes per parallel checksum piece.
+const CRC_PIECE: usize = 8 << 20;
+
 fn write_error(e: std::io::Error) -> Error {
     Error::Io(format!("writing the checkpoint: {e}"))
 }
@@ -169,19 +206,12 @@ pub fn write<T: Float, A: Algorithm, W: Write + ?Sized>(
     let header = format::build_header(&meta, &tensors)?;
     // The data checksum comes before the data, so it is computed in a first pass over memory
     // (several times faster than any disk).
-    let mut data_crc = crc32fast::Hasher::new();
-    for s in &slices {
-        with_le_bytes(s, &mut |b| {
-            data_crc.update(b);
-            Ok(())
-        })
-        .expect("hashing cannot fail");
-    }
+    let data_crc = data_checksum(&slices);
     let mut header_crc = crc32fast::Hasher::new();
     header_crc.update(&header);
     let mut head = header;
     head.extend_from_slice(&header_crc.finalize().to_le_bytes());
-    head.extend_from_slice(&data_crc.finalize().to_le_bytes());
+    head.extend_from_slice(&data_crc.to_le_bytes());
     w.write_all(&head).map_err(write_error)?;
     let mut total = head.len() as u64;
     for s in &slices {
@@ -541,5 +571,28 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         by: MatchBy,
     ) -> Result<u64> {
         load(path, self, params, by)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parallel_checksum_is_the_sequential_crc_of_all_bytes() {
+        // Three slices, the middle one spanning several pieces, lengths not piece-aligned.
+        let a: Vec<f32> = (0..1_000_003).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..(5 * CRC_PIECE / 4 + 17)).map(|i| -(i as f32)).collect();
+        let c: Vec<f32> = vec![];
+        let d: Vec<f32> = vec![3.25; 9];
+        let slices: Vec<&[f32]> = vec![&a, &b, &c, &d];
+        let mut all = Vec::new();
+        for s in &slices {
+            for x in s.iter() {
+                all.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        assert_eq!(data_checksum(&slices), crc32fast::hash(&all));
+        assert_eq!(data_checksum::<f64>(&[]), crc32fast::hash(&[]));
     }
 }

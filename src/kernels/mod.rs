@@ -79,7 +79,9 @@ pub(crate) fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementO
     let (g_body, g_tail) = grads.split_at(body);
     let parts = state.map(|s| s.split_at_mut(body));
     let mut i = 0;
-    while i + w <= body {
+    // `w <= body - i` rather than `i + w <= body`: the subtraction cannot wrap (i <= body),
+    // so the compiler can prove `i..i + w` in range and drops the per-vector bounds check.
+    while w <= body - i {
         let p = V::load(&p_body[i..i + w]);
         let g = V::load(&g_body[i..i + w]);
         let mut s: [V; B] = std::array::from_fn(|k| V::load(&parts[k].0[i..i + w]));
