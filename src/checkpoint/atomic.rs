@@ -231,3 +231,63 @@ pub fn write_atomic<S: SaveTarget>(
         .map_err(|e| io_error("syncing the directory", &dir, e))?;
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A target whose files go nowhere and which records the writeback hints.
+    #[derive(Default)]
+    struct Hints(RefCell<Vec<(u64, u64)>>);
+
+    impl SaveTarget for Hints {
+        type File = io::Sink;
+        fn create_new(&self, _: &Path) -> io::Result<io::Sink> {
+            Ok(io::sink())
+        }
+        fn sync_file(&self, _: &mut io::Sink) -> io::Result<()> {
+            Ok(())
+        }
+        fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync_dir(&self, _: &Path) -> io::Result<()> {
+            Ok(())
+        }
+        fn remove_file(&self, _: &Path) -> io::Result<()> {
+            Ok(())
+        }
+        fn start_writeback(&self, _: &mut io::Sink, offset: u64, len: u64) {
+            self.0.borrow_mut().push((offset, len));
+        }
+    }
+
+    #[test]
+    fn writeback_hints_cover_the_file_in_order_without_gaps() {
+        let target = Hints::default();
+        let chunk = vec![7u8; 3 << 20];
+        let total = 2 * WRITEBACK_STEP + 5 * (3 << 20) + 11;
+        let n = write_atomic(&target, Path::new("x.safetensors"), |w| {
+            let mut left = total;
+            while left > 0 {
+                let k = left.min(chunk.len() as u64) as usize;
+                w.write_all(&chunk[..k])
+                    .map_err(|e| Error::Io(e.to_string()))?;
+                left -= k as u64;
+            }
+            Ok(total)
+        })
+        .unwrap();
+        assert_eq!(n, total);
+        let hints = target.0.into_inner();
+        assert!(hints.len() >= 2, "{hints:?}");
+        let mut at = 0;
+        for &(offset, len) in &hints {
+            assert_eq!(offset, at, "{hints:?}");
+            assert!(len >= WRITEBACK_STEP, "{hints:?}");
+            at += len;
+        }
+        assert!(at <= total && total - at < WRITEBACK_STEP, "{hints:?}");
+    }
+}
