@@ -10,7 +10,9 @@ Setup (outside the repository):
 Run from the repository root:
     /work/venv/bin/python scripts/bench_vs_torch.py --threads 2 --rounds 5 --out BENCHMARKS.md
 
-`--quick` measures fewer, smaller cases (for checking the script itself).
+`--quick` measures fewer, smaller cases (for checking the script itself). `--focus N` runs only
+the 32M SGD-momentum, Adam and AdamW cases against torch fused and the roofline kernel for N
+rounds and prints per-round ratio medians (for ratios too close to call in the full table).
 """
 
 import argparse
@@ -104,13 +106,42 @@ def cpu_name():
     return platform.processor() or "unknown"
 
 
+def focus(rounds, threads):
+    """The 32M cases only, many rounds: per-round ratios to torch fused and to the roofline."""
+    subprocess.run(["cargo", "build", "--release", "--example", "bench_step"], check=True)
+    binary = os.path.join("target", "release", "examples", "bench_step")
+    torch.set_num_threads(threads)
+    med = statistics.median
+    for opt in ["sgd_momentum", "adam", "adamw"]:
+        roof = "roofline3" if opt == "sgd_momentum" else "roofline4"
+        t, o, r = [], [], []
+        for _ in range(rounds):
+            case = TorchCase(opt, "fused", "flat", N_32M)
+            t.append(case.time(15)[0])
+            del case
+            o.append(optarena_time(binary, opt, "flat", N_32M, threads, 15)[0])
+            r.append(optarena_time(binary, roof, "flat", N_32M, threads, 15)[0])
+        speed = [a / b for a, b in zip(t, o)]
+        frac = [a / b for a, b in zip(r, o)]
+        print(f"{opt} 32M, {threads} threads, {rounds} rounds: torch fused {med(t) * 1e3:.2f} ms, "
+              f"optarena {med(o) * 1e3:.2f} ms, roofline {med(r) * 1e3:.2f} ms; per-round "
+              f"speed-up median {med(speed):.2f}x (range {min(speed):.2f}-{max(speed):.2f}); "
+              f"fraction of roofline median {med(frac):.0%} "
+              f"(range {min(frac):.0%}-{max(frac):.0%})", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--focus", type=int, metavar="ROUNDS",
+                    help="only the 32M SGD-momentum, Adam and AdamW cases against torch fused "
+                         "and the roofline, ROUNDS rounds, printing per-round ratio medians")
     args = ap.parse_args()
+    if args.focus:
+        return focus(args.focus, args.threads)
 
     subprocess.run(["cargo", "build", "--release", "--example", "bench_step"], check=True)
     binary = os.path.join("target", "release", "examples", "bench_step")
