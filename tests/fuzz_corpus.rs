@@ -106,5 +106,32 @@ fn write_seeds() {
     }
     all!(0: SgdAlgorithm, 1: AdamAlgorithm, 2: AdamWAlgorithm, 3: RAdamAlgorithm,
          4: NAdamAlgorithm, 5: AdamaxAlgorithm, 6: AdagradAlgorithm, 7: AdadeltaAlgorithm,
-         8: RMSpropAlgorithm, 9: RpropAlgorithm, 10: AsgdAlgorithm);
+         8: RMSpropAlgorithm, 9: RpropAlgorithm, 10: AsgdAlgorithm, 11: AdafactorAlgorithm);
+    // L-BFGS (number 12 in `decode` and `api`): a JSON state dict after two steps, and a
+    // sequence of steps, saves, a failing closure, loads and a hyperparameter change.
+    fn lbfgs_seeds<T: Float>(wide: u8) {
+        let mut arena = fuzz_bodies::standard_arena::<T>();
+        let mut opt = Lbfgs::new(&arena, [optarena::ParamGroup::all()], LbfgsConfig::default())
+            .unwrap();
+        let coeffs = [T::ONE, T::from_f64(0.5)];
+        for _ in 0..2 {
+            opt.step(&mut arena, |a| fuzz_bodies::quadratic(a, &coeffs, T::ONE))
+                .unwrap();
+        }
+        let tag = format!("LBFGS-{}", T::DTYPE);
+        // decode: [12, wide, by, 7 config bytes (keep), steps] + JSON.
+        let mut d = vec![12, wide, 1, 1, 1, 1, 1, 1, 1, 1, 2];
+        d.extend_from_slice(opt.state_dict_json().unwrap().as_bytes());
+        std::fs::write(corpus("decode").join(format!("seed-json-{tag}")), d).unwrap();
+        // api: [12, wide, 7 config bytes (keep)], then ops: step (2 coefficients, a), save,
+        // try_step failing on call 1, step, load (uncorrupted), set lr, zero_grad, step on
+        // another arena.
+        let d = vec![
+            12, wide, 1, 1, 1, 1, 1, 1, 1, 0, 1, 3, 5, 2, 4, 2, 1, 1, 0, 3, 9, 7, 5, 0, 0, 0, 6, 0,
+            0, 7, 1, 3,
+        ];
+        std::fs::write(corpus("api").join(format!("seed-{tag}")), d).unwrap();
+    }
+    lbfgs_seeds::<f32>(0);
+    lbfgs_seeds::<f64>(1);
 }

@@ -721,7 +721,7 @@ fn lbfgs_observe<T: Float>(opt: &Lbfgs<T>, arena: &Arena<T>) -> (String, Vec<u64
 }
 
 /// `f(p) = Σ cᵢ·(pᵢ − a)²` with `cᵢ` cycling through `coeffs`: writes the gradient, returns f.
-fn quadratic<T: Float>(arena: &mut Arena<T>, coeffs: &[T], a: T) -> T {
+pub fn quadratic<T: Float>(arena: &mut Arena<T>, coeffs: &[T], a: T) -> T {
     let (p, g) = arena.params_and_grads_mut();
     let mut f = T::ZERO;
     for (i, (g, &p)) in g.iter_mut().zip(p).enumerate() {
