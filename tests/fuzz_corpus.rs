@@ -111,24 +111,28 @@ fn write_seeds() {
     // sequence of steps, saves, a failing closure, loads and a hyperparameter change.
     fn lbfgs_seeds<T: Float>(wide: u8) {
         let mut arena = fuzz_bodies::standard_arena::<T>();
-        let mut opt = Lbfgs::new(&arena, [optarena::ParamGroup::all()], LbfgsConfig::default())
-            .unwrap();
+        let mut opt = Lbfgs::new(
+            &arena,
+            [optarena::ParamGroup::all()],
+            LbfgsConfig::default(),
+        )
+        .unwrap();
         let coeffs = [T::ONE, T::from_f64(0.5)];
         for _ in 0..2 {
             opt.step(&mut arena, |a| fuzz_bodies::quadratic(a, &coeffs, T::ONE))
                 .unwrap();
         }
         let tag = format!("LBFGS-{}", T::DTYPE);
-        // decode: [12, wide, by, 7 config bytes (keep), steps] + JSON.
-        let mut d = vec![12, wide, 1, 1, 1, 1, 1, 1, 1, 1, 2];
+        // decode: [12, wide, by, 8 config bytes (keep), steps] + JSON.
+        let mut d = vec![12, wide, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2];
         d.extend_from_slice(opt.state_dict_json().unwrap().as_bytes());
         std::fs::write(corpus("decode").join(format!("seed-json-{tag}")), d).unwrap();
-        // api: [12, wide, 7 config bytes (keep)], then ops: step (2 coefficients, a), save,
+        // api: [12, wide, 8 config bytes (keep)], then ops: step (2 coefficients, a), save,
         // try_step failing on call 1, step, load (uncorrupted), set lr, zero_grad, step on
         // another arena.
         let d = vec![
-            12, wide, 1, 1, 1, 1, 1, 1, 1, 0, 1, 3, 5, 2, 4, 2, 1, 1, 0, 3, 9, 7, 5, 0, 0, 0, 6, 0,
-            0, 7, 1, 3,
+            12, wide, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 3, 5, 2, 4, 2, 1, 1, 0, 3, 9, 7, 5, 0, 0, 0, 6,
+            0, 0, 7, 1, 3,
         ];
         std::fs::write(corpus("api").join(format!("seed-{tag}")), d).unwrap();
     }
