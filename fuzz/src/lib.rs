@@ -147,6 +147,22 @@ macro_rules! dispatch {
     };
 }
 
+/// Targets 1 and 3: the first byte picks one of the [`ALGORITHMS`] generic algorithms or
+/// L-BFGS (number [`ALGORITHMS`]), the second f32 or f64, and the rest goes to `$generic::<T,
+/// A>` or `$lbfgs::<T>`.
+macro_rules! dispatch_with_lbfgs {
+    ($data:expr, $generic:ident, $lbfgs:ident) => {{
+        let mut input = Input::new($data);
+        let k = input.u8() as usize % (ALGORITHMS + 1);
+        let wide = input.bool();
+        match (k == ALGORITHMS, wide) {
+            (true, true) => $lbfgs::<f64>(&mut input),
+            (true, false) => $lbfgs::<f32>(&mut input),
+            (false, _) => dispatch!(k, wide, $generic(&mut input)),
+        }
+    }};
+}
+
 /// A value of the same kind as `like`, from the input.
 fn hyper_like(input: &mut Input<'_>, like: &HyperValue) -> HyperValue {
     match like {
@@ -348,9 +364,13 @@ pub fn standard_grads<T: Float>(arena: &mut Arena<T>, t: u64) {
 
 /// Everything observable: the state dict as JSON and the arena's values, bitwise.
 fn observe<T: Float, A: Algorithm>(opt: &Optimizer<T, A>, arena: &Arena<T>) -> (String, Vec<u64>) {
+    snapshot(opt.state_dict_json(), arena)
+}
+
+/// A state dict's JSON (or why it has none) beside the arena's values, bitwise.
+fn snapshot<T: Float>(json: optarena::Result<String>, arena: &Arena<T>) -> (String, Vec<u64>) {
     (
-        opt.state_dict_json()
-            .unwrap_or_else(|e| format!("unserialisable: {e}")),
+        json.unwrap_or_else(|e| format!("unserialisable: {e}")),
         arena
             .params()
             .iter()
@@ -385,17 +405,7 @@ pub fn fix_checksums(bytes: &mut [u8]) {
 /// optimizer of some kind: never a panic; on an error nothing changed; what loads saves and
 /// loads again to the same state.
 pub fn decode(data: &[u8]) {
-    let mut input = Input::new(data);
-    let k = input.u8() as usize;
-    let wide = input.bool();
-    if k % (ALGORITHMS + 1) == ALGORITHMS {
-        return if wide {
-            lbfgs_decode_case::<f64>(&mut input)
-        } else {
-            lbfgs_decode_case::<f32>(&mut input)
-        };
-    }
-    dispatch!(k % (ALGORITHMS + 1), wide, decode_case(&mut input));
+    dispatch_with_lbfgs!(data, decode_case, lbfgs_decode_case);
 }
 
 fn decode_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
@@ -471,17 +481,7 @@ fn round_trip<T: Float, A: Algorithm>(opt: &mut Optimizer<T, A>, arena: &mut Are
 /// change hyperparameters) against what must hold: no panic, an error for each call known to
 /// be invalid, and nothing changed by a call that errs.
 pub fn api(data: &[u8]) {
-    let mut input = Input::new(data);
-    let k = input.u8() as usize;
-    let wide = input.bool();
-    if k % (ALGORITHMS + 1) == ALGORITHMS {
-        return if wide {
-            lbfgs_api_case::<f64>(&mut input)
-        } else {
-            lbfgs_api_case::<f32>(&mut input)
-        };
-    }
-    dispatch!(k % (ALGORITHMS + 1), wide, api_case(&mut input));
+    dispatch_with_lbfgs!(data, api_case, lbfgs_api_case);
 }
 
 /// A group spec from the input: a range of parameter positions (maybe empty or overlapping)
@@ -709,15 +709,7 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
 
 /// Everything observable of an L-BFGS run: its state dict as JSON and the arena's values.
 fn lbfgs_observe<T: Float>(opt: &Lbfgs<T>, arena: &Arena<T>) -> (String, Vec<u64>) {
-    (
-        opt.state_dict_json()
-            .unwrap_or_else(|e| format!("unserialisable: {e}")),
-        arena
-            .params()
-            .iter()
-            .map(|x| x.to_f64().to_bits())
-            .collect(),
-    )
+    snapshot(opt.state_dict_json(), arena)
 }
 
 /// `f(p) = Σ cᵢ·(pᵢ − a)²` with `cᵢ` cycling through `coeffs`: writes the gradient, returns f.
