@@ -728,7 +728,12 @@ pub fn quadratic<T: Float>(arena: &mut Arena<T>, coeffs: &[T], a: T) -> T {
 /// An L-BFGS over the standard arena with a config from the input, or `None` if the config
 /// is refused (which it must be exactly when it does not validate).
 fn lbfgs_from<T: Float>(input: &mut Input<'_>, arena: &Arena<T>) -> Option<Lbfgs<T>> {
-    let config: LbfgsConfig = config_from(input);
+    let mut config: LbfgsConfig = config_from(input);
+    // A step may run `max_iter` iterations and `max_eval` closure calls, as in torch; the
+    // fuzzer found 48-byte inputs asking for billions (minutes per input). Cap them so each
+    // input stays fast; every other value is kept.
+    config.max_iter = config.max_iter.min(40);
+    config.max_eval = config.max_eval.map(|e| e.min(50));
     let res = Lbfgs::new(arena, [ParamGroup::all()], config.clone());
     assert_eq!(
         res.is_ok(),

@@ -15,7 +15,8 @@
 //! see BENCHMARKS.md) and moves each result by at most about one ulp, far inside the parity
 //! tolerances.
 
-use super::{for_each_lane, lerp, passes, ElementOp};
+use super::moments::Moments;
+use super::{for_each_lane, passes, ElementOp};
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adam, computed once per run in f64 as torch does.
@@ -76,36 +77,13 @@ impl AdamCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    wd: u8, // 0 none, 1 L2, 2 decoupled
-    weight_decay: T,
-    decay_factor: T,
-    w1: T,
-    one_minus_w1: T,
-    beta2: T,
-    one_minus_beta2: T,
+    moments: Moments<T>,
     inv_bc2_sqrt: T,
     eps: T,
     neg_step_size: T,
 }
 
 impl<T: Float> Op<T> {
-    #[inline(always)]
-    fn moments<V: Lane<Elem = T>>(&self, p: V, g: V, m: &mut V, v: &mut V) -> V {
-        let g = g * V::splat(self.grad_scale);
-        let mut g = if self.maximize { -g } else { g };
-        let mut p = p;
-        match self.wd {
-            1 => g = g + V::splat(self.weight_decay) * p,
-            2 => p = p * V::splat(self.decay_factor),
-            _ => {}
-        }
-        *m = lerp(*m, g, self.w1, self.one_minus_w1);
-        *v = *v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
-        p
-    }
-
     #[inline(always)]
     fn finish<V: Lane<Elem = T>>(&self, p: V, m: V, second: V) -> V {
         let denom = second.sqrt() * V::splat(self.inv_bc2_sqrt) + V::splat(self.eps);
@@ -117,7 +95,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
         let [m, v] = s;
-        let p = self.moments(p, g, m, v);
+        let (p, _) = self.moments.apply(p, g, m, v);
         self.finish(p, *m, *v)
     }
 }
@@ -126,28 +104,15 @@ impl<T: Float> ElementOp<T, 3> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 3]) -> V {
         let [m, v, vmax] = s;
-        let p = self.moments(p, g, m, v);
+        let (p, _) = self.moments.apply(p, g, m, v);
         *vmax = vmax.maximum(*v);
         self.finish(p, *m, *vmax)
     }
 }
 
 fn op<T: Float>(c: &AdamCoeffs, grad_scale: f64) -> Op<T> {
-    let w1 = T::from_f64(1.0 - c.beta1);
     Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        wd: match (c.weight_decay != 0.0, c.decoupled) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
-        },
-        weight_decay: T::from_f64(c.weight_decay),
-        decay_factor: T::from_f64(1.0 - c.lr * c.weight_decay),
-        w1,
-        one_minus_w1: T::ONE - w1,
-        beta2: T::from_f64(c.beta2),
-        one_minus_beta2: T::from_f64(1.0 - c.beta2),
+        moments: c.moments(grad_scale),
         inv_bc2_sqrt: T::from_f64(c.inv_bias_correction2_sqrt()),
         eps: T::from_f64(c.eps),
         neg_step_size: T::from_f64(-c.step_size),
@@ -180,19 +145,10 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        if c.decoupled {
-            passes::mul(p, T::from_f64(1.0 - c.lr * c.weight_decay));
-        } else {
-            passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-        }
-    }
+    let moments = c.moments::<T>(grad_scale);
     let (m, rest) = bufs.split_first_mut().expect("exp_avg");
     let (v, rest) = rest.split_first_mut().expect("exp_avg_sq");
-    passes::lerp(m, &grad, T::from_f64(1.0 - c.beta1));
-    passes::mul(v, T::from_f64(c.beta2));
-    passes::addcmul(v, &grad, &grad, T::from_f64(1.0 - c.beta2));
+    moments.reference(p, g, m, v);
     let second: &[T] = match rest {
         [vmax] => {
             for (x, &y) in vmax.iter_mut().zip(v.iter()) {

@@ -27,6 +27,7 @@ pub mod adam;
 pub mod adamax;
 pub mod asgd;
 pub mod lbfgs;
+mod moments;
 pub mod nadam;
 pub mod radam;
 pub mod rmsprop;

@@ -15,7 +15,8 @@
 //! f64, and of `d`, once per element), which leaves one division per element instead of three.
 //! Results move by about one ulp, far inside the parity tolerances.
 
-use super::{for_each_lane, lerp, passes, ElementOp};
+use super::moments::Moments;
+use super::{for_each_lane, passes, ElementOp};
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of NAdam, computed once per run in f64 as torch does.
@@ -91,15 +92,7 @@ impl NadamCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    wd: u8, // 0 none, 1 L2, 2 decoupled
-    weight_decay: T,
-    decay_factor: T,
-    w1: T,
-    one_minus_w1: T,
-    beta2: T,
-    one_minus_beta2: T,
+    moments: Moments<T>,
     inv_bc2: T,
     eps: T,
     grad_value: T,
@@ -110,16 +103,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
         let [m, v] = s;
-        let g = g * V::splat(self.grad_scale);
-        let mut g = if self.maximize { -g } else { g };
-        let mut p = p;
-        match self.wd {
-            1 => g = g + V::splat(self.weight_decay) * p,
-            2 => p = p * V::splat(self.decay_factor),
-            _ => {}
-        }
-        *m = lerp(*m, g, self.w1, self.one_minus_w1);
-        *v = *v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
+        let (p, g) = self.moments.apply(p, g, m, v);
         let denom = (*v * V::splat(self.inv_bc2)).sqrt() + V::splat(self.eps);
         let inv_denom = V::splat(T::ONE) / denom;
         let p = p + V::splat(self.grad_value) * g * inv_denom;
@@ -135,21 +119,8 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let w1 = T::from_f64(1.0 - c.beta1);
     let op = Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        wd: match (c.weight_decay != 0.0, c.decoupled) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
-        },
-        weight_decay: T::from_f64(c.weight_decay),
-        decay_factor: T::from_f64(1.0 - c.lr * c.weight_decay),
-        w1,
-        one_minus_w1: T::ONE - w1,
-        beta2: T::from_f64(c.beta2),
-        one_minus_beta2: T::from_f64(1.0 - c.beta2),
+        moments: c.moments(grad_scale),
         inv_bc2: T::from_f64(c.inv_bias_correction2()),
         eps: T::from_f64(c.eps),
         grad_value: T::from_f64(c.grad_value),
@@ -170,20 +141,11 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        if c.decoupled {
-            passes::mul(p, T::from_f64(1.0 - c.lr * c.weight_decay));
-        } else {
-            passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-        }
-    }
+    let moments = c.moments::<T>(grad_scale);
     let [m, v] = bufs else {
         unreachable!("NAdam keeps two buffers")
     };
-    passes::lerp(m, &grad, T::from_f64(1.0 - c.beta1));
-    passes::mul(v, T::from_f64(c.beta2));
-    passes::addcmul(v, &grad, &grad, T::from_f64(1.0 - c.beta2));
+    let grad = moments.reference(p, g, m, v);
     // torch: denom = exp_avg_sq.div(bias_correction2).sqrt().add_(eps), then two addcdiv_;
     // here the division by the constant is a multiply and `1/denom` is taken once.
     let inv_bc2 = T::from_f64(c.inv_bias_correction2());

@@ -16,7 +16,8 @@
 //! ulp at most, far inside the parity tolerances; the fused and reference kernels share the
 //! order, so they agree bit for bit.
 
-use super::{for_each_lane, lerp, passes, ElementOp};
+use super::moments::Moments;
+use super::{for_each_lane, passes, ElementOp};
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of RAdam, computed once per run in f64 as torch does.
@@ -90,15 +91,7 @@ impl RadamCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    wd: u8,
-    weight_decay: T,
-    decay_factor: T,
-    w1: T,
-    one_minus_w1: T,
-    beta2: T,
-    one_minus_beta2: T,
+    moments: Moments<T>,
     eps: T,
     /// `lr / (1 − β₁ᵗ)`, times `√(1 − β₂ᵗ) · rect` when rectified.
     step_size: T,
@@ -109,16 +102,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
         let [m, v] = s;
-        let g = g * V::splat(self.grad_scale);
-        let mut g = if self.maximize { -g } else { g };
-        let mut p = p;
-        match self.wd {
-            1 => g = g + V::splat(self.weight_decay) * p,
-            2 => p = p * V::splat(self.decay_factor),
-            _ => {}
-        }
-        *m = lerp(*m, g, self.w1, self.one_minus_w1);
-        *v = *v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
+        let (p, _) = self.moments.apply(p, g, m, v);
         let update = *m * V::splat(self.step_size);
         if self.rectified {
             p - update / (v.sqrt() + V::splat(self.eps))
@@ -136,21 +120,8 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let w1 = T::from_f64(1.0 - c.beta1);
     let op = Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        wd: match (c.weight_decay != 0.0, c.decoupled) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
-        },
-        weight_decay: T::from_f64(c.weight_decay),
-        decay_factor: T::from_f64(1.0 - c.lr * c.weight_decay),
-        w1,
-        one_minus_w1: T::ONE - w1,
-        beta2: T::from_f64(c.beta2),
-        one_minus_beta2: T::from_f64(1.0 - c.beta2),
+        moments: c.moments(grad_scale),
         eps: T::from_f64(c.eps),
         step_size: T::from_f64(c.step_size()),
         rectified: c.rect.is_some(),
@@ -170,20 +141,11 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        if c.decoupled {
-            passes::mul(p, T::from_f64(1.0 - c.lr * c.weight_decay));
-        } else {
-            passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-        }
-    }
+    let moments = c.moments::<T>(grad_scale);
     let [m, v] = bufs else {
         unreachable!("RAdam keeps two buffers")
     };
-    passes::lerp(m, &grad, T::from_f64(1.0 - c.beta1));
-    passes::mul(v, T::from_f64(c.beta2));
-    passes::addcmul(v, &grad, &grad, T::from_f64(1.0 - c.beta2));
+    moments.reference(p, g, m, v);
     let mut update: Vec<T> = m.to_vec();
     passes::mul(&mut update, T::from_f64(c.step_size()));
     if c.rect.is_some() {
