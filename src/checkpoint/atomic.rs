@@ -132,7 +132,11 @@ pub fn temp_path(path: &Path) -> Result<PathBuf> {
 /// A file is reported only when its process is known to be gone: on Linux, when
 /// `/proc/<pid>` does not exist. Elsewhere, and for this process's own files (another
 /// thread may be saving), nothing is reported. A reused pid keeps its file until that process
-/// ends too.
+/// ends too. Processes in another pid namespace (another container saving to the same shared
+/// directory) look dead from here: if two such processes save the same checkpoint at once, one
+/// may remove the other's temporary file, whose save then fails at its rename with an error and
+/// leaves the checkpoint as it was; saving one path from two places at once is a race anyway
+/// (the last rename wins).
 pub fn stale_temp_files(path: &Path) -> Vec<PathBuf> {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return Vec::new();
