@@ -81,7 +81,8 @@ pub(crate) fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementO
     let parts = state.map(|s| s.split_at_mut(body));
     let mut i = 0;
     // `w <= body - i` rather than `i + w <= body`: the subtraction cannot wrap (i <= body),
-    // so the compiler can prove `i..i + w` in range and drops the per-vector bounds check.
+    // so the compiler can prove `i..i + w` in range and drop the per-vector bounds check (it
+    // does in every AVX2 loop but SGD's, where one predicted compare remains).
     while w <= body - i {
         let p = V::load(&p_body[i..i + w]);
         let g = V::load(&g_body[i..i + w]);
