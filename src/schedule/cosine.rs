@@ -56,24 +56,7 @@ impl CosineAnnealingLRConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct CosineState {
-    config: CosineAnnealingLRConfig,
-    #[serde(flatten)]
-    base: BaseState,
-}
-
-impl LeafState for CosineState {
-    fn base(&self) -> &BaseState {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut BaseState {
-        &mut self.base
-    }
-    fn validate(&self) -> Result<()> {
-        self.config.check()
-    }
-}
+options_state!(CosineState, CosineAnnealingLRConfig);
 
 /// torch's `CosineAnnealingLR`, in torch's recursive (chainable) form, so the numbers are
 /// torch's: the lr follows half a cosine from `base_lr` down to `eta_min` over `T_max`

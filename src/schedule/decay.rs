@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     check_groups, construct, div, finite, group_lrs, leaf_scheduler, py_pow, BaseState, Leaf,
-    LeafState, Values,
+    Values,
 };
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
@@ -45,24 +45,7 @@ impl ExponentialLRConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct ExponentialState {
-    config: ExponentialLRConfig,
-    #[serde(flatten)]
-    base: BaseState,
-}
-
-impl LeafState for ExponentialState {
-    fn base(&self) -> &BaseState {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut BaseState {
-        &mut self.base
-    }
-    fn validate(&self) -> Result<()> {
-        self.config.check()
-    }
-}
+options_state!(ExponentialState, ExponentialLRConfig);
 
 /// torch's `ExponentialLR`: every epoch the lr is multiplied by `gamma`.
 ///
@@ -157,24 +140,7 @@ impl PolynomialLRConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct PolynomialState {
-    config: PolynomialLRConfig,
-    #[serde(flatten)]
-    base: BaseState,
-}
-
-impl LeafState for PolynomialState {
-    fn base(&self) -> &BaseState {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut BaseState {
-        &mut self.base
-    }
-    fn validate(&self) -> Result<()> {
-        self.config.check()
-    }
-}
+options_state!(PolynomialState, PolynomialLRConfig);
 
 /// torch's `PolynomialLR`: the lr decays to 0 over `total_iters` epochs as a polynomial.
 ///

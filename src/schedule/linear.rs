@@ -4,8 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_groups, construct, div, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState,
-    Values,
+    check_groups, construct, div, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, Values,
 };
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
@@ -61,24 +60,7 @@ impl ConstantLRConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct ConstantState {
-    config: ConstantLRConfig,
-    #[serde(flatten)]
-    base: BaseState,
-}
-
-impl LeafState for ConstantState {
-    fn base(&self) -> &BaseState {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut BaseState {
-        &mut self.base
-    }
-    fn validate(&self) -> Result<()> {
-        self.config.check()
-    }
-}
+options_state!(ConstantState, ConstantLRConfig);
 
 /// torch's `ConstantLR`: the lr is multiplied by `factor` until epoch `total_iters`, then
 /// restored.
@@ -202,24 +184,7 @@ impl LinearLRConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct LinearState {
-    config: LinearLRConfig,
-    #[serde(flatten)]
-    base: BaseState,
-}
-
-impl LeafState for LinearState {
-    fn base(&self) -> &BaseState {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut BaseState {
-        &mut self.base
-    }
-    fn validate(&self) -> Result<()> {
-        self.config.check()
-    }
-}
+options_state!(LinearState, LinearLRConfig);
 
 /// torch's `LinearLR`: the lr's factor moves linearly from `start_factor` to `end_factor`
 /// over `total_iters` epochs.

@@ -124,6 +124,32 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::hyper::{GroupHyperparams, HyperField, HyperValue};
 
+/// The state of a scheduler that keeps nothing but its options and the [`BaseState`] every
+/// scheduler has: the struct (serialised flat, with torch's names) and its [`LeafState`], whose
+/// `validate` is the options' own `check`.
+macro_rules! options_state {
+    ($state:ident, $config:ty) => {
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+        pub(crate) struct $state {
+            config: $config,
+            #[serde(flatten)]
+            base: $crate::schedule::BaseState,
+        }
+
+        impl $crate::schedule::LeafState for $state {
+            fn base(&self) -> &$crate::schedule::BaseState {
+                &self.base
+            }
+            fn base_mut(&mut self) -> &mut $crate::schedule::BaseState {
+                &mut self.base
+            }
+            fn validate(&self) -> $crate::error::Result<()> {
+                self.config.check()
+            }
+        }
+    };
+}
+
 pub mod composite;
 pub mod cosine;
 pub mod cyclic;

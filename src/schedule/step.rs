@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     bisect_right, check_groups, construct, finite, group_lrs, invalid, leaf_scheduler, py_floordiv,
-    py_mod, py_pow, BaseState, Leaf, LeafState, Values,
+    py_mod, py_pow, BaseState, Leaf, Values,
 };
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
@@ -55,24 +55,7 @@ impl StepLRConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct StepState {
-    config: StepLRConfig,
-    #[serde(flatten)]
-    base: BaseState,
-}
-
-impl LeafState for StepState {
-    fn base(&self) -> &BaseState {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut BaseState {
-        &mut self.base
-    }
-    fn validate(&self) -> Result<()> {
-        self.config.check()
-    }
-}
+options_state!(StepState, StepLRConfig);
 
 /// torch's `StepLR`: every `step_size` epochs the lr is multiplied by `gamma`.
 ///
@@ -169,24 +152,7 @@ impl MultiStepLRConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct MultiStepState {
-    config: MultiStepLRConfig,
-    #[serde(flatten)]
-    base: BaseState,
-}
-
-impl LeafState for MultiStepState {
-    fn base(&self) -> &BaseState {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut BaseState {
-        &mut self.base
-    }
-    fn validate(&self) -> Result<()> {
-        self.config.check()
-    }
-}
+options_state!(MultiStepState, MultiStepLRConfig);
 
 /// torch's `MultiStepLR`: the lr is multiplied by `gamma` at each milestone.
 ///
