@@ -20,7 +20,7 @@
 //! Elementwise operations use no fused multiply-add, as in every kernel of this crate; torch's
 //! vectorised `lerp` and `add(alpha=)` do, so single values may differ from torch by an ulp.
 
-use super::lerp;
+use super::{lerp, LerpWeight};
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adafactor, computed once per parameter in f64 as torch does.
@@ -278,9 +278,8 @@ fn multi_row_sum<T: Float>(
 struct Op<T> {
     grad_scale: T,
     maximize: bool,
-    /// `lerp` weight `step ** beta2_decay` and `1 −` it.
-    w: T,
-    one_minus_w: T,
+    /// `lerp` weight `step ** beta2_decay`.
+    w: LerpWeight<T>,
     eps1: T,
     eps1_sq: T,
     use_wd: bool,
@@ -294,8 +293,7 @@ impl<T: Float> Op<T> {
         Op {
             grad_scale: T::from_f64(grad_scale),
             maximize: c.maximize,
-            w,
-            one_minus_w: T::ONE - w,
+            w: LerpWeight::new(w),
             eps1: T::from_f64(eps1),
             eps1_sq: T::from_f64(eps1 * eps1),
             use_wd: c.weight_decay != 0.0,
@@ -414,7 +412,7 @@ fn fused_unfactored<T: Float, V: Lane<Elem = T>>(
     let mut acc = V::splat(T::ZERO);
     for (gc, vc) in g_body.chunks_exact(w).zip(v_body.chunks_exact_mut(w)) {
         let gv = op.grad(V::load(gc));
-        let v = lerp(V::load(vc), gv * gv, op.w, op.one_minus_w);
+        let v = lerp(V::load(vc), gv * gv, &op.w);
         v.store(vc);
         let u = op.update(gv, v);
         acc = acc + u * u;
@@ -422,7 +420,7 @@ fn fused_unfactored<T: Float, V: Lane<Elem = T>>(
     let mut sumsq = fold::<T, V>(acc);
     for (&gs, vs) in g_tail.iter().zip(v_tail.iter_mut()) {
         let gs = op.grad(gs);
-        *vs = lerp(*vs, gs * gs, op.w, op.one_minus_w);
+        *vs = lerp(*vs, gs * gs, &op.w);
         let u = op.update(gs, *vs);
         sumsq = u.mul_add(u, sumsq);
     }
@@ -464,7 +462,7 @@ fn fused_factored<T: Float, V: Lane<Elem = T>>(
     // Row means: each row's norm is a contiguous reduction.
     for (rv, row) in row_var.iter_mut().zip(g.chunks_exact(n)) {
         let s = sumsq_lastdim::<T, V>(row, |v| op.grad(v), |s| op.grad(s));
-        *rv = lerp(*rv, mean_square(s, n), op.w, op.one_minus_w);
+        *rv = lerp(*rv, mean_square(s, n), &op.w);
     }
     // Column means.
     for (b, gb) in g.chunks_exact(m * n).enumerate() {
@@ -472,7 +470,7 @@ fn fused_factored<T: Float, V: Lane<Elem = T>>(
         if n == 1 {
             // One column: contiguous, torch's fast path.
             let s = sumsq_lastdim::<T, V>(gb, |v| op.grad(v), |s| op.grad(s));
-            cv[0] = lerp(cv[0], mean_square(s, m), op.w, op.one_minus_w);
+            cv[0] = lerp(cv[0], mean_square(s, m), &op.w);
             continue;
         }
         // A sequential sum over the rows per column; lanes are columns.
@@ -493,7 +491,7 @@ fn fused_factored<T: Float, V: Lane<Elem = T>>(
                 .zip(cv[j0..j0 + nv * w].chunks_exact_mut(w))
             {
                 let old = V::load(cc);
-                lerp(old, mean_square(*a, m), op.w, op.one_minus_w).store(cc);
+                lerp(old, mean_square(*a, m), &op.w).store(cc);
             }
             j0 += nv * w;
         }
@@ -506,7 +504,7 @@ fn fused_factored<T: Float, V: Lane<Elem = T>>(
             }
         }
         for (a, cc) in acc[..tail].iter().zip(&mut cv[n_body..]) {
-            *cc = lerp(*cc, mean_square(*a, m), op.w, op.one_minus_w);
+            *cc = lerp(*cc, mean_square(*a, m), &op.w);
         }
     }
     let factors = Factors {

@@ -1,6 +1,6 @@
 //! Adamax (Adam with the infinity norm): fused kernel and reference.
 
-use super::{for_each_lane, lerp, passes, ElementOp};
+use super::{for_each_lane, lerp, passes, ElementOp, LerpWeight};
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adamax, computed once per run in f64 as torch does.
@@ -47,8 +47,7 @@ struct Op<T> {
     maximize: bool,
     use_wd: bool,
     weight_decay: T,
-    w1: T,
-    one_minus_w1: T,
+    w1: LerpWeight<T>,
     beta2: T,
     eps: T,
     neg_clr: T,
@@ -63,7 +62,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
         if self.use_wd {
             g = g + V::splat(self.weight_decay) * p;
         }
-        *m = lerp(*m, g, self.w1, self.one_minus_w1);
+        *m = lerp(*m, g, &self.w1);
         *u = (*u * V::splat(self.beta2)).maximum(g.abs() + V::splat(self.eps));
         p + V::splat(self.neg_clr) * *m / *u
     }
@@ -77,14 +76,12 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let w1 = T::from_f64(1.0 - c.beta1);
     let op = Op {
         grad_scale: T::from_f64(grad_scale),
         maximize: c.maximize,
         use_wd: c.weight_decay != 0.0,
         weight_decay: T::from_f64(c.weight_decay),
-        w1,
-        one_minus_w1: T::ONE - w1,
+        w1: LerpWeight::new(T::from_f64(1.0 - c.beta1)),
         beta2: T::from_f64(c.beta2),
         eps: T::from_f64(c.eps),
         neg_clr: T::from_f64(-c.clr),

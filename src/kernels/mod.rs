@@ -103,13 +103,33 @@ pub(crate) fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementO
     }
 }
 
+/// A scalar weight of torch's `lerp`, with the choice between ATen's two formulas made once
+/// (per run) rather than per vector.
+#[derive(Debug, Clone, Copy)]
+pub struct LerpWeight<T> {
+    weight: T,
+    one_minus_weight: T,
+    from_start: bool,
+}
+
+impl<T: Float> LerpWeight<T> {
+    /// The weight `weight` (its complement is computed in `T`, as ATen does).
+    pub fn new(weight: T) -> Self {
+        LerpWeight {
+            weight,
+            one_minus_weight: T::ONE - weight,
+            from_start: weight.to_f64().abs() < 0.5,
+        }
+    }
+}
+
 /// torch's `lerp(start, end, weight)` for a scalar weight, as ATen's CPU kernel computes it.
 #[inline(always)]
-pub fn lerp<V: Lane>(start: V, end: V, weight: V::Elem, one_minus_weight: V::Elem) -> V {
-    if weight.to_f64().abs() < 0.5 {
-        start + V::splat(weight) * (end - start)
+pub fn lerp<V: Lane>(start: V, end: V, w: &LerpWeight<V::Elem>) -> V {
+    if w.from_start {
+        start + V::splat(w.weight) * (end - start)
     } else {
-        end - (end - start) * V::splat(one_minus_weight)
+        end - (end - start) * V::splat(w.one_minus_weight)
     }
 }
 

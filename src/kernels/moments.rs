@@ -6,7 +6,7 @@
 //! m ← lerp(m, g, 1 − β₁)            v ← β₂·v + (1 − β₂)·g²
 //! ```
 
-use super::passes;
+use super::{lerp, passes, LerpWeight};
 use crate::float::{Float, Lane};
 
 /// The scalars of the shared half, computed once per run.
@@ -18,10 +18,7 @@ pub(crate) struct Moments<T> {
     wd: u8,
     weight_decay: T,
     decay_factor: T,
-    w1: T,
-    one_minus_w1: T,
-    /// Which of torch's two `lerp` formulas `1 − β₁` selects (decided once, not per vector).
-    lerp_from_start: bool,
+    w1: LerpWeight<T>,
     beta2: T,
     one_minus_beta2: T,
 }
@@ -37,7 +34,6 @@ impl<T: Float> Moments<T> {
         maximize: bool,
         grad_scale: f64,
     ) -> Self {
-        let w1 = T::from_f64(1.0 - beta1);
         Moments {
             grad_scale: T::from_f64(grad_scale),
             maximize,
@@ -48,9 +44,7 @@ impl<T: Float> Moments<T> {
             },
             weight_decay: T::from_f64(weight_decay),
             decay_factor: T::from_f64(1.0 - lr * weight_decay),
-            w1,
-            one_minus_w1: T::ONE - w1,
-            lerp_from_start: w1.to_f64().abs() < 0.5,
+            w1: LerpWeight::new(T::from_f64(1.0 - beta1)),
             beta2: T::from_f64(beta2),
             one_minus_beta2: T::from_f64(1.0 - beta2),
         }
@@ -68,11 +62,7 @@ impl<T: Float> Moments<T> {
             2 => p = p * V::splat(self.decay_factor),
             _ => {}
         }
-        *m = if self.lerp_from_start {
-            *m + V::splat(self.w1) * (g - *m)
-        } else {
-            g - (g - *m) * V::splat(self.one_minus_w1)
-        };
+        *m = lerp(*m, g, &self.w1);
         *v = *v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
         (p, g)
     }
@@ -86,7 +76,7 @@ impl<T: Float> Moments<T> {
             2 => passes::mul(p, self.decay_factor),
             _ => {}
         }
-        passes::lerp(m, &grad, self.w1);
+        passes::lerp(m, &grad, self.w1.weight);
         passes::mul(v, self.beta2);
         passes::addcmul(v, &grad, &grad, self.one_minus_beta2);
         grad

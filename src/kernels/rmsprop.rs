@@ -1,6 +1,6 @@
 //! RMSprop (plain or centered, with or without momentum): fused kernel and reference.
 
-use super::{for_each_lane, lerp, passes, ElementOp};
+use super::{for_each_lane, lerp, passes, ElementOp, LerpWeight};
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of RMSprop (f64, as torch's Python floats). RMSprop's update does not
@@ -38,8 +38,7 @@ struct Op<T> {
     alpha: T,
     one_minus_alpha: T,
     /// `1 - alpha` as lerp's weight, and `1 - weight` as ATen's lerp computes it.
-    w: T,
-    one_minus_w: T,
+    w: LerpWeight<T>,
     eps: T,
     momentum: T,
     neg_lr: T,
@@ -63,7 +62,7 @@ impl<T: Float> Op<T> {
     /// `grad_avg.lerp_(grad, 1 - alpha)`, then `sqrt(square_avg - grad_avg²) + eps`.
     #[inline(always)]
     fn centered_avg<V: Lane<Elem = T>>(&self, g: V, sq: V, ga: &mut V) -> V {
-        *ga = lerp(*ga, g, self.w, self.one_minus_w);
+        *ga = lerp(*ga, g, &self.w);
         (sq + V::splat(-T::ONE) * *ga * *ga).sqrt() + V::splat(self.eps)
     }
 
@@ -145,8 +144,7 @@ fn op<T: Float>(c: &RmspropCoeffs, grad_scale: f64) -> Op<T> {
         weight_decay: T::from_f64(c.weight_decay),
         alpha: T::from_f64(c.alpha),
         one_minus_alpha: T::from_f64(1.0 - c.alpha),
-        w,
-        one_minus_w: T::ONE - w,
+        w: LerpWeight::new(w),
         eps: T::from_f64(c.eps),
         momentum: T::from_f64(c.momentum),
         neg_lr: T::from_f64(-c.lr),
