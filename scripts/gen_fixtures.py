@@ -26,6 +26,13 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
     - configs that torch's list only offers for CUDA devices (``capturable`` variants,
       Tensor lr/betas with capturable): they need a GPU; without ``capturable`` they
       duplicate CPU configs.
+* ``elementwise_subnormal.json``: every elementwise optimizer (a few in float64 too) with
+  tiny parameters and gradients, ``"param_scale"`` and ``"grad_scale"`` (powers of two, so
+  inputs stay exact; fields optarena's reader adds to SCHEMA.md's format: initial values are
+  ``hashed(seed, 0, n) * param_scale``, gradients ``hashed(seed, t, n) * grad_scale``). Their
+  squares and moving averages fall below the smallest normal number, the range optarena's
+  default flush-to-zero mode treats differently from torch. ``--only subnormal`` writes only
+  this file.
 * ``lbfgs.json``: LBFGS on Rosenbrock and a diagonal quadratic (n = 10), float32 and
   float64, ten settings each (default, strong_wolfe, history_size/max_iter, lr < 1,
   tolerance_grad/tolerance_change, max_eval). ``compare`` follows SCHEMA.md: the case is
@@ -192,7 +199,10 @@ def run_elementwise(case, record_steps):
     shapes = [s for g in case["groups"] for s in g["shapes"]]
     n_total = sum(numel(s) for s in shapes)
     seed = case["seed"]
-    params = [p.requires_grad_(True) for p in split(hashed(seed, 0, n_total), shapes, dtype)]
+    # Optional scales (elementwise_subnormal.json): powers of two, so the inputs stay exact.
+    param_scale, grad_scale = case.get("param_scale", 1.0), case.get("grad_scale", 1.0)
+    params = [p.requires_grad_(True)
+              for p in split(hashed(seed, 0, n_total) * param_scale, shapes, dtype)]
     groups, i = [], 0
     for g in case["groups"]:
         k = len(g["shapes"])
@@ -202,7 +212,7 @@ def run_elementwise(case, record_steps):
     opt = cls(groups, **to_torch_kwargs(case["defaults"]), foreach=False)
     steps = []
     for t in range(1, max(record_steps) + 1):
-        for p, g in zip(params, split(hashed(seed, t, n_total), shapes, dtype)):
+        for p, g in zip(params, split(hashed(seed, t, n_total) * grad_scale, shapes, dtype)):
             p.grad = g
         opt.step()
         if t in record_steps:
@@ -385,6 +395,53 @@ def gen_elementwise(out_dir, meta, skipped, summary):
         write(out_dir, fname, text)
         summary.append((fname, len(cases), len(text),
                         "every step" if len(record) == N_STEPS else f"steps {record}"))
+
+
+# Subnormal state: tiny gradients (and parameters) whose squares and averages fall below the
+# smallest normal number, the range where Intel cores slow down and where optarena's default
+# flush-to-zero mode differs from torch. Every case must pass in both modes.
+SUBNORMAL_SCALES = {
+    # dtype: (param_scale, grad_scale). hashed() values lie in [2^-28, 2^4); the f32 scales
+    # put gradients near 2^-66 (squares near 2^-132, below f32's 2^-126) and parameters near
+    # 2^-60, so the updates are visible at a relative tolerance. Same idea for f64 (2^-1022).
+    "float32": (2.0 ** -60, 2.0 ** -66),
+    "float64": (2.0 ** -500, 2.0 ** -530),
+}
+SUBNORMAL_CONFIGS = [
+    ("SGD", "momentum, nesterov", {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
+    ("Adam", "default", {}),
+    ("Adam", "amsgrad, weight_decay", {"amsgrad": True, "weight_decay": 0.1}),
+    ("AdamW", "default", {}),
+    ("RAdam", "default", {}),
+    ("NAdam", "default", {}),
+    ("Adamax", "default", {}),
+    ("Adagrad", "lr_decay", {"lr_decay": 0.01}),
+    ("Adadelta", "default", {}),
+    ("RMSprop", "centered, momentum", {"centered": True, "momentum": 0.9}),
+    ("RMSprop", "default", {}),
+    ("Rprop", "default", {}),
+    ("ASGD", "default", {}),
+    ("Adafactor", "default", {}),
+]
+
+
+def gen_subnormal(out_dir, meta, summary):
+    specs = []
+    for name, desc, kw in SUBNORMAL_CONFIGS:
+        for dtype in ("float32", "float64"):
+            if dtype == "float64" and name not in ("Adam", "Adagrad", "RMSprop"):
+                continue
+            cname = f"{name}/subnormal/{desc}" + ("/float64" if dtype == "float64" else "")
+            param_scale, grad_scale = SUBNORMAL_SCALES[dtype]
+            specs.append({"name": cname, "optimizer": name, "dtype": dtype, "defaults": dict(kw),
+                          "groups": [{"overrides": {}, "shapes": [[7, 5], [5], [33]]}],
+                          "seed": SEEDS(cname), "param_scale": param_scale,
+                          "grad_scale": grad_scale})
+    cases = [dict(s, steps=run_elementwise(s, list(range(1, 11)))) for s in specs]
+    text = json.dumps({"meta": meta, "cases": cases})
+    fname = "elementwise_subnormal.json"
+    write(out_dir, fname, text)
+    summary.append((fname, len(cases), len(text), "every step of 10"))
 
 
 # --------------------------------------------------------------------------------------
@@ -797,6 +854,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output directory")
     ap.add_argument("--check", metavar="DIR", help="re-run the cases of the fixture files in DIR")
+    ap.add_argument("--only", choices=["subnormal"],
+                    help="write only this file (elementwise_subnormal.json)")
     args = ap.parse_args()
     check_hashed()
     if args.check:
@@ -806,10 +865,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     meta = {"torch_version": torch.__version__, "hash": "splitmix64; see hashed()"}
     summary, skipped, notes = [], [], []
-    gen_elementwise(args.out, meta, skipped, summary)
-    gen_lbfgs(args.out, meta, summary, notes)
-    gen_schedulers(args.out, meta, summary)
-    gen_clip(args.out, meta, summary, notes)
+    if args.only is None:
+        gen_elementwise(args.out, meta, skipped, summary)
+    gen_subnormal(args.out, meta, summary)
+    if args.only is None:
+        gen_lbfgs(args.out, meta, summary, notes)
+        gen_schedulers(args.out, meta, summary)
+        gen_clip(args.out, meta, summary, notes)
 
     print(f"torch {torch.__version__}; wrote {args.out} in {time.time() - t0:.1f} s")
     for fname, n, size, extra in summary:

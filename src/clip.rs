@@ -19,7 +19,8 @@ use std::ops::Range;
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::float::{Float, Lane};
-use crate::parallel::{Parallelism, CHUNK};
+use crate::parallel::{Exec, Parallelism, CHUNK, PARALLEL_THRESHOLD};
+use crate::subnormals::Subnormals;
 
 /// The order of a p-norm: torch's `norm_type`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -176,32 +177,51 @@ pub fn total_norm_with<T: Float>(
     parallelism: &Parallelism,
     scratch: &mut NormScratch,
 ) -> f64 {
-    match norm {
-        NormType::P(p) if p != 1.0 && p != 2.0 => {
-            scratch.pieces.clear();
-            scratch.pieces.extend(grad_ranges(arena, params));
-        }
-        _ => pieces(grad_ranges(arena, params), &mut scratch.pieces),
-    }
-    let work = &scratch.pieces;
-    let total: usize = work.iter().map(|r| r.len()).sum();
-    let grads = arena.grads();
-    parallelism.map_into(work, total, &mut scratch.partials, |r| {
-        partial(&grads[r.clone()], norm)
-    });
-    let partials = &scratch.partials;
-    // Combine in piece order: the same result for any thread count.
-    match norm {
-        NormType::Inf => partials.iter().copied().fold(0.0f64, nan_max),
-        NormType::P(2.0) => partials.iter().sum::<f64>().sqrt(),
-        NormType::P(1.0) => partials.iter().sum(),
-        NormType::P(p) => {
-            let p = T::from_f64(p);
-            let mut acc = T::ZERO;
-            for &n in partials {
-                acc = acc + T::from_f64(n).powf(p);
+    let total = scratch.plan(arena, params, norm);
+    parallelism.run(total, PARALLEL_THRESHOLD, Subnormals::Preserve, |exec| {
+        scratch.reduce(arena, norm, exec)
+    })
+}
+
+impl NormScratch {
+    /// Cuts the gradients of `params` into the pieces the norm reduces; returns their total
+    /// element count.
+    pub(crate) fn plan<T: Float>(
+        &mut self,
+        arena: &Arena<T>,
+        params: &[Range<usize>],
+        norm: NormType,
+    ) -> usize {
+        match norm {
+            NormType::P(p) if p != 1.0 && p != 2.0 => {
+                self.pieces.clear();
+                self.pieces.extend(grad_ranges(arena, params));
             }
-            acc.powf(T::ONE / p).to_f64()
+            _ => pieces(grad_ranges(arena, params), &mut self.pieces),
+        }
+        self.pieces.iter().map(|r| r.len()).sum()
+    }
+
+    /// The norm over the pieces [`NormScratch::plan`] cut, their partial norms computed as
+    /// `exec` runs them and combined in piece order: the same result for any thread count.
+    pub(crate) fn reduce<T: Float>(&mut self, arena: &Arena<T>, norm: NormType, exec: Exec) -> f64 {
+        let grads = arena.grads();
+        exec.map_into(&self.pieces, &mut self.partials, |r| {
+            partial(&grads[r.clone()], norm)
+        });
+        let partials = &self.partials;
+        match norm {
+            NormType::Inf => partials.iter().copied().fold(0.0f64, nan_max),
+            NormType::P(2.0) => partials.iter().sum::<f64>().sqrt(),
+            NormType::P(1.0) => partials.iter().sum(),
+            NormType::P(p) => {
+                let p = T::from_f64(p);
+                let mut acc = T::ZERO;
+                for &n in partials {
+                    acc = acc + T::from_f64(n).powf(p);
+                }
+                acc.powf(T::ONE / p).to_f64()
+            }
         }
     }
 }

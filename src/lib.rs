@@ -73,6 +73,7 @@ pub mod roofline;
 pub mod scaler;
 pub mod schedule;
 pub mod state;
+pub mod subnormals;
 
 pub use arch::{set_simd_level, simd_level, SimdLevel};
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
@@ -89,6 +90,7 @@ pub use parallel::Parallelism;
 pub use scaler::GradScaler;
 pub use schedule::LrScheduler;
 pub use state::{MatchBy, StateDict};
+pub use subnormals::Subnormals;
 
 /// The README's code blocks, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -38,12 +38,13 @@ use std::ops::Range;
 
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
-use crate::clip::{clip_coefficient, total_norm_with, NormScratch, NormType};
+use crate::clip::{clip_coefficient, NormScratch, NormType};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
-use crate::parallel::{Parallelism, CHUNK};
+use crate::parallel::{Exec, Parallelism, CHUNK, PARALLEL_THRESHOLD};
 use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
+use crate::subnormals::Subnormals;
 
 mod checkpoint_access;
 pub(crate) use checkpoint_access::{SavedState, StateRef};
@@ -95,6 +96,11 @@ pub trait Algorithm: Send + Sync + 'static {
     const NAME: &'static str;
     /// Whether torch keeps `state["step"]` for it (SGD does not).
     const TRACKS_STEP: bool = true;
+    /// Whether the update depends on subnormal values beyond their size, so that flushing
+    /// them could change it by more than their magnitude (Rprop's sign of `grad · prev`, which
+    /// is zero when the product flushes). Such an algorithm always steps with
+    /// [`Subnormals::Preserve`], whatever [`Optimizer::set_subnormals`] says.
+    const NEEDS_SUBNORMALS: bool = false;
     /// The hyperparameters of one group.
     type Config: Hyperparams + serde::Serialize + serde::de::DeserializeOwned;
     /// Per-parameter scalar state besides `step`.
@@ -595,6 +601,8 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     defaults: A::Config,
     groups: Vec<Group<T, A>>,
     parallelism: Parallelism,
+    subnormals: Subnormals,
+    parallel_threshold: usize,
     work: Vec<WorkItem<T, A::Coeffs>>,
     pre_hooks: Vec<(HookHandle, StepHook)>,
     post_hooks: Vec<(HookHandle, StepHook)>,
@@ -637,6 +645,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             defaults,
             groups: Vec::new(),
             parallelism: Parallelism::default(),
+            subnormals: Subnormals::default(),
+            parallel_threshold: PARALLEL_THRESHOLD,
             work: Vec::new(),
             pre_hooks: Vec::new(),
             post_hooks: Vec::new(),
@@ -705,6 +715,38 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     pub fn with_parallelism(mut self, parallelism: Parallelism) -> Self {
         self.parallelism = parallelism;
         self
+    }
+
+    /// Steps over fewer elements than this (summed over the groups) run on the calling thread;
+    /// larger ones go to the [`Parallelism`]'s pool, in one hand-off. The default,
+    /// [`PARALLEL_THRESHOLD`], is where the pool starts to pay in a training loop, whose pool
+    /// falls asleep between steps; `0` always uses the pool, `usize::MAX` never does. Results
+    /// are bitwise the same either way.
+    pub fn set_parallel_threshold(&mut self, elems: usize) {
+        self.parallel_threshold = elems;
+    }
+
+    /// Chooses what steps do with subnormal numbers (default: [`Subnormals::Flush`], flushed
+    /// to zero inside the step's kernels; [`Subnormals::Preserve`] for bit-exact torch parity
+    /// in subnormal ranges). See [`crate::subnormals`] for why flushing is harmless.
+    pub fn set_subnormals(&mut self, subnormals: Subnormals) {
+        self.subnormals = subnormals;
+    }
+
+    /// Builder form of [`Optimizer::set_subnormals`].
+    pub fn with_subnormals(mut self, subnormals: Subnormals) -> Self {
+        self.subnormals = subnormals;
+        self
+    }
+
+    /// What steps do with subnormal numbers: the mode set, or [`Subnormals::Preserve`] for an
+    /// algorithm whose update needs them ([`Algorithm::NEEDS_SUBNORMALS`]: Rprop).
+    pub fn subnormals(&self) -> Subnormals {
+        if A::NEEDS_SUBNORMALS {
+            Subnormals::Preserve
+        } else {
+            self.subnormals
+        }
     }
 
     /// The constructor defaults.
@@ -885,24 +927,49 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         for g in &self.groups {
             g.config.validate()?;
         }
-        let mut grad_factor = options.grad_scale;
-        let mut total = None;
         if let Some(clip) = options.clip {
             if clip.max_norm.is_nan() {
                 return Err(Error::InvalidHyperparameter(
                     "Invalid max_norm value: NaN".to_string(),
                 ));
             }
+        }
+        // One decision and at most one pool hand-off for the whole step: the clip norm and the
+        // update run inside it.
+        let elems: usize = self.groups.iter().map(|g| g.elems.len()).sum();
+        let parallelism = self.parallelism.clone();
+        let subnormals = self.subnormals();
+        let (grad_factor, total) =
+            parallelism.run(elems, self.parallel_threshold, subnormals, |exec| {
+                self.run_step(arena, options, exec)
+            })?;
+        self.run_hooks(false);
+        Ok(StepReport {
+            outcome: StepOutcome::Applied,
+            total_norm: total,
+            grad_factor,
+        })
+    }
+
+    /// The numeric part of a step, run by [`Parallelism::run`]: the folded clip's norm, then
+    /// the plan and the fused update of every piece. Returns the factor the gradients were
+    /// multiplied by and the total norm, if clipped.
+    fn run_step(
+        &mut self,
+        arena: &mut Arena<T>,
+        options: StepOptions,
+        exec: Exec,
+    ) -> Result<(f64, Option<f64>)> {
+        let mut grad_factor = options.grad_scale;
+        let mut total = None;
+        if let Some(clip) = options.clip {
             self.norm_ranges.clear();
             self.norm_ranges
                 .extend(self.groups.iter().map(|g| g.params.clone()));
-            let norm = total_norm_with(
-                arena,
-                &self.norm_ranges,
-                clip.norm_type,
-                &self.parallelism,
-                &mut self.norm_scratch,
-            ) * options.grad_scale.abs();
+            self.norm_scratch
+                .plan(arena, &self.norm_ranges, clip.norm_type);
+            let norm =
+                self.norm_scratch.reduce(arena, clip.norm_type, exec) * options.grad_scale.abs();
             if clip.error_if_nonfinite && !norm.is_finite() {
                 return Err(Error::InvalidHyperparameter(format!(
                     "The total norm of order {:?} for gradients from `parameters` is non-finite, \
@@ -917,10 +984,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             grad_factor *= clip_coefficient(clip.max_norm, norm);
             total = Some(norm);
         }
-        let elems = self.plan(arena, grad_factor);
+        self.plan(arena, grad_factor);
         let work = std::mem::take(&mut self.work);
         let layout = &self.layout;
-        self.parallelism.for_each(&work, elems, |item| {
+        exec.for_each(&work, |item| {
             // SAFETY: `plan` built every item from disjoint ranges of the arena and the state
             // buffers, and `arena` and `self.groups` stay mutably borrowed here until all
             // items have run.
@@ -928,12 +995,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         });
         self.work = work;
         self.work.clear();
-        self.run_hooks(false);
-        Ok(StepReport {
-            outcome: StepOutcome::Applied,
-            total_norm: total,
-            grad_factor,
-        })
+        Ok((grad_factor, total))
     }
 
     /// Registers a hook called before every step that is applied (torch's
@@ -1478,10 +1540,14 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         }
         self.plan(arena, 1.0);
         let work = std::mem::take(&mut self.work);
-        for item in &work {
-            // SAFETY: as in `step_with_options`; run sequentially here.
-            unsafe { item.run::<A>(&self.layout, true) }
-        }
+        let layout = &self.layout;
+        // The same subnormal mode as the fused step, so the two agree bit for bit.
+        self.subnormals().run(|| {
+            for item in &work {
+                // SAFETY: as in `step_with_options`; run sequentially here.
+                unsafe { item.run::<A>(layout, true) }
+            }
+        });
         self.work = work;
         self.work.clear();
         Ok(())

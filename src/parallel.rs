@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::subnormals::Subnormals;
+
 /// Elements per unit of parallel work. Fixed, so results never depend on the thread count.
 pub const CHUNK: usize = 16 * 1024;
 
-/// Below this many elements a step stays on the calling thread: waking the pool costs more
-/// than it saves.
+/// Below this many elements a step runs on the calling thread: handing it to the pool costs
+/// more than the second thread saves. See [`Parallelism`] for how it was measured.
 pub const PARALLEL_THRESHOLD: usize = 64 * 1024;
 
 /// Where a step's work runs.
@@ -29,38 +31,83 @@ pub enum Parallelism {
 }
 
 impl Parallelism {
-    /// Runs `f` on every item, in parallel when `total_elems` makes it worth it.
-    pub(crate) fn for_each<W: Sync>(
+    /// Runs `body`, one step's work, either all on the calling thread (under `subnormals`) or
+    /// as *one* hand-off to the pool, inside which every parallel part of the step (the clip
+    /// norm, the update) runs on the workers that are already awake. The pool is used when
+    /// `total_elems` reaches `threshold` (by default [`PARALLEL_THRESHOLD`]) and it has more
+    /// than one thread: a one-thread pool only adds the hand-off.
+    pub(crate) fn run<R: Send>(
         &self,
-        items: &[W],
         total_elems: usize,
-        f: impl Fn(&W) + Sync + Send,
-    ) {
-        let parallel = items.len() > 1 && total_elems >= PARALLEL_THRESHOLD;
+        threshold: usize,
+        subnormals: Subnormals,
+        body: impl FnOnce(Exec) -> R + Send,
+    ) -> R {
+        let inline = Exec {
+            parallel: false,
+            subnormals,
+        };
+        let pooled = Exec {
+            parallel: true,
+            subnormals,
+        };
+        if total_elems < threshold {
+            return subnormals.run(|| body(inline));
+        }
         match self {
-            Parallelism::Global if parallel => items.par_iter().for_each(f),
-            Parallelism::Pool(pool) if parallel => pool.install(|| items.par_iter().for_each(f)),
-            _ => items.iter().for_each(f),
+            Parallelism::Global if rayon::current_num_threads() > 1 => {
+                // `scope` runs its closure on a worker of the global pool (in place when the
+                // caller already is one): the step's single hand-off.
+                rayon::scope(|_| body(pooled))
+            }
+            Parallelism::Pool(pool) if pool.current_num_threads() > 1 => {
+                pool.install(|| body(pooled))
+            }
+            _ => subnormals.run(|| body(inline)),
+        }
+    }
+}
+
+/// How the parts of one step run, decided once per step by [`Parallelism::run`]: on the
+/// calling thread, or over the pool the step has entered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Exec {
+    parallel: bool,
+    subnormals: Subnormals,
+}
+
+impl Exec {
+    /// Runs `f` on every item. On the pool each item runs under the step's subnormal mode on
+    /// whichever worker takes it; inline, [`Parallelism::run`] has already set the mode.
+    pub(crate) fn for_each<W: Sync>(self, items: &[W], f: impl Fn(&W) + Sync + Send) {
+        if self.parallel && items.len() > 1 {
+            let mode = self.subnormals;
+            items.par_iter().for_each(|w| mode.run(|| f(w)));
+        } else if self.parallel {
+            self.subnormals.run(|| items.iter().for_each(f));
+        } else {
+            items.iter().for_each(f);
         }
     }
 
-    /// Maps every item to a value and writes the values to `out` in item order, so a
-    /// reduction over them is the same for any thread count. Reuses `out`'s allocation.
+    /// Maps every item to a value, written to `out` in item order whatever thread computed it.
     pub(crate) fn map_into<W: Sync, R: Send>(
-        &self,
+        self,
         items: &[W],
-        total_elems: usize,
         out: &mut Vec<R>,
         f: impl Fn(&W) -> R + Sync + Send,
     ) {
-        let parallel = items.len() > 1 && total_elems >= PARALLEL_THRESHOLD;
-        match self {
-            Parallelism::Global if parallel => items.par_iter().map(f).collect_into_vec(out),
-            Parallelism::Pool(pool) if parallel => {
-                pool.install(|| items.par_iter().map(f).collect_into_vec(out))
-            }
-            _ => {
-                out.clear();
+        if self.parallel && items.len() > 1 {
+            let mode = self.subnormals;
+            items
+                .par_iter()
+                .map(|w| mode.run(|| f(w)))
+                .collect_into_vec(out);
+        } else {
+            out.clear();
+            if self.parallel {
+                self.subnormals.run(|| out.extend(items.iter().map(f)));
+            } else {
                 out.extend(items.iter().map(f));
             }
         }

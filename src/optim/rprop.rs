@@ -69,6 +69,10 @@ pub type Rprop<T> = Optimizer<T, RpropAlgorithm>;
 
 impl Algorithm for RpropAlgorithm {
     const NAME: &'static str = "Rprop";
+    /// The update follows the sign of `grad · prev`; for gradients below about 1e-19 (f32)
+    /// that product is subnormal, and flushing it would zero the sign and skip the step-size
+    /// change torch makes.
+    const NEEDS_SUBNORMALS: bool = true;
     type Config = RpropConfig;
     type Scalars = ();
     type Coeffs = RpropCoeffs;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use optarena::{
     Algorithm, ArenaBuilder, Float, HyperValue, Hyperparams, Optimizer, Parallelism, ParamGroup,
+    Subnormals,
 };
 use serde_json::Value;
 
@@ -95,7 +96,17 @@ pub enum Outcome {
 }
 
 /// Replays one elementwise case with optimizer algorithm `A` in element type `T`.
-pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parallelism) -> Outcome {
+///
+/// `subnormals` is the optimizer's mode. `scaled_abs` scales SCHEMA.md's absolute term, which
+/// assumes values of order one, by the largest magnitude of each recorded tensor (for cases
+/// whose values are far smaller, such as the subnormal fixture's, where it would hide
+/// everything).
+pub fn run_elementwise<T: Float, A: Algorithm>(
+    case: &Value,
+    parallelism: Parallelism,
+    subnormals: Subnormals,
+    scaled_abs: bool,
+) -> Outcome {
     let name = case["name"].as_str().unwrap_or("?");
     let dtype = case["dtype"].as_str().unwrap();
     let seed = case["seed"].as_u64().unwrap();
@@ -124,7 +135,14 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
         }
     }
     let n_total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
-    let init = hashed(seed, 0, n_total);
+    // Optional powers of two scaling the inputs (the subnormal fixture's extension of the
+    // format; see scripts/gen_fixtures.py).
+    let param_scale = case["param_scale"].as_f64().unwrap_or(1.0);
+    let grad_scale = case["grad_scale"].as_f64().unwrap_or(1.0);
+    let init: Vec<f64> = hashed(seed, 0, n_total)
+        .iter()
+        .map(|x| x * param_scale)
+        .collect();
     let mut b = ArenaBuilder::<T>::new();
     let mut handles = Vec::new();
     let mut at = 0;
@@ -155,7 +173,7 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
         })
         .collect();
     let mut opt = match Optimizer::<T, A>::new(&arena, groups, defaults) {
-        Ok(o) => o.with_parallelism(parallelism),
+        Ok(o) => o.with_parallelism(parallelism).with_subnormals(subnormals),
         Err(e) => return Outcome::Fail(format!("{name}: construction failed: {e}")),
     };
     let (rel, abs) = elementwise_tol(dtype);
@@ -169,7 +187,7 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
     for t in 1..=last {
         let g = hashed(seed, t, n_total);
         for (dst, src) in arena.grads_mut().iter_mut().zip(&g) {
-            *dst = T::from_f64(*src);
+            *dst = T::from_f64(*src * grad_scale);
         }
         if let Err(e) = opt.step(&mut arena) {
             return Outcome::Fail(format!("{name}: step {t} failed: {e}"));
@@ -181,6 +199,11 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
             let r = rec.next().unwrap();
             for (pi, b64) in r["params"].as_array().unwrap().iter().enumerate() {
                 let want = decode(b64.as_str().unwrap(), dtype);
+                let abs = if scaled_abs {
+                    abs * want.iter().fold(0.0f64, |m, w| m.max(w.abs()))
+                } else {
+                    abs
+                };
                 let got = arena.value(handles[pi]);
                 if want.len() != got.len() {
                     return Outcome::Fail(format!("{name}: param {pi} length"));
@@ -190,7 +213,7 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
                     let ok = (g - w).abs() <= rel * w.abs() + abs || (g.is_nan() && w.is_nan());
                     if !ok {
                         return Outcome::Fail(format!(
-                            "{name}: step {t}, param {pi}[{k}]: optarena {g:e}, torch {w:e} (diff {:e})",
+                            "{name} ({subnormals:?}): step {t}, param {pi}[{k}]: optarena {g:e}, torch {w:e} (diff {:e})",
                             (g - w).abs()
                         ));
                     }
@@ -201,14 +224,33 @@ pub fn run_elementwise<T: Float, A: Algorithm>(case: &Value, parallelism: Parall
     Outcome::Pass
 }
 
-/// Dispatches an elementwise case to the optimizer it names, in its dtype.
+/// Replays an elementwise case in both subnormal modes (flushed, the default, and preserved);
+/// it passes only if both do.
 pub fn run_elementwise_case(case: &Value, parallelism: Parallelism) -> Outcome {
+    let flushed = run_elementwise_case_in(case, parallelism.clone(), Subnormals::Flush, false);
+    if !matches!(flushed, Outcome::Pass) {
+        return flushed;
+    }
+    run_elementwise_case_in(case, parallelism, Subnormals::Preserve, false)
+}
+
+/// Dispatches an elementwise case to the optimizer it names, in its dtype.
+pub fn run_elementwise_case_in(
+    case: &Value,
+    parallelism: Parallelism,
+    subnormals: Subnormals,
+    scaled_abs: bool,
+) -> Outcome {
     macro_rules! dispatch {
         ($($name:literal => $alg:ty),* $(,)?) => {
             match (case["optimizer"].as_str().unwrap(), case["dtype"].as_str().unwrap()) {
                 $(
-                    ($name, "float32") => run_elementwise::<f32, $alg>(case, parallelism),
-                    ($name, "float64") => run_elementwise::<f64, $alg>(case, parallelism),
+                    ($name, "float32") => run_elementwise::<f32, $alg>(
+                        case, parallelism, subnormals, scaled_abs,
+                    ),
+                    ($name, "float64") => run_elementwise::<f64, $alg>(
+                        case, parallelism, subnormals, scaled_abs,
+                    ),
                 )*
                 (other, dtype) => Outcome::Skip(format!("{other} ({dtype})")),
             }
