@@ -363,9 +363,7 @@ def torch_train(name, impl, train, test, epochs, batch_size=32, seed=0):
             opt.step()
             timed += time.perf_counter() - t
             schedule.step()
-        # The example evaluates the whole training and test sets after every epoch.
         with torch.no_grad():
-            F.cross_entropy(model(x), y)
             test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
     return timed / total * 1e6, test_acc
 
@@ -432,7 +430,7 @@ def train_loop_section(args, binary):
                  for impl in ["fused", "foreach", "forloop"]]
         fastest = min(med(name, f"torch {impl}") for impl in impls[name])
         accs = [f"{a:.1%}" for a in sorted({med(name, f"torch {impl}", 1) for impl in impls[name]})]
-        lines.append(f"| {label[4:]} (lr {lr}) | {ours:.1f} µs | {' | '.join(cells)} | "
+        lines.append(f"| {label.removeprefix('MLP ')} (lr {lr}) | {ours:.1f} µs | {' | '.join(cells)} | "
                      f"{fastest / ours:.2f}x | {med(name, 'optarena', 1):.1%} / "
                      f"{', '.join(accs)} |")
     return lines
