@@ -5,6 +5,8 @@
 //!   optimizer's time can be read as a fraction of it.
 //! - `gpt2_small/...`: one AdamW step over GPT-2 small's 148 tensors (124M parameters).
 //! - `latency/adapter16k`: one step of a 16K-element adapter on one thread.
+//! - `realistic_grads/...`, `idle_pool/...`: Adam and SGD-momentum steps as a training loop sees
+//!   them, on gradients with a tail of tiny values and with the pool idle between steps.
 
 use criterion::criterion_main;
 
@@ -13,5 +15,6 @@ mod benchmarks;
 criterion_main!(
     benchmarks::optimizers::benches,
     benchmarks::layouts::benches,
-    benchmarks::latency::benches
+    benchmarks::latency::benches,
+    benchmarks::training_loop::benches
 );

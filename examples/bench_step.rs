@@ -6,17 +6,31 @@
 //! cargo run --release --example bench_step -- adamw gpt2 0 2 10
 //! cargo run --release --example bench_step -- adamw adapter 0 1 5000
 //! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
+//! cargo run --release --example bench_step -- adam flat 85002 2 500 --grads realistic --idle-us 1000
 //! ```
 //! Arguments: optimizer (`sgd`, `sgd_momentum`, `adam`, `adamw`, `radam`, `nadam`, `adamax`,
 //! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `roofline2`
 //! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
 //! `gpt2`, `adapter`), elements (for `flat`), threads, timed steps.
+//!
+//! Options, anywhere on the line, to time a step as a training loop sees it:
+//! - `--grads random|realistic`: `random` (the default) fills the gradients with smooth
+//!   synthetic values of magnitude up to 1e-2; `realistic` draws them from a distribution with
+//!   a tail of tiny values like a real model's, which drives Adam's `exp_avg_sq` into subnormal
+//!   numbers (`realistic::gradients` in `benches/benchmarks/realistic.rs` has the exact
+//!   distribution; seeded, so every run gets the same gradients).
+//! - `--idle-us N`: before each step (warm-up and timed), about N µs of busy work on the
+//!   calling thread (a spin, not a sleep), as forward and backward between two steps; the
+//!   pool's threads fall asleep meanwhile. Only the step is timed.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use optarena::optim::*;
 use optarena::roofline::Roofline;
 use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup};
+
+#[path = "../benches/benchmarks/realistic.rs"]
+mod realistic;
 
 fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
     match layout {
@@ -57,26 +71,97 @@ fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
     }
 }
 
-fn arena(shapes: &[(String, Vec<usize>)]) -> Arena<f32> {
+/// Where the gradients come from (`--grads`).
+#[derive(Clone, Copy)]
+enum Grads {
+    /// Smooth synthetic values, `cos(...) · 1e-2`.
+    Random,
+    /// [`realistic::gradients`]: normal values times a log-uniform scale down to 1e-30.
+    Realistic,
+}
+
+impl Grads {
+    fn name(self) -> &'static str {
+        match self {
+            Grads::Random => "random",
+            Grads::Realistic => "realistic",
+        }
+    }
+}
+
+fn arena(shapes: &[(String, Vec<usize>)], grads: Grads) -> Arena<f32> {
     let mut b = ArenaBuilder::<f32>::new();
     for (name, shape) in shapes {
         b.param_with(name, shape, |i| ((i % 1000) as f32 * 1e-3).sin())
             .unwrap();
     }
     let mut a = b.build();
-    a.grads_mut()
-        .iter_mut()
-        .enumerate()
-        .for_each(|(i, g)| *g = ((i % 777) as f32 * 3e-3).cos() * 1e-2);
+    match grads {
+        Grads::Random => a
+            .grads_mut()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, g)| *g = ((i % 777) as f32 * 3e-3).cos() * 1e-2),
+        Grads::Realistic => {
+            let n = a.len();
+            a.grads_mut()
+                .iter_mut()
+                .zip(realistic::gradients(n, realistic::GRADIENT_SEED))
+                .for_each(|(g, v)| *g = v as f32);
+        }
+    }
     a
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() != 5 {
-        eprintln!("usage: bench_step <optimizer> <flat|gpt2|adapter> <elements> <threads> <steps>");
-        std::process::exit(2);
+/// The command line: five positional arguments and the `--grads` / `--idle-us` options.
+struct Args {
+    positional: Vec<String>,
+    grads: Grads,
+    idle: Duration,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        positional: Vec::new(),
+        grads: Grads::Random,
+        idle: Duration::ZERO,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--grads" => {
+                args.grads = match value()?.as_str() {
+                    "random" => Grads::Random,
+                    "realistic" => Grads::Realistic,
+                    other => return Err(format!("--grads {other}: expected random or realistic")),
+                }
+            }
+            "--idle-us" => {
+                let us: u64 = value()?.parse().map_err(|e| format!("--idle-us: {e}"))?;
+                args.idle = Duration::from_micros(us);
+            }
+            _ => args.positional.push(arg),
+        }
     }
+    if args.positional.len() != 5 {
+        return Err("expected 5 positional arguments".into());
+    }
+    Ok(args)
+}
+
+fn main() {
+    let Args {
+        positional: args,
+        grads,
+        idle,
+    } = parse_args().unwrap_or_else(|e| {
+        eprintln!(
+            "bench_step: {e}\nusage: bench_step <optimizer> <flat|gpt2|adapter> <elements> \
+             <threads> <steps> [--grads random|realistic] [--idle-us N]"
+        );
+        std::process::exit(2);
+    });
     let (name, layout) = (args[0].as_str(), args[1].as_str());
     let n: usize = args[2].parse().expect("elements");
     let threads: usize = args[3].parse().expect("threads");
@@ -96,7 +181,7 @@ fn main() {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    let mut a = arena(&shapes);
+    let mut a = arena(&shapes, grads);
     let g = || [ParamGroup::all()];
     let mut step: Box<dyn FnMut()> = match name {
         "roofline2" | "roofline3" | "roofline4" | "roofline5" => {
@@ -153,10 +238,12 @@ fn main() {
     };
     // Warm-up: creates state and touches every page.
     for _ in 0..3.min(steps) {
+        realistic::busy_work(idle);
         step();
     }
     let mut times: Vec<f64> = (0..steps)
         .map(|_| {
+            realistic::busy_work(idle);
             let t = Instant::now();
             step();
             t.elapsed().as_secs_f64()
@@ -166,7 +253,9 @@ fn main() {
     let median = times[times.len() / 2];
     let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     println!(
-        "{{\"impl\": \"optarena\", \"optimizer\": \"{name}\", \"layout\": \"{layout}\", \"elements\": {total}, \"threads\": {threads}, \"steps\": {steps}, \"median_s\": {median:e}, \"p99_s\": {p99:e}, \"min_s\": {:e}}}",
+        "{{\"impl\": \"optarena\", \"optimizer\": \"{name}\", \"layout\": \"{layout}\", \"elements\": {total}, \"threads\": {threads}, \"steps\": {steps}, \"grads\": \"{}\", \"idle_us\": {}, \"median_s\": {median:e}, \"p99_s\": {p99:e}, \"min_s\": {:e}}}",
+        grads.name(),
+        idle.as_micros(),
         times[0]
     );
 }

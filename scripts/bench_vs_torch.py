@@ -5,27 +5,46 @@ Runs torch's fused, foreach and for-loop Adam, AdamW, SGD (momentum) and RAdam, 
 `bench_step` example, interleaved round by round so that machine drift hits both alike, and
 writes BENCHMARKS.md (ratios, medians, machine, date, thread count, exact command).
 
-Setup (outside the repository):
-    python3 -m venv /work/venv && /work/venv/bin/pip install torch numpy
+Setup (outside the repository, next to it):
+    python3 -m venv ../venv && ../venv/bin/pip install torch numpy
 Run from the repository root:
-    /work/venv/bin/python scripts/bench_vs_torch.py --threads 2 --rounds 5 --out BENCHMARKS.md
+    ../venv/bin/python scripts/bench_vs_torch.py --threads 2 --rounds 5 --out BENCHMARKS.md
 
-`--quick` measures fewer, smaller cases (for checking the script itself). `--focus N` runs only
-the 32M SGD-momentum, Adam and AdamW cases against torch fused and the roofline kernel for N
+Besides back-to-back steps on synthetic gradients, two sections time steps as a training loop
+sees them:
+- "Realistic gradients and an idle pool": Adam and AdamW at 85K and 1M elements, on gradients
+  with a tail of tiny values (which drive `exp_avg_sq` into subnormal numbers) and with 1 ms of
+  busy work on the calling thread before every step (so thread pools fall asleep), only the
+  step timed.
+- "Optimizer steps in a training loop": the digits MLP of `examples/train`, trained by the
+  example itself and by the same loop in torch; only clip + step is timed on both sides.
+
+`--quick` measures fewer, smaller cases and shorter runs (for checking the script itself).
+`--train-loop-only` and `--realistic-only` run just that section and write it into `--out`,
+replacing the section of the same name there and keeping the rest of the file. `--focus N` runs
+only the 32M SGD-momentum, Adam and AdamW cases against torch fused and the roofline kernel for N
 rounds and prints per-round ratio medians (for ratios too close to call in the full table).
 """
 
 import argparse
 import datetime
+import functools
+import gzip
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_32M = 32 * 1024 * 1024
 GPT2_ELEMENTS = 124_439_808
@@ -57,18 +76,56 @@ TORCH_OPTIMIZERS = {
 IMPLS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "forloop": dict(foreach=False)}
 
 
+@functools.lru_cache(maxsize=4)
+def realistic_grads(n, seed=0):
+    """`n` float32 gradients with a tail of tiny values, like a real model's: `z * 10**(-1 -
+    29 u)`, `z` standard normal, `u` uniform on [0, 1), so the scale is log-uniform from 1e-1
+    down to 1e-30 and 12% of the squares are subnormal in float32 (27% round to zero).
+
+    Bit for bit the gradients of optarena's benchmarks (`realistic::gradients` in
+    `benches/benchmarks/realistic.rs`, which documents the distribution): the SplitMix64 stream
+    seeded with `seed`, three outputs per element, Box-Muller for `z`.
+    """
+    k = np.arange(1, 3 * n + 1, dtype=np.uint64)
+    x = np.uint64(seed) + k * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    v = (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    normal = np.sqrt(-2.0 * np.log(1.0 - v[0::3])) * np.cos(2.0 * np.pi * v[1::3])
+    return (normal * 10.0 ** (-1.0 - 29.0 * v[2::3])).astype(np.float32)
+
+
+def busy_work(us):
+    """Keeps this thread busy (spinning, not sleeping) for `us` microseconds, as forward and
+    backward do between two optimizer steps; torch's worker threads idle meanwhile."""
+    end = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < end:
+        pass
+
+
 class TorchCase:
-    def __init__(self, optimizer, impl, layout, n):
+    """A torch optimizer over parameters of `layout`, with synthetic (`random`) or realistic
+    gradients, stepped with `idle_us` of busy work before each step (only the step timed)."""
+
+    def __init__(self, optimizer, impl, layout, n, grads="random", idle_us=0):
         shapes = LAYOUTS[layout](n)
         gen = torch.Generator().manual_seed(0)
         self.params = [torch.randn(s, generator=gen) for s in shapes]
-        for p in self.params:
+        if grads == "realistic":
+            flat = torch.from_numpy(realistic_grads(sum(math.prod(s) for s in shapes)))
+            chunks = flat.split([math.prod(s) for s in shapes])
+        for i, p in enumerate(self.params):
             p.requires_grad_(True)
-            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+            if grads == "realistic":
+                p.grad = chunks[i].view(p.shape).clone()
+            else:
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-2
         self.clip = optimizer == "clip_adamw"
         name = "adamw" if self.clip else optimizer
         self.opt = TORCH_OPTIMIZERS[name](self.params, **IMPLS[impl])
         self.elements = sum(p.numel() for p in self.params)
+        self.idle_us = idle_us
 
     def step(self):
         if self.clip:
@@ -78,9 +135,11 @@ class TorchCase:
     def time(self, steps):
         with torch.no_grad():
             for _ in range(3):
+                busy_work(self.idle_us)
                 self.step()
             times = []
             for _ in range(steps):
+                busy_work(self.idle_us)
                 t = time.perf_counter()
                 self.step()
                 times.append(time.perf_counter() - t)
@@ -88,9 +147,13 @@ class TorchCase:
         return times[len(times) // 2], times[min(len(times) - 1, len(times) * 99 // 100)]
 
 
-def optarena_time(binary, optimizer, layout, n, threads, steps):
-    out = subprocess.run([binary, optimizer, layout, str(n), str(threads), str(steps)],
-                         check=True, capture_output=True, text=True).stdout
+def optarena_time(binary, optimizer, layout, n, threads, steps, grads="random", idle_us=0):
+    cmd = [binary, optimizer, layout, str(n), str(threads), str(steps)]
+    if grads != "random":
+        cmd += ["--grads", grads]
+    if idle_us:
+        cmd += ["--idle-us", str(idle_us)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     return r["median_s"], r["p99_s"]
 
@@ -106,10 +169,304 @@ def cpu_name():
     return platform.processor() or "unknown"
 
 
+def vector_isa():
+    """The widest x86 vector extension the CPU reports: AVX-512 (F), AVX2, or neither."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return "vector extensions unknown"
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2, no AVX-512"
+    return "no AVX2"
+
+
+def machine():
+    return (f"{cpu_name()} ({vector_isa()}), {os.cpu_count()} logical cores, "
+            f"{platform.system()} {platform.release()}")
+
+
+def command_line():
+    """This run's command, as typed from the repository root: the interpreter relative to the
+    root (`../venv/bin/python` for a venv next to it), or just its name when it lives
+    elsewhere, so no absolute path of this machine lands in BENCHMARKS.md."""
+    python = os.path.relpath(sys.executable, REPO)
+    if python.startswith(os.path.join("..", "..")):
+        python = os.path.basename(sys.executable)
+    return " ".join([python, "scripts/bench_vs_torch.py"] + sys.argv[1:])
+
+
+def provenance():
+    """The date, machine, torch version and command of this run, as list items: each section
+    carries its own, since --train-loop-only and --realistic-only rewrite one section alone."""
+    return [f"- Run on {datetime.date.today().isoformat()}: {machine()}; torch {torch.__version__}",
+            f"- Command: `{command_line()}`"]
+
+
+def rounds_text(rounds):
+    return f"{rounds} round{'s' if rounds != 1 else ''}"
+
+
+def build_example(name):
+    subprocess.run(["cargo", "build", "--release", "--example", name], check=True)
+    return os.path.join("target", "release", "examples", name)
+
+
+MLP_ELEMENTS = 85_002  # the digits MLP of examples/train: 64->256->256->10, weights and biases
+REALISTIC_HEADING = "## Realistic gradients and an idle pool"
+TRAIN_LOOP_HEADING = "## Optimizer steps in a training loop"
+
+
+def realistic_section(args, binary):
+    """Adam and AdamW at 85K and 1M elements, 1 and `--threads` threads, torch fused and
+    foreach vs optarena: back to back on synthetic gradients, with 1 ms of busy work before
+    every step, and with that busy work on realistic gradients. Returns the section's Markdown
+    lines."""
+    idle_us = 1000
+    # (gradients, µs of busy work before each step): back to back as in the tables above, the
+    # idle pool alone, then both.
+    conditions = [("random", 0), ("random", idle_us), ("realistic", idle_us)]
+    impls = ["torch fused", "torch foreach", "optarena"]
+    cases = []  # (label, optimizer, elements, threads, timed steps)
+    for opt in ["adam", "adamw"]:
+        for n, size, steps in [(MLP_ELEMENTS, "85K", 300), (1 << 20, "1M", 100)]:
+            for threads in sorted({1, args.threads}):
+                label = f"{opt} {size}, {threads} thread{'s' if threads > 1 else ''}"
+                cases.append((label, opt, n, threads, steps // 5 if args.quick else steps))
+    results = {}  # (label, condition, impl) -> list of (median, p99)
+    for rnd in range(args.rounds):
+        print(f"realistic gradients, round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        for label, opt, n, threads, steps in cases:
+            torch.set_num_threads(threads)
+            for grads, idle in conditions:
+                for impl in impls:
+                    if impl == "optarena":
+                        r = optarena_time(binary, opt, "flat", n, threads, steps, grads, idle)
+                    else:
+                        case = TorchCase(opt, impl.split()[1], "flat", n, grads, idle)
+                        r = case.time(steps)
+                        del case
+                    results.setdefault((label, (grads, idle), impl), []).append(r)
+    torch.set_num_threads(args.threads)
+
+    def med(label, condition, impl, k=0):
+        return statistics.median(r[k] for r in results[(label, condition, impl)])
+
+    lines = [REALISTIC_HEADING, "",
+             "Two things a training loop does to a step that back-to-back steps on synthetic "
+             "gradients do not: its gradients have a tail of tiny values, whose squares are "
+             "subnormal floats in Adam's `exp_avg_sq` (slow on Intel cores unless flushed to "
+             "zero), and between two steps the calling thread runs forward and backward while "
+             "the optimizer's threads idle and fall asleep. Here the realistic gradients are "
+             "`z * 10**(-1 - 29 u)` (`z` standard normal, `u` uniform: a log-uniform scale from "
+             "1e-1 to 1e-30; 12% of the squares are subnormal in f32, 27% round to zero; the same "
+             "bits for torch and optarena, see `benches/benchmarks/realistic.rs`), and \"idle\" "
+             f"means the calling thread spins for {idle_us} µs before every step; only the step "
+             "is timed. optarena on 1 thread runs without a pool (`Parallelism::Sequential`), on "
+             "more a rayon pool of that many threads; torch uses `torch.set_num_threads`.", "",
+             *provenance(),
+             f"- {rounds_text(args.rounds)}, each case timed by torch then optarena in turn; "
+             "medians over rounds of each round's median step", "",
+             "| case | impl | synthetic gradients, back to back | synthetic, idle | realistic, "
+             "idle | realistic, idle: p99 | optarena speed-up (realistic, idle) |",
+             "|---|---|---|---|---|---|---|"]
+    realistic_idle = conditions[2]
+    for label, *_ in cases:
+        ours = med(label, realistic_idle, "optarena")
+        for impl in impls:
+            times = " | ".join(f"{med(label, c, impl) * 1e6:.1f} µs" for c in conditions)
+            t = med(label, realistic_idle, impl)
+            speed_up = "" if impl == "optarena" else f"{t / ours:.2f}x"
+            lines.append(f"| {label} | {impl} | {times} | "
+                         f"{med(label, realistic_idle, impl, 1) * 1e6:.1f} µs | {speed_up} |")
+    return lines
+
+
+DIGITS = os.path.join(REPO, "examples", "data", "digits.csv.gz")
+
+# The MLP runs of examples/train (examples/train/runner.rs, `runs`): optimizer, peak lr and
+# options; weight decay applies to the weights' group only (biases: 0), and their label in the
+# example's results table.
+TRAIN_RUNS = {
+    "sgd_momentum": ("MLP SGD+momentum", 0.05,
+                     lambda groups, lr, **kw: torch.optim.SGD(groups, lr=lr, momentum=0.9,
+                                                              nesterov=True, weight_decay=5e-4,
+                                                              **kw)),
+    "adam": ("MLP Adam", 2e-3, lambda groups, lr, **kw: torch.optim.Adam(groups, lr=lr, **kw)),
+    "adamw": ("MLP AdamW", 2e-3,
+              lambda groups, lr, **kw: torch.optim.AdamW(groups, lr=lr, weight_decay=0.05,
+                                                         **kw)),
+    "radam": ("MLP RAdam", 2e-3, lambda groups, lr, **kw: torch.optim.RAdam(groups, lr=lr, **kw)),
+}
+
+
+def load_digits():
+    """examples/train/data.rs: 64 pixels (0..16, divided by 16) and a label per line."""
+    with gzip.open(DIGITS, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    return torch.from_numpy((rows[:, :64] / 16.0).astype(np.float32)), \
+        torch.from_numpy(rows[:, 64].astype(np.int64))
+
+
+def split_digits(x, y, seed=0, test_fraction=0.2):
+    """The example's stratified split: per class, a seeded shuffle puts round(20%) of the
+    samples in the test set (the same sizes; numpy's shuffle, not the example's ChaCha8)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    labels = y.numpy()
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_test = math.floor(len(idx) * test_fraction + 0.5)  # Rust's f64::round, half away
+        test += idx[:n_test].tolist()
+        train += idx[n_test:].tolist()
+    train, test = torch.tensor(sorted(train)), torch.tensor(sorted(test))
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def torch_train(name, impl, train, test, epochs, batch_size=32, seed=0):
+    """One MLP run of examples/train in torch: 64->256->256->10 with ReLU and mean softmax
+    cross-entropy, torch's default nn.Linear initialisation (the example draws the same
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))), shuffled mini-batches, clip_grad_norm_(1.0), and the
+    example's warmup + cosine schedule stepped per batch. Returns the time of
+    clip_grad_norm_ + step in µs per step, and the final test accuracy."""
+    _, lr, make = TRAIN_RUNS[name]
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10))
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    groups = [{"params": [m.weight for m in linears]},
+              {"params": [m.bias for m in linears], "weight_decay": 0.0}]
+    opt = make(groups, lr, **IMPLS[impl])
+    (x, y), (x_test, y_test) = train, test
+    steps_per_epoch = math.ceil(len(y) / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(total // 20, 1)
+    sched = torch.optim.lr_scheduler
+    schedule = sched.SequentialLR(opt, [
+        sched.LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup),
+        sched.CosineAnnealingLR(opt, T_max=max(total - warmup, 1), eta_min=lr * 0.01),
+    ], milestones=[warmup])
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    timed = 0.0
+    for _ in range(epochs):
+        for batch in torch.randperm(len(y), generator=gen).split(batch_size):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            t = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            timed += time.perf_counter() - t
+            schedule.step()
+        with torch.no_grad():
+            test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    return timed / total * 1e6, test_acc
+
+
+def optarena_train(binary, threads, epochs):
+    """Runs examples/train and reads its results table: per MLP run, the "opt µs/step" column
+    (clip + step, forward and backward excluded) and the test accuracy."""
+    with tempfile.TemporaryDirectory() as out:
+        text = subprocess.run([binary, "--threads", str(threads), "--epochs", str(epochs),
+                               "--out", out], check=True, capture_output=True, text=True).stdout
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|")]
+    header = rows[0]
+    us, acc = header.index("opt µs/step"), header.index("test acc")
+    by_label = {r[0]: r for r in rows[2:]}
+    return {name: (float(by_label[label][us]), float(by_label[label][acc].rstrip("%")) / 100)
+            for name, (label, _, _) in TRAIN_RUNS.items()}
+
+
+def train_loop_section(args, binary):
+    """examples/train's four MLP runs against the same training loop in torch, rounds
+    interleaved; only clip + step is timed. Returns the section's Markdown lines."""
+    epochs = 2 if args.quick else 40
+    train, test = split_digits(*load_digits())
+    impls = {name: ["foreach", "forloop"] if name == "radam" else ["fused", "foreach", "forloop"]
+             for name in TRAIN_RUNS}
+    results = {}  # (optimizer, impl) -> list of (µs per step, test accuracy)
+    torch.set_num_threads(args.threads)
+    for rnd in range(args.rounds):
+        print(f"training loop, round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        for name, r in optarena_train(binary, args.threads, epochs).items():
+            results.setdefault((name, "optarena"), []).append(r)
+        for name in TRAIN_RUNS:
+            for impl in impls[name]:
+                results.setdefault((name, f"torch {impl}"), []).append(
+                    torch_train(name, impl, train, test, epochs))
+
+    def med(name, impl, k=0):
+        return statistics.median(r[k] for r in results[(name, impl)])
+
+    steps = epochs * math.ceil(len(train[1]) / 32)
+    lines = [TRAIN_LOOP_HEADING, "",
+             "`cargo run --release --example train` (the digits MLP 64→256→256→10, "
+             f"{MLP_ELEMENTS:,} parameters; {len(train[1])} training images in batches of 32, "
+             f"{epochs} epochs, {steps} steps per run; warmup + cosine schedule; gradients "
+             "clipped to norm 1.0) against the same loop in torch: the same model, data, split "
+             "sizes, optimizers and hyperparameters, torch's own initialisation and shuffling. "
+             "Here forward and backward run between two steps, as in real training. optarena: "
+             "the example's \"opt µs/step\" (`step_clipped`: clip folded into the step, "
+             "forward and backward excluded). torch: `clip_grad_norm_(params, 1.0)` (its "
+             "default, foreach on CPU) + `opt.step()`, timed with `perf_counter` around those "
+             "two calls and summed over the run. Target: torch's fastest at least 5x "
+             "optarena's time.", "",
+             *provenance(),
+             f"- Threads: {args.threads} (`--threads` of the example, `torch.set_num_threads`); "
+             f"{rounds_text(args.rounds)}, each running the example then every torch run; "
+             "medians over rounds", "",
+             "| optimizer | optarena | torch fused | torch foreach | torch forloop | torch's "
+             "fastest / optarena | test accuracy, optarena / torch |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (label, lr, _) in TRAIN_RUNS.items():
+        ours = med(name, "optarena")
+        cells = [f"{med(name, f'torch {impl}'):.1f} µs" if impl in impls[name] else "(none)"
+                 for impl in ["fused", "foreach", "forloop"]]
+        fastest = min(med(name, f"torch {impl}") for impl in impls[name])
+        accs = [f"{a:.1%}" for a in sorted({med(name, f"torch {impl}", 1) for impl in impls[name]})]
+        lines.append(f"| {label.removeprefix('MLP ')} (lr {lr}) | {ours:.1f} µs | {' | '.join(cells)} | "
+                     f"{fastest / ours:.2f}x | {med(name, 'optarena', 1):.1%} / "
+                     f"{', '.join(accs)} |")
+    return lines
+
+
+def write_section(path, lines):
+    """Puts a section into the Markdown file `path`: in place of the section with the same
+    heading (up to the next `## ` heading), else before the analysis appended from
+    benchmarks_notes.md, else at the end."""
+    heading = lines[0]
+    old = open(path).read().rstrip("\n").split("\n") if os.path.exists(path) else []
+    if heading in old:
+        start = old.index(heading)
+        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+        new = old[:start] + lines + ([""] if end < len(old) else []) + old[end:]
+    else:
+        notes = notes_lines()
+        at = old.index(notes[0]) if notes and notes[0] in old else len(old)
+        gap = [""] if at > 0 and old[at - 1] else []
+        new = old[:at] + gap + lines + ([""] if at < len(old) else []) + old[at:]
+    with open(path, "w") as f:
+        f.write("\n".join(new).rstrip("\n") + "\n")
+
+
+def notes_lines():
+    """The lead's analysis, appended to BENCHMARKS.md after the tables."""
+    notes = os.path.join(REPO, "scripts", "benchmarks_notes.md")
+    if not os.path.exists(notes):
+        return []
+    with open(notes) as f:
+        return f.read().strip("\n").split("\n")
+
+
 def focus(rounds, threads):
     """The 32M cases only, many rounds: per-round ratios to torch fused and to the roofline."""
-    subprocess.run(["cargo", "build", "--release", "--example", "bench_step"], check=True)
-    binary = os.path.join("target", "release", "examples", "bench_step")
+    binary = build_example("bench_step")
     torch.set_num_threads(threads)
     med = statistics.median
     for opt in ["sgd_momentum", "adam", "adamw"]:
@@ -135,16 +492,34 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer, smaller cases and shorter training runs (checks the script)")
     ap.add_argument("--focus", type=int, metavar="ROUNDS",
                     help="only the 32M SGD-momentum, Adam and AdamW cases against torch fused "
                          "and the roofline, ROUNDS rounds, printing per-round ratio medians")
+    ap.add_argument("--train-loop-only", action="store_true",
+                    help="only the training-loop section (examples/train against the same loop "
+                         "in torch), written into --out in place of its old version")
+    ap.add_argument("--realistic-only", action="store_true",
+                    help="only the realistic-gradients-and-idle-pool section, written into "
+                         "--out in place of its old version")
     args = ap.parse_args()
+    os.chdir(REPO)
     if args.focus:
         return focus(args.focus, args.threads)
+    if args.train_loop_only or args.realistic_only:
+        sections = []
+        if args.realistic_only:
+            sections.append(realistic_section(args, build_example("bench_step")))
+        if args.train_loop_only:
+            sections.append(train_loop_section(args, build_example("train")))
+        for lines in sections:
+            write_section(args.out, lines)
+            print("\n".join(lines))
+        return
 
-    subprocess.run(["cargo", "build", "--release", "--example", "bench_step"], check=True)
-    binary = os.path.join("target", "release", "examples", "bench_step")
+    binary = build_example("bench_step")
+    train_binary = build_example("train")
     # The same code built for this CPU (`-C target-cpu=native`), to compare with the default
     # build's run-time dispatch.
     native_env = dict(os.environ, RUSTFLAGS="-C target-cpu=native",
@@ -200,16 +575,14 @@ def main():
         return statistics.median(r[k] for r in results[(label, impl)])
 
     lines = []
-    cmd = "/work/venv/bin/python scripts/bench_vs_torch.py " + " ".join(sys.argv[1:])
     lines += ["# optarena vs PyTorch: CPU optimizer step times", "",
               f"- Date: {datetime.date.today().isoformat()}",
-              f"- Machine: {cpu_name()}, {os.cpu_count()} logical cores, "
-              f"{platform.system()} {platform.release()}",
+              f"- Machine: {machine()}",
               f"- torch {torch.__version__}; optarena built with a plain `cargo build --release` "
               f"(run-time AVX2 dispatch)",
               f"- Threads: {args.threads} (adapter cases: 1); f32; {args.rounds} rounds, each "
               f"case timed by torch then optarena in turn so drift hits both",
-              f"- Command: `{cmd}`",
+              f"- Command: `{command_line()}`",
               "- Numbers are medians over rounds of each round's median step time; the machine is "
               "shared and noisy, so read ratios, not absolutes.", "",
               "`optarena` is the default build (`cargo build --release`, SSE2 baseline with AVX2 "
@@ -254,10 +627,11 @@ def main():
             torch_cols = "(none) | "
         lines.append(f"| {label} | {ours * 1e3:.2f} ms | {torch_cols.split(' | ')[0]} | "
                      f"{r * 1e3:.2f} ms | {r / ours:.0%} | {torch_cols.split(' | ')[1]} |")
-    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks_notes.md")
-    if os.path.exists(notes):
-        with open(notes) as f:
-            lines.append(f.read().rstrip())
+    lines += [""] + realistic_section(args, binary)
+    lines += [""] + train_loop_section(args, train_binary)
+    notes = notes_lines()
+    if notes:
+        lines += [""] + notes
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

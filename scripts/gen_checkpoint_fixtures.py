@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch-made optarena checkpoints and the trajectories torch continued them with.
 
-    /work/venv/bin/python scripts/gen_checkpoint_fixtures.py --out tests/fixtures/checkpoints
+    ../venv/bin/python scripts/gen_checkpoint_fixtures.py --out tests/fixtures/checkpoints
 
 For each case (Adam and SGD with momentum, two param groups each): parameters start at
 ``hashed(seed, 0, n_total)`` and step ``t`` uses gradients ``hashed(seed, t, n_total)``, as in

@@ -16,7 +16,7 @@ Writes two files:
   (``null`` = ``step()``, a number = ``step(epoch)``) and the groups' ``lr`` and momentum (or
   ``betas[0]``) after construction (index 0) and after each action.
 
-Run: ``/work/venv/bin/python scripts/gen_scheduler_extra.py``.
+Run: ``../venv/bin/python scripts/gen_scheduler_extra.py``.
 """
 
 import json

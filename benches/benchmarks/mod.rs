@@ -1,4 +1,6 @@
 pub mod latency;
 pub mod layouts;
 pub mod optimizers;
+pub mod realistic;
 pub mod setup;
+pub mod training_loop;
