@@ -50,6 +50,9 @@
 //!   everything as it was; a plain torch step lets one bad batch corrupt the weights and state.
 //! - NaN hyperparameters are rejected everywhere (torch's `lr < 0.0` lets NaN through).
 //! - A failed call changes nothing.
+//! - Subnormal numbers are flushed to zero inside a step's kernels by default (the caller's
+//!   floating-point environment is left as it was); [`Subnormals::Preserve`] gives torch's
+//!   gradual underflow. [`subnormals`] explains why flushing is harmless and when it is not.
 //! - Adagrad's state is created on a parameter's first gradient, as every other optimizer's
 //!   is; torch creates it at construction, so its state dict also lists never-stepped
 //!   parameters with `step: 0`. The numbers are the same (see [`Adagrad`]).

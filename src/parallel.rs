@@ -14,9 +14,21 @@ use crate::subnormals::Subnormals;
 /// Elements per unit of parallel work. Fixed, so results never depend on the thread count.
 pub const CHUNK: usize = 16 * 1024;
 
-/// Below this many elements a step runs on the calling thread: handing it to the pool costs
-/// more than the second thread saves. See [`Parallelism`] for how it was measured.
-pub const PARALLEL_THRESHOLD: usize = 64 * 1024;
+/// Below this many elements (summed over an optimizer's groups) a step runs on the calling
+/// thread, whatever the [`Parallelism`]: handing it to the pool costs more than the other
+/// threads save.
+///
+/// How it was chosen: in a training loop the forward and backward pass run between two steps,
+/// long enough for rayon's workers to fall asleep, so a step handed to the pool first waits for
+/// them to wake (tens to hundreds of µs on the 2-core KVM machines this crate is developed on,
+/// even for a one-thread pool). `examples/grain_size` times a clipped Adam and SGD-momentum
+/// step inline, on a hot pool and on a pool idled by 1 ms of busy work between steps, from
+/// 16K to 4M f32 elements; the idle pool overtakes inline between 512K and 1M elements there
+/// (BENCHMARKS.md has the table). torch's CPU kernels use a grain of 32K elements, but their
+/// OpenMP threads spin between parallel regions instead of sleeping. Results are bitwise the
+/// same on either side of the threshold, and [`crate::Optimizer::set_parallel_threshold`]
+/// moves it.
+pub const PARALLEL_THRESHOLD: usize = 512 * 1024;
 
 /// Where a step's work runs.
 #[derive(Clone, Debug, Default)]
