@@ -1,0 +1,64 @@
+//! A step below the parallel threshold runs on the calling thread even with
+//! `Parallelism::Global`: rayon's global pool is never started (its workers would show as new
+//! OS threads). A step at or above it does use the pool. One test in its own binary, so no
+//! other test's threads interfere with the count.
+
+use optarena::{Adam, AdamConfig, ArenaBuilder, ClipNorm, Parallelism, ParamGroup};
+
+#[cfg(target_os = "linux")]
+fn os_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn small_steps_never_start_the_global_pool_and_large_ones_do() {
+    let n = 100_000;
+    assert!(n < optarena::parallel::PARALLEL_THRESHOLD);
+    let mut b = ArenaBuilder::<f32>::new();
+    b.param("w", &[n], &vec![0.5; n]).unwrap();
+    let mut arena = b.build();
+    arena.grads_mut().fill(1e-3);
+    let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default())
+        .unwrap()
+        .with_parallelism(Parallelism::Global);
+    let before = os_threads();
+    for _ in 0..5 {
+        opt.step(&mut arena).unwrap();
+        opt.step_clipped(&mut arena, ClipNorm::l2(1e-3)).unwrap();
+    }
+    assert_eq!(
+        os_threads(),
+        before,
+        "a small step started rayon's global pool"
+    );
+    let inline = arena.params().to_vec();
+
+    // The same steps with the threshold at 0 go to the pool, and give the same bits.
+    let mut b = ArenaBuilder::<f32>::new();
+    b.param("w", &[n], &vec![0.5; n]).unwrap();
+    let mut pooled = b.build();
+    pooled.grads_mut().fill(1e-3);
+    let mut opt = Adam::new(&pooled, [ParamGroup::all()], AdamConfig::default())
+        .unwrap()
+        .with_parallelism(Parallelism::Global);
+    opt.set_parallel_threshold(0);
+    for _ in 0..5 {
+        opt.step(&mut pooled).unwrap();
+        opt.step_clipped(&mut pooled, ClipNorm::l2(1e-3)).unwrap();
+    }
+    // (Asking rayon for its size would itself start the pool, so only the OS threads count.)
+    let after = os_threads();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        assert!(
+            after > before,
+            "a step over the threshold did not use the pool"
+        );
+    }
+    let same = inline
+        .iter()
+        .zip(pooled.params())
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "inline and pooled steps differ");
+}
