@@ -307,8 +307,15 @@ impl<T: Float> Arena<T> {
         &mut self.grads[r]
     }
 
-    /// Sets the gradient of `p` to `values`.
+    /// Sets the gradient of `p` to `values`. A handle from another arena, or a length that
+    /// is not the parameter's, is an error that changes nothing.
     pub fn set_grad(&mut self, p: Param<T>, values: &[T]) -> Result<()> {
+        if p.arena != self.id {
+            return Err(Error::ArenaMismatch(format!(
+                "set_grad: the handle of parameter {} comes from another arena",
+                p.index
+            )));
+        }
         let i = self.idx(p);
         let info = &self.infos[i];
         if values.len() != info.len {

@@ -1347,7 +1347,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         }
         if saved.optimizer != A::NAME {
             return bad(format!(
-                "it was saved by a {} optimizer, this is {}",
+                "it was saved by the {} optimizer, this is {}",
                 saved.optimizer,
                 A::NAME
             ));

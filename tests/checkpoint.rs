@@ -448,7 +448,7 @@ fn forged_files_name_what_is_wrong() {
         m,
         header.clone(),
         data.clone(),
-        "saved by a SGD optimizer, this is Adam",
+        "saved by the SGD optimizer, this is Adam",
     );
     let mut m = meta.clone();
     m["dtype"] = "float16".into();
@@ -616,7 +616,7 @@ fn another_arena_or_shape_is_refused() {
     .unwrap_err();
     assert!(
         e.to_string()
-            .contains("saved by a Adam optimizer, this is SGD"),
+            .contains("saved by the Adam optimizer, this is SGD"),
         "{e}"
     );
 }
@@ -1080,4 +1080,41 @@ fn infinite_hyperparameter_round_trips() {
     )
     .unwrap();
     assert_eq!(state_of(&o3), before);
+}
+
+#[test]
+fn a_json_state_dict_given_to_the_binary_loader_is_named_as_such() {
+    let (bytes, mut arena, mut opt) = small_setup();
+    let mut source = Adam::<f32>::new(&arena, [ParamGroup::all()], AdamConfig::default()).unwrap();
+    write_grads(&mut arena, 1, &[]);
+    source.step(&mut arena).unwrap();
+    let json = source.state_dict_json().unwrap();
+    let e = load_fails(json.as_bytes(), &mut arena, &mut opt);
+    assert!(e.contains("not an optarena checkpoint"), "{e}");
+    assert!(e.contains("JSON"), "{e}");
+    let e = load_fails(b"hello, world: plain text", &mut arena, &mut opt);
+    assert!(e.contains("not an optarena checkpoint"), "{e}");
+    // A real checkpoint's first bytes are a small binary length, never text.
+    assert!(!load_fails(&bytes[..bytes.len() - 1], &mut arena, &mut opt)
+        .contains("not an optarena checkpoint"));
+}
+
+#[test]
+fn saves_to_a_directory_are_refused_before_anything_is_written() {
+    let (_, arena, opt) = small_setup();
+    let dir = scratch("dir-target");
+    let with_slash = PathBuf::from(format!("{}/ckpt/", dir.display()));
+    let e = opt
+        .save_checkpoint(&with_slash, Some(&arena))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ends in a path separator"), "{e}");
+    let e = opt
+        .save_checkpoint(&dir, Some(&arena))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is a directory"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "a refused save wrote {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -578,7 +578,7 @@ fn bad_state_dicts_are_named_and_change_nothing() {
     };
     let mut sd = good.clone();
     sd.optimizer = "Adam".into();
-    check(&mut opt, sd, "saved by a Adam optimizer");
+    check(&mut opt, sd, "saved by the Adam optimizer");
     let mut sd = good.clone();
     sd.param_groups.push(sd.param_groups[0].clone());
     check(&mut opt, sd, "2 parameter groups");

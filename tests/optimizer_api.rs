@@ -722,3 +722,18 @@ fn adafactor_load_checks_the_shaped_state() {
     opt.load_state_dict(&good, MatchBy::Name).unwrap();
     assert_eq!(opt.state_dict(), good);
 }
+
+/// `set_grad` with another arena's handle is an error, not a panic, and changes nothing.
+#[test]
+fn set_grad_with_a_foreign_handle_is_an_error() {
+    let mut b = ArenaBuilder::<f32>::new();
+    let mine = b.param("w", &[2], &[1.0, 2.0]).unwrap();
+    let mut arena = b.build();
+    let mut other = ArenaBuilder::<f32>::new();
+    let foreign = other.param("w", &[2], &[0.0, 0.0]).unwrap();
+    let e = arena.set_grad(foreign, &[0.5, 0.5]).unwrap_err();
+    assert!(e.to_string().contains("another arena"), "{e}");
+    assert!(!arena.has_grad(mine));
+    arena.set_grad(mine, &[0.5, 0.5]).unwrap();
+    assert_eq!(arena.grad(mine), Some(&[0.5f32, 0.5][..]));
+}

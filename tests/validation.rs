@@ -290,7 +290,7 @@ fn load_state_dict_names_each_mismatch_and_changes_nothing() {
     let mut sd = good.clone();
     sd.optimizer = "SGD".into();
     assert!(msg(target.load_state_dict(&sd, MatchBy::Position))
-        .contains("saved by a SGD optimizer, this is Adam"));
+        .contains("saved by the SGD optimizer, this is Adam"));
 
     let mut sd = good.clone();
     sd.param_groups.pop();

@@ -110,7 +110,25 @@ static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 
 /// The temporary file a save of `path` writes first: hidden, in the same directory (so the
 /// rename stays on one file system), unique per process and call.
+///
+/// Refuses, before anything is written, a path that cannot be the file saved: one that ends
+/// in a path separator (`Path` would otherwise drop the separator and the save would write the
+/// whole temporary file before failing at the rename) or that names an existing directory.
 pub fn temp_path(path: &Path) -> Result<PathBuf> {
+    let text = path.as_os_str().to_string_lossy();
+    if text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
+        return Err(Error::Io(format!(
+            "cannot save to `{}`: it ends in a path separator, so it names a directory, not a \
+             file",
+            path.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(Error::Io(format!(
+            "cannot save to `{}`: it is a directory",
+            path.display()
+        )));
+    }
     let name = path.file_name().ok_or_else(|| {
         Error::Io(format!(
             "cannot save to `{}`: it does not name a file",

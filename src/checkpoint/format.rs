@@ -206,6 +206,20 @@ pub fn build_header(
     Ok(out)
 }
 
+/// What a file that starts with `prefix` looks like when it is text rather than a binary
+/// checkpoint (whose first eight bytes are a little-endian header length, far below any
+/// length that spells printable text).
+fn text_kind(prefix: &[u8; 8]) -> Option<&'static str> {
+    let printable = prefix
+        .iter()
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+    match prefix.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | Some(b'[') if printable => Some("`{` or `[`, like a JSON document"),
+        _ if printable => Some("printable text"),
+        _ => None,
+    }
+}
+
 /// Reads and checks the length prefix, the header and the checksum tensor of a file of
 /// `file_len` bytes. The header's CRC is verified before anything in it is believed, and
 /// nothing is allocated beyond what the file length allows.
@@ -218,6 +232,12 @@ pub fn read_header<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Result<Header>
     let mut prefix = [0u8; 8];
     r.read_exact(&mut prefix)
         .map_err(|e| read_error(e, "the header length"))?;
+    if let Some(kind) = text_kind(&prefix) {
+        return Err(corrupt(format!(
+            "not an optarena checkpoint: it starts with {kind} (a JSON state dict is loaded \
+             with `load_state_dict_json`)"
+        )));
+    }
     let n = u64::from_le_bytes(prefix);
     if n > file_len - 8 {
         return Err(corrupt(format!(

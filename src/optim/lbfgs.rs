@@ -1438,7 +1438,7 @@ impl<T: Float> Lbfgs<T> {
         }
         if saved.optimizer != "LBFGS" {
             return bad(format!(
-                "it was saved by a {} optimizer, this is LBFGS",
+                "it was saved by the {} optimizer, this is LBFGS",
                 saved.optimizer
             ));
         }

@@ -190,7 +190,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     ) -> Result<Staged<T, A>> {
         if optimizer != A::NAME {
             return bad(format!(
-                "it was saved by a {optimizer} optimizer, this is {}",
+                "it was saved by the {optimizer} optimizer, this is {}",
                 A::NAME
             ));
         }
