@@ -1525,9 +1525,17 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     }
 
     /// [`Optimizer::load_state_dict`] from JSON written by [`Optimizer::state_dict_json`].
+    ///
+    /// Values saved in the other float type are read in that type and cast, as torch casts
+    /// loaded state to the parameter's dtype (and as [`Optimizer::load_state_dict`] does).
     pub fn load_state_dict_json(&mut self, json: &str, by: MatchBy) -> Result<()> {
-        let sd: StateDict<T> = serde_json::from_str(json)?;
-        self.load_state_dict(&sd, by)
+        if crate::state::json_dtype(json)? == <f64 as Float>::DTYPE {
+            let sd: StateDict<f64> = serde_json::from_str(json)?;
+            self.load_state_dict(&sd, by)
+        } else {
+            let sd: StateDict<f32> = serde_json::from_str(json)?;
+            self.load_state_dict(&sd, by)
+        }
     }
 
     /// Runs the scalar reference kernels instead of the fused ones for one step. For tests:

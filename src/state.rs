@@ -33,6 +33,16 @@ pub struct StateDict<T> {
     pub state: Vec<ParamStateDict<T>>,
 }
 
+/// The `dtype` field of a JSON state dict (the rest of the document is not read), so the
+/// document's values can be parsed in the type they were saved in and then cast.
+pub(crate) fn json_dtype(json: &str) -> crate::error::Result<String> {
+    #[derive(Deserialize)]
+    struct DtypeOnly {
+        dtype: String,
+    }
+    Ok(serde_json::from_str::<DtypeOnly>(json)?.dtype)
+}
+
 /// One param group: its hyperparameters and the parameters it holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

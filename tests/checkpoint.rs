@@ -1118,3 +1118,40 @@ fn saves_to_a_directory_are_refused_before_anything_is_written() {
     assert!(left.is_empty(), "a refused save wrote {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A JSON state dict saved in one float type loads into an optimizer of the other, cast as
+/// torch casts (and as the typed `load_state_dict` and the binary checkpoint do), both ways.
+#[test]
+fn json_state_dicts_cast_across_dtypes_both_ways() {
+    let cfg = AdamConfig {
+        amsgrad: true,
+        ..Default::default()
+    };
+    let (_, o64) = trained::<f64, AdamAlgorithm>(&cfg, &[], 3);
+    let (a32, h) = build_arena::<f32>(&shapes(), 1, &[]);
+    let mut from_json = Adam::<f32>::new(&a32, groups(&h, &[]), AdamConfig::default()).unwrap();
+    from_json
+        .load_state_dict_json(&o64.state_dict_json().unwrap(), MatchBy::Name)
+        .unwrap();
+    let mut typed = Adam::<f32>::new(&a32, groups(&h, &[]), AdamConfig::default()).unwrap();
+    typed
+        .load_state_dict(&o64.state_dict(), MatchBy::Name)
+        .unwrap();
+    assert_eq!(state_of(&from_json), state_of(&typed));
+    assert_eq!(from_json.state_dict().dtype, "float32");
+
+    // And back: f32 into f64 is exact.
+    let (b64, h) = build_arena::<f64>(&shapes(), 2, &[]);
+    let mut back = Adam::<f64>::new(&b64, groups(&h, &[]), AdamConfig::default()).unwrap();
+    back.load_state_dict_json(&from_json.state_dict_json().unwrap(), MatchBy::Name)
+        .unwrap();
+    let mut typed = Adam::<f64>::new(&b64, groups(&h, &[]), AdamConfig::default()).unwrap();
+    typed
+        .load_state_dict(&from_json.state_dict(), MatchBy::Name)
+        .unwrap();
+    assert_eq!(state_of(&back), state_of(&typed));
+
+    // A JSON document without a dtype is still an error that says what is missing.
+    let e = back.load_state_dict_json("{}", MatchBy::Name).unwrap_err();
+    assert!(e.to_string().contains("dtype"), "{e}");
+}

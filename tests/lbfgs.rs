@@ -846,3 +846,31 @@ fn abs_max_propagates_nan_at_any_position() {
     }
     assert_eq!(k::abs_max::<f64>(&[]), 0.0);
 }
+
+/// An f64 JSON state loads into an f32 L-BFGS and back, cast as the typed load casts.
+#[test]
+fn json_state_casts_across_dtypes() {
+    let mut a64 = arena::<f64>();
+    let mut opt64 = Lbfgs::new(&a64, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    opt64
+        .step(&mut a64, &mut |a: &mut Arena<f64>| rosenbrock(a))
+        .unwrap();
+    let a32 = arena::<f32>();
+    let mut from_json = Lbfgs::new(&a32, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    from_json
+        .load_state_dict_json(&opt64.state_dict_json().unwrap(), MatchBy::Name)
+        .unwrap();
+    let mut typed = Lbfgs::new(&a32, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    typed
+        .load_state_dict(&opt64.state_dict(), MatchBy::Name)
+        .unwrap();
+    assert_eq!(
+        from_json.state_dict_json().unwrap(),
+        typed.state_dict_json().unwrap()
+    );
+    let b64 = arena::<f64>();
+    let mut back = Lbfgs::new(&b64, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    back.load_state_dict_json(&from_json.state_dict_json().unwrap(), MatchBy::Name)
+        .unwrap();
+    assert_eq!(back.state_dict().dtype, "float64");
+}

@@ -1359,9 +1359,17 @@ impl<T: Float> Lbfgs<T> {
     }
 
     /// [`Lbfgs::load_state_dict`] from JSON written by [`Lbfgs::state_dict_json`].
+    ///
+    /// Values saved in the other float type are read in that type and cast, as
+    /// [`Lbfgs::load_state_dict`] does.
     pub fn load_state_dict_json(&mut self, json: &str, by: MatchBy) -> Result<()> {
-        let sd: LbfgsStateDict<T> = serde_json::from_str(json)?;
-        self.load_state_dict(&sd, by)
+        if crate::state::json_dtype(json)? == <f64 as Float>::DTYPE {
+            let sd: LbfgsStateDict<f64> = serde_json::from_str(json)?;
+            self.load_state_dict(&sd, by)
+        } else {
+            let sd: LbfgsStateDict<f32> = serde_json::from_str(json)?;
+            self.load_state_dict(&sd, by)
+        }
     }
 
     /// For each target parameter (group order): its segment in the saved flat vector and in
