@@ -10,11 +10,9 @@ fn os_threads() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
 
-#[cfg(target_os = "linux")]
-#[test]
-fn small_steps_never_start_the_global_pool_and_large_ones_do() {
-    let n = 100_000;
-    assert!(n < optarena::parallel::PARALLEL_THRESHOLD);
+/// Ten Adam steps (five plain, five with a folded clip) over `n` elements on rayon's global
+/// pool, with the given parallel threshold; returns the parameters after them.
+fn ten_steps(n: usize, threshold: Option<usize>) -> Vec<f32> {
     let mut b = ArenaBuilder::<f32>::new();
     b.param("w", &[n], &vec![0.5; n]).unwrap();
     let mut arena = b.build();
@@ -22,31 +20,30 @@ fn small_steps_never_start_the_global_pool_and_large_ones_do() {
     let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default())
         .unwrap()
         .with_parallelism(Parallelism::Global);
-    let before = os_threads();
+    if let Some(t) = threshold {
+        opt.set_parallel_threshold(t);
+    }
     for _ in 0..5 {
         opt.step(&mut arena).unwrap();
         opt.step_clipped(&mut arena, ClipNorm::l2(1e-3)).unwrap();
     }
+    arena.params().to_vec()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn small_steps_never_start_the_global_pool_and_large_ones_do() {
+    let n = 100_000;
+    assert!(n < optarena::parallel::PARALLEL_THRESHOLD);
+    let before = os_threads();
+    let inline = ten_steps(n, None);
     assert_eq!(
         os_threads(),
         before,
         "a small step started rayon's global pool"
     );
-    let inline = arena.params().to_vec();
-
     // The same steps with the threshold at 0 go to the pool, and give the same bits.
-    let mut b = ArenaBuilder::<f32>::new();
-    b.param("w", &[n], &vec![0.5; n]).unwrap();
-    let mut pooled = b.build();
-    pooled.grads_mut().fill(1e-3);
-    let mut opt = Adam::new(&pooled, [ParamGroup::all()], AdamConfig::default())
-        .unwrap()
-        .with_parallelism(Parallelism::Global);
-    opt.set_parallel_threshold(0);
-    for _ in 0..5 {
-        opt.step(&mut pooled).unwrap();
-        opt.step_clipped(&mut pooled, ClipNorm::l2(1e-3)).unwrap();
-    }
+    let pooled = ten_steps(n, Some(0));
     // (Asking rayon for its size would itself start the pool, so only the OS threads count.)
     let after = os_threads();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -58,7 +55,7 @@ fn small_steps_never_start_the_global_pool_and_large_ones_do() {
     }
     let same = inline
         .iter()
-        .zip(pooled.params())
+        .zip(&pooled)
         .all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(same, "inline and pooled steps differ");
 }
