@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -218,6 +219,7 @@ def build_example(name):
 MLP_ELEMENTS = 85_002  # the digits MLP of examples/train: 64->256->256->10, weights and biases
 REALISTIC_HEADING = "## Realistic gradients and an idle pool"
 TRAIN_LOOP_HEADING = "## Optimizer steps in a training loop"
+LATENCY_HEADING = "## Fine-tuning latency against the divider floor, and where the pool pays"
 
 
 def realistic_section(args, binary):
@@ -436,6 +438,55 @@ def train_loop_section(args, binary):
     return lines
 
 
+def latency_section(args):
+    """examples/finetune_latency's step p50/p99 beside examples/divider_floor's bare AVX loops
+    over the same number of f32, interleaved round by round (target: p50 at most 1.3x the
+    "sqrt + 1 division" floor, p99 at most 2x p50), then examples/grain_size's table (inline
+    against a hot and an idle pool). Returns the section's Markdown lines."""
+    latency, floor, grain = (build_example(name) for name in
+                             ("finetune_latency", "divider_floor", "grain_size"))
+    requests = "1000" if args.quick else "5000"
+    rows = {"p50": [], "p99": [], "sqrt": [], "sqrt + 1 division": [], "sqrt + 2 divisions": []}
+    for rnd in range(args.rounds):
+        print(f"latency, round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        text = subprocess.run([latency, "--requests", requests], check=True,
+                              capture_output=True, text=True).stdout
+        m = re.search(r"optimizer step.*?p50\s+([\d.]+) µs\s+p99\s+([\d.]+) µs", text)
+        rows["p50"].append(float(m.group(1)))
+        rows["p99"].append(float(m.group(2)))
+        text = subprocess.run([floor], check=True, capture_output=True, text=True).stdout
+        for label, key in [("sqrt only", "sqrt"), ("sqrt + 1 division", "sqrt + 1 division"),
+                           ("sqrt + 2 divisions", "sqrt + 2 divisions")]:
+            m = re.search(re.escape(label) + r": median ([\d.]+) µs", text)
+            rows[key].append(float(m.group(1)))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    grain_args = ["--threads", str(args.threads), "--steps", "50" if args.quick else "200"]
+    grain_text = subprocess.run([grain, *grain_args], check=True, capture_output=True,
+                                text=True).stdout.strip().split("\n")
+    return [LATENCY_HEADING, "",
+            "`cargo run --release --example finetune_latency` (a 16,030-parameter AdamW adapter "
+            "stepped on the request's own thread, `Parallelism::Sequential`) and `cargo run "
+            "--release --example divider_floor` (bare AVX loops over the same 16K f32: the "
+            "square root and divisions an exact Adam step cannot avoid), interleaved. Targets: "
+            "step p50 at most 1.3x the \"sqrt + 1 division\" floor, p99 at most 2x p50.", "",
+            *provenance(),
+            f"- {rounds_text(args.rounds)}, each running both examples; medians over rounds", "",
+            "| measure | µs |", "|---|---|",
+            f"| adapter step p50 | {med['p50']:.2f} |",
+            f"| adapter step p99 | {med['p99']:.2f} |",
+            f"| floor: sqrt only | {med['sqrt']:.2f} |",
+            f"| floor: sqrt + 1 division | {med['sqrt + 1 division']:.2f} |",
+            f"| floor: sqrt + 2 divisions | {med['sqrt + 2 divisions']:.2f} |",
+            f"| p50 / (sqrt + 1 division) | {med['p50'] / med['sqrt + 1 division']:.2f}x |",
+            f"| p99 / p50 | {med['p99'] / med['p50']:.2f}x |", "",
+            f"`cargo run --release --example grain_size -- {' '.join(grain_args)}`: a clipped "
+            "step inline, on a hot pool, on a pool idled by 1 ms of busy work on the caller, and "
+            "on that pool with its workers spinning 2 ms after each step before they may sleep "
+            "(the last column: the whole iteration, busy work plus step, inline against "
+            "spinning). The library runs steps below `PARALLEL_THRESHOLD` inline.", "",
+            *grain_text[1:]]
+
+
 def write_section(path, lines):
     """Puts a section into the Markdown file `path`: in place of the section with the same
     heading (up to the next `## ` heading), else before the analysis appended from
@@ -500,6 +551,9 @@ def main():
     ap.add_argument("--train-loop-only", action="store_true",
                     help="only the training-loop section (examples/train against the same loop "
                          "in torch), written into --out in place of its old version")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only the adapter-latency and pool-threshold section, written into "
+                         "--out in place of its old version")
     ap.add_argument("--realistic-only", action="store_true",
                     help="only the realistic-gradients-and-idle-pool section, written into "
                          "--out in place of its old version")
@@ -507,8 +561,10 @@ def main():
     os.chdir(REPO)
     if args.focus:
         return focus(args.focus, args.threads)
-    if args.train_loop_only or args.realistic_only:
+    if args.train_loop_only or args.realistic_only or args.latency_only:
         sections = []
+        if args.latency_only:
+            sections.append(latency_section(args))
         if args.realistic_only:
             sections.append(realistic_section(args, build_example("bench_step")))
         if args.train_loop_only:
@@ -629,6 +685,7 @@ def main():
                      f"{r * 1e3:.2f} ms | {r / ours:.0%} | {torch_cols.split(' | ')[1]} |")
     lines += [""] + realistic_section(args, binary)
     lines += [""] + train_loop_section(args, train_binary)
+    lines += [""] + latency_section(args)
     notes = notes_lines()
     if notes:
         lines += [""] + notes
