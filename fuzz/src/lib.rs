@@ -171,6 +171,7 @@ fn hyper_like(input: &mut Input<'_>, like: &HyperValue) -> HyperValue {
         HyperValue::Pair(..) | HyperValue::OptPair(..) => {
             HyperValue::Pair(input.f64(), input.f64())
         }
+        HyperValue::Triple(..) => HyperValue::Triple(input.f64(), input.f64(), input.f64()),
         HyperValue::None => HyperValue::Number(input.f64()),
         HyperValue::Str(s) => HyperValue::Str(s.clone()),
     }
