@@ -375,6 +375,38 @@ fn state_dict_and_checkpoint_round_trips_continue_bitwise() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The step options reach Muon's kernel like any other: `k` accumulated micro-batches (the
+/// `1/k` folded in) equal a plain step on the mean gradient, bit for bit when `k` is a power of
+/// two; a skipped non-finite step changes nothing.
+#[test]
+fn step_options_work_on_muon() {
+    let (mut a1, h1) = model::<f32>();
+    let (mut a2, h2) = model::<f32>();
+    let mut o1 = Muon::new(&a1, groups(&h1), MuonConfig::default()).unwrap();
+    let mut o2 = Muon::new(&a2, groups(&h2), MuonConfig::default()).unwrap();
+    for t in 1..=2 {
+        grads(&mut a1, t);
+        grads(&mut a2, t);
+        a2.grads_mut().iter_mut().for_each(|g| *g *= 4.0);
+        o1.step(&mut a1).unwrap();
+        o2.step_accumulated(&mut a2, 4).unwrap();
+    }
+    assert!(bits(&a1) == bits(&a2));
+    let before = (bits(&a1), o1.state_dict_json().unwrap());
+    a1.grads_mut()[3] = f32::NAN;
+    let report = o1
+        .step_with_options(
+            &mut a1,
+            optarena::StepOptions {
+                skip_non_finite: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(report.outcome, optarena::StepOutcome::SkippedNonFinite);
+    assert_eq!((bits(&a1), o1.state_dict_json().unwrap()), before);
+}
+
 // ---- torch's defaults and errors ----
 
 #[test]
