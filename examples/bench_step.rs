@@ -5,13 +5,20 @@
 //! cargo run --release --example bench_step -- adam flat 33554432 2 20
 //! cargo run --release --example bench_step -- adamw gpt2 0 2 10
 //! cargo run --release --example bench_step -- adamw adapter 0 1 5000
+//! cargo run --release --example bench_step -- muon gpt2_hidden 0 2 3
 //! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
 //! cargo run --release --example bench_step -- adam flat 85002 2 500 --grads realistic --idle-us 1000
 //! ```
 //! Arguments: optimizer (`sgd`, `sgd_momentum`, `adam`, `adamw`, `radam`, `nadam`, `adamax`,
-//! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `roofline2`
+//! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `muon`, `roofline2`
 //! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
-//! `gpt2`, `adapter`), elements (for `flat`), threads, timed steps.
+//! `gpt2`, `adapter`, `gpt2_hidden`), elements (for `flat`; for `gpt2_hidden` the model width,
+//! `0` for GPT-2 small's 768), threads, timed steps.
+//!
+//! `gpt2_hidden` is what Muon takes of GPT-2 small in torch's recipe: the 48 hidden matrices
+//! of the 12 blocks (`attn.c_attn` `[d, 3d]`, `attn.c_proj` `[d, d]`, `mlp.c_fc` `[d, 4d]`,
+//! `mlp.c_proj` `[4d, d]`, 84.9M elements at `d = 768`); the embeddings (and the tied output
+//! head), norms and biases are left to AdamW.
 //!
 //! Options, anywhere on the line, to time a step as a training loop sees it:
 //! - `--grads random|realistic`: `random` (the default) fills the gradients with smooth
@@ -65,6 +72,21 @@ fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
             }
             v.push(("ln_f.weight".into(), vec![768]));
             v.push(("ln_f.bias".into(), vec![768]));
+            v
+        }
+        "gpt2_hidden" => {
+            let d = if n == 0 { 768 } else { n };
+            let mut v = Vec::new();
+            for i in 0..12 {
+                for (s, shape) in [
+                    ("attn.c_attn.weight", vec![d, 3 * d]),
+                    ("attn.c_proj.weight", vec![d, d]),
+                    ("mlp.c_fc.weight", vec![d, 4 * d]),
+                    ("mlp.c_proj.weight", vec![4 * d, d]),
+                ] {
+                    v.push((format!("h.{i}.{s}"), shape));
+                }
+            }
             v
         }
         other => panic!("unknown layout {other}"),
@@ -157,7 +179,7 @@ fn main() {
         idle,
     } = parse_args().unwrap_or_else(|e| {
         eprintln!(
-            "bench_step: {e}\nusage: bench_step <optimizer> <flat|gpt2|adapter> <elements> \
+            "bench_step: {e}\nusage: bench_step <optimizer> <flat|gpt2|adapter|gpt2_hidden> <elements> \
              <threads> <steps> [--grads random|realistic] [--idle-us N]"
         );
         std::process::exit(2);
@@ -224,6 +246,7 @@ fn main() {
                     }
                 )),
                 "adafactor" => run!(Adafactor::new(&a, g(), AdafactorConfig::default())),
+                "muon" => run!(Muon::new(&a, g(), MuonConfig::default())),
                 "clip_adamw" => {
                     let mut o = AdamW::new(&a, g(), AdamWConfig::default())
                         .unwrap()

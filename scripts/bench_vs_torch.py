@@ -20,7 +20,9 @@ sees them:
   example itself and by the same loop in torch; only clip + step is timed on both sides.
 
 `--quick` measures fewer, smaller cases and shorter runs (for checking the script itself).
-`--train-loop-only` and `--realistic-only` run just that section and write it into `--out`,
+A "Muon" section times torch.optim.Muon against optarena's on GPT-2 small's hidden matrices.
+
+`--train-loop-only`, `--realistic-only` and `--muon-only` run just that section and write it into `--out`,
 replacing the section of the same name there and keeping the rest of the file. `--focus N` runs
 only the 32M SGD-momentum, Adam and AdamW cases against torch fused and the roofline kernel for N
 rounds and prints per-round ratio medians (for ratios too close to call in the full table).
@@ -61,9 +63,19 @@ def gpt2_small_shapes():
     return shapes
 
 
+def gpt2_hidden_shapes(d=768):
+    """The 2-D hidden matrices of GPT-2 small's 12 blocks, what Muon takes in torch's recipe
+    (embeddings, the tied head, norms and biases go to AdamW); `d` is the model width."""
+    shapes = []
+    for _ in range(12):
+        shapes += [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
+    return shapes
+
+
 LAYOUTS = {
     "flat": lambda n: [(n,)],
     "gpt2": lambda n: gpt2_small_shapes(),
+    "gpt2_hidden": lambda n: gpt2_hidden_shapes(n or 768),
     "adapter": lambda n: [(64, 128), (128, 64), (64,)],
 }
 
@@ -72,6 +84,8 @@ TORCH_OPTIMIZERS = {
     "adamw": lambda ps, **kw: torch.optim.AdamW(ps, lr=1e-3, **kw),
     "sgd_momentum": lambda ps, **kw: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **kw),
     "radam": lambda ps, **kw: torch.optim.RAdam(ps, lr=1e-3, **kw),
+    # Muon has only its single-tensor implementation and takes no foreach/fused keyword.
+    "muon": lambda ps, **kw: torch.optim.Muon(ps),
 }
 
 IMPLS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "forloop": dict(foreach=False)}
@@ -218,6 +232,7 @@ def build_example(name):
 
 MLP_ELEMENTS = 85_002  # the digits MLP of examples/train: 64->256->256->10, weights and biases
 REALISTIC_HEADING = "## Realistic gradients and an idle pool"
+MUON_HEADING = "## Muon"
 TRAIN_LOOP_HEADING = "## Optimizer steps in a training loop"
 LATENCY_HEADING = "## Fine-tuning latency against the divider floor, and where the pool pays"
 
@@ -487,6 +502,43 @@ def latency_section(args):
             *grain_text[1:]]
 
 
+def muon_section(args, binary):
+    """torch.optim.Muon (its only, single-tensor implementation; Newton–Schulz in bf16) against
+    optarena's Muon (bf16 emulated, the default) on GPT-2 small's 48 hidden matrices, default
+    options, 1 and `--threads` threads. Returns the section's Markdown lines."""
+    d = 64 if args.quick else 768
+    steps = 2 if args.quick else 3
+    elements = sum(math.prod(s) for s in gpt2_hidden_shapes(d))
+    results = {}  # (threads, impl) -> list of (median, p99)
+    for rnd in range(args.rounds):
+        print(f"muon, round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        for threads in sorted({1, args.threads}):
+            torch.set_num_threads(threads)
+            case = TorchCase("muon", "forloop", "gpt2_hidden", d)
+            results.setdefault((threads, "torch"), []).append(case.time(steps))
+            del case
+            r = optarena_time(binary, "muon", "gpt2_hidden", d, threads, steps)
+            results.setdefault((threads, "optarena"), []).append(r)
+    torch.set_num_threads(args.threads)
+    med = lambda threads, impl: statistics.median(r[0] for r in results[(threads, impl)])
+    lines = [MUON_HEADING, "",
+             f"One Muon step (default options: momentum 0.95, nesterov, 5 Newton–Schulz "
+             f"iterations in bf16) over the 48 hidden matrices of GPT-2 small's blocks "
+             f"(width {d}, {elements / 1e6:.1f}M elements; embeddings, norms and biases are "
+             f"AdamW's in torch's recipe), median of {steps} timed steps per round, "
+             f"{rounds_text(args.rounds)}. torch's Muon has one implementation (a loop over "
+             f"parameters, bf16 matrix products); optarena's emulates its bf16 rounding over "
+             f"f32 matrixmultiply products, each parameter on one thread.", "",
+             *provenance(), "",
+             "| case | torch Muon (ms) | optarena Muon (ms) | speed-up |",
+             "|---|---|---|---|"]
+    for threads in sorted({1, args.threads}):
+        t, o = med(threads, "torch"), med(threads, "optarena")
+        lines.append(f"| gpt2-small hidden, {threads} thread{'s' if threads > 1 else ''} | "
+                     f"{t * 1e3:.1f} | {o * 1e3:.1f} | {t / o:.2f}x |")
+    return lines
+
+
 def write_section(path, lines):
     """Puts a section into the Markdown file `path`: in place of the section with the same
     heading (up to the next `## ` heading), else before the analysis appended from
@@ -554,6 +606,9 @@ def main():
     ap.add_argument("--latency-only", action="store_true",
                     help="only the adapter-latency and pool-threshold section, written into "
                          "--out in place of its old version")
+    ap.add_argument("--muon-only", action="store_true",
+                    help="only the Muon section (GPT-2 small's hidden matrices), written into "
+                         "--out in place of its old version")
     ap.add_argument("--realistic-only", action="store_true",
                     help="only the realistic-gradients-and-idle-pool section, written into "
                          "--out in place of its old version")
@@ -561,10 +616,12 @@ def main():
     os.chdir(REPO)
     if args.focus:
         return focus(args.focus, args.threads)
-    if args.train_loop_only or args.realistic_only or args.latency_only:
+    if args.train_loop_only or args.realistic_only or args.latency_only or args.muon_only:
         sections = []
         if args.latency_only:
             sections.append(latency_section(args))
+        if args.muon_only:
+            sections.append(muon_section(args, build_example("bench_step")))
         if args.realistic_only:
             sections.append(realistic_section(args, build_example("bench_step")))
         if args.train_loop_only:
@@ -686,6 +743,7 @@ def main():
     lines += [""] + realistic_section(args, binary)
     lines += [""] + train_loop_section(args, train_binary)
     lines += [""] + latency_section(args)
+    lines += [""] + muon_section(args, binary)
     notes = notes_lines()
     if notes:
         lines += [""] + notes

@@ -3,12 +3,15 @@
 
     ../venv/bin/python scripts/gen_checkpoint_fixtures.py --out tests/fixtures/checkpoints
 
-For each case (Adam and SGD with momentum, two param groups each): parameters start at
+For each case (Adam, SGD with momentum and Muon, two param groups each): parameters start at
 ``hashed(seed, 0, n_total)`` and step ``t`` uses gradients ``hashed(seed, t, n_total)``, as in
 shared/fixtures/SCHEMA.md (``hashed`` is imported from gen_fixtures.py). torch takes
 ``k`` steps; ``scripts/torch_checkpoint.py`` converts its ``state_dict()`` and the model's
 ``named_parameters()`` into ``<name>.safetensors``; torch then takes steps ``k+1 ..= k+m`` and
-records the parameters after each into ``torch_resume.json``:
+records the parameters after each into ``torch_resume.json`` (the Adam and SGD files
+were made on another machine: regenerated on a CPU with other vector instructions, torch's Adam
+differs from them by an ulp in places, so the Muon case was added to the committed files
+alone):
 
     {"cases": [{"name", "optimizer", "dtype", "seed", "checkpoint": "<file>", "k",
                 "params": [[name, shape], ...],          # model order = arena order
@@ -17,7 +20,8 @@ records the parameters after each into ``torch_resume.json``:
 The Rust test (tests/checkpoint_torch.rs) builds an arena of those names and shapes with
 placeholder values and an optimizer with default hyperparameters, loads the checkpoint (which
 restores the values, the groups' hyperparameters and the state), continues, and compares
-with SCHEMA.md's elementwise tolerances.
+with SCHEMA.md's elementwise tolerances (Muon: ``"compare": "direction"``, SCHEMA.md's
+direction and norm test on each parameter's change since the checkpoint).
 """
 
 import argparse
@@ -64,7 +68,33 @@ CASES = [
                            "weight_decay": 0.01}},
         ],
     },
+    {
+        # Muon: matrices only; a tuple (ns_coefficients) and a None (adjust_lr_fn) in the
+        # groups, no step in the state. Compared by direction and norm, as SCHEMA.md's Muon
+        # section says (torch's Newton-Schulz products are bf16).
+        "name": "muon_groups2",
+        "optimizer": "Muon",
+        "dtype": "float32",
+        "seed": 7303,
+        "k": 3,
+        "m": 4,
+        "compare": "direction",
+        "defaults": {"lr": 0.02, "ns_coefficients": (3.0, -4.0, 1.9)},
+        "groups": [
+            {"params": [("enc.weight", [7, 5]), ("mid.weight", [5, 12])], "overrides": {}},
+            {"params": [("head.weight", [3, 11])],
+             "overrides": {"momentum": 0.9, "nesterov": False,
+                           "adjust_lr_fn": "match_rms_adamw"}},
+        ],
+    },
 ]
+
+
+def torch_optimizer(name, groups, **kwargs):
+    """torch.optim.<name> on its single-tensor code path (Muon has no other, and no
+    ``foreach`` keyword)."""
+    impl = {} if name == "Muon" else {"foreach": False}
+    return getattr(torch.optim, name)(groups, **impl, **kwargs)
 
 
 class Model(torch.nn.Module):
@@ -100,8 +130,7 @@ def run(case, out_dir):
     assert list(named) == [n for n, _ in specs]
     groups = [dict(g["overrides"], params=[named[n] for n, _ in g["params"]])
               for g in case["groups"]]
-    cls = getattr(torch.optim, case["optimizer"])
-    opt = cls(groups, foreach=False, **case["defaults"])
+    opt = torch_optimizer(case["optimizer"], groups, **case["defaults"])
     params = [named[n] for n, _ in specs]
 
     def step(t):
@@ -123,9 +152,12 @@ def run(case, out_dir):
                                             for p in params]})
     print(f"{case['name']}: {fname} ({size} bytes) after {case['k']} steps, "
           f"{len(steps)} steps recorded")
-    return {"name": case["name"], "optimizer": case["optimizer"], "dtype": case["dtype"],
-            "seed": case["seed"], "checkpoint": fname, "k": case["k"],
-            "params": [[n, s] for n, s in specs], "steps": steps}
+    out = {"name": case["name"], "optimizer": case["optimizer"], "dtype": case["dtype"],
+           "seed": case["seed"], "checkpoint": fname, "k": case["k"],
+           "params": [[n, s] for n, s in specs], "steps": steps}
+    if "compare" in case:
+        out["compare"] = case["compare"]
+    return out
 
 
 def main():

@@ -33,6 +33,12 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   squares and moving averages fall below the smallest normal number, the range optarena's
   default flush-to-zero mode treats differently from torch. ``--only subnormal`` writes only
   this file.
+* ``muon.json``: torch.optim.Muon (float32, 12 steps, every step recorded, ``"compare":
+  "direction"`` as SCHEMA.md's Muon section says): the default, nesterov off, several
+  momentums (0, 0.3, 0.9), weight_decay 0 and 0.5, every ``adjust_lr_fn``, ns_steps 1, 3
+  and 10, a larger eps, other ns_coefficients, and tall, wide, square, single-row and
+  single-column shapes; ``/groups2`` cases give the second group other values of most
+  options. ``--only muon`` writes only this file.
 * ``lbfgs.json``: LBFGS on Rosenbrock and a diagonal quadratic (n = 10), float32 and
   float64, ten settings each (default, strong_wolfe, history_size/max_iter, lr < 1,
   tolerance_grad/tolerance_change, max_eval). ``compare`` follows SCHEMA.md: the case is
@@ -209,7 +215,9 @@ def run_elementwise(case, record_steps):
         groups.append({"params": params[i:i + k], **to_torch_kwargs(g["overrides"])})
         i += k
     cls = getattr(torch.optim, case["optimizer"])
-    opt = cls(groups, **to_torch_kwargs(case["defaults"]), foreach=False)
+    # Muon has a single-tensor implementation only, and no `foreach` keyword.
+    impl = {} if case["optimizer"] == "Muon" else {"foreach": False}
+    opt = cls(groups, **to_torch_kwargs(case["defaults"]), **impl)
     steps = []
     for t in range(1, max(record_steps) + 1):
         for p, g in zip(params, split(hashed(seed, t, n_total) * grad_scale, shapes, dtype)):
@@ -442,6 +450,65 @@ def gen_subnormal(out_dir, meta, summary):
     fname = "elementwise_subnormal.json"
     write(out_dir, fname, text)
     summary.append((fname, len(cases), len(text), "every step of 10"))
+
+
+# --------------------------------------------------------------------------------------
+# Muon
+# --------------------------------------------------------------------------------------
+
+# Every option of torch.optim.Muon, one at a time and in combinations: (desc, kwargs[, shapes]).
+# Shapes cover wide, tall, square, a single row and column (rank-1 updates) and sizes that are
+# not multiples of the GEMM's register blocks.
+MUON_SHAPES = [[7, 5], [16, 9], [3, 40], [12, 12]]
+MUON_CONFIGS = [
+    ("default", {}),
+    ("nesterov off", {"nesterov": False}),
+    ("momentum 0.9", {"momentum": 0.9}),
+    ("momentum 0", {"momentum": 0.0}),
+    ("momentum 0.3, nesterov", {"momentum": 0.3}),
+    ("momentum 0.3, nesterov off", {"momentum": 0.3, "nesterov": False}),
+    ("weight_decay 0", {"weight_decay": 0.0}),
+    ("weight_decay 0.5, lr 0.02", {"weight_decay": 0.5, "lr": 0.02}),
+    ("adjust_lr_fn original", {"adjust_lr_fn": "original"}),
+    ("adjust_lr_fn match_rms_adamw", {"adjust_lr_fn": "match_rms_adamw"}),
+    ("adjust_lr_fn spectral_unclamped", {"adjust_lr_fn": "spectral_unclamped"}),
+    ("ns_steps 1", {"ns_steps": 1}),
+    ("ns_steps 3", {"ns_steps": 3}),
+    ("ns_steps 10", {"ns_steps": 10}),
+    ("eps 1e-3", {"eps": 1e-3}),
+    ("ns_coefficients (2, -1.5, 0.5)", {"ns_coefficients": [2.0, -1.5, 0.5]}),
+    ("lr 0.02, momentum 0.9, nesterov off, match_rms_adamw",
+     {"lr": 0.02, "momentum": 0.9, "nesterov": False, "adjust_lr_fn": "match_rms_adamw"}),
+    ("tall and wide", {}, [[64, 16], [16, 64], [33, 7], [7, 33], [1, 9], [9, 1], [2, 2]]),
+    ("larger", {"adjust_lr_fn": "spectral_unclamped"}, [[96, 48], [40, 130]]),
+]
+MUON_GROUP2 = {"lr": 0.005, "momentum": 0.9, "weight_decay": 0.02, "nesterov": False,
+               "adjust_lr_fn": "match_rms_adamw", "ns_steps": 4}
+
+
+def gen_muon(out_dir, meta, summary):
+    """muon.json: SCHEMA.md's Muon section (compared by update direction and norm)."""
+    specs = []
+    for desc, kw, *rest in MUON_CONFIGS:
+        shapes = rest[0] if rest else MUON_SHAPES
+        for n_groups in (1, 2):
+            if n_groups == 2 and desc not in ("default", "nesterov off", "tall and wide"):
+                continue
+            cname = f"Muon/{desc}/groups{n_groups}"
+            if n_groups == 1:
+                groups = [{"overrides": {}, "shapes": shapes}]
+            else:
+                half = len(shapes) // 2
+                groups = [{"overrides": {}, "shapes": shapes[:half]},
+                          {"overrides": dict(MUON_GROUP2), "shapes": shapes[half:]}]
+            specs.append({"name": cname, "optimizer": "Muon", "dtype": "float32",
+                          "defaults": dict(kw), "groups": groups, "seed": SEEDS(cname),
+                          "compare": "direction"})
+    cases = [dict(s, steps=run_elementwise(s, list(range(1, 13)))) for s in specs]
+    text = json.dumps({"meta": meta, "cases": cases})
+    fname = "muon.json"
+    write(out_dir, fname, text)
+    summary.append((fname, len(cases), len(text), "every step of 12"))
 
 
 # --------------------------------------------------------------------------------------
@@ -854,8 +921,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output directory")
     ap.add_argument("--check", metavar="DIR", help="re-run the cases of the fixture files in DIR")
-    ap.add_argument("--only", choices=["subnormal"],
-                    help="write only this file (elementwise_subnormal.json)")
+    ap.add_argument("--only", choices=["subnormal", "muon"],
+                    help="write only this file (elementwise_subnormal.json or muon.json)")
     args = ap.parse_args()
     check_hashed()
     if args.check:
@@ -867,7 +934,10 @@ def main():
     summary, skipped, notes = [], [], []
     if args.only is None:
         gen_elementwise(args.out, meta, skipped, summary)
-    gen_subnormal(args.out, meta, summary)
+    if args.only in (None, "subnormal"):
+        gen_subnormal(args.out, meta, summary)
+    if args.only in (None, "muon"):
+        gen_muon(args.out, meta, summary)
     if args.only is None:
         gen_lbfgs(args.out, meta, summary, notes)
         gen_schedulers(args.out, meta, summary)

@@ -50,6 +50,8 @@ DROPPED_GROUP_KEYS = {
 }
 # 0-dim state entries that are per-parameter scalars in optarena (besides "step").
 SCALAR_STATE = {"eta", "mu", "mu_product"}
+# Hyperparameters torch needs as Python ints (optarena keeps every number as a float).
+INT_HYPERPARAMS = {"ns_steps"}
 ST_DTYPES = {"float32": ("F32", "<f4", torch.float32), "float64": ("F64", "<f8", torch.float64)}
 
 
@@ -235,6 +237,9 @@ def optarena_to_torch(data):
     groups = []
     for g in meta["param_groups"]:
         group = {k: _unjson(v) for k, v in g["hyperparams"].items()}
+        for k in INT_HYPERPARAMS & group.keys():
+            if isinstance(group[k], float) and group[k].is_integer():
+                group[k] = int(group[k])  # Muon's range(ns_steps)
         group["params"] = [p["index"] for p in g["params"]]
         groups.append(group)
     state = {}
@@ -273,8 +278,18 @@ def _selftest():
         ("SGD0", lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=False), torch.float32),
         ("ASGD", lambda ps: torch.optim.ASGD(ps, lr=0.01, t0=2, foreach=False), torch.float32),
         ("NAdam", lambda ps: torch.optim.NAdam(ps, foreach=False), torch.float64),
+        # Muon takes matrices only: a model without biases. Its group carries a tuple
+        # (ns_coefficients) and a None (adjust_lr_fn); its state has no step.
+        ("Muon", lambda ps: torch.optim.Muon(ps, lr=0.02, ns_coefficients=(3.0, -4.0, 1.9)),
+         torch.float32),
     ]:
-        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(dtype)
+        bias = name != "Muon"
+
+        def new_model():
+            return torch.nn.Sequential(torch.nn.Linear(4, 3, bias=bias),
+                                       torch.nn.Linear(3, 2, bias=bias)).to(dtype)
+
+        model = new_model()
         groups = [{"params": list(model[1].parameters()), "lr": 0.05},
                   {"params": list(model[0].parameters())}]
         opt = make(groups)
@@ -293,7 +308,7 @@ def _selftest():
         sd, params = optarena_to_torch(data)
 
         def reload(state_dict, values):
-            m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(dtype)
+            m = new_model()
             with torch.no_grad():
                 for n, p in m.named_parameters():
                     p.copy_(values[n])
@@ -332,7 +347,7 @@ def _resume_check(fixture, rust_dir):
     with open(fixture) as f:
         cases = json.load(f)["cases"]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gen_checkpoint_fixtures import CASES, Model
+    from gen_checkpoint_fixtures import CASES, Model, torch_optimizer
     from gen_fixtures import hashed
 
     for case, spec in zip(cases, CASES):
@@ -347,7 +362,7 @@ def _resume_check(fixture, rust_dir):
             for n, p in named.items():
                 p.copy_(params[n])
         groups = [dict(params=[named[n] for n, _ in g["params"]]) for g in spec["groups"]]
-        opt = getattr(torch.optim, case["optimizer"])(groups, foreach=False)
+        opt = torch_optimizer(case["optimizer"], groups)
         opt.load_state_dict(sd)
         ps = [named[n] for n, _ in case["params"]]
         n_total = sum(p.numel() for p in ps)

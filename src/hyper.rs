@@ -20,6 +20,8 @@ pub enum HyperValue {
     Pair(f64, f64),
     /// A pair whose first element may be absent (Adafactor's `eps = (None, 1e-3)`).
     OptPair(Option<f64>, f64),
+    /// A triple (Muon's `ns_coefficients`).
+    Triple(f64, f64, f64),
     /// An absent value (`None` in torch).
     None,
     /// A name (LBFGS's `line_search_fn`).
@@ -36,6 +38,7 @@ impl std::fmt::Display for HyperValue {
                 Some(a) => write!(f, "({a:?}, {b:?})"),
                 None => write!(f, "(None, {b:?})"),
             },
+            HyperValue::Triple(a, b, c) => write!(f, "({a:?}, {b:?}, {c:?})"),
             HyperValue::None => write!(f, "None"),
             HyperValue::Str(s) => write!(f, "{s:?}"),
         }
@@ -112,6 +115,18 @@ impl HyperField for (f64, f64) {
             HyperValue::Pair(a, b) => Ok((*a, *b)),
             HyperValue::OptPair(Some(a), b) => Ok((*a, *b)),
             other => Err(type_error(name, "a pair of numbers", other)),
+        }
+    }
+}
+
+impl HyperField for (f64, f64, f64) {
+    fn to_value(&self) -> HyperValue {
+        HyperValue::Triple(self.0, self.1, self.2)
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Triple(a, b, c) => Ok((*a, *b, *c)),
+            other => Err(type_error(name, "three numbers", other)),
         }
     }
 }

@@ -152,6 +152,13 @@ pub trait Algorithm: Send + Sync + 'static {
         buffers: &mut [&mut [T]],
     );
 
+    /// Checks that a parameter of shape `shape` can be optimized at all, when a group holding it
+    /// is added (torch's constructor checks: Muon takes only 2-D parameters). The default
+    /// accepts every shape.
+    fn check_param(_shape: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether every kernel call gets exactly one whole parameter and its shape (through
     /// [`Algorithm::fused_param`] and [`Algorithm::reference_param`]) instead of a piece of a
     /// run that may span parameters. For updates that need reductions over each parameter.
@@ -684,6 +691,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             config.set(name, value)?;
         }
         config.validate()?;
+        for info in &self.layout[params.clone()] {
+            A::check_param(&info.shape)?;
+        }
         let elems = arena.elem_range(params.clone());
         let mut aux_offsets = Vec::with_capacity(params.len() + 1);
         let mut at = 0;

@@ -216,6 +216,7 @@ pub(crate) mod non_finite {
                 H::OptPair(a, b) => {
                     serde_json::json!([a.map_or(serde_json::Value::Null, number), number(*b)])
                 }
+                H::Triple(a, b, c) => serde_json::json!([number(*a), number(*b), number(*c)]),
                 other => serde_json::to_value(other).unwrap_or(serde_json::Value::Null),
             };
             (k, j)
@@ -247,6 +248,12 @@ pub(crate) mod non_finite {
                         },
                         _ => return Err(de::Error::custom(format!("`{k}`: bad pair {v}"))),
                     },
+                    J::Array(a) if a.len() == 3 => {
+                        match (unnumber(&a[0]), unnumber(&a[1]), unnumber(&a[2])) {
+                            (Some(x), Some(y), Some(z)) => H::Triple(x, y, z),
+                            _ => return Err(de::Error::custom(format!("`{k}`: bad triple {v}"))),
+                        }
+                    }
                     other => {
                         return Err(de::Error::custom(format!(
                             "`{k}`: unsupported hyperparameter value {other}"

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{decode, elementwise_tol, hashed};
+use common::{decode, direction_check, elementwise_tol, hashed};
 use optarena::{Algorithm, ArenaBuilder, Float, MatchBy, Optimizer, ParamGroup};
 use serde_json::Value;
 
@@ -70,6 +70,16 @@ fn resume<T: Float, A: Algorithm>(case: &Value) -> usize {
     opt.save_checkpoint(&rust_made, Some(&arena)).unwrap();
     let n_total: usize = arena.len();
     let (rtol, atol) = elementwise_tol(dtype);
+    // Muon cases: SCHEMA.md's direction and norm test on each parameter's change since the
+    // checkpoint (torch's Newton–Schulz products are bf16).
+    let direction = case["compare"].as_str() == Some("direction");
+    let at_load: Vec<Vec<f64>> = specs
+        .iter()
+        .map(|(n, _)| {
+            let v = arena.value_by_name(n).unwrap();
+            v.iter().map(|x| x.to_f64()).collect()
+        })
+        .collect();
     let mut compared = 0;
     for rec in case["steps"].as_array().unwrap() {
         let t = rec["step"].as_u64().unwrap();
@@ -84,10 +94,21 @@ fn resume<T: Float, A: Algorithm>(case: &Value) -> usize {
             at += len;
         }
         opt.step(&mut arena).unwrap();
-        for ((n, _), b64) in specs.iter().zip(rec["params"].as_array().unwrap()) {
+        for (pi, ((n, _), b64)) in specs
+            .iter()
+            .zip(rec["params"].as_array().unwrap())
+            .enumerate()
+        {
             let want = decode(b64.as_str().unwrap(), dtype);
             let got = arena.value_by_name(n).unwrap();
             assert_eq!(want.len(), got.len());
+            if direction {
+                let got: Vec<f64> = got.iter().map(|x| x.to_f64()).collect();
+                direction_check(&at_load[pi], &got, &want)
+                    .unwrap_or_else(|m| panic!("{name}: step {t}, {n}: {m}"));
+                compared += got.len();
+                continue;
+            }
             for (i, (&w, &g)) in want.iter().zip(got).enumerate() {
                 let g = g.to_f64();
                 assert!(
@@ -115,6 +136,7 @@ fn torch_made_checkpoints_resume_on_torchs_trajectory() {
             ("Adam", "float64") => resume::<f64, optarena::AdamAlgorithm>(case),
             ("SGD", "float32") => resume::<f32, optarena::SgdAlgorithm>(case),
             ("SGD", "float64") => resume::<f64, optarena::SgdAlgorithm>(case),
+            ("Muon", "float32") => resume::<f32, optarena::MuonAlgorithm>(case),
             other => panic!("no runner for {other:?}"),
         };
         println!(
@@ -123,5 +145,7 @@ fn torch_made_checkpoints_resume_on_torchs_trajectory() {
         );
         seen.push(case["optimizer"].as_str().unwrap().to_string());
     }
-    assert!(seen.contains(&"Adam".to_string()) && seen.contains(&"SGD".to_string()));
+    for kind in ["Adam", "SGD", "Muon"] {
+        assert!(seen.contains(&kind.to_string()), "no {kind} case");
+    }
 }

@@ -69,7 +69,7 @@ fn write_seeds() {
     use optarena::{checkpoint, Algorithm, Float};
 
     fn seeds<T: Float, A: Algorithm>(k: u8, wide: u8) {
-        let mut arena = fuzz_bodies::standard_arena::<T>();
+        let mut arena = fuzz_bodies::standard_arena_for::<T, A>();
         let mut opt = fuzz_bodies::standard_optimizer::<T, A>(&arena);
         fuzz_bodies::standard_grads(&mut arena, 1);
         opt.step(&mut arena).unwrap();
@@ -106,8 +106,9 @@ fn write_seeds() {
     }
     all!(0: SgdAlgorithm, 1: AdamAlgorithm, 2: AdamWAlgorithm, 3: RAdamAlgorithm,
          4: NAdamAlgorithm, 5: AdamaxAlgorithm, 6: AdagradAlgorithm, 7: AdadeltaAlgorithm,
-         8: RMSpropAlgorithm, 9: RpropAlgorithm, 10: AsgdAlgorithm, 11: AdafactorAlgorithm);
-    // L-BFGS (number 12 in `decode` and `api`): a JSON state dict after two steps, and a
+         8: RMSpropAlgorithm, 9: RpropAlgorithm, 10: AsgdAlgorithm, 11: AdafactorAlgorithm,
+         12: MuonAlgorithm);
+    // L-BFGS (number 13 in `decode` and `api`): a JSON state dict after two steps, and a
     // sequence of steps, saves, a failing closure, loads and a hyperparameter change.
     fn lbfgs_seeds<T: Float>(wide: u8) {
         let mut arena = fuzz_bodies::standard_arena::<T>();
@@ -123,15 +124,15 @@ fn write_seeds() {
                 .unwrap();
         }
         let tag = format!("LBFGS-{}", T::DTYPE);
-        // decode: [12, wide, by, 8 config bytes (keep), steps] + JSON.
-        let mut d = vec![12, wide, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2];
+        // decode: [13, wide, by, 8 config bytes (keep), steps] + JSON.
+        let mut d = vec![13, wide, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2];
         d.extend_from_slice(opt.state_dict_json().unwrap().as_bytes());
         std::fs::write(corpus("decode").join(format!("seed-json-{tag}")), d).unwrap();
-        // api: [12, wide, 8 config bytes (keep)], then ops: step (2 coefficients, a), save,
+        // api: [13, wide, 8 config bytes (keep)], then ops: step (2 coefficients, a), save,
         // try_step failing on call 1, step, load (uncorrupted), set lr, zero_grad, step on
         // another arena.
         let d = vec![
-            12, wide, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 3, 5, 2, 4, 2, 1, 1, 0, 3, 9, 7, 5, 0, 0, 0, 6,
+            13, wide, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 3, 5, 2, 4, 2, 1, 1, 0, 3, 9, 7, 5, 0, 0, 0, 6,
             0, 0, 7, 1, 3,
         ];
         std::fs::write(corpus("api").join(format!("seed-{tag}")), d).unwrap();

@@ -112,7 +112,7 @@ pub fn same<T: Float>(a: &[T], b: &[T]) -> bool {
 
 /// Algorithms the generic targets choose from (`Optimizer<T, A>`); L-BFGS, a type of its own,
 /// is number [`ALGORITHMS`] in the targets that cover it.
-pub const ALGORITHMS: usize = 12;
+pub const ALGORITHMS: usize = 13;
 
 /// Runs `$body` with `A` bound to the algorithm numbered `$k` (of [`ALGORITHMS`]) and `T` to
 /// f32 or f64.
@@ -132,6 +132,8 @@ macro_rules! dispatch {
             (10, false) => $func::<f32, AsgdAlgorithm>($($arg),*),
             (11, false) => $func::<f32, AdafactorAlgorithm>($($arg),*),
             (11, true) => $func::<f64, AdafactorAlgorithm>($($arg),*),
+            (12, false) => $func::<f32, MuonAlgorithm>($($arg),*),
+            (12, true) => $func::<f64, MuonAlgorithm>($($arg),*),
             (0, true) => $func::<f64, SgdAlgorithm>($($arg),*),
             (1, true) => $func::<f64, AdamAlgorithm>($($arg),*),
             (2, true) => $func::<f64, AdamWAlgorithm>($($arg),*),
@@ -171,6 +173,7 @@ fn hyper_like(input: &mut Input<'_>, like: &HyperValue) -> HyperValue {
         HyperValue::Pair(..) | HyperValue::OptPair(..) => {
             HyperValue::Pair(input.f64(), input.f64())
         }
+        HyperValue::Triple(..) => HyperValue::Triple(input.f64(), input.f64(), input.f64()),
         HyperValue::None => HyperValue::Number(input.f64()),
         HyperValue::Str(s) => HyperValue::Str(s.clone()),
     }
@@ -270,12 +273,19 @@ fn per_parameter_kernel_case<T: Float, A: Algorithm>(
     args: &KernelArgs<A::Coeffs>,
 ) {
     let rank = input.below(4);
-    let shape: Vec<usize> = (0..rank)
+    let mut shape: Vec<usize> = (0..rank)
         .map(|_| {
             let max = if input.bool() { 9 } else { 80 };
             input.below(max)
         })
         .collect();
+    if A::check_param(&shape).is_err() {
+        // A shape the algorithm refuses (Muon's non-matrices): a matrix instead.
+        shape = vec![input.below(40), input.below(40)];
+        if A::check_param(&shape).is_err() {
+            return;
+        }
+    }
     let n: usize = shape.iter().product();
     if n > 1 << 14 {
         return;
@@ -324,10 +334,33 @@ fn per_parameter_kernel_case<T: Float, A: Algorithm>(
 /// Shapes of the standard model: five parameters.
 pub const SHAPES: [&[usize]; 5] = [&[3, 2], &[2], &[4], &[1], &[2, 2]];
 
+/// Shapes of the standard model of an algorithm that takes matrices only (Muon): five
+/// parameters again, wide, tall, a row, a column and a square.
+pub const MATRIX_SHAPES: [&[usize]; 5] = [&[3, 2], &[2, 4], &[1, 3], &[4, 1], &[2, 2]];
+
+/// The standard model's shapes for algorithm `A`: [`SHAPES`], or [`MATRIX_SHAPES`] when `A`
+/// refuses one of them ([`Algorithm::check_param`]).
+pub fn shapes_for<A: Algorithm>() -> &'static [&'static [usize]; 5] {
+    if SHAPES.iter().all(|s| A::check_param(s).is_ok()) {
+        &SHAPES
+    } else {
+        &MATRIX_SHAPES
+    }
+}
+
 /// The standard model with deterministic values.
 pub fn standard_arena<T: Float>() -> Arena<T> {
+    arena_of(&SHAPES)
+}
+
+/// The standard model of algorithm `A` (see [`shapes_for`]).
+pub fn standard_arena_for<T: Float, A: Algorithm>() -> Arena<T> {
+    arena_of(shapes_for::<A>())
+}
+
+fn arena_of<T: Float>(shapes: &[&[usize]]) -> Arena<T> {
     let mut b = ArenaBuilder::<T>::new();
-    for (i, s) in SHAPES.iter().enumerate() {
+    for (i, s) in shapes.iter().enumerate() {
         b.param_with(&format!("p{i}"), s, |j| {
             T::from_f64((i * 7 + j) as f64 * 0.125 - 1.0)
         })
@@ -416,7 +449,7 @@ fn decode_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
         MatchBy::Position
     };
     let with_arena = input.bool();
-    let mut arena = standard_arena::<T>();
+    let mut arena = standard_arena_for::<T, A>();
     let mut opt = standard_optimizer::<T, A>(&arena);
     if input.bool() {
         standard_grads(&mut arena, 1);
@@ -515,8 +548,8 @@ fn group_from<T: Float, A: Algorithm>(
 }
 
 fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
-    let mut arena = standard_arena::<T>();
-    let mut other = standard_arena::<T>();
+    let mut arena = standard_arena_for::<T, A>();
+    let mut other = standard_arena_for::<T, A>();
     let mut opt: Option<Optimizer<T, A>> = None;
     // Ranges of the groups, to know which additions must fail.
     let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();

@@ -28,6 +28,7 @@ pub mod adamax;
 pub mod asgd;
 pub mod lbfgs;
 mod moments;
+pub mod muon;
 pub mod nadam;
 pub mod radam;
 pub mod rmsprop;

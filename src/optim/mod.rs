@@ -8,6 +8,7 @@ pub mod adam;
 pub mod adamax;
 pub mod asgd;
 pub mod lbfgs;
+pub mod muon;
 pub mod nadam;
 pub mod radam;
 pub mod rmsprop;
@@ -21,6 +22,7 @@ pub use adam::{Adam, AdamAlgorithm, AdamConfig, AdamW, AdamWAlgorithm, AdamWConf
 pub use adamax::{Adamax, AdamaxAlgorithm, AdamaxConfig};
 pub use asgd::{Asgd, AsgdAlgorithm, AsgdConfig, AsgdScalars};
 pub use lbfgs::{Lbfgs, LbfgsConfig, LbfgsState, LbfgsStateDict};
+pub use muon::{Muon, MuonAlgorithm, MuonConfig, NsPrecision};
 pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig, NAdamScalars};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RMSprop, RMSpropAlgorithm, RMSpropConfig};

@@ -77,6 +77,11 @@ pub fn hyper_value(v: &Value) -> HyperValue {
             (Value::Null, b) => HyperValue::OptPair(None, b.as_f64().unwrap()),
             (a, b) => HyperValue::Pair(a.as_f64().unwrap(), b.as_f64().unwrap()),
         },
+        Value::Array(a) if a.len() == 3 => HyperValue::Triple(
+            a[0].as_f64().unwrap(),
+            a[1].as_f64().unwrap(),
+            a[2].as_f64().unwrap(),
+        ),
         other => panic!("unsupported hyperparameter value {other}"),
     }
 }
@@ -143,11 +148,17 @@ pub fn run_elementwise<T: Float, A: Algorithm>(
         .iter()
         .map(|x| x * param_scale)
         .collect();
+    // SCHEMA.md's Muon cases compare each step's change of every parameter by direction
+    // and norm, from the initial values as the case's dtype holds them.
+    let direction = case["compare"].as_str() == Some("direction");
+    let init32: Vec<f64> = init.iter().map(|&x| T::from_f64(x).to_f64()).collect();
+    let mut offsets = Vec::new();
     let mut b = ArenaBuilder::<T>::new();
     let mut handles = Vec::new();
     let mut at = 0;
     for (i, s) in shapes.iter().enumerate() {
         let len: usize = s.iter().product();
+        offsets.push(at);
         let vals: Vec<T> = init[at..at + len].iter().map(|&x| T::from_f64(x)).collect();
         handles.push(b.param(&format!("p{i}"), s, &vals).unwrap());
         at += len;
@@ -208,6 +219,17 @@ pub fn run_elementwise<T: Float, A: Algorithm>(
                 if want.len() != got.len() {
                     return Outcome::Fail(format!("{name}: param {pi} length"));
                 }
+                if direction {
+                    let start = offsets[pi];
+                    let got: Vec<f64> = got.iter().map(|g| g.to_f64()).collect();
+                    if let Err(m) = direction_check(&init32[start..start + got.len()], &got, &want)
+                    {
+                        return Outcome::Fail(format!(
+                            "{name} ({subnormals:?}): step {t}, param {pi}: {m}"
+                        ));
+                    }
+                    continue;
+                }
                 for (k, (w, g)) in want.iter().zip(got).enumerate() {
                     let g = g.to_f64();
                     let ok = (g - w).abs() <= rel * w.abs() + abs || (g.is_nan() && w.is_nan());
@@ -222,6 +244,39 @@ pub fn run_elementwise<T: Float, A: Algorithm>(
         }
     }
     Outcome::Pass
+}
+
+/// SCHEMA.md's Muon tolerance (`MUON_MIN_COS`, `MUON_NORM_RATIO`): with `d = after − init`,
+/// `cos(d_crate, d_torch) >= 0.999` and `|d_crate| / |d_torch|` in `[0.98, 1.02]`.
+pub const MUON_MIN_COS: f64 = 0.999;
+/// See [`MUON_MIN_COS`].
+pub const MUON_NORM_RATIO: (f64, f64) = (0.98, 1.02);
+
+/// The cosine and norm ratio of two changes from `init`: `(cos, |got − init| / |want − init|)`.
+pub fn direction_stats(init: &[f64], got: &[f64], want: &[f64]) -> (f64, f64) {
+    let (mut dot, mut ng, mut nw) = (0.0, 0.0, 0.0);
+    for ((i, g), w) in init.iter().zip(got).zip(want) {
+        let (dg, dw) = (g - i, w - i);
+        dot += dg * dw;
+        ng += dg * dg;
+        nw += dw * dw;
+    }
+    if ng == 0.0 && nw == 0.0 {
+        return (1.0, 1.0);
+    }
+    (dot / (ng.sqrt() * nw.sqrt()), ng.sqrt() / nw.sqrt())
+}
+
+/// Checks SCHEMA.md's Muon tolerance for one parameter at one step.
+pub fn direction_check(init: &[f64], got: &[f64], want: &[f64]) -> Result<(), String> {
+    let (cos, ratio) = direction_stats(init, got, want);
+    if cos >= MUON_MIN_COS && (MUON_NORM_RATIO.0..=MUON_NORM_RATIO.1).contains(&ratio) {
+        Ok(())
+    } else {
+        Err(format!(
+            "cos {cos:.6} (>= {MUON_MIN_COS}), norm ratio {ratio:.6} (in {MUON_NORM_RATIO:?})"
+        ))
+    }
 }
 
 /// Replays an elementwise case in both subnormal modes (flushed, the default, and preserved);
@@ -270,6 +325,7 @@ pub fn run_elementwise_case_in(
         "Rprop" => RpropAlgorithm,
         "ASGD" => AsgdAlgorithm,
         "Adafactor" => AdafactorAlgorithm,
+        "Muon" => MuonAlgorithm,
     }
 }
 
