@@ -51,6 +51,14 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   further than 4e-7 (grads) / 2e-6 (total_norm) relative from the same formula in f64 is
   re-seeded (``<name>#k``), so that no fixture sits at the edge of SCHEMA's tolerance.
 
+* ``swalr.json`` (``--only swalr``): torch.optim.swa_utils.SWALR in the ``schedulers.json``
+  format: one number or one per group for ``swa_lr``, ``anneal_epochs`` 0, 1, 4, 5, 7, 25, 80
+  (never finished), ``"cos"`` and ``"linear"``, annealing down and up; SWALR as SequentialLR's
+  second child; and torch's SWA recipe, where a warm-up scheduler (LinearLR,
+  CosineAnnealingLR) is built first, SWALR second, and the warm-up is stepped for
+  ``warmup.epochs`` epochs before SWALR takes over (``"warmup": {"scheduler", "config",
+  "epochs"}``, a field optarena's reader adds to SCHEMA.md's format).
+
 ``--check DIR`` instead re-runs every case found in the fixture files of DIR (e.g.
 shared/fixtures/sample) from its own description and reports whether torch reproduces the
 stored values bit for bit. The script is deterministic; it takes about two minutes on 2 cores.
@@ -605,6 +613,8 @@ def make_scheduler(opt, name, config):
     cfg = dict(config)
     if name in LAMBDAS:
         cfg["lr_lambda"] = LAMBDAS[name][cfg["lr_lambda"]]
+    if name == "SWALR":
+        return torch.optim.swa_utils.SWALR(opt, **cfg)
     if name in ("SequentialLR", "ChainedScheduler"):
         cfg["schedulers"] = [make_scheduler(opt, n, c) for n, c in cfg["schedulers"]]
         if name == "ChainedScheduler":
@@ -800,6 +810,74 @@ def gen_clip(out_dir, meta, summary, notes):
 # --------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------
+# Stochastic Weight Averaging: SWALR (swalr.json)
+# --------------------------------------------------------------------------------------
+
+SWALR_CASES = [
+    ({"swa_lr": 0.05}, None),
+    ({"swa_lr": [0.05, 0.002], "anneal_epochs": 5, "anneal_strategy": "linear"}, None),
+    ({"swa_lr": 0.02, "anneal_epochs": 7, "anneal_strategy": "cos"}, None),
+    ({"swa_lr": [0.3, 0.05], "anneal_epochs": 4}, None),            # anneals upwards
+    ({"swa_lr": 0.05, "anneal_epochs": 0}, None),
+    ({"swa_lr": 0.05, "anneal_epochs": 0, "anneal_strategy": "linear"}, None),
+    ({"swa_lr": 0.01, "anneal_epochs": 1, "anneal_strategy": "linear"}, None),
+    ({"swa_lr": 0.01, "anneal_epochs": 1}, None),
+    ({"swa_lr": [0.001, 0.0], "anneal_epochs": 80, "anneal_strategy": "linear"}, None),  # never done
+    ({"swa_lr": 0.004, "anneal_epochs": 25}, None),
+    # torch's SWA recipe: the warm-up scheduler is built first, SWALR second; the warm-up is
+    # stepped for `epochs` epochs, SWALR after that ("warmup": an optarena extension).
+    ({"swa_lr": 0.05, "anneal_epochs": 5}, {"scheduler": "LinearLR",
+                                           "config": {"start_factor": 0.25, "total_iters": 8}, "epochs": 12}),
+    ({"swa_lr": [0.02, 0.005], "anneal_epochs": 3, "anneal_strategy": "linear"},
+     {"scheduler": "CosineAnnealingLR", "config": {"T_max": 30, "eta_min": 0.001}, "epochs": 20}),
+    ({"swa_lr": 0.05, "anneal_epochs": 0}, {"scheduler": "LinearLR", "config": {"total_iters": 4}, "epochs": 6}),
+]
+
+
+def run_swalr_recipe(case):
+    """SWALR after a warm-up scheduler, as in torch's recipe (the other cases use run_scheduler)."""
+    w = [torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)]
+    opt = torch.optim.SGD([{"params": [w[0]], "lr": case["base_lrs"][0]},
+                           {"params": [w[1]], "lr": case["base_lrs"][1]}],
+                          momentum=case["momentum"], foreach=False)
+    wu = case["warmup"]
+    warm = make_scheduler(opt, wu["scheduler"], wu["config"])
+    swa = torch.optim.swa_utils.SWALR(opt, **case["config"])
+    lrs, moms = [], []
+    for e in range(N_EPOCHS):
+        lrs.append([float(g["lr"]) for g in opt.param_groups])
+        moms.append([float(g["momentum"]) for g in opt.param_groups])
+        opt.step()
+        (warm if e < wu["epochs"] else swa).step()
+    return lrs, moms
+
+
+def gen_swalr(out_dir, meta, summary):
+    cases = []
+    for i, (config, warmup) in enumerate(SWALR_CASES):
+        case = {"name": f"sched/SWALR/{i}", "scheduler": "SWALR", "config": config,
+                "base_lrs": [0.1, 0.01], "momentum": 0.9, "metrics": None}
+        if warmup is not None:
+            case["name"] += f"/after-{warmup['scheduler']}"
+            case["warmup"] = warmup
+            case["lrs"], case["momentums"] = run_swalr_recipe(case)
+        else:
+            case["lrs"], case["momentums"] = run_scheduler(case)
+        cases.append(case)
+    # SWALR as SequentialLR's second child (SequentialLR calls its _update_lr(0) at the milestone).
+    case = {"name": "sched/SequentialLR/LinearLR+SWALR", "scheduler": "SequentialLR",
+            "config": {"schedulers": [["LinearLR", {"start_factor": 0.5, "total_iters": 5}],
+                                      ["SWALR", {"swa_lr": 0.02, "anneal_epochs": 6}]],
+                       "milestones": [10]},
+            "base_lrs": [0.1, 0.01], "momentum": 0.9, "metrics": None}
+    case["lrs"], case["momentums"] = run_scheduler(case)
+    cases.append(case)
+    text = json.dumps({"meta": meta, "cases": cases})
+    write(out_dir, "swalr.json", text)
+    summary.append(("swalr.json", len(cases), len(text), ""))
+
+
 def check_dir(d):
     n_ok = n_bad = 0
     for fname in sorted(os.listdir(d)):
@@ -829,7 +907,7 @@ def check_dir(d):
                     detail = f"loss {got[-1]['loss']} vs {want[-1]['loss']}, evals {got[-1]['evals']} vs {want[-1]['evals']}"
             elif "scheduler" in case:
                 kind = "scheduler"
-                lrs, moms = run_scheduler(case)
+                lrs, moms = run_swalr_recipe(case) if "warmup" in case else run_scheduler(case)
                 ok = lrs == case["lrs"] and moms == case["momentums"]
             elif "max_norm" in case or "clip_value" in case:
                 kind = "clip"
@@ -854,8 +932,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output directory")
     ap.add_argument("--check", metavar="DIR", help="re-run the cases of the fixture files in DIR")
-    ap.add_argument("--only", choices=["subnormal"],
-                    help="write only this file (elementwise_subnormal.json)")
+    ap.add_argument("--only", choices=["subnormal", "swalr", "averaged", "sparse_adam"],
+                    help="write only this file (elementwise_subnormal.json, swalr.json, "
+                         "averaged.json, sparse_adam.json)")
     args = ap.parse_args()
     check_hashed()
     if args.check:
@@ -867,11 +946,14 @@ def main():
     summary, skipped, notes = [], [], []
     if args.only is None:
         gen_elementwise(args.out, meta, skipped, summary)
-    gen_subnormal(args.out, meta, summary)
+    if args.only in (None, "subnormal"):
+        gen_subnormal(args.out, meta, summary)
     if args.only is None:
         gen_lbfgs(args.out, meta, summary, notes)
         gen_schedulers(args.out, meta, summary)
         gen_clip(args.out, meta, summary, notes)
+    if args.only in (None, "swalr"):
+        gen_swalr(args.out, meta, summary)
 
     print(f"torch {torch.__version__}; wrote {args.out} in {time.time() - t0:.1f} s")
     for fname, n, size, extra in summary:

@@ -139,3 +139,26 @@ fn write_seeds() {
     lbfgs_seeds::<f32>(0);
     lbfgs_seeds::<f64>(1);
 }
+
+/// Writes the seeds of the tagged inputs (SWALR state decoding).
+#[test]
+#[ignore]
+fn write_swa_seeds() {
+    use optarena::schedule::{AnnealStrategy, SWALRConfig, SWALR};
+    use optarena::LrScheduler;
+    let arena = fuzz_bodies::standard_arena::<f64>();
+    let mut opt = fuzz_bodies::standard_optimizer::<f64, optarena::optim::SgdAlgorithm>(&arena);
+    let mut s = SWALR::new(
+        &mut opt,
+        SWALRConfig {
+            anneal_epochs: 4,
+            anneal_strategy: AnnealStrategy::Linear,
+            ..SWALRConfig::new(vec![0.05, 0.002])
+        },
+    )
+    .unwrap();
+    s.step(&mut opt).unwrap();
+    let mut d = fuzz_bodies::SWALR_TAG.to_vec();
+    d.extend_from_slice(s.state_dict_json().unwrap().as_bytes());
+    std::fs::write(corpus("decode").join("seed-json-SWALR"), d).unwrap();
+}

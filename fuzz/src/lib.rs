@@ -405,6 +405,9 @@ pub fn fix_checksums(bytes: &mut [u8]) {
 /// optimizer of some kind: never a panic; on an error nothing changed; what loads saves and
 /// loads again to the same state.
 pub fn decode(data: &[u8]) {
+    if let Some(rest) = data.strip_prefix(SWALR_TAG) {
+        return swalr_decode(rest);
+    }
     dispatch_with_lbfgs!(data, decode_case, lbfgs_decode_case);
 }
 
@@ -872,6 +875,49 @@ fn lbfgs_api_case<T: Float>(input: &mut Input<'_>) {
                 before,
                 "L-BFGS op {op} failed but changed the state"
             );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stochastic Weight Averaging and SparseAdam, behind tags at the start of the input (so the
+// numbering of the generic targets above, and their corpus, are unchanged)
+
+/// `decode` input starting with this: the rest is a `SWALR` state dict as JSON.
+pub const SWALR_TAG: &[u8] = b"SWALR:";
+
+/// A `SWALR` state from arbitrary bytes: never a panic; a failed load changes neither the
+/// scheduler nor the optimizer; what loads saves and loads back to the same state and steps.
+fn swalr_decode(data: &[u8]) {
+    use optarena::schedule::{SWALRConfig, SWALR};
+    use optarena::{GroupHyperparams, LrScheduler};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let arena = standard_arena::<f64>();
+    let mut opt = standard_optimizer::<f64, SgdAlgorithm>(&arena);
+    let mut s = SWALR::new(&mut opt, SWALRConfig::new(0.05)).expect("a valid SWALR");
+    let lrs = |o: &Optimizer<f64, SgdAlgorithm>| -> Vec<u64> {
+        (0..o.num_groups())
+            .map(|g| o.group_lr(g).unwrap().to_bits())
+            .collect()
+    };
+    let before = (s.state_dict_json().unwrap(), lrs(&opt));
+    match s.load_state_dict_json(&mut opt, text) {
+        Err(_) => assert_eq!(
+            (s.state_dict_json().unwrap(), lrs(&opt)),
+            before,
+            "changed by a failed load"
+        ),
+        Ok(()) => {
+            let saved = s.state_dict_json().expect("a loaded state serialises");
+            let now = lrs(&opt);
+            s.load_state_dict_json(&mut opt, &saved)
+                .expect("a saved state loads back");
+            assert_eq!((s.state_dict_json().unwrap(), lrs(&opt)), (saved, now));
+            for _ in 0..3 {
+                let _ = s.step(&mut opt);
+            }
         }
     }
 }

@@ -1035,6 +1035,7 @@ pub fn build_scheduler(
                 ChainedScheduler::new(opt, children).map(|s| Box::new(s) as Box<_>)
             }
         }
+        "SWALR" => SWALR::new(opt, parse!(SWALRConfig)).map(|s| Box::new(s) as Box<_>),
         other => return Err(Outcome::Skip(format!("scheduler {other}"))),
     };
     built.map_err(|e| fail(format!("construction failed: {e}")))
@@ -1075,6 +1076,19 @@ pub fn run_scheduler_case(case: &Value) -> Outcome {
         .unwrap_or_else(|| vec![0.1, 0.01]);
     let momentum = case["momentum"].as_f64().unwrap_or(0.0);
     let mut opt = scheduler_sgd(&base_lrs, momentum);
+    // swalr.json's recipe cases (scripts/gen_fixtures.py): a warm-up scheduler built first and
+    // stepped for `warmup.epochs` epochs, then the case's scheduler.
+    let mut warmup = match case.get("warmup") {
+        Some(w) => {
+            let wn = w["scheduler"].as_str().unwrap_or("?");
+            match build_scheduler(wn, &w["config"], &mut opt) {
+                Ok(s) => Some((s, w["epochs"].as_u64().unwrap_or(0) as usize)),
+                Err(Outcome::Fail(m)) => return Outcome::Fail(format!("{name}: {m}")),
+                Err(o) => return o,
+            }
+        }
+        None => None,
+    };
     let mut sched = match build_scheduler(sched_name, &case["config"], &mut opt) {
         Ok(s) => s,
         Err(Outcome::Fail(m)) => return Outcome::Fail(format!("{name}: {m}")),
@@ -1116,7 +1130,10 @@ pub fn run_scheduler_case(case: &Value) -> Outcome {
             Some(Value::String(s)) if s.eq_ignore_ascii_case("nan") => {
                 sched.step_metric(&mut opt, f64::NAN)
             }
-            _ => sched.step(&mut opt),
+            _ => match warmup.as_mut() {
+                Some((w, epochs)) if e < *epochs => w.step(&mut opt),
+                _ => sched.step(&mut opt),
+            },
         };
         if let Err(err) = r {
             return Outcome::Fail(format!("{name}: step after epoch {e} failed: {err}"));
