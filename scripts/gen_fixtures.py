@@ -59,6 +59,13 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   ``warmup.epochs`` epochs before SWALR takes over (``"warmup": {"scheduler", "config",
   "epochs"}``, a field optarena's reader adds to SCHEMA.md's format).
 
+* ``averaged.json`` (``--only averaged``): torch.optim.swa_utils.AveragedModel over a
+  ``ParameterList``, SCHEMA.md's AveragedModel section: the default equal running mean
+  (``"swa"``) and ``get_ema_multi_avg_fn(decay)`` (``"ema"``) for decay 0.999, 0.99, 0.9, 0.75,
+  0.5, 0.3 (lerp weights on both sides of ATen's 0.5 switch), 0 and 1; float32 and (with a
+  ``"dtype": "float64"`` field, which optarena's reader adds; absent means float32) float64;
+  a case larger than one 16K-element chunk.
+
 ``--check DIR`` instead re-runs every case found in the fixture files of DIR (e.g.
 shared/fixtures/sample) from its own description and reports whether torch reproduces the
 stored values bit for bit. The script is deterministic; it takes about two minutes on 2 cores.
@@ -878,6 +885,64 @@ def gen_swalr(out_dir, meta, summary):
     summary.append(("swalr.json", len(cases), len(text), ""))
 
 
+# --------------------------------------------------------------------------------------
+# Stochastic Weight Averaging: AveragedModel (averaged.json)
+# --------------------------------------------------------------------------------------
+
+AVERAGED_SHAPES = [[7, 5], [5], [33]]
+AVERAGED_CASES = [  # (kind, decay, dtype, shapes, updates)
+    ("swa", None, "float32", AVERAGED_SHAPES, 25),
+    ("swa", None, "float64", AVERAGED_SHAPES, 25),
+    ("swa", None, "float32", [[130, 130], [3]], 4),   # more than one 16K chunk
+    ("ema", 0.999, "float32", AVERAGED_SHAPES, 20),  # torch's default decay
+    ("ema", 0.99, "float32", AVERAGED_SHAPES, 20),
+    ("ema", 0.9, "float32", AVERAGED_SHAPES, 20),
+    ("ema", 0.5, "float32", AVERAGED_SHAPES, 10),    # weight 0.5: ATen's second lerp formula
+    ("ema", 0.3, "float32", AVERAGED_SHAPES, 10),    # weight 0.7: ATen's second lerp formula
+    ("ema", 0.0, "float32", AVERAGED_SHAPES, 5),     # the average is the last model
+    ("ema", 1.0, "float32", AVERAGED_SHAPES, 5),     # the average stays the first model
+    ("ema", 0.9, "float64", AVERAGED_SHAPES, 20),
+    ("ema", 0.75, "float32", [[130, 130], [3]], 4),
+]
+
+
+def run_averaged(case):
+    """AveragedModel over a ParameterList: set the model to hashed(seed, t), update, record."""
+    dtype = DTYPES[case.get("dtype", "float32")]
+    shapes, seed = case["shapes"], case["seed"]
+    n_total = sum(numel(s) for s in shapes)
+    model = torch.nn.ParameterList([torch.nn.Parameter(p) for p in split(hashed(seed, 0, n_total), shapes, dtype)])
+    su = torch.optim.swa_utils
+    if case["averaged"] == "swa":
+        avg = su.AveragedModel(model)
+    else:
+        avg = su.AveragedModel(model, multi_avg_fn=su.get_ema_multi_avg_fn(case["decay"]))
+    out = []
+    for t in range(1, case["n_updates"] + 1):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), split(hashed(seed, t, n_total), shapes, dtype)):
+                p.copy_(v)
+        avg.update_parameters(model)
+        assert int(avg.n_averaged) == t
+        out.append({"step": t, "params": [b64(p.detach().numpy(), case.get("dtype", "float32"))
+                                          for p in avg.module.parameters()]})
+    return out
+
+
+def gen_averaged(out_dir, meta, summary):
+    cases = []
+    for kind, decay, dtype, shapes, n in AVERAGED_CASES:
+        name = f"averaged/{kind}/{decay}/{dtype}/{'x'.join(str(numel(s)) for s in shapes)}"
+        case = {"name": name, "averaged": kind, "decay": decay, "dtype": dtype, "shapes": shapes,
+                "seed": SEEDS(name), "n_updates": n}
+        case["updates"] = run_averaged(case)
+        del case["n_updates"]
+        cases.append(case)
+    text = json.dumps({"meta": meta, "cases": cases})
+    write(out_dir, "averaged.json", text)
+    summary.append(("averaged.json", len(cases), len(text), ""))
+
+
 def check_dir(d):
     n_ok = n_bad = 0
     for fname in sorted(os.listdir(d)):
@@ -909,6 +974,9 @@ def check_dir(d):
                 kind = "scheduler"
                 lrs, moms = run_swalr_recipe(case) if "warmup" in case else run_scheduler(case)
                 ok = lrs == case["lrs"] and moms == case["momentums"]
+            elif "averaged" in case:
+                kind = "averaged"
+                ok = run_averaged(dict(case, n_updates=len(case["updates"]))) == case["updates"]
             elif "max_norm" in case or "clip_value" in case:
                 kind = "clip"
                 r = run_clip(case)
@@ -954,6 +1022,8 @@ def main():
         gen_clip(args.out, meta, summary, notes)
     if args.only in (None, "swalr"):
         gen_swalr(args.out, meta, summary)
+    if args.only in (None, "averaged"):
+        gen_averaged(args.out, meta, summary)
 
     print(f"torch {torch.__version__}; wrote {args.out} in {time.time() - t0:.1f} s")
     for fname, n, size, extra in summary:

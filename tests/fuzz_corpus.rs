@@ -161,4 +161,13 @@ fn write_swa_seeds() {
     let mut d = fuzz_bodies::SWALR_TAG.to_vec();
     d.extend_from_slice(s.state_dict_json().unwrap().as_bytes());
     std::fs::write(corpus("decode").join("seed-json-SWALR"), d).unwrap();
+    // AveragedModel: EMA in f32 after two updates.
+    let arena = fuzz_bodies::standard_arena::<f32>();
+    let mut m = optarena::AveragedModel::ema(&arena, 0.9).unwrap();
+    m.update_parameters(&arena).unwrap();
+    m.update_parameters(&arena).unwrap();
+    let mut d = fuzz_bodies::AVERAGED_TAG.to_vec();
+    d.extend_from_slice(&[0, 3]);
+    d.extend_from_slice(m.state_dict_json().unwrap().as_bytes());
+    std::fs::write(corpus("decode").join("seed-json-AveragedModel"), d).unwrap();
 }

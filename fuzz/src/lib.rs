@@ -408,6 +408,9 @@ pub fn decode(data: &[u8]) {
     if let Some(rest) = data.strip_prefix(SWALR_TAG) {
         return swalr_decode(rest);
     }
+    if let Some(rest) = data.strip_prefix(AVERAGED_TAG) {
+        return averaged_decode(rest);
+    }
     dispatch_with_lbfgs!(data, decode_case, lbfgs_decode_case);
 }
 
@@ -918,6 +921,58 @@ fn swalr_decode(data: &[u8]) {
             for _ in 0..3 {
                 let _ = s.step(&mut opt);
             }
+        }
+    }
+}
+
+/// `decode` input starting with this: one byte (bit 0: f64; bit 1: EMA; bit 2: update before
+/// loading), then an `AveragedModel` state as JSON.
+pub const AVERAGED_TAG: &[u8] = b"AVG:";
+
+fn averaged_decode(data: &[u8]) {
+    let mut input = Input::new(data);
+    if input.bool() {
+        averaged_decode_case::<f64>(&mut input)
+    } else {
+        averaged_decode_case::<f32>(&mut input)
+    }
+}
+
+/// An `AveragedModel` state from arbitrary bytes: never a panic; a failed load changes
+/// nothing; what loads saves, loads back to the same state, and updates.
+fn averaged_decode_case<T: Float>(input: &mut Input<'_>) {
+    use optarena::AveragedModel;
+    let flags = input.u8();
+    let arena = standard_arena::<T>();
+    let mut m = if flags & 1 == 1 {
+        AveragedModel::ema(&arena, 0.9).expect("a valid decay")
+    } else {
+        AveragedModel::new(&arena)
+    };
+    if flags & 2 == 2 {
+        m.update_parameters(&arena).expect("the same arena");
+    }
+    let Ok(text) = std::str::from_utf8(input.rest()) else {
+        return;
+    };
+    let observe = |m: &AveragedModel<T>| {
+        (
+            m.state_dict_json().unwrap(),
+            m.averaged()
+                .iter()
+                .map(|x| x.to_f64().to_bits())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let before = observe(&m);
+    match m.load_state_dict_json(text) {
+        Err(_) => assert_eq!(observe(&m), before, "changed by a failed load"),
+        Ok(()) => {
+            let now = observe(&m);
+            m.load_state_dict_json(&now.0)
+                .expect("a saved state loads back");
+            assert_eq!(observe(&m), now, "JSON round trip changed the state");
+            m.update_parameters(&arena).expect("the same arena");
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod adagrad;
 pub mod adam;
 pub mod adamax;
 pub mod asgd;
+pub mod average;
 pub mod lbfgs;
 mod moments;
 pub mod nadam;
