@@ -66,6 +66,13 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   ``"dtype": "float64"`` field, which optarena's reader adds; absent means float32) float64;
   a case larger than one 16K-element chunk.
 
+* ``sparse_adam.json`` (``--only sparse_adam``): torch.optim.SparseAdam in SCHEMA.md's
+  SparseAdam section (``"sparse_rows": true``; rows of the hashed gradient are kept where
+  ``hashed(seed, 10000 + t, n_rows) > 0``, then ``to_sparse(sparse_dim=1)``): defaults, lr,
+  betas and eps (zero betas too), maximize, per-group overrides, float32 and float64, and
+  tables of one to three rows that often get an empty gradient (the step still counts). 20
+  steps, every step recorded.
+
 ``--check DIR`` instead re-runs every case found in the fixture files of DIR (e.g.
 shared/fixtures/sample) from its own description and reports whether torch reproduces the
 stored values bit for bit. The script is deterministic; it takes about two minutes on 2 cores.
@@ -943,6 +950,73 @@ def gen_averaged(out_dir, meta, summary):
     summary.append(("averaged.json", len(cases), len(text), ""))
 
 
+# --------------------------------------------------------------------------------------
+# SparseAdam (sparse_adam.json)
+# --------------------------------------------------------------------------------------
+
+SPARSE_SHAPES = [[10, 4], [6, 7], [9, 3]]
+SPARSE_CASES = [  # (desc, defaults, overrides of a second group or None, dtype, shapes)
+    ("default", {}, None, "float32", SPARSE_SHAPES),
+    ("default", {}, {"lr": 0.003}, "float32", SPARSE_SHAPES),
+    ("lr", {"lr": 0.01}, None, "float32", SPARSE_SHAPES),
+    ("betas, eps", {"lr": 0.005, "betas": [0.8, 0.99], "eps": 1e-6}, None, "float32", SPARSE_SHAPES),
+    ("maximize", {"lr": 0.002, "maximize": True}, {"betas": [0.5, 0.9]}, "float32", SPARSE_SHAPES),
+    ("zero betas", {"betas": [0.0, 0.0], "eps": 0.1}, None, "float32", SPARSE_SHAPES),
+    # [2, 5] and [1, 3] often get no row at all: an empty sparse gradient still counts a step.
+    ("small tables", {"lr": 0.01}, {"lr": 0.02, "maximize": True}, "float32", [[2, 5], [40, 16], [1, 3], [3, 1]]),
+    ("default", {}, None, "float64", SPARSE_SHAPES),
+    ("betas, eps, maximize", {"lr": 0.01, "betas": [0.7, 0.95], "eps": 1e-4, "maximize": True},
+     {"lr": 0.001}, "float64", SPARSE_SHAPES),
+]
+SPARSE_STEPS = 20
+
+
+def run_sparse_adam(case):
+    """SCHEMA.md's SparseAdam section: the dense hashed gradient with rows masked out by
+    hashed(seed, 10000 + t, n_rows) > 0, then to_sparse(sparse_dim=1)."""
+    dtype = DTYPES[case["dtype"]]
+    shapes = [s for g in case["groups"] for s in g["shapes"]]
+    n_total = sum(numel(s) for s in shapes)
+    n_rows = sum(s[0] for s in shapes)
+    seed = case["seed"]
+    params = [p.requires_grad_(True) for p in split(hashed(seed, 0, n_total), shapes, dtype)]
+    groups, i = [], 0
+    for g in case["groups"]:
+        k = len(g["shapes"])
+        groups.append({"params": params[i:i + k], **to_torch_kwargs(g["overrides"])})
+        i += k
+    opt = torch.optim.SparseAdam(groups, **to_torch_kwargs(case["defaults"]))
+    steps = []
+    for t in range(1, SPARSE_STEPS + 1):
+        keep = hashed(seed, 10000 + t, n_rows) > 0
+        r = 0
+        for p, g in zip(params, split(hashed(seed, t, n_total), shapes, dtype)):
+            mask = torch.from_numpy(keep[r:r + g.shape[0]].copy())
+            r += g.shape[0]
+            g = g * mask.to(dtype).reshape(-1, *([1] * (g.dim() - 1)))
+            p.grad = g.to_sparse(sparse_dim=1)
+        opt.step()
+        steps.append({"step": t, "params": [b64(p.detach().numpy(), case["dtype"]) for p in params]})
+    return steps
+
+
+def gen_sparse_adam(out_dir, meta, summary):
+    cases = []
+    for desc, defaults, g2, dtype, shapes in SPARSE_CASES:
+        if g2 is None:
+            groups = [{"overrides": {}, "shapes": shapes}]
+        else:
+            groups = [{"overrides": {}, "shapes": shapes[:-1]}, {"overrides": g2, "shapes": shapes[-1:]}]
+        name = f"SparseAdam/{desc}/groups{len(groups)}" + ("" if dtype == "float32" else "/float64")
+        case = {"name": name, "optimizer": "SparseAdam", "dtype": dtype, "defaults": defaults,
+                "groups": groups, "seed": SEEDS(name), "sparse_rows": True}
+        case["steps"] = run_sparse_adam(case)
+        cases.append(case)
+    text = json.dumps({"meta": meta, "cases": cases})
+    write(out_dir, "sparse_adam.json", text)
+    summary.append(("sparse_adam.json", len(cases), len(text), ""))
+
+
 def check_dir(d):
     n_ok = n_bad = 0
     for fname in sorted(os.listdir(d)):
@@ -951,7 +1025,10 @@ def check_dir(d):
         data = json.load(open(os.path.join(d, fname)))
         for case in data["cases"]:
             kind, ok, detail = None, False, ""
-            if "groups" in case:
+            if case.get("sparse_rows"):
+                kind = "sparse_adam"
+                ok = run_sparse_adam(case) == case["steps"]
+            elif "groups" in case:
                 kind = "elementwise"
                 steps = run_elementwise(case, [s["step"] for s in case["steps"]])
                 ok = steps == case["steps"]
@@ -1024,6 +1101,8 @@ def main():
         gen_swalr(args.out, meta, summary)
     if args.only in (None, "averaged"):
         gen_averaged(args.out, meta, summary)
+    if args.only in (None, "sparse_adam"):
+        gen_sparse_adam(args.out, meta, summary)
 
     print(f"torch {torch.__version__}; wrote {args.out} in {time.time() - t0:.1f} s")
     for fname, n, size, extra in summary:

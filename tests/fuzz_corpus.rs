@@ -170,4 +170,14 @@ fn write_swa_seeds() {
     d.extend_from_slice(&[0, 3]);
     d.extend_from_slice(m.state_dict_json().unwrap().as_bytes());
     std::fs::write(corpus("decode").join("seed-json-AveragedModel"), d).unwrap();
+    // SparseAdam: f32, default options, groups split at 2; a valid sparse step on p0 (rows
+    // 0 and 2), one with an out-of-range row, one with a wrong value count, a dense step,
+    // a save and a load.
+    let mut d = fuzz_bodies::SPARSE_ADAM_TAG.to_vec();
+    d.extend_from_slice(&[0, 0, 0, 0, 0, 2]);
+    d.extend_from_slice(&[0, 1, 0, 2, 0, 2, 0, 10, 20, 30, 40, 50, 60]);
+    d.extend_from_slice(&[1, 1, 0, 1, 7, 0, 10, 20]);
+    d.extend_from_slice(&[0, 1, 4, 1, 1, 250, 3, 1, 2, 3]);
+    d.extend_from_slice(&[2, 1, 3, 1, 3, 0]);
+    std::fs::write(corpus("api").join("seed-SparseAdam"), d).unwrap();
 }

@@ -34,6 +34,7 @@ pub mod radam;
 pub mod rmsprop;
 pub mod rprop;
 pub mod sgd;
+pub mod sparse_adam;
 
 use crate::float::{Float, Lane};
 

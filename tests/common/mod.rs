@@ -460,6 +460,8 @@ pub enum Kind {
     Clip,
     /// `AveragedModel` updates (SCHEMA.md's `averaged.json`).
     Averaged,
+    /// `SparseAdam` trajectories (`"sparse_rows": true`, SCHEMA.md's `sparse_adam.json`).
+    SparseRows,
     /// Not a fixture.
     Unknown,
 }
@@ -468,6 +470,8 @@ pub enum Kind {
 pub fn kind_of(case: &Value) -> Kind {
     if case.get("averaged").is_some() && case.get("updates").is_some() {
         Kind::Averaged
+    } else if case.get("sparse_rows").and_then(Value::as_bool) == Some(true) {
+        Kind::SparseRows
     } else if case.get("scheduler").is_some() {
         Kind::Scheduler
     } else if case.get("function").is_some() {
@@ -575,6 +579,7 @@ pub fn run_any(kind: Kind, case: &Value) -> Outcome {
         Kind::Scheduler => run_scheduler_case(case),
         Kind::Clip => run_clip_case(case),
         Kind::Averaged => run_averaged_case(case, Parallelism::Sequential),
+        Kind::SparseRows => run_sparse_case(case, false),
         Kind::Unknown => Outcome::Skip("unrecognised case".into()),
     }
 }
@@ -1231,6 +1236,143 @@ pub fn run_averaged<T: Float>(case: &Value, parallelism: Parallelism, threshold:
                     return Outcome::Fail(format!(
                         "{name}: update {t}, param {pi}[{k}]: optarena {g:e}, torch {w:e}"
                     ));
+                }
+            }
+        }
+    }
+    Outcome::Pass
+}
+
+// ---------------------------------------------------------------------------------------------
+// SparseAdam (SCHEMA.md's `sparse_adam.json`)
+
+/// Replays one `"sparse_rows": true` case in its dtype; `reference` uses the scalar kernel.
+pub fn run_sparse_case(case: &Value, reference: bool) -> Outcome {
+    match (case["optimizer"].as_str(), case["dtype"].as_str()) {
+        (Some("SparseAdam"), Some("float32")) => run_sparse_adam::<f32>(case, reference),
+        (Some("SparseAdam"), Some("float64")) => run_sparse_adam::<f64>(case, reference),
+        (o, d) => Outcome::Skip(format!("sparse rows {o:?} ({d:?})")),
+    }
+}
+
+/// The sparse gradient of step `t` of a SparseAdam case: for each parameter, the kept rows
+/// that are not all zero and their values (SCHEMA.md).
+pub fn sparse_grads(seed: u64, t: u64, shapes: &[Vec<usize>]) -> Vec<(Vec<usize>, Vec<f64>)> {
+    let n_total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let n_rows: usize = shapes.iter().map(|s| s[0]).sum();
+    let dense = hashed(seed, t, n_total);
+    let keep = hashed(seed, 10_000 + t, n_rows);
+    let (mut at, mut row0) = (0, 0);
+    let mut out = Vec::new();
+    for s in shapes {
+        let len: usize = s.iter().product();
+        let cols = len / s[0];
+        let (mut rows, mut vals) = (Vec::new(), Vec::new());
+        for r in 0..s[0] {
+            let v = &dense[at + r * cols..at + (r + 1) * cols];
+            if keep[row0 + r] > 0.0 && v.iter().any(|&x| x != 0.0) {
+                rows.push(r);
+                vals.extend_from_slice(v);
+            }
+        }
+        out.push((rows, vals));
+        at += len;
+        row0 += s[0];
+    }
+    out
+}
+
+fn run_sparse_adam<T: Float>(case: &Value, reference: bool) -> Outcome {
+    use optarena::{SparseAdam, SparseAdamConfig, SparseGrad};
+    let name = case["name"].as_str().unwrap_or("?");
+    let dtype = case["dtype"].as_str().unwrap();
+    let seed = case["seed"].as_u64().unwrap();
+    let mut shapes: Vec<Vec<usize>> = Vec::new();
+    let mut group_specs = Vec::new();
+    for g in case["groups"].as_array().unwrap() {
+        let mut cfg = case["defaults"].as_object().cloned().unwrap_or_default();
+        for (k, v) in g["overrides"].as_object().unwrap() {
+            cfg.insert(k.clone(), v.clone());
+        }
+        let cfg: SparseAdamConfig = match serde_json::from_value(Value::Object(cfg)) {
+            Ok(c) => c,
+            Err(e) => return Outcome::Fail(format!("{name}: options: {e}")),
+        };
+        let first = shapes.len();
+        for s in g["shapes"].as_array().unwrap() {
+            shapes.push(
+                s.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect(),
+            );
+        }
+        group_specs.push((first..shapes.len(), cfg));
+    }
+    let n_total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let init = hashed(seed, 0, n_total);
+    let mut b = ArenaBuilder::<T>::new();
+    let mut handles = Vec::new();
+    let mut at = 0;
+    for (i, s) in shapes.iter().enumerate() {
+        let len: usize = s.iter().product();
+        let vals: Vec<T> = init[at..at + len].iter().map(|&x| T::from_f64(x)).collect();
+        handles.push(b.param(&format!("p{i}"), s, &vals).unwrap());
+        at += len;
+    }
+    let mut arena = b.build();
+    let groups = group_specs
+        .into_iter()
+        .map(|(r, c)| (handles[r].to_vec(), c));
+    let mut opt = match SparseAdam::new(&arena, groups) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Fail(format!("{name}: construction failed: {e}")),
+    };
+    let (rel, abs) = elementwise_tol(dtype);
+    let steps = case["steps"].as_array().unwrap();
+    let last = steps
+        .iter()
+        .map(|s| s["step"].as_u64().unwrap())
+        .max()
+        .unwrap_or(0);
+    let mut rec = steps.iter().peekable();
+    for t in 1..=last {
+        let sparse: Vec<(Vec<usize>, Vec<T>)> = sparse_grads(seed, t, &shapes)
+            .into_iter()
+            .map(|(r, v)| (r, v.into_iter().map(T::from_f64).collect()))
+            .collect();
+        let grads: Vec<SparseGrad<'_, T>> = handles
+            .iter()
+            .zip(&sparse)
+            .map(|(&h, (r, v))| SparseGrad::new(h, r, v))
+            .collect();
+        let r = if reference {
+            opt.step_sparse_reference(&mut arena, &grads)
+        } else {
+            opt.step_sparse(&mut arena, &grads)
+        };
+        if let Err(e) = r {
+            return Outcome::Fail(format!("{name}: step {t} failed: {e}"));
+        }
+        while let Some(r) = rec.peek() {
+            if r["step"].as_u64().unwrap() != t {
+                break;
+            }
+            let r = rec.next().unwrap();
+            for (pi, b64) in r["params"].as_array().unwrap().iter().enumerate() {
+                let want = decode(b64.as_str().unwrap(), dtype);
+                let got = arena.value(handles[pi]);
+                if want.len() != got.len() {
+                    return Outcome::Fail(format!("{name}: param {pi} length"));
+                }
+                for (k, (w, g)) in want.iter().zip(got).enumerate() {
+                    let g = g.to_f64();
+                    if !((g - w).abs() <= rel * w.abs() + abs || (g.is_nan() && w.is_nan())) {
+                        return Outcome::Fail(format!(
+                            "{name}: step {t}, param {pi}[{k}]: optarena {g:e}, torch {w:e}"
+                        ));
+                    }
                 }
             }
         }
