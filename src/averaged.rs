@@ -230,6 +230,11 @@ impl<T: Float> AveragedModel<T> {
     pub fn value(&self, arena: &Arena<T>, p: Param<T>) -> Result<&[T]> {
         self.check_layout(arena)?;
         self.check_not_swapped("read the averaged values")?;
+        if arena.param_at(p.index()) != Some(p) {
+            return Err(Error::ArenaMismatch(format!(
+                "AveragedModel: parameter handle {p:?} is not one of this arena's"
+            )));
+        }
         Ok(&self.averaged[arena.info(p).range()])
     }
 
@@ -282,7 +287,7 @@ impl<T: Float> AveragedModel<T> {
         self.check_layout(arena)?;
         self.check_not_swapped("update the average")?;
         self.run_update(arena.params(), false);
-        self.n_averaged += 1;
+        self.n_averaged = self.n_averaged.saturating_add(1);
         Ok(())
     }
 
@@ -292,7 +297,7 @@ impl<T: Float> AveragedModel<T> {
         self.check_layout(arena)?;
         self.check_not_swapped("update the average")?;
         self.run_update(arena.params(), true);
-        self.n_averaged += 1;
+        self.n_averaged = self.n_averaged.saturating_add(1);
         Ok(())
     }
 

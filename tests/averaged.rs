@@ -222,6 +222,11 @@ fn another_arena_is_an_error_and_changes_nothing() {
         assert_eq!((bits(m.averaged()), m.n_averaged()), before);
     }
     assert!(renamed.params().iter().all(|&x| x == 0.0));
+    // A handle of another arena is an error, not a panic.
+    let foreign = arena::<f32>(&[5, 3], 3);
+    let h = foreign.handles().next().unwrap();
+    assert!(m.value(&a, h).is_err());
+    assert!(m.value(&foreign, h).is_ok());
     // The same layout built again (a resumed run) is accepted.
     let again = arena::<f32>(&[5, 3], 3);
     m.update_parameters(&again).unwrap();

@@ -214,6 +214,7 @@ fn invalid_input_is_an_error_naming_it_and_changes_nothing() {
         .step_sparse(&mut a, &[SparseGrad::new(be, &[1], &four)])
         .unwrap_err();
     assert!(err.to_string().contains("not one of this arena's"), "{err}");
+    assert!(opt.state(&a, be).is_err());
     assert_eq!(snapshot(&opt, &a), before);
     // Dense gradients: torch's message.
     opt.step(&mut a).unwrap();

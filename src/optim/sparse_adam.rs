@@ -344,6 +344,11 @@ impl<T: Float> SparseAdam<T> {
     /// `exp_avg` and `exp_avg_sq` of `p` (zeros before its first gradient).
     pub fn state(&self, arena: &Arena<T>, p: Param<T>) -> Result<(&[T], &[T])> {
         self.check_arena(arena)?;
+        if arena.param_at(p.index()) != Some(p) {
+            return Err(Error::ArenaMismatch(format!(
+                "SparseAdam: parameter handle {p:?} is not one of this arena's"
+            )));
+        }
         let r = self.layout[p.index()].range();
         Ok((&self.exp_avg[r.clone()], &self.exp_avg_sq[r]))
     }
@@ -463,7 +468,7 @@ impl<T: Float> SparseAdam<T> {
         let i = sg.param.index();
         let Some(g) = self.group_of[i] else { return };
         let config = self.groups[g].config;
-        let step = self.steps[i].unwrap_or(0) + 1;
+        let step = self.steps[i].unwrap_or(0).saturating_add(1);
         self.steps[i] = Some(step);
         if sg.rows.is_empty() {
             return; // torch: "Skip update for empty grad" (the step still counts)
