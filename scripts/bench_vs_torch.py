@@ -539,6 +539,66 @@ def muon_section(args, binary):
     return lines
 
 
+SPARSE_HEADING = "## SparseAdam on an embedding table"
+
+
+def torch_sparse_adam_time(rows, cols, touched, steps, seed=42):
+    """torch.optim.SparseAdam on a [rows, cols] f32 table, `touched` distinct sorted rows per
+    step (coalesced sparse gradients built in advance, not timed). Median and p99 seconds."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.nn.Parameter((torch.arange(rows * cols) % 1000 - 500).float().mul_(1e-3).view(rows, cols))
+    opt = torch.optim.SparseAdam([weight])
+    warmup = 3
+    grads = []
+    for _ in range(warmup + steps):
+        idx = torch.randperm(rows, generator=g)[:touched].sort().values
+        vals = torch.rand(touched, cols, generator=g) * 2e-2 - 1e-2
+        grads.append(torch.sparse_coo_tensor(idx[None], vals, (rows, cols)).coalesce())
+    times = []
+    for k, grad in enumerate(grads):
+        weight.grad = grad
+        t = time.perf_counter()
+        opt.step()
+        if k >= warmup:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2], times[min(len(times) - 1, len(times) * 99 // 100)]
+
+
+def sparse_section(args, binary):
+    """SparseAdam on a 1M x 64 f32 embedding table with 1% of the rows touched per step, torch
+    against optarena (`examples/sparse_adam_bench`). Returns the section's Markdown lines."""
+    rows, cols, touched = (100_000, 64, 1_000) if args.quick else (1_000_000, 64, 10_000)
+    steps = 10 if args.quick else 50
+    results = {"torch": [], "optarena": []}
+    for rnd in range(args.rounds):
+        print(f"sparse adam, round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        results["torch"].append(torch_sparse_adam_time(rows, cols, touched, steps))
+        out = subprocess.run([binary, str(rows), str(cols), str(touched), str(steps)], check=True,
+                             capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        results["optarena"].append((r["median_s"], r["p99_s"]))
+
+    def med(impl, k=0):
+        return statistics.median(r[k] for r in results[impl])
+
+    lines = [SPARSE_HEADING, "",
+             f"`SparseAdam` steps on a [{rows}, {cols}] f32 embedding table, {touched} distinct "
+             f"rows ({touched / rows:.0%}) touched per step (a coalesced sparse gradient, built "
+             "before the timing), default options. torch: `torch.optim.SparseAdam` (its only "
+             "implementation), `torch.set_num_threads` threads; optarena: "
+             "`examples/sparse_adam_bench` (the step runs on the calling thread).", "",
+             *provenance(),
+             f"- {rounds_text(args.rounds)}, {steps} timed steps each; medians over rounds of each "
+             "round's median step", "",
+             "| impl | median step | p99 step | optarena speed-up |", "|---|---|---|---|"]
+    ours = med("optarena")
+    for impl in ["torch", "optarena"]:
+        speed_up = "" if impl == "optarena" else f"{med(impl) / ours:.2f}x"
+        lines.append(f"| {impl} | {med(impl) * 1e3:.2f} ms | {med(impl, 1) * 1e3:.2f} ms | {speed_up} |")
+    return lines
+
+
 def write_section(path, lines):
     """Puts a section into the Markdown file `path`: in place of the section with the same
     heading (up to the next `## ` heading), else before the analysis appended from
@@ -612,8 +672,17 @@ def main():
     ap.add_argument("--realistic-only", action="store_true",
                     help="only the realistic-gradients-and-idle-pool section, written into "
                          "--out in place of its old version")
+    ap.add_argument("--sparse-only", action="store_true",
+                    help="only the SparseAdam embedding-table section, written into --out in "
+                         "place of its old version")
     args = ap.parse_args()
     os.chdir(REPO)
+    if args.sparse_only:
+        torch.set_num_threads(args.threads)
+        lines = sparse_section(args, build_example("sparse_adam_bench"))
+        write_section(args.out, lines)
+        print("\n".join(lines))
+        return
     if args.focus:
         return focus(args.focus, args.threads)
     if args.train_loop_only or args.realistic_only or args.latency_only or args.muon_only:
@@ -744,6 +813,7 @@ def main():
     lines += [""] + train_loop_section(args, train_binary)
     lines += [""] + latency_section(args)
     lines += [""] + muon_section(args, binary)
+    lines += [""] + sparse_section(args, build_example("sparse_adam_bench"))
     notes = notes_lines()
     if notes:
         lines += [""] + notes

@@ -57,6 +57,28 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   further than 4e-7 (grads) / 2e-6 (total_norm) relative from the same formula in f64 is
   re-seeded (``<name>#k``), so that no fixture sits at the edge of SCHEMA's tolerance.
 
+* ``swalr.json`` (``--only swalr``): torch.optim.swa_utils.SWALR in the ``schedulers.json``
+  format: one number or one per group for ``swa_lr``, ``anneal_epochs`` 0, 1, 4, 5, 7, 25, 80
+  (never finished), ``"cos"`` and ``"linear"``, annealing down and up; SWALR as SequentialLR's
+  second child; and torch's SWA recipe, where a warm-up scheduler (LinearLR,
+  CosineAnnealingLR) is built first, SWALR second, and the warm-up is stepped for
+  ``warmup.epochs`` epochs before SWALR takes over (``"warmup": {"scheduler", "config",
+  "epochs"}``, a field optarena's reader adds to SCHEMA.md's format).
+
+* ``averaged.json`` (``--only averaged``): torch.optim.swa_utils.AveragedModel over a
+  ``ParameterList``, SCHEMA.md's AveragedModel section: the default equal running mean
+  (``"swa"``) and ``get_ema_multi_avg_fn(decay)`` (``"ema"``) for decay 0.999, 0.99, 0.9, 0.75,
+  0.5, 0.3 (lerp weights on both sides of ATen's 0.5 switch), 0 and 1; float32 and (with a
+  ``"dtype": "float64"`` field, which optarena's reader adds; absent means float32) float64;
+  a case larger than one 16K-element chunk.
+
+* ``sparse_adam.json`` (``--only sparse_adam``): torch.optim.SparseAdam in SCHEMA.md's
+  SparseAdam section (``"sparse_rows": true``; rows of the hashed gradient are kept where
+  ``hashed(seed, 10000 + t, n_rows) > 0``, then ``to_sparse(sparse_dim=1)``): defaults, lr,
+  betas and eps (zero betas too), maximize, per-group overrides, float32 and float64, and
+  tables of one to three rows that often get an empty gradient (the step still counts). 20
+  steps, every step recorded.
+
 ``--check DIR`` instead re-runs every case found in the fixture files of DIR (e.g.
 shared/fixtures/sample) from its own description and reports whether torch reproduces the
 stored values bit for bit. The script is deterministic; it takes about two minutes on 2 cores.
@@ -672,6 +694,8 @@ def make_scheduler(opt, name, config):
     cfg = dict(config)
     if name in LAMBDAS:
         cfg["lr_lambda"] = LAMBDAS[name][cfg["lr_lambda"]]
+    if name == "SWALR":
+        return torch.optim.swa_utils.SWALR(opt, **cfg)
     if name in ("SequentialLR", "ChainedScheduler"):
         cfg["schedulers"] = [make_scheduler(opt, n, c) for n, c in cfg["schedulers"]]
         if name == "ChainedScheduler":
@@ -867,6 +891,199 @@ def gen_clip(out_dir, meta, summary, notes):
 # --------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------
+# Stochastic Weight Averaging: SWALR (swalr.json)
+# --------------------------------------------------------------------------------------
+
+SWALR_CASES = [
+    ({"swa_lr": 0.05}, None),
+    ({"swa_lr": [0.05, 0.002], "anneal_epochs": 5, "anneal_strategy": "linear"}, None),
+    ({"swa_lr": 0.02, "anneal_epochs": 7, "anneal_strategy": "cos"}, None),
+    ({"swa_lr": [0.3, 0.05], "anneal_epochs": 4}, None),            # anneals upwards
+    ({"swa_lr": 0.05, "anneal_epochs": 0}, None),
+    ({"swa_lr": 0.05, "anneal_epochs": 0, "anneal_strategy": "linear"}, None),
+    ({"swa_lr": 0.01, "anneal_epochs": 1, "anneal_strategy": "linear"}, None),
+    ({"swa_lr": 0.01, "anneal_epochs": 1}, None),
+    ({"swa_lr": [0.001, 0.0], "anneal_epochs": 80, "anneal_strategy": "linear"}, None),  # never done
+    ({"swa_lr": 0.004, "anneal_epochs": 25}, None),
+    # torch's SWA recipe: the warm-up scheduler is built first, SWALR second; the warm-up is
+    # stepped for `epochs` epochs, SWALR after that ("warmup": an optarena extension).
+    ({"swa_lr": 0.05, "anneal_epochs": 5}, {"scheduler": "LinearLR",
+                                           "config": {"start_factor": 0.25, "total_iters": 8}, "epochs": 12}),
+    ({"swa_lr": [0.02, 0.005], "anneal_epochs": 3, "anneal_strategy": "linear"},
+     {"scheduler": "CosineAnnealingLR", "config": {"T_max": 30, "eta_min": 0.001}, "epochs": 20}),
+    ({"swa_lr": 0.05, "anneal_epochs": 0}, {"scheduler": "LinearLR", "config": {"total_iters": 4}, "epochs": 6}),
+]
+
+
+def run_swalr_recipe(case):
+    """SWALR after a warm-up scheduler, as in torch's recipe (the other cases use run_scheduler)."""
+    w = [torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)]
+    opt = torch.optim.SGD([{"params": [w[0]], "lr": case["base_lrs"][0]},
+                           {"params": [w[1]], "lr": case["base_lrs"][1]}],
+                          momentum=case["momentum"], foreach=False)
+    wu = case["warmup"]
+    warm = make_scheduler(opt, wu["scheduler"], wu["config"])
+    swa = torch.optim.swa_utils.SWALR(opt, **case["config"])
+    lrs, moms = [], []
+    for e in range(N_EPOCHS):
+        lrs.append([float(g["lr"]) for g in opt.param_groups])
+        moms.append([float(g["momentum"]) for g in opt.param_groups])
+        opt.step()
+        (warm if e < wu["epochs"] else swa).step()
+    return lrs, moms
+
+
+def gen_swalr(out_dir, meta, summary):
+    cases = []
+    for i, (config, warmup) in enumerate(SWALR_CASES):
+        case = {"name": f"sched/SWALR/{i}", "scheduler": "SWALR", "config": config,
+                "base_lrs": [0.1, 0.01], "momentum": 0.9, "metrics": None}
+        if warmup is not None:
+            case["name"] += f"/after-{warmup['scheduler']}"
+            case["warmup"] = warmup
+            case["lrs"], case["momentums"] = run_swalr_recipe(case)
+        else:
+            case["lrs"], case["momentums"] = run_scheduler(case)
+        cases.append(case)
+    # SWALR as SequentialLR's second child (SequentialLR calls its _update_lr(0) at the milestone).
+    case = {"name": "sched/SequentialLR/LinearLR+SWALR", "scheduler": "SequentialLR",
+            "config": {"schedulers": [["LinearLR", {"start_factor": 0.5, "total_iters": 5}],
+                                      ["SWALR", {"swa_lr": 0.02, "anneal_epochs": 6}]],
+                       "milestones": [10]},
+            "base_lrs": [0.1, 0.01], "momentum": 0.9, "metrics": None}
+    case["lrs"], case["momentums"] = run_scheduler(case)
+    cases.append(case)
+    text = json.dumps({"meta": meta, "cases": cases})
+    write(out_dir, "swalr.json", text)
+    summary.append(("swalr.json", len(cases), len(text), ""))
+
+
+# --------------------------------------------------------------------------------------
+# Stochastic Weight Averaging: AveragedModel (averaged.json)
+# --------------------------------------------------------------------------------------
+
+AVERAGED_SHAPES = [[7, 5], [5], [33]]
+AVERAGED_CASES = [  # (kind, decay, dtype, shapes, updates)
+    ("swa", None, "float32", AVERAGED_SHAPES, 25),
+    ("swa", None, "float64", AVERAGED_SHAPES, 25),
+    ("swa", None, "float32", [[130, 130], [3]], 4),   # more than one 16K chunk
+    ("ema", 0.999, "float32", AVERAGED_SHAPES, 20),  # torch's default decay
+    ("ema", 0.99, "float32", AVERAGED_SHAPES, 20),
+    ("ema", 0.9, "float32", AVERAGED_SHAPES, 20),
+    ("ema", 0.5, "float32", AVERAGED_SHAPES, 10),    # weight 0.5: ATen's second lerp formula
+    ("ema", 0.3, "float32", AVERAGED_SHAPES, 10),    # weight 0.7: ATen's second lerp formula
+    ("ema", 0.0, "float32", AVERAGED_SHAPES, 5),     # the average is the last model
+    ("ema", 1.0, "float32", AVERAGED_SHAPES, 5),     # the average stays the first model
+    ("ema", 0.9, "float64", AVERAGED_SHAPES, 20),
+    ("ema", 0.75, "float32", [[130, 130], [3]], 4),
+]
+
+
+def run_averaged(case):
+    """AveragedModel over a ParameterList: set the model to hashed(seed, t), update, record."""
+    dtype = DTYPES[case.get("dtype", "float32")]
+    shapes, seed = case["shapes"], case["seed"]
+    n_total = sum(numel(s) for s in shapes)
+    model = torch.nn.ParameterList([torch.nn.Parameter(p) for p in split(hashed(seed, 0, n_total), shapes, dtype)])
+    su = torch.optim.swa_utils
+    if case["averaged"] == "swa":
+        avg = su.AveragedModel(model)
+    else:
+        avg = su.AveragedModel(model, multi_avg_fn=su.get_ema_multi_avg_fn(case["decay"]))
+    out = []
+    for t in range(1, case["n_updates"] + 1):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), split(hashed(seed, t, n_total), shapes, dtype)):
+                p.copy_(v)
+        avg.update_parameters(model)
+        assert int(avg.n_averaged) == t
+        out.append({"step": t, "params": [b64(p.detach().numpy(), case.get("dtype", "float32"))
+                                          for p in avg.module.parameters()]})
+    return out
+
+
+def gen_averaged(out_dir, meta, summary):
+    cases = []
+    for kind, decay, dtype, shapes, n in AVERAGED_CASES:
+        name = f"averaged/{kind}/{decay}/{dtype}/{'x'.join(str(numel(s)) for s in shapes)}"
+        case = {"name": name, "averaged": kind, "decay": decay, "dtype": dtype, "shapes": shapes,
+                "seed": SEEDS(name), "n_updates": n}
+        case["updates"] = run_averaged(case)
+        del case["n_updates"]
+        cases.append(case)
+    text = json.dumps({"meta": meta, "cases": cases})
+    write(out_dir, "averaged.json", text)
+    summary.append(("averaged.json", len(cases), len(text), ""))
+
+
+# --------------------------------------------------------------------------------------
+# SparseAdam (sparse_adam.json)
+# --------------------------------------------------------------------------------------
+
+SPARSE_SHAPES = [[10, 4], [6, 7], [9, 3]]
+SPARSE_CASES = [  # (desc, defaults, overrides of a second group or None, dtype, shapes)
+    ("default", {}, None, "float32", SPARSE_SHAPES),
+    ("default", {}, {"lr": 0.003}, "float32", SPARSE_SHAPES),
+    ("lr", {"lr": 0.01}, None, "float32", SPARSE_SHAPES),
+    ("betas, eps", {"lr": 0.005, "betas": [0.8, 0.99], "eps": 1e-6}, None, "float32", SPARSE_SHAPES),
+    ("maximize", {"lr": 0.002, "maximize": True}, {"betas": [0.5, 0.9]}, "float32", SPARSE_SHAPES),
+    ("zero betas", {"betas": [0.0, 0.0], "eps": 0.1}, None, "float32", SPARSE_SHAPES),
+    # [2, 5] and [1, 3] often get no row at all: an empty sparse gradient still counts a step.
+    ("small tables", {"lr": 0.01}, {"lr": 0.02, "maximize": True}, "float32", [[2, 5], [40, 16], [1, 3], [3, 1]]),
+    ("default", {}, None, "float64", SPARSE_SHAPES),
+    ("betas, eps, maximize", {"lr": 0.01, "betas": [0.7, 0.95], "eps": 1e-4, "maximize": True},
+     {"lr": 0.001}, "float64", SPARSE_SHAPES),
+]
+SPARSE_STEPS = 20
+
+
+def run_sparse_adam(case):
+    """SCHEMA.md's SparseAdam section: the dense hashed gradient with rows masked out by
+    hashed(seed, 10000 + t, n_rows) > 0, then to_sparse(sparse_dim=1)."""
+    dtype = DTYPES[case["dtype"]]
+    shapes = [s for g in case["groups"] for s in g["shapes"]]
+    n_total = sum(numel(s) for s in shapes)
+    n_rows = sum(s[0] for s in shapes)
+    seed = case["seed"]
+    params = [p.requires_grad_(True) for p in split(hashed(seed, 0, n_total), shapes, dtype)]
+    groups, i = [], 0
+    for g in case["groups"]:
+        k = len(g["shapes"])
+        groups.append({"params": params[i:i + k], **to_torch_kwargs(g["overrides"])})
+        i += k
+    opt = torch.optim.SparseAdam(groups, **to_torch_kwargs(case["defaults"]))
+    steps = []
+    for t in range(1, SPARSE_STEPS + 1):
+        keep = hashed(seed, 10000 + t, n_rows) > 0
+        r = 0
+        for p, g in zip(params, split(hashed(seed, t, n_total), shapes, dtype)):
+            mask = torch.from_numpy(keep[r:r + g.shape[0]].copy())
+            r += g.shape[0]
+            g = g * mask.to(dtype).reshape(-1, *([1] * (g.dim() - 1)))
+            p.grad = g.to_sparse(sparse_dim=1)
+        opt.step()
+        steps.append({"step": t, "params": [b64(p.detach().numpy(), case["dtype"]) for p in params]})
+    return steps
+
+
+def gen_sparse_adam(out_dir, meta, summary):
+    cases = []
+    for desc, defaults, g2, dtype, shapes in SPARSE_CASES:
+        if g2 is None:
+            groups = [{"overrides": {}, "shapes": shapes}]
+        else:
+            groups = [{"overrides": {}, "shapes": shapes[:-1]}, {"overrides": g2, "shapes": shapes[-1:]}]
+        name = f"SparseAdam/{desc}/groups{len(groups)}" + ("" if dtype == "float32" else "/float64")
+        case = {"name": name, "optimizer": "SparseAdam", "dtype": dtype, "defaults": defaults,
+                "groups": groups, "seed": SEEDS(name), "sparse_rows": True}
+        case["steps"] = run_sparse_adam(case)
+        cases.append(case)
+    text = json.dumps({"meta": meta, "cases": cases})
+    write(out_dir, "sparse_adam.json", text)
+    summary.append(("sparse_adam.json", len(cases), len(text), ""))
+
+
 def check_dir(d):
     n_ok = n_bad = 0
     for fname in sorted(os.listdir(d)):
@@ -875,7 +1092,10 @@ def check_dir(d):
         data = json.load(open(os.path.join(d, fname)))
         for case in data["cases"]:
             kind, ok, detail = None, False, ""
-            if "groups" in case:
+            if case.get("sparse_rows"):
+                kind = "sparse_adam"
+                ok = run_sparse_adam(case) == case["steps"]
+            elif "groups" in case:
                 kind = "elementwise"
                 steps = run_elementwise(case, [s["step"] for s in case["steps"]])
                 ok = steps == case["steps"]
@@ -896,8 +1116,11 @@ def check_dir(d):
                     detail = f"loss {got[-1]['loss']} vs {want[-1]['loss']}, evals {got[-1]['evals']} vs {want[-1]['evals']}"
             elif "scheduler" in case:
                 kind = "scheduler"
-                lrs, moms = run_scheduler(case)
+                lrs, moms = run_swalr_recipe(case) if "warmup" in case else run_scheduler(case)
                 ok = lrs == case["lrs"] and moms == case["momentums"]
+            elif "averaged" in case:
+                kind = "averaged"
+                ok = run_averaged(dict(case, n_updates=len(case["updates"]))) == case["updates"]
             elif "max_norm" in case or "clip_value" in case:
                 kind = "clip"
                 r = run_clip(case)
@@ -921,8 +1144,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output directory")
     ap.add_argument("--check", metavar="DIR", help="re-run the cases of the fixture files in DIR")
-    ap.add_argument("--only", choices=["subnormal", "muon"],
-                    help="write only this file (elementwise_subnormal.json or muon.json)")
+    ap.add_argument("--only", choices=["subnormal", "muon", "swalr", "averaged", "sparse_adam"],
+                    help="write only this file (elementwise_subnormal.json, muon.json, "
+                         "swalr.json, averaged.json, sparse_adam.json)")
     args = ap.parse_args()
     check_hashed()
     if args.check:
@@ -942,6 +1166,12 @@ def main():
         gen_lbfgs(args.out, meta, summary, notes)
         gen_schedulers(args.out, meta, summary)
         gen_clip(args.out, meta, summary, notes)
+    if args.only in (None, "swalr"):
+        gen_swalr(args.out, meta, summary)
+    if args.only in (None, "averaged"):
+        gen_averaged(args.out, meta, summary)
+    if args.only in (None, "sparse_adam"):
+        gen_sparse_adam(args.out, meta, summary)
 
     print(f"torch {torch.__version__}; wrote {args.out} in {time.time() - t0:.1f} s")
     for fname, n, size, extra in summary:

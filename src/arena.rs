@@ -369,6 +369,14 @@ impl<T: Float> Arena<T> {
         &mut self.params
     }
 
+    /// Exchanges the parameter buffer with `other` (same length) in O(1): how
+    /// [`crate::AveragedModel::swap_into`] puts the averaged weights in place. No step holds a
+    /// pointer into the buffer between calls (work items are planned per step).
+    pub(crate) fn swap_params(&mut self, other: &mut AlignedBuf<T>) {
+        debug_assert_eq!(self.params.len(), other.len());
+        std::mem::swap(&mut self.params, other);
+    }
+
     /// Every gradient as one flat slice. Elements of a parameter without a gradient hold
     /// stale values; check [`Arena::has_grad`].
     pub fn grads(&self) -> &[T] {

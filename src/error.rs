@@ -135,6 +135,12 @@ pub enum Error {
     /// param groups. The message is torch's where torch has one.
     #[error("{0}")]
     Scheduler(String),
+
+    /// A gradient `SparseAdam` cannot take: a dense gradient (torch's message), a row index
+    /// out of range, values that are not `rows × cols` long, a parameter that is not the
+    /// optimizer's or appears twice. Nothing was changed.
+    #[error("{0}")]
+    SparseGrad(String),
 }
 
 impl From<serde_json::Error> for Error {

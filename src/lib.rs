@@ -62,6 +62,7 @@
 
 pub mod arch;
 pub mod arena;
+pub mod averaged;
 mod buffer;
 pub mod checkpoint;
 pub mod clip;
@@ -80,6 +81,7 @@ pub mod subnormals;
 
 pub use arch::{set_simd_level, simd_level, SimdLevel};
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
+pub use averaged::{AverageFn, AveragedModel, AveragedState};
 pub use clip::NormType;
 pub use error::{Error, Result};
 pub use float::{Float, Lane};

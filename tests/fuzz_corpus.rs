@@ -140,3 +140,45 @@ fn write_seeds() {
     lbfgs_seeds::<f32>(0);
     lbfgs_seeds::<f64>(1);
 }
+
+/// Writes the seeds of the tagged inputs (SWALR state decoding).
+#[test]
+#[ignore]
+fn write_swa_seeds() {
+    use optarena::schedule::{AnnealStrategy, SWALRConfig, SWALR};
+    use optarena::LrScheduler;
+    let arena = fuzz_bodies::standard_arena::<f64>();
+    let mut opt = fuzz_bodies::standard_optimizer::<f64, optarena::optim::SgdAlgorithm>(&arena);
+    let mut s = SWALR::new(
+        &mut opt,
+        SWALRConfig {
+            anneal_epochs: 4,
+            anneal_strategy: AnnealStrategy::Linear,
+            ..SWALRConfig::new(vec![0.05, 0.002])
+        },
+    )
+    .unwrap();
+    s.step(&mut opt).unwrap();
+    let mut d = fuzz_bodies::SWALR_TAG.to_vec();
+    d.extend_from_slice(s.state_dict_json().unwrap().as_bytes());
+    std::fs::write(corpus("decode").join("seed-json-SWALR"), d).unwrap();
+    // AveragedModel: EMA in f32 after two updates.
+    let arena = fuzz_bodies::standard_arena::<f32>();
+    let mut m = optarena::AveragedModel::ema(&arena, 0.9).unwrap();
+    m.update_parameters(&arena).unwrap();
+    m.update_parameters(&arena).unwrap();
+    let mut d = fuzz_bodies::AVERAGED_TAG.to_vec();
+    d.extend_from_slice(&[0, 3]);
+    d.extend_from_slice(m.state_dict_json().unwrap().as_bytes());
+    std::fs::write(corpus("decode").join("seed-json-AveragedModel"), d).unwrap();
+    // SparseAdam: f32, default options, groups split at 2; a valid sparse step on p0 (rows
+    // 0 and 2), one with an out-of-range row, one with a wrong value count, a dense step,
+    // a save and a load.
+    let mut d = fuzz_bodies::SPARSE_ADAM_TAG.to_vec();
+    d.extend_from_slice(&[0, 0, 0, 0, 0, 2]);
+    d.extend_from_slice(&[0, 1, 0, 2, 0, 2, 0, 10, 20, 30, 40, 50, 60]);
+    d.extend_from_slice(&[1, 1, 0, 1, 7, 0, 10, 20]);
+    d.extend_from_slice(&[0, 1, 4, 1, 1, 250, 3, 1, 2, 3]);
+    d.extend_from_slice(&[2, 1, 3, 1, 3, 0]);
+    std::fs::write(corpus("api").join("seed-SparseAdam"), d).unwrap();
+}

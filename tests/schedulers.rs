@@ -250,6 +250,7 @@ fn save_load_continue_every_scheduler_case() {
         "SequentialLR",
         "ChainedScheduler",
         "ReduceLROnPlateau",
+        "SWALR",
     ] {
         assert!(names.contains(want), "no save/load case for {want}");
     }
@@ -1118,5 +1119,115 @@ fn the_shared_samples_are_in_the_committed_copy() {
         let a = load_cases(&dir.join("schedulers.json"));
         let b = load_cases(Path::new(&fixtures_dir().join("sample/schedulers.json")));
         assert_eq!(a, b);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SWALR (torch.optim.swa_utils)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn swalr_torch_messages_and_nothing_changes() {
+    let o = &mut opt2();
+    let before = lrs(o);
+    assert_eq!(
+        msg(SWALR::new(o, SWALRConfig::new(vec![0.1, 0.2, 0.3]))),
+        "swa_lr must have the same length as optimizer.param_groups. \
+         swa_lr has 3 values, param_groups has 2."
+    );
+    assert_eq!(
+        msg(SWALR::new(
+            o,
+            SWALRConfig {
+                anneal_epochs: -1,
+                ..SWALRConfig::new(0.05)
+            }
+        )),
+        "anneal_epochs must be equal or greater than 0, got -1"
+    );
+    assert_eq!(
+        msg("exp".parse::<AnnealStrategy>()),
+        "anneal_strategy must be one of 'cos' or 'linear', instead got exp"
+    );
+    let e = serde_json::from_value::<SWALRConfig>(json!({"swa_lr": 0.1, "anneal_strategy": "exp"}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("anneal_strategy must be one of 'cos' or 'linear', instead got exp"),
+        "{e}"
+    );
+    // A negative swa_lr is refused by the optimizer's groups when it is reached.
+    let mut s = SWALR::new(
+        o,
+        SWALRConfig {
+            anneal_epochs: 0,
+            ..SWALRConfig::new(0.05)
+        },
+    )
+    .unwrap();
+    assert_eq!(lrs(o), [0.05, 0.05]);
+    s.step(o).unwrap();
+    assert_eq!(lrs(o), [0.05, 0.05]);
+    let o2 = &mut opt2();
+    assert!(SWALR::new(
+        o2,
+        SWALRConfig {
+            anneal_epochs: 0,
+            ..SWALRConfig::new(-1.0)
+        }
+    )
+    .is_err());
+    assert_eq!(lrs(o2), before, "a failed constructor changed the lr");
+    assert_eq!(o2.group_initial_lr(0).unwrap(), None);
+}
+
+#[test]
+fn swalr_state_round_trips_and_bad_states_are_refused() {
+    let o = &mut opt2();
+    let mut s = SWALR::new(
+        o,
+        SWALRConfig {
+            anneal_epochs: 5,
+            anneal_strategy: AnnealStrategy::Linear,
+            ..SWALRConfig::new(vec![0.05, 0.002])
+        },
+    )
+    .unwrap();
+    for _ in 0..3 {
+        s.step(o).unwrap();
+    }
+    let v = s.state_dict().unwrap();
+    assert_eq!(v["scheduler"], "SWALR");
+    assert_eq!(v["config"]["anneal_strategy"], "linear");
+    assert_eq!(v["swa_lrs"], json!([0.05, 0.002]));
+    assert_eq!(v["_step_count"], 4);
+    let o2 = &mut opt2();
+    let mut s2 = SWALR::new(o2, SWALRConfig::new(0.5)).unwrap();
+    s2.load_state_dict(o2, &v).unwrap();
+    assert_eq!(bits(&lrs(o2)), bits(&lrs(o)));
+    for _ in 0..4 {
+        s.step(o).unwrap();
+        s2.step(o2).unwrap();
+        assert_eq!(bits(&lrs(o2)), bits(&lrs(o)));
+    }
+    let fresh = SWALR::new(&mut opt2(), SWALRConfig::new(0.5))
+        .unwrap()
+        .state_dict()
+        .unwrap();
+    let mut bad = v.clone();
+    bad["config"]["anneal_epochs"] = json!(-2);
+    let mut bad2 = v.clone();
+    bad2["swa_lrs"] = json!([0.05]);
+    let mut bad3 = v.clone();
+    bad3["config"]["anneal_strategy"] = json!("step");
+    let mut bad4 = v.clone();
+    bad4["scheduler"] = json!("LinearLR");
+    for b in [bad, bad2, bad3, bad4] {
+        let o3 = &mut opt2();
+        let mut s3 = SWALR::new(o3, SWALRConfig::new(0.5)).unwrap();
+        let before = lrs(o3);
+        assert!(s3.load_state_dict(o3, &b).is_err(), "{b}");
+        assert_eq!(s3.state_dict().unwrap(), fresh);
+        assert_eq!(lrs(o3), before);
     }
 }

@@ -438,6 +438,12 @@ pub fn fix_checksums(bytes: &mut [u8]) {
 /// optimizer of some kind: never a panic; on an error nothing changed; what loads saves and
 /// loads again to the same state.
 pub fn decode(data: &[u8]) {
+    if let Some(rest) = data.strip_prefix(SWALR_TAG) {
+        return swalr_decode(rest);
+    }
+    if let Some(rest) = data.strip_prefix(AVERAGED_TAG) {
+        return averaged_decode(rest);
+    }
     dispatch_with_lbfgs!(data, decode_case, lbfgs_decode_case);
 }
 
@@ -514,6 +520,9 @@ fn round_trip<T: Float, A: Algorithm>(opt: &mut Optimizer<T, A>, arena: &mut Are
 /// change hyperparameters) against what must hold: no panic, an error for each call known to
 /// be invalid, and nothing changed by a call that errs.
 pub fn api(data: &[u8]) {
+    if let Some(rest) = data.strip_prefix(SPARSE_ADAM_TAG) {
+        return sparse_adam_api(rest);
+    }
     dispatch_with_lbfgs!(data, api_case, lbfgs_api_case);
 }
 
@@ -905,6 +914,240 @@ fn lbfgs_api_case<T: Float>(input: &mut Input<'_>) {
                 before,
                 "L-BFGS op {op} failed but changed the state"
             );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stochastic Weight Averaging and SparseAdam, behind tags at the start of the input (so the
+// numbering of the generic targets above, and their corpus, are unchanged)
+
+/// `decode` input starting with this: the rest is a `SWALR` state dict as JSON.
+pub const SWALR_TAG: &[u8] = b"SWALR:";
+
+/// A `SWALR` state from arbitrary bytes: never a panic; a failed load changes neither the
+/// scheduler nor the optimizer; what loads saves and loads back to the same state and steps.
+fn swalr_decode(data: &[u8]) {
+    use optarena::schedule::{SWALRConfig, SWALR};
+    use optarena::{GroupHyperparams, LrScheduler};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let arena = standard_arena::<f64>();
+    let mut opt = standard_optimizer::<f64, SgdAlgorithm>(&arena);
+    let mut s = SWALR::new(&mut opt, SWALRConfig::new(0.05)).expect("a valid SWALR");
+    let lrs = |o: &Optimizer<f64, SgdAlgorithm>| -> Vec<u64> {
+        (0..o.num_groups())
+            .map(|g| o.group_lr(g).unwrap().to_bits())
+            .collect()
+    };
+    let before = (s.state_dict_json().unwrap(), lrs(&opt));
+    match s.load_state_dict_json(&mut opt, text) {
+        Err(_) => assert_eq!(
+            (s.state_dict_json().unwrap(), lrs(&opt)),
+            before,
+            "changed by a failed load"
+        ),
+        Ok(()) => {
+            let saved = s.state_dict_json().expect("a loaded state serialises");
+            let now = lrs(&opt);
+            s.load_state_dict_json(&mut opt, &saved)
+                .expect("a saved state loads back");
+            assert_eq!((s.state_dict_json().unwrap(), lrs(&opt)), (saved, now));
+            for _ in 0..3 {
+                let _ = s.step(&mut opt);
+            }
+        }
+    }
+}
+
+/// `decode` input starting with this: one byte (bit 0: f64; bit 1: EMA; bit 2: update before
+/// loading), then an `AveragedModel` state as JSON.
+pub const AVERAGED_TAG: &[u8] = b"AVG:";
+
+fn averaged_decode(data: &[u8]) {
+    let mut input = Input::new(data);
+    if input.bool() {
+        averaged_decode_case::<f64>(&mut input)
+    } else {
+        averaged_decode_case::<f32>(&mut input)
+    }
+}
+
+/// An `AveragedModel` state from arbitrary bytes: never a panic; a failed load changes
+/// nothing; what loads saves, loads back to the same state, and updates.
+fn averaged_decode_case<T: Float>(input: &mut Input<'_>) {
+    use optarena::AveragedModel;
+    let flags = input.u8();
+    let arena = standard_arena::<T>();
+    let mut m = if flags & 1 == 1 {
+        AveragedModel::ema(&arena, 0.9).expect("a valid decay")
+    } else {
+        AveragedModel::new(&arena)
+    };
+    if flags & 2 == 2 {
+        m.update_parameters(&arena).expect("the same arena");
+    }
+    let Ok(text) = std::str::from_utf8(input.rest()) else {
+        return;
+    };
+    let observe = |m: &AveragedModel<T>| {
+        (
+            m.state_dict_json().unwrap(),
+            m.averaged()
+                .iter()
+                .map(|x| x.to_f64().to_bits())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let before = observe(&m);
+    match m.load_state_dict_json(text) {
+        Err(_) => assert_eq!(observe(&m), before, "changed by a failed load"),
+        Ok(()) => {
+            let now = observe(&m);
+            m.load_state_dict_json(&now.0)
+                .expect("a saved state loads back");
+            assert_eq!(observe(&m), now, "JSON round trip changed the state");
+            m.update_parameters(&arena).expect("the same arena");
+        }
+    }
+}
+
+/// `api` input starting with this: a `SparseAdam` call sequence (see [`sparse_adam_api`]).
+pub const SPARSE_ADAM_TAG: &[u8] = b"SPA:";
+
+fn sparse_adam_api(data: &[u8]) {
+    let mut input = Input::new(data);
+    if input.bool() {
+        sparse_adam_case::<f64>(&mut input)
+    } else {
+        sparse_adam_case::<f32>(&mut input)
+    }
+}
+
+/// `SparseAdam` on the standard arena with options from the input (maybe invalid), then
+/// operations: sparse steps with arbitrary handles (of this arena or another), row indices
+/// (often out of range, repeated) and value counts (often wrong); dense steps; saves and
+/// (maybe corrupted) loads. Never a panic; every call that errs changes nothing, and every
+/// call known to be invalid errs.
+fn sparse_adam_case<T: Float>(input: &mut Input<'_>) {
+    use optarena::{SparseAdam, SparseAdamConfig, SparseGrad};
+    let mut arena = standard_arena::<T>();
+    let other = standard_arena::<T>();
+    let config = SparseAdamConfig {
+        lr: if input.bool() { input.f64() } else { 1e-2 },
+        betas: if input.bool() {
+            (input.f64(), input.f64())
+        } else {
+            (0.9, 0.999)
+        },
+        eps: if input.bool() { input.f64() } else { 1e-8 },
+        maximize: input.bool(),
+    };
+    let handles: Vec<_> = arena.handles().collect();
+    let split = input.below(handles.len());
+    let groups = vec![
+        (handles[..split].to_vec(), config),
+        (handles[split..].to_vec(), SparseAdamConfig::default()),
+    ];
+    let Ok(mut opt) = SparseAdam::new(&arena, groups) else {
+        return;
+    };
+    let observe = |opt: &SparseAdam<T>, arena: &Arena<T>| {
+        (
+            opt.state_dict_json(),
+            arena
+                .params()
+                .iter()
+                .map(|x| x.to_f64().to_bits())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut saved = opt.state_dict_json().expect("serialises");
+    for _ in 0..32 {
+        if input.is_empty() {
+            break;
+        }
+        let before = observe(&opt, &arena);
+        let (result, must_fail) = match input.u8() % 4 {
+            0 | 1 => {
+                let n = input.below(3);
+                let mut rows: Vec<Vec<usize>> = Vec::new();
+                let mut vals: Vec<Vec<T>> = Vec::new();
+                let mut params = Vec::new();
+                let mut invalid = false;
+                let mut seen = Vec::new();
+                for _ in 0..n {
+                    let foreign = input.u8() == 255;
+                    let k = input.below(SHAPES.len());
+                    let p = if foreign {
+                        other.handles().nth(k).expect("same layout")
+                    } else {
+                        handles[k]
+                    };
+                    let shape = SHAPES[k];
+                    let cols = shape[1..].iter().product::<usize>();
+                    let r: Vec<usize> = (0..input.below(5))
+                        .map(|_| match input.u8() {
+                            255 => usize::MAX,
+                            b => b as usize % (shape[0] + 1),
+                        })
+                        .collect();
+                    let len = match input.u8() {
+                        250..=255 => input.below(9),
+                        _ => r.len() * cols,
+                    };
+                    invalid |= foreign
+                        || r.iter().any(|&x| x >= shape[0])
+                        || len != r.len() * cols
+                        || seen.contains(&k);
+                    seen.push(k);
+                    params.push(p);
+                    vals.push((0..len).map(|_| input.data::<T>()).collect());
+                    rows.push(r);
+                }
+                let grads: Vec<SparseGrad<'_, T>> = params
+                    .iter()
+                    .zip(&rows)
+                    .zip(&vals)
+                    .map(|((&p, r), v)| SparseGrad::new(p, r, v))
+                    .collect();
+                (opt.step_sparse(&mut arena, &grads), invalid)
+            }
+            2 => {
+                let dense = input.bool();
+                if dense {
+                    standard_grads(&mut arena, 1);
+                } else {
+                    arena.zero_grad(true);
+                }
+                let r = opt.step(&mut arena);
+                arena.zero_grad(true);
+                (r, dense)
+            }
+            _ => {
+                if input.bool() {
+                    saved = opt.state_dict_json().expect("serialises");
+                    (Ok(()), false)
+                } else {
+                    let mut bytes = saved.clone().into_bytes();
+                    let flips = input.below(3);
+                    for _ in 0..flips {
+                        if !bytes.is_empty() {
+                            let at = input.below(bytes.len());
+                            bytes[at] = input.u8();
+                        }
+                    }
+                    match String::from_utf8(bytes) {
+                        Ok(text) => (opt.load_state_dict_json(&text), false),
+                        Err(_) => continue,
+                    }
+                }
+            }
+        };
+        match result {
+            Err(_) => assert_eq!(observe(&opt, &arena), before, "changed by a failed call"),
+            Ok(()) => assert!(!must_fail, "an invalid call succeeded"),
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod adagrad;
 pub mod adam;
 pub mod adamax;
 pub mod asgd;
+pub mod average;
 pub mod lbfgs;
 mod moments;
 pub mod muon;
@@ -34,6 +35,7 @@ pub mod radam;
 pub mod rmsprop;
 pub mod rprop;
 pub mod sgd;
+pub mod sparse_adam;
 
 use crate::float::{Float, Lane};
 

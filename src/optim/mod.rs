@@ -14,6 +14,7 @@ pub mod radam;
 pub mod rmsprop;
 pub mod rprop;
 pub mod sgd;
+pub mod sparse_adam;
 
 pub use adadelta::{Adadelta, AdadeltaAlgorithm, AdadeltaConfig};
 pub use adafactor::{Adafactor, AdafactorAlgorithm, AdafactorConfig};
@@ -28,3 +29,4 @@ pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RMSprop, RMSpropAlgorithm, RMSpropConfig};
 pub use rprop::{Rprop, RpropAlgorithm, RpropConfig};
 pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};
+pub use sparse_adam::{SparseAdam, SparseAdamConfig, SparseGrad};

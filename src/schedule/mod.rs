@@ -12,6 +12,7 @@
 //! | `OneCycleLR` | [`OneCycleLR`] | `one_cycle.rs` |
 //! | `SequentialLR`, `ChainedScheduler` | [`SequentialLR`], [`ChainedScheduler`] | `composite.rs` |
 //! | `ReduceLROnPlateau` | [`ReduceLROnPlateau`] | `plateau.rs` |
+//! | `swa_utils.SWALR` | [`SWALR`] | `swa.rs` |
 //!
 //! ```
 //! use optarena::schedule::{LrScheduler, StepLR, StepLRConfig};
@@ -159,6 +160,7 @@ pub mod linear;
 pub mod one_cycle;
 pub mod plateau;
 pub mod step;
+pub mod swa;
 
 pub use composite::{ChainedScheduler, SequentialLR, SequentialLRConfig};
 pub use cosine::{
@@ -172,6 +174,7 @@ pub use linear::{ConstantLR, ConstantLRConfig, LinearLR, LinearLRConfig};
 pub use one_cycle::{OneCycleLR, OneCycleLRConfig};
 pub use plateau::{ReduceLROnPlateau, ReduceLROnPlateauConfig};
 pub use step::{MultiStepLR, MultiStepLRConfig, StepLR, StepLRConfig};
+pub use swa::{AnnealStrategy, SWALRConfig, SWALR};
 
 /// Version of the scheduler state layout, saved as `"format"`.
 pub const SCHEDULER_STATE_FORMAT: u32 = 1;

@@ -514,13 +514,21 @@ pub enum Kind {
     Scheduler,
     /// Gradient clipping.
     Clip,
+    /// `AveragedModel` updates (SCHEMA.md's `averaged.json`).
+    Averaged,
+    /// `SparseAdam` trajectories (`"sparse_rows": true`, SCHEMA.md's `sparse_adam.json`).
+    SparseRows,
     /// Not a fixture.
     Unknown,
 }
 
 /// Recognises a case's kind.
 pub fn kind_of(case: &Value) -> Kind {
-    if case.get("scheduler").is_some() {
+    if case.get("averaged").is_some() && case.get("updates").is_some() {
+        Kind::Averaged
+    } else if case.get("sparse_rows").and_then(Value::as_bool) == Some(true) {
+        Kind::SparseRows
+    } else if case.get("scheduler").is_some() {
         Kind::Scheduler
     } else if case.get("function").is_some() {
         Kind::Lbfgs
@@ -626,6 +634,8 @@ pub fn run_any(kind: Kind, case: &Value) -> Outcome {
         Kind::Lbfgs => run_lbfgs_case(case),
         Kind::Scheduler => run_scheduler_case(case),
         Kind::Clip => run_clip_case(case),
+        Kind::Averaged => run_averaged_case(case, Parallelism::Sequential),
+        Kind::SparseRows => run_sparse_case(case, false),
         Kind::Unknown => Outcome::Skip("unrecognised case".into()),
     }
 }
@@ -1091,6 +1101,7 @@ pub fn build_scheduler(
                 ChainedScheduler::new(opt, children).map(|s| Box::new(s) as Box<_>)
             }
         }
+        "SWALR" => SWALR::new(opt, parse!(SWALRConfig)).map(|s| Box::new(s) as Box<_>),
         other => return Err(Outcome::Skip(format!("scheduler {other}"))),
     };
     built.map_err(|e| fail(format!("construction failed: {e}")))
@@ -1131,6 +1142,19 @@ pub fn run_scheduler_case(case: &Value) -> Outcome {
         .unwrap_or_else(|| vec![0.1, 0.01]);
     let momentum = case["momentum"].as_f64().unwrap_or(0.0);
     let mut opt = scheduler_sgd(&base_lrs, momentum);
+    // swalr.json's recipe cases (scripts/gen_fixtures.py): a warm-up scheduler built first and
+    // stepped for `warmup.epochs` epochs, then the case's scheduler.
+    let mut warmup = match case.get("warmup") {
+        Some(w) => {
+            let wn = w["scheduler"].as_str().unwrap_or("?");
+            match build_scheduler(wn, &w["config"], &mut opt) {
+                Ok(s) => Some((s, w["epochs"].as_u64().unwrap_or(0) as usize)),
+                Err(Outcome::Fail(m)) => return Outcome::Fail(format!("{name}: {m}")),
+                Err(o) => return o,
+            }
+        }
+        None => None,
+    };
     let mut sched = match build_scheduler(sched_name, &case["config"], &mut opt) {
         Ok(s) => s,
         Err(Outcome::Fail(m)) => return Outcome::Fail(format!("{name}: {m}")),
@@ -1172,10 +1196,241 @@ pub fn run_scheduler_case(case: &Value) -> Outcome {
             Some(Value::String(s)) if s.eq_ignore_ascii_case("nan") => {
                 sched.step_metric(&mut opt, f64::NAN)
             }
-            _ => sched.step(&mut opt),
+            _ => match warmup.as_mut() {
+                Some((w, epochs)) if e < *epochs => w.step(&mut opt),
+                _ => sched.step(&mut opt),
+            },
         };
         if let Err(err) = r {
             return Outcome::Fail(format!("{name}: step after epoch {e} failed: {err}"));
+        }
+    }
+    Outcome::Pass
+}
+
+// ---------------------------------------------------------------------------------------------
+// AveragedModel (SCHEMA.md's `averaged.json`)
+
+/// Replays one `averaged.json` case in its dtype (`"dtype"` absent: float32).
+pub fn run_averaged_case(case: &Value, parallelism: Parallelism) -> Outcome {
+    match case["dtype"].as_str().unwrap_or("float32") {
+        "float32" => run_averaged::<f32>(case, parallelism, usize::MAX),
+        "float64" => run_averaged::<f64>(case, parallelism, usize::MAX),
+        other => Outcome::Skip(format!("AveragedModel ({other})")),
+    }
+}
+
+/// The arena of an `averaged.json` case (`hashed(seed, 0, n_total)` over `shapes`).
+pub fn averaged_arena<T: Float>(case: &Value) -> (optarena::Arena<T>, usize) {
+    let shapes: Vec<Vec<usize>> = case["shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect()
+        })
+        .collect();
+    let n_total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let init = hashed(case["seed"].as_u64().unwrap(), 0, n_total);
+    let mut b = ArenaBuilder::<T>::new();
+    let mut at = 0;
+    for (i, s) in shapes.iter().enumerate() {
+        let len: usize = s.iter().product();
+        let vals: Vec<T> = init[at..at + len].iter().map(|&x| T::from_f64(x)).collect();
+        b.param(&format!("p{i}"), s, &vals).unwrap();
+        at += len;
+    }
+    (b.build(), n_total)
+}
+
+/// Replays an `averaged.json` case; `threshold` is the update's parallel threshold.
+pub fn run_averaged<T: Float>(case: &Value, parallelism: Parallelism, threshold: usize) -> Outcome {
+    let name = case["name"].as_str().unwrap_or("?");
+    let dtype = case["dtype"].as_str().unwrap_or("float32");
+    let seed = case["seed"].as_u64().unwrap();
+    let (mut arena, n_total) = averaged_arena::<T>(case);
+    let avg = match case["averaged"].as_str() {
+        Some("swa") => Ok(optarena::AveragedModel::new(&arena)),
+        Some("ema") => {
+            optarena::AveragedModel::ema(&arena, case["decay"].as_f64().unwrap_or(0.999))
+        }
+        other => return Outcome::Skip(format!("AveragedModel {other:?}")),
+    };
+    let mut avg = match avg {
+        Ok(a) => a.with_parallelism(parallelism),
+        Err(e) => return Outcome::Fail(format!("{name}: construction failed: {e}")),
+    };
+    avg.set_parallel_threshold(threshold);
+    let (rel, abs) = elementwise_tol(dtype);
+    let handles: Vec<_> = arena.handles().collect();
+    let mut t_done = 0;
+    for rec in case["updates"].as_array().unwrap() {
+        let t = rec["step"].as_u64().unwrap();
+        while t_done < t {
+            t_done += 1;
+            let v = hashed(seed, t_done, n_total);
+            for (d, s) in arena.params_mut().iter_mut().zip(&v) {
+                *d = T::from_f64(*s);
+            }
+            if let Err(e) = avg.update_parameters(&arena) {
+                return Outcome::Fail(format!("{name}: update {t_done} failed: {e}"));
+            }
+        }
+        for (pi, b64) in rec["params"].as_array().unwrap().iter().enumerate() {
+            let want = decode(b64.as_str().unwrap(), dtype);
+            let got = avg.value(&arena, handles[pi]).unwrap();
+            if want.len() != got.len() {
+                return Outcome::Fail(format!("{name}: param {pi} length"));
+            }
+            for (k, (w, g)) in want.iter().zip(got).enumerate() {
+                let g = g.to_f64();
+                if !((g - w).abs() <= rel * w.abs() + abs || (g.is_nan() && w.is_nan())) {
+                    return Outcome::Fail(format!(
+                        "{name}: update {t}, param {pi}[{k}]: optarena {g:e}, torch {w:e}"
+                    ));
+                }
+            }
+        }
+    }
+    Outcome::Pass
+}
+
+// ---------------------------------------------------------------------------------------------
+// SparseAdam (SCHEMA.md's `sparse_adam.json`)
+
+/// Replays one `"sparse_rows": true` case in its dtype; `reference` uses the scalar kernel.
+pub fn run_sparse_case(case: &Value, reference: bool) -> Outcome {
+    match (case["optimizer"].as_str(), case["dtype"].as_str()) {
+        (Some("SparseAdam"), Some("float32")) => run_sparse_adam::<f32>(case, reference),
+        (Some("SparseAdam"), Some("float64")) => run_sparse_adam::<f64>(case, reference),
+        (o, d) => Outcome::Skip(format!("sparse rows {o:?} ({d:?})")),
+    }
+}
+
+/// The sparse gradient of step `t` of a SparseAdam case: for each parameter, the kept rows
+/// that are not all zero and their values (SCHEMA.md).
+pub fn sparse_grads(seed: u64, t: u64, shapes: &[Vec<usize>]) -> Vec<(Vec<usize>, Vec<f64>)> {
+    let n_total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let n_rows: usize = shapes.iter().map(|s| s[0]).sum();
+    let dense = hashed(seed, t, n_total);
+    let keep = hashed(seed, 10_000 + t, n_rows);
+    let (mut at, mut row0) = (0, 0);
+    let mut out = Vec::new();
+    for s in shapes {
+        let len: usize = s.iter().product();
+        let cols = len / s[0];
+        let (mut rows, mut vals) = (Vec::new(), Vec::new());
+        for r in 0..s[0] {
+            let v = &dense[at + r * cols..at + (r + 1) * cols];
+            if keep[row0 + r] > 0.0 && v.iter().any(|&x| x != 0.0) {
+                rows.push(r);
+                vals.extend_from_slice(v);
+            }
+        }
+        out.push((rows, vals));
+        at += len;
+        row0 += s[0];
+    }
+    out
+}
+
+fn run_sparse_adam<T: Float>(case: &Value, reference: bool) -> Outcome {
+    use optarena::{SparseAdam, SparseAdamConfig, SparseGrad};
+    let name = case["name"].as_str().unwrap_or("?");
+    let dtype = case["dtype"].as_str().unwrap();
+    let seed = case["seed"].as_u64().unwrap();
+    let mut shapes: Vec<Vec<usize>> = Vec::new();
+    let mut group_specs = Vec::new();
+    for g in case["groups"].as_array().unwrap() {
+        let mut cfg = case["defaults"].as_object().cloned().unwrap_or_default();
+        for (k, v) in g["overrides"].as_object().unwrap() {
+            cfg.insert(k.clone(), v.clone());
+        }
+        let cfg: SparseAdamConfig = match serde_json::from_value(Value::Object(cfg)) {
+            Ok(c) => c,
+            Err(e) => return Outcome::Fail(format!("{name}: options: {e}")),
+        };
+        let first = shapes.len();
+        for s in g["shapes"].as_array().unwrap() {
+            shapes.push(
+                s.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect(),
+            );
+        }
+        group_specs.push((first..shapes.len(), cfg));
+    }
+    let n_total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let init = hashed(seed, 0, n_total);
+    let mut b = ArenaBuilder::<T>::new();
+    let mut handles = Vec::new();
+    let mut at = 0;
+    for (i, s) in shapes.iter().enumerate() {
+        let len: usize = s.iter().product();
+        let vals: Vec<T> = init[at..at + len].iter().map(|&x| T::from_f64(x)).collect();
+        handles.push(b.param(&format!("p{i}"), s, &vals).unwrap());
+        at += len;
+    }
+    let mut arena = b.build();
+    let groups = group_specs
+        .into_iter()
+        .map(|(r, c)| (handles[r].to_vec(), c));
+    let mut opt = match SparseAdam::new(&arena, groups) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Fail(format!("{name}: construction failed: {e}")),
+    };
+    let (rel, abs) = elementwise_tol(dtype);
+    let steps = case["steps"].as_array().unwrap();
+    let last = steps
+        .iter()
+        .map(|s| s["step"].as_u64().unwrap())
+        .max()
+        .unwrap_or(0);
+    let mut rec = steps.iter().peekable();
+    for t in 1..=last {
+        let sparse: Vec<(Vec<usize>, Vec<T>)> = sparse_grads(seed, t, &shapes)
+            .into_iter()
+            .map(|(r, v)| (r, v.into_iter().map(T::from_f64).collect()))
+            .collect();
+        let grads: Vec<SparseGrad<'_, T>> = handles
+            .iter()
+            .zip(&sparse)
+            .map(|(&h, (r, v))| SparseGrad::new(h, r, v))
+            .collect();
+        let r = if reference {
+            opt.step_sparse_reference(&mut arena, &grads)
+        } else {
+            opt.step_sparse(&mut arena, &grads)
+        };
+        if let Err(e) = r {
+            return Outcome::Fail(format!("{name}: step {t} failed: {e}"));
+        }
+        while let Some(r) = rec.peek() {
+            if r["step"].as_u64().unwrap() != t {
+                break;
+            }
+            let r = rec.next().unwrap();
+            for (pi, b64) in r["params"].as_array().unwrap().iter().enumerate() {
+                let want = decode(b64.as_str().unwrap(), dtype);
+                let got = arena.value(handles[pi]);
+                if want.len() != got.len() {
+                    return Outcome::Fail(format!("{name}: param {pi} length"));
+                }
+                for (k, (w, g)) in want.iter().zip(got).enumerate() {
+                    let g = g.to_f64();
+                    if !((g - w).abs() <= rel * w.abs() + abs || (g.is_nan() && w.is_nan())) {
+                        return Outcome::Fail(format!(
+                            "{name}: step {t}, param {pi}[{k}]: optarena {g:e}, torch {w:e}"
+                        ));
+                    }
+                }
+            }
         }
     }
     Outcome::Pass

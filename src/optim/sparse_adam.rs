@@ -1,0 +1,684 @@
+//! SparseAdam: torch's `torch.optim.SparseAdam`, Adam for gradients that touch only some rows
+//! of a parameter (an embedding table's lookups).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
+use crate::buffer::Role;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::hyper::HyperValue;
+use crate::kernels::sparse_adam::{row_fused, row_reference, SparseAdamCoeffs};
+use crate::state::{GroupDict, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
+use crate::subnormals::Subnormals;
+
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+/// Options of [`SparseAdam`], with torch's names and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparseAdamConfig {
+    /// Learning rate (`> 0`).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Running-average coefficients of the gradient and its square (each in `[0, 1)`).
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    /// Term added to the denominator (`> 0`).
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Maximize instead of minimize.
+    #[serde(default)]
+    pub maximize: bool,
+}
+
+impl Default for SparseAdamConfig {
+    fn default() -> Self {
+        SparseAdamConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            maximize: false,
+        }
+    }
+}
+
+impl SparseAdamConfig {
+    /// torch's checks, in torch's order and words (NaN is rejected too).
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidHyperparameter(m));
+        if self.lr.is_nan() || self.lr <= 0.0 || self.lr.is_infinite() {
+            return bad(format!("Invalid learning rate: {:?}", self.lr));
+        }
+        if self.eps.is_nan() || self.eps <= 0.0 || self.eps.is_infinite() {
+            return bad(format!("Invalid epsilon value: {:?}", self.eps));
+        }
+        if !(0.0..1.0).contains(&self.betas.0) {
+            return bad(format!(
+                "Invalid beta parameter at index 0: {:?}",
+                self.betas.0
+            ));
+        }
+        if !(0.0..1.0).contains(&self.betas.1) {
+            return bad(format!(
+                "Invalid beta parameter at index 1: {:?}",
+                self.betas.1
+            ));
+        }
+        Ok(())
+    }
+
+    fn hyperparams(&self) -> BTreeMap<String, HyperValue> {
+        BTreeMap::from([
+            ("lr".to_string(), HyperValue::Number(self.lr)),
+            (
+                "betas".to_string(),
+                HyperValue::Pair(self.betas.0, self.betas.1),
+            ),
+            ("eps".to_string(), HyperValue::Number(self.eps)),
+            ("maximize".to_string(), HyperValue::Bool(self.maximize)),
+        ])
+    }
+
+    fn from_hyperparams(h: &BTreeMap<String, HyperValue>) -> Result<Self> {
+        let bad = |k: &str| {
+            Error::StateDict(format!(
+                "SparseAdam: hyperparameter `{k}` is missing or not of its kind"
+            ))
+        };
+        let num = |k: &str| match h.get(k) {
+            Some(HyperValue::Number(x)) => Ok(*x),
+            _ => Err(bad(k)),
+        };
+        let betas = match h.get("betas") {
+            Some(HyperValue::Pair(a, b)) => (*a, *b),
+            _ => return Err(bad("betas")),
+        };
+        let maximize = match h.get("maximize") {
+            Some(HyperValue::Bool(b)) => *b,
+            _ => return Err(bad("maximize")),
+        };
+        if h.len() != 4 {
+            return Err(Error::StateDict(format!(
+                "SparseAdam: a group has hyperparameters {:?}; SparseAdam has lr, betas, eps, \
+                 maximize",
+                h.keys().collect::<Vec<_>>()
+            )));
+        }
+        let c = SparseAdamConfig {
+            lr: num("lr")?,
+            betas,
+            eps: num("eps")?,
+            maximize,
+        };
+        c.check()
+            .map_err(|e| Error::StateDict(format!("SparseAdam: {e}")))?;
+        Ok(c)
+    }
+}
+
+/// One parameter's sparse gradient: the rows it touches (indices into the parameter's first
+/// dimension, in any order, repeats allowed) and their values, `rows.len() × cols` of them,
+/// row after row (`cols` is the product of the parameter's other dimensions). torch's
+/// `torch.sparse_coo_tensor(rows[None], values.view(len(rows), cols), param.shape)`.
+#[derive(Debug, Clone, Copy)]
+pub struct SparseGrad<'a, T> {
+    /// The parameter.
+    pub param: Param<T>,
+    /// Row indices (torch's `grad._indices()[0]`).
+    pub rows: &'a [usize],
+    /// Row values (torch's `grad._values()`), row-major.
+    pub values: &'a [T],
+}
+
+impl<'a, T> SparseGrad<'a, T> {
+    /// The gradient of `param` on `rows`.
+    pub fn new(param: Param<T>, rows: &'a [usize], values: &'a [T]) -> Self {
+        SparseGrad {
+            param,
+            rows,
+            values,
+        }
+    }
+}
+
+struct Group {
+    params: Vec<usize>,
+    config: SparseAdamConfig,
+}
+
+/// torch's `SparseAdam`: Adam restricted to the rows a sparse gradient touches (Kingma & Ba,
+/// "Adam: A Method for Stochastic Optimization", ICLR 2015, masked as torch does).
+///
+/// For each parameter with a gradient in a step, `step ← step + 1` (also when the gradient
+/// has no rows, as in torch); the gradient is negated if `maximize`, its duplicate row indices
+/// are summed (torch's `coalesce`), and on the touched rows only:
+///
+/// ```text
+/// m ← m + (g − m) · (1 − β₁)
+/// v ← v + (g² − v) · (1 − β₂)
+/// θ ← θ + (m / (√v + ε)) · (−lr · √(1 − β₂ᵗ) / (1 − β₁ᵗ))
+/// ```
+///
+/// Every other row's values and state stay as they are. `exp_avg` and `exp_avg_sq` are
+/// arena-shaped buffers, but a step reads and writes only the touched rows: its cost is
+/// proportional to the rows touched, not to the table. Each touched row is one fused SIMD pass
+/// (with a scalar reference kernel beside it); steps run on the calling thread.
+///
+/// Parameters are seen as `[rows, cols]`: `rows` is the first dimension, `cols` the product of
+/// the others (1 for a 1-D parameter).
+///
+/// ```
+/// use optarena::{ArenaBuilder, SparseAdam, SparseAdamConfig, SparseGrad};
+///
+/// let mut b = ArenaBuilder::<f32>::new();
+/// let emb = b.zeros("embedding.weight", &[1000, 4])?;
+/// let mut arena = b.build();
+/// let mut opt = SparseAdam::all(&arena, SparseAdamConfig { lr: 0.1, ..Default::default() })?;
+/// // Rows 7 and 42 were looked up (row 7 twice: its gradients are summed).
+/// let rows = [7, 42, 7];
+/// let values = [1.0f32, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0];
+/// opt.step_sparse(&mut arena, &[SparseGrad::new(emb, &rows, &values)])?;
+/// assert!(arena.value(emb)[7 * 4] < 0.0 && arena.value(emb)[42 * 4] > 0.0);
+/// assert_eq!(arena.value(emb)[0], 0.0);
+/// // A dense gradient is refused, as in torch.
+/// arena.grad_mut(emb)[0] = 1.0;
+/// assert_eq!(
+///     opt.step(&mut arena).unwrap_err().to_string(),
+///     "SparseAdam does not support dense gradients, please consider Adam instead"
+/// );
+/// # Ok::<(), optarena::Error>(())
+/// ```
+pub struct SparseAdam<T: Float> {
+    arena_id: u64,
+    layout: Vec<ParamInfo>,
+    groups: Vec<Group>,
+    /// Group of each arena parameter, if it is this optimizer's.
+    group_of: Vec<Option<usize>>,
+    /// torch's `state["step"]`; `None` until the parameter's first gradient.
+    steps: Vec<Option<u64>>,
+    exp_avg: AlignedBuf<T>,
+    exp_avg_sq: AlignedBuf<T>,
+    subnormals: Subnormals,
+    /// Scratch: (row, position) pairs to coalesce, and coalesced values.
+    order: Vec<(usize, usize)>,
+    coalesced_rows: Vec<usize>,
+    coalesced: Vec<T>,
+    seen: Vec<bool>,
+}
+
+impl<T: Float> std::fmt::Debug for SparseAdam<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseAdam")
+            .field("groups", &self.groups.len())
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+impl<T: Float> SparseAdam<T> {
+    /// Every parameter of the arena in one group.
+    pub fn all(arena: &Arena<T>, config: SparseAdamConfig) -> Result<Self> {
+        Self::new(arena, [(arena.handles().collect(), config)])
+    }
+
+    /// torch's `SparseAdam([{"params": ..., **options}, ...])`: each group is its parameters
+    /// and its options (torch's defaults with the group's overrides on top). Errors: an invalid
+    /// option (torch's messages), an empty parameter list, a parameter in two groups or twice
+    /// in one, a handle of another arena, a 0-D parameter.
+    pub fn new(
+        arena: &Arena<T>,
+        groups: impl IntoIterator<Item = (Vec<Param<T>>, SparseAdamConfig)>,
+    ) -> Result<Self> {
+        let n = arena.num_params();
+        let mut group_of = vec![None; n];
+        let mut out = Vec::new();
+        for (gi, (params, config)) in groups.into_iter().enumerate() {
+            config.check()?;
+            if params.is_empty() {
+                return Err(Error::EmptyParamList);
+            }
+            let mut idx = Vec::with_capacity(params.len());
+            for p in params {
+                let i = p.index();
+                if arena.param_at(i) != Some(p) {
+                    return Err(Error::ArenaMismatch(format!(
+                        "SparseAdam: parameter handle {p:?} is not one of this arena's"
+                    )));
+                }
+                let info = &arena.infos()[i];
+                if info.shape.is_empty() {
+                    return Err(Error::InvalidHyperparameter(format!(
+                        "SparseAdam: parameter `{}` is 0-dimensional; sparse gradients index \
+                         the first dimension",
+                        info.name
+                    )));
+                }
+                match group_of[i] {
+                    Some(g) if g == gi => {
+                        return Err(Error::DuplicateParamInGroup {
+                            name: info.name.clone(),
+                        })
+                    }
+                    Some(_) => {
+                        return Err(Error::ParamInTwoGroups {
+                            name: info.name.clone(),
+                        })
+                    }
+                    None => group_of[i] = Some(gi),
+                }
+                idx.push(i);
+            }
+            out.push(Group {
+                params: idx,
+                config,
+            });
+        }
+        if out.is_empty() {
+            return Err(Error::EmptyParamList);
+        }
+        Ok(SparseAdam {
+            arena_id: arena.id(),
+            layout: arena.infos().to_vec(),
+            groups: out,
+            group_of,
+            steps: vec![None; n],
+            exp_avg: AlignedBuf::filled(Role::State(0), arena.len(), T::ZERO),
+            exp_avg_sq: AlignedBuf::filled(Role::State(1), arena.len(), T::ZERO),
+            subnormals: Subnormals::default(),
+            order: Vec::new(),
+            coalesced_rows: Vec::new(),
+            coalesced: Vec::new(),
+            seen: vec![false; n],
+        })
+    }
+
+    /// What the kernels do with subnormal numbers (as [`crate::Optimizer::set_subnormals`]).
+    pub fn set_subnormals(&mut self, mode: Subnormals) {
+        self.subnormals = mode;
+    }
+
+    /// Number of param groups.
+    pub fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Group `g`'s options.
+    pub fn group_config(&self, g: usize) -> Result<SparseAdamConfig> {
+        self.groups
+            .get(g)
+            .map(|x| x.config)
+            .ok_or(Error::NoSuchGroup {
+                index: g,
+                count: self.groups.len(),
+            })
+    }
+
+    /// Sets group `g`'s options (checked as at construction; what schedulers need).
+    pub fn set_group_config(&mut self, g: usize, config: SparseAdamConfig) -> Result<()> {
+        config.check()?;
+        let count = self.groups.len();
+        let group = self
+            .groups
+            .get_mut(g)
+            .ok_or(Error::NoSuchGroup { index: g, count })?;
+        group.config = config;
+        Ok(())
+    }
+
+    /// torch's `state[p]["step"]` (`None` before the parameter's first gradient).
+    pub fn step_count(&self, p: Param<T>) -> Option<u64> {
+        self.steps.get(p.index()).copied().flatten()
+    }
+
+    /// `exp_avg` and `exp_avg_sq` of `p` (zeros before its first gradient).
+    pub fn state(&self, arena: &Arena<T>, p: Param<T>) -> Result<(&[T], &[T])> {
+        self.check_arena(arena)?;
+        if arena.param_at(p.index()) != Some(p) {
+            return Err(Error::ArenaMismatch(format!(
+                "SparseAdam: parameter handle {p:?} is not one of this arena's"
+            )));
+        }
+        let r = self.layout[p.index()].range();
+        Ok((&self.exp_avg[r.clone()], &self.exp_avg_sq[r]))
+    }
+
+    fn check_arena(&self, arena: &Arena<T>) -> Result<()> {
+        if arena.id() != self.arena_id {
+            return Err(Error::ArenaMismatch(
+                "this SparseAdam optimizer was built for another arena".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// torch's `step()` with the gradients in the arena: SparseAdam has no dense step, so any
+    /// of its parameters with a (dense) gradient is torch's error; with none it does nothing,
+    /// as torch does when every `grad` is `None`.
+    pub fn step(&mut self, arena: &mut Arena<T>) -> Result<()> {
+        self.check_arena(arena)?;
+        for g in &self.groups {
+            for &i in &g.params {
+                if let Some(p) = arena.param_at(i) {
+                    if arena.has_grad(p) {
+                        return Err(dense_error());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step with sparse gradients (see the type's docs): every parameter of `grads` must
+    /// be this optimizer's and appear once, every row index must be below its first dimension,
+    /// and `values` must hold `rows.len() × cols` numbers. Everything is checked before
+    /// anything changes: on an error nothing has. Parameters without an entry take no step.
+    pub fn step_sparse(&mut self, arena: &mut Arena<T>, grads: &[SparseGrad<'_, T>]) -> Result<()> {
+        self.run(arena, grads, false)
+    }
+
+    /// [`step_sparse`](Self::step_sparse) with the scalar reference kernel (the test oracle).
+    pub fn step_sparse_reference(
+        &mut self,
+        arena: &mut Arena<T>,
+        grads: &[SparseGrad<'_, T>],
+    ) -> Result<()> {
+        self.run(arena, grads, true)
+    }
+
+    fn validate(&mut self, arena: &Arena<T>, grads: &[SparseGrad<'_, T>]) -> Result<()> {
+        self.check_arena(arena)?;
+        self.seen.iter_mut().for_each(|s| *s = false);
+        let bad = |m: String| Err(Error::SparseGrad(m));
+        for sg in grads {
+            let i = sg.param.index();
+            if arena.param_at(i) != Some(sg.param) {
+                return bad(format!(
+                    "SparseAdam: parameter handle {:?} is not one of this arena's",
+                    sg.param
+                ));
+            }
+            let info = &self.layout[i];
+            if self.group_of[i].is_none() {
+                return bad(format!(
+                    "SparseAdam: parameter `{}` is not in any of this optimizer's groups",
+                    info.name
+                ));
+            }
+            if std::mem::replace(&mut self.seen[i], true) {
+                return bad(format!(
+                    "SparseAdam: parameter `{}` has more than one sparse gradient in this step \
+                     (give all its rows in one; repeated rows are summed)",
+                    info.name
+                ));
+            }
+            let rows = info.shape[0];
+            let cols = info.len.checked_div(rows).unwrap_or(0);
+            if sg.rows.len().checked_mul(cols) != Some(sg.values.len()) {
+                return bad(format!(
+                    "SparseAdam: the gradient of `{}` (shape {:?}) has {} row indices and {} \
+                     values; expected {} ({} rows × {cols} columns)",
+                    info.name,
+                    info.shape,
+                    sg.rows.len(),
+                    sg.values.len(),
+                    sg.rows.len().saturating_mul(cols),
+                    sg.rows.len()
+                ));
+            }
+            if let Some(&r) = sg.rows.iter().find(|&&r| r >= rows) {
+                return bad(format!(
+                    "SparseAdam: row index {r} is out of range for parameter `{}` of shape {:?} \
+                     ({rows} rows)",
+                    info.name, info.shape
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        arena: &mut Arena<T>,
+        grads: &[SparseGrad<'_, T>],
+        reference: bool,
+    ) -> Result<()> {
+        self.validate(arena, grads)?;
+        let subnormals = self.subnormals;
+        subnormals.run(|| {
+            for sg in grads {
+                self.apply_one(arena, sg, reference);
+            }
+        });
+        Ok(())
+    }
+
+    /// One parameter's update (its input already validated).
+    fn apply_one(&mut self, arena: &mut Arena<T>, sg: &SparseGrad<'_, T>, reference: bool) {
+        let i = sg.param.index();
+        let Some(g) = self.group_of[i] else { return };
+        let config = self.groups[g].config;
+        let step = self.steps[i].unwrap_or(0).saturating_add(1);
+        self.steps[i] = Some(step);
+        if sg.rows.is_empty() {
+            return; // torch: "Skip update for empty grad" (the step still counts)
+        }
+        let info = &self.layout[i];
+        let cols = info.len.checked_div(info.shape[0]).unwrap_or(0);
+        if cols == 0 {
+            return;
+        }
+        let c =
+            SparseAdamCoeffs::<T>::new(config.lr, config.betas, config.eps, config.maximize, step);
+        // Coalesce: unique rows in increasing order, duplicates summed in the order given.
+        let (rows, values): (&[usize], &[T]) = if sg.rows.windows(2).all(|w| w[0] < w[1]) {
+            (sg.rows, sg.values)
+        } else {
+            self.order.clear();
+            self.order
+                .extend(sg.rows.iter().enumerate().map(|(k, &r)| (r, k)));
+            self.order.sort_unstable();
+            self.coalesced_rows.clear();
+            self.coalesced.clear();
+            for &(r, k) in &self.order {
+                let src = &sg.values[k * cols..(k + 1) * cols];
+                if self.coalesced_rows.last() == Some(&r) {
+                    let at = self.coalesced.len() - cols;
+                    for (d, &s) in self.coalesced[at..].iter_mut().zip(src) {
+                        *d = *d + s;
+                    }
+                } else {
+                    self.coalesced_rows.push(r);
+                    self.coalesced.extend_from_slice(src);
+                }
+            }
+            (&self.coalesced_rows, &self.coalesced)
+        };
+        let params = arena.value_mut(sg.param);
+        let base = info.offset;
+        for (k, &r) in rows.iter().enumerate() {
+            let span = r * cols..(r + 1) * cols;
+            let p = &mut params[span.clone()];
+            let gv = &values[k * cols..(k + 1) * cols];
+            let m = &mut self.exp_avg[base + span.start..base + span.end];
+            let v = &mut self.exp_avg_sq[base + span.start..base + span.end];
+            if reference {
+                row_reference(&c, p, gv, m, v);
+            } else {
+                row_fused(&c, p, gv, m, v);
+            }
+        }
+    }
+
+    /// The state as torch's optimizer state dict, in optarena's [`StateDict`] format: each
+    /// group's options, and for each parameter that has taken a step its `step`, `exp_avg`
+    /// and `exp_avg_sq`.
+    pub fn state_dict(&self) -> StateDict<T> {
+        let param_groups = self
+            .groups
+            .iter()
+            .map(|g| GroupDict {
+                hyperparams: g.config.hyperparams(),
+                params: g
+                    .params
+                    .iter()
+                    .map(|&i| {
+                        let info = &self.layout[i];
+                        ParamRef {
+                            index: i,
+                            name: info.name.clone(),
+                            offset: info.offset,
+                            shape: info.shape.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut state = Vec::new();
+        for g in &self.groups {
+            for &i in &g.params {
+                if let Some(step) = self.steps[i] {
+                    let r = self.layout[i].range();
+                    state.push(ParamStateDict {
+                        index: i,
+                        step: Some(step),
+                        scalars: BTreeMap::new(),
+                        buffers: BTreeMap::from([
+                            ("exp_avg".to_string(), self.exp_avg[r.clone()].to_vec()),
+                            ("exp_avg_sq".to_string(), self.exp_avg_sq[r].to_vec()),
+                        ]),
+                    });
+                }
+            }
+        }
+        state.sort_by_key(|s| s.index);
+        StateDict {
+            format: STATE_DICT_FORMAT,
+            optimizer: "SparseAdam".into(),
+            dtype: T::DTYPE.into(),
+            param_groups,
+            state,
+        }
+    }
+
+    /// [`state_dict`](Self::state_dict) as JSON.
+    pub fn state_dict_json(&self) -> Result<String> {
+        Ok(serde_json::to_string(&self.state_dict())?)
+    }
+
+    /// Loads a state saved by [`state_dict`](Self::state_dict), matching parameters by name
+    /// (the groups must hold the same parameters, by name and shape, in the same order). Every
+    /// value is checked first; on an error nothing changes.
+    pub fn load_state_dict(&mut self, sd: &StateDict<T>) -> Result<()> {
+        let bad = |m: String| Err(Error::StateDict(format!("SparseAdam: {m}")));
+        if sd.format != STATE_DICT_FORMAT {
+            return bad(format!("state format {} is not supported", sd.format));
+        }
+        if sd.optimizer != "SparseAdam" {
+            return bad(format!("it was saved by {}", sd.optimizer));
+        }
+        if sd.dtype != T::DTYPE {
+            return bad(format!("saved as {}, this is {}", sd.dtype, T::DTYPE));
+        }
+        if sd.param_groups.len() != self.groups.len() {
+            return bad(format!(
+                "the state has {} param groups, the optimizer {}",
+                sd.param_groups.len(),
+                self.groups.len()
+            ));
+        }
+        let mut configs = Vec::new();
+        // Saved parameter number -> this optimizer's arena index.
+        let mut map = BTreeMap::new();
+        for (gi, (sg, g)) in sd.param_groups.iter().zip(&self.groups).enumerate() {
+            configs.push(SparseAdamConfig::from_hyperparams(&sg.hyperparams)?);
+            if sg.params.len() != g.params.len() {
+                return bad(format!(
+                    "group {gi} has {} parameters in the state, {} in the optimizer",
+                    sg.params.len(),
+                    g.params.len()
+                ));
+            }
+            for (r, &i) in sg.params.iter().zip(&g.params) {
+                let info = &self.layout[i];
+                if r.name != info.name || r.shape != info.shape {
+                    return bad(format!(
+                        "group {gi}: saved parameter `{}` {:?} is `{}` {:?} here",
+                        r.name, r.shape, info.name, info.shape
+                    ));
+                }
+                map.insert(r.index, i);
+            }
+        }
+        let mut new_steps = vec![None; self.steps.len()];
+        for ps in &sd.state {
+            let Some(&i) = map.get(&ps.index) else {
+                return bad(format!("state for unknown parameter number {}", ps.index));
+            };
+            let name = &self.layout[i].name;
+            let Some(step) = ps.step else {
+                return bad(format!("parameter `{name}` has state but no step"));
+            };
+            if new_steps[i].is_some() {
+                return bad(format!("parameter `{name}` has state twice"));
+            }
+            if !ps.scalars.is_empty() {
+                return bad(format!("parameter `{name}`: unexpected scalars"));
+            }
+            let keys: Vec<&String> = ps.buffers.keys().collect();
+            if keys != ["exp_avg", "exp_avg_sq"] {
+                return bad(format!(
+                    "parameter `{name}` has buffers {keys:?}; expected exp_avg, exp_avg_sq"
+                ));
+            }
+            for (k, b) in &ps.buffers {
+                if b.len() != self.layout[i].len {
+                    return bad(format!(
+                        "parameter `{name}`: {k} has {} values, the parameter {}",
+                        b.len(),
+                        self.layout[i].len
+                    ));
+                }
+            }
+            new_steps[i] = Some(step);
+        }
+        // Everything checked: apply.
+        for (g, c) in self.groups.iter_mut().zip(configs) {
+            g.config = c;
+        }
+        self.exp_avg.fill(T::ZERO);
+        self.exp_avg_sq.fill(T::ZERO);
+        for ps in &sd.state {
+            let i = map[&ps.index];
+            let r = self.layout[i].range();
+            self.exp_avg[r.clone()].copy_from_slice(&ps.buffers["exp_avg"]);
+            self.exp_avg_sq[r].copy_from_slice(&ps.buffers["exp_avg_sq"]);
+        }
+        self.steps = new_steps;
+        Ok(())
+    }
+
+    /// [`load_state_dict`](Self::load_state_dict) from JSON.
+    pub fn load_state_dict_json(&mut self, json: &str) -> Result<()> {
+        let sd: StateDict<T> =
+            serde_json::from_str(json).map_err(|e| Error::StateDict(format!("SparseAdam: {e}")))?;
+        self.load_state_dict(&sd)
+    }
+}
+
+/// torch's `RuntimeError` for a dense gradient.
+fn dense_error() -> Error {
+    Error::SparseGrad(
+        "SparseAdam does not support dense gradients, please consider Adam instead".into(),
+    )
+}
