@@ -74,7 +74,7 @@ pub mod scaler;
 pub mod schedule;
 pub mod state;
 
-pub use arch::{set_simd_level, simd_level, SimdLevel};
+pub use arch::SimdLevel;
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
 pub use clip::NormType;
 pub use error::{Error, Result};

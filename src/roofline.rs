@@ -110,7 +110,7 @@ impl<T: Float> Roofline<T> {
             .collect();
         let each = |piece: &mut Piece<'_, T, B>| {
             let s = piece.s.each_mut().map(|s| &mut **s);
-            for_each_lane::<T, B, _>(&op, piece.p, piece.g, s)
+            for_each_lane::<T, B, _>(crate::SimdLevel::Best, &op, piece.p, piece.g, s)
         };
         let parallel = pieces.len() > 1 && n >= PARALLEL_THRESHOLD;
         match parallelism {

@@ -222,6 +222,7 @@ fn kernel_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
         coeffs,
         fresh: input.bool(),
         grad_scale: if input.bool() { 1.0 } else { input.f64() },
+        simd: optarena::SimdLevel::Best,
     };
     if A::PER_PARAMETER {
         return per_parameter_kernel_case::<T, A>(input, &config, step, &args);
