@@ -372,7 +372,7 @@ pub fn fused<T: Float>(
 }
 
 /// [`fused`] as a kernel object: on the token's [`Float::LANES`]-wide lanes, the width of
-/// torch's reduction order (AVX2's at both AVX levels).
+/// torch's reduction order (AVX2's lanes at both the AVX2 and the AVX-512 level).
 struct Fused<'a, 'b, T> {
     c: &'a AdafactorCoeffs,
     grad_scale: f64,
