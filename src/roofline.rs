@@ -81,8 +81,9 @@ pub struct Roofline<T> {
     params: AlignedBuf<T>,
     grads: AlignedBuf<T>,
     state: Vec<AlignedBuf<T>>,
-    /// The fastest strategy, once [`Roofline::calibrate`] has measured them.
-    best: Option<Strategy>,
+    /// Every strategy's fastest pass in seconds, fastest first, once [`Roofline::calibrate`]
+    /// has measured them.
+    timings: Vec<(Strategy, f64)>,
 }
 
 impl<T: Float> Roofline<T> {
@@ -101,7 +102,7 @@ impl<T: Float> Roofline<T> {
             state: (0..reads - 2)
                 .map(|k| AlignedBuf::filled(Role::State(k), len, T::from_f64(0.25)))
                 .collect(),
-            best: None,
+            timings: Vec::new(),
         })
     }
 
@@ -124,7 +125,7 @@ impl<T: Float> Roofline<T> {
     /// One pass with the fastest [`Strategy`] (measured by [`Roofline::calibrate`] on the
     /// first call, with `parallelism`).
     pub fn run(&mut self, parallelism: &Parallelism) {
-        let best = match self.best {
+        let best = match self.strategy() {
             Some(best) => best,
             None => self.calibrate(parallelism, 3),
         };
@@ -145,16 +146,20 @@ impl<T: Float> Roofline<T> {
                 *t = t.min(start.elapsed().as_secs_f64());
             }
         }
-        let i = (0..candidates.len())
-            .min_by(|&a, &b| fastest[a].total_cmp(&fastest[b]))
-            .expect("the portable strategies are always candidates");
-        self.best = Some(candidates[i]);
-        candidates[i]
+        self.timings = candidates.into_iter().zip(fastest).collect();
+        self.timings.sort_by(|a, b| a.1.total_cmp(&b.1));
+        self.timings[0].0
     }
 
     /// The strategy [`Roofline::run`] uses, once calibrated.
     pub fn strategy(&self) -> Option<Strategy> {
-        self.best
+        self.timings.first().map(|t| t.0)
+    }
+
+    /// What [`Roofline::calibrate`] measured: each strategy with its fastest pass in seconds,
+    /// fastest first (empty before calibration).
+    pub fn timings(&self) -> &[(Strategy, f64)] {
+        &self.timings
     }
 
     /// One pass walked as `strategy` says.

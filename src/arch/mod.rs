@@ -11,7 +11,7 @@
 //! The dependency points one way: `kernels`, `clip` and `roofline` use this module, and this
 //! module never names an algorithm.
 //!
-//! - A *token* ([`Simd`] implementor) is the proof that the CPU has an instruction set:
+//! - A *token* (`Simd` implementor) is the proof that the CPU has an instruction set:
 //!   `x86_64::Avx2::new()` and `x86_64::Avx512::new()` return `None` unless run-time
 //!   detection finds the features, and the only other way to get one is an `unsafe fn
 //!   new_unchecked` whose caller promises it. (memchr's `arch/x86_64/avx2` searchers and
@@ -20,13 +20,13 @@
 //!   instruction set. They are private to `x86_64.rs` and reachable only through a token type,
 //!   which is private to the crate, so no code outside the crate can name a lane type, let
 //!   alone construct one, and inside the crate lanes are only named through the type parameter
-//!   `S` of [`WithSimd::with_simd`] (see below). The compile-fail example below shows that
+//!   `S` of `WithSimd::with_simd` (see below). The compile-fail example below shows that
 //!   the old path, `<f32 as Float>::Avx2`, is gone.
-//! - A *kernel object* implements [`WithSimd`]: one generic body, written against
+//! - A *kernel object* implements `WithSimd`: one generic body, written against
 //!   `T::Wide<S>` (the widest lanes of `S` for element type `T`) or `T::Narrow<S>` (lanes of
 //!   exactly [`crate::Float::LANES`] elements, for reductions whose summation order is fixed
-//!   to that width). [`SimdLevel::dispatch`] picks the best token within its cap and calls
-//!   [`Simd::vectorize`], which enters a `#[target_feature]` function monomorphised with the
+//!   to that width). `SimdLevel::dispatch` picks the best token within its cap and calls
+//!   `Simd::vectorize`, which enters a `#[target_feature]` function monomorphised with the
 //!   kernel, so the whole kernel body is compiled (and inlined) for that instruction set.
 //! - The level is a value, [`SimdLevel`], carried like [`crate::Parallelism`]: an
 //!   [`crate::Optimizer`] holds one ([`crate::Optimizer::set_simd_level`]), passes it to its

@@ -1,6 +1,6 @@
 //! Flat-vector kernels of L-BFGS: dot products, norms and axpy updates over the whole
 //! parameter vector, on SIMD lanes with a scalar tail. Each takes the [`SimdLevel`] cap and
-//! goes through [`SimdLevel::dispatch`]: elementwise maps run on the widest lanes the level
+//! goes through the one dispatch of [`crate::arch`]: elementwise maps run on the widest lanes the level
 //! allows, reductions on lanes of [`Float::LANES`] elements at every level.
 //!
 //! Every reduction has one fixed summation order that depends only on the length (not on the
