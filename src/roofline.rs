@@ -11,6 +11,11 @@
 //! pieces, or one contiguous span per thread), and [`Roofline::run`] uses the fastest of them,
 //! measured on first use ([`Roofline::calibrate`]). An optimizer step that matches it is
 //! limited by memory bandwidth alone.
+//!
+//! Non-temporal (streaming) stores are not among the strategies: every array a pass writes it
+//! has just read, so the lines are in cache and streaming them out only evicts them. In a plain
+//! AVX-512 loop moving Adam's traffic (32M f32, 2 threads, the Xeon of the AVX-512 work) they
+//! took 27 ms against 20.5 ms with ordinary stores.
 
 use std::time::Instant;
 
@@ -250,6 +255,9 @@ mod tests {
         r.run(&Parallelism::Sequential);
         let best = r.strategy().unwrap();
         assert!(Strategy::candidates().contains(&best));
+        assert_eq!(r.timings().len(), Strategy::candidates().len());
+        assert!(r.timings().windows(2).all(|w| w[0].1 <= w[1].1));
+        assert_eq!(r.timings()[0].0, best);
         assert!(Roofline::<f32>::new(10, 6).is_none());
         assert!(Roofline::<f32>::new(10, 1).is_none());
     }

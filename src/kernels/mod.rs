@@ -3,8 +3,9 @@
 //!
 //! A fused kernel is an [`ElementOp`]: the update of one lane group, written once against
 //! [`Lane`] and run by [`for_each_lane`] over SIMD vectors for the body (the widest the
-//! [`SimdLevel`] allows) and scalars for the tail. Both use the same IEEE operations in the same order (no fused multiply-add), so the
-//! two parts agree bit for bit and the reference kernel can be compared exactly.
+//! [`SimdLevel`] allows) and scalars for the tail. Both use the same IEEE operations in the
+//! same order (no fused multiply-add), so the two parts agree bit for bit and the reference
+//! kernel can be compared exactly.
 //!
 //! torch's vectorised CPU kernels do use FMA in places (`add` with `alpha`, `lerp`), so against
 //! torch itself the results agree to within a few ulp per step, well inside the parity
