@@ -3,8 +3,8 @@
 //!
 //! # Soundness
 //! The lane methods are safe and `#[inline(always)]`, and call intrinsics that are only
-//! defined on CPUs with the feature. That is sound because a lane operation only ever runs
-//! after a successful check:
+//! defined on CPUs with the feature. That is sound because no lane operation can run unless a
+//! token of its instruction set was made in this process, which proves the CPU has it:
 //! - the lane types are `pub` in this private module and named nowhere in the crate but as
 //!   the associated types of [`Avx2`] and [`Avx512`] (`Simd::F32` ...);
 //! - the tokens are `pub(crate)`, so no code outside the crate can name them or their
@@ -12,7 +12,9 @@
 //!   `is_x86_feature_detected!`, or by the `unsafe` `new_unchecked()`;
 //! - the crate names the lanes only as `T::Wide<S>` / `T::Narrow<S>` inside
 //!   `WithSimd::with_simd::<S>`, which only `Simd::vectorize` calls, with a token value of
-//!   type `S` in hand.
+//!   type `S` in hand. Code there may hand the lane type to generic code outside the crate
+//!   (an [`crate::kernels::ElementOp`]'s `apply::<V>`), which could even keep a closure over
+//!   `V`'s methods for later; by then a token exists, so the CPU has the instructions.
 //!
 //! `vectorize` runs the kernel inside a `#[target_feature]` function, so the lane methods
 //! inline into code compiled for the feature and the whole kernel loop is AVX code.
@@ -129,9 +131,9 @@ pub struct F64x8(__m512d);
 /// Evaluates AVX / AVX-512 intrinsics.
 macro_rules! avx {
     ($e:expr) => {{
-        // SAFETY: the instructions exist: a lane value is only created and used inside
-        // `WithSimd::with_simd`, run by `Simd::vectorize` of a token that proved the feature
-        // (see the module docs).
+        // SAFETY: the CPU has the feature: lane types are reachable only through a token
+        // type, inside `WithSimd::with_simd`, which runs only once a token value was made by
+        // its CPU-checking constructor (see the module docs).
         #[allow(unused_unsafe)]
         unsafe {
             $e
