@@ -29,12 +29,16 @@
 //! - `--idle-us N`: before each step (warm-up and timed), about N µs of busy work on the
 //!   calling thread (a spin, not a sleep), as forward and backward between two steps; the
 //!   pool's threads fall asleep meanwhile. Only the step is timed.
+//!
+//! The environment variable `OPTARENA_SIMD` (`portable`, `avx2`, `avx512`) caps the optimizers'
+//! instruction set; the roofline kernels always take the fastest strategy they measure (and
+//! print it to stderr).
 
 use std::time::{Duration, Instant};
 
 use optarena::optim::*;
 use optarena::roofline::Roofline;
-use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup};
+use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel};
 
 #[path = "../benches/benchmarks/realistic.rs"]
 mod realistic;
@@ -198,6 +202,13 @@ fn main() {
                 .unwrap(),
         ))
     };
+    let simd = match std::env::var("OPTARENA_SIMD").as_deref() {
+        Ok("portable") => SimdLevel::Portable,
+        Ok("avx2") => SimdLevel::Avx2,
+        Ok("avx512") => SimdLevel::Avx512,
+        Ok(other) => panic!("unknown OPTARENA_SIMD {other}"),
+        Err(_) => SimdLevel::Best,
+    };
     let shapes = shapes(layout, n);
     let total: usize = shapes
         .iter()
@@ -209,12 +220,16 @@ fn main() {
         "roofline2" | "roofline3" | "roofline4" | "roofline5" => {
             let reads = name["roofline".len()..].parse().unwrap();
             let mut roof = Roofline::<f32>::new(total, reads).unwrap();
+            eprintln!("roofline strategy: {:?}", roof.calibrate(&par, 5));
             Box::new(move || roof.run(&par))
         }
         _ => {
             macro_rules! run {
                 ($opt:expr) => {{
-                    let mut o = $opt.unwrap().with_parallelism(par.clone());
+                    let mut o = $opt
+                        .unwrap()
+                        .with_parallelism(par.clone())
+                        .with_simd_level(simd);
                     Box::new(move || o.step(&mut a).unwrap())
                 }};
             }
@@ -250,7 +265,8 @@ fn main() {
                 "clip_adamw" => {
                     let mut o = AdamW::new(&a, g(), AdamWConfig::default())
                         .unwrap()
-                        .with_parallelism(par.clone());
+                        .with_parallelism(par.clone())
+                        .with_simd_level(simd);
                     Box::new(move || {
                         o.step_clipped(&mut a, ClipNorm::l2(1.0)).unwrap();
                     })

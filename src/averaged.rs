@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::SimdLevel;
 use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
 use crate::error::{Error, Result};
@@ -126,6 +127,7 @@ pub struct AveragedModel<T: Float> {
     swapped: bool,
     parallelism: Parallelism,
     parallel_threshold: usize,
+    simd: SimdLevel,
 }
 
 impl<T: Float> std::fmt::Debug for AveragedModel<T> {
@@ -175,6 +177,7 @@ impl<T: Float> AveragedModel<T> {
             swapped: false,
             parallelism: Parallelism::default(),
             parallel_threshold: PARALLEL_THRESHOLD,
+            simd: SimdLevel::default(),
         }
     }
 
@@ -203,6 +206,12 @@ impl<T: Float> AveragedModel<T> {
     /// [`crate::Optimizer::set_parallel_threshold`]).
     pub fn set_parallel_threshold(&mut self, elems: usize) {
         self.parallel_threshold = elems;
+    }
+
+    /// Caps the instruction set of the update pass (default [`SimdLevel::Best`]); every level
+    /// gives the same bits.
+    pub fn set_simd_level(&mut self, simd: SimdLevel) {
+        self.simd = simd;
     }
 
     /// The averaging function.
@@ -302,11 +311,11 @@ impl<T: Float> AveragedModel<T> {
     }
 
     fn run_update(&mut self, params: &[T], reference: bool) {
-        let (n, avg) = (self.n_averaged, self.avg);
+        let (n, avg, simd) = (self.n_averaged, self.avg, self.simd);
         let one = move |a: &mut [T], p: &[T]| match (avg, reference) {
-            (AverageFn::Swa, false) => average::swa_fused(a, p, n),
+            (AverageFn::Swa, false) => average::swa_fused(simd, a, p, n),
             (AverageFn::Swa, true) => average::swa_reference(a, p, n),
-            (AverageFn::Ema { decay }, false) => average::ema_fused(a, p, n, decay),
+            (AverageFn::Ema { decay }, false) => average::ema_fused(simd, a, p, n, decay),
             (AverageFn::Ema { decay }, true) => average::ema_reference(a, p, n, decay),
         };
         if reference {

@@ -16,6 +16,7 @@
 
 use std::ops::Range;
 
+use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::float::{Float, Lane};
@@ -70,43 +71,68 @@ fn pieces(arena_ranges: impl Iterator<Item = Range<usize>>, out: &mut Vec<Range<
 /// accumulation in `T` stays within a few ulp.
 const BLOCK: usize = 64;
 
-/// Sums `f(lanes)` over `x` in `T` lanes, widening to f64 every [`BLOCK`] elements.
+/// Sums `f(lanes)` over `x` in lanes `V` of [`Float::LANES`] elements (the same order at
+/// every [`SimdLevel`]), widening to f64 every [`BLOCK`] elements.
 #[inline(always)]
-fn lane_sum<T: Float>(x: &[T], f: impl Fn(T::Vector) -> T::Vector, g: impl Fn(f64) -> f64) -> f64 {
+fn lane_sum<T: Float, V: Lane<Elem = T>>(
+    x: &[T],
+    f: impl Fn(V) -> V,
+    g: impl Fn(f64) -> f64,
+) -> f64 {
     let mut total = 0.0f64;
     let mut lanes = [T::ZERO; 8];
     let body = x.len() - x.len() % BLOCK;
     for block in x[..body].chunks_exact(BLOCK) {
-        let mut acc = T::Vector::splat(T::ZERO);
-        for c in block.chunks_exact(T::LANES) {
-            acc = acc + f(T::Vector::load(c));
+        let mut acc = V::splat(T::ZERO);
+        for c in block.chunks_exact(V::WIDTH) {
+            acc = acc + f(V::load(c));
         }
-        acc.store(&mut lanes[..T::LANES]);
-        total += lanes[..T::LANES].iter().map(|v| v.to_f64()).sum::<f64>();
+        acc.store(&mut lanes[..V::WIDTH]);
+        total += lanes[..V::WIDTH].iter().map(|v| v.to_f64()).sum::<f64>();
     }
     total + x[body..].iter().map(|v| g(v.to_f64())).sum::<f64>()
 }
 
+/// The SIMD part of [`partial`] (orders 1, 2 and inf), as a kernel object for
+/// [`SimdLevel::dispatch`].
+struct LanePartial<'a, T> {
+    x: &'a [T],
+    norm: NormType,
+}
+
+impl<T: Float> WithSimd for LanePartial<'_, T> {
+    type Output = f64;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> f64 {
+        let x = self.x;
+        match self.norm {
+            NormType::Inf => {
+                let mut m = T::Narrow::<S>::splat(T::ZERO);
+                let body = x.len() - x.len() % T::LANES;
+                for c in x[..body].chunks_exact(T::LANES) {
+                    m = m.maximum(T::Narrow::<S>::load(c).abs());
+                }
+                let mut lanes = [T::ZERO; 8];
+                m.store(&mut lanes[..T::LANES]);
+                lanes[..T::LANES]
+                    .iter()
+                    .chain(&x[body..])
+                    .map(|v| v.to_f64().abs())
+                    .fold(0.0f64, nan_max)
+            }
+            NormType::P(1.0) => lane_sum::<T, T::Narrow<S>>(x, |v| v.abs(), f64::abs),
+            _ => lane_sum::<T, T::Narrow<S>>(x, |v| v * v, |v| v * v),
+        }
+    }
+}
+
 /// Σ|x|^p (or max |x|) of one piece, in f64; for orders other than 1, 2 and inf, the
 /// piece is a whole parameter and the result is its p-norm.
-fn partial<T: Float>(x: &[T], norm: NormType) -> f64 {
+fn partial<T: Float>(x: &[T], norm: NormType, simd: SimdLevel) -> f64 {
     match norm {
-        NormType::Inf => {
-            let mut m = T::Vector::splat(T::ZERO);
-            let body = x.len() - x.len() % T::LANES;
-            for c in x[..body].chunks_exact(T::LANES) {
-                m = m.maximum(T::Vector::load(c).abs());
-            }
-            let mut lanes = [T::ZERO; 8];
-            m.store(&mut lanes[..T::LANES]);
-            lanes[..T::LANES]
-                .iter()
-                .chain(&x[body..])
-                .map(|v| v.to_f64().abs())
-                .fold(0.0f64, nan_max)
+        NormType::Inf | NormType::P(1.0) | NormType::P(2.0) => {
+            simd.dispatch(LanePartial { x, norm })
         }
-        NormType::P(2.0) => lane_sum(x, |v| v * v, |v| v * v),
-        NormType::P(1.0) => lane_sum(x, |v| v.abs(), f64::abs),
         NormType::P(p) => {
             // Other orders: torch's own sequence, so the numbers match its (less accurate)
             // result: a sequential sum of |x|^p in the element type per parameter, then the
@@ -157,6 +183,7 @@ pub fn total_norm<T: Float>(
         params,
         norm,
         parallelism,
+        SimdLevel::Best,
         &mut NormScratch::default(),
     )
 }
@@ -169,17 +196,18 @@ pub struct NormScratch {
     partials: Vec<f64>,
 }
 
-/// [`total_norm`] with reusable buffers.
+/// [`total_norm`] with reusable buffers, on SIMD lanes up to `simd`.
 pub fn total_norm_with<T: Float>(
     arena: &Arena<T>,
     params: &[Range<usize>],
     norm: NormType,
     parallelism: &Parallelism,
+    simd: SimdLevel,
     scratch: &mut NormScratch,
 ) -> f64 {
     let total = scratch.plan(arena, params, norm);
     parallelism.run(total, PARALLEL_THRESHOLD, Subnormals::Preserve, |exec| {
-        scratch.reduce(arena, norm, exec)
+        scratch.reduce(arena, norm, simd, exec)
     })
 }
 
@@ -204,10 +232,16 @@ impl NormScratch {
 
     /// The norm over the pieces [`NormScratch::plan`] cut, their partial norms computed as
     /// `exec` runs them and combined in piece order: the same result for any thread count.
-    pub(crate) fn reduce<T: Float>(&mut self, arena: &Arena<T>, norm: NormType, exec: Exec) -> f64 {
+    pub(crate) fn reduce<T: Float>(
+        &mut self,
+        arena: &Arena<T>,
+        norm: NormType,
+        simd: SimdLevel,
+        exec: Exec,
+    ) -> f64 {
         let grads = arena.grads();
         exec.map_into(&self.pieces, &mut self.partials, |r| {
-            partial(&grads[r.clone()], norm)
+            partial(&grads[r.clone()], norm, simd)
         });
         let partials = &self.partials;
         match norm {

@@ -1,18 +1,37 @@
 //! The element types optarena works in, and the SIMD lanes each maps to.
 //!
-//! [`Float`] is sealed: it is implemented for `f32` (the fast path, eight lanes) and `f64`
-//! (four lanes). Kernels are written once against [`Lane`], which both the scalar types and
-//! their `wide` vectors implement, so the SIMD body and the scalar tail run the same arithmetic.
+//! [`Float`] is sealed: it is implemented for `f32` (the fast path) and `f64`. Kernels are
+//! written once against [`Lane`], which the scalar types, their `wide` vectors and the
+//! run-time-dispatched AVX2 / AVX-512 vectors of [`crate::arch`] implement, so the SIMD body
+//! and the scalar tail run the same arithmetic.
 
 use std::fmt::{Debug, Display};
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use wide::{f32x8, f64x4};
 
+/// The crate-private half of [`Float`]: which lanes of an instruction-set token carry the
+/// type. A public trait in a private module, so nothing outside the crate can name it or its
+/// associated types, nor implement [`Float`].
 mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for f64 {}
+    use super::Lane;
+    use crate::arch::Simd;
+
+    pub trait Sealed {
+        /// The widest lanes of `S` (sixteen f32 under AVX-512), for elementwise kernels.
+        type Wide<S: Simd>: Lane<Elem = Self>;
+        /// Lanes of `S` holding exactly [`super::Float::LANES`] elements, for reductions
+        /// whose summation order is fixed to that width.
+        type Narrow<S: Simd>: Lane<Elem = Self>;
+    }
+    impl Sealed for f32 {
+        type Wide<S: Simd> = S::F32;
+        type Narrow<S: Simd> = S::F32x8;
+    }
+    impl Sealed for f64 {
+        type Wide<S: Simd> = S::F64;
+        type Narrow<S: Simd> = S::F64x4;
+    }
 }
 
 /// A parameter element type: `f32` or `f64`.
@@ -33,13 +52,11 @@ pub trait Float:
     + bytemuck::Pod
     + 'static
 {
-    /// The `wide` vector of this type used by the fused kernels.
+    /// The `wide` vector of this type: the fused kernels' lanes at
+    /// [`crate::SimdLevel::Portable`].
     type Vector: Lane<Elem = Self>;
-    /// The AVX2 vector used when the CPU has AVX2 (chosen at run time).
-    #[cfg(target_arch = "x86_64")]
-    #[doc(hidden)]
-    type Avx2: Lane<Elem = Self>;
-    /// Elements per [`Float::Vector`].
+    /// Elements per [`Float::Vector`], and the lane count every reduction sums in (at any
+    /// [`crate::SimdLevel`], so its result does not depend on the level).
     const LANES: usize;
     /// torch's name for the dtype: `"float32"` or `"float64"`.
     const DTYPE: &'static str;
@@ -66,8 +83,6 @@ pub trait Float:
 
 impl Float for f32 {
     type Vector = f32x8;
-    #[cfg(target_arch = "x86_64")]
-    type Avx2 = crate::arch::x86_64::F32x8;
     const LANES: usize = 8;
     const DTYPE: &'static str = "float32";
     const ZERO: Self = 0.0;
@@ -97,8 +112,6 @@ impl Float for f32 {
 
 impl Float for f64 {
     type Vector = f64x4;
-    #[cfg(target_arch = "x86_64")]
-    type Avx2 = crate::arch::x86_64::F64x4;
     const LANES: usize = 4;
     const DTYPE: &'static str = "float64";
     const ZERO: Self = 0.0;
@@ -128,7 +141,9 @@ impl Float for f64 {
 
 /// One lane or a vector of lanes: the arithmetic a fused kernel body is written in.
 ///
-/// Implemented for `f32`, `f64`, `wide::f32x8` and `wide::f64x4`. Every operation rounds
+/// Implemented for `f32`, `f64`, `wide::f32x8` and `wide::f64x4`, and inside the crate for
+/// the AVX2 and AVX-512 vectors of [`crate::arch`] (which no code outside the crate can name).
+/// Every operation rounds
 /// exactly as IEEE 754 says (no fused multiply-add, no approximate reciprocals), so a kernel
 /// gives bitwise the same result in its SIMD body and its scalar tail.
 pub trait Lane:

@@ -79,7 +79,7 @@ pub mod schedule;
 pub mod state;
 pub mod subnormals;
 
-pub use arch::{set_simd_level, simd_level, SimdLevel};
+pub use arch::SimdLevel;
 pub use arena::{Arena, ArenaBuilder, Param, ParamInfo};
 pub use averaged::{AverageFn, AveragedModel, AveragedState};
 pub use clip::NormType;

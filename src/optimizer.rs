@@ -36,6 +36,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use crate::arch::SimdLevel;
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
 use crate::clip::{clip_coefficient, NormScratch, NormType};
@@ -88,6 +89,9 @@ pub struct KernelArgs<C> {
     /// unscale, a clip coefficient to clip. Multiplying by 1 is exact, so a plain step matches
     /// torch bit for bit.
     pub grad_scale: f64,
+    /// The widest instruction set the kernel may use (the optimizer's
+    /// [`Optimizer::set_simd_level`]); every level gives the same bits.
+    pub simd: SimdLevel,
 }
 
 /// An elementwise optimization algorithm: what differs between SGD, Adam, RAdam, ...
@@ -610,6 +614,7 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     parallelism: Parallelism,
     subnormals: Subnormals,
     parallel_threshold: usize,
+    simd: SimdLevel,
     work: Vec<WorkItem<T, A::Coeffs>>,
     pre_hooks: Vec<(HookHandle, StepHook)>,
     post_hooks: Vec<(HookHandle, StepHook)>,
@@ -654,6 +659,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             parallelism: Parallelism::default(),
             subnormals: Subnormals::default(),
             parallel_threshold: PARALLEL_THRESHOLD,
+            simd: SimdLevel::default(),
             work: Vec::new(),
             pre_hooks: Vec::new(),
             post_hooks: Vec::new(),
@@ -757,6 +763,24 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         } else {
             self.subnormals
         }
+    }
+
+    /// Caps the instruction set the kernels and the clipping norm use (default
+    /// [`SimdLevel::Best`]: everything the CPU has). Results are bitwise the same at every
+    /// level; the cap is for benchmarks and tests.
+    pub fn set_simd_level(&mut self, simd: SimdLevel) {
+        self.simd = simd;
+    }
+
+    /// Builder form of [`Optimizer::set_simd_level`].
+    pub fn with_simd_level(mut self, simd: SimdLevel) -> Self {
+        self.simd = simd;
+        self
+    }
+
+    /// The instruction-set cap (see [`Optimizer::set_simd_level`]).
+    pub fn simd_level(&self) -> SimdLevel {
+        self.simd
     }
 
     /// The constructor defaults.
@@ -978,8 +1002,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 .extend(self.groups.iter().map(|g| g.params.clone()));
             self.norm_scratch
                 .plan(arena, &self.norm_ranges, clip.norm_type);
-            let norm =
-                self.norm_scratch.reduce(arena, clip.norm_type, exec) * options.grad_scale.abs();
+            let norm = self
+                .norm_scratch
+                .reduce(arena, clip.norm_type, self.simd, exec)
+                * options.grad_scale.abs();
             if clip.error_if_nonfinite && !norm.is_finite() {
                 return Err(Error::InvalidHyperparameter(format!(
                     "The total norm of order {:?} for gradients from `parameters` is non-finite, \
@@ -1092,6 +1118,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let grads_ptr = grads.as_ptr();
         let layout = &self.layout;
         let defaults = &self.defaults;
+        let simd = self.simd;
         let mut total = 0;
         for group in &mut self.groups {
             let names = A::buffers(&group.config);
@@ -1169,6 +1196,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         coeffs,
                         fresh,
                         grad_scale,
+                        simd,
                     };
                     let param = group.params.start + first;
                     let mut aux = [std::ptr::null_mut(); MAX_AUX_BUFFERS];

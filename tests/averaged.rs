@@ -345,7 +345,7 @@ fn bad_states_are_refused_and_change_nothing() {
     assert_eq!(fresh.state_dict().unwrap(), m.state_dict().unwrap());
 }
 
-fn kernel_levels<T: Float>() {
+fn kernel_levels<T: Float>(level: optarena::SimdLevel) {
     use optarena::kernels::average::*;
     let mut rng = Rng(11);
     for n in 0..68 {
@@ -354,12 +354,12 @@ fn kernel_levels<T: Float>() {
             let p = rng.vec::<T>(n + off, 3.0);
             for count in [0u64, 1, 2, 6, 1000] {
                 let (mut f, mut r) = (a0.clone(), a0.clone());
-                swa_fused(&mut f[off..], &p[off..], count);
+                swa_fused(level, &mut f[off..], &p[off..], count);
                 swa_reference(&mut r[off..], &p[off..], count);
                 assert_eq!(bits(&f), bits(&r), "swa n={n} off={off} count={count}");
                 for decay in [0.999, 0.75, 0.5, 0.2, 0.0, 1.0] {
                     let (mut f, mut r) = (a0.clone(), a0.clone());
-                    ema_fused(&mut f[off..], &p[off..], count, decay);
+                    ema_fused(level, &mut f[off..], &p[off..], count, decay);
                     ema_reference(&mut r[off..], &p[off..], count, decay);
                     assert_eq!(bits(&f), bits(&r), "ema n={n} off={off} decay={decay}");
                 }
@@ -370,10 +370,11 @@ fn kernel_levels<T: Float>() {
 
 #[test]
 fn kernels_equal_reference_at_every_simd_level_length_and_offset() {
-    for level in [optarena::SimdLevel::Portable, optarena::SimdLevel::Avx2] {
-        optarena::set_simd_level(level);
-        kernel_levels::<f32>();
-        kernel_levels::<f64>();
+    for level in optarena::SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_available())
+    {
+        kernel_levels::<f32>(level);
+        kernel_levels::<f64>(level);
     }
-    optarena::set_simd_level(optarena::SimdLevel::Avx2);
 }

@@ -61,7 +61,7 @@ fn state_of<T: Float, A: Algorithm>(opt: &Optimizer<T, A>) -> String {
 }
 
 fn skip_at(t: u64) -> &'static [usize] {
-    if t % 2 == 0 {
+    if t.is_multiple_of(2) {
         &[4]
     } else {
         &[]

@@ -5,20 +5,30 @@ mod common;
 
 use common::Rng;
 use optarena::optim::*;
-use optarena::{Algorithm, Float, Hyperparams, KernelArgs, ParamScalars};
+use optarena::{Algorithm, Float, Hyperparams, KernelArgs, ParamScalars, SimdLevel};
 
-/// Checks every instruction-set level this CPU has: each must equal the reference bit for bit.
-/// (Tests run in parallel and share the level setting; every level gives the same bits, so a
-/// race can only make a pass run another level, never fail.)
-fn check<T: Float, A: Algorithm>(configs: &[A::Config]) {
-    for level in [optarena::SimdLevel::Portable, optarena::SimdLevel::Avx2] {
-        optarena::set_simd_level(level);
-        check_level::<T, A>(configs);
+/// The instruction-set levels this CPU has (each test runs every one of them; the level is a
+/// value in the kernel arguments, so parallel tests cannot interfere).
+fn levels() -> Vec<SimdLevel> {
+    let levels: Vec<SimdLevel> = SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_available())
+        .collect();
+    // Every level the CPU has is really run at: a cap resolves to itself.
+    for &l in &levels {
+        assert_eq!(l.resolve(), l);
     }
-    optarena::set_simd_level(optarena::SimdLevel::Avx2);
+    levels
 }
 
-fn check_level<T: Float, A: Algorithm>(configs: &[A::Config]) {
+/// Checks every instruction-set level this CPU has: each must equal the reference bit for bit.
+fn check<T: Float, A: Algorithm>(configs: &[A::Config]) {
+    for level in levels() {
+        check_level::<T, A>(configs, level);
+    }
+}
+
+fn check_level<T: Float, A: Algorithm>(configs: &[A::Config], level: SimdLevel) {
     let n_buf_max = 4;
     let mut rng = Rng(7);
     for config in configs {
@@ -36,6 +46,7 @@ fn check_level<T: Float, A: Algorithm>(configs: &[A::Config]) {
                         coeffs,
                         fresh,
                         grad_scale,
+                        simd: level,
                     };
                     for len in 0..=67usize {
                         for offset in [0usize, 1, 3] {
@@ -70,13 +81,13 @@ fn check_level<T: Float, A: Algorithm>(configs: &[A::Config]) {
                             };
                             assert!(
                                 same(&p1, &p2),
-                                "{} {:?} step {step} fresh {fresh} len {len} offset {offset}: params differ\nfused {p1:?}\nref   {p2:?}",
+                                "{} {:?} {level:?} step {step} fresh {fresh} len {len} offset {offset}: params differ\nfused {p1:?}\nref   {p2:?}",
                                 A::NAME, config
                             );
                             for k in 0..n_bufs {
                                 assert!(
                                     same(&b1[k], &b2[k]),
-                                    "{} {:?}: buffer {} differs at len {len} offset {offset}",
+                                    "{} {:?} {level:?}: buffer {} differs at len {len} offset {offset}",
                                     A::NAME,
                                     config,
                                     A::buffers(config)[k]
@@ -317,7 +328,7 @@ const ADAFACTOR_SHAPES: &[&[usize]] = &[
     &[0],
 ];
 
-fn check_adafactor<T: Float>(configs: &[AdafactorConfig]) {
+fn check_adafactor<T: Float>(configs: &[AdafactorConfig], level: SimdLevel) {
     let mut rng = Rng(11);
     for config in configs {
         for step in [1u64, 2, 7, 40] {
@@ -327,6 +338,7 @@ fn check_adafactor<T: Float>(configs: &[AdafactorConfig]) {
                     coeffs,
                     fresh: step == 1,
                     grad_scale,
+                    simd: level,
                 };
                 for shape in ADAFACTOR_SHAPES {
                     let n: usize = shape.iter().product();
@@ -374,7 +386,9 @@ fn check_adafactor<T: Float>(configs: &[AdafactorConfig]) {
                     }
                     let bits =
                         |v: &[T]| -> Vec<u64> { v.iter().map(|x| x.to_f64().to_bits()).collect() };
-                    let what = format!("{config:?} step {step} scale {grad_scale} shape {shape:?}");
+                    let what = format!(
+                        "{config:?} {level:?} step {step} scale {grad_scale} shape {shape:?}"
+                    );
                     assert_eq!(bits(&p1), bits(&p2), "{what}: params differ");
                     for k in 0..names.len() {
                         assert_eq!(bits(&a1[k]), bits(&a2[k]), "{what}: {} differs", names[k]);
@@ -418,10 +432,8 @@ fn adafactor() {
             ("d", Number(f64::INFINITY)),
         ],
     ]);
-    for level in [optarena::SimdLevel::Portable, optarena::SimdLevel::Avx2] {
-        optarena::set_simd_level(level);
-        check_adafactor::<f32>(&cs);
-        check_adafactor::<f64>(&cs);
+    for level in levels() {
+        check_adafactor::<f32>(&cs, level);
+        check_adafactor::<f64>(&cs, level);
     }
-    optarena::set_simd_level(optarena::SimdLevel::Avx2);
 }

@@ -7,7 +7,7 @@ use common::{LbfgsProblem, Rng};
 use optarena::kernels::lbfgs as k;
 use optarena::{
     Arena, ArenaBuilder, Error, Float, GroupHyperparams, HyperValue, Lbfgs, LbfgsConfig,
-    LbfgsStateDict, MatchBy, Param, ParamGroup,
+    LbfgsStateDict, MatchBy, Param, ParamGroup, SimdLevel,
 };
 
 /// Rosenbrock over 52 elements split into `a` [5, 5], `b` [12], `c` [15]: vector bodies and
@@ -173,10 +173,13 @@ fn state_dict_holds_torchs_state() {
     // ro = 1 / (y·s) and H_diag = y·s / y·y of the newest pair (in the dtype).
     let stps = st.old_stps.as_ref().unwrap();
     for ((y, s), ro) in dirs.iter().zip(stps).zip(st.ro.as_ref().unwrap()) {
-        assert_eq!(*ro, 1.0 / k::dot(y, s));
+        assert_eq!(*ro, 1.0 / k::dot(SimdLevel::Best, y, s));
     }
     let (y, s) = (&dirs[2], &stps[2]);
-    assert_eq!(st.h_diag.unwrap(), k::dot(y, s) / k::dot(y, y));
+    assert_eq!(
+        st.h_diag.unwrap(),
+        k::dot(SimdLevel::Best, y, s) / k::dot(SimdLevel::Best, y, y)
+    );
     let json = serde_json::to_value(&sd).unwrap();
     for key in [
         "func_evals",
@@ -747,7 +750,9 @@ fn torch_lbfgs_bit_for_bit() {
 // Kernels
 // ---------------------------------------------------------------------------------------
 
-const LENGTHS: [usize; 12] = [0, 1, 3, 4, 7, 8, 9, 31, 32, 33, 100, 1031];
+const LENGTHS: [usize; 17] = [
+    0, 1, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 100, 129, 1031,
+];
 
 fn vecs<T: Float>(n: usize, seed: u64) -> (Vec<T>, Vec<T>, Vec<T>) {
     let mut r = Rng(seed);
@@ -761,40 +766,48 @@ fn same<T: Float>(a: &[T], b: &[T]) -> bool {
             .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits())
 }
 
-fn kernels_match_reference<T: Float>() {
+/// The instruction-set levels this CPU has.
+fn levels() -> Vec<SimdLevel> {
+    SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_available())
+        .collect()
+}
+
+fn kernels_match_reference<T: Float>(level: SimdLevel) {
     let alpha = T::from_f64(-0.37);
     for n in LENGTHS {
         let (x, y, z) = vecs::<T>(n, n as u64 + 1);
         let (mut s, mut r) = (y.clone(), y.clone());
-        k::axpy(&mut s, alpha, &x);
+        k::axpy(level, &mut s, alpha, &x);
         k::reference::axpy(&mut r, alpha, &x);
         assert!(same(&s, &r), "axpy n={n}");
         let mut s = vec![T::ZERO; n];
-        k::axpy_into(&mut s, &y, alpha, &x);
+        k::axpy_into(level, &mut s, &y, alpha, &x);
         let mut r = y.clone();
         k::reference::axpy(&mut r, alpha, &x);
         assert!(same(&s, &r), "axpy_into n={n}");
-        k::sub_into(&mut s, &x, &y);
+        k::sub_into(level, &mut s, &x, &y);
         k::reference::sub_into(&mut r, &x, &y);
         assert!(same(&s, &r), "sub n={n}");
-        k::scale_into(&mut s, &x, alpha);
+        k::scale_into(level, &mut s, &x, alpha);
         k::reference::scale_into(&mut r, &x, alpha);
         assert!(same(&s, &r), "scale_into n={n}");
         let mut sc = x.clone();
-        k::scale(&mut sc, alpha);
+        k::scale(level, &mut sc, alpha);
         assert!(same(&sc, &r), "scale n={n}");
-        k::neg_into(&mut s, &x);
+        k::neg_into(level, &mut s, &x);
         k::reference::neg_into(&mut r, &x);
         assert!(same(&s, &r), "neg n={n}");
         let mut ng = x.clone();
-        k::neg(&mut ng);
+        k::neg(level, &mut ng);
         assert!(same(&ng, &r), "neg in place n={n}");
 
         // Fused axpy + dot is bitwise the two passes.
         let (mut q1, mut q2) = (y.clone(), y.clone());
-        let fused = k::axpy_dot(&mut q1, alpha, &x, &z);
-        k::axpy(&mut q2, alpha, &x);
-        let two = k::dot(&z, &q2);
+        let fused = k::axpy_dot(level, &mut q1, alpha, &x, &z);
+        k::axpy(level, &mut q2, alpha, &x);
+        let two = k::dot(level, &z, &q2);
         assert!(same(&q1, &q2) && same(&[fused], &[two]), "axpy_dot n={n}");
 
         // Reductions: within rounding of an f64 sum, and the exact max.
@@ -806,18 +819,22 @@ fn kernels_match_reference<T: Float>() {
             .sum();
         let want = k::reference::dot_f64(&x, &y);
         assert!(
-            (k::dot(&x, &y).to_f64() - want).abs() <= eps * scale + 1e-300,
+            (k::dot(level, &x, &y).to_f64() - want).abs() <= eps * scale + 1e-300,
             "dot n={n}"
         );
         let want = k::reference::abs_sum_f64(&x);
         assert!(
-            (k::abs_sum(&x).to_f64() - want).abs() <= eps * want,
+            (k::abs_sum(level, &x).to_f64() - want).abs() <= eps * want,
             "abs_sum n={n}"
         );
-        assert_eq!(k::abs_max(&x), k::reference::abs_max(&x), "abs_max n={n}");
+        assert_eq!(
+            k::abs_max(level, &x),
+            k::reference::abs_max(&x),
+            "abs_max n={n}"
+        );
         let scaled: Vec<T> = x.iter().map(|&v| v * alpha).collect();
         assert_eq!(
-            k::abs_max_scaled(&x, alpha),
+            k::abs_max_scaled(level, &x, alpha),
             k::reference::abs_max(&scaled),
             "abs_max_scaled n={n}"
         );
@@ -826,25 +843,98 @@ fn kernels_match_reference<T: Float>() {
 
 #[test]
 fn kernels_match_reference_f32() {
-    kernels_match_reference::<f32>();
+    for level in levels() {
+        kernels_match_reference::<f32>(level);
+    }
 }
 
 #[test]
 fn kernels_match_reference_f64() {
-    kernels_match_reference::<f64>();
+    for level in levels() {
+        kernels_match_reference::<f64>(level);
+    }
+}
+
+/// Reductions sum in the same order at every instruction-set level, so they agree bit for bit.
+fn reductions_agree_across_levels<T: Float>() {
+    let alpha = T::from_f64(0.61);
+    for n in LENGTHS {
+        let (x, y, z) = vecs::<T>(n, n as u64 + 5);
+        let at = |level: SimdLevel| {
+            let mut q = y.clone();
+            let fused = k::axpy_dot(level, &mut q, alpha, &x, &z);
+            let v = [
+                k::dot(level, &x, &y),
+                k::abs_sum(level, &x),
+                k::abs_max(level, &x),
+                k::abs_max_scaled(level, &x, alpha),
+                fused,
+            ];
+            (v.map(|v| v.to_f64().to_bits()), q)
+        };
+        let want = at(SimdLevel::Portable);
+        for level in levels() {
+            let got = at(level);
+            assert_eq!(got.0, want.0, "{level:?} n={n}");
+            assert!(same(&got.1, &want.1), "{level:?} n={n}");
+        }
+    }
+}
+
+#[test]
+fn reductions_agree_across_levels_f32() {
+    reductions_agree_across_levels::<f32>();
+}
+
+#[test]
+fn reductions_agree_across_levels_f64() {
+    reductions_agree_across_levels::<f64>();
+}
+
+/// Whole L-BFGS runs (both line searches) are bitwise the same at every level.
+#[test]
+fn runs_agree_across_levels() {
+    for config in configs() {
+        let run = |level: SimdLevel| {
+            let mut a = arena::<f64>();
+            let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone())
+                .unwrap()
+                .with_simd_level(level);
+            for _ in 0..3 {
+                opt.step(&mut a, rosenbrock).unwrap();
+            }
+            bits(&a)
+        };
+        let want = run(SimdLevel::Portable);
+        for level in levels() {
+            assert_eq!(run(level), want, "{level:?} {config:?}");
+        }
+    }
 }
 
 #[test]
 fn abs_max_propagates_nan_at_any_position() {
+    for level in levels() {
+        abs_max_propagates_nan_at::<f32>(level);
+        abs_max_propagates_nan_at::<f64>(level);
+    }
+    assert_eq!(k::abs_max::<f64>(SimdLevel::Best, &[]), 0.0);
+}
+
+fn abs_max_propagates_nan_at<T: Float>(level: SimdLevel) {
     for n in [1usize, 5, 8, 33, 40] {
         for at in [0, n / 2, n - 1] {
-            let mut v = vec![1.0f32; n];
-            v[at] = f32::NAN;
-            assert!(k::abs_max(&v).is_nan(), "n={n} at={at}");
-            assert!(k::abs_max_scaled(&v, 2.0).is_nan());
+            let mut v = vec![T::ONE; n];
+            v[at] = T::from_f64(f64::NAN);
+            assert!(
+                k::abs_max(level, &v).to_f64().is_nan(),
+                "{level:?} n={n} at={at}"
+            );
+            assert!(k::abs_max_scaled(level, &v, T::from_f64(2.0))
+                .to_f64()
+                .is_nan());
         }
     }
-    assert_eq!(k::abs_max::<f64>(&[]), 0.0);
 }
 
 /// An f64 JSON state loads into an f32 L-BFGS and back, cast as the typed load casts.

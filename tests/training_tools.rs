@@ -7,10 +7,13 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::{build_arena, write_grads};
-use optarena::clip::{clip_grad_norm, clip_grad_value, total_norm, NormType};
+use optarena::clip::{
+    clip_grad_norm, clip_grad_value, total_norm, total_norm_with, NormScratch, NormType,
+};
 use optarena::optim::*;
 use optarena::{
-    Arena, ClipNorm, GradScaler, GroupHyperparams, Parallelism, Param, ParamGroup, StepOutcome,
+    Arena, ClipNorm, GradScaler, GroupHyperparams, Parallelism, Param, ParamGroup, SimdLevel,
+    StepOutcome,
 };
 
 fn shapes() -> Vec<Vec<usize>> {
@@ -62,6 +65,46 @@ fn norm_is_bitwise_the_same_for_any_thread_count() {
             seq.to_bits(),
             total_norm(&arena, &all, norm, &Parallelism::Global).to_bits()
         );
+    }
+}
+
+#[test]
+fn norm_and_clipped_step_are_bitwise_the_same_at_every_simd_level() {
+    let levels: Vec<SimdLevel> = SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_available())
+        .collect();
+    let (mut arena, _) = build_arena::<f32>(&shapes(), 1, &[]);
+    write_grads(&mut arena, 5, &[2]);
+    let all = [0..arena.num_params()];
+    for norm in [NormType::P(2.0), NormType::P(1.0), NormType::Inf] {
+        let at = |level| {
+            let par = Parallelism::Global;
+            total_norm_with(&arena, &all, norm, &par, level, &mut NormScratch::default())
+        };
+        let want = at(SimdLevel::Portable);
+        for &level in &levels {
+            assert_eq!(at(level).to_bits(), want.to_bits(), "{norm:?} {level:?}");
+        }
+        let step = |level| {
+            let (mut a, h) = build_arena::<f32>(&shapes(), 1, &[]);
+            let mut o = adamw(&a, &h);
+            o.set_simd_level(level);
+            for t in 1..=3 {
+                write_grads(&mut a, t, &[]);
+                let clip = ClipNorm {
+                    max_norm: 0.5,
+                    norm_type: norm,
+                    error_if_nonfinite: false,
+                };
+                o.step_clipped(&mut a, clip).unwrap();
+            }
+            bits(&a)
+        };
+        let want = step(SimdLevel::Portable);
+        for &level in &levels {
+            assert_eq!(step(level), want, "{level:?}");
+        }
     }
 }
 

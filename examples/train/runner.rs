@@ -583,7 +583,8 @@ fn train_one(
             100.0 * test_acc
         );
         bar.set_message(msg.clone());
-        if !interactive && (stats.epoch % log_every == 0 || stats.epoch == settings.epochs) {
+        if !interactive && (stats.epoch.is_multiple_of(log_every) || stats.epoch == settings.epochs)
+        {
             println!("{:>24}: {msg}", spec.label);
         }
         history.push(stats);

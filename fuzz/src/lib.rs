@@ -183,7 +183,7 @@ fn hyper_like(input: &mut Input<'_>, like: &HyperValue) -> HyperValue {
 fn config_from<C: Hyperparams>(input: &mut Input<'_>) -> C {
     let mut c = C::default();
     for &name in C::NAMES {
-        if input.u8() % 3 == 0 {
+        if input.u8().is_multiple_of(3) {
             let v = hyper_like(input, &c.get(name).expect("listed"));
             let _ = c.set(name, &v);
         }
@@ -225,6 +225,7 @@ fn kernel_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
         coeffs,
         fresh: input.bool(),
         grad_scale: if input.bool() { 1.0 } else { input.f64() },
+        simd: optarena::SimdLevel::Best,
     };
     if A::PER_PARAMETER {
         return per_parameter_kernel_case::<T, A>(input, &config, step, &args);
@@ -466,7 +467,7 @@ fn decode_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
     let result = match mode % 4 {
         // Binary, with the checksums made right so the fuzzer gets past them.
         0 | 1 => {
-            if mode % 4 == 0 {
+            if mode.is_multiple_of(4) {
                 fix_checksums(&mut bytes);
             }
             let _ = checkpoint::inspect_reader(&mut &bytes[..], bytes.len() as u64);
@@ -536,7 +537,7 @@ fn group_from<T: Float, A: Algorithm>(
     let b = input.below(SHAPES.len() + 1);
     let (lo, hi) = (a.min(b), a.max(b));
     let h: Vec<_> = arena.handles().collect();
-    let mut g = if input.u8() % 4 == 0 && hi > lo {
+    let mut g = if input.u8().is_multiple_of(4) && hi > lo {
         ParamGroup::named((lo..hi).map(|i| format!("p{i}")))
     } else {
         ParamGroup::new(h[lo..hi].iter().copied())
@@ -545,7 +546,7 @@ fn group_from<T: Float, A: Algorithm>(
     let c = A::Config::default();
     for _ in 0..input.below(3) {
         let names = <A::Config as Hyperparams>::NAMES;
-        if input.u8() % 8 == 0 {
+        if input.u8().is_multiple_of(8) {
             g = g.with("no_such_hyperparameter", 1.0);
             bogus = true;
         } else {
@@ -603,7 +604,7 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                 // Write gradients (sometimes non-finite), or clear one.
                 let h: Vec<_> = arena.handles().collect();
                 let p = h[input.below(h.len())];
-                if input.u8() % 4 == 0 {
+                if input.u8().is_multiple_of(4) {
                     arena.clear_grad(p);
                 } else {
                     let vals: Vec<T> = (0..arena.info(p).len).map(|_| input.data()).collect();
@@ -661,7 +662,7 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                     continue;
                 }
                 let (binary, mut bytes, snap) = saved[input.below(saved.len())].clone();
-                let corrupt = input.u8() % 3 == 0 && !bytes.is_empty();
+                let corrupt = input.u8().is_multiple_of(3) && !bytes.is_empty();
                 if corrupt {
                     let i = input.u16() as usize % bytes.len();
                     bytes[i] ^= 1 << input.below(8);
@@ -696,7 +697,7 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                 // Set a hyperparameter: maybe a bad group, an unknown name, a bad value.
                 let names = <A::Config as Hyperparams>::NAMES;
                 let g = input.below(o.num_groups() + 1);
-                let unknown = input.u8() % 8 == 0;
+                let unknown = input.u8().is_multiple_of(8);
                 let name = if unknown {
                     "nope"
                 } else {

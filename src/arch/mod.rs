@@ -1,50 +1,178 @@
-//! Run-time choice of instruction set for the fused kernels.
+//! Run-time choice of instruction set, and the one dispatch every kernel, reduction and norm
+//! goes through.
 //!
 //! `wide` picks its instructions when the crate is compiled, so a plain `cargo build --release`
-//! on x86-64 gets SSE2 (four f32 lanes). Like PyTorch's CPU kernels, optarena checks the CPU
-//! once at run time instead: on x86-64 with AVX2 every fused kernel runs on eight-lane AVX2
-//! vectors (`x86_64.rs`), whatever the build flags; elsewhere, and when AVX2 is missing or
-//! switched off with [`set_simd_level`], it runs on `wide`'s portable lanes.
+//! on x86-64 gets SSE2 (four f32 lanes). Like PyTorch's CPU kernels, optarena checks the CPU at
+//! run time instead: on x86-64 with AVX-512F the fused kernels run on sixteen-lane f32 /
+//! eight-lane f64 vectors, with AVX2 on eight / four lanes (`x86_64.rs`), whatever the build
+//! flags; elsewhere, or below a cap the caller sets, on `wide`'s portable lanes.
+//!
+//! # Layers
+//! The dependency points one way: `kernels`, `clip` and `roofline` use this module, and this
+//! module never names an algorithm.
+//!
+//! - A *token* (`Simd` implementor) is the proof that the CPU has an instruction set:
+//!   `x86_64::Avx2::new()` and `x86_64::Avx512::new()` return `None` unless run-time
+//!   detection finds the features, and the only other way to get one is an `unsafe fn
+//!   new_unchecked` whose caller promises it. (memchr's `arch/x86_64/avx2` searchers and
+//!   pulp's `V3`/`V4` are built the same way.)
+//! - The token's associated types are the lane types ([`crate::Lane`] implementors) of that
+//!   instruction set. They are private to `x86_64.rs` and reachable only through a token type,
+//!   which is private to the crate, so no code outside the crate can name a lane type, let
+//!   alone construct one, and inside the crate lanes are only named through the type parameter
+//!   `S` of `WithSimd::with_simd` (see below). The compile-fail example below shows that
+//!   the old path, `<f32 as Float>::Avx2`, is gone.
+//! - A *kernel object* implements `WithSimd`: one generic body, written against
+//!   `T::Wide<S>` (the widest lanes of `S` for element type `T`) or `T::Narrow<S>` (lanes of
+//!   exactly [`crate::Float::LANES`] elements, for reductions whose summation order is fixed
+//!   to that width). `SimdLevel::dispatch` picks the best token within its cap and calls
+//!   `Simd::vectorize`, which enters a `#[target_feature]` function monomorphised with the
+//!   kernel, so the whole kernel body is compiled (and inlined) for that instruction set.
+//! - The level is a value, [`SimdLevel`], carried like [`crate::Parallelism`]: an
+//!   [`crate::Optimizer`] holds one ([`crate::Optimizer::set_simd_level`]), passes it to its
+//!   kernels in [`crate::KernelArgs::simd`] and to its clipping norm; L-BFGS holds one too.
+//!   Its default, [`SimdLevel::Best`], is everything the CPU has. There is no process-wide
+//!   setting for tests to race on.
+//!
+//! ```compile_fail
+//! // The AVX2 lane type used to be reachable as an associated type of `Float`; safe code
+//! // could then run AVX instructions on any CPU. No path to a lane type exists any more.
+//! use optarena::{Float, Lane};
+//! let x = <f32 as Float>::Avx2::splat(1.0);
+//! ```
+//!
+//! ```compile_fail
+//! // Nor can safe code outside the crate reach the tokens or the lanes behind them.
+//! use optarena::Lane;
+//! let x = optarena::arch::x86_64::F32x16::splat(1.0);
+//! ```
 //!
 //! # Results do not depend on the instruction set
 //! No kernel uses fused multiply-add or approximate reciprocals: each lane performs the same
 //! correctly rounded IEEE operations, in the same order, as the scalar reference kernel. So
-//! SSE2, AVX2 (and AVX-512 or NEON builds of `wide`) give bitwise the same parameters and
+//! SSE2, AVX2 and AVX-512 (and NEON builds of `wide`) give bitwise the same parameters and
 //! state, and the same as the reference; `tests/kernels.rs` checks this for every level this
-//! CPU has. The price is a few percent of in-cache throughput that FMA would buy; memory-bound
-//! sizes do not notice. (Against torch, whose vectorised kernels use FMA in `add(alpha=...)`
-//! and `lerp`, results differ by a few ulp per step, well inside SCHEMA.md's tolerances.)
-
-use std::sync::atomic::{AtomicU8, Ordering};
+//! CPU has. Reductions (L-BFGS dot products, clipping norms, Adafactor's norms) sum in lanes
+//! of [`crate::Float::LANES`] elements at every level, so their association order, and their
+//! result, is the same too. The price is a few percent of in-cache throughput that FMA would
+//! buy; memory-bound sizes do not notice. (Against torch, whose vectorised kernels use FMA in
+//! `add(alpha=...)` and `lerp`, results differ by a few ulp per step, well inside SCHEMA.md's
+//! tolerances.)
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod x86_64;
+mod x86_64;
 
-/// The widest instruction set the fused kernels may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// The widest instruction set the kernels may use: a cap, resolved against the CPU when a
+/// kernel runs. Every level gives bitwise the same results; capping is for benchmarks and
+/// tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum SimdLevel {
     /// `wide`'s lanes as compiled (SSE2 on a default x86-64 build).
-    Portable = 0,
-    /// AVX2 eight-lane f32 / four-lane f64 vectors, chosen at run time.
-    Avx2 = 1,
+    Portable,
+    /// AVX2: eight-lane f32 / four-lane f64 vectors, when the CPU has AVX2.
+    Avx2,
+    /// AVX-512F: sixteen-lane f32 / eight-lane f64 vectors, when the CPU has AVX-512F.
+    Avx512,
+    /// The best the CPU has (the default).
+    #[default]
+    Best,
 }
 
-static MAX_LEVEL: AtomicU8 = AtomicU8::new(SimdLevel::Avx2 as u8);
+impl SimdLevel {
+    /// The levels below [`SimdLevel::Best`], narrowest first.
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512];
 
-/// Caps the instruction set the kernels may use (for benchmarks and tests; results are the
-/// same at every level). The default allows everything the CPU has.
-pub fn set_simd_level(max: SimdLevel) {
-    MAX_LEVEL.store(max as u8, Ordering::Relaxed);
-}
-
-/// The instruction set the kernels use now: the best the CPU has, within
-/// [`set_simd_level`]'s cap.
-pub fn simd_level() -> SimdLevel {
-    let cap = MAX_LEVEL.load(Ordering::Relaxed);
-    #[cfg(target_arch = "x86_64")]
-    if cap >= SimdLevel::Avx2 as u8 && std::arch::is_x86_feature_detected!("avx2") {
-        return SimdLevel::Avx2;
+    /// The level kernels run at under this cap on this CPU: the best level the CPU has that
+    /// is not above `self` (never [`SimdLevel::Best`]).
+    pub fn resolve(self) -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if self >= SimdLevel::Avx512 && x86_64::Avx512::new().is_some() {
+                return SimdLevel::Avx512;
+            }
+            if self >= SimdLevel::Avx2 && x86_64::Avx2::new().is_some() {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
     }
-    let _ = cap;
-    SimdLevel::Portable
+
+    /// True when this CPU can run kernels at exactly this level ([`SimdLevel::Best`] and
+    /// [`SimdLevel::Portable`] always can).
+    pub fn is_available(self) -> bool {
+        self == SimdLevel::Best || self.resolve() == self
+    }
+
+    /// Runs `kernel` with the best token allowed by this cap: inside a `#[target_feature]`
+    /// function for AVX2 or AVX-512, so the kernel's body is compiled for that instruction set.
+    /// Detection is `std`'s cached `is_x86_feature_detected!`: one atomic load per feature.
+    #[inline(always)]
+    pub(crate) fn dispatch<K: WithSimd>(self, kernel: K) -> K::Output {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if self >= SimdLevel::Avx512 {
+                if let Some(simd) = x86_64::Avx512::new() {
+                    return simd.vectorize(kernel);
+                }
+            }
+            if self >= SimdLevel::Avx2 {
+                if let Some(simd) = x86_64::Avx2::new() {
+                    return simd.vectorize(kernel);
+                }
+            }
+        }
+        Portable.vectorize(kernel)
+    }
+}
+
+pub(crate) use token::{Simd, WithSimd};
+
+/// The traits of the token layer. Public items of a private module: the crate can use them in
+/// the sealed part of [`crate::Float`] without exporting them.
+mod token {
+    use crate::float::Lane;
+
+    /// Proof that the CPU has an instruction set, and that set's lane types.
+    ///
+    /// A value of an implementor exists only where its instructions can run: each token's
+    /// constructor checks the CPU (or is `unsafe`). The lane types are only ever named as
+    /// `T::Wide<S>` / `T::Narrow<S>` inside [`WithSimd::with_simd`], which
+    /// [`Simd::vectorize`] calls with a token value, so every lane operation runs after the
+    /// check.
+    pub trait Simd: Copy + Send + Sync + 'static {
+        /// The widest f32 lanes.
+        type F32: Lane<Elem = f32>;
+        /// The widest f64 lanes.
+        type F64: Lane<Elem = f64>;
+        /// Eight f32 lanes: the width reductions sum in, whatever the level.
+        type F32x8: Lane<Elem = f32>;
+        /// Four f64 lanes: the width reductions sum in, whatever the level.
+        type F64x4: Lane<Elem = f64>;
+        /// Runs `kernel.with_simd(self)` compiled for this instruction set.
+        fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output;
+    }
+
+    /// A kernel written once for every instruction set (pulp's `WithSimd`).
+    pub trait WithSimd {
+        /// What the kernel returns.
+        type Output;
+        /// The kernel body, on the lanes of `S`. Mark it `#[inline(always)]` so that it is
+        /// compiled inside [`Simd::vectorize`]'s `#[target_feature]` function.
+        fn with_simd<S: Simd>(self, simd: S) -> Self::Output;
+    }
+}
+
+/// `wide`'s lanes as compiled: no run-time features, so no proof needed.
+#[derive(Debug, Clone, Copy)]
+struct Portable;
+
+impl Simd for Portable {
+    type F32 = wide::f32x8;
+    type F64 = wide::f64x4;
+    type F32x8 = wide::f32x8;
+    type F64x4 = wide::f64x4;
+    #[inline(always)]
+    fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
+        kernel.with_simd(self)
+    }
 }

@@ -1,6 +1,7 @@
 //! Adadelta: fused kernel and reference.
 
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adadelta (f64, as torch's Python floats). Adadelta's update does not
@@ -52,6 +53,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 
 /// Fused Adadelta over one piece: `bufs` is `[square_avg, acc_delta]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &AdadeltaCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -69,7 +71,7 @@ pub fn fused<T: Float>(
         neg_lr: T::from_f64(-c.lr),
     };
     match bufs {
-        [sq, acc] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **sq, &mut **acc]),
+        [sq, acc] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **sq, &mut **acc]),
         _ => unreachable!("Adadelta keeps two buffers"),
     }
 }

@@ -21,6 +21,7 @@
 //! vectorised `lerp` and `add(alpha=)` do, so single values may differ from torch by an ulp.
 
 use super::{lerp, LerpWeight};
+use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adafactor, computed once per parameter in f64 as torch does.
@@ -352,6 +353,7 @@ fn mean_square<V: Lane>(sumsq: V, count: usize) -> V {
 /// If `aux` does not hold the buffers the shape needs, with the lengths
 /// [`crate::optim::AdafactorAlgorithm`] gives them (the optimizer always passes them so).
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &AdafactorCoeffs,
     grad_scale: f64,
     shape: &[usize],
@@ -359,12 +361,40 @@ pub fn fused<T: Float>(
     g: &[T],
     aux: &mut [&mut [T]],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::arch::simd_level() == crate::arch::SimdLevel::Avx2 {
-        // SAFETY: `simd_level` returns `Avx2` only when the CPU has AVX2.
-        return unsafe { crate::arch::x86_64::adafactor_avx2(c, grad_scale, shape, p, g, aux) };
+    simd.dispatch(Fused {
+        c,
+        grad_scale,
+        shape,
+        p,
+        g,
+        aux,
+    })
+}
+
+/// [`fused`] as a kernel object: on the token's [`Float::LANES`]-wide lanes, the width of
+/// torch's reduction order (AVX2's lanes at both the AVX2 and the AVX-512 level).
+struct Fused<'a, 'b, T> {
+    c: &'a AdafactorCoeffs,
+    grad_scale: f64,
+    shape: &'a [usize],
+    p: &'a mut [T],
+    g: &'a [T],
+    aux: &'a mut [&'b mut [T]],
+}
+
+impl<T: Float> WithSimd for Fused<'_, '_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        fused_with::<T, T::Narrow<S>>(
+            self.c,
+            self.grad_scale,
+            self.shape,
+            self.p,
+            self.g,
+            self.aux,
+        )
     }
-    fused_with::<T, T::Vector>(c, grad_scale, shape, p, g, aux)
 }
 
 /// [`fused`] on vectors of type `V`, which must have [`Float::LANES`] lanes (the width of

@@ -1,6 +1,7 @@
 //! Adagrad (dense gradients): fused kernel and reference.
 
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adagrad, computed once per run in f64 as torch does.
@@ -63,6 +64,7 @@ impl<T: Float> ElementOp<T, 1> for Op<T> {
 
 /// Fused Adagrad over one piece: `bufs` is `[sum]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &AdagradCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -78,7 +80,7 @@ pub fn fused<T: Float>(
         neg_clr: T::from_f64(-c.clr),
     };
     match bufs {
-        [sum] => for_each_lane::<T, 1, _>(&op, p, g, [&mut **sum]),
+        [sum] => for_each_lane::<T, 1, _>(simd, &op, p, g, [&mut **sum]),
         _ => unreachable!("Adagrad keeps one buffer"),
     }
 }

@@ -17,6 +17,7 @@
 
 use super::moments::Moments;
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adam, computed once per run in f64 as torch does.
@@ -122,6 +123,7 @@ fn op<T: Float>(c: &AdamCoeffs, grad_scale: f64) -> Op<T> {
 /// Fused Adam over one piece: `bufs` is `[exp_avg, exp_avg_sq]` or, with AMSGrad,
 /// `[exp_avg, exp_avg_sq, max_exp_avg_sq]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &AdamCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -130,8 +132,10 @@ pub fn fused<T: Float>(
 ) {
     let op = op::<T>(c, grad_scale);
     match bufs {
-        [m, v] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **v]),
-        [m, v, vmax] => for_each_lane::<T, 3, _>(&op, p, g, [&mut **m, &mut **v, &mut **vmax]),
+        [m, v] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **v]),
+        [m, v, vmax] => {
+            for_each_lane::<T, 3, _>(simd, &op, p, g, [&mut **m, &mut **v, &mut **vmax])
+        }
         _ => unreachable!("Adam keeps two or three buffers"),
     }
 }

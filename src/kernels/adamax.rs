@@ -1,6 +1,7 @@
 //! Adamax (Adam with the infinity norm): fused kernel and reference.
 
 use super::{for_each_lane, lerp, passes, ElementOp, LerpWeight};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Adamax, computed once per run in f64 as torch does.
@@ -70,6 +71,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 
 /// Fused Adamax over one piece: `bufs` is `[exp_avg, exp_inf]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &AdamaxCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -87,7 +89,7 @@ pub fn fused<T: Float>(
         neg_clr: T::from_f64(-c.clr),
     };
     match bufs {
-        [m, u] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **u]),
+        [m, u] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **u]),
         _ => unreachable!("Adamax keeps two buffers"),
     }
 }

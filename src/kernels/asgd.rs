@@ -1,6 +1,7 @@
 //! ASGD (averaged SGD): fused kernel and reference.
 
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of ASGD, computed once per run from the parameter's `eta` and `mu` before
@@ -63,6 +64,7 @@ impl<T: Float> ElementOp<T, 1> for Op<T> {
 
 /// Fused ASGD over one piece: `bufs` is `[ax]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &AsgdCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -80,7 +82,7 @@ pub fn fused<T: Float>(
         mu: T::from_f64(c.mu),
     };
     match bufs {
-        [ax] => for_each_lane::<T, 1, _>(&op, p, g, [&mut **ax]),
+        [ax] => for_each_lane::<T, 1, _>(simd, &op, p, g, [&mut **ax]),
         _ => unreachable!("ASGD keeps one buffer"),
     }
 }

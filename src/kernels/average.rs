@@ -6,6 +6,7 @@
 //! read).
 
 use super::{for_each_lane, lerp, passes, ElementOp, LerpWeight};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// torch's `get_swa_avg_fn()` on CPU: `averaged + (param − averaged) / (n_averaged + 1)`,
@@ -65,21 +66,27 @@ impl<T: Float> ElementOp<T, 0> for CopyParams {
     }
 }
 
-/// Fused SWA update of `averaged` from `params` (equal lengths).
-pub fn swa_fused<T: Float>(averaged: &mut [T], params: &[T], n_averaged: u64) {
+/// Fused SWA update of `averaged` from `params` (equal lengths), on lanes up to `simd`.
+pub fn swa_fused<T: Float>(simd: SimdLevel, averaged: &mut [T], params: &[T], n_averaged: u64) {
     if n_averaged == 0 {
-        for_each_lane::<T, 0, _>(&CopyParams, averaged, params, []);
+        for_each_lane::<T, 0, _>(simd, &CopyParams, averaged, params, []);
     } else {
-        for_each_lane::<T, 0, _>(&SwaMean::new(n_averaged), averaged, params, []);
+        for_each_lane::<T, 0, _>(simd, &SwaMean::new(n_averaged), averaged, params, []);
     }
 }
 
-/// Fused EMA update of `averaged` from `params` (equal lengths).
-pub fn ema_fused<T: Float>(averaged: &mut [T], params: &[T], n_averaged: u64, decay: f64) {
+/// Fused EMA update of `averaged` from `params` (equal lengths), on lanes up to `simd`.
+pub fn ema_fused<T: Float>(
+    simd: SimdLevel,
+    averaged: &mut [T],
+    params: &[T],
+    n_averaged: u64,
+    decay: f64,
+) {
     if n_averaged == 0 {
-        for_each_lane::<T, 0, _>(&CopyParams, averaged, params, []);
+        for_each_lane::<T, 0, _>(simd, &CopyParams, averaged, params, []);
     } else {
-        for_each_lane::<T, 0, _>(&Ema::new(decay), averaged, params, []);
+        for_each_lane::<T, 0, _>(simd, &Ema::new(decay), averaged, params, []);
     }
 }
 

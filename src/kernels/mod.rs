@@ -2,9 +2,10 @@
 //! written as torch's sequence of tensor operations.
 //!
 //! A fused kernel is an [`ElementOp`]: the update of one lane group, written once against
-//! [`Lane`] and run by [`for_each_lane`] over `wide` vectors for the body and scalars for the
-//! tail. Both use the same IEEE operations in the same order (no fused multiply-add), so the
-//! two parts agree bit for bit and the reference kernel can be compared exactly.
+//! [`Lane`] and run by [`for_each_lane`] over SIMD vectors for the body (the widest the
+//! [`SimdLevel`] allows) and scalars for the tail. Both use the same IEEE operations in the
+//! same order (no fused multiply-add), so the two parts agree bit for bit and the reference
+//! kernel can be compared exactly.
 //!
 //! torch's vectorised CPU kernels do use FMA in places (`add` with `alpha`, `lerp`), so against
 //! torch itself the results agree to within a few ulp per step, well inside the parity
@@ -37,6 +38,7 @@ pub mod rprop;
 pub mod sgd;
 pub mod sparse_adam;
 
+use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::float::{Float, Lane};
 
 /// The per-element update of a fused kernel with `B` state buffers.
@@ -45,29 +47,47 @@ pub trait ElementOp<T: Float, const B: usize> {
     fn apply<V: Lane<Elem = T>>(&self, param: V, grad: V, state: &mut [V; B]) -> V;
 }
 
-/// Runs `op` over every element: SIMD vectors for the body (AVX2 when the CPU has it, else
-/// `wide`'s lanes; see [`crate::arch`]), scalars for the tail. Every level gives the same bits.
+/// Runs `op` over every element: the widest SIMD vectors `simd` allows on this CPU for the body
+/// (AVX-512, AVX2 or `wide`'s lanes; see [`crate::arch`]), scalars for the tail. Every level
+/// gives the same bits.
 ///
 /// # Panics
 /// If the slices differ in length (the step driver never passes such slices).
 #[inline(always)]
 pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
+    simd: SimdLevel,
     op: &O,
     params: &mut [T],
     grads: &[T],
     state: [&mut [T]; B],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::arch::simd_level() == crate::arch::SimdLevel::Avx2 {
-        // SAFETY: `simd_level` returns `Avx2` only when the CPU has AVX2.
-        return unsafe { crate::arch::x86_64::run_avx2(op, params, grads, state) };
+    simd.dispatch(LaneLoop {
+        op,
+        params,
+        grads,
+        state,
+    })
+}
+
+/// [`lane_loop`] as a kernel object: on the widest lanes of the token it is given.
+struct LaneLoop<'a, T, const B: usize, O> {
+    op: &'a O,
+    params: &'a mut [T],
+    grads: &'a [T],
+    state: [&'a mut [T]; B],
+}
+
+impl<T: Float, const B: usize, O: ElementOp<T, B>> WithSimd for LaneLoop<'_, T, B, O> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        lane_loop::<T, T::Wide<S>, B, O>(self.op, self.params, self.grads, self.state)
     }
-    lane_loop::<T, T::Vector, B, O>(op, params, grads, state)
 }
 
 /// The fused loop over vectors of type `V`, then scalars for the tail.
 #[inline(always)]
-pub(crate) fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
+fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
     op: &O,
     params: &mut [T],
     grads: &[T],

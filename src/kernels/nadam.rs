@@ -17,6 +17,7 @@
 
 use super::moments::Moments;
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of NAdam, computed once per run in f64 as torch does.
@@ -113,6 +114,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 
 /// Fused NAdam over one piece: `bufs` is `[exp_avg, exp_avg_sq]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &NadamCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -127,7 +129,7 @@ pub fn fused<T: Float>(
         exp_avg_value: T::from_f64(c.exp_avg_value),
     };
     match bufs {
-        [m, v] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **v]),
+        [m, v] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **v]),
         _ => unreachable!("NAdam keeps two buffers"),
     }
 }

@@ -18,6 +18,7 @@
 
 use super::moments::Moments;
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of RAdam, computed once per run in f64 as torch does.
@@ -114,6 +115,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 
 /// Fused RAdam over one piece: `bufs` is `[exp_avg, exp_avg_sq]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &RadamCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -127,7 +129,7 @@ pub fn fused<T: Float>(
         rectified: c.rect.is_some(),
     };
     match bufs {
-        [m, v] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **m, &mut **v]),
+        [m, v] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **v]),
         _ => unreachable!("RAdam keeps two buffers"),
     }
 }

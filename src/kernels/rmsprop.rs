@@ -1,6 +1,7 @@
 //! RMSprop (plain or centered, with or without momentum): fused kernel and reference.
 
 use super::{for_each_lane, lerp, passes, ElementOp, LerpWeight};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of RMSprop (f64, as torch's Python floats). RMSprop's update does not
@@ -154,6 +155,7 @@ fn op<T: Float>(c: &RmspropCoeffs, grad_scale: f64) -> Op<T> {
 /// Fused RMSprop over one piece. `bufs` is `[square_avg]`, then `momentum_buffer` when
 /// `momentum > 0`, then `grad_avg` when centered.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &RmspropCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -162,14 +164,15 @@ pub fn fused<T: Float>(
 ) {
     let op = op::<T>(c, grad_scale);
     match (bufs, c.uses_momentum(), c.centered) {
-        ([sq], false, false) => for_each_lane::<T, 1, _>(&Plain(op), p, g, [&mut **sq]),
+        ([sq], false, false) => for_each_lane::<T, 1, _>(simd, &Plain(op), p, g, [&mut **sq]),
         ([sq, buf], true, false) => {
-            for_each_lane::<T, 2, _>(&Momentum(op), p, g, [&mut **sq, &mut **buf])
+            for_each_lane::<T, 2, _>(simd, &Momentum(op), p, g, [&mut **sq, &mut **buf])
         }
         ([sq, ga], false, true) => {
-            for_each_lane::<T, 2, _>(&Centered(op), p, g, [&mut **sq, &mut **ga])
+            for_each_lane::<T, 2, _>(simd, &Centered(op), p, g, [&mut **sq, &mut **ga])
         }
         ([sq, buf, ga], true, true) => for_each_lane::<T, 3, _>(
+            simd,
             &CenteredMomentum(op),
             p,
             g,

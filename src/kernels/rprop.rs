@@ -1,6 +1,7 @@
 //! Rprop (resilient backpropagation): fused branch-free kernel and reference.
 
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of Rprop (f64, as torch's Python floats). Rprop's update does not depend on
@@ -64,6 +65,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 
 /// Fused Rprop over one piece: `bufs` is `[prev, step_size]`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &RpropCoeffs,
     grad_scale: f64,
     p: &mut [T],
@@ -79,7 +81,7 @@ pub fn fused<T: Float>(
         max: T::from_f64(c.step_size_max),
     };
     match bufs {
-        [prev, step] => for_each_lane::<T, 2, _>(&op, p, g, [&mut **prev, &mut **step]),
+        [prev, step] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **prev, &mut **step]),
         _ => unreachable!("Rprop keeps two buffers"),
     }
 }

@@ -1,6 +1,7 @@
 //! SGD with momentum, dampening, Nesterov and weight decay: fused kernel and reference.
 
 use super::{for_each_lane, passes, ElementOp};
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars of SGD (f64, as torch's Python floats).
@@ -88,6 +89,7 @@ fn op<T: Float>(c: &SgdCoeffs, fresh: bool, grad_scale: f64) -> Op<T> {
 
 /// Fused SGD over one piece. `bufs` is empty (no momentum) or holds `momentum_buffer`.
 pub fn fused<T: Float>(
+    simd: SimdLevel,
     c: &SgdCoeffs,
     fresh: bool,
     grad_scale: f64,
@@ -97,8 +99,8 @@ pub fn fused<T: Float>(
 ) {
     let op = op::<T>(c, fresh, grad_scale);
     match bufs {
-        [] => for_each_lane::<T, 0, _>(&op, p, g, []),
-        [m] => for_each_lane::<T, 1, _>(&op, p, g, [&mut **m]),
+        [] => for_each_lane::<T, 0, _>(simd, &op, p, g, []),
+        [m] => for_each_lane::<T, 1, _>(simd, &op, p, g, [&mut **m]),
         _ => unreachable!("SGD keeps at most one buffer"),
     }
 }

@@ -4,6 +4,7 @@
 //! slices of the arena-shaped buffers, `grad` its coalesced gradient values.
 
 use super::ElementOp;
+use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
 /// Per-step scalars, computed once per parameter in f64 (Python floats) and rounded to `T`
@@ -58,16 +59,17 @@ impl<T: Float> ElementOp<T, 2> for SparseAdamCoeffs<T> {
     }
 }
 
-/// Fused update of one row.
+/// Fused update of one row, on lanes up to `simd`.
 #[inline]
 pub fn row_fused<T: Float>(
+    simd: SimdLevel,
     c: &SparseAdamCoeffs<T>,
     param: &mut [T],
     grad: &[T],
     exp_avg: &mut [T],
     exp_avg_sq: &mut [T],
 ) {
-    super::for_each_lane::<T, 2, _>(c, param, grad, [exp_avg, exp_avg_sq]);
+    super::for_each_lane::<T, 2, _>(simd, c, param, grad, [exp_avg, exp_avg_sq]);
 }
 
 /// Reference update of one row: torch's tensor operations, one pass each.

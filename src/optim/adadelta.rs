@@ -81,7 +81,7 @@ impl Algorithm for AdadeltaAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<AdadeltaCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(

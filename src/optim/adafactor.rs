@@ -220,7 +220,7 @@ impl Algorithm for AdafactorAlgorithm {
     /// The update of one whole vector parameter, `buffers` being `[variance]` (the optimizer
     /// calls [`Algorithm::fused_param`] instead).
     fn fused<T: Float>(a: &KernelArgs<AdafactorCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, &[p.len()], p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, &[p.len()], p, g, b)
     }
 
     /// The reference of [`AdafactorAlgorithm::fused`].
@@ -241,7 +241,7 @@ impl Algorithm for AdafactorAlgorithm {
         _: &mut [&mut [T]],
         aux: &mut [&mut [T]],
     ) {
-        kernel::fused(&a.coeffs, a.grad_scale, shape, p, g, aux)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, shape, p, g, aux)
     }
 
     fn reference_param<T: Float>(

@@ -96,7 +96,7 @@ impl Algorithm for AdagradAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<AdagradCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(

@@ -130,7 +130,7 @@ impl Algorithm for AdamAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
@@ -161,7 +161,7 @@ impl Algorithm for AdamWAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

@@ -177,7 +177,7 @@ impl Algorithm for AsgdAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<AsgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(a: &KernelArgs<AsgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::SimdLevel;
 use crate::arena::{filled, AlignedBuf, Arena, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::{Float, Lane};
@@ -409,6 +410,7 @@ struct Evaluator<'a, T, F> {
     params: Range<usize>,
     elems: Range<usize>,
     maximize: bool,
+    simd: SimdLevel,
 }
 
 impl<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>> Evaluator<'_, T, F> {
@@ -441,7 +443,7 @@ impl<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>> Evaluator<'_, T, F> {
             let dst = &mut out[r.start - self.elems.start..r.end - self.elems.start];
             if flags[i] {
                 if self.maximize {
-                    k::neg_into(dst, &grads[r]);
+                    k::neg_into(self.simd, dst, &grads[r]);
                 } else {
                     dst.copy_from_slice(&grads[r]);
                 }
@@ -459,7 +461,7 @@ impl<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>> Evaluator<'_, T, F> {
     /// torch's `_directional_evaluate`: the loss and flat gradient at `x + t d`; the
     /// parameters are `x` again afterwards.
     fn directional(&mut self, x: &[T], t: T, d: &[T], g_out: &mut [T]) -> Result<f64> {
-        k::axpy_into(self.params_mut(), x, t, d);
+        k::axpy_into(self.simd, self.params_mut(), x, t, d);
         let loss = self.call()?;
         let f = self.seen(loss);
         self.gather(g_out);
@@ -495,7 +497,7 @@ fn eval_at<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>>(
 ) -> Result<(f64, Num<T>)> {
     let Work { grads, x_init } = work;
     let f = ev.directional(x_init, t.el(), d, &mut grads[slot])?;
-    Ok((f, Ten(k::dot(&grads[slot], d))))
+    Ok((f, Ten(k::dot(ev.simd, &grads[slot], d))))
 }
 
 /// torch's `_strong_wolfe` (Nocedal & Wright, Algorithms 3.5 and 3.6): bracket a step
@@ -516,7 +518,7 @@ fn strong_wolfe<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>>(
 ) -> Result<Found<T>> {
     let n = d.len();
     let gtd = Ten(gtd);
-    let d_norm = Ten(k::abs_max(d));
+    let d_norm = Ten(k::abs_max(ev.simd, d));
     // f + c1 * t * gtd: the sufficient-decrease bound.
     let armijo = |t: Num<T>| Py(f).add(Py(C1).mul(t).mul(gtd));
     // -c2 * gtd: the curvature bound.
@@ -688,6 +690,7 @@ fn strong_wolfe<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>>(
 #[allow(clippy::too_many_arguments)]
 /// `y = g - prev_flat_grad`, `s = d * t`, and the pair is stored when `y·s > 1e-10`.
 fn update_history<T: Float>(
+    simd: SimdLevel,
     history: &mut History<T>,
     scalars: &mut Scalars,
     d: &[T],
@@ -701,9 +704,9 @@ fn update_history<T: Float>(
     let t = T::from_f64(scalars.t);
     let (ys, yy) = {
         let [y, s] = &mut history.slots[c];
-        k::sub_into(y, g, prev_flat_grad);
-        k::scale_into(s, d, t);
-        (k::dot(y, s), k::dot(y, y))
+        k::sub_into(simd, y, g, prev_flat_grad);
+        k::scale_into(simd, s, d, t);
+        (k::dot(simd, y, s), k::dot(simd, y, y))
     };
     if ys > T::from_f64(MIN_CURVATURE) {
         // shift history by one (limited-memory)
@@ -723,6 +726,7 @@ fn update_history<T: Float>(
 /// The two-loop recursion: `d = -H g` with the L-BFGS inverse Hessian. Each axpy is fused
 /// with the next dot product (same numbers, one pass fewer).
 fn two_loop<T: Float>(
+    simd: SimdLevel,
     h: &History<T>,
     al: &mut Option<Vec<Option<T>>>,
     d: &mut [T],
@@ -736,25 +740,25 @@ fn two_loop<T: Float>(
         al.resize(num_old, None);
     }
     // q = flat_grad.neg()
-    k::neg_into(d, g);
+    k::neg_into(simd, d, g);
     if num_old > 0 {
-        let mut sq = k::dot(h.pair(num_old - 1).1, d);
+        let mut sq = k::dot(simd, h.pair(num_old - 1).1, d);
         for i in (0..num_old).rev() {
             // al[i] = old_stps[i].dot(q) * ro[i]; q.add_(old_dirs[i], alpha=-al[i])
             let a = sq * h.ro[i];
             al[i] = Some(a);
             let y = h.pair(i).0;
             if i > 0 {
-                sq = k::axpy_dot(d, -a, y, h.pair(i - 1).1);
+                sq = k::axpy_dot(simd, d, -a, y, h.pair(i - 1).1);
             } else {
-                k::axpy(d, -a, y);
+                k::axpy(simd, d, -a, y);
             }
         }
     }
     // d = r = torch.mul(q, H_diag)
-    k::scale(d, T::from_f64(h_diag));
+    k::scale(simd, d, T::from_f64(h_diag));
     if num_old > 0 {
-        let mut yr = k::dot(h.pair(0).0, d);
+        let mut yr = k::dot(simd, h.pair(0).0, d);
         for (i, a) in al[..num_old].iter().enumerate() {
             // be_i = old_dirs[i].dot(r) * ro[i]; r.add_(old_stps[i], alpha=al[i] - be_i)
             let be = yr * h.ro[i];
@@ -762,9 +766,9 @@ fn two_loop<T: Float>(
             let a = a.unwrap_or(T::ZERO);
             let s = h.pair(i).1;
             if i + 1 < num_old {
-                yr = k::axpy_dot(d, a - be, s, h.pair(i + 1).0);
+                yr = k::axpy_dot(simd, d, a - be, s, h.pair(i + 1).0);
             } else {
-                k::axpy(d, a - be, s);
+                k::axpy(simd, d, a - be, s);
             }
         }
     }
@@ -877,6 +881,8 @@ pub struct Lbfgs<T: Float> {
     al: Option<Vec<Option<T>>>,
     work: Work<T>,
     snapshot: Option<Snapshot<T>>,
+    /// The instruction-set cap of the flat-vector kernels.
+    simd: SimdLevel,
 }
 
 impl<T: Float> std::fmt::Debug for Lbfgs<T> {
@@ -944,7 +950,20 @@ impl<T: Float> Lbfgs<T> {
                 x_init: filled(0, T::ZERO),
             },
             snapshot: None,
+            simd: SimdLevel::default(),
         })
+    }
+
+    /// Caps the instruction set of the flat-vector kernels (default [`SimdLevel::Best`]).
+    /// Results are bitwise the same at every level; the cap is for benchmarks and tests.
+    pub fn set_simd_level(&mut self, simd: SimdLevel) {
+        self.simd = simd;
+    }
+
+    /// Builder form of [`Lbfgs::set_simd_level`].
+    pub fn with_simd_level(mut self, simd: SimdLevel) -> Self {
+        self.simd = simd;
+        self
     }
 
     /// The group's hyperparameters.
@@ -1077,6 +1096,7 @@ impl<T: Float> Lbfgs<T> {
             params: self.params.clone(),
             elems: self.elems.clone(),
             maximize: self.config.maximize,
+            simd: self.simd,
         };
         if self.elems.is_empty() {
             // Nothing to optimize (torch returns `closure()` for an empty parameter list).
@@ -1176,7 +1196,7 @@ impl<T: Float> Lbfgs<T> {
 
         let mut flat = self.work.slot(n, &[]);
         ev.gather(&mut self.work.grads[flat]);
-        let mut opt_cond = k::abs_max(&self.work.grads[flat]) <= tolerance_grad;
+        let mut opt_cond = k::abs_max(self.simd, &self.work.grads[flat]) <= tolerance_grad;
         // optimal condition
         if opt_cond {
             return Ok(orig_loss);
@@ -1194,11 +1214,12 @@ impl<T: Float> Lbfgs<T> {
             // compute gradient descent direction
             let g = &self.work.grads[flat][..];
             if self.scalars.n_iter == 1 {
-                k::neg_into(&mut self.d, g);
+                k::neg_into(self.simd, &mut self.d, g);
                 self.history.clear(transactional);
                 self.scalars.h_diag = 1.0;
             } else {
                 update_history(
+                    self.simd,
                     &mut self.history,
                     &mut self.scalars,
                     &self.d,
@@ -1208,6 +1229,7 @@ impl<T: Float> Lbfgs<T> {
                     transactional,
                 );
                 two_loop(
+                    self.simd,
                     &self.history,
                     &mut self.al,
                     &mut self.d,
@@ -1223,7 +1245,7 @@ impl<T: Float> Lbfgs<T> {
             // compute step length: reset initial guess for step size
             let mut t = if self.scalars.n_iter == 1 {
                 // min(1.0, 1.0 / flat_grad.abs().sum()) * lr
-                let inv = Ten(T::ONE / k::abs_sum(g));
+                let inv = Ten(T::ONE / k::abs_sum(self.simd, g));
                 py_min(Py(1.0), inv).mul(Py(lr))
             } else {
                 Py(lr)
@@ -1231,7 +1253,7 @@ impl<T: Float> Lbfgs<T> {
             self.scalars.t = t.value();
 
             // directional derivative
-            let gtd = k::dot(g, &self.d);
+            let gtd = k::dot(self.simd, g, &self.d);
             // directional derivative is below tolerance
             if gtd > T::from_f64(-tolerance_change) {
                 break;
@@ -1260,17 +1282,17 @@ impl<T: Float> Lbfgs<T> {
                 flat = found.grad;
                 t = found.t;
                 ls_func_evals = found.evals;
-                k::axpy(ev.params_mut(), t.el(), &self.d);
-                opt_cond = k::abs_max(&self.work.grads[flat]) <= tolerance_grad;
+                k::axpy(self.simd, ev.params_mut(), t.el(), &self.d);
+                opt_cond = k::abs_max(self.simd, &self.work.grads[flat]) <= tolerance_grad;
             } else {
                 // no line search, simply move with fixed-step
-                k::axpy(ev.params_mut(), t.el(), &self.d);
+                k::axpy(self.simd, ev.params_mut(), t.el(), &self.d);
                 if n_iter != max_iter {
                     // re-evaluate function only if not in last iteration
                     let l = ev.call()?;
                     loss = ev.seen(l);
                     ev.gather(&mut self.work.grads[flat]);
-                    opt_cond = k::abs_max(&self.work.grads[flat]) <= tolerance_grad;
+                    opt_cond = k::abs_max(self.simd, &self.work.grads[flat]) <= tolerance_grad;
                     ls_func_evals = 1;
                 }
             }
@@ -1285,7 +1307,7 @@ impl<T: Float> Lbfgs<T> {
                 break;
             }
             // lack of progress
-            if k::abs_max_scaled(&self.d, t.el()) <= T::from_f64(tolerance_change) {
+            if k::abs_max_scaled(self.simd, &self.d, t.el()) <= T::from_f64(tolerance_change) {
                 break;
             }
             if (loss - self.scalars.prev_loss).abs() < tolerance_change {

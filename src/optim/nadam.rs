@@ -128,7 +128,7 @@ impl Algorithm for NAdamAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<NadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(a: &KernelArgs<NadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

@@ -100,7 +100,7 @@ impl Algorithm for RMSpropAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<RmspropCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(

@@ -91,7 +91,7 @@ impl Algorithm for SgdAlgorithm {
     }
 
     fn fused<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(&a.coeffs, a.fresh, a.grad_scale, p, g, b)
+        kernel::fused(a.simd, &a.coeffs, a.fresh, a.grad_scale, p, g, b)
     }
 
     fn reference<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

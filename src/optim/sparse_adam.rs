@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::SimdLevel;
 use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
 use crate::error::{Error, Result};
@@ -210,6 +211,7 @@ pub struct SparseAdam<T: Float> {
     exp_avg: AlignedBuf<T>,
     exp_avg_sq: AlignedBuf<T>,
     subnormals: Subnormals,
+    simd: SimdLevel,
     /// Scratch: (row, position) pairs to coalesce, and coalesced values.
     order: Vec<(usize, usize)>,
     coalesced_rows: Vec<usize>,
@@ -296,6 +298,7 @@ impl<T: Float> SparseAdam<T> {
             exp_avg: AlignedBuf::filled(Role::State(0), arena.len(), T::ZERO),
             exp_avg_sq: AlignedBuf::filled(Role::State(1), arena.len(), T::ZERO),
             subnormals: Subnormals::default(),
+            simd: SimdLevel::default(),
             order: Vec::new(),
             coalesced_rows: Vec::new(),
             coalesced: Vec::new(),
@@ -306,6 +309,12 @@ impl<T: Float> SparseAdam<T> {
     /// What the kernels do with subnormal numbers (as [`crate::Optimizer::set_subnormals`]).
     pub fn set_subnormals(&mut self, mode: Subnormals) {
         self.subnormals = mode;
+    }
+
+    /// Caps the instruction set of the row kernel (default [`SimdLevel::Best`]); every level
+    /// gives the same bits.
+    pub fn set_simd_level(&mut self, simd: SimdLevel) {
+        self.simd = simd;
     }
 
     /// Number of param groups.
@@ -515,7 +524,7 @@ impl<T: Float> SparseAdam<T> {
             if reference {
                 row_reference(&c, p, gv, m, v);
             } else {
-                row_fused(&c, p, gv, m, v);
+                row_fused(self.simd, &c, p, gv, m, v);
             }
         }
     }
