@@ -761,7 +761,7 @@ def main():
               f"- Date: {datetime.date.today().isoformat()}",
               f"- Machine: {machine()}",
               f"- torch {torch.__version__}; optarena built with a plain `cargo build --release` "
-              f"(run-time AVX2 dispatch)",
+              f"(run-time AVX2 / AVX-512 dispatch)",
               f"- Threads: {args.threads} (adapter cases: 1); f32; {args.rounds} rounds, each "
               f"case timed by torch then optarena in turn so drift hits both",
               f"- Command: `{command_line()}`",
