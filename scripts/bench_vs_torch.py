@@ -672,6 +672,8 @@ def main():
     ap.add_argument("--realistic-only", action="store_true",
                     help="only the realistic-gradients-and-idle-pool section, written into "
                          "--out in place of its old version")
+    ap.add_argument("--skip-muon", action="store_true",
+                    help="leave the Muon section (about 8 minutes on 2 cores) out of a full run")
     ap.add_argument("--sparse-only", action="store_true",
                     help="only the SparseAdam embedding-table section, written into --out in "
                          "place of its old version")
@@ -812,7 +814,8 @@ def main():
     lines += [""] + realistic_section(args, binary)
     lines += [""] + train_loop_section(args, train_binary)
     lines += [""] + latency_section(args)
-    lines += [""] + muon_section(args, binary)
+    if not args.skip_muon:
+        lines += [""] + muon_section(args, binary)
     lines += [""] + sparse_section(args, build_example("sparse_adam_bench"))
     notes = notes_lines()
     if notes:

@@ -106,7 +106,26 @@ fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
     // `w <= body - i` rather than `i + w <= body`: the subtraction cannot wrap (i <= body),
     // so the compiler can prove `i..i + w` in range and drop the per-vector bounds check (it
     // does in every AVX2 loop but SGD's, where one predicted compare remains).
+    // Software prefetch, 1024 elements (4 KiB of f32) ahead in every array: measured on the
+    // Intel Xeon guest, Adam at 32M on 2 threads went from 21.5 to 18.9 ms (89% -> 98% of the
+    // roofline, which runs through this loop too and got faster itself, 19.4 -> 18.5 ms), with
+    // the in-cache adapter step unchanged (6.2 µs). The hardware prefetcher alone does not keep
+    // five streams of a divider-bound loop fed.
+    const AHEAD: usize = 1024;
     while w <= body - i {
+        #[cfg(target_arch = "x86_64")]
+        if AHEAD < body - i {
+            // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i + AHEAD < body`,
+            // so every address is inside its slice (`add` stays in bounds).
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(p_body.as_ptr().add(i + AHEAD) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(i + AHEAD) as *const i8);
+                for part in &parts {
+                    _mm_prefetch::<_MM_HINT_T0>(part.0.as_ptr().add(i + AHEAD) as *const i8);
+                }
+            }
+        }
         let p = V::load(&p_body[i..i + w]);
         let g = V::load(&g_body[i..i + w]);
         let mut s: [V; B] = std::array::from_fn(|k| V::load(&parts[k].0[i..i + w]));
