@@ -3,7 +3,7 @@
 //! moving average), kept in a second arena-shaped buffer.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +121,8 @@ impl AverageFn {
 /// ```
 pub struct AveragedModel<T: Float> {
     averaged: AlignedBuf<T>,
+    /// The averaged buffer cut into [`CHUNK`]-element pieces, the units of parallel work.
+    chunks: Vec<Range<usize>>,
     layout: Vec<ParamInfo>,
     avg: AverageFn,
     n_averaged: u64,
@@ -129,6 +131,21 @@ pub struct AveragedModel<T: Float> {
     parallel_threshold: usize,
     simd: SimdLevel,
 }
+
+/// The averaged buffer's base pointer, shared by the threads of one update (each writes only
+/// its own chunk).
+#[derive(Clone, Copy)]
+struct SharedBuf<T>(*mut T);
+impl<T> SharedBuf<T> {
+    /// The element at `offset` (a method, so closures capture the whole `Sync` wrapper).
+    fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+// SAFETY: only used inside `run_update`, where every thread writes a disjoint chunk.
+unsafe impl<T: Send> Send for SharedBuf<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedBuf<T> {}
 
 impl<T: Float> std::fmt::Debug for AveragedModel<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,6 +188,10 @@ impl<T: Float> AveragedModel<T> {
     pub fn new(arena: &Arena<T>) -> Self {
         AveragedModel {
             averaged: AlignedBuf::from_slice(Role::Params, arena.params()),
+            chunks: (0..arena.params().len())
+                .step_by(CHUNK)
+                .map(|start| start..(start + CHUNK).min(arena.params().len()))
+                .collect(),
             layout: arena.infos().to_vec(),
             avg: AverageFn::Swa,
             n_averaged: 0,
@@ -321,26 +342,24 @@ impl<T: Float> AveragedModel<T> {
         if reference {
             return one(&mut self.averaged, params);
         }
-        // One item per fixed chunk: each is taken by exactly one worker, so the lock is never
-        // contended; it only lets the pool's shared closure write its chunk without `unsafe`.
-        let items: Vec<Mutex<(&mut [T], &[T])>> = self
-            .averaged
-            .chunks_mut(CHUNK)
-            .zip(params.chunks(CHUNK))
-            .map(Mutex::new)
-            .collect();
-        let total = params.len();
+        // One item per fixed chunk, whose ranges are computed once at construction: no
+        // allocation and no lock per update.
+        let averaged = SharedBuf(self.averaged.as_mut_ptr());
+        let chunks = &self.chunks;
         // Averaging keeps torch's gradual underflow: it is one cheap pass, and flushing would
         // change averaged weights that are legitimately tiny.
         self.parallelism.run(
-            total,
+            params.len(),
             self.parallel_threshold,
             Subnormals::Preserve,
             |exec| {
-                exec.for_each(&items, |item| {
-                    let mut guard = item.lock().unwrap_or_else(|e| e.into_inner());
-                    let (a, p) = &mut *guard;
-                    one(a, p);
+                exec.for_each(chunks, |r| {
+                    // SAFETY: the chunks are disjoint ranges of the averaged buffer (length
+                    // `params.len()`, checked by `check_layout`), each run by exactly one
+                    // thread, and `self.averaged` stays mutably borrowed until all have run.
+                    let a =
+                        unsafe { std::slice::from_raw_parts_mut(averaged.at(r.start), r.len()) };
+                    one(a, &params[r.clone()]);
                 })
             },
         );
