@@ -7,13 +7,19 @@
 //! cargo run --release --example bench_step -- adamw adapter 0 1 5000
 //! cargo run --release --example bench_step -- muon gpt2_hidden 0 2 3
 //! cargo run --release --example bench_step -- roofline4 flat 33554432 2 20
+//! cargo run --release --example bench_step -- adamw gpt2 0 2 10 --groups decay
+//! cargo run --release --example bench_step -- adamw gpt2_grouped 0 2 10 --groups decay
 //! cargo run --release --example bench_step -- adam flat 85002 2 500 --grads realistic --idle-us 1000
 //! ```
 //! Arguments: optimizer (`sgd`, `sgd_momentum`, `adam`, `adamw`, `radam`, `nadam`, `adamax`,
 //! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `muon`, `roofline2`
 //! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
-//! `gpt2`, `adapter`, `gpt2_hidden`), elements (for `flat`; for `gpt2_hidden` the model width,
-//! `0` for GPT-2 small's 768), threads, timed steps.
+//! `gpt2`, `gpt2_grouped`, `adapter`, `gpt2_hidden`), elements (for `flat`; for `gpt2_hidden`
+//! the model width, `0` for GPT-2 small's 768), threads, timed steps.
+//!
+//! `gpt2` is GPT-2 small's 148 tensors in torch's registration order; `gpt2_grouped` is the
+//! same tensors with every 2-D one first (the embeddings and the 48 hidden matrices), then the
+//! biases and LayerNorm weights, each kind in registration order.
 //!
 //! `gpt2_hidden` is what Muon takes of GPT-2 small in torch's recipe: the 48 hidden matrices
 //! of the 12 blocks (`attn.c_attn` `[d, 3d]`, `attn.c_proj` `[d, d]`, `mlp.c_fc` `[d, 4d]`,
@@ -26,6 +32,10 @@
 //!   a tail of tiny values like a real model's, which drives Adam's `exp_avg_sq` into subnormal
 //!   numbers (`realistic::gradients` in `benches/benchmarks/realistic.rs` has the exact
 //!   distribution; seeded, so every run gets the same gradients).
+//! - `--groups all|decay`: `all` (the default) is one group of every parameter; `decay` is
+//!   torch's weight-decay recipe, `[{"params": [p for p in params if p.dim() >= 2]},
+//!   {"params": the rest, "weight_decay": 0.0}]`. On `gpt2` the two groups interleave (49 runs
+//!   each, 97 alternations between them); on `gpt2_grouped` each is one run.
 //! - `--idle-us N`: before each step (warm-up and timed), about N µs of busy work on the
 //!   calling thread (a spin, not a sleep), as forward and backward between two steps; the
 //!   pool's threads fall asleep meanwhile. Only the step is timed.
@@ -93,6 +103,11 @@ fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
             }
             v
         }
+        "gpt2_grouped" => {
+            let all = shapes("gpt2", 0);
+            let (matrices, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(_, s)| s.len() >= 2);
+            matrices.into_iter().chain(rest).collect()
+        }
         other => panic!("unknown layout {other}"),
     }
 }
@@ -139,10 +154,13 @@ fn arena(shapes: &[(String, Vec<usize>)], grads: Grads) -> Arena<f32> {
     a
 }
 
-/// The command line: five positional arguments and the `--grads` / `--idle-us` options.
+/// The command line: five positional arguments and the `--grads` / `--groups` / `--idle-us`
+/// options.
 struct Args {
     positional: Vec<String>,
     grads: Grads,
+    /// torch's decay / no-decay recipe instead of one group (`--groups decay`).
+    decay_groups: bool,
     idle: Duration,
 }
 
@@ -150,6 +168,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         positional: Vec::new(),
         grads: Grads::Random,
+        decay_groups: false,
         idle: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
@@ -161,6 +180,13 @@ fn parse_args() -> Result<Args, String> {
                     "random" => Grads::Random,
                     "realistic" => Grads::Realistic,
                     other => return Err(format!("--grads {other}: expected random or realistic")),
+                }
+            }
+            "--groups" => {
+                args.decay_groups = match value()?.as_str() {
+                    "all" => false,
+                    "decay" => true,
+                    other => return Err(format!("--groups {other}: expected all or decay")),
                 }
             }
             "--idle-us" => {
@@ -180,11 +206,12 @@ fn main() {
     let Args {
         positional: args,
         grads,
+        decay_groups,
         idle,
     } = parse_args().unwrap_or_else(|e| {
         eprintln!(
             "bench_step: {e}\nusage: bench_step <optimizer> <flat|gpt2|adapter|gpt2_hidden> <elements> \
-             <threads> <steps> [--grads random|realistic] [--idle-us N]"
+             <threads> <steps> [--grads random|realistic] [--groups all|decay] [--idle-us N]"
         );
         std::process::exit(2);
     });
@@ -215,7 +242,20 @@ fn main() {
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     let mut a = arena(&shapes, grads);
-    let g = || [ParamGroup::all()];
+    let g = || {
+        if decay_groups {
+            let (decay, rest): (Vec<_>, Vec<_>) = shapes.iter().partition(|(_, s)| s.len() >= 2);
+            vec![
+                ParamGroup::named(decay.into_iter().map(|(n, _)| n.clone())),
+                ParamGroup::named(rest.into_iter().map(|(n, _)| n.clone()))
+                    .with("weight_decay", 0.0),
+            ]
+        } else {
+            vec![ParamGroup::all()]
+        }
+    };
+    // Runs over all groups: how fragmented the groups are.
+    let mut runs = 0;
     let mut step: Box<dyn FnMut()> = match name {
         "roofline2" | "roofline3" | "roofline4" | "roofline5" => {
             let reads = name["roofline".len()..].parse().unwrap();
@@ -230,6 +270,9 @@ fn main() {
                         .unwrap()
                         .with_parallelism(par.clone())
                         .with_simd_level(simd);
+                    runs = (0..o.num_groups())
+                        .map(|i| o.group_params(i).unwrap().len())
+                        .sum();
                     Box::new(move || o.step(&mut a).unwrap())
                 }};
             }
@@ -267,6 +310,9 @@ fn main() {
                         .unwrap()
                         .with_parallelism(par.clone())
                         .with_simd_level(simd);
+                    runs = (0..o.num_groups())
+                        .map(|i| o.group_params(i).unwrap().len())
+                        .sum();
                     Box::new(move || {
                         o.step_clipped(&mut a, ClipNorm::l2(1.0)).unwrap();
                     })
@@ -292,7 +338,8 @@ fn main() {
     let median = times[times.len() / 2];
     let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     println!(
-        "{{\"impl\": \"optarena\", \"optimizer\": \"{name}\", \"layout\": \"{layout}\", \"elements\": {total}, \"threads\": {threads}, \"steps\": {steps}, \"grads\": \"{}\", \"idle_us\": {}, \"median_s\": {median:e}, \"p99_s\": {p99:e}, \"min_s\": {:e}}}",
+        "{{\"impl\": \"optarena\", \"optimizer\": \"{name}\", \"layout\": \"{layout}\", \"elements\": {total}, \"threads\": {threads}, \"steps\": {steps}, \"groups\": \"{}\", \"runs\": {runs}, \"grads\": \"{}\", \"idle_us\": {}, \"median_s\": {median:e}, \"p99_s\": {p99:e}, \"min_s\": {:e}}}",
+        if decay_groups { "decay" } else { "all" },
         grads.name(),
         idle.as_micros(),
         times[0]

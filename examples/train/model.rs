@@ -58,8 +58,8 @@ impl Architecture {
 }
 
 /// The model's parameters in an arena: weights first (`fc{i}.weight`, shape `[out, in]` as in
-/// torch), then biases (`fc{i}.bias`), so "weights" and "biases" are two contiguous param
-/// groups (weight decay on the first only).
+/// torch), then biases (`fc{i}.bias`), so "weights" and "biases" are two param groups of one
+/// run each (weight decay on the first only); any order would do, this one is the fastest.
 pub struct Mlp {
     /// Layer widths.
     pub arch: Architecture,

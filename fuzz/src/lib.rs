@@ -527,20 +527,42 @@ pub fn api(data: &[u8]) {
     dispatch_with_lbfgs!(data, api_case, lbfgs_api_case);
 }
 
-/// A group spec from the input: a range of parameter positions (maybe empty or overlapping)
-/// and some overrides (maybe invalid).
+/// A group spec from the input: a set of parameter positions (maybe empty, overlapping
+/// another group's, or interleaved with it: any layout is valid) and some overrides (maybe
+/// invalid).
 fn group_from<T: Float, A: Algorithm>(
     input: &mut Input<'_>,
     arena: &Arena<T>,
-) -> (ParamGroup<T>, std::ops::Range<usize>, bool) {
+) -> (ParamGroup<T>, Vec<usize>, bool) {
     let a = input.below(SHAPES.len() + 1);
     let b = input.below(SHAPES.len() + 1);
     let (lo, hi) = (a.min(b), a.max(b));
     let h: Vec<_> = arena.handles().collect();
-    let mut g = if input.u8().is_multiple_of(4) && hi > lo {
-        ParamGroup::named((lo..hi).map(|i| format!("p{i}")))
+    let mode = input.u8();
+    let (mut g, set) = if mode % 4 == 0 && hi > lo {
+        (
+            ParamGroup::named((lo..hi).map(|i| format!("p{i}"))),
+            (lo..hi).collect(),
+        )
+    } else if mode % 8 == 1 {
+        // Any subset, in a shuffled order: gaps between the group's parameters.
+        let mask = input.u8();
+        let mut set: Vec<usize> = (0..h.len()).filter(|i| mask & (1 << i) != 0).collect();
+        let rot = input.below(set.len().max(1));
+        let mut listed = set.clone();
+        listed.rotate_left(rot);
+        let g = if mask & 0x80 != 0 {
+            ParamGroup::named(listed.iter().map(|i| format!("p{i}")))
+        } else {
+            ParamGroup::new(listed.iter().map(|&i| h[i]))
+        };
+        set.sort_unstable();
+        (g, set)
     } else {
-        ParamGroup::new(h[lo..hi].iter().copied())
+        (
+            ParamGroup::new(h[lo..hi].iter().copied()),
+            (lo..hi).collect(),
+        )
     };
     let mut bogus = false;
     let c = A::Config::default();
@@ -554,15 +576,15 @@ fn group_from<T: Float, A: Algorithm>(
             g = g.with(name, hyper_like(input, &c.get(name).expect("listed")));
         }
     }
-    (g, lo..hi, bogus)
+    (g, set, bogus)
 }
 
 fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
     let mut arena = standard_arena_for::<T, A>();
     let mut other = standard_arena_for::<T, A>();
     let mut opt: Option<Optimizer<T, A>> = None;
-    // Ranges of the groups, to know which additions must fail.
-    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    // Parameter positions of the groups, to know which additions must fail.
+    let mut ranges: Vec<Vec<usize>> = Vec::new();
     let mut saved: Vec<(bool, Vec<u8>, (String, Vec<u64>))> = Vec::new();
     let mut t = 0u64;
     let mut ops = 0;
@@ -589,13 +611,18 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
             0 => {
                 // Add a group.
                 let (g, r, bogus) = group_from::<T, A>(input, &arena);
-                let overlap = ranges.iter().any(|q| q.start < r.end && r.start < q.end);
+                let overlap = ranges.iter().any(|q| q.iter().any(|i| r.contains(i)));
                 let res = o.add_param_group(&arena, g);
                 if r.is_empty() || overlap || bogus {
                     assert!(res.is_err(), "invalid group {r:?} accepted");
                 }
                 if res.is_ok() {
                     assert_eq!(o.num_groups(), groups_before + 1);
+                    // The group's runs are exactly the maximal runs of its set.
+                    let runs = o.group_params(groups_before).expect("just added");
+                    let covered: Vec<usize> = runs.iter().flat_map(|q| q.clone()).collect();
+                    assert_eq!(covered, r, "runs {runs:?} of {r:?}");
+                    assert!(runs.windows(2).all(|w| w[0].end < w[1].start), "{runs:?}");
                     ranges.push(r);
                 }
                 res
