@@ -105,7 +105,8 @@ fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
         }
         "gpt2_grouped" => {
             let all = shapes("gpt2", 0);
-            let (matrices, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(_, s)| s.len() >= 2);
+            let (matrices, rest): (Vec<_>, Vec<_>) =
+                all.into_iter().partition(|(_, s)| s.len() >= 2);
             matrices.into_iter().chain(rest).collect()
         }
         other => panic!("unknown layout {other}"),

@@ -70,7 +70,10 @@ fn arena(shapes: &[&(String, Vec<usize>)]) -> Arena<f32> {
 }
 
 /// torch's recipe over the parameters `pick` selects (every one when it always says yes).
-fn recipe(shapes: &[(String, Vec<usize>)], pick: impl Fn(&[usize]) -> bool) -> Vec<ParamGroup<f32>> {
+fn recipe(
+    shapes: &[(String, Vec<usize>)],
+    pick: impl Fn(&[usize]) -> bool,
+) -> Vec<ParamGroup<f32>> {
     let names = |d: bool| {
         shapes
             .iter()
@@ -205,9 +208,24 @@ fn main() {
             ))
         };
         let mut cases = vec![
-            Case::new("one group, natural order", &natural, vec![ParamGroup::all()], &par),
-            Case::new("decay/no-decay, natural (fragmented)", &natural, recipe(&all, |_| true), &par),
-            Case::new("decay/no-decay, grouped (contiguous)", &grouped, recipe(&all, |_| true), &par),
+            Case::new(
+                "one group, natural order",
+                &natural,
+                vec![ParamGroup::all()],
+                &par,
+            ),
+            Case::new(
+                "decay/no-decay, natural (fragmented)",
+                &natural,
+                recipe(&all, |_| true),
+                &par,
+            ),
+            Case::new(
+                "decay/no-decay, grouped (contiguous)",
+                &grouped,
+                recipe(&all, |_| true),
+                &par,
+            ),
         ];
         compare(
             &format!("AdamW step, GPT-2 small, {threads} thread(s)"),
@@ -217,15 +235,31 @@ fn main() {
         );
     }
     // The no-decay group alone: small runs only, on the calling thread.
-    let small: Vec<(String, Vec<usize>)> = all.iter().filter(|(_, s)| !decays(s)).cloned().collect();
+    let small: Vec<(String, Vec<usize>)> =
+        all.iter().filter(|(_, s)| !decays(s)).cloned().collect();
     let small_refs: Vec<&(String, Vec<usize>)> = small.iter().collect();
     // The whole model registered, only the no-decay group stepped (its runs lie between the
     // weights' or in one piece), and the same parameters as a model of their own.
     let par = Parallelism::Sequential;
     let mut cases = vec![
-        Case::new("no-decay group, grouped (1 run)", &grouped, recipe(&all, |s| !decays(s)), &par),
-        Case::new("no-decay group, natural (49 runs)", &natural, recipe(&all, |s| !decays(s)), &par),
-        Case::new("no-decay params alone (1 run)", &small_refs, recipe(&small, |_| true), &par),
+        Case::new(
+            "no-decay group, grouped (1 run)",
+            &grouped,
+            recipe(&all, |s| !decays(s)),
+            &par,
+        ),
+        Case::new(
+            "no-decay group, natural (49 runs)",
+            &natural,
+            recipe(&all, |s| !decays(s)),
+            &par,
+        ),
+        Case::new(
+            "no-decay params alone (1 run)",
+            &small_refs,
+            recipe(&small, |_| true),
+            &par,
+        ),
     ];
     compare(
         "AdamW step of the no-decay group only, 1 thread",

@@ -10,11 +10,17 @@
 //! 2. Parameters with a gradient get their state on first use, exactly as torch's lazy state
 //!    init does. Parameters without one (`grad is None`) are skipped: no state, no step count,
 //!    no weight decay.
-//! 3. Consecutive parameters of a group whose state agrees (same step count, same scalars)
-//!    form a run. The algorithm's per-step scalars are computed once per run in f64.
+//! 3. Parameters of a group that are consecutive in the arena and whose state agrees (same
+//!    step count, same scalars) form a run. A group may hold any set of parameters (torch's
+//!    decay / no-decay recipe interleaves two groups); it is laid out as its maximal runs of
+//!    consecutive parameters, its state buffers holding them back to back, so a group
+//!    registered in one piece has exactly the arena's layout. The algorithm's per-step scalars
+//!    are computed once per run in f64.
 //! 4. Runs are cut into [`CHUNK`]-element pieces and the fused kernel runs on each, on the
 //!    [`Parallelism`] the optimizer was given. The piece length never depends on the thread
-//!    count, so the result is bitwise the same on any number of threads.
+//!    count, so the result is bitwise the same on any number of threads; the kernels are
+//!    elementwise, so a parameter's result does not depend on how its group is fragmented
+//!    either.
 //!
 //! Once state exists a step allocates nothing: the work list is kept between steps.
 //!
@@ -1155,9 +1161,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let flags = arena.grad_flags();
         let grads = arena.grads();
         self.groups.iter().any(|g| {
-            g.params
-                .iter()
-                .any(|&i| flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()]))
+            g.params.iter().any(|&i| {
+                flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()])
+            })
         })
     }
 

@@ -54,7 +54,8 @@ pub struct GroupDict {
         deserialize_with = "non_finite::deserialize_hyper"
     )]
     pub hyperparams: BTreeMap<String, HyperValue>,
-    /// The group's parameters, in order.
+    /// The group's parameters, in order: arena (registration) order, whatever order the
+    /// group was given in. Their offsets show the group's runs of consecutive parameters.
     pub params: Vec<ParamRef>,
 }
 
@@ -62,7 +63,8 @@ pub struct GroupDict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParamRef {
-    /// Parameter number across all groups (torch's state-dict key).
+    /// Parameter number across all groups (torch's state-dict key): group 0's parameters
+    /// first, then group 1's, as torch numbers them in the order the groups list them.
     pub index: usize,
     /// Registered name.
     pub name: String,
