@@ -10,11 +10,15 @@
 //!
 //! ```sh
 //! cargo run --release --example fragmented_groups -- 20          # rounds (default 20)
+//! cargo run --release --example fragmented_groups -- 20 small    # the no-decay part only
 //! ```
 //!
 //! A second part times the no-decay group alone (GPT-2 small's 98 biases and LayerNorm
 //! weights, 0.1M elements: 49 runs of 768 to 3,840 elements interleaved, or one run), on the
-//! calling thread: the case where a per-run cost would show if there were one.
+//! calling thread: the case where a per-run cost would show if there were one. A last case
+//! keeps the 49 runs but shrinks the weights between them to 16 elements, which separates the
+//! runs' own cost (the same compact data in 49 pieces) from the cost of their data lying
+//! scattered through a 500 MB arena.
 
 use std::time::Instant;
 
@@ -181,6 +185,8 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().expect("rounds"))
         .unwrap_or(20);
+    // `small` as a second argument: only the no-decay part.
+    let small_only = std::env::args().nth(2).as_deref() == Some("small");
     let all = gpt2();
     let natural: Vec<&(String, Vec<usize>)> = all.iter().collect();
     let grouped: Vec<&(String, Vec<usize>)> = all
@@ -196,7 +202,7 @@ fn main() {
         "GPT-2 small: {} tensors; torch's recipe alternates {alternations} times in registration order",
         all.len()
     );
-    for threads in [1, 2] {
+    for threads in [1, 2].into_iter().filter(|_| !small_only) {
         let par = if threads == 1 {
             Parallelism::Sequential
         } else {
@@ -240,6 +246,13 @@ fn main() {
     let small_refs: Vec<&(String, Vec<usize>)> = small.iter().collect();
     // The whole model registered, only the no-decay group stepped (its runs lie between the
     // weights' or in one piece), and the same parameters as a model of their own.
+    // The same 49 runs with the weights between them shrunk to 16 elements: the runs' data as
+    // compact as one run's, so what remains is the cost of the runs themselves.
+    let shrunk: Vec<(String, Vec<usize>)> = all
+        .iter()
+        .map(|(n, s)| (n.clone(), if decays(s) { vec![2, 8] } else { s.clone() }))
+        .collect();
+    let shrunk_refs: Vec<&(String, Vec<usize>)> = shrunk.iter().collect();
     let par = Parallelism::Sequential;
     let mut cases = vec![
         Case::new(
@@ -258,6 +271,12 @@ fn main() {
             "no-decay params alone (1 run)",
             &small_refs,
             recipe(&small, |_| true),
+            &par,
+        ),
+        Case::new(
+            "49 runs, 16-element gaps",
+            &shrunk_refs,
+            recipe(&shrunk, |s| !decays(s)),
             &par,
         ),
     ];
