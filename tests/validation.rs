@@ -155,9 +155,9 @@ fn a_group_may_have_gaps_and_overlap_is_found_in_sets() {
     // The gap's parameter can join another group, and `all` is one run.
     opt.add_param_group(&arena, ParamGroup::new([h[1]]))
         .unwrap();
-    assert_eq!(opt.group_params(1).unwrap(), &[1..2]);
+    assert_eq!(opt.group_params(1).unwrap(), std::slice::from_ref(&(1..2)));
     let all = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default()).unwrap();
-    assert_eq!(all.group_params(0).unwrap(), &[0..3]);
+    assert_eq!(all.group_params(0).unwrap(), std::slice::from_ref(&(0..3)));
     // Groups whose spans interleave but whose sets are disjoint are fine; a shared parameter
     // inside the other group's gap is found and named.
     let e = msg(Adam::new(

@@ -539,7 +539,7 @@ fn group_from<T: Float, A: Algorithm>(
     let (lo, hi) = (a.min(b), a.max(b));
     let h: Vec<_> = arena.handles().collect();
     let mode = input.u8();
-    let (mut g, set) = if mode % 4 == 0 && hi > lo {
+    let (mut g, set) = if mode.is_multiple_of(4) && hi > lo {
         (
             ParamGroup::named((lo..hi).map(|i| format!("p{i}"))),
             (lo..hi).collect(),
