@@ -21,10 +21,7 @@ fn bits<T: Float>(v: &[T]) -> Vec<u64> {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "optarena-ckpt-swa-{}-{name}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("optarena-ckpt-swa-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -156,7 +153,10 @@ fn averaged_file_is_torchs_state_dict_layout() {
         ]
     );
     let n = info.tensors.last().unwrap();
-    assert_eq!((n.dtype, n.shape.as_slice()), (safetensors::Dtype::I64, &[][..]));
+    assert_eq!(
+        (n.dtype, n.shape.as_slice()),
+        (safetensors::Dtype::I64, &[][..])
+    );
     // n_averaged's bytes are the file's last eight: 2 as int64.
     assert_eq!(bytes[bytes.len() - 8..], 2i64.to_le_bytes());
     let g = &info.meta.param_groups[0];
@@ -199,7 +199,11 @@ fn averaged_casts_between_f32_and_f64() {
             .iter()
             .map(|&x| x as f32)
             .collect();
-        assert_eq!(bits(m32.value_by_name(name).unwrap()), bits(&want), "{name}");
+        assert_eq!(
+            bits(m32.value_by_name(name).unwrap()),
+            bits(&want),
+            "{name}"
+        );
     }
     // And back: f32 values are exact in f64.
     let mut bytes32 = Vec::new();
@@ -212,7 +216,11 @@ fn averaged_casts_between_f32_and_f64() {
             .iter()
             .map(|&x| x as f64)
             .collect();
-        assert_eq!(bits(m64.value_by_name(name).unwrap()), bits(&want), "{name}");
+        assert_eq!(
+            bits(m64.value_by_name(name).unwrap()),
+            bits(&want),
+            "{name}"
+        );
     }
 }
 
@@ -394,7 +402,10 @@ fn averaged_mismatches_and_forgeries_name_what_is_wrong() {
     let e = checkpoint::averaged::read(&mut &bytes[..], bytes.len() as u64, &mut other)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("`fc1.bias`, which this model does not have"), "{e}");
+    assert!(
+        e.contains("`fc1.bias`, which this model does not have"),
+        "{e}"
+    );
     assert_eq!(avg_observe(&other), before);
     // An optimizer checkpoint, and a JSON state.
     let a = arena::<f32>(&[0, 1, 2, 3], 4);
@@ -650,7 +661,8 @@ fn sparse_adam_casts_between_f32_and_f64() {
         .unwrap();
     for name in ["emb", "vec"] {
         let (p64, p32) = (a.find(name).unwrap(), b.find(name).unwrap());
-        let cast = |v: &[f64]| -> Vec<u64> { bits(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()) };
+        let cast =
+            |v: &[f64]| -> Vec<u64> { bits(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()) };
         let (m64, v64) = opt.state(&a, p64).unwrap();
         let (m32, v32) = o32.state(&b, p32).unwrap();
         assert_eq!(bits(m32), cast(m64), "{name}");

@@ -209,7 +209,9 @@ pub fn read<T: Float, R: Read + ?Sized>(
         };
         let name = &layout[i].name;
         let Some(step) = s.step else {
-            return Err(state_error(format!("parameter `{name}` has state but no step")));
+            return Err(state_error(format!(
+                "parameter `{name}` has state but no step"
+            )));
         };
         if steps[i].replace(step).is_some() {
             return Err(state_error(format!("parameter `{name}` has state twice")));
@@ -250,12 +252,16 @@ pub fn read<T: Float, R: Read + ?Sized>(
                         p.name
                     )));
                 }
-                let info = arena.infos().iter().find(|i| i.name == p.name).ok_or_else(|| {
-                    Error::StateDict(format!(
-                        "the checkpoint stores parameter `{}`, which the arena does not have",
-                        p.name
-                    ))
-                })?;
+                let info = arena
+                    .infos()
+                    .iter()
+                    .find(|i| i.name == p.name)
+                    .ok_or_else(|| {
+                        Error::StateDict(format!(
+                            "the checkpoint stores parameter `{}`, which the arena does not have",
+                            p.name
+                        ))
+                    })?;
                 if info.shape != p.shape {
                     return Err(Error::StateDict(format!(
                         "parameter `{}` has shape {:?} in the checkpoint and {:?} in the arena",
@@ -309,7 +315,13 @@ pub fn read<T: Float, R: Read + ?Sized>(
     }
     let (mut m, mut v) = opt.staging_buffers();
     let mut values = staged_params.unwrap_or_default();
-    read_tensors(r, &header, expected, &mut [&mut m, &mut v, &mut values], &mut [])?;
+    read_tensors(
+        r,
+        &header,
+        expected,
+        &mut [&mut m, &mut v, &mut values],
+        &mut [],
+    )?;
     opt.commit_loaded(configs, steps, m, v);
     if let Some(arena) = params {
         // Staged above with the arena's length.

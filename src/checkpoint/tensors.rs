@@ -157,9 +157,14 @@ pub(crate) fn read_tensors<T: Float, R: Read + ?Sized>(
         }
         let what = format!("tensor `{}`", t.name);
         match into {
-            Into::Values { buf, range } => {
-                read_values(r, &mut crc, dtype, &mut bufs[buf][range], &mut scratch, &what)?
-            }
+            Into::Values { buf, range } => read_values(
+                r,
+                &mut crc,
+                dtype,
+                &mut bufs[buf][range],
+                &mut scratch,
+                &what,
+            )?,
             Into::Raw { slot, .. } => {
                 let dst = &mut raws[slot];
                 dst.resize(n_bytes, 0);
