@@ -287,3 +287,51 @@ fn checkpoint_seeds_load() {
     let p0 = a.find("p0").unwrap();
     assert_eq!(o.step_count(p0), Some(2));
 }
+
+/// Without cargo-fuzz (nightly): random byte mutations of the `AveragedModel` and `SparseAdam`
+/// seeds (binary checkpoints and API sequences) through the target bodies, which assert that
+/// nothing panics and every failed call changes nothing. `OPTARENA_MUTATIONS` sets the count
+/// per seed (default 2000).
+#[test]
+#[ignore]
+fn mutate_checkpoint_seeds() {
+    let n: u64 = std::env::var("OPTARENA_MUTATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let seeds: [(&str, &str, fn(&[u8])); 6] = [
+        ("decode", "seed-bin-AveragedModel-float32", fuzz_bodies::decode),
+        ("decode", "seed-bin-AveragedModel-float64", fuzz_bodies::decode),
+        ("decode", "seed-bin-SparseAdam-float32", fuzz_bodies::decode),
+        ("decode", "seed-bin-SparseAdam-float64", fuzz_bodies::decode),
+        ("api", "seed-SparseAdam", fuzz_bodies::api),
+        ("api", "seed-SparseAdam-checkpoints", fuzz_bodies::api),
+    ];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (target, name, body) in seeds {
+        let seed = std::fs::read(corpus(target).join(name)).unwrap();
+        let tag = seed.iter().position(|&b| b == b':').unwrap() + 1;
+        for i in 0..n {
+            let mut d = seed.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = tag + (next() as usize) % (d.len() - tag);
+                match next() % 3 {
+                    0 => d[at] = next() as u8,
+                    1 => d[at] ^= 1 << (next() % 8),
+                    _ => d.truncate(at.max(tag + 1)),
+                }
+            }
+            if std::panic::catch_unwind(|| body(&d)).is_err() {
+                let out = std::env::temp_dir().join(format!("optarena-crash-{name}-{i}"));
+                std::fs::write(&out, &d).unwrap();
+                panic!("{target} fails on a mutation of {name}: {}", out.display());
+            }
+        }
+    }
+}
