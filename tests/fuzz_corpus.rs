@@ -299,9 +299,18 @@ fn mutate_checkpoint_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let seeds: [(&str, &str, fn(&[u8])); 6] = [
-        ("decode", "seed-bin-AveragedModel-float32", fuzz_bodies::decode),
-        ("decode", "seed-bin-AveragedModel-float64", fuzz_bodies::decode),
+    type Body = fn(&[u8]);
+    let seeds: [(&str, &str, Body); 6] = [
+        (
+            "decode",
+            "seed-bin-AveragedModel-float32",
+            fuzz_bodies::decode,
+        ),
+        (
+            "decode",
+            "seed-bin-AveragedModel-float64",
+            fuzz_bodies::decode,
+        ),
         ("decode", "seed-bin-SparseAdam-float32", fuzz_bodies::decode),
         ("decode", "seed-bin-SparseAdam-float64", fuzz_bodies::decode),
         ("api", "seed-SparseAdam", fuzz_bodies::api),
