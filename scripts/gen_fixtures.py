@@ -81,7 +81,8 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   optarena's reader adds to SCHEMA.md's format) also build that torch LR scheduler on the
   optimizer (``make_scheduler``: StepLR; CosineAnnealingLR down to ``eta_min = 0``, so one
   step runs at lr 0; OneCycleLR, which also cycles ``betas[0]``; SequentialLR of a LinearLR
-  warm-up and ExponentialLR), step it after every ``opt.step()``, and record each step's
+  warm-up and ExponentialLR; SWALR annealing each group to its own ``swa_lr``), step it after
+  every ``opt.step()``, and record each step's
   group learning rates (``"lrs"``, the values the step used) and first betas (``"beta1s"``).
 
 ``--check DIR`` instead re-runs every case found in the fixture files of DIR (e.g.
@@ -1051,6 +1052,8 @@ SPARSE_SCHED_CASES = [
     ("SequentialLR", {"lr": 0.02, "maximize": True}, {"lr": 0.005}, "float32", "SequentialLR",
      {"schedulers": [["LinearLR", {"start_factor": 0.2, "total_iters": 5}],
                      ["ExponentialLR", {"gamma": 0.9}]], "milestones": [5]}),
+    ("SWALR", {"lr": 0.01}, {"lr": 0.002}, "float32", "SWALR",
+     {"swa_lr": [0.05, 0.001], "anneal_epochs": 6, "anneal_strategy": "linear"}),
 ]
 
 

@@ -374,7 +374,7 @@ fn save_load_continue_bitwise_and_bad_states_change_nothing() {
 #[test]
 fn lr_schedulers_drive_sparse_adam_as_in_torch() {
     // The fixture cases with an `"lr_scheduler"` (StepLR, CosineAnnealingLR to 0, OneCycleLR
-    // cycling betas[0], SequentialLR): every step's lrs and betas[0] and the trajectory are
+    // cycling betas[0], SequentialLR, SWALR): every step's lrs and betas[0] and the trajectory are
     // torch's, with the fused kernel.
     let cases: Vec<_> = load_cases(&fixtures_dir().join("sparse_adam.json"))
         .into_iter()
@@ -386,7 +386,7 @@ fn lr_schedulers_drive_sparse_adam_as_in_torch() {
         .collect();
     assert_eq!(
         names,
-        ["StepLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR"]
+        ["StepLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR", "SWALR"]
     );
     for case in &cases {
         let o = run_sparse_case(case, false);
