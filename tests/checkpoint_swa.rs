@@ -864,3 +864,26 @@ fn a_state_saved_at_lr_zero_loads() {
     .unwrap_err();
     assert_eq!(e.to_string(), "Invalid learning rate: 0.0");
 }
+
+#[test]
+fn an_n_averaged_beyond_int64_is_refused_at_save() {
+    // A JSON state may carry any u64 (the counter saturates); torch's buffer is int64.
+    let a = arena::<f32>(&[0, 1, 2, 3], 8);
+    let mut m = AveragedModel::new(&a);
+    m.update_parameters(&a).unwrap();
+    let mut state = m.state_dict().unwrap();
+    state.n_averaged = u64::MAX;
+    m.load_state_dict(&state).unwrap();
+    let mut out = Vec::new();
+    let e = checkpoint::averaged::write(&mut out, &m)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not fit torch's int64 buffer"), "{e}");
+    assert!(out.is_empty());
+    state.n_averaged = i64::MAX as u64;
+    m.load_state_dict(&state).unwrap();
+    checkpoint::averaged::write(&mut out, &m).unwrap();
+    let mut m2 = AveragedModel::new(&a);
+    checkpoint::averaged::read(&mut &out[..], out.len() as u64, &mut m2).unwrap();
+    assert_eq!(m2.n_averaged(), i64::MAX as u64);
+}

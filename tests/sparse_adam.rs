@@ -386,7 +386,13 @@ fn lr_schedulers_drive_sparse_adam_as_in_torch() {
         .collect();
     assert_eq!(
         names,
-        ["StepLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR", "SWALR"]
+        [
+            "StepLR",
+            "CosineAnnealingLR",
+            "OneCycleLR",
+            "SequentialLR",
+            "SWALR"
+        ]
     );
     for case in &cases {
         let o = run_sparse_case(case, false);
