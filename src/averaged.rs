@@ -74,7 +74,9 @@ impl AverageFn {
 /// ```
 ///
 /// Like torch's, the averaged copy starts as a copy of the model (`deepcopy`), and
-/// `n_averaged` is part of its state ([`state_dict`](Self::state_dict)).
+/// `n_averaged` is part of its state ([`state_dict`](Self::state_dict) as JSON, or a binary
+/// checkpoint with torch's `module.<name>` and `n_averaged` keys:
+/// [`save_checkpoint`](Self::save_checkpoint), see [`crate::checkpoint::averaged`]).
 ///
 /// # Evaluating with the averaged weights
 /// [`swap_into`](Self::swap_into) exchanges the arena's parameter values with the averaged

@@ -225,6 +225,13 @@ struct Group {
 /// Parameters are seen as `[rows, cols]`: `rows` is the first dimension, `cols` the product of
 /// the others (1 for a 1-D parameter).
 ///
+/// Param groups are torch's: each has its own options, read and written by torch's names
+/// ([`hyper`](Self::hyper), [`set_lr`](Self::set_lr)), so every LR scheduler of
+/// [`crate::schedule`] drives them through [`GroupHyperparams`] (`lr`; `betas.0` for the
+/// schedulers that cycle momentum). The state saves as JSON ([`state_dict_json`](
+/// Self::state_dict_json)) or as a binary checkpoint ([`save_checkpoint`](Self::save_checkpoint),
+/// see [`crate::checkpoint::sparse_adam`]).
+///
 /// ```
 /// use optarena::{ArenaBuilder, SparseAdam, SparseAdamConfig, SparseGrad};
 ///
