@@ -77,7 +77,13 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   ``hashed(seed, 10000 + t, n_rows) > 0``, then ``to_sparse(sparse_dim=1)``): defaults, lr,
   betas and eps (zero betas too), maximize, per-group overrides, float32 and float64, and
   tables of one to three rows that often get an empty gradient (the step still counts). 20
-  steps, every step recorded.
+  steps, every step recorded. Cases with an ``"lr_scheduler": {"name", "config"}`` field (which
+  optarena's reader adds to SCHEMA.md's format) also build that torch LR scheduler on the
+  optimizer (``make_scheduler``: StepLR; CosineAnnealingLR down to ``eta_min = 0``, so one
+  step runs at lr 0; OneCycleLR, which also cycles ``betas[0]``; SequentialLR of a LinearLR
+  warm-up and ExponentialLR; SWALR annealing each group to its own ``swa_lr``), step it after
+  every ``opt.step()``, and record each step's
+  group learning rates (``"lrs"``, the values the step used) and first betas (``"beta1s"``).
 
 ``--check DIR`` instead re-runs every case found in the fixture files of DIR (e.g.
 shared/fixtures/sample) from its own description and reports whether torch reproduces the
@@ -1036,6 +1042,19 @@ SPARSE_CASES = [  # (desc, defaults, overrides of a second group or None, dtype,
      {"lr": 0.001}, "float64", SPARSE_SHAPES),
 ]
 SPARSE_STEPS = 20
+# (desc, defaults, overrides of a second group or None, dtype, scheduler name, its config)
+SPARSE_SCHED_CASES = [
+    ("StepLR", {"lr": 0.01}, {"lr": 0.02}, "float32", "StepLR", {"step_size": 4, "gamma": 0.5}),
+    ("CosineAnnealingLR to 0", {"lr": 0.01}, None, "float32", "CosineAnnealingLR",
+     {"T_max": 10, "eta_min": 0.0}),
+    ("OneCycleLR", {}, {"betas": [0.9, 0.99]}, "float64", "OneCycleLR",
+     {"max_lr": [0.05, 0.02], "total_steps": SPARSE_STEPS}),
+    ("SequentialLR", {"lr": 0.02, "maximize": True}, {"lr": 0.005}, "float32", "SequentialLR",
+     {"schedulers": [["LinearLR", {"start_factor": 0.2, "total_iters": 5}],
+                     ["ExponentialLR", {"gamma": 0.9}]], "milestones": [5]}),
+    ("SWALR", {"lr": 0.01}, {"lr": 0.002}, "float32", "SWALR",
+     {"swa_lr": [0.05, 0.001], "anneal_epochs": 6, "anneal_strategy": "linear"}),
+]
 
 
 def run_sparse_adam(case):
@@ -1053,8 +1072,13 @@ def run_sparse_adam(case):
         groups.append({"params": params[i:i + k], **to_torch_kwargs(g["overrides"])})
         i += k
     opt = torch.optim.SparseAdam(groups, **to_torch_kwargs(case["defaults"]))
+    sched = None
+    if "lr_scheduler" in case:
+        sched = make_scheduler(opt, case["lr_scheduler"]["name"], case["lr_scheduler"]["config"])
     steps = []
     for t in range(1, SPARSE_STEPS + 1):
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        beta1s = [float(g["betas"][0]) for g in opt.param_groups]
         keep = hashed(seed, 10000 + t, n_rows) > 0
         r = 0
         for p, g in zip(params, split(hashed(seed, t, n_total), shapes, dtype)):
@@ -1063,7 +1087,11 @@ def run_sparse_adam(case):
             g = g * mask.to(dtype).reshape(-1, *([1] * (g.dim() - 1)))
             p.grad = g.to_sparse(sparse_dim=1)
         opt.step()
-        steps.append({"step": t, "params": [b64(p.detach().numpy(), case["dtype"]) for p in params]})
+        record = {"step": t, "params": [b64(p.detach().numpy(), case["dtype"]) for p in params]}
+        if sched is not None:
+            record["lrs"], record["beta1s"] = lrs, beta1s
+            sched.step()
+        steps.append(record)
     return steps
 
 
@@ -1077,6 +1105,18 @@ def gen_sparse_adam(out_dir, meta, summary):
         name = f"SparseAdam/{desc}/groups{len(groups)}" + ("" if dtype == "float32" else "/float64")
         case = {"name": name, "optimizer": "SparseAdam", "dtype": dtype, "defaults": defaults,
                 "groups": groups, "seed": SEEDS(name), "sparse_rows": True}
+        case["steps"] = run_sparse_adam(case)
+        cases.append(case)
+    for desc, defaults, g2, dtype, sched, config in SPARSE_SCHED_CASES:
+        shapes = SPARSE_SHAPES
+        if g2 is None:
+            groups = [{"overrides": {}, "shapes": shapes}]
+        else:
+            groups = [{"overrides": {}, "shapes": shapes[:-1]}, {"overrides": g2, "shapes": shapes[-1:]}]
+        name = f"SparseAdam/{desc}/groups{len(groups)}" + ("" if dtype == "float32" else "/float64")
+        case = {"name": name, "optimizer": "SparseAdam", "dtype": dtype, "defaults": defaults,
+                "groups": groups, "seed": SEEDS(name), "sparse_rows": True,
+                "lr_scheduler": {"name": sched, "config": config}}
         case["steps"] = run_sparse_adam(case)
         cases.append(case)
     text = json.dumps({"meta": meta, "cases": cases})

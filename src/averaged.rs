@@ -74,7 +74,9 @@ impl AverageFn {
 /// ```
 ///
 /// Like torch's, the averaged copy starts as a copy of the model (`deepcopy`), and
-/// `n_averaged` is part of its state ([`state_dict`](Self::state_dict)).
+/// `n_averaged` is part of its state ([`state_dict`](Self::state_dict) as JSON, or a binary
+/// checkpoint with torch's `module.<name>` and `n_averaged` keys:
+/// [`save_checkpoint`](Self::save_checkpoint), see [`crate::checkpoint::averaged`]).
 ///
 /// # Evaluating with the averaged weights
 /// [`swap_into`](Self::swap_into) exchanges the arena's parameter values with the averaged
@@ -463,6 +465,33 @@ impl<T: Float> AveragedModel<T> {
         self.avg = state.avg;
         self.n_averaged = state.n_averaged;
         Ok(())
+    }
+
+    /// The parameters this model averages (the arena's layout when it was built).
+    pub(crate) fn layout(&self) -> &[ParamInfo] {
+        &self.layout
+    }
+
+    /// Puts a checkpoint's staged values in place (checked by the caller; O(1)).
+    pub(crate) fn commit_loaded(&mut self, averaged: AlignedBuf<T>, n_averaged: u64) {
+        debug_assert_eq!(averaged.len(), self.averaged.len());
+        self.averaged = averaged;
+        self.n_averaged = n_averaged;
+    }
+
+    /// Saves a binary checkpoint (safetensors: torch's `AveragedModel.state_dict()` keys
+    /// `module.<name>` and `n_averaged`, with the averaging function in the metadata) to
+    /// `path`, atomically. Refused while swapped. See [`crate::checkpoint::averaged`].
+    pub fn save_checkpoint(&self, path: impl AsRef<std::path::Path>) -> Result<u64> {
+        crate::checkpoint::averaged::save(path, self)
+    }
+
+    /// Loads a binary checkpoint written by [`save_checkpoint`](Self::save_checkpoint),
+    /// matching parameters by name (any registration order), casting f32 and f64 both ways. A
+    /// checkpoint made with another averaging function is refused. On any error nothing has
+    /// changed. See [`crate::checkpoint::averaged`].
+    pub fn load_checkpoint(&mut self, path: impl AsRef<std::path::Path>) -> Result<u64> {
+        crate::checkpoint::averaged::load(path, self)
     }
 
     /// [`load_state_dict`](Self::load_state_dict) from JSON.

@@ -182,3 +182,165 @@ fn write_swa_seeds() {
     d.extend_from_slice(&[2, 1, 3, 1, 3, 0]);
     std::fs::write(corpus("api").join("seed-SparseAdam"), d).unwrap();
 }
+
+/// Writes the seeds of the binary `AveragedModel` and `SparseAdam` checkpoint decoders (tags
+/// `AVGBIN:` and `SPABIN:`) and a `SparseAdam` call sequence with binary saves and loads and
+/// hyperparameter changes by name.
+#[test]
+#[ignore]
+fn write_checkpoint_seeds() {
+    use optarena::{checkpoint, AveragedModel};
+    // AveragedModel: EMA in f32 after two updates (flags: EMA, make checksums right); SWA in
+    // f64 saved from the reversed arena, loaded into the standard one (flags: f64, update).
+    let arena = fuzz_bodies::standard_arena::<f32>();
+    let mut m = AveragedModel::ema(&arena, 0.9).unwrap();
+    m.update_parameters(&arena).unwrap();
+    m.update_parameters(&arena).unwrap();
+    let mut d = fuzz_bodies::AVERAGED_BIN_TAG.to_vec();
+    d.push(0b01010);
+    checkpoint::averaged::write(&mut d, &m).unwrap();
+    std::fs::write(corpus("decode").join("seed-bin-AveragedModel-float32"), d).unwrap();
+    let arena = fuzz_bodies::reversed_arena::<f64>();
+    let mut m = AveragedModel::new(&arena);
+    m.update_parameters(&arena).unwrap();
+    let mut d = fuzz_bodies::AVERAGED_BIN_TAG.to_vec();
+    d.push(0b00101);
+    checkpoint::averaged::write(&mut d, &m).unwrap();
+    std::fs::write(corpus("decode").join("seed-bin-AveragedModel-float64"), d).unwrap();
+    // SparseAdam: f32 with the arena's values after a step (flags: with arena, checksums);
+    // f64 state only, saved from the reversed arena (flags: f64, step first, reversed).
+    let mut arena = fuzz_bodies::standard_arena::<f32>();
+    let mut opt = fuzz_bodies::standard_sparse_adam(&arena);
+    fuzz_bodies::standard_sparse_step(&mut opt, &mut arena);
+    let mut d = fuzz_bodies::SPARSE_ADAM_BIN_TAG.to_vec();
+    d.push(0b01010);
+    checkpoint::sparse_adam::write(&mut d, &opt, Some(&arena)).unwrap();
+    std::fs::write(corpus("decode").join("seed-bin-SparseAdam-float32"), d).unwrap();
+    let mut arena = fuzz_bodies::reversed_arena::<f64>();
+    let mut opt = fuzz_bodies::standard_sparse_adam(&arena);
+    fuzz_bodies::standard_sparse_step(&mut opt, &mut arena);
+    fuzz_bodies::standard_sparse_step(&mut opt, &mut arena);
+    let mut d = fuzz_bodies::SPARSE_ADAM_BIN_TAG.to_vec();
+    d.push(0b10101);
+    checkpoint::sparse_adam::write(&mut d, &opt, None).unwrap();
+    std::fs::write(corpus("decode").join("seed-bin-SparseAdam-float64"), d).unwrap();
+    // api: f32, default options, groups split at 2; a sparse step on p0 (rows 0 and 2), a
+    // binary save with the arena, the same step again, lr 0.5 on group 1, betas (1.0, 0.9) on
+    // group 0 (refused), a load of the save, a load with byte 200 changed and the checksums
+    // made right, a save with another arena's values (refused).
+    let step = [0, 1, 0, 0, 2, 0, 2, 0, 110, 90, 120, 80];
+    let mut d = fuzz_bodies::SPARSE_ADAM_TAG.to_vec();
+    d.extend_from_slice(&[0, 0, 0, 0, 0, 2]);
+    d.extend_from_slice(&step);
+    d.extend_from_slice(&[4, 1, 1, 0]);
+    d.extend_from_slice(&step);
+    d.extend_from_slice(&[5, 1, 0, 4]);
+    d.extend_from_slice(&[5, 0, 1, 2, 5]);
+    d.extend_from_slice(&[4, 1, 0, 0, 0]);
+    d.extend_from_slice(&[4, 1, 0, 1, 200, 7, 1]);
+    d.extend_from_slice(&[4, 1, 1, 255]);
+    std::fs::write(corpus("api").join("seed-SparseAdam-checkpoints"), d).unwrap();
+}
+
+/// The binary seeds of `AveragedModel` and `SparseAdam` are valid checkpoints that load into
+/// the models their flags describe (so the fuzzer starts from the success path).
+#[test]
+fn checkpoint_seeds_load() {
+    use optarena::{checkpoint, AveragedModel};
+    let read = |name: &str, tag: &[u8]| -> (u8, Vec<u8>) {
+        let d = std::fs::read(corpus("decode").join(name)).unwrap();
+        let rest = d.strip_prefix(tag).expect("tagged");
+        (rest[0], rest[1..].to_vec())
+    };
+    let (flags, b) = read(
+        "seed-bin-AveragedModel-float32",
+        fuzz_bodies::AVERAGED_BIN_TAG,
+    );
+    assert_eq!(flags & 0b10011, 0b00010);
+    let mut m = AveragedModel::ema(&fuzz_bodies::standard_arena::<f32>(), 0.9).unwrap();
+    checkpoint::averaged::read(&mut &b[..], b.len() as u64, &mut m).unwrap();
+    assert_eq!(m.n_averaged(), 2);
+    let (flags, b) = read(
+        "seed-bin-AveragedModel-float64",
+        fuzz_bodies::AVERAGED_BIN_TAG,
+    );
+    assert_eq!(flags & 0b10011, 0b00001);
+    let mut m = AveragedModel::new(&fuzz_bodies::standard_arena::<f64>());
+    checkpoint::averaged::read(&mut &b[..], b.len() as u64, &mut m).unwrap();
+    assert_eq!(m.n_averaged(), 1);
+    let (flags, b) = read(
+        "seed-bin-SparseAdam-float32",
+        fuzz_bodies::SPARSE_ADAM_BIN_TAG,
+    );
+    assert_eq!(flags & 0b10011, 0b00010);
+    let mut a = fuzz_bodies::standard_arena::<f32>();
+    let mut o = fuzz_bodies::standard_sparse_adam(&a);
+    checkpoint::sparse_adam::read(&mut &b[..], b.len() as u64, &mut o, Some(&mut a)).unwrap();
+    let (flags, b) = read(
+        "seed-bin-SparseAdam-float64",
+        fuzz_bodies::SPARSE_ADAM_BIN_TAG,
+    );
+    assert_eq!(flags & 0b10011, 0b10001);
+    let a = fuzz_bodies::reversed_arena::<f64>();
+    let mut o = fuzz_bodies::standard_sparse_adam(&a);
+    checkpoint::sparse_adam::read(&mut &b[..], b.len() as u64, &mut o, None).unwrap();
+    let p0 = a.find("p0").unwrap();
+    assert_eq!(o.step_count(p0), Some(2));
+}
+
+/// Without cargo-fuzz (nightly): random byte mutations of the `AveragedModel` and `SparseAdam`
+/// seeds (binary checkpoints and API sequences) through the target bodies, which assert that
+/// nothing panics and every failed call changes nothing. `OPTARENA_MUTATIONS` sets the count
+/// per seed (default 2000).
+#[test]
+#[ignore]
+fn mutate_checkpoint_seeds() {
+    let n: u64 = std::env::var("OPTARENA_MUTATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    type Body = fn(&[u8]);
+    let seeds: [(&str, &str, Body); 6] = [
+        (
+            "decode",
+            "seed-bin-AveragedModel-float32",
+            fuzz_bodies::decode,
+        ),
+        (
+            "decode",
+            "seed-bin-AveragedModel-float64",
+            fuzz_bodies::decode,
+        ),
+        ("decode", "seed-bin-SparseAdam-float32", fuzz_bodies::decode),
+        ("decode", "seed-bin-SparseAdam-float64", fuzz_bodies::decode),
+        ("api", "seed-SparseAdam", fuzz_bodies::api),
+        ("api", "seed-SparseAdam-checkpoints", fuzz_bodies::api),
+    ];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (target, name, body) in seeds {
+        let seed = std::fs::read(corpus(target).join(name)).unwrap();
+        let tag = seed.iter().position(|&b| b == b':').unwrap() + 1;
+        for i in 0..n {
+            let mut d = seed.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = tag + (next() as usize) % (d.len() - tag);
+                match next() % 3 {
+                    0 => d[at] = next() as u8,
+                    1 => d[at] ^= 1 << (next() % 8),
+                    _ => d.truncate(at.max(tag + 1)),
+                }
+            }
+            if std::panic::catch_unwind(|| body(&d)).is_err() {
+                let out = std::env::temp_dir().join(format!("optarena-crash-{name}-{i}"));
+                std::fs::write(&out, &d).unwrap();
+                panic!("{target} fails on a mutation of {name}: {}", out.display());
+            }
+        }
+    }
+}

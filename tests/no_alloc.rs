@@ -130,3 +130,55 @@ fn a_step_allocates_nothing_once_state_exists() {
         ..Default::default()
     });
 }
+
+/// Muon: once state exists, a step's only heap allocations are the GEMM's: matrixmultiply
+/// allocates its packing buffer on each product (it takes no caller buffer), three products per
+/// Newton–Schulz iteration. The iteration's own temporaries (the transposed copy, `X Xᵀ`,
+/// `b·A + c·A²` and the next `X`) live in per-thread scratch reused from the first step on, and
+/// the momentum, decay and update passes allocate nothing. Counted for both precisions and
+/// both orientations (wide and tall matrices), with 5 and 2 iterations.
+#[test]
+fn a_muon_step_allocates_only_the_gemm_packing_buffers() {
+    for (precision, ns_steps) in [
+        (MuonConfig::default().ns_precision, 5),
+        (optarena::kernels::muon::NsPrecision::Full, 2),
+    ] {
+        let mut b = ArenaBuilder::<f32>::new();
+        let w = b
+            .param_with("attn.weight", &[48, 80], |i| (i as f32 * 0.01).sin())
+            .unwrap();
+        let v = b
+            .param_with("mlp.weight", &[96, 32], |i| (i as f32 * 0.02).cos())
+            .unwrap();
+        let mut arena = b.build();
+        let mut opt = Optimizer::<f32, MuonAlgorithm>::new(
+            &arena,
+            [ParamGroup::new([w]), ParamGroup::new([v]).with("lr", 0.5)],
+            MuonConfig {
+                ns_precision: precision,
+                ns_steps,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .with_parallelism(Parallelism::Sequential);
+        arena
+            .grads_mut()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, g)| *g = (i as f32).sin());
+        opt.step(&mut arena).unwrap(); // creates the state and grows the scratch
+        let steps = 20;
+        let before = allocations();
+        for _ in 0..steps {
+            arena.grads_mut().iter_mut().for_each(|g| *g *= 0.9);
+            opt.step(&mut arena).unwrap();
+        }
+        let products = steps * 2 * 3 * ns_steps;
+        assert_eq!(
+            allocations() - before,
+            products,
+            "{precision:?}: allocations besides one packing buffer per product"
+        );
+    }
+}

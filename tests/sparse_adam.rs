@@ -370,3 +370,113 @@ fn save_load_continue_bitwise_and_bad_states_change_nothing() {
         o2.state_dict_json().unwrap()
     );
 }
+
+#[test]
+fn lr_schedulers_drive_sparse_adam_as_in_torch() {
+    // The fixture cases with an `"lr_scheduler"` (StepLR, CosineAnnealingLR to 0, OneCycleLR
+    // cycling betas[0], SequentialLR, SWALR): every step's lrs and betas[0] and the trajectory are
+    // torch's, with the fused kernel.
+    let cases: Vec<_> = load_cases(&fixtures_dir().join("sparse_adam.json"))
+        .into_iter()
+        .filter(|c| c.get("lr_scheduler").is_some())
+        .collect();
+    let names: Vec<&str> = cases
+        .iter()
+        .map(|c| c["lr_scheduler"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "StepLR",
+            "CosineAnnealingLR",
+            "OneCycleLR",
+            "SequentialLR",
+            "SWALR"
+        ]
+    );
+    for case in &cases {
+        let o = run_sparse_case(case, false);
+        assert!(matches!(o, Outcome::Pass), "{o:?}");
+    }
+    // The checker sees a wrong schedule: a recorded lr changed by 1%.
+    let mut bad = cases[0].clone();
+    let lr = bad["steps"][6]["lrs"][1].as_f64().unwrap();
+    bad["steps"][6]["lrs"][1] = (lr * 1.01).into();
+    let o = run_sparse_case(&bad, false);
+    assert!(
+        matches!(&o, Outcome::Fail(m) if m.contains("step 7, group 1 lr")),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn group_hyperparameters_by_torchs_names() {
+    use optarena::schedule::{LrScheduler, StepLR, StepLRConfig};
+    use optarena::{GroupHyperparams, HyperValue};
+    let (mut a, e, v) = table::<f32>(8, 2);
+    let cfg = SparseAdamConfig {
+        lr: 0.1,
+        ..Default::default()
+    };
+    let mut opt = SparseAdam::new(&a, [(vec![e], cfg), (vec![v], cfg)]).unwrap();
+    assert_eq!(opt.num_groups(), 2);
+    assert_eq!(
+        opt.group_hyper(0, "betas").unwrap(),
+        HyperValue::Pair(0.9, 0.999)
+    );
+    assert_eq!(
+        opt.group_hyper(1, "maximize").unwrap(),
+        HyperValue::Bool(false)
+    );
+    opt.set_lr(1, 0.25).unwrap();
+    assert_eq!((opt.lr(0).unwrap(), opt.lr(1).unwrap()), (0.1, 0.25));
+    // lr 0 is allowed after construction (torch's schedulers set it), negative is not.
+    opt.set_lr(0, 0.0).unwrap();
+    let before = opt.group_config(0).unwrap();
+    for (name, value, want) in [
+        (
+            "lr",
+            HyperValue::Number(-0.5),
+            "Invalid learning rate: -0.5",
+        ),
+        (
+            "lr",
+            HyperValue::Number(f64::NAN),
+            "Invalid learning rate: NaN",
+        ),
+        (
+            "betas",
+            HyperValue::Pair(0.9, 1.0),
+            "Invalid beta parameter at index 1: 1.0",
+        ),
+        ("eps", HyperValue::Number(0.0), "Invalid epsilon value: 0.0"),
+        ("lr", HyperValue::Bool(true), "lr"),
+        ("momentum", HyperValue::Number(0.9), "momentum"),
+    ] {
+        let e = opt.set_group_hyper(0, name, value).unwrap_err().to_string();
+        assert!(e.contains(want), "{name}: {e}");
+        assert_eq!(opt.group_config(0).unwrap(), before);
+    }
+    assert!(matches!(
+        opt.set_lr(2, 0.1).unwrap_err(),
+        Error::NoSuchGroup { index: 2, count: 2 }
+    ));
+    // A scheduler sets initial_lr once and moves every group's lr.
+    opt.set_lr(0, 0.1).unwrap();
+    let mut s = StepLR::new(
+        &mut opt,
+        StepLRConfig {
+            gamma: 0.5,
+            ..StepLRConfig::new(1)
+        },
+    )
+    .unwrap();
+    assert_eq!(opt.group_initial_lr(1).unwrap(), Some(0.25));
+    s.step(&mut opt).unwrap();
+    assert_eq!((opt.lr(0).unwrap(), opt.lr(1).unwrap()), (0.05, 0.125));
+    // And the step uses it: one row moved by lr (Adam's first step moves by ~lr).
+    let before = a.value(e)[2];
+    opt.step_sparse(&mut a, &[SparseGrad::new(e, &[1], &[1.0, 1.0])])
+        .unwrap();
+    assert!((before - a.value(e)[2] - 0.05).abs() < 1e-6);
+}

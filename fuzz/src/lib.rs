@@ -445,6 +445,12 @@ pub fn decode(data: &[u8]) {
     if let Some(rest) = data.strip_prefix(AVERAGED_TAG) {
         return averaged_decode(rest);
     }
+    if let Some(rest) = data.strip_prefix(AVERAGED_BIN_TAG) {
+        return averaged_bin_decode(rest);
+    }
+    if let Some(rest) = data.strip_prefix(SPARSE_ADAM_BIN_TAG) {
+        return sparse_adam_bin_decode(rest);
+    }
     dispatch_with_lbfgs!(data, decode_case, lbfgs_decode_case);
 }
 
@@ -1092,12 +1098,13 @@ fn sparse_adam_case<T: Float>(input: &mut Input<'_>) {
         )
     };
     let mut saved = opt.state_dict_json().expect("serialises");
+    let mut saved_bin: Vec<u8> = Vec::new();
     for _ in 0..32 {
         if input.is_empty() {
             break;
         }
         let before = observe(&opt, &arena);
-        let (result, must_fail) = match input.u8() % 4 {
+        let (result, must_fail) = match input.u8() % 6 {
             0 | 1 => {
                 let n = input.below(3);
                 let mut rows: Vec<Vec<usize>> = Vec::new();
@@ -1153,6 +1160,65 @@ fn sparse_adam_case<T: Float>(input: &mut Input<'_>) {
                 arena.zero_grad(true);
                 (r, dense)
             }
+            // Binary checkpoints: save (maybe with the arena, maybe another arena's), or load
+            // the last save with a few bytes changed (checksums made right, sometimes).
+            4 => {
+                let with_arena = input.bool();
+                if input.bool() {
+                    let target = if input.u8() == 255 { &other } else { &arena };
+                    saved_bin.clear();
+                    let r = optarena::checkpoint::sparse_adam::write(
+                        &mut saved_bin,
+                        &opt,
+                        with_arena.then_some(target),
+                    );
+                    if r.is_err() {
+                        saved_bin.clear();
+                    }
+                    (r.map(|_| ()), with_arena && std::ptr::eq(target, &other))
+                } else {
+                    let mut bytes = saved_bin.clone();
+                    for _ in 0..input.below(3) {
+                        if !bytes.is_empty() {
+                            let at = input.below(bytes.len());
+                            bytes[at] = input.u8();
+                        }
+                    }
+                    if input.bool() {
+                        fix_checksums(&mut bytes);
+                    }
+                    let r = optarena::checkpoint::sparse_adam::read(
+                        &mut &bytes[..],
+                        bytes.len() as u64,
+                        &mut opt,
+                        with_arena.then_some(&mut arena),
+                    );
+                    (r.map(|_| ()), false)
+                }
+            }
+            // Hyperparameters by name (what LR schedulers use), maybe invalid.
+            5 => {
+                use optarena::GroupHyperparams;
+                let g = input.below(3);
+                let (name, value) = match input.u8() % 5 {
+                    0 => ("lr", HyperValue::Number(input.f64())),
+                    1 => ("betas", HyperValue::Pair(input.f64(), input.f64())),
+                    2 => ("eps", HyperValue::Number(input.f64())),
+                    3 => ("maximize", HyperValue::Bool(input.bool())),
+                    _ => ("momentum", HyperValue::Number(input.f64())),
+                };
+                let invalid = g >= opt.num_groups()
+                    || name == "momentum"
+                    || match &value {
+                        HyperValue::Number(x) if name == "lr" => !(x.is_finite() && *x >= 0.0),
+                        HyperValue::Number(x) => !(x.is_finite() && *x > 0.0),
+                        HyperValue::Pair(a, b) => {
+                            !((0.0..1.0).contains(a) && (0.0..1.0).contains(b))
+                        }
+                        _ => false,
+                    };
+                (opt.set_group_hyper(g, name, value), invalid)
+            }
             _ => {
                 if input.bool() {
                     saved = opt.state_dict_json().expect("serialises");
@@ -1176,6 +1242,213 @@ fn sparse_adam_case<T: Float>(input: &mut Input<'_>) {
         match result {
             Err(_) => assert_eq!(observe(&opt, &arena), before, "changed by a failed call"),
             Ok(()) => assert!(!must_fail, "an invalid call succeeded"),
+        }
+    }
+}
+
+/// `decode` input starting with this: one flags byte (bit 0: f64; bit 1: EMA; bit 2: update
+/// before loading; bit 3: make the checksums right; bit 4: the model's arena registers its
+/// parameters in reverse order), then an `AveragedModel` binary checkpoint.
+pub const AVERAGED_BIN_TAG: &[u8] = b"AVGBIN:";
+
+fn averaged_bin_decode(data: &[u8]) {
+    let mut input = Input::new(data);
+    let flags = input.u8();
+    if flags & 1 == 1 {
+        averaged_bin_case::<f64>(flags, input.rest())
+    } else {
+        averaged_bin_case::<f32>(flags, input.rest())
+    }
+}
+
+/// The standard arena's shapes, registered in reverse order (names kept).
+pub fn reversed_arena<T: Float>() -> Arena<T> {
+    let a = standard_arena::<T>();
+    let mut b = ArenaBuilder::<T>::new();
+    let handles: Vec<_> = a.handles().collect();
+    for (&p, info) in handles.iter().zip(a.infos()).rev() {
+        b.param(&info.name, &info.shape, a.value(p))
+            .expect("a valid parameter");
+    }
+    b.build()
+}
+
+/// An `AveragedModel` binary checkpoint from arbitrary bytes: never a panic; a failed load
+/// changes nothing; what loads saves and loads back to the same state, and updates.
+fn averaged_bin_case<T: Float>(flags: u8, bytes: &[u8]) {
+    use optarena::AveragedModel;
+    let arena = if flags & 16 == 16 {
+        reversed_arena::<T>()
+    } else {
+        standard_arena::<T>()
+    };
+    let mut m = if flags & 2 == 2 {
+        AveragedModel::ema(&arena, 0.9).expect("a valid decay")
+    } else {
+        AveragedModel::new(&arena)
+    };
+    if flags & 4 == 4 {
+        m.update_parameters(&arena).expect("the same arena");
+    }
+    let mut bytes = bytes.to_vec();
+    if flags & 8 == 8 {
+        fix_checksums(&mut bytes);
+    }
+    let observe = |m: &AveragedModel<T>| {
+        (
+            format!("{:?}", m.avg_fn()),
+            m.n_averaged(),
+            m.averaged()
+                .iter()
+                .map(|x| x.to_f64().to_bits())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let before = observe(&m);
+    let _ = checkpoint::inspect_reader(&mut &bytes[..], bytes.len() as u64);
+    match checkpoint::averaged::read(&mut &bytes[..], bytes.len() as u64, &mut m) {
+        Err(_) => assert_eq!(observe(&m), before, "changed by a failed load"),
+        Ok(_) => {
+            let now = observe(&m);
+            let mut out = Vec::new();
+            checkpoint::averaged::write(&mut out, &m).expect("a loaded state saves");
+            checkpoint::averaged::read(&mut &out[..], out.len() as u64, &mut m)
+                .expect("a saved checkpoint loads back");
+            assert_eq!(observe(&m), now, "binary round trip changed the state");
+            m.update_parameters(&arena).expect("the same arena");
+        }
+    }
+}
+
+/// `decode` input starting with this: one flags byte (bit 0: f64; bit 1: load the arena's
+/// values too; bit 2: step before loading; bit 3: make the checksums right; bit 4: the arena
+/// registers its parameters in reverse order), then a `SparseAdam` binary checkpoint. The
+/// optimizer has two groups: the standard arena's first two parameters (lr 0.01) and the rest.
+pub const SPARSE_ADAM_BIN_TAG: &[u8] = b"SPABIN:";
+
+fn sparse_adam_bin_decode(data: &[u8]) {
+    let mut input = Input::new(data);
+    let flags = input.u8();
+    if flags & 1 == 1 {
+        sparse_adam_bin_case::<f64>(flags, input.rest())
+    } else {
+        sparse_adam_bin_case::<f32>(flags, input.rest())
+    }
+}
+
+/// The two-group `SparseAdam` of [`SPARSE_ADAM_BIN_TAG`] on `arena` (groups by name, so the
+/// reversed arena gets the same groups).
+pub fn standard_sparse_adam<T: Float>(arena: &Arena<T>) -> optarena::SparseAdam<T> {
+    use optarena::{SparseAdam, SparseAdamConfig};
+    let names: Vec<String> = standard_arena::<T>()
+        .infos()
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    let handles = |ns: &[String]| -> Vec<_> {
+        ns.iter()
+            .map(|n| arena.find(n).expect("the same names"))
+            .collect()
+    };
+    SparseAdam::new(
+        arena,
+        [
+            (
+                handles(&names[..2]),
+                SparseAdamConfig {
+                    lr: 0.01,
+                    ..Default::default()
+                },
+            ),
+            (handles(&names[2..]), SparseAdamConfig::default()),
+        ],
+    )
+    .expect("a valid SparseAdam")
+}
+
+/// One sparse step on every parameter: rows 0 and the last, values from a counter.
+pub fn standard_sparse_step<T: Float>(opt: &mut optarena::SparseAdam<T>, arena: &mut Arena<T>) {
+    use optarena::SparseGrad;
+    let infos = arena.infos().to_vec();
+    let rows: Vec<Vec<usize>> = infos
+        .iter()
+        .map(|i| {
+            let mut r = vec![0, i.shape[0] - 1];
+            r.dedup();
+            r
+        })
+        .collect();
+    let vals: Vec<Vec<T>> = infos
+        .iter()
+        .zip(&rows)
+        .map(|(i, r)| {
+            (0..r.len() * (i.len / i.shape[0]))
+                .map(|k| T::from_f64(k as f64 * 0.25 - 0.5))
+                .collect()
+        })
+        .collect();
+    let grads: Vec<SparseGrad<'_, T>> = arena
+        .handles()
+        .zip(&rows)
+        .zip(&vals)
+        .map(|((p, r), v)| SparseGrad::new(p, r, v))
+        .collect();
+    opt.step_sparse(arena, &grads).expect("a valid sparse step");
+}
+
+/// A `SparseAdam` binary checkpoint from arbitrary bytes: never a panic; a failed load changes
+/// neither the optimizer nor the arena; what loads saves and loads back to the same state.
+fn sparse_adam_bin_case<T: Float>(flags: u8, bytes: &[u8]) {
+    let mut arena = if flags & 16 == 16 {
+        reversed_arena::<T>()
+    } else {
+        standard_arena::<T>()
+    };
+    let mut opt = standard_sparse_adam(&arena);
+    if flags & 4 == 4 {
+        standard_sparse_step(&mut opt, &mut arena);
+    }
+    let with_arena = flags & 2 == 2;
+    let mut bytes = bytes.to_vec();
+    if flags & 8 == 8 {
+        fix_checksums(&mut bytes);
+    }
+    let observe =
+        |opt: &optarena::SparseAdam<T>, arena: &Arena<T>| snapshot(opt.state_dict_json(), arena);
+    let before = observe(&opt, &arena);
+    let r = checkpoint::sparse_adam::read(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        &mut opt,
+        with_arena.then_some(&mut arena),
+    );
+    match r {
+        Err(_) => assert_eq!(observe(&opt, &arena), before, "changed by a failed load"),
+        Ok(_) => {
+            let now = observe(&opt, &arena);
+            let mut out = Vec::new();
+            checkpoint::sparse_adam::write(&mut out, &opt, Some(&arena))
+                .expect("a loaded state saves");
+            checkpoint::sparse_adam::read(
+                &mut &out[..],
+                out.len() as u64,
+                &mut opt,
+                Some(&mut arena),
+            )
+            .expect("a saved checkpoint loads back");
+            assert_eq!(
+                observe(&opt, &arena),
+                now,
+                "binary round trip changed the state"
+            );
+            let json = opt.state_dict_json().expect("serialises");
+            opt.load_state_dict_json(&json)
+                .expect("a loaded state's JSON loads back");
+            assert_eq!(
+                observe(&opt, &arena),
+                now,
+                "JSON round trip changed the state"
+            );
         }
     }
 }

@@ -47,7 +47,10 @@
 //!   `load_state_dict` casts state to the parameter's dtype.
 
 pub mod atomic;
+pub mod averaged;
 pub mod format;
+pub mod sparse_adam;
+mod tensors;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -71,7 +74,7 @@ use format::{param_tensor, read_error, read_header, state_tensor, Header};
 
 /// Elements per piece when streaming (4 MiB of f64, 2 MiB of f32): large enough for disk speed,
 /// small enough that the checksum runs on data still in cache.
-const PIECE: usize = 1 << 19;
+pub(crate) const PIECE: usize = 1 << 19;
 
 /// What [`inspect`] finds in a checkpoint.
 #[derive(Debug, Clone)]
@@ -85,7 +88,7 @@ pub struct CheckpointInfo {
 }
 
 /// `s` as little-endian bytes, handed to `f` without a copy on little-endian machines.
-fn with_le_bytes<T: Float>(
+pub(crate) fn with_le_bytes<T: Float>(
     s: &[T],
     f: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
@@ -108,7 +111,7 @@ fn with_le_bytes<T: Float>(
 /// is computed on rayon's pool in fixed pieces of [`CRC_PIECE`] bytes whose CRCs are then
 /// combined in order (`crc32fast::Hasher::combine`), so the value never depends on the
 /// thread count; the save's first pass then takes half the time on two cores.
-fn data_checksum<T: Float>(slices: &[&[T]]) -> u32 {
+pub(crate) fn data_checksum<T: Float>(slices: &[&[T]]) -> u32 {
     let mut total = crc32fast::Hasher::new();
     if cfg!(target_endian = "little") {
         let pieces: Vec<&[u8]> = slices
@@ -141,7 +144,7 @@ fn data_checksum<T: Float>(slices: &[&[T]]) -> u32 {
 /// Bytes per parallel checksum piece.
 const CRC_PIECE: usize = 8 << 20;
 
-fn write_error(e: std::io::Error) -> Error {
+pub(crate) fn write_error(e: std::io::Error) -> Error {
     Error::Io(format!("writing the checkpoint: {e}"))
 }
 
@@ -252,7 +255,7 @@ enum Dest {
 }
 
 /// Reads `n` elements of `dtype` from `r` into `dst` (cast to `T`), checksumming the bytes.
-fn read_values<T: Float, R: Read + ?Sized>(
+pub(crate) fn read_values<T: Float, R: Read + ?Sized>(
     r: &mut R,
     crc: &mut crc32fast::Hasher,
     dtype: FileDtype,
@@ -289,7 +292,7 @@ fn read_values<T: Float, R: Read + ?Sized>(
 }
 
 /// Reads `n` bytes, only checksumming them.
-fn skip_bytes<R: Read + ?Sized>(
+pub(crate) fn skip_bytes<R: Read + ?Sized>(
     r: &mut R,
     crc: &mut crc32fast::Hasher,
     mut n: usize,

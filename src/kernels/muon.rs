@@ -5,7 +5,9 @@
 //! decay and the final `add`) run in torch's order; the Newton–Schulz iteration is matrix
 //! products from `matrixmultiply` (through `ndarray`'s safe `general_mat_mul`, no hand-written
 //! GEMM), single-threaded inside the call, with a blocking that depends only on the matrix
-//! sizes, so a step is bitwise the same on any number of threads.
+//! sizes, so a step is bitwise the same on any number of threads. matrixmultiply picks its
+//! micro-kernel at run time (AVX-512F, else FMA/AVX2, ...; its `avx512` feature is turned on in
+//! `Cargo.toml`), so the f32 sums' order, and the last bits, can differ between CPUs.
 //!
 //! # bf16, as torch does it
 //! torch's `_zeropower_via_newtonschulz` casts the update to bf16 and runs every operation of
@@ -22,8 +24,9 @@
 //! The iteration needs two copies of the (transposed to wide) matrix and two square
 //! `min(rows, cols)²` matrices. They live in a per-thread scratch buffer that grows to the
 //! largest parameter a thread has seen and is reused after that; `matrixmultiply` itself
-//! allocates its packing buffers on each product, so unlike the elementwise optimizers a Muon
-//! step does allocate.
+//! allocates its packing buffer on each product (it takes no caller buffer), so unlike the
+//! elementwise optimizers a Muon step does allocate: exactly one buffer per product, three per
+//! iteration, and nothing else (counted in `tests/no_alloc.rs`).
 
 use std::cell::RefCell;
 

@@ -10,7 +10,7 @@ use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::hyper::HyperValue;
+use crate::hyper::{unknown, GroupHyperparams, HyperField, HyperValue, Hyperparams};
 use crate::kernels::sparse_adam::{row_fused, row_reference, SparseAdamCoeffs};
 use crate::state::{GroupDict, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
 use crate::subnormals::Subnormals;
@@ -55,10 +55,26 @@ impl Default for SparseAdamConfig {
 }
 
 impl SparseAdamConfig {
-    /// torch's checks, in torch's order and words (NaN is rejected too).
+    /// torch's constructor checks, in torch's order and words (NaN is rejected too).
     pub fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidHyperparameter(m));
         if self.lr.is_nan() || self.lr <= 0.0 || self.lr.is_infinite() {
+            return Err(Error::InvalidHyperparameter(format!(
+                "Invalid learning rate: {:?}",
+                self.lr
+            )));
+        }
+        self.check_group()
+    }
+
+    /// The checks of a group changed after construction (by an LR scheduler,
+    /// [`SparseAdam::set_lr`], a loaded state): [`check`](Self::check)'s, except that the
+    /// learning rate may be 0. torch checks `0 < lr` only in the constructor, and its
+    /// schedulers then set any value; a schedule that ends at 0 (cosine annealing to
+    /// `eta_min = 0`) must be able to reach it here too. Negative, NaN and infinite rates are
+    /// still refused.
+    pub fn check_group(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidHyperparameter(m));
+        if self.lr.is_nan() || self.lr < 0.0 || self.lr.is_infinite() {
             return bad(format!("Invalid learning rate: {:?}", self.lr));
         }
         if self.eps.is_nan() || self.eps <= 0.0 || self.eps.is_infinite() {
@@ -91,7 +107,7 @@ impl SparseAdamConfig {
         ])
     }
 
-    fn from_hyperparams(h: &BTreeMap<String, HyperValue>) -> Result<Self> {
+    pub(crate) fn from_hyperparams(h: &BTreeMap<String, HyperValue>) -> Result<Self> {
         let bad = |k: &str| {
             Error::StateDict(format!(
                 "SparseAdam: hyperparameter `{k}` is missing or not of its kind"
@@ -122,9 +138,39 @@ impl SparseAdamConfig {
             eps: num("eps")?,
             maximize,
         };
-        c.check()
+        c.check_group()
             .map_err(|e| Error::StateDict(format!("SparseAdam: {e}")))?;
         Ok(c)
+    }
+}
+
+/// By torch's names, as every optimizer's config: what [`SparseAdam`]'s
+/// [`GroupHyperparams`] (LR schedulers) reads and writes.
+impl Hyperparams for SparseAdamConfig {
+    const OPTIMIZER: &'static str = "SparseAdam";
+    const NAMES: &'static [&'static str] = &["lr", "betas", "eps", "maximize"];
+    fn get(&self, name: &str) -> Result<HyperValue> {
+        match name {
+            "lr" => Ok(self.lr.to_value()),
+            "betas" => Ok(self.betas.to_value()),
+            "eps" => Ok(self.eps.to_value()),
+            "maximize" => Ok(self.maximize.to_value()),
+            _ => Err(unknown::<Self>(name)),
+        }
+    }
+    fn set(&mut self, name: &str, value: &HyperValue) -> Result<()> {
+        match name {
+            "lr" => self.lr = f64::from_value(name, value)?,
+            "betas" => self.betas = <(f64, f64)>::from_value(name, value)?,
+            "eps" => self.eps = f64::from_value(name, value)?,
+            "maximize" => self.maximize = bool::from_value(name, value)?,
+            _ => return Err(unknown::<Self>(name)),
+        }
+        Ok(())
+    }
+    /// [`SparseAdamConfig::check_group`]: a value set after construction.
+    fn validate(&self) -> Result<()> {
+        self.check_group()
     }
 }
 
@@ -179,6 +225,13 @@ struct Group {
 /// Parameters are seen as `[rows, cols]`: `rows` is the first dimension, `cols` the product of
 /// the others (1 for a 1-D parameter).
 ///
+/// Param groups are torch's: each has its own options, read and written by torch's names
+/// ([`hyper`](Self::hyper), [`set_lr`](Self::set_lr)), so every LR scheduler of
+/// [`crate::schedule`] drives them through [`GroupHyperparams`] (`lr`; `betas.0` for the
+/// schedulers that cycle momentum). The state saves as JSON ([`state_dict_json`](
+/// Self::state_dict_json)) or as a binary checkpoint ([`save_checkpoint`](Self::save_checkpoint),
+/// see [`crate::checkpoint::sparse_adam`]).
+///
 /// ```
 /// use optarena::{ArenaBuilder, SparseAdam, SparseAdamConfig, SparseGrad};
 ///
@@ -212,6 +265,8 @@ pub struct SparseAdam<T: Float> {
     exp_avg_sq: AlignedBuf<T>,
     subnormals: Subnormals,
     simd: SimdLevel,
+    /// torch's `group["initial_lr"]` per group, set by LR schedulers (`crate::schedule`).
+    initial_lrs: Vec<Option<f64>>,
     /// Scratch: (row, position) pairs to coalesce, and coalesced values.
     order: Vec<(usize, usize)>,
     coalesced_rows: Vec<usize>,
@@ -299,6 +354,7 @@ impl<T: Float> SparseAdam<T> {
             exp_avg_sq: AlignedBuf::filled(Role::State(1), arena.len(), T::ZERO),
             subnormals: Subnormals::default(),
             simd: SimdLevel::default(),
+            initial_lrs: Vec::new(),
             order: Vec::new(),
             coalesced_rows: Vec::new(),
             coalesced: Vec::new(),
@@ -333,9 +389,11 @@ impl<T: Float> SparseAdam<T> {
             })
     }
 
-    /// Sets group `g`'s options (checked as at construction; what schedulers need).
+    /// Sets group `g`'s options, checked by [`SparseAdamConfig::check_group`] (as at
+    /// construction, except that the learning rate may be 0, as torch's schedulers may set
+    /// it); on error nothing changes.
     pub fn set_group_config(&mut self, g: usize, config: SparseAdamConfig) -> Result<()> {
-        config.check()?;
+        config.check_group()?;
         let count = self.groups.len();
         let group = self
             .groups
@@ -343,6 +401,31 @@ impl<T: Float> SparseAdam<T> {
             .ok_or(Error::NoSuchGroup { index: g, count })?;
         group.config = config;
         Ok(())
+    }
+
+    /// One option of group `g`, by torch's name (`lr`, `betas`, `eps`, `maximize`).
+    pub fn hyper(&self, g: usize, name: &str) -> Result<HyperValue> {
+        self.group_config(g)?.get(name)
+    }
+
+    /// Sets one option of group `g` by torch's name, checked by
+    /// [`SparseAdamConfig::check_group`]; an unknown name, a value of the wrong kind or an
+    /// invalid value is an error and changes nothing.
+    pub fn set_hyper(&mut self, g: usize, name: &str, value: impl Into<HyperValue>) -> Result<()> {
+        let mut config = self.group_config(g)?;
+        config.set(name, &value.into())?;
+        self.set_group_config(g, config)
+    }
+
+    /// The learning rate of group `g`.
+    pub fn lr(&self, g: usize) -> Result<f64> {
+        Ok(self.group_config(g)?.lr)
+    }
+
+    /// Sets the learning rate of group `g` (0 or more: see
+    /// [`SparseAdamConfig::check_group`]).
+    pub fn set_lr(&mut self, g: usize, lr: f64) -> Result<()> {
+        self.set_hyper(g, "lr", lr)
     }
 
     /// torch's `state[p]["step"]` (`None` before the parameter's first gradient).
@@ -533,26 +616,7 @@ impl<T: Float> SparseAdam<T> {
     /// group's options, and for each parameter that has taken a step its `step`, `exp_avg`
     /// and `exp_avg_sq`.
     pub fn state_dict(&self) -> StateDict<T> {
-        let param_groups = self
-            .groups
-            .iter()
-            .map(|g| GroupDict {
-                hyperparams: g.config.hyperparams(),
-                params: g
-                    .params
-                    .iter()
-                    .map(|&i| {
-                        let info = &self.layout[i];
-                        ParamRef {
-                            index: i,
-                            name: info.name.clone(),
-                            offset: info.offset,
-                            shape: info.shape.clone(),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
+        let param_groups = self.group_dicts();
         let mut state = Vec::new();
         for g in &self.groups {
             for &i in &g.params {
@@ -578,6 +642,73 @@ impl<T: Float> SparseAdam<T> {
             param_groups,
             state,
         }
+    }
+
+    /// Each group's options and parameters (numbered by arena position), as saved.
+    pub(crate) fn group_dicts(&self) -> Vec<GroupDict> {
+        self.groups
+            .iter()
+            .map(|g| GroupDict {
+                hyperparams: g.config.hyperparams(),
+                params: g
+                    .params
+                    .iter()
+                    .map(|&i| {
+                        let info = &self.layout[i];
+                        ParamRef {
+                            index: i,
+                            name: info.name.clone(),
+                            offset: info.offset,
+                            shape: info.shape.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// What a binary checkpoint reads: the arena's identity and layout, each parameter's
+    /// step, and the two state buffers (arena-shaped).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn checkpoint_view(&self) -> (u64, &[ParamInfo], &[Option<u64>], &[T], &[T]) {
+        (
+            self.arena_id,
+            &self.layout,
+            &self.steps,
+            &self.exp_avg,
+            &self.exp_avg_sq,
+        )
+    }
+
+    /// The parameters (arena positions) of each group.
+    pub(crate) fn group_params(&self) -> impl Iterator<Item = &[usize]> {
+        self.groups.iter().map(|g| g.params.as_slice())
+    }
+
+    /// State buffers shaped and placed as this optimizer's (zeros), to stage a load into.
+    pub(crate) fn staging_buffers(&self) -> (AlignedBuf<T>, AlignedBuf<T>) {
+        (
+            AlignedBuf::filled(Role::State(0), self.exp_avg.len(), T::ZERO),
+            AlignedBuf::filled(Role::State(1), self.exp_avg_sq.len(), T::ZERO),
+        )
+    }
+
+    /// Puts a checked, staged state in place (O(1) for the buffers).
+    pub(crate) fn commit_loaded(
+        &mut self,
+        configs: Vec<SparseAdamConfig>,
+        steps: Vec<Option<u64>>,
+        exp_avg: AlignedBuf<T>,
+        exp_avg_sq: AlignedBuf<T>,
+    ) {
+        debug_assert_eq!(configs.len(), self.groups.len());
+        debug_assert_eq!(steps.len(), self.steps.len());
+        for (g, c) in self.groups.iter_mut().zip(configs) {
+            g.config = c;
+        }
+        self.steps = steps;
+        self.exp_avg = exp_avg;
+        self.exp_avg_sq = exp_avg_sq;
     }
 
     /// [`state_dict`](Self::state_dict) as JSON.
@@ -690,4 +821,31 @@ fn dense_error() -> Error {
     Error::SparseGrad(
         "SparseAdam does not support dense gradients, please consider Adam instead".into(),
     )
+}
+
+/// LR schedulers (and hooks) drive SparseAdam's param groups by torch's names, as any
+/// optimizer's: `lr`, `betas` (the schedulers that cycle momentum move `betas.0`), `eps`,
+/// `maximize`, and torch's `initial_lr`.
+impl<T: Float> GroupHyperparams for SparseAdam<T> {
+    fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+    fn group_hyper(&self, group: usize, name: &str) -> Result<HyperValue> {
+        self.hyper(group, name)
+    }
+    fn set_group_hyper(&mut self, group: usize, name: &str, value: HyperValue) -> Result<()> {
+        self.set_hyper(group, name, value)
+    }
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
+        self.group_config(group)?;
+        Ok(self.initial_lrs.get(group).copied().flatten())
+    }
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
+        self.group_config(group)?;
+        if self.initial_lrs.len() <= group {
+            self.initial_lrs.resize(group + 1, None);
+        }
+        self.initial_lrs[group] = initial_lr;
+        Ok(())
+    }
 }

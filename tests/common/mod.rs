@@ -1339,7 +1339,7 @@ pub fn sparse_grads(seed: u64, t: u64, shapes: &[Vec<usize>]) -> Vec<(Vec<usize>
 }
 
 fn run_sparse_adam<T: Float>(case: &Value, reference: bool) -> Outcome {
-    use optarena::{SparseAdam, SparseAdamConfig, SparseGrad};
+    use optarena::{GroupHyperparams, SparseAdam, SparseAdamConfig, SparseGrad};
     let name = case["name"].as_str().unwrap_or("?");
     let dtype = case["dtype"].as_str().unwrap();
     let seed = case["seed"].as_u64().unwrap();
@@ -1385,6 +1385,19 @@ fn run_sparse_adam<T: Float>(case: &Value, reference: bool) -> Outcome {
         Ok(o) => o,
         Err(e) => return Outcome::Fail(format!("{name}: construction failed: {e}")),
     };
+    // An LR scheduler driving the groups (`"lr_scheduler"`, which optarena's generator adds to
+    // SCHEMA.md's format): stepped after every optimizer step, each step's lrs and betas[0]
+    // checked before it runs.
+    let mut sched = match case.get("lr_scheduler") {
+        None => None,
+        Some(s) => {
+            let sname = s["name"].as_str().unwrap_or("?");
+            match build_scheduler(sname, &s["config"], &mut opt) {
+                Ok(s) => Some(s),
+                Err(o) => return o,
+            }
+        }
+    };
     let (rel, abs) = elementwise_tol(dtype);
     let steps = case["steps"].as_array().unwrap();
     let last = steps
@@ -1403,6 +1416,29 @@ fn run_sparse_adam<T: Float>(case: &Value, reference: bool) -> Outcome {
             .zip(&sparse)
             .map(|(&h, (r, v))| SparseGrad::new(h, r, v))
             .collect();
+        if let Some(r) = steps.iter().find(|r| r["step"].as_u64() == Some(t)) {
+            for (key, hyper) in [("lrs", "lr"), ("beta1s", "betas")] {
+                let Some(want) = r.get(key).and_then(Value::as_array) else {
+                    continue;
+                };
+                for (g, w) in want.iter().enumerate() {
+                    let w = w.as_f64().unwrap();
+                    let got = match opt.group_hyper(g, hyper) {
+                        Ok(optarena::HyperValue::Number(x)) => x,
+                        Ok(optarena::HyperValue::Pair(b1, _)) => b1,
+                        other => {
+                            return Outcome::Fail(format!("{name}: group {g} {hyper}: {other:?}"))
+                        }
+                    };
+                    // torch's formulas in torch's order: equal, or within an ulp or two.
+                    if (got - w).abs() > 4.0 * f64::EPSILON * w.abs() {
+                        return Outcome::Fail(format!(
+                            "{name}: step {t}, group {g} {hyper}: optarena {got:e}, torch {w:e}"
+                        ));
+                    }
+                }
+            }
+        }
         let r = if reference {
             opt.step_sparse_reference(&mut arena, &grads)
         } else {
@@ -1410,6 +1446,11 @@ fn run_sparse_adam<T: Float>(case: &Value, reference: bool) -> Outcome {
         };
         if let Err(e) = r {
             return Outcome::Fail(format!("{name}: step {t} failed: {e}"));
+        }
+        if let Some(s) = sched.as_mut() {
+            if let Err(e) = s.step(&mut opt) {
+                return Outcome::Fail(format!("{name}: scheduler step {t} failed: {e}"));
+            }
         }
         while let Some(r) = rec.peek() {
             if r["step"].as_u64().unwrap() != t {
