@@ -883,6 +883,8 @@ pub struct Lbfgs<T: Float> {
     snapshot: Option<Snapshot<T>>,
     /// The instruction-set cap of the flat-vector kernels.
     simd: SimdLevel,
+    /// torch's `group["initial_lr"]` of the one group, set by LR schedulers.
+    initial_lr: Option<f64>,
 }
 
 impl<T: Float> std::fmt::Debug for Lbfgs<T> {
@@ -951,6 +953,7 @@ impl<T: Float> Lbfgs<T> {
             },
             snapshot: None,
             simd: SimdLevel::default(),
+            initial_lr: None,
         })
     }
 
@@ -1637,6 +1640,25 @@ impl<T: Float> GroupHyperparams for Lbfgs<T> {
             });
         }
         self.set_hyper(name, value)
+    }
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
+        if group != 0 {
+            return Err(Error::NoSuchGroup {
+                index: group,
+                count: 1,
+            });
+        }
+        Ok(self.initial_lr)
+    }
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
+        if group != 0 {
+            return Err(Error::NoSuchGroup {
+                index: group,
+                count: 1,
+            });
+        }
+        self.initial_lr = initial_lr;
+        Ok(())
     }
 }
 

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    attach, check_groups, div, finite, invalid, leaf_scheduler, momentum_kind, py_pow, replay,
-    set_momentum, transaction, BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
+    attach, div, finite, invalid, leaf_scheduler, momentum_kind, py_pow, replay, set_momentum,
+    transaction, BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
 };
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
@@ -302,7 +302,7 @@ impl Leaf for CyclicLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let s = &self.state;
         let e = s.base.last_epoch as f64;
         let q = div(e, s.total_size)?;

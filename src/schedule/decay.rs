@@ -2,10 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_groups, construct, div, finite, group_lrs, leaf_scheduler, py_pow, BaseState, Leaf,
-    Values,
-};
+use super::{construct, div, finite, group_lrs, leaf_scheduler, py_pow, BaseState, Leaf, Values};
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
 
@@ -89,7 +86,7 @@ impl Leaf for ExponentialLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let lrs = group_lrs(opt)?;
         if initial {
             return Ok(Values::lrs(lrs));
@@ -184,7 +181,7 @@ impl Leaf for PolynomialLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;

@@ -2,9 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_groups, construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState, Values,
-};
+use super::{construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState, Values};
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
 
@@ -223,6 +221,7 @@ impl MultiplicativeLR {
 
 impl Leaf for MultiplicativeLR {
     const NAME: &'static str = "MultiplicativeLR";
+    const LATE_GROUP_TORCH: &'static str = super::ZIP_LONGER;
     type State = LambdaState;
     fn state(&self) -> &LambdaState {
         &self.state
@@ -231,14 +230,17 @@ impl Leaf for MultiplicativeLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let current = group_lrs(opt)?;
         if initial {
             return Ok(Values::lrs(current));
         }
         let epoch = self.state.base.last_epoch;
+        // One lambda per group the scheduler was built for: a group added later has none
+        // (update_lr then raises torch's error).
         let lrs = current
             .iter()
+            .take(self.state.base.base_lrs.len())
             .enumerate()
             .map(|(g, &lr)| Ok(lr * call(&self.lambdas, g, epoch)?))
             .collect::<Result<_>>()?;

@@ -3,9 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_groups, construct, div, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, Values,
-};
+use super::{construct, div, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, Values};
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
 
@@ -106,7 +104,7 @@ impl Leaf for ConstantLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;
@@ -231,7 +229,7 @@ impl Leaf for LinearLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;

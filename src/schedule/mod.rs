@@ -391,9 +391,11 @@ impl BaseState {
     }
 
     fn check(&self, name: &str) -> Result<()> {
-        if self.base_lrs.len() != self.last_lr.len() {
+        // `_last_lr` has a value for every group the scheduler stepped; groups added after it
+        // was built have none in `base_lrs` (torch's lists have those lengths too).
+        if self.base_lrs.len() > self.last_lr.len() {
             return Err(Error::StateDict(format!(
-                "{name}: base_lrs has {} values and _last_lr {}",
+                "{name}: base_lrs has {} values and _last_lr only {}",
                 self.base_lrs.len(),
                 self.last_lr.len()
             )));
@@ -471,6 +473,65 @@ pub(crate) fn momentum_kind(opt: &dyn GroupHyperparams) -> Option<bool> {
     } else {
         None
     }
+}
+
+/// torch's `_update_lr` when `get_lr` returned fewer values than the optimizer has groups
+/// (`zip(param_groups, values, strict=True)`).
+pub(crate) const ZIP_SHORTER: &str = "ValueError: zip() argument 2 is shorter than argument 1";
+/// torch's `zip(per_group_values, param_groups, strict=True)` with a group added since.
+pub(crate) const ZIP_LONGER: &str = "ValueError: zip() argument 2 is longer than argument 1";
+
+/// A scheduler follows groups added to the optimizer after it was built (torch's
+/// `add_param_group`), never fewer groups than it was built for.
+pub(crate) fn check_follows(opt: &dyn GroupHyperparams, n: usize) -> Result<()> {
+    if opt.num_groups() < n {
+        return Err(Error::Scheduler(format!(
+            "the scheduler was built for {n} param groups but the optimizer has {} (another \
+             optimizer was passed)",
+            opt.num_groups()
+        )));
+    }
+    Ok(())
+}
+
+/// The error of a step that needs a per-group value (`base_lrs`, a lambda, `swa_lr`, ...) of a
+/// group added by `add_param_group` after the scheduler was built: torch raises there too
+/// (`torch_error`); the chainable steps before and after it go on with the group's own lr.
+pub(crate) fn late_group_error(
+    name: &str,
+    known: usize,
+    groups: usize,
+    torch_error: &str,
+) -> Error {
+    let which = if groups - known == 1 {
+        format!("param group {known} was")
+    } else {
+        format!("param groups {known}..{groups} were")
+    };
+    Error::Scheduler(format!(
+        "{name}: {which} added to the optimizer after the scheduler was built and this step \
+         needs a value the scheduler keeps per group (its base_lr, or what it was built \
+         with); torch raises here too ({torch_error}). Build the scheduler after adding the \
+         group"
+    ))
+}
+
+/// [`late_group_error`] if a step computed values for fewer groups than the optimizer has.
+pub(crate) fn check_late_groups(
+    name: &str,
+    computed: usize,
+    opt: &dyn GroupHyperparams,
+    torch_error: &str,
+) -> Result<()> {
+    if computed < opt.num_groups() {
+        return Err(late_group_error(
+            name,
+            computed,
+            opt.num_groups(),
+            torch_error,
+        ));
+    }
+    Ok(())
 }
 
 /// The scheduler and the optimizer must have the same number of groups.
@@ -739,6 +800,10 @@ pub(crate) trait LeafState: Serialize + DeserializeOwned + Clone + Send + 'stati
 /// A scheduler built on torch's `LRScheduler.step` / `_update_lr` / `get_lr`.
 pub(crate) trait Leaf: Send + 'static {
     const NAME: &'static str;
+    /// What torch raises when a step of this scheduler needs a value it keeps per group
+    /// (`base_lrs`, `lr_lambdas`, ...) for a group added by `add_param_group` after the
+    /// scheduler was built (see [`check_late_groups`]).
+    const LATE_GROUP_TORCH: &'static str = ZIP_SHORTER;
     type State: LeafState;
     fn state(&self) -> &Self::State;
     fn state_mut(&mut self) -> &mut Self::State;
@@ -776,7 +841,7 @@ pub(crate) fn update_lr<L: Leaf + ?Sized>(
     epoch: Option<f64>,
     initial: bool,
 ) -> Result<()> {
-    check_groups(opt, s.state().base().base_lrs.len())?;
+    check_follows(opt, s.state().base().base_lrs.len())?;
     let values = match epoch {
         None => {
             s.state_mut().base_mut().last_epoch += 1;
@@ -790,6 +855,7 @@ pub(crate) fn update_lr<L: Leaf + ?Sized>(
             }
         }
     };
+    check_late_groups(L::NAME, values.lrs.len(), opt, L::LATE_GROUP_TORCH)?;
     let use_beta1 = s.state().last_momentum().map(|(_, b)| b);
     let momentum = match (&values.momentum, use_beta1) {
         (Some(m), Some(b)) => Some((m.as_slice(), b)),
@@ -908,7 +974,7 @@ macro_rules! leaf_scheduler {
             }
             fn raw_num_groups(&self) -> usize {
                 use $crate::schedule::{Leaf, LeafState};
-                self.state().base().base_lrs.len()
+                self.state().base().last_lr.len()
             }
             fn raw_touches_momentum(&self) -> bool {
                 use $crate::schedule::{Leaf, LeafState};

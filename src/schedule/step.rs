@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    bisect_right, check_groups, construct, finite, group_lrs, invalid, leaf_scheduler, py_floordiv,
-    py_mod, py_pow, BaseState, Leaf, Values,
+    bisect_right, construct, finite, group_lrs, invalid, leaf_scheduler, py_floordiv, py_mod,
+    py_pow, BaseState, Leaf, Values,
 };
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
@@ -99,7 +99,7 @@ impl Leaf for StepLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;
@@ -196,7 +196,7 @@ impl Leaf for MultiStepLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;
