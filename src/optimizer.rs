@@ -39,6 +39,7 @@ use std::ops::Range;
 use crate::arch::SimdLevel;
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
+pub use crate::clip::ClipNorm;
 use crate::clip::{clip_coefficient, NormScratch, NormType};
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -559,29 +560,6 @@ impl Default for StepOptions {
             grad_scale: 1.0,
             skip_non_finite: false,
             clip: None,
-        }
-    }
-}
-
-/// `clip_grad_norm_`'s arguments, for a clip folded into the step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClipNorm {
-    /// The largest total norm allowed.
-    pub max_norm: f64,
-    /// The norm's order.
-    pub norm_type: NormType,
-    /// Make a NaN or infinite total norm an error (nothing is changed) instead of scaling the
-    /// gradients by it.
-    pub error_if_nonfinite: bool,
-}
-
-impl ClipNorm {
-    /// Clip to `max_norm` in the Euclidean norm, as `clip_grad_norm_(params, max_norm)`.
-    pub fn l2(max_norm: f64) -> Self {
-        ClipNorm {
-            max_norm,
-            norm_type: NormType::P(2.0),
-            error_if_nonfinite: false,
         }
     }
 }
