@@ -49,7 +49,7 @@ use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STAT
 use crate::subnormals::Subnormals;
 
 mod checkpoint_access;
-pub(crate) use checkpoint_access::{SavedState, StateRef};
+pub(crate) use checkpoint_access::{SavedState, Staged, StateRef};
 
 /// Most state buffers any algorithm keeps per parameter.
 pub const MAX_BUFFERS: usize = 4;
