@@ -69,7 +69,9 @@ pub use format::{
 };
 
 use format::{param_tensor, read_error, read_header, state_tensor, Header};
-pub use training::{LoadedTraining, TrainingCheckpoint, TrainingInfo, TrainingOptimizer};
+pub use training::{
+    LoadedTraining, TrainingCheckpoint, TrainingInfo, TrainingOptimizer, TrainingRestore,
+};
 
 /// Elements per piece when streaming (4 MiB of f64, 2 MiB of f32): large enough for disk speed,
 /// small enough that the checksum runs on data still in cache.
@@ -200,7 +202,11 @@ impl<'a, T: Float> Body<'a, T> {
         opt.for_each_state(|s: StateRef<'a, T>| -> Result<()> {
             let mut names = Vec::with_capacity(s.buffers.len());
             for (name, shape, values) in s.buffers {
-                self.push(format!("{prefix}{}", state_tensor(s.index, name)), shape, values);
+                self.push(
+                    format!("{prefix}{}", state_tensor(s.index, name)),
+                    shape,
+                    values,
+                );
                 names.push(name.to_string());
             }
             state.push(StateMeta {
@@ -400,7 +406,10 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
     for (index, name, shape) in staged.slots() {
         expected.insert(
             state_tensor(index, name),
-            (shape.to_vec(), Dest::Take(OptDest::State(index, name.to_string()))),
+            (
+                shape.to_vec(),
+                Dest::Take(OptDest::State(index, name.to_string())),
+            ),
         );
     }
     let layout = opt.param_layout().to_vec();
@@ -425,14 +434,23 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
         }
         (None, None) => {}
     }
-    let at = stream_data(r, &tensors, expected, dtype, data_crc, |dest, read| match dest {
-        OptDest::State(index, name) => read(
-            staged
-                .slot_mut(index, &name)
-                .expect("every announced slot exists"),
-        ),
-        OptDest::Param(range) => read(&mut staged_params.as_mut().expect("staged with the arena")[range]),
-    })?;
+    let at = stream_data(
+        r,
+        &tensors,
+        expected,
+        dtype,
+        data_crc,
+        |dest, read| match dest {
+            OptDest::State(index, name) => read(
+                staged
+                    .slot_mut(index, &name)
+                    .expect("every announced slot exists"),
+            ),
+            OptDest::Param(range) => {
+                read(&mut staged_params.as_mut().expect("staged with the arena")[range])
+            }
+        },
+    )?;
     debug_assert_eq!(header_len + at, file_len);
     opt.commit_staged(staged);
     if let (Some(arena), Some(values)) = (params, staged_params) {

@@ -501,6 +501,11 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
         } = read_raw_header(r, file_len)?;
         let meta = parse_training_meta(&meta_json)?;
         let dtype = FileDtype::from_name(&meta.dtype)?;
+        // The model first: the arena must have exactly the saved parameters.
+        let mut expected: Expected<TrainDest> = Default::default();
+        for (name, shape, range) in plan_params(arena.infos(), &meta.params)? {
+            expected.insert(name, (shape, Dest::Take(TrainDest::Param(range))));
+        }
         // Names and kinds: exactly what was saved.
         for (name, opt) in &optimizers {
             if opt.arena_identity() != arena.id() {
@@ -542,11 +547,7 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             s.validate()
                 .map_err(|e| Error::StateDict(format!("GradScaler: {e}")))?;
         }
-        // Stage every optimizer and plan every tensor.
-        let mut expected: Expected<TrainDest> = Default::default();
-        for (name, shape, range) in plan_params(arena.infos(), &meta.params)? {
-            expected.insert(name, (shape, Dest::Take(TrainDest::Param(range))));
-        }
+        // Stage every optimizer and plan its tensors.
         let mut staged: Vec<AnyStaged> = Vec::with_capacity(optimizers.len());
         for (k, (name, opt)) in optimizers.iter().enumerate() {
             let entry = &meta.optimizers[entries[k]];
@@ -575,8 +576,13 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             staged.push(s);
         }
         let mut values: Vec<T> = zeroed(arena.len());
-        let at = stream_data(r, &tensors, expected, dtype, data_crc, |dest, read| {
-            match dest {
+        let at = stream_data(
+            r,
+            &tensors,
+            expected,
+            dtype,
+            data_crc,
+            |dest, read| match dest {
                 TrainDest::Param(range) => read(&mut values[range]),
                 TrainDest::Optim(k, index, buffer) => read(
                     optimizers[k]
@@ -584,8 +590,8 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
                         .staged_slot(&mut staged[k], index, &buffer)
                         .expect("every announced slot exists"),
                 ),
-            }
-        })?;
+            },
+        )?;
         debug_assert_eq!(header_len + at, file_len);
         // Scheduler states: each loaded in turn, the earlier ones put back if one fails.
         let mut old = Vec::with_capacity(schedulers.len());
@@ -662,13 +668,11 @@ fn match_names<'n>(
             )));
         };
         if used[i] {
-            return Err(Error::StateDict(format!(
-                "{what} `{name}` was given twice"
-            )));
+            return Err(Error::StateDict(format!("{what} `{name}` was given twice")));
         }
         if saved[i].1 != kind {
             return Err(Error::StateDict(format!(
-                "{what} `{name}` was saved from a {}, this is a {kind}",
+                "{what} `{name}` was saved from {}, this is {kind}",
                 saved[i].1
             )));
         }
