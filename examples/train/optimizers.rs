@@ -6,6 +6,7 @@
 //! search needs. The schedules are optarena's LR schedulers ([`optarena::schedule`]), which
 //! act on either kind through [`GroupHyperparams`], as torch's act on `param_groups`.
 
+use optarena::checkpoint::TrainingOptimizer;
 use optarena::schedule::{
     CosineAnnealingLR, CosineAnnealingLRConfig, LinearLR, LinearLRConfig, LrScheduler,
     SequentialLR, SequentialLRConfig,
@@ -36,6 +37,13 @@ pub trait Stepper {
 
     /// Restores a state written by [`Stepper::state_dict_json`].
     fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()>;
+
+    /// The optimizer as a training checkpoint holds it (every optimizer but L-BFGS, which has
+    /// no binary checkpoint: its state goes into the checkpoint's metadata as JSON).
+    fn training(&self) -> Option<&dyn TrainingOptimizer<f32>>;
+
+    /// [`Stepper::training`], mutably (to load into).
+    fn training_mut(&mut self) -> Option<&mut dyn TrainingOptimizer<f32>>;
 
     /// Closure evaluations and iterations so far, for optimizers that count them (L-BFGS's
     /// `func_evals` and `n_iter`).
@@ -80,6 +88,14 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
     fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
         self.opt.load_state_dict_json(json, MatchBy::Name)
     }
+
+    fn training(&self) -> Option<&dyn TrainingOptimizer<f32>> {
+        Some(&self.opt)
+    }
+
+    fn training_mut(&mut self) -> Option<&mut dyn TrainingOptimizer<f32>> {
+        Some(&mut self.opt)
+    }
 }
 
 /// L-BFGS over the model's parameters as one flat group (torch's `LBFGS` takes one group).
@@ -106,6 +122,14 @@ impl Stepper for QuasiNewton {
 
     fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
         self.opt.load_state_dict_json(json, MatchBy::Name)
+    }
+
+    fn training(&self) -> Option<&dyn TrainingOptimizer<f32>> {
+        None
+    }
+
+    fn training_mut(&mut self) -> Option<&mut dyn TrainingOptimizer<f32>> {
+        None
     }
 
     fn evaluations(&self) -> Option<(u64, u64)> {
