@@ -489,13 +489,16 @@ pub(crate) fn stage_optimizer<T: Float, A: Algorithm>(
     opt.stage_load(&meta.optimizer, &meta.param_groups, &saved, by)
 }
 
+/// A stored parameter's tensor name, shape and element range in the arena.
+pub(crate) type PlannedParam = (String, Vec<usize>, std::ops::Range<usize>);
+
 /// Matches stored parameter values to the arena's `layout` by name: every parameter of the
 /// arena must be stored once, with its shape (torch's strict `load_state_dict` of a model).
 /// Returns each tensor's name, shape and element range in the arena.
 pub(crate) fn plan_params(
     layout: &[crate::arena::ParamInfo],
     stored: &[crate::arena::ParamInfo],
-) -> Result<Vec<(String, Vec<usize>, std::ops::Range<usize>)>> {
+) -> Result<Vec<PlannedParam>> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::with_capacity(stored.len());
     for p in stored {

@@ -172,12 +172,15 @@ mod sealed {
     /// A staged load of one optimizer, as `Any` (it is typed by the optimizer's algorithm).
     pub type AnyStaged = Box<dyn Any>;
 
+    /// An optimizer's state tensors: (tensor name, shape, values).
+    pub type StateTensors<'a, T> = Vec<(String, Vec<usize>, &'a [T])>;
+
     /// The pieces of the binary checkpoint code a training checkpoint drives.
     pub trait Sealed<T> {
         /// The identity of the arena the optimizer was built for.
         fn arena_identity(&self) -> u64;
         /// The state's metadata and its buffers: (tensor name, shape, values).
-        fn state_tensors(&self) -> Result<(CheckpointMeta, Vec<(String, Vec<usize>, &[T])>)>;
+        fn state_tensors(&self) -> Result<(CheckpointMeta, StateTensors<'_, T>)>;
         /// Checks `meta` against the optimizer and stages buffers for it.
         fn stage(&self, meta: &CheckpointMeta) -> Result<AnyStaged>;
         /// The staged (parameter number, buffer, shape) slots.
@@ -213,7 +216,7 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
     fn arena_identity(&self) -> u64 {
         Optimizer::arena_identity(self)
     }
-    fn state_tensors(&self) -> Result<(CheckpointMeta, Vec<(String, Vec<usize>, &[T])>)> {
+    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_, T>)> {
         let mut body = Body::new()?;
         let meta = body.push_optimizer(self, "")?;
         Ok((meta, body.into_tensors()))
