@@ -360,6 +360,9 @@ impl LrScheduler for SequentialLR {
     fn raw_touches_momentum(&self) -> bool {
         self.children.iter().any(|c| c.raw_touches_momentum())
     }
+    fn raw_needs_metric(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -486,5 +489,8 @@ impl LrScheduler for ChainedScheduler {
     }
     fn raw_touches_momentum(&self) -> bool {
         self.children.iter().any(|c| c.raw_touches_momentum())
+    }
+    fn raw_needs_metric(&self) -> bool {
+        false
     }
 }

@@ -97,6 +97,10 @@ impl CosineAnnealingLR {
 }
 
 impl Leaf for CosineAnnealingLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "CosineAnnealingLR";
     type State = CosineState;
     fn state(&self) -> &CosineState {
@@ -228,6 +232,10 @@ pub(crate) struct WarmRestartsState {
 }
 
 impl LeafState for WarmRestartsState {
+    fn last_momentum(&self) -> Option<(&[f64], bool)> {
+        // It does not cycle momentum.
+        None
+    }
     fn base(&self) -> &BaseState {
         &self.base
     }
@@ -317,6 +325,14 @@ fn py_num(x: f64) -> String {
 }
 
 impl Leaf for CosineAnnealingWarmRestarts {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "CosineAnnealingWarmRestarts";
     type State = WarmRestartsState;
     fn state(&self) -> &WarmRestartsState {

@@ -293,6 +293,10 @@ pub(crate) fn no_momentum() -> Error {
 }
 
 impl Leaf for CyclicLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
     const NAME: &'static str = "CyclicLR";
     type State = CyclicState;
     fn state(&self) -> &CyclicState {

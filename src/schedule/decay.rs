@@ -77,6 +77,10 @@ impl ExponentialLR {
 }
 
 impl Leaf for ExponentialLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "ExponentialLR";
     type State = ExponentialState;
     fn state(&self) -> &ExponentialState {
@@ -172,6 +176,10 @@ impl PolynomialLR {
 }
 
 impl Leaf for PolynomialLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "PolynomialLR";
     type State = PolynomialState;
     fn state(&self) -> &PolynomialState {

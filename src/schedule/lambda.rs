@@ -69,6 +69,10 @@ pub(crate) struct LambdaState {
 }
 
 impl LeafState for LambdaState {
+    fn last_momentum(&self) -> Option<(&[f64], bool)> {
+        // It does not cycle momentum.
+        None
+    }
     fn base(&self) -> &BaseState {
         &self.base
     }
@@ -140,6 +144,14 @@ impl LambdaLR {
 }
 
 impl Leaf for LambdaLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Its closures are not saved (torch saves none either): the instance's own are used.
+        Ok(())
+    }
     const NAME: &'static str = "LambdaLR";
     type State = LambdaState;
     fn state(&self) -> &LambdaState {
@@ -220,6 +232,14 @@ impl MultiplicativeLR {
 }
 
 impl Leaf for MultiplicativeLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Its closures are not saved (torch saves none either): the instance's own are used.
+        Ok(())
+    }
     const NAME: &'static str = "MultiplicativeLR";
     const LATE_GROUP_TORCH: &'static str = super::ZIP_LONGER;
     type State = LambdaState;

@@ -95,6 +95,10 @@ impl ConstantLR {
 }
 
 impl Leaf for ConstantLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "ConstantLR";
     type State = ConstantState;
     fn state(&self) -> &ConstantState {
@@ -220,6 +224,10 @@ impl LinearLR {
 }
 
 impl Leaf for LinearLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "LinearLR";
     type State = LinearState;
     fn state(&self) -> &LinearState {

@@ -147,6 +147,9 @@ macro_rules! options_state {
             fn validate(&self) -> $crate::error::Result<()> {
                 self.config.check()
             }
+            fn last_momentum(&self) -> Option<(&[f64], bool)> {
+                None
+            }
         }
     };
 }
@@ -278,15 +281,11 @@ pub trait LrScheduler: Send {
 
     /// Whether a step may change `momentum` / `betas` as well as `lr`.
     #[doc(hidden)]
-    fn raw_touches_momentum(&self) -> bool {
-        false
-    }
+    fn raw_touches_momentum(&self) -> bool;
 
     /// Whether this is `ReduceLROnPlateau` (composites refuse it, as torch does).
     #[doc(hidden)]
-    fn raw_needs_metric(&self) -> bool {
-        false
-    }
+    fn raw_needs_metric(&self) -> bool;
 }
 
 /// Runs `f` so that on an error both the scheduler and the optimizer are as they were.
@@ -791,10 +790,9 @@ pub(crate) trait LeafState: Serialize + DeserializeOwned + Clone + Send + 'stati
     fn base_mut(&mut self) -> &mut BaseState;
     /// Checks a loaded state as the constructor checks options.
     fn validate(&self) -> Result<()>;
-    /// The momentum values the scheduler set last, and `use_beta1`, if it cycles momentum.
-    fn last_momentum(&self) -> Option<(&[f64], bool)> {
-        None
-    }
+    /// The momentum values the scheduler set last, and `use_beta1`, if it cycles momentum
+    /// (`None` if it does not).
+    fn last_momentum(&self) -> Option<(&[f64], bool)>;
 }
 
 /// A scheduler built on torch's `LRScheduler.step` / `_update_lr` / `get_lr`.
@@ -811,15 +809,12 @@ pub(crate) trait Leaf: Send + 'static {
     /// torch's `get_lr()` at the current `last_epoch`; `initial` is torch's `_is_initial`.
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values>;
 
-    /// torch's `_get_closed_form_lr()`, for the schedulers that have one.
-    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
-        None
-    }
+    /// torch's `_get_closed_form_lr()`, for the schedulers that have one (`None` for those
+    /// that have none; `step(epoch)` then uses `get_lr`).
+    fn closed_form(&self) -> Option<Result<Vec<f64>>>;
 
     /// Checks a state about to be loaded against what is not in it (closures).
-    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
-        Ok(())
-    }
+    fn check_loaded(&self, state: &Self::State) -> Result<()>;
 
     /// torch's `step(epoch)`: `LRScheduler.step` unless overridden
     /// (`CosineAnnealingWarmRestarts`).
@@ -979,6 +974,9 @@ macro_rules! leaf_scheduler {
             fn raw_touches_momentum(&self) -> bool {
                 use $crate::schedule::{Leaf, LeafState};
                 self.state().last_momentum().is_some()
+            }
+            fn raw_needs_metric(&self) -> bool {
+                false
             }
         }
     };

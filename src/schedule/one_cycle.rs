@@ -379,6 +379,14 @@ impl OneCycleLR {
 }
 
 impl Leaf for OneCycleLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "OneCycleLR";
     const LATE_GROUP_TORCH: &'static str = "KeyError: 'initial_lr'";
     type State = OneCycleState;

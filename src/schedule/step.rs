@@ -90,6 +90,10 @@ impl StepLR {
 }
 
 impl Leaf for StepLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "StepLR";
     type State = StepState;
     fn state(&self) -> &StepState {
@@ -187,6 +191,10 @@ impl MultiStepLR {
 }
 
 impl Leaf for MultiStepLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "MultiStepLR";
     type State = MultiStepState;
     fn state(&self) -> &MultiStepState {

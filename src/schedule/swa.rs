@@ -123,6 +123,10 @@ pub(crate) struct SwaState {
 }
 
 impl LeafState for SwaState {
+    fn last_momentum(&self) -> Option<(&[f64], bool)> {
+        // It does not cycle momentum.
+        None
+    }
     fn base(&self) -> &BaseState {
         &self.base
     }
@@ -229,6 +233,14 @@ fn clamp01(x: f64) -> f64 {
 }
 
 impl Leaf for SWALR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "SWALR";
     const LATE_GROUP_TORCH: &'static str = "KeyError: 'swa_lr'";
     type State = SwaState;
