@@ -13,7 +13,7 @@ use optarena::schedule::{
 };
 use optarena::{
     Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams, Lbfgs,
-    LbfgsConfig, MatchBy, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
+    LbfgsConfig, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
 };
 
 use crate::model::Mlp;
@@ -35,15 +35,11 @@ pub trait Stepper {
     /// The optimizer state (`optimizer.state_dict()`) as JSON, for checkpoints.
     fn state_dict_json(&self) -> optarena::Result<String>;
 
-    /// Restores a state written by [`Stepper::state_dict_json`].
-    fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()>;
-
-    /// The optimizer as a training checkpoint holds it (every optimizer but L-BFGS, which has
-    /// no binary checkpoint: its state goes into the checkpoint's metadata as JSON).
-    fn training(&self) -> Option<&dyn TrainingOptimizer<f32>>;
+    /// The optimizer as a training checkpoint holds it.
+    fn training(&self) -> &dyn TrainingOptimizer<f32>;
 
     /// [`Stepper::training`], mutably (to load into).
-    fn training_mut(&mut self) -> Option<&mut dyn TrainingOptimizer<f32>>;
+    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32>;
 
     /// Closure evaluations and iterations so far, for optimizers that count them (L-BFGS's
     /// `func_evals` and `n_iter`).
@@ -85,16 +81,12 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
         self.opt.state_dict_json()
     }
 
-    fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
-        self.opt.load_state_dict_json(json, MatchBy::Name)
+    fn training(&self) -> &dyn TrainingOptimizer<f32> {
+        &self.opt
     }
 
-    fn training(&self) -> Option<&dyn TrainingOptimizer<f32>> {
-        Some(&self.opt)
-    }
-
-    fn training_mut(&mut self) -> Option<&mut dyn TrainingOptimizer<f32>> {
-        Some(&mut self.opt)
+    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32> {
+        &mut self.opt
     }
 }
 
@@ -120,16 +112,12 @@ impl Stepper for QuasiNewton {
         self.opt.state_dict_json()
     }
 
-    fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
-        self.opt.load_state_dict_json(json, MatchBy::Name)
+    fn training(&self) -> &dyn TrainingOptimizer<f32> {
+        &self.opt
     }
 
-    fn training(&self) -> Option<&dyn TrainingOptimizer<f32>> {
-        None
-    }
-
-    fn training_mut(&mut self) -> Option<&mut dyn TrainingOptimizer<f32>> {
-        None
+    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32> {
+        &mut self.opt
     }
 
     fn evaluations(&self) -> Option<(u64, u64)> {

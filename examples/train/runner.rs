@@ -289,9 +289,9 @@ pub fn checkpoint_path(out: &Path, id: &str) -> PathBuf {
 }
 
 /// Saves a run in one call, atomically (`TrainingCheckpoint::save`: a temporary file, fsync,
-/// rename, fsync of the directory): the parameters by name, the optimizer ("optimizer"; L-BFGS,
-/// which has no binary checkpoint, as JSON metadata "lbfgs"), the scheduler ("lr"), the
-/// optimizer step count and the run's state (metadata "run").
+/// rename, fsync of the directory): the parameters by name, the optimizer ("optimizer"; L-BFGS
+/// as its JSON state dict inside the file), the scheduler ("lr"), the optimizer step count and
+/// the run's state (metadata "run").
 fn save_run(
     path: &Path,
     arena: &optarena::Arena<f32>,
@@ -302,18 +302,13 @@ fn save_run(
 ) -> Result<(), String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut ck = TrainingCheckpoint::new(arena).step(global_step).metadata(
-        "run",
-        serde_json::to_value(state).map_err(err("run state"))?,
-    );
-    match opt.training() {
-        Some(o) => ck = ck.optimizer("optimizer", o),
-        None => {
-            let json = opt.state_dict_json().map_err(err("state_dict"))?;
-            let v: serde_json::Value = serde_json::from_str(&json).map_err(err("state_dict"))?;
-            ck = ck.metadata("lbfgs", v);
-        }
-    }
+    let mut ck = TrainingCheckpoint::new(arena)
+        .optimizer("optimizer", opt.training())
+        .step(global_step)
+        .metadata(
+            "run",
+            serde_json::to_value(state).map_err(err("run state"))?,
+        );
     if let Some(s) = sched {
         ck = ck.scheduler("lr", s);
     }
@@ -347,26 +342,18 @@ fn read_run_state(path: &Path, id: &str, settings: &Settings) -> Result<RunState
 }
 
 /// Restores a freshly built run from its checkpoint in one call (`TrainingRestore::load`:
-/// all or nothing; the parameters matched by name), then L-BFGS's JSON state. Returns the
-/// optimizer step count.
+/// all or nothing; the parameters matched by name). Returns the optimizer step count.
 fn load_run(
     path: &Path,
     arena: &mut optarena::Arena<f32>,
     opt: &mut dyn Stepper,
     sched: Option<&mut (dyn LrScheduler + 'static)>,
 ) -> Result<u64, String> {
-    let mut restore = TrainingRestore::new(arena);
-    if let Some(o) = opt.training_mut() {
-        restore = restore.optimizer("optimizer", o);
-    }
+    let mut restore = TrainingRestore::new(arena).optimizer("optimizer", opt.training_mut());
     if let Some(s) = sched {
         restore = restore.scheduler("lr", s);
     }
     let loaded = restore.load(path).map_err(err("loading the checkpoint"))?;
-    if let Some(v) = loaded.metadata.get("lbfgs") {
-        opt.load_state_dict_json(&v.to_string())
-            .map_err(err("L-BFGS state"))?;
-    }
     Ok(loaded.step)
 }
 

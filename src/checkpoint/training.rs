@@ -84,8 +84,10 @@
 //! - Schedulers get their state only (torch's `load_state_dict`), not the lr it last set: the
 //!   optimizers come from the same file, with the lrs they had when it was saved, including an
 //!   lr set by hand after the scheduler stepped. The groups' `initial_lr` are restored too.
-//! - L-BFGS ([`crate::Lbfgs`]) is not a [`TrainingOptimizer`]: it has no binary checkpoint; save
-//!   it with its JSON state dict.
+//! - L-BFGS ([`Lbfgs`]) has no binary checkpoint: its state (flat vectors and the history) is
+//!   saved as its JSON state dict inside the metadata (`OptimizerEntry::state_dict`), checked
+//!   and converted before anything changes, like the others. The metadata is limited to
+//!   100 MB (safetensors' header limit), about two million saved values.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -102,6 +104,7 @@ use crate::arena::{Arena, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::GroupHyperparams;
+use crate::optim::lbfgs::{Lbfgs, LbfgsStateDict};
 use crate::optimizer::{Algorithm, Optimizer};
 use crate::scaler::GradScaler;
 use crate::schedule::LrScheduler;
@@ -149,6 +152,11 @@ pub struct OptimizerEntry {
     pub checkpoint: CheckpointMeta,
     /// Each group's `initial_lr` (torch keeps it in the group dict).
     pub initial_lr: Vec<Option<f64>>,
+    /// The whole state dict as JSON, for an optimizer without a binary checkpoint (L-BFGS,
+    /// whose state is flat vectors and a history); `None` for the others, whose state is
+    /// in tensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dict: Option<Value>,
 }
 
 /// One scheduler of a training checkpoint.
@@ -181,8 +189,15 @@ mod sealed {
         fn arena_identity(&self) -> u64;
         /// The state's metadata and its buffers: (tensor name, shape, values).
         fn state_tensors(&self) -> Result<(CheckpointMeta, StateTensors<'_, T>)>;
-        /// Checks `meta` against the optimizer and stages buffers for it.
-        fn stage(&self, meta: &CheckpointMeta) -> Result<AnyStaged>;
+        /// The whole state dict as JSON, for an optimizer whose state is not in tensors.
+        fn state_dict_value(&self) -> Result<Option<serde_json::Value>>;
+        /// Checks `meta` (and the JSON state dict, for an optimizer that has one) against the
+        /// optimizer and stages buffers for it.
+        fn stage(
+            &self,
+            meta: &CheckpointMeta,
+            state_dict: Option<&serde_json::Value>,
+        ) -> Result<AnyStaged>;
         /// The staged (parameter number, buffer, shape) slots.
         fn staged_slots(&self, staged: &AnyStaged) -> Vec<(usize, String, Vec<usize>)>;
         /// One staged slot's values.
@@ -221,7 +236,16 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
         let meta = body.push_optimizer(self, "")?;
         Ok((meta, body.into_tensors()))
     }
-    fn stage(&self, meta: &CheckpointMeta) -> Result<AnyStaged> {
+    fn state_dict_value(&self) -> Result<Option<Value>> {
+        Ok(None)
+    }
+    fn stage(&self, meta: &CheckpointMeta, state_dict: Option<&Value>) -> Result<AnyStaged> {
+        if state_dict.is_some() {
+            return Err(Error::Checkpoint(format!(
+                "a {} state is saved in tensors, but the checkpoint has a JSON state dict for it",
+                A::NAME
+            )));
+        }
         Ok(Box::new(super::stage_optimizer(self, meta, MatchBy::Name)?))
     }
     fn staged_slots(&self, staged: &AnyStaged) -> Vec<(usize, String, Vec<usize>)> {
@@ -249,6 +273,78 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
             .downcast::<crate::optimizer::Staged<T, A>>()
             .expect("staged by this optimizer");
         self.commit_staged(*staged);
+    }
+}
+
+/// L-BFGS: its state (flat vectors and a history over the group's parameters) is saved as its
+/// JSON state dict ([`Lbfgs::state_dict`]) in the metadata, and matched by parameter name on
+/// load, as [`Lbfgs::load_state_dict`] does; no tensors.
+impl<T: Float> TrainingOptimizer<T> for Lbfgs<T> {
+    fn kind(&self) -> &'static str {
+        "LBFGS"
+    }
+}
+
+impl<T: Float> Sealed<T> for Lbfgs<T> {
+    fn arena_identity(&self) -> u64 {
+        Lbfgs::arena_identity(self)
+    }
+    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_, T>)> {
+        let sd = self.state_dict();
+        let meta = CheckpointMeta {
+            format: format::FORMAT_NAME.to_string(),
+            version: format::FORMAT_VERSION,
+            optimizer: "LBFGS".to_string(),
+            dtype: T::DTYPE.to_string(),
+            param_groups: sd.param_groups,
+            state: Vec::new(),
+            params: None,
+        };
+        Ok((meta, Vec::new()))
+    }
+    fn state_dict_value(&self) -> Result<Option<Value>> {
+        Ok(Some(serde_json::to_value(self.state_dict())?))
+    }
+    fn stage(&self, meta: &CheckpointMeta, state_dict: Option<&Value>) -> Result<AnyStaged> {
+        let Some(v) = state_dict else {
+            return Err(Error::Checkpoint(
+                "the checkpoint has no JSON state dict for this LBFGS optimizer".to_string(),
+            ));
+        };
+        if !meta.state.is_empty() {
+            return Err(Error::Checkpoint(
+                "an LBFGS state is saved as JSON, but the checkpoint has tensors for it"
+                    .to_string(),
+            ));
+        }
+        let dtype = v.get("dtype").and_then(Value::as_str).unwrap_or_default();
+        let load = if dtype == <f64 as Float>::DTYPE {
+            let sd: LbfgsStateDict<f64> = serde_json::from_value(v.clone())
+                .map_err(|e| Error::StateDict(format!("LBFGS state dict: {e}")))?;
+            self.prepare_load(&sd, MatchBy::Name)?
+        } else {
+            let sd: LbfgsStateDict<f32> = serde_json::from_value(v.clone())
+                .map_err(|e| Error::StateDict(format!("LBFGS state dict: {e}")))?;
+            self.prepare_load(&sd, MatchBy::Name)?
+        };
+        Ok(Box::new(load))
+    }
+    fn staged_slots(&self, _staged: &AnyStaged) -> Vec<(usize, String, Vec<usize>)> {
+        Vec::new()
+    }
+    fn staged_slot<'s>(
+        &self,
+        _staged: &'s mut AnyStaged,
+        _index: usize,
+        _name: &str,
+    ) -> Option<&'s mut [T]> {
+        None
+    }
+    fn commit(&mut self, staged: AnyStaged) {
+        let load = staged
+            .downcast::<crate::optim::lbfgs::LbfgsLoad<T>>()
+            .expect("staged by this optimizer");
+        self.commit_load(*load);
     }
 }
 
@@ -380,6 +476,7 @@ impl<'a, T: Float> TrainingCheckpoint<'a, T> {
                 name: name.clone(),
                 checkpoint,
                 initial_lr,
+                state_dict: opt.state_dict_value()?,
             });
         }
         let schedulers = self
@@ -555,7 +652,7 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
         for (k, (name, opt)) in optimizers.iter().enumerate() {
             let entry = &meta.optimizers[entries[k]];
             let s = opt
-                .stage(&entry.checkpoint)
+                .stage(&entry.checkpoint, entry.state_dict.as_ref())
                 .map_err(|e| prefix_error(&format!("optimizer `{name}`"), e))?;
             if entry.initial_lr.len() != opt.num_groups() {
                 return Err(Error::StateDict(format!(

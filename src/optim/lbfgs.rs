@@ -1462,6 +1462,40 @@ impl<T: Float> Lbfgs<T> {
         saved: &LbfgsStateDict<U>,
         by: MatchBy,
     ) -> Result<()> {
+        let load = self.prepare_load(saved, by)?;
+        self.commit_load(load);
+        Ok(())
+    }
+
+    /// The identity of the arena this optimizer was built for.
+    pub(crate) fn arena_identity(&self) -> u64 {
+        self.arena_id
+    }
+
+    /// Swaps a load prepared by [`Lbfgs::prepare_load`] in. Cannot fail.
+    pub(crate) fn commit_load(&mut self, load: LbfgsLoad<T>) {
+        self.config = load.config;
+        match load.state {
+            None => self.reset(),
+            Some(st) => {
+                self.scalars = st.scalars;
+                if st.scalars.started {
+                    self.d = st.d;
+                    self.prev_flat_grad = st.prev;
+                }
+                self.history = st.history;
+                self.al = st.al;
+            }
+        }
+    }
+
+    /// Checks a saved state against this optimizer (see [`Lbfgs::load_state_dict`]) and
+    /// converts it, changing nothing.
+    pub(crate) fn prepare_load<U: Float>(
+        &self,
+        saved: &LbfgsStateDict<U>,
+        by: MatchBy,
+    ) -> Result<LbfgsLoad<T>> {
         let bad = |m: String| Err(Error::StateDict(m));
         if saved.format != STATE_DICT_FORMAT {
             return bad(format!(
@@ -1502,9 +1536,10 @@ impl<T: Float> Lbfgs<T> {
         let n = self.elems.len();
 
         let Some(st) = &saved.state else {
-            self.config = config;
-            self.reset();
-            return Ok(());
+            return Ok(LbfgsLoad {
+                config,
+                state: None,
+            });
         };
         let convert = |name: &str, v: &[U]| -> Result<AlignedBuf<T>> {
             if v.len() != n {
@@ -1607,16 +1642,32 @@ impl<T: Float> Lbfgs<T> {
                 .map(|a| a.map(|x| T::from_f64(x.to_f64())))
                 .collect()
         });
-        self.config = config;
-        self.scalars = scalars;
-        if started {
-            self.d = d;
-            self.prev_flat_grad = prev;
-        }
-        self.history = history;
-        self.al = al;
-        Ok(())
+        Ok(LbfgsLoad {
+            config,
+            state: Some(LbfgsLoadState {
+                scalars,
+                d,
+                prev,
+                history,
+                al,
+            }),
+        })
     }
+}
+
+/// A checked, converted [`LbfgsStateDict`], waiting to be swapped in.
+pub(crate) struct LbfgsLoad<T: Float> {
+    config: LbfgsConfig,
+    /// `None`: the saved optimizer had not stepped (the state is reset).
+    state: Option<LbfgsLoadState<T>>,
+}
+
+struct LbfgsLoadState<T: Float> {
+    scalars: Scalars,
+    d: AlignedBuf<T>,
+    prev: AlignedBuf<T>,
+    history: History<T>,
+    al: Option<Vec<Option<T>>>,
 }
 
 impl<T: Float> GroupHyperparams for Lbfgs<T> {
