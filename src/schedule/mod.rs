@@ -63,6 +63,21 @@
 //! - torch's warnings (stepping before `optimizer.step()`, the deprecated epoch argument) are
 //!   not reproduced.
 //!
+//! # A group added after the scheduler (`add_param_group`)
+//! As in torch, a scheduler keeps the `base_lrs` (and lambdas, cycle bounds, `swa_lr`s) of the
+//! groups it was built on, and the new group gets no `initial_lr`. The chainable steps compute
+//! each group's next lr from its current one, so they carry on over the new group (`StepLR`,
+//! `MultiStepLR`, `ConstantLR`, `LinearLR`, `ExponentialLR`, `PolynomialLR`,
+//! `CosineAnnealingLR` between restarts, `ReduceLROnPlateau` with one `min_lr`, and the
+//! composites of those), and a scheduler state saved after the add has a `_last_lr` for every
+//! group. Where torch raises because a step needs a per-group value the new group lacks (every
+//! closed form, i.e. `step(epoch)` and a `SequentialLR` milestone; `LambdaLR`,
+//! `MultiplicativeLR`, `CyclicLR`, `OneCycleLR`, `CosineAnnealingWarmRestarts`, `SWALR` at
+//! their next step; `CosineAnnealingLR`'s restart step; `ReduceLROnPlateau` with a list of
+//! `min_lr` at its next reduction), the step returns [`Error::Scheduler`] naming the scheduler
+//! and torch's exception, and changes nothing. `tests/schedulers.rs` replays torch's recording
+//! of every kind (`scripts/gen_scheduler_extra.py --only add_group`).
+//!
 //! # State: `state_dict` / `load_state_dict`
 //! [`LrScheduler::state_dict`] returns the scheduler's whole state as JSON (serde): the
 //! scheduler's name, its configuration (torch's keyword names), `base_lrs`, `last_epoch`,
