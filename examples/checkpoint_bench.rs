@@ -1,8 +1,11 @@
 //! Save and load throughput of binary checkpoints, and the memory they take.
 //!
 //! ```text
-//! cargo run --release --example checkpoint_bench -- [--params 100000000] [--dir DIR]... [--with-params]
+//! cargo run --release --example checkpoint_bench -- [--params 100000000] [--dir DIR]... [--with-params] [--training]
 //! ```
+//!
+//! `--training` measures the one-call training checkpoint instead (`TrainingCheckpoint::save`,
+//! `TrainingRestore::load`: the parameters by name and the Adam state, in one file).
 //!
 //! Builds an f32 Adam state for `--params` elements (ten parameters), steps once so the state
 //! exists, then for each target, in-memory (`io::sink` / a byte slice) and each `--dir` (default:
@@ -14,7 +17,45 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use optarena::{checkpoint, Adam, AdamConfig, ArenaBuilder, MatchBy, ParamGroup};
+use optarena::checkpoint::{TrainingCheckpoint, TrainingRestore};
+use optarena::{checkpoint, Adam, AdamConfig, Arena, ArenaBuilder, MatchBy, ParamGroup};
+
+/// Writes the checkpoint being measured to `w`.
+fn write_to<W: Write>(
+    w: &mut W,
+    opt: &Adam<f32>,
+    arena: &Arena<f32>,
+    with_params: bool,
+    training: bool,
+) -> optarena::Result<u64> {
+    if training {
+        TrainingCheckpoint::new(arena)
+            .optimizer("adam", opt)
+            .write(w)
+    } else {
+        checkpoint::write(w, opt, with_params.then_some(arena))
+    }
+}
+
+/// Reads the checkpoint being measured from `bytes`.
+fn read_from(
+    bytes: &[u8],
+    opt: &mut Adam<f32>,
+    arena: &mut Arena<f32>,
+    with_params: bool,
+    training: bool,
+) -> optarena::Result<u64> {
+    let len = bytes.len() as u64;
+    if training {
+        TrainingRestore::new(arena)
+            .optimizer("adam", opt)
+            .read(&mut &bytes[..], len)
+            .map(|l| l.bytes)
+    } else {
+        let arena_opt = if with_params { Some(arena) } else { None };
+        checkpoint::read(&mut &bytes[..], len, opt, arena_opt, MatchBy::Position)
+    }
+}
 
 /// Current and peak resident set (bytes), from /proc/self/status.
 fn rss() -> Option<(u64, u64)> {
@@ -40,6 +81,7 @@ fn main() -> optarena::Result<()> {
     let mut n: usize = 100_000_000;
     let mut dirs: Vec<PathBuf> = Vec::new();
     let mut with_params = false;
+    let mut training = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -51,6 +93,10 @@ fn main() -> optarena::Result<()> {
             }
             "--dir" => dirs.push(args.next().expect("--dir DIR").into()),
             "--with-params" => with_params = true,
+            "--training" => {
+                training = true;
+                with_params = true;
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -79,7 +125,12 @@ fn main() -> optarena::Result<()> {
     opt.step(&mut arena)?;
     let base = rss().map(|r| r.0).unwrap_or(0);
     println!(
-        "checkpoint_bench: Adam f32, {n} parameters, state {:.2} GB{}, resident {:.2} GB",
+        "checkpoint_bench: {}Adam f32, {n} parameters, state {:.2} GB{}, resident {:.2} GB",
+        if training {
+            "training checkpoint, "
+        } else {
+            ""
+        },
         gb(8 * n as u64),
         if with_params {
             " + parameter values"
@@ -95,7 +146,7 @@ fn main() -> optarena::Result<()> {
     let mut size = 0;
     for _ in 0..3 {
         let t = Instant::now();
-        size = checkpoint::write(&mut sink, &opt, with_params.then_some(&arena))?;
+        size = write_to(&mut sink, &opt, &arena, with_params, training)?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     println!(
@@ -104,20 +155,13 @@ fn main() -> optarena::Result<()> {
         best
     );
     let mut bytes = Vec::with_capacity(size as usize);
-    checkpoint::write(&mut bytes, &opt, with_params.then_some(&arena))?;
+    write_to(&mut bytes, &opt, &arena, with_params, training)?;
     bytes.flush().unwrap();
     let mut best = f64::MAX;
     reset_peak();
     for _ in 0..3 {
         let t = Instant::now();
-        let arena_opt = if with_params { Some(&mut arena) } else { None };
-        checkpoint::read(
-            &mut &bytes[..],
-            size,
-            &mut opt,
-            arena_opt,
-            MatchBy::Position,
-        )?;
+        read_from(&bytes, &mut opt, &mut arena, with_params, training)?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     println!(
@@ -134,7 +178,13 @@ fn main() -> optarena::Result<()> {
         let mut best = f64::MAX;
         for _ in 0..3 {
             let t = Instant::now();
-            size = opt.save_checkpoint(&path, with_params.then_some(&arena))?;
+            size = if training {
+                TrainingCheckpoint::new(&arena)
+                    .optimizer("adam", &opt)
+                    .save(&path)?
+            } else {
+                opt.save_checkpoint(&path, with_params.then_some(&arena))?
+            };
             best = best.min(t.elapsed().as_secs_f64());
         }
         let peak = rss().map(|r| r.1).unwrap_or(0);
@@ -150,8 +200,14 @@ fn main() -> optarena::Result<()> {
         let before = rss().map(|r| r.0).unwrap_or(0);
         for _ in 0..3 {
             let t = Instant::now();
-            let arena_opt = if with_params { Some(&mut arena) } else { None };
-            opt.load_checkpoint(&path, arena_opt, MatchBy::Position)?;
+            if training {
+                TrainingRestore::new(&mut arena)
+                    .optimizer("adam", &mut opt)
+                    .load(&path)?;
+            } else {
+                let arena_opt = if with_params { Some(&mut arena) } else { None };
+                opt.load_checkpoint(&path, arena_opt, MatchBy::Position)?;
+            }
             best = best.min(t.elapsed().as_secs_f64());
         }
         let peak = rss().map(|r| r.1).unwrap_or(0);

@@ -16,7 +16,17 @@ Writes two files:
   (``null`` = ``step()``, a number = ``step(epoch)``) and the groups' ``lr`` and momentum (or
   ``betas[0]``) after construction (index 0) and after each action.
 
-Run: ``../venv/bin/python scripts/gen_scheduler_extra.py``.
+* ``tests/fixtures/sched/add_group.json`` (``--only add_group``; read by ``tests/schedulers.rs``):
+  every scheduler kind on SGD (two groups, lr 0.1 and 0.01, momentum 0.9), with a third group
+  (lr 0.05, and ``momentum`` 0.8) added by ``optimizer.add_param_group`` after ``add_after``
+  actions; then more actions. Recorded: every group's ``lr`` and ``momentum`` after construction
+  and after each action, whether the added group has an ``initial_lr`` after the add and at the
+  end, and, where torch raises, the exception's type and message and the action that raised
+  (the case stops there). ``actions``: ``null`` = ``step()``, a number = ``step(epoch)``;
+  ReduceLROnPlateau steps with ``metrics[i]``.
+
+Run: ``../venv/bin/python scripts/gen_scheduler_extra.py`` (all files) or
+``../venv/bin/python scripts/gen_scheduler_extra.py --only add_group``.
 """
 
 import json
@@ -206,8 +216,94 @@ def gen_traces(meta):
     return {"meta": meta, "cases": [run_trace(c) for c in cases]}
 
 
+def run_add_group(case):
+    w = [torch.zeros(1, requires_grad=True) for _ in range(3)]
+    opt = torch.optim.SGD([{"params": [w[0]], "lr": 0.1}, {"params": [w[1]], "lr": 0.01}],
+                          momentum=0.9, foreach=False)
+    sched = make_scheduler(opt, case["scheduler"], case["config"])
+    lrs, ms = [], []
+
+    def record():
+        lrs.append([float(g["lr"]) for g in opt.param_groups])
+        ms.append([float(g["momentum"]) for g in opt.param_groups])
+
+    record()
+    case["error"] = None
+    for i, a in enumerate(case["actions"]):
+        if i == case["add_after"]:
+            opt.add_param_group({"params": [w[2]], "lr": 0.05, "momentum": 0.8})
+            case["initial_lr_after_add"] = opt.param_groups[2].get("initial_lr")
+        opt.step()
+        try:
+            if case["scheduler"] == "ReduceLROnPlateau":
+                sched.step(case["metrics"][i])
+            elif a is None:
+                sched.step()
+            else:
+                sched.step(a)
+        except Exception as e:  # torch's error: recorded, and the case ends
+            case["error"] = {"type": type(e).__name__, "message": str(e), "action": i}
+            break
+        record()
+    case["initial_lr_at_end"] = opt.param_groups[-1].get("initial_lr")
+    case["lrs"], case["momentums"] = lrs, ms
+    return case
+
+
+def add_case(name, config, add_after, actions, metrics=None):
+    return {"name": f"add_group/{name}/{len(ADD_CASES)}", "scheduler": name, "config": config,
+            "add_after": add_after, "actions": actions, "metrics": metrics}
+
+
+ADD_CASES = []
+PLATEAU_METRICS = [1.0, 0.9, 0.9, 0.9, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+for _name, _config, _k, _actions, *_m in [
+    ("StepLR", {"step_size": 3, "gamma": 0.5}, 4, [None] * 16),
+    ("StepLR", {"step_size": 3, "gamma": 0.5}, 4, [None] * 6 + [9]),
+    ("MultiStepLR", {"milestones": [2, 6, 6, 11], "gamma": 0.5}, 3, [None] * 16),
+    ("ConstantLR", {"factor": 0.5, "total_iters": 6}, 3, [None] * 12),
+    ("ConstantLR", {"factor": 0.5, "total_iters": 6}, 3, [None] * 4 + [2]),
+    ("LinearLR", {"start_factor": 0.25, "total_iters": 8}, 3, [None] * 14),
+    ("ExponentialLR", {"gamma": 0.9}, 5, [None] * 12),
+    ("ExponentialLR", {"gamma": 0.9}, 5, [None] * 7 + [3]),
+    ("PolynomialLR", {"total_iters": 11, "power": 1.5}, 4, [None] * 15),
+    ("CosineAnnealingLR", {"T_max": 10, "eta_min": 0.001}, 4, [None] * 16),
+    ("CosineAnnealingLR", {"T_max": 10, "eta_min": 0.001}, 4, [None] * 8),
+    ("CosineAnnealingLR", {"T_max": 10}, 0, [None] * 10),
+    ("LambdaLR", {"lr_lambda": "0.9**epoch"}, 3, [None] * 8),
+    ("MultiplicativeLR", {"lr_lambda": "0.95"}, 3, [None] * 8),
+    ("CyclicLR", {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 4}, 3, [None] * 8),
+    ("CyclicLR", {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 4, "cycle_momentum": False}, 3, [None] * 8),
+    ("OneCycleLR", {"max_lr": 0.1, "total_steps": 20}, 3, [None] * 8),
+    ("CosineAnnealingWarmRestarts", {"T_0": 5}, 3, [None] * 8),
+    ("ReduceLROnPlateau", {"factor": 0.5, "patience": 2}, 3, [None] * 20, PLATEAU_METRICS),
+    ("ReduceLROnPlateau", {"factor": 0.5, "patience": 2, "min_lr": [0.0, 0.001]}, 3, [None] * 20, PLATEAU_METRICS),
+    ("SequentialLR", {"schedulers": [["LinearLR", {"start_factor": 0.1, "total_iters": 5}], ["CosineAnnealingLR", {"T_max": 30}]], "milestones": [5]}, 7, [None] * 20),
+    ("SequentialLR", {"schedulers": [["LinearLR", {"start_factor": 0.1, "total_iters": 5}], ["CosineAnnealingLR", {"T_max": 30}]], "milestones": [5]}, 2, [None] * 10),
+    ("SequentialLR", {"schedulers": [["ExponentialLR", {"gamma": 0.9}], ["StepLR", {"step_size": 2, "gamma": 0.5}]], "milestones": [3]}, 5, [None] * 14),
+    ("ChainedScheduler", {"schedulers": [["ExponentialLR", {"gamma": 0.97}], ["StepLR", {"step_size": 3, "gamma": 0.5}]]}, 4, [None] * 14),
+    ("ChainedScheduler", {"schedulers": [["ConstantLR", {"factor": 0.5, "total_iters": 6}], ["CosineAnnealingLR", {"T_max": 8}]]}, 3, [None] * 14),
+    ("ChainedScheduler", {"schedulers": [["ExponentialLR", {"gamma": 0.97}], ["LambdaLR", {"lr_lambda": "0.9**epoch"}]]}, 3, [None] * 8),
+]:
+    ADD_CASES.append(add_case(_name, _config, _k, _actions, _m[0] if _m else None))
+
+
+def gen_add_group(meta):
+    return {"meta": meta, "cases": [run_add_group(dict(c)) for c in ADD_CASES]}
+
+
 def main():
     meta = {"torch_version": torch.__version__, "generator": "scripts/gen_scheduler_extra.py"}
+    if sys.argv[1:] == ["--only", "add_group"] or not sys.argv[1:]:
+        c = gen_add_group(meta)
+        os.makedirs(os.path.join(ROOT, "tests/fixtures/sched"), exist_ok=True)
+        with open(os.path.join(ROOT, "tests/fixtures/sched/add_group.json"), "w") as f:
+            json.dump(c, f, indent=None)
+        print(f"sched/add_group.json: {len(c['cases'])} cases", file=sys.stderr)
+        if sys.argv[1:]:
+            return
+    elif sys.argv[1:]:
+        sys.exit(f"usage: {sys.argv[0]} [--only add_group]")
     a = gen_schema(meta)
     b = gen_traces(meta)
     with open(os.path.join(ROOT, "tests/fixtures/schedulers_extra.json"), "w") as f:

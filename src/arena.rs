@@ -245,6 +245,20 @@ impl<T: Float> Arena<T> {
         p.index as usize
     }
 
+    /// The registration position of `p`, or [`Error::ArenaMismatch`] if `p` was made by
+    /// another arena (where [`Arena::info`] and the other accessors panic).
+    pub fn position(&self, p: Param<T>) -> Result<usize> {
+        if p.arena != self.id || p.index as usize >= self.infos.len() {
+            return Err(Error::ArenaMismatch(format!(
+                "parameter handle {} was made by another arena (this one has {} parameters: {})",
+                p.index,
+                self.infos.len(),
+                crate::arena::name_list(&self.infos)
+            )));
+        }
+        Ok(p.index as usize)
+    }
+
     /// The layout of `p`.
     pub fn info(&self, p: Param<T>) -> &ParamInfo {
         &self.infos[self.idx(p)]
@@ -486,4 +500,17 @@ impl<T: Float> std::fmt::Debug for Arena<T> {
             .field("params", &self.infos.len())
             .finish()
     }
+}
+
+/// Up to five parameter names, for messages.
+pub(crate) fn name_list(infos: &[ParamInfo]) -> String {
+    let mut names: Vec<String> = infos
+        .iter()
+        .take(5)
+        .map(|i| format!("`{}`", i.name))
+        .collect();
+    if infos.len() > 5 {
+        names.push("...".into());
+    }
+    names.join(", ")
 }

@@ -17,7 +17,7 @@
 use std::ops::Range;
 
 use crate::arch::{Simd, SimdLevel, WithSimd};
-use crate::arena::Arena;
+use crate::arena::{Arena, Param};
 use crate::error::{Error, Result};
 use crate::float::{Float, Lane};
 use crate::parallel::{Exec, Parallelism, CHUNK, PARALLEL_THRESHOLD};
@@ -282,26 +282,119 @@ fn check_total(total: f64, norm: NormType, error_if_nonfinite: bool) -> Result<(
     Ok(())
 }
 
-/// `torch.nn.utils.clip_grad_norm_` over the parameters at positions `params`: scales their
-/// gradients by `min(max_norm / (total + 1e-6), 1)` and returns the total norm (before
-/// clipping). With `error_if_nonfinite`, a NaN or infinite total is an error and nothing is
-/// changed.
+/// `clip_grad_norm_`'s options, torch's defaults included: one value describes a clip
+/// everywhere, for [`clip_grad_norm`], [`clip_grad_norm_all`] and a clip folded into the step
+/// ([`crate::Optimizer::step_clipped`], [`crate::StepOptions::clip`]).
+///
+/// ```
+/// use optarena::{ClipNorm, NormType};
+/// // torch: clip_grad_norm_(params, max_norm=1.0)  (norm_type=2.0, error_if_nonfinite=False)
+/// let clip = ClipNorm::new(1.0);
+/// assert_eq!(clip, ClipNorm::l2(1.0));
+/// // torch: clip_grad_norm_(params, 1.0, norm_type="inf", error_if_nonfinite=True)
+/// let strict = ClipNorm::new(1.0).norm_type(NormType::Inf).error_if_nonfinite(true);
+/// assert_eq!(strict.norm_type, NormType::Inf);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClipNorm {
+    /// The largest total norm allowed (torch's `max_norm`, required).
+    pub max_norm: f64,
+    /// The norm's order (torch's `norm_type`, default 2.0).
+    pub norm_type: NormType,
+    /// Make a NaN or infinite total norm an error (nothing is changed) instead of scaling the
+    /// gradients by it (torch's `error_if_nonfinite`, default false).
+    pub error_if_nonfinite: bool,
+}
+
+impl ClipNorm {
+    /// `clip_grad_norm_(params, max_norm)` with torch's defaults: the Euclidean norm, a
+    /// non-finite total scales the gradients (no error). torch's `foreach` has no meaning here.
+    pub fn new(max_norm: f64) -> Self {
+        ClipNorm {
+            max_norm,
+            norm_type: NormType::P(2.0),
+            error_if_nonfinite: false,
+        }
+    }
+
+    /// [`ClipNorm::new`]: clip to `max_norm` in the Euclidean norm.
+    pub fn l2(max_norm: f64) -> Self {
+        ClipNorm::new(max_norm)
+    }
+
+    /// Sets `norm_type`.
+    pub fn norm_type(mut self, norm_type: NormType) -> Self {
+        self.norm_type = norm_type;
+        self
+    }
+
+    /// Sets `error_if_nonfinite`.
+    pub fn error_if_nonfinite(mut self, error_if_nonfinite: bool) -> Self {
+        self.error_if_nonfinite = error_if_nonfinite;
+        self
+    }
+}
+
+/// The positions of `params` (handles of `arena`) as ranges, checked.
+fn positions<T: Float>(arena: &Arena<T>, params: &[Param<T>]) -> Result<Vec<Range<usize>>> {
+    params
+        .iter()
+        .map(|&p| arena.position(p).map(|i| i..i + 1))
+        .collect()
+}
+
+/// `torch.nn.utils.clip_grad_norm_(params, ...)`: scales the gradients of `params` by
+/// `min(max_norm / (total + 1e-6), 1)` and returns the total norm (before clipping), on
+/// rayon's global pool. With `error_if_nonfinite`, a NaN or infinite total is an error and
+/// nothing is changed. A handle of another arena is an error; a parameter given twice counts
+/// twice in the norm, as in torch.
 pub fn clip_grad_norm<T: Float>(
     arena: &mut Arena<T>,
-    params: &[Range<usize>],
-    max_norm: f64,
-    norm: NormType,
-    error_if_nonfinite: bool,
+    params: &[Param<T>],
+    clip: ClipNorm,
+) -> Result<f64> {
+    clip_grad_norm_with(arena, params, clip, &Parallelism::Global)
+}
+
+/// [`clip_grad_norm`] with a choice of threads.
+pub fn clip_grad_norm_with<T: Float>(
+    arena: &mut Arena<T>,
+    params: &[Param<T>],
+    clip: ClipNorm,
     parallelism: &Parallelism,
 ) -> Result<f64> {
-    if max_norm.is_nan() {
+    let ranges = positions(arena, params)?;
+    clip_ranges(arena, &ranges, clip, parallelism)
+}
+
+/// [`clip_grad_norm`] over every parameter of the arena (torch's
+/// `clip_grad_norm_(model.parameters(), ...)`).
+pub fn clip_grad_norm_all<T: Float>(arena: &mut Arena<T>, clip: ClipNorm) -> Result<f64> {
+    let all = 0..arena.num_params();
+    clip_ranges(
+        arena,
+        std::slice::from_ref(&all),
+        clip,
+        &Parallelism::Global,
+    )
+}
+
+/// The clip over registration-position ranges (what an optimizer's groups are).
+fn clip_ranges<T: Float>(
+    arena: &mut Arena<T>,
+    params: &[Range<usize>],
+    clip: ClipNorm,
+    parallelism: &Parallelism,
+) -> Result<f64> {
+    if clip.max_norm.is_nan() {
         return Err(Error::InvalidHyperparameter(
             "Invalid max_norm value: NaN".to_string(),
         ));
     }
+    let norm = clip.norm_type;
     let total = total_norm(arena, params, norm, parallelism);
-    check_total(total, norm, error_if_nonfinite)?;
-    let coef = T::from_f64(clip_coefficient(max_norm, total));
+    check_total(total, norm, clip.error_if_nonfinite)?;
+    let coef = T::from_f64(clip_coefficient(clip.max_norm, total));
     let ranges: Vec<Range<usize>> = grad_ranges(arena, params).collect();
     for r in ranges {
         for g in arena.grads_raw_mut(r) {
@@ -311,27 +404,24 @@ pub fn clip_grad_norm<T: Float>(
     Ok(total)
 }
 
-/// [`clip_grad_norm`] over every parameter of the arena, on rayon's global pool.
-pub fn clip_grad_norm_all<T: Float>(
+/// `torch.nn.utils.clip_grad_value_(params, clip_value)`: clamps every gradient of `params`
+/// to `[-clip_value, clip_value]`. A handle of another arena is an error.
+pub fn clip_grad_value<T: Float>(
     arena: &mut Arena<T>,
-    max_norm: f64,
-    norm: NormType,
-    error_if_nonfinite: bool,
-) -> Result<f64> {
-    let all = 0..arena.num_params();
-    clip_grad_norm(
-        arena,
-        std::slice::from_ref(&all),
-        max_norm,
-        norm,
-        error_if_nonfinite,
-        &Parallelism::Global,
-    )
+    params: &[Param<T>],
+    clip_value: f64,
+) -> Result<()> {
+    let ranges = positions(arena, params)?;
+    clip_value_ranges(arena, &ranges, clip_value)
 }
 
-/// `torch.nn.utils.clip_grad_value_`: clamps every gradient of the parameters at positions
-/// `params` to `[-clip_value, clip_value]`.
-pub fn clip_grad_value<T: Float>(
+/// [`clip_grad_value`] over every parameter of the arena.
+pub fn clip_grad_value_all<T: Float>(arena: &mut Arena<T>, clip_value: f64) -> Result<()> {
+    let all = 0..arena.num_params();
+    clip_value_ranges(arena, std::slice::from_ref(&all), clip_value)
+}
+
+fn clip_value_ranges<T: Float>(
     arena: &mut Arena<T>,
     params: &[Range<usize>],
     clip_value: f64,

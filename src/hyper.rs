@@ -393,17 +393,13 @@ pub trait GroupHyperparams {
 
     /// torch's `group["initial_lr"]`: the learning rate the first LR scheduler attached to the
     /// group found there, shared by every scheduler attached later (see [`crate::schedule`]).
-    /// `None` until a scheduler sets it.
+    /// `None` until a scheduler sets it, and for a group added after the schedulers were
+    /// built (torch's `add_param_group` gives it none either).
     ///
-    /// The default keeps nothing and always answers `None`; every scheduler then takes the
-    /// group's current `lr` as its base when it is attached. [`crate::Optimizer`] keeps it.
-    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
-        let _ = group;
-        Ok(None)
-    }
-    /// Sets (or, with `None`, clears) `group["initial_lr"]`. The default keeps nothing.
-    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
-        let _ = (group, initial_lr);
-        Ok(())
-    }
+    /// Required: a scheduler's `setdefault`, its resume and `SequentialLR`'s reset all read
+    /// it, so an implementor that does not keep it would schedule silently wrong lrs.
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>>;
+    /// Sets (or, with `None`, clears) `group["initial_lr"]`; an error for a group that does
+    /// not exist.
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()>;
 }

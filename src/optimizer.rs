@@ -45,6 +45,7 @@ use std::ops::Range;
 use crate::arch::SimdLevel;
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
+pub use crate::clip::ClipNorm;
 use crate::clip::{clip_coefficient, NormScratch, NormType};
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -54,7 +55,7 @@ use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STAT
 use crate::subnormals::Subnormals;
 
 mod checkpoint_access;
-pub(crate) use checkpoint_access::{SavedState, StateRef};
+pub(crate) use checkpoint_access::{SavedState, Staged, StateRef};
 
 /// Most state buffers any algorithm keeps per parameter.
 pub const MAX_BUFFERS: usize = 4;
@@ -606,29 +607,6 @@ impl Default for StepOptions {
             grad_scale: 1.0,
             skip_non_finite: false,
             clip: None,
-        }
-    }
-}
-
-/// `clip_grad_norm_`'s arguments, for a clip folded into the step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClipNorm {
-    /// The largest total norm allowed.
-    pub max_norm: f64,
-    /// The norm's order.
-    pub norm_type: NormType,
-    /// Make a NaN or infinite total norm an error (nothing is changed) instead of scaling the
-    /// gradients by it.
-    pub error_if_nonfinite: bool,
-}
-
-impl ClipNorm {
-    /// Clip to `max_norm` in the Euclidean norm, as `clip_grad_norm_(params, max_norm)`.
-    pub fn l2(max_norm: f64) -> Self {
-        ClipNorm {
-            max_norm,
-            norm_type: NormType::P(2.0),
-            error_if_nonfinite: false,
         }
     }
 }

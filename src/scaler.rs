@@ -75,6 +75,23 @@ impl GradScaler {
         })
     }
 
+    /// Checks a scaler's values as [`GradScaler::new`] checks its options (a loaded state).
+    pub(crate) fn validate(&self) -> Result<()> {
+        GradScaler::new(
+            self.scale,
+            self.growth_factor,
+            self.backoff_factor,
+            self.growth_interval,
+        )?;
+        if self.growth_tracker >= self.growth_interval {
+            return Err(Error::InvalidHyperparameter(format!(
+                "growth tracker {} is not below growth_interval {}",
+                self.growth_tracker, self.growth_interval
+            )));
+        }
+        Ok(())
+    }
+
     /// The current scale: multiply the loss (or the gradients) by it.
     pub fn scale(&self) -> f64 {
         self.scale

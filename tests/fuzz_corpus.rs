@@ -137,6 +137,24 @@ fn write_seeds() {
         ];
         std::fs::write(corpus("api").join(format!("seed-{tag}")), d).unwrap();
     }
+    // A training checkpoint (arena, AdamW, StepLR, GradScaler) after two steps.
+    {
+        let (mut arena, mut opt, mut sched, mut scaler) = fuzz_bodies::standard_training();
+        for t in 1..=2 {
+            fuzz_bodies::standard_training_step(&mut arena, &mut opt, &mut sched, &mut scaler, t);
+        }
+        let mut d = fuzz_bodies::TRAINING_TAG.to_vec();
+        d.push(0);
+        checkpoint::TrainingCheckpoint::new(&arena)
+            .optimizer("adamw", &opt)
+            .scheduler("lr", &sched)
+            .scaler(&scaler)
+            .step(2)
+            .metadata("loader", serde_json::json!({"batch": 2}))
+            .write(&mut d)
+            .unwrap();
+        std::fs::write(corpus("decode").join("seed-training"), d).unwrap();
+    }
     lbfgs_seeds::<f32>(0);
     lbfgs_seeds::<f64>(1);
 }

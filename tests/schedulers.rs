@@ -12,7 +12,7 @@ use common::*;
 use optarena::schedule::*;
 use optarena::{
     Algorithm, ArenaBuilder, Error, GroupHyperparams, HyperValue, Hyperparams, LrScheduler,
-    MatchBy, Optimizer, ParamGroup, Sgd,
+    MatchBy, Optimizer, ParamGroup, Sgd, SgdConfig,
 };
 use serde_json::{json, Value};
 
@@ -586,8 +586,8 @@ fn initial_lr_is_set_once_as_torch_setdefault() {
     assert_eq!(opt.group_initial_lr(0).unwrap(), None);
 }
 
-/// An optimizer that has only `lr` and keeps no `initial_lr` (the trait's defaults).
-struct LrOnly(Vec<f64>);
+/// An optimizer that has only `lr` (and `initial_lr`, which every implementor must keep).
+struct LrOnly(Vec<f64>, Vec<Option<f64>>);
 
 impl GroupHyperparams for LrOnly {
     fn num_groups(&self) -> usize {
@@ -613,22 +613,34 @@ impl GroupHyperparams for LrOnly {
             (n, v) => Err(Error::InvalidHyperparameter(format!("bad {n} = {v}"))),
         }
     }
+    fn group_initial_lr(&self, group: usize) -> optarena::Result<Option<f64>> {
+        Ok(self.1[group])
+    }
+    fn set_group_initial_lr(
+        &mut self,
+        group: usize,
+        initial_lr: Option<f64>,
+    ) -> optarena::Result<()> {
+        self.1[group] = initial_lr;
+        Ok(())
+    }
 }
 
 #[test]
 fn any_group_hyperparams_implementor_can_be_scheduled() {
-    let mut opt = LrOnly(vec![1.0, 0.5]);
+    let mut opt = LrOnly(vec![1.0, 0.5], vec![None; 2]);
     let mut s = ExponentialLR::new(&mut opt, ExponentialLRConfig::new(0.5)).unwrap();
+    assert_eq!(opt.1, [Some(1.0), Some(0.5)]);
     s.step(&mut opt).unwrap();
     assert_eq!(opt.0, [0.5, 0.25]);
-    // Without initial_lr storage a scheduler attached later starts from the current lr.
+    // A scheduler attached later takes the initial_lr the first one set (torch's setdefault).
     let c = CosineAnnealingLR::new(&mut opt, CosineAnnealingLRConfig::new(4)).unwrap();
-    assert_eq!(c.base_lrs(), Some(&[0.5, 0.25][..]));
-    // SequentialLR then resets to its first child's base.
+    assert_eq!(c.base_lrs(), Some(&[1.0, 0.5][..]));
+    // SequentialLR then resets to the groups' initial_lr.
     let a = Box::new(StepLR::new(&mut opt, StepLRConfig::new(3)).unwrap());
     let b = Box::new(ExponentialLR::new(&mut opt, ExponentialLRConfig::new(0.9)).unwrap());
     let seq = SequentialLR::new(&mut opt, vec![a, b], SequentialLRConfig::new(vec![2])).unwrap();
-    assert_eq!(seq.get_last_lr(), [0.5, 0.25]);
+    assert_eq!(seq.get_last_lr(), [1.0, 0.5]);
     // Cycling momentum needs momentum or betas.
     let e = CyclicLR::new(&mut opt, CyclicLRConfig::new(0.1, 1.0)).unwrap_err();
     assert_eq!(
@@ -640,7 +652,7 @@ fn any_group_hyperparams_implementor_can_be_scheduled() {
         e.to_string(),
         "optimizer must support momentum or beta1 with `cycle_momentum` option enabled"
     );
-    assert_eq!(opt.0, [0.5, 0.25]);
+    assert_eq!(opt.0, [1.0, 0.5]);
     CyclicLR::new(
         &mut opt,
         CyclicLRConfig {
@@ -649,7 +661,9 @@ fn any_group_hyperparams_implementor_can_be_scheduled() {
         },
     )
     .unwrap();
-    assert_eq!(opt.0, [0.1, 0.1]);
+    // torch's initial step runs on base_lrs = the initial_lr set above (1.0, 0.5), and only then
+    // replaces base_lrs with base_lr: the lr starts at 1.0 and 0.5, as in torch.
+    assert_eq!(opt.0, [1.0, 0.5]);
 }
 
 #[test]
@@ -1230,4 +1244,151 @@ fn swalr_state_round_trips_and_bad_states_are_refused() {
         assert_eq!(s3.state_dict().unwrap(), fresh);
         assert_eq!(lrs(o3), before);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// add_param_group after the scheduler was built (scripts/gen_scheduler_extra.py --only add_group)
+// ---------------------------------------------------------------------------------------------
+
+/// Every scheduler kind, with a third group added mid-run: the lrs and momentums of every group
+/// after each step are torch's, the added group gets no `initial_lr` (as in torch), and where
+/// torch raises (a step that needs a per-group value the scheduler does not have for the new
+/// group) optarena returns an error that names the scheduler and torch's exception, and
+/// changes nothing.
+#[test]
+fn schedulers_follow_add_param_group_as_torch() {
+    let cases = load_cases(&fixtures_dir().join("sched/add_group.json"));
+    assert!(cases.len() >= 25, "only {} cases", cases.len());
+    let (mut carried, mut raised) = (0, 0);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let mut b = ArenaBuilder::<f64>::new();
+        let h: Vec<_> = (0..3)
+            .map(|i| b.param(&format!("p{i}"), &[2], &[1.0, -1.0]).unwrap())
+            .collect();
+        let arena = b.build();
+        let mut opt = Sgd::new(
+            &arena,
+            [
+                ParamGroup::new([h[0]]).with("lr", 0.1),
+                ParamGroup::new([h[1]]).with("lr", 0.01),
+            ],
+            SgdConfig {
+                momentum: 0.9,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut sched = build(
+            case["scheduler"].as_str().unwrap(),
+            &case["config"],
+            &mut opt,
+        );
+        let check = |opt: &dyn GroupHyperparams, i: usize| {
+            let want = case["lrs"][i].as_array().unwrap();
+            assert_eq!(opt.num_groups(), want.len(), "{name}: record {i}");
+            for g in 0..want.len() {
+                let (want_lr, want_m) = (
+                    want[g].as_f64().unwrap(),
+                    case["momentums"][i][g].as_f64().unwrap(),
+                );
+                let (lr, m) = (opt.group_lr(g).unwrap(), momentum_of(opt, g, "momentum"));
+                assert!(
+                    sched_close(lr, want_lr) && sched_close(m, want_m),
+                    "{name}: record {i}, group {g}: lr {lr:e} vs torch {want_lr:e}, momentum \
+                     {m:e} vs torch {want_m:e}"
+                );
+            }
+        };
+        check(&opt, 0);
+        let add_after = case["add_after"].as_u64().unwrap() as usize;
+        let metrics = case["metrics"].as_array();
+        for (i, a) in case["actions"].as_array().unwrap().iter().enumerate() {
+            if i == add_after {
+                opt.add_param_group(
+                    &arena,
+                    ParamGroup::new([h[2]])
+                        .with("lr", 0.05)
+                        .with("momentum", 0.8),
+                )
+                .unwrap();
+                // torch's add_param_group gives the new group no initial_lr.
+                assert!(case["initial_lr_after_add"].is_null(), "{name}");
+                assert_eq!(opt.group_initial_lr(2).unwrap(), None, "{name}");
+            }
+            let before = (lrs(&opt), sched.state_dict().unwrap());
+            let r = match metrics {
+                Some(m) => sched.step_metric(&mut opt, m[i].as_f64().unwrap()),
+                None => sched.step_epoch(&mut opt, a.as_f64()),
+            };
+            let torch_error = &case["error"];
+            if !torch_error.is_null() && torch_error["action"].as_u64() == Some(i as u64) {
+                let e = r.expect_err(name).to_string();
+                let (ty, msg) = (
+                    torch_error["type"].as_str().unwrap(),
+                    torch_error["message"].as_str().unwrap(),
+                );
+                assert!(
+                    e.contains(ty) || ty == "RuntimeError",
+                    "{name}: action {i}: {e:?} should name torch's {ty}"
+                );
+                assert!(
+                    e.contains(msg),
+                    "{name}: action {i}: {e:?} vs torch's {msg:?}"
+                );
+                // It names the scheduler (or the composite's child) that raised.
+                let who = e.split(':').next().unwrap();
+                let sched_name = case["scheduler"].as_str().unwrap();
+                assert!(
+                    e.contains(sched_name)
+                        || case["config"].to_string().contains(&format!("\"{who}\"")),
+                    "{name}: {e:?} names no scheduler"
+                );
+                // A failed step changes nothing.
+                assert_eq!((lrs(&opt), sched.state_dict().unwrap()), before, "{name}");
+                raised += 1;
+                break;
+            }
+            r.unwrap_or_else(|e| panic!("{name}: action {i}: {e}"));
+            check(&opt, i + 1);
+            if i + 1 == case["actions"].as_array().unwrap().len() {
+                carried += 1;
+                // The state saved after the add loads into a scheduler on an optimizer with the
+                // same three groups and continues the same way.
+                let saved = sched.state_dict().unwrap();
+                let mut opt2 = Sgd::new(
+                    &arena,
+                    [
+                        ParamGroup::new([h[0]]).with("lr", 0.1),
+                        ParamGroup::new([h[1]]).with("lr", 0.01),
+                    ],
+                    SgdConfig {
+                        momentum: 0.9,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let mut s2 = build(
+                    case["scheduler"].as_str().unwrap(),
+                    &case["config"],
+                    &mut opt2,
+                );
+                opt2.add_param_group(
+                    &arena,
+                    ParamGroup::new([h[2]])
+                        .with("lr", 0.05)
+                        .with("momentum", 0.8),
+                )
+                .unwrap();
+                s2.load_state_dict(&mut opt2, &saved)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(bits(&lrs(&opt2)), bits(&lrs(&opt)), "{name}: resumed lrs");
+                assert_eq!(s2.state_dict().unwrap(), saved, "{name}");
+            }
+        }
+    }
+    assert!(
+        carried >= 10 && raised >= 10,
+        "carried on {carried}, raised {raised}"
+    );
 }

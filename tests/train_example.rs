@@ -36,9 +36,11 @@ fn args(out: &Path, extra: &[&str]) -> Args {
     Args::try_parse_from(argv).expect("valid options")
 }
 
-fn load(out: &Path, id: &str) -> Checkpoint {
-    let text = std::fs::read_to_string(checkpoint_path(out, id)).expect("checkpoint written");
-    serde_json::from_str(&text).expect("checkpoint parses")
+/// Run `spec`'s checkpoint in `out`, loaded (in one call, as `--resume` does) into a freshly
+/// built run.
+fn load(out: &Path, spec: &runner::RunSpec) -> Checkpoint {
+    assert!(checkpoint_path(out, spec.id).exists(), "checkpoint written");
+    runner::read_checkpoint(out, spec, &args(out, &[]).settings()).expect("checkpoint loads")
 }
 
 fn json(text: &str) -> Value {
@@ -118,7 +120,7 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
             r.spec.id,
             lrs[5]
         );
-        let ck = load(&full, r.spec.id);
+        let ck = load(&full, &r.spec);
         let sched = json(ck.scheduler.as_deref().expect("scheduler state saved"));
         assert_eq!(sched["scheduler"], "SequentialLR");
         assert_eq!(sched["last_epoch"], ck.global_step);
@@ -130,7 +132,7 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     let logreg = &summary.results[4];
     assert!(matches!(logreg.spec.opt, OptKind::Lbfgs { .. }));
     assert!(logreg.history.iter().all(|h| h.lr == 1.0));
-    let ck = load(&full, logreg.spec.id);
+    let ck = load(&full, &logreg.spec);
     assert!(ck.scheduler.is_none());
     let lbfgs = json(&ck.optimizer);
     assert_eq!(lbfgs["optimizer"], "LBFGS");
@@ -181,14 +183,14 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     assert!(stopped.files.is_empty());
     assert!(!split.join("results.md").exists());
     for r in &summary.results {
-        let ck = load(&split, r.spec.id);
+        let ck = load(&split, &r.spec);
         assert_eq!(ck.epochs_done, 2);
         // Mid-schedule and mid-optimization: the resume below has real state to restore.
         if let Some(s) = &ck.scheduler {
             assert_eq!(json(s)["last_epoch"], ck.global_step);
         }
     }
-    let lbfgs = json(&load(&split, "logreg").optimizer);
+    let lbfgs = json(&load(&split, &summary.results[4].spec).optimizer);
     let history = lbfgs["state"]["old_dirs"]
         .as_array()
         .expect("L-BFGS history saved");
@@ -200,7 +202,7 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     let leftovers: Vec<_> = std::fs::read_dir(split.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| !n.ends_with(".json"))
+        .filter(|n| !n.ends_with(".safetensors"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
@@ -212,8 +214,8 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     let resumed = runner::run(&args(&split, &["--resume", "--threads", "1"])).expect("resume");
     assert!(!resumed.stopped);
     for r in &summary.results {
-        let a = load(&full, r.spec.id);
-        let b = load(&split, r.spec.id);
+        let a = load(&full, &r.spec);
+        let b = load(&split, &r.spec);
         assert_eq!(a.epochs_done, 5);
         assert_eq!(b.epochs_done, 5);
         assert_eq!(a.global_step, b.global_step);

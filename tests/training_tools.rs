@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use common::{build_arena, write_grads};
 use optarena::clip::{
-    clip_grad_norm, clip_grad_value, total_norm, total_norm_with, NormScratch, NormType,
+    clip_grad_norm, clip_grad_norm_all, clip_grad_norm_with, clip_grad_value, clip_grad_value_all,
+    total_norm, total_norm_with, NormScratch, NormType,
 };
 use optarena::optim::*;
 use optarena::{
@@ -135,12 +136,10 @@ fn parameters_without_gradients_are_left_out() {
     arena.clear_grad(h[2]);
     let all = [0..arena.num_params()];
     let n_without = total_norm(&arena, &all, NormType::P(2.0), &Parallelism::Sequential);
-    clip_grad_norm(
+    clip_grad_norm_with(
         &mut arena,
-        &all,
-        1e-3,
-        NormType::P(2.0),
-        false,
+        &h,
+        ClipNorm::new(1e-3),
         &Parallelism::Sequential,
     )
     .unwrap();
@@ -160,16 +159,8 @@ fn error_if_nonfinite_changes_nothing() {
     write_grads(&mut arena, 1, &[]);
     arena.grad_mut(h[0])[3] = f32::NAN;
     let before: Vec<u32> = arena.grads().iter().map(|x| x.to_bits()).collect();
-    let all = [0..arena.num_params()];
-    let e = clip_grad_norm(
-        &mut arena,
-        &all,
-        1.0,
-        NormType::P(2.0),
-        true,
-        &Parallelism::Global,
-    )
-    .unwrap_err();
+    let e =
+        clip_grad_norm_all(&mut arena, ClipNorm::new(1.0).error_if_nonfinite(true)).unwrap_err();
     assert!(
         e.to_string()
             .contains("The total norm of order 2.0 for gradients from `parameters` is non-finite"),
@@ -182,11 +173,56 @@ fn error_if_nonfinite_changes_nothing() {
 }
 
 #[test]
+fn clip_takes_handles_and_torch_defaults() {
+    // clip_grad_norm over some parameters (handles) touches only those, and equals the norm of
+    // their gradients alone; torch's defaults are norm_type=2.0, error_if_nonfinite=False.
+    let (mut arena, h) = build_arena::<f64>(&shapes(), 1, &[]);
+    write_grads(&mut arena, 1, &[]);
+    let before = arena.grads().to_vec();
+    let chosen = [h[1], h[3]];
+    let want: f64 = chosen
+        .iter()
+        .flat_map(|&p| arena.grad(p).unwrap().to_vec())
+        .map(|g| g * g)
+        .sum::<f64>()
+        .sqrt();
+    let total = clip_grad_norm(&mut arena, &chosen, ClipNorm::new(0.5)).unwrap();
+    assert!((total - want).abs() <= 1e-12 * want, "{total} vs {want}");
+    let coef = 0.5 / (total + 1e-6);
+    for (i, &p) in h.iter().enumerate() {
+        let (g, b) = (arena.grad(p).unwrap(), &before[arena.info(p).range()]);
+        for (x, y) in g.iter().zip(b) {
+            if chosen.contains(&p) {
+                assert_eq!(*x, y * coef, "param {i}");
+            } else {
+                assert_eq!(x, y, "param {i} is not clipped");
+            }
+        }
+    }
+    assert_eq!(
+        ClipNorm::new(2.0),
+        ClipNorm {
+            max_norm: 2.0,
+            norm_type: NormType::P(2.0),
+            error_if_nonfinite: false
+        }
+    );
+    // A handle of another arena is an error, and nothing changes.
+    let (other, oh) = build_arena::<f64>(&shapes(), 2, &[]);
+    drop(other);
+    let snapshot = arena.grads().to_vec();
+    let e = clip_grad_norm(&mut arena, &[h[0], oh[1]], ClipNorm::new(1.0)).unwrap_err();
+    assert!(e.to_string().contains("another arena"), "{e}");
+    let e = clip_grad_value(&mut arena, &[oh[0]], 1.0).unwrap_err();
+    assert!(e.to_string().contains("another arena"), "{e}");
+    assert_eq!(arena.grads(), &snapshot[..]);
+}
+
+#[test]
 fn clip_value_clamps() {
     let (mut arena, _) = build_arena::<f64>(&shapes(), 1, &[]);
     write_grads(&mut arena, 1, &[]);
-    let all = [0..arena.num_params()];
-    clip_grad_value(&mut arena, &all, 0.25).unwrap();
+    clip_grad_value_all(&mut arena, 0.25).unwrap();
     assert!(arena.grads().iter().all(|g| g.abs() <= 0.25));
     assert!(arena.grads().iter().any(|g| g.abs() == 0.25));
 }
@@ -216,8 +252,7 @@ fn fused_clip_step_equals_clip_then_step_bitwise() {
         for t in 1..=4 {
             write_grads(&mut a1, t, &[]);
             write_grads(&mut a2, t, &[]);
-            let all = [0..a1.num_params()];
-            let n1 = clip_grad_norm(&mut a1, &all, 5.0, norm, false, &Parallelism::Global).unwrap();
+            let n1 = clip_grad_norm_all(&mut a1, ClipNorm::new(5.0).norm_type(norm)).unwrap();
             o1.step(&mut a1).unwrap();
             let n2 = o2
                 .step_clipped(

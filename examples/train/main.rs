@@ -10,10 +10,12 @@
 //!
 //! Writes to `--out` (default `out/`): `results.md` (the table also printed here),
 //! `history.csv` (per-epoch curves), `training.svg` (loss and accuracy plot) and
-//! `checkpoints/<run>.json` (after every epoch, written atomically: parameters, optimizer and
-//! scheduler state, shuffling RNG). `--stop-after-epoch N` interrupts every run after epoch N;
-//! `--resume` continues from the checkpoints and ends bit for bit where an uninterrupted run
-//! ends, on any `--threads`.
+//! `checkpoints/<run>.safetensors` (after every epoch, one call to optarena's
+//! `TrainingCheckpoint::save`, atomic: parameters by name, optimizer and scheduler state, step
+//! count, and as metadata the shuffling RNG and the curves so far). `--stop-after-epoch N`
+//! interrupts every run after epoch N; `--resume` continues from the checkpoints (one
+//! `TrainingRestore::load` each, all or nothing) and ends bit for bit where an uninterrupted
+//! run ends, on any `--threads`.
 //!
 //! The model's forward and backward (ndarray/matrixmultiply) write the gradients straight into
 //! the optarena arena. Each MLP step clips by global norm inside the fused update and runs on a

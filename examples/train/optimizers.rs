@@ -6,13 +6,14 @@
 //! search needs. The schedules are optarena's LR schedulers ([`optarena::schedule`]), which
 //! act on either kind through [`GroupHyperparams`], as torch's act on `param_groups`.
 
+use optarena::checkpoint::TrainingOptimizer;
 use optarena::schedule::{
     CosineAnnealingLR, CosineAnnealingLRConfig, LinearLR, LinearLRConfig, LrScheduler,
     SequentialLR, SequentialLRConfig,
 };
 use optarena::{
     Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams, Lbfgs,
-    LbfgsConfig, MatchBy, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
+    LbfgsConfig, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
 };
 
 use crate::model::Mlp;
@@ -34,8 +35,11 @@ pub trait Stepper {
     /// The optimizer state (`optimizer.state_dict()`) as JSON, for checkpoints.
     fn state_dict_json(&self) -> optarena::Result<String>;
 
-    /// Restores a state written by [`Stepper::state_dict_json`].
-    fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()>;
+    /// The optimizer as a training checkpoint holds it.
+    fn training(&self) -> &dyn TrainingOptimizer<f32>;
+
+    /// [`Stepper::training`], mutably (to load into).
+    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32>;
 
     /// Closure evaluations and iterations so far, for optimizers that count them (L-BFGS's
     /// `func_evals` and `n_iter`).
@@ -77,8 +81,12 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
         self.opt.state_dict_json()
     }
 
-    fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
-        self.opt.load_state_dict_json(json, MatchBy::Name)
+    fn training(&self) -> &dyn TrainingOptimizer<f32> {
+        &self.opt
+    }
+
+    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32> {
+        &mut self.opt
     }
 }
 
@@ -104,8 +112,12 @@ impl Stepper for QuasiNewton {
         self.opt.state_dict_json()
     }
 
-    fn load_state_dict_json(&mut self, json: &str) -> optarena::Result<()> {
-        self.opt.load_state_dict_json(json, MatchBy::Name)
+    fn training(&self) -> &dyn TrainingOptimizer<f32> {
+        &self.opt
+    }
+
+    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32> {
+        &mut self.opt
     }
 
     fn evaluations(&self) -> Option<(u64, u64)> {

@@ -1,13 +1,16 @@
 //! The training runs: options, the epoch loop, checkpoints and resume.
 
 use std::fs;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use optarena::checkpoint::training::inspect_training;
+use optarena::checkpoint::{TrainingCheckpoint, TrainingRestore};
+use optarena::schedule::LrScheduler;
 use optarena::{ClipNorm, Parallelism};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -16,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset};
 use crate::model::{Architecture, Mlp};
-use crate::optimizers::{LrSchedule, OptKind};
+use crate::optimizers::{LrSchedule, OptKind, Stepper};
 use crate::report;
 
 /// Train a digits classifier with SGD+momentum, Adam, AdamW and RAdam from one initialisation,
@@ -233,10 +236,11 @@ pub struct Timing {
     pub opt_steps: u64,
 }
 
-/// Everything needed to continue a run exactly where it stopped.
+/// A run's own state besides the model, optimizer and scheduler: the training checkpoint's
+/// metadata `"run"`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Format version of this file.
+pub struct RunState {
+    /// Format version of this record.
     pub format: u32,
     /// The run's id.
     pub run: String,
@@ -244,18 +248,6 @@ pub struct Checkpoint {
     pub settings: Settings,
     /// Completed epochs.
     pub epochs_done: usize,
-    /// Optimizer steps taken.
-    pub global_step: u64,
-    /// Parameter names, in arena order.
-    pub param_names: Vec<String>,
-    /// The whole arena's values as `f32::to_bits`, so they restore bit for bit.
-    pub params: Vec<u32>,
-    /// `optimizer.state_dict()` as JSON (`state_dict_json`; L-BFGS's whole state, history
-    /// included, for the logistic regression).
-    pub optimizer: String,
-    /// `scheduler.state_dict()` as JSON (`LrScheduler::state_dict_json`), for runs with a
-    /// schedule.
-    pub scheduler: Option<String>,
     /// The shuffling RNG's exact state.
     pub rng: ChaCha8Rng,
     /// Per-epoch numbers so far.
@@ -264,25 +256,162 @@ pub struct Checkpoint {
     pub timing: Timing,
 }
 
-const CHECKPOINT_FORMAT: u32 = 2;
-
-/// Where run `id`'s checkpoint lives.
-pub fn checkpoint_path(out: &Path, id: &str) -> PathBuf {
-    out.join("checkpoints").join(format!("{id}.json"))
+/// A run's checkpoint as read back into a freshly built run ([`read_checkpoint`]): what a
+/// resume restores, in comparable form (`tests/train_example.rs` compares them).
+#[allow(dead_code)]
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// Completed epochs.
+    pub epochs_done: usize,
+    /// Optimizer steps taken (the training checkpoint's step).
+    pub global_step: u64,
+    /// Parameter names, in arena order.
+    pub param_names: Vec<String>,
+    /// The whole arena's values as `f32::to_bits`.
+    pub params: Vec<u32>,
+    /// `optimizer.state_dict()` as JSON after the load (L-BFGS's whole state, history
+    /// included, for the logistic regression).
+    pub optimizer: String,
+    /// `scheduler.state_dict()` as JSON after the load, for runs with a schedule.
+    pub scheduler: Option<String>,
+    /// The shuffling RNG's exact state.
+    pub rng: ChaCha8Rng,
+    /// Per-epoch numbers so far.
+    pub history: Vec<EpochStats>,
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed to
-/// disk, then renamed over the target. A crash leaves either the old or the new file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+const CHECKPOINT_FORMAT: u32 = 3;
+
+/// Where run `id`'s checkpoint lives: one training checkpoint (safetensors) holding the
+/// parameters, the optimizer, the scheduler and the run's state.
+pub fn checkpoint_path(out: &Path, id: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{id}.safetensors"))
+}
+
+/// Saves a run in one call, atomically (`TrainingCheckpoint::save`: a temporary file, fsync,
+/// rename, fsync of the directory): the parameters by name, the optimizer ("optimizer"; L-BFGS
+/// as its JSON state dict inside the file), the scheduler ("lr"), the optimizer step count and
+/// the run's state (metadata "run").
+fn save_run(
+    path: &Path,
+    arena: &optarena::Arena<f32>,
+    opt: &dyn Stepper,
+    sched: Option<&dyn LrScheduler>,
+    global_step: u64,
+    state: &RunState,
+) -> Result<(), String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| format!("{} -> {}: {e}", tmp.display(), path.display()))
+    let mut ck = TrainingCheckpoint::new(arena)
+        .optimizer("optimizer", opt.training())
+        .step(global_step)
+        .metadata(
+            "run",
+            serde_json::to_value(state).map_err(err("run state"))?,
+        );
+    if let Some(s) = sched {
+        ck = ck.scheduler("lr", s);
+    }
+    ck.save(path)
+        .map_err(err(&format!("saving {}", path.display())))?;
+    Ok(())
+}
+
+/// Reads a run's checkpoint (its metadata, checksums verified) and checks it is this run's,
+/// with these settings, before anything is loaded.
+fn read_run_state(path: &Path, id: &str, settings: &Settings) -> Result<RunState, String> {
+    let info = inspect_training(path).map_err(err(&format!("checkpoint {}", path.display())))?;
+    let run = info
+        .meta
+        .metadata
+        .get("run")
+        .cloned()
+        .ok_or_else(|| "checkpoint has no run state".to_string())?;
+    let state: RunState = serde_json::from_value(run).map_err(err("checkpoint run state"))?;
+    if state.format != CHECKPOINT_FORMAT || state.run != id {
+        return Err("checkpoint is of another format or run".into());
+    }
+    if state.settings != *settings {
+        return Err(format!(
+            "checkpoint was written with {:?}, these options give {:?}; use the same options \
+             or another --out",
+            state.settings, settings
+        ));
+    }
+    Ok(state)
+}
+
+/// Restores a freshly built run from its checkpoint in one call (`TrainingRestore::load`:
+/// all or nothing; the parameters matched by name). Returns the optimizer step count.
+fn load_run(
+    path: &Path,
+    arena: &mut optarena::Arena<f32>,
+    opt: &mut dyn Stepper,
+    sched: Option<&mut (dyn LrScheduler + 'static)>,
+) -> Result<u64, String> {
+    let mut restore = TrainingRestore::new(arena).optimizer("optimizer", opt.training_mut());
+    if let Some(s) = sched {
+        restore = restore.scheduler("lr", s);
+    }
+    let loaded = restore.load(path).map_err(err("loading the checkpoint"))?;
+    Ok(loaded.step)
+}
+
+/// Builds run `spec` as it starts: model, arena, optimizer, scheduler.
+#[allow(clippy::type_complexity)]
+fn build_run(
+    spec: &RunSpec,
+    settings: &Settings,
+    parallelism: Parallelism,
+) -> Result<
+    (
+        Mlp,
+        optarena::Arena<f32>,
+        Box<dyn Stepper>,
+        Option<Box<dyn LrScheduler>>,
+    ),
+    String,
+> {
+    let ctx = |what: &str| format!("run {}: {what}", spec.id);
+    let (model, arena) =
+        Mlp::build(&spec.arch, &initial_params(&spec.arch, settings.seed)).map_err(err("model"))?;
+    let mut opt = spec
+        .opt
+        .build(&model, &arena, spec.clip, parallelism)
+        .map_err(err(&ctx("optimizer")))?;
+    let sched = spec
+        .schedule
+        .build(opt.groups())
+        .map_err(err(&ctx("scheduler")))?;
+    Ok((model, arena, opt, sched))
+}
+
+/// Reads run `spec`'s checkpoint in `out` into a freshly built run, as `--resume` does, and
+/// returns what it restored (for `tests/train_example.rs`).
+#[allow(dead_code)]
+pub fn read_checkpoint(
+    out: &Path,
+    spec: &RunSpec,
+    settings: &Settings,
+) -> Result<Checkpoint, String> {
+    let path = checkpoint_path(out, spec.id);
+    let state = read_run_state(&path, spec.id, settings)?;
+    let (_, mut arena, mut opt, mut sched) = build_run(spec, settings, Parallelism::Sequential)?;
+    let global_step = load_run(&path, &mut arena, &mut *opt, sched.as_deref_mut())?;
+    Ok(Checkpoint {
+        epochs_done: state.epochs_done,
+        global_step,
+        param_names: arena.infos().iter().map(|i| i.name.clone()).collect(),
+        params: arena.params().iter().map(|v| v.to_bits()).collect(),
+        optimizer: opt.state_dict_json().map_err(err("state_dict"))?,
+        scheduler: sched
+            .as_ref()
+            .map(|s| s.state_dict_json())
+            .transpose()
+            .map_err(err("scheduler state_dict"))?,
+        rng: state.rng,
+        history: state.history,
+    })
 }
 
 /// A finished (or stopped) run.
@@ -415,16 +544,7 @@ fn train_one(
     interactive: bool,
 ) -> Result<(RunResult, bool), String> {
     let ctx = |what: &str| format!("run {}: {what}", spec.id);
-    let (model, mut arena) =
-        Mlp::build(&spec.arch, &initial_params(&spec.arch, settings.seed)).map_err(err("model"))?;
-    let mut opt = spec
-        .opt
-        .build(&model, &arena, spec.clip, parallelism)
-        .map_err(err(&ctx("optimizer")))?;
-    let mut sched = spec
-        .schedule
-        .build(opt.groups())
-        .map_err(err(&ctx("scheduler")))?;
+    let (model, mut arena, mut opt, mut sched) = build_run(spec, settings, parallelism)?;
     let mut rng = shuffle_rng(settings.seed);
     let mut history = Vec::new();
     let mut timing = Timing::default();
@@ -433,41 +553,14 @@ fn train_one(
 
     let ckpt_path = checkpoint_path(&args.out, spec.id);
     if args.resume && ckpt_path.exists() {
-        let text = fs::read_to_string(&ckpt_path).map_err(err(&ctx("reading checkpoint")))?;
-        let ck: Checkpoint = serde_json::from_str(&text).map_err(err(&ctx("checkpoint")))?;
-        if ck.format != CHECKPOINT_FORMAT || ck.run != spec.id {
-            return Err(ctx("checkpoint is of another format or run"));
-        }
-        if ck.settings != *settings {
-            return Err(ctx(&format!(
-                "checkpoint was written with {:?}, these options give {:?}; use the same \
-                 options or another --out",
-                ck.settings, settings
-            )));
-        }
-        let names: Vec<String> = arena.infos().iter().map(|i| i.name.clone()).collect();
-        if ck.param_names != names || ck.params.len() != arena.len() {
-            return Err(ctx("checkpoint holds another model"));
-        }
-        for (dst, &bits) in arena.params_mut().iter_mut().zip(&ck.params) {
-            *dst = f32::from_bits(bits);
-        }
-        opt.load_state_dict_json(&ck.optimizer)
-            .map_err(err(&ctx("optimizer state")))?;
-        // The scheduler's state after the optimizer's: it writes its last lr (and the groups'
-        // `initial_lr`) back into the groups, so the schedule continues where it was.
-        match (&mut sched, &ck.scheduler) {
-            (Some(s), Some(json)) => s
-                .load_state_dict_json(opt.groups(), json)
-                .map_err(err(&ctx("scheduler state")))?,
-            (None, None) => {}
-            _ => return Err(ctx("checkpoint has another LR schedule")),
-        }
-        rng = ck.rng;
-        history = ck.history;
-        timing = ck.timing;
-        global_step = ck.global_step;
-        start_epoch = ck.epochs_done;
+        // Checked first (this run, these settings), then restored in one call.
+        let state = read_run_state(&ckpt_path, spec.id, settings).map_err(|e| ctx(&e))?;
+        global_step = load_run(&ckpt_path, &mut arena, &mut *opt, sched.as_deref_mut())
+            .map_err(|e| ctx(&e))?;
+        rng = state.rng;
+        history = state.history;
+        timing = state.timing;
+        start_epoch = state.epochs_done;
     }
 
     let steps_per_epoch = spec.steps_per_epoch(settings, train.len());
@@ -589,26 +682,24 @@ fn train_one(
         }
         history.push(stats);
 
-        let ck = Checkpoint {
+        let state = RunState {
             format: CHECKPOINT_FORMAT,
             run: spec.id.to_string(),
             settings: settings.clone(),
             epochs_done: epoch + 1,
-            global_step,
-            param_names: arena.infos().iter().map(|i| i.name.clone()).collect(),
-            params: arena.params().iter().map(|v| v.to_bits()).collect(),
-            optimizer: opt.state_dict_json().map_err(err(&ctx("state_dict")))?,
-            scheduler: sched
-                .as_ref()
-                .map(|s| s.state_dict_json())
-                .transpose()
-                .map_err(err(&ctx("scheduler state_dict")))?,
             rng: rng.clone(),
             history: history.clone(),
             timing: timing.clone(),
         };
-        let json = serde_json::to_vec(&ck).map_err(err(&ctx("checkpoint")))?;
-        write_atomic(&ckpt_path, &json)?;
+        save_run(
+            &ckpt_path,
+            &arena,
+            &*opt,
+            sched.as_deref(),
+            global_step,
+            &state,
+        )
+        .map_err(|e| ctx(&e))?;
     }
     bar.finish_and_clear();
     let result = RunResult {

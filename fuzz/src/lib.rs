@@ -451,6 +451,9 @@ pub fn decode(data: &[u8]) {
     if let Some(rest) = data.strip_prefix(SPARSE_ADAM_BIN_TAG) {
         return sparse_adam_bin_decode(rest);
     }
+    if let Some(rest) = data.strip_prefix(TRAINING_TAG) {
+        return training_decode(rest);
+    }
     dispatch_with_lbfgs!(data, decode_case, lbfgs_decode_case);
 }
 
@@ -1449,6 +1452,106 @@ fn sparse_adam_bin_case<T: Float>(flags: u8, bytes: &[u8]) {
                 now,
                 "JSON round trip changed the state"
             );
+        }
+    }
+}
+
+/// `decode` input starting with this: one byte (bit 0: make the checksums right; bit 1: train
+/// a step before loading), then a training checkpoint (`checkpoint::TrainingRestore`) loaded
+/// into the standard training state ([`standard_training`]).
+pub const TRAINING_TAG: &[u8] = b"TRAIN:";
+
+/// The standard training state: the standard arena (f32), the standard AdamW, a StepLR on it,
+/// a GradScaler.
+pub fn standard_training() -> (
+    Arena<f32>,
+    AdamW<f32>,
+    optarena::schedule::StepLR,
+    optarena::GradScaler,
+) {
+    use optarena::schedule::{StepLR, StepLRConfig};
+    let arena = standard_arena::<f32>();
+    let mut opt = standard_optimizer::<f32, AdamWAlgorithm>(&arena);
+    let sched = StepLR::new(&mut opt, StepLRConfig::new(2)).expect("a valid StepLR");
+    (arena, opt, sched, optarena::GradScaler::default())
+}
+
+/// Trains the standard training state one step.
+pub fn standard_training_step(
+    arena: &mut Arena<f32>,
+    opt: &mut AdamW<f32>,
+    sched: &mut optarena::schedule::StepLR,
+    scaler: &mut optarena::GradScaler,
+    t: u64,
+) {
+    use optarena::LrScheduler;
+    standard_grads(arena, t);
+    scaler.step(opt, arena).expect("a valid step");
+    scaler.update();
+    sched.step(opt).expect("a valid scheduler step");
+}
+
+fn training_decode(data: &[u8]) {
+    use optarena::checkpoint::training::inspect_training_reader;
+    use optarena::checkpoint::{TrainingCheckpoint, TrainingRestore};
+    use optarena::LrScheduler;
+    let mut input = Input::new(data);
+    let flags = input.u8();
+    let (mut arena, mut opt, mut sched, mut scaler) = standard_training();
+    if flags & 2 != 0 {
+        standard_training_step(&mut arena, &mut opt, &mut sched, &mut scaler, 1);
+    }
+    let observe_all = |arena: &Arena<f32>,
+                       opt: &AdamW<f32>,
+                       sched: &optarena::schedule::StepLR,
+                       scaler: &optarena::GradScaler| {
+        (
+            observe(opt, arena),
+            sched
+                .state_dict_json()
+                .expect("a scheduler state serialises"),
+            format!("{scaler:?}"),
+        )
+    };
+    let before = observe_all(&arena, &opt, &sched, &scaler);
+    let mut bytes = input.rest().to_vec();
+    if flags & 1 != 0 {
+        fix_checksums(&mut bytes);
+    }
+    let _ = inspect_training_reader(&mut &bytes[..], bytes.len() as u64);
+    let result = TrainingRestore::new(&mut arena)
+        .optimizer("adamw", &mut opt)
+        .scheduler("lr", &mut sched)
+        .scaler(&mut scaler)
+        .read(&mut &bytes[..], bytes.len() as u64);
+    match result {
+        Err(_) => assert_eq!(
+            observe_all(&arena, &opt, &sched, &scaler),
+            before,
+            "changed by a failed load"
+        ),
+        Ok(loaded) => {
+            // What loads saves and loads back to the same state.
+            let now = observe_all(&arena, &opt, &sched, &scaler);
+            let mut saved = Vec::new();
+            let mut c = TrainingCheckpoint::new(&arena)
+                .optimizer("adamw", &opt)
+                .scheduler("lr", &sched)
+                .scaler(&scaler)
+                .step(loaded.step);
+            for (k, v) in &loaded.metadata {
+                c = c.metadata(k, v.clone());
+            }
+            c.write(&mut saved).expect("a loaded training state saves");
+            let again = TrainingRestore::new(&mut arena)
+                .optimizer("adamw", &mut opt)
+                .scheduler("lr", &mut sched)
+                .scaler(&mut scaler)
+                .read(&mut &saved[..], saved.len() as u64)
+                .expect("a saved training state loads back");
+            assert_eq!(again.step, loaded.step);
+            assert_eq!(again.metadata, loaded.metadata);
+            assert_eq!(observe_all(&arena, &opt, &sched, &scaler), now);
         }
     }
 }

@@ -178,7 +178,12 @@ pub fn build_header(
     meta: &CheckpointMeta,
     tensors: &[(String, Dtype, Vec<usize>)],
 ) -> Result<Vec<u8>> {
-    let json = serde_json::to_string(meta)?;
+    build_header_json(serde_json::to_string(meta)?, tensors)
+}
+
+/// [`build_header`] with the `__metadata__["optarena"]` JSON given as text (the training
+/// checkpoint's metadata is not a [`CheckpointMeta`]).
+pub fn build_header_json(json: String, tensors: &[(String, Dtype, Vec<usize>)]) -> Result<Vec<u8>> {
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for (name, dtype, shape) in tensors {
@@ -220,10 +225,37 @@ fn text_kind(prefix: &[u8; 8]) -> Option<&'static str> {
     }
 }
 
+/// A checked header whose `__metadata__["optarena"]` JSON is not parsed yet.
+#[derive(Debug, Clone)]
+pub struct RawHeader {
+    /// The `__metadata__["optarena"]` JSON.
+    pub meta_json: String,
+    /// Every tensor but the checksum one, in data order.
+    pub tensors: Vec<TensorEntry>,
+    /// The expected CRC-32 of the data after the checksum tensor.
+    pub data_crc: u32,
+    /// Bytes of the length prefix and header (where the data section starts).
+    pub header_len: u64,
+    /// Total file length.
+    pub file_len: u64,
+}
+
 /// Reads and checks the length prefix, the header and the checksum tensor of a file of
 /// `file_len` bytes. The header's CRC is verified before anything in it is believed, and
 /// nothing is allocated beyond what the file length allows.
 pub fn read_header<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Result<Header> {
+    let raw = read_raw_header(r, file_len)?;
+    Ok(Header {
+        meta: parse_meta(&raw.meta_json)?,
+        tensors: raw.tensors,
+        data_crc: raw.data_crc,
+        header_len: raw.header_len,
+        file_len: raw.file_len,
+    })
+}
+
+/// [`read_header`] without parsing the metadata JSON.
+pub fn read_raw_header<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Result<RawHeader> {
     if file_len < 8 {
         return Err(corrupt(format!(
             "the file is {file_len} bytes, too short for a safetensors header (truncated?)"
@@ -306,8 +338,8 @@ pub fn read_header<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Result<Header>
         .metadata()
         .as_ref()
         .and_then(|m| m.get(METADATA_KEY))
-        .ok_or_else(|| corrupt(format!("no `{METADATA_KEY}` entry in `__metadata__`")))?;
-    let meta = parse_meta(meta_json)?;
+        .ok_or_else(|| corrupt(format!("no `{METADATA_KEY}` entry in `__metadata__`")))?
+        .clone();
     let tensors = metadata
         .offset_keys()
         .into_iter()
@@ -322,8 +354,8 @@ pub fn read_header<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Result<Header>
             }
         })
         .collect();
-    Ok(Header {
-        meta,
+    Ok(RawHeader {
+        meta_json,
         tensors,
         data_crc,
         header_len: 8 + n,
@@ -338,6 +370,12 @@ pub fn parse_meta(json: &str) -> Result<CheckpointMeta> {
         .map_err(|e| corrupt(format!("the `{METADATA_KEY}` metadata is not JSON: {e}")))?;
     match value.get("format").and_then(|v| v.as_str()) {
         Some(FORMAT_NAME) => {}
+        Some(super::training::TRAINING_FORMAT_NAME) => {
+            return Err(corrupt(
+                "this is a training checkpoint (arena, optimizers, schedulers, scaler): load it \
+                 with `TrainingCheckpoint::load`",
+            ))
+        }
         Some(other) => {
             return Err(corrupt(format!(
                 "format `{other}` is not an optarena checkpoint (`{FORMAT_NAME}`)"

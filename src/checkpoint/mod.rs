@@ -51,6 +51,7 @@ pub mod averaged;
 pub mod format;
 pub mod sparse_adam;
 mod tensors;
+pub mod training;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -71,6 +72,9 @@ pub use format::{
 };
 
 use format::{param_tensor, read_error, read_header, state_tensor, Header};
+pub use training::{
+    LoadedTraining, TrainingCheckpoint, TrainingInfo, TrainingOptimizer, TrainingRestore,
+};
 
 /// Elements per piece when streaming (4 MiB of f64, 2 MiB of f32): large enough for disk speed,
 /// small enough that the checksum runs on data still in cache.
@@ -148,6 +152,107 @@ pub(crate) fn write_error(e: std::io::Error) -> Error {
     Error::Io(format!("writing the checkpoint: {e}"))
 }
 
+/// The tensors of a file being written: (name, dtype, shape) in data order, the checksum
+/// tensor first, and the values of every tensor after it, borrowed from the optimizers' and the
+/// arena's buffers.
+pub(crate) struct Body<'a, T> {
+    tensors: Vec<(String, Dtype, Vec<usize>)>,
+    slices: Vec<&'a [T]>,
+    dtype: FileDtype,
+}
+
+impl<'a, T: Float> Body<'a, T> {
+    pub(crate) fn new() -> Result<Self> {
+        Ok(Body {
+            tensors: vec![(CRC_TENSOR.to_string(), Dtype::U32, vec![2])],
+            slices: Vec::new(),
+            dtype: FileDtype::from_name(T::DTYPE)?,
+        })
+    }
+
+    /// The tensors after the checksum one: (name, shape, values).
+    pub(crate) fn into_tensors(self) -> Vec<(String, Vec<usize>, &'a [T])> {
+        self.tensors
+            .into_iter()
+            .skip(1)
+            .zip(self.slices)
+            .map(|((name, _, shape), values)| (name, shape, values))
+            .collect()
+    }
+
+    fn push(&mut self, name: String, shape: Vec<usize>, values: &'a [T]) {
+        self.tensors.push((name, self.dtype.safetensors(), shape));
+        self.slices.push(values);
+    }
+
+    /// Every parameter of `arena`, as `<prefix>param.<name>` tensors in arena order; returns
+    /// their layout (the metadata's `params`).
+    pub(crate) fn push_params(&mut self, arena: &'a Arena<T>) -> Vec<crate::arena::ParamInfo> {
+        for (p, info) in arena.handles().zip(arena.infos()) {
+            self.push(param_tensor(&info.name), info.shape.clone(), arena.value(p));
+        }
+        arena.infos().to_vec()
+    }
+
+    /// The state of `opt`, as `<prefix>state.<number>.<buffer>` tensors; returns its metadata
+    /// (without `params`).
+    pub(crate) fn push_optimizer<A: Algorithm>(
+        &mut self,
+        opt: &'a Optimizer<T, A>,
+        prefix: &str,
+    ) -> Result<CheckpointMeta> {
+        let mut state = Vec::new();
+        opt.for_each_state(|s: StateRef<'a, T>| -> Result<()> {
+            let mut names = Vec::with_capacity(s.buffers.len());
+            for (name, shape, values) in s.buffers {
+                self.push(
+                    format!("{prefix}{}", state_tensor(s.index, name)),
+                    shape,
+                    values,
+                );
+                names.push(name.to_string());
+            }
+            state.push(StateMeta {
+                index: s.index,
+                step: s.step,
+                scalars: s.scalars.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+                buffers: names,
+            });
+            Ok(())
+        })?;
+        Ok(CheckpointMeta {
+            format: FORMAT_NAME.to_string(),
+            version: FORMAT_VERSION,
+            optimizer: A::NAME.to_string(),
+            dtype: T::DTYPE.to_string(),
+            param_groups: opt.group_dicts(),
+            state,
+            params: None,
+        })
+    }
+
+    /// Writes the file: length prefix, header with `meta_json` as `__metadata__["optarena"]`,
+    /// both checksums, then the tensors straight from their buffers. Returns the bytes written.
+    pub(crate) fn write<W: Write + ?Sized>(&self, w: &mut W, meta_json: String) -> Result<u64> {
+        let header = format::build_header_json(meta_json, &self.tensors)?;
+        // The data checksum comes before the data, so it is computed in a first pass over
+        // memory (several times faster than any disk).
+        let data_crc = data_checksum(&self.slices);
+        let mut header_crc = crc32fast::Hasher::new();
+        header_crc.update(&header);
+        let mut head = header;
+        head.extend_from_slice(&header_crc.finalize().to_le_bytes());
+        head.extend_from_slice(&data_crc.to_le_bytes());
+        w.write_all(&head).map_err(write_error)?;
+        let mut total = head.len() as u64;
+        for s in &self.slices {
+            with_le_bytes(s, &mut |b| w.write_all(b)).map_err(write_error)?;
+            total += std::mem::size_of_val(*s) as u64;
+        }
+        Ok(total)
+    }
+}
+
 /// Writes a checkpoint of `opt` (and of `params`' values, when given) to `w`. Not atomic: see
 /// [`save`] for files. Returns the number of bytes written.
 ///
@@ -166,62 +271,10 @@ pub fn write<T: Float, A: Algorithm, W: Write + ?Sized>(
             )));
         }
     }
-    let dtype = FileDtype::from_name(T::DTYPE)?;
-    // Tensor table and metadata, borrowing the buffers.
-    let mut tensors: Vec<(String, Dtype, Vec<usize>)> =
-        vec![(CRC_TENSOR.to_string(), Dtype::U32, vec![2])];
-    let mut slices: Vec<&[T]> = Vec::new();
-    let mut state = Vec::new();
-    opt.for_each_state(|s: StateRef<'_, T>| -> Result<()> {
-        let mut names = Vec::with_capacity(s.buffers.len());
-        for (name, shape, values) in s.buffers {
-            tensors.push((state_tensor(s.index, name), dtype.safetensors(), shape));
-            slices.push(values);
-            names.push(name.to_string());
-        }
-        state.push(StateMeta {
-            index: s.index,
-            step: s.step,
-            scalars: s.scalars.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
-            buffers: names,
-        });
-        Ok(())
-    })?;
-    if let Some(arena) = params {
-        for (p, info) in arena.handles().zip(arena.infos()) {
-            tensors.push((
-                param_tensor(&info.name),
-                dtype.safetensors(),
-                info.shape.clone(),
-            ));
-            slices.push(arena.value(p));
-        }
-    }
-    let meta = CheckpointMeta {
-        format: FORMAT_NAME.to_string(),
-        version: FORMAT_VERSION,
-        optimizer: A::NAME.to_string(),
-        dtype: T::DTYPE.to_string(),
-        param_groups: opt.group_dicts(),
-        state,
-        params: params.map(|a| a.infos().to_vec()),
-    };
-    let header = format::build_header(&meta, &tensors)?;
-    // The data checksum comes before the data, so it is computed in a first pass over memory
-    // (several times faster than any disk).
-    let data_crc = data_checksum(&slices);
-    let mut header_crc = crc32fast::Hasher::new();
-    header_crc.update(&header);
-    let mut head = header;
-    head.extend_from_slice(&header_crc.finalize().to_le_bytes());
-    head.extend_from_slice(&data_crc.to_le_bytes());
-    w.write_all(&head).map_err(write_error)?;
-    let mut total = head.len() as u64;
-    for s in &slices {
-        with_le_bytes(s, &mut |b| w.write_all(b)).map_err(write_error)?;
-        total += std::mem::size_of_val(*s) as u64;
-    }
-    Ok(total)
+    let mut body = Body::new()?;
+    let mut meta = body.push_optimizer(opt, "")?;
+    meta.params = params.map(|a| body.push_params(a));
+    body.write(w, serde_json::to_string(&meta)?)
 }
 
 /// Saves a checkpoint of `opt` (and of `params`' values, when given, so that one file resumes
@@ -245,13 +298,19 @@ pub fn save_with<S: SaveTarget, T: Float, A: Algorithm>(
 }
 
 /// Where one tensor's values go.
-enum Dest {
+pub(crate) enum Dest<K> {
+    /// Into the destination `K` names.
+    Take(K),
+    /// Read (and checksummed) but not kept: parameter values when no arena was given.
+    Skip,
+}
+
+/// Where a plain optimizer checkpoint's tensors go.
+enum OptDest {
     /// Buffer of a saved parameter number.
     State(usize, String),
     /// Element range of the staged parameter values.
     Param(std::ops::Range<usize>),
-    /// Read (and checksummed) but not kept: parameter values when no arena was given.
-    Skip,
 }
 
 /// Reads `n` elements of `dtype` from `r` into `dst` (cast to `T`), checksumming the bytes.
@@ -343,62 +402,27 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
         file_len,
     } = read_header(r, file_len)?;
     let dtype = FileDtype::from_name(&meta.dtype)?;
-    let saved: Vec<SavedState<'_>> = meta
-        .state
-        .iter()
-        .map(|s| SavedState {
-            index: s.index,
-            step: s.step,
-            scalars: &s.scalars,
-            buffers: &s.buffers,
-        })
-        .collect();
-    let mut staged = opt.stage_load(&meta.optimizer, &meta.param_groups, &saved, by)?;
+    let mut staged = stage_optimizer(opt, &meta, by)?;
     // Every tensor must be one the metadata announces, with the announced dtype and shape,
     // and every announced one must be there.
-    let mut expected: std::collections::BTreeMap<String, (Vec<usize>, Dest)> = Default::default();
+    let mut expected: Expected<OptDest> = Default::default();
     for (index, name, shape) in staged.slots() {
         expected.insert(
             state_tensor(index, name),
-            (shape.to_vec(), Dest::State(index, name.to_string())),
+            (
+                shape.to_vec(),
+                Dest::Take(OptDest::State(index, name.to_string())),
+            ),
         );
     }
     let layout = opt.param_layout().to_vec();
     let mut staged_params: Option<Vec<T>> = None;
     match (&meta.params, &params) {
         (Some(stored), Some(_)) => {
-            let mut seen = std::collections::BTreeSet::new();
-            for p in stored {
-                if !seen.insert(p.name.as_str()) {
-                    return Err(bad(format!("parameter `{}` is stored twice", p.name)));
-                }
-                let info = layout.iter().find(|i| i.name == p.name).ok_or_else(|| {
-                    Error::StateDict(format!(
-                        "the checkpoint stores parameter `{}`, which the arena does not have",
-                        p.name
-                    ))
-                })?;
-                if info.shape != p.shape {
-                    return Err(Error::StateDict(format!(
-                        "parameter `{}` has shape {:?} in the checkpoint and {:?} in the arena",
-                        p.name, p.shape, info.shape
-                    )));
-                }
-                expected.insert(
-                    param_tensor(&p.name),
-                    (p.shape.clone(), Dest::Param(info.range())),
-                );
+            for (name, shape, range) in plan_params(&layout, stored)? {
+                expected.insert(name, (shape, Dest::Take(OptDest::Param(range))));
             }
-            if let Some(missing) = layout.iter().find(|i| !seen.contains(i.name.as_str())) {
-                return Err(Error::StateDict(format!(
-                    "the checkpoint does not store parameter `{}`",
-                    missing.name
-                )));
-            }
-            let mut values = vec![T::ZERO; layout.iter().map(|i| i.len).sum()];
-            // First touch of fresh pages is slow; fault them in parallel.
-            values.par_chunks_mut(1 << 16).for_each(|c| c.fill(T::ZERO));
-            staged_params = Some(values);
+            staged_params = Some(zeroed(layout.iter().map(|i| i.len).sum()));
         }
         (None, Some(_)) => {
             return Err(Error::StateDict(
@@ -413,8 +437,114 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
         }
         (None, None) => {}
     }
+    let at = stream_data(
+        r,
+        &tensors,
+        expected,
+        dtype,
+        data_crc,
+        |dest, read| match dest {
+            OptDest::State(index, name) => read(
+                staged
+                    .slot_mut(index, &name)
+                    .expect("every announced slot exists"),
+            ),
+            OptDest::Param(range) => {
+                read(&mut staged_params.as_mut().expect("staged with the arena")[range])
+            }
+        },
+    )?;
+    debug_assert_eq!(header_len + at, file_len);
+    opt.commit_staged(staged);
+    if let (Some(arena), Some(values)) = (params, staged_params) {
+        arena.params_mut().copy_from_slice(&values);
+    }
+    Ok(file_len)
+}
+
+/// Tensor name -> (shape, where its values go), as the metadata announces them.
+pub(crate) type Expected<K> = std::collections::BTreeMap<String, (Vec<usize>, Dest<K>)>;
+
+/// A zeroed buffer of `n` values, its pages faulted in in parallel (first touch is slow).
+pub(crate) fn zeroed<T: Float>(n: usize) -> Vec<T> {
+    let mut values = vec![T::ZERO; n];
+    values.par_chunks_mut(1 << 16).for_each(|c| c.fill(T::ZERO));
+    values
+}
+
+/// Checks an optimizer's saved groups and states against `opt` (as `load_state_dict` does)
+/// and stages buffers for their values.
+pub(crate) fn stage_optimizer<T: Float, A: Algorithm>(
+    opt: &Optimizer<T, A>,
+    meta: &CheckpointMeta,
+    by: MatchBy,
+) -> Result<crate::optimizer::Staged<T, A>> {
+    let saved: Vec<SavedState<'_>> = meta
+        .state
+        .iter()
+        .map(|s| SavedState {
+            index: s.index,
+            step: s.step,
+            scalars: &s.scalars,
+            buffers: &s.buffers,
+        })
+        .collect();
+    opt.stage_load(&meta.optimizer, &meta.param_groups, &saved, by)
+}
+
+/// A stored parameter's tensor name, shape and element range in the arena.
+pub(crate) type PlannedParam = (String, Vec<usize>, std::ops::Range<usize>);
+
+/// Matches stored parameter values to the arena's `layout` by name: every parameter of the
+/// arena must be stored once, with its shape (torch's strict `load_state_dict` of a model).
+/// Returns each tensor's name, shape and element range in the arena.
+pub(crate) fn plan_params(
+    layout: &[crate::arena::ParamInfo],
+    stored: &[crate::arena::ParamInfo],
+) -> Result<Vec<PlannedParam>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(stored.len());
+    for p in stored {
+        if !seen.insert(p.name.as_str()) {
+            return Err(bad(format!("parameter `{}` is stored twice", p.name)));
+        }
+        let info = layout.iter().find(|i| i.name == p.name).ok_or_else(|| {
+            Error::StateDict(format!(
+                "the checkpoint stores parameter `{}`, which the arena does not have",
+                p.name
+            ))
+        })?;
+        if info.shape != p.shape {
+            return Err(Error::StateDict(format!(
+                "parameter `{}` has shape {:?} in the checkpoint and {:?} in the arena",
+                p.name, p.shape, info.shape
+            )));
+        }
+        out.push((param_tensor(&p.name), p.shape.clone(), info.range()));
+    }
+    if let Some(missing) = layout.iter().find(|i| !seen.contains(i.name.as_str())) {
+        return Err(Error::StateDict(format!(
+            "the checkpoint does not store parameter `{}`",
+            missing.name
+        )));
+    }
+    Ok(out)
+}
+
+/// Checks the file's tensor table against `expected` (every tensor announced, with its dtype
+/// and shape, and every announced one present), then streams the data in file order: each
+/// `Take` tensor into the slice `sink` hands to its reader, each `Skip` tensor only
+/// checksummed. Checks the data checksum at the end. Returns the data section's length.
+pub(crate) fn stream_data<T: Float, R: Read + ?Sized, K>(
+    r: &mut R,
+    tensors: &[TensorEntry],
+    mut expected: Expected<K>,
+    dtype: FileDtype,
+    data_crc: u32,
+    mut sink: impl FnMut(K, &mut dyn FnMut(&mut [T]) -> Result<()>) -> Result<()>,
+) -> Result<u64> {
     let mut plan = Vec::with_capacity(tensors.len());
-    for t in &tensors {
+    for t in tensors {
         let Some((shape, dest)) = expected.remove(&t.name) else {
             return Err(bad(format!(
                 "tensor `{}` is not described by the metadata",
@@ -442,7 +572,6 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
             "tensor `{name}` is described by the metadata but missing"
         )));
     }
-    // Stream the data in file order into the staged buffers.
     let mut crc = crc32fast::Hasher::new();
     let mut scratch = Vec::new();
     let mut at = 8usize; // after the checksum tensor
@@ -456,16 +585,9 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
         }
         let what = format!("tensor `{}`", t.name);
         match dest {
-            Dest::State(index, name) => {
-                let dst = staged
-                    .slot_mut(index, &name)
-                    .expect("every announced slot exists");
-                read_values(r, &mut crc, dtype, dst, &mut scratch, &what)?;
-            }
-            Dest::Param(range) => {
-                let dst = &mut staged_params.as_mut().expect("staged with the arena")[range];
-                read_values(r, &mut crc, dtype, dst, &mut scratch, &what)?;
-            }
+            Dest::Take(k) => sink(k, &mut |dst: &mut [T]| {
+                read_values(r, &mut crc, dtype, dst, &mut scratch, &what)
+            })?,
             Dest::Skip => skip_bytes(r, &mut crc, n_bytes, &mut scratch, &what)?,
         }
         at = t.data_offsets.1;
@@ -477,12 +599,7 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
              data is corrupt"
         )));
     }
-    debug_assert_eq!(header_len + at as u64, file_len);
-    opt.commit_staged(staged);
-    if let (Some(arena), Some(values)) = (params, staged_params) {
-        arena.params_mut().copy_from_slice(&values);
-    }
-    Ok(file_len)
+    Ok(at as u64)
 }
 
 /// Loads a checkpoint file written by [`save`] into `opt` (and its parameter values into

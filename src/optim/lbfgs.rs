@@ -949,6 +949,8 @@ pub struct Lbfgs<T: Float> {
     snapshot: Option<Snapshot<T>>,
     /// The instruction-set cap of the flat-vector kernels.
     simd: SimdLevel,
+    /// torch's `group["initial_lr"]` of the one group, set by LR schedulers.
+    initial_lr: Option<f64>,
 }
 
 impl<T: Float> std::fmt::Debug for Lbfgs<T> {
@@ -1015,6 +1017,7 @@ impl<T: Float> Lbfgs<T> {
             },
             snapshot: None,
             simd: SimdLevel::default(),
+            initial_lr: None,
         })
     }
 
@@ -1523,6 +1526,40 @@ impl<T: Float> Lbfgs<T> {
         saved: &LbfgsStateDict<U>,
         by: MatchBy,
     ) -> Result<()> {
+        let load = self.prepare_load(saved, by)?;
+        self.commit_load(load);
+        Ok(())
+    }
+
+    /// The identity of the arena this optimizer was built for.
+    pub(crate) fn arena_identity(&self) -> u64 {
+        self.arena_id
+    }
+
+    /// Swaps a load prepared by [`Lbfgs::prepare_load`] in. Cannot fail.
+    pub(crate) fn commit_load(&mut self, load: LbfgsLoad<T>) {
+        self.config = load.config;
+        match load.state {
+            None => self.reset(),
+            Some(st) => {
+                self.scalars = st.scalars;
+                if st.scalars.started {
+                    self.d = st.d;
+                    self.prev_flat_grad = st.prev;
+                }
+                self.history = st.history;
+                self.al = st.al;
+            }
+        }
+    }
+
+    /// Checks a saved state against this optimizer (see [`Lbfgs::load_state_dict`]) and
+    /// converts it, changing nothing.
+    pub(crate) fn prepare_load<U: Float>(
+        &self,
+        saved: &LbfgsStateDict<U>,
+        by: MatchBy,
+    ) -> Result<LbfgsLoad<T>> {
         let bad = |m: String| Err(Error::StateDict(m));
         if saved.format != STATE_DICT_FORMAT {
             return bad(format!(
@@ -1563,9 +1600,10 @@ impl<T: Float> Lbfgs<T> {
         let n = self.flat.len;
 
         let Some(st) = &saved.state else {
-            self.config = config;
-            self.reset();
-            return Ok(());
+            return Ok(LbfgsLoad {
+                config,
+                state: None,
+            });
         };
         let convert = |name: &str, v: &[U]| -> Result<AlignedBuf<T>> {
             if v.len() != n {
@@ -1668,16 +1706,32 @@ impl<T: Float> Lbfgs<T> {
                 .map(|a| a.map(|x| T::from_f64(x.to_f64())))
                 .collect()
         });
-        self.config = config;
-        self.scalars = scalars;
-        if started {
-            self.d = d;
-            self.prev_flat_grad = prev;
-        }
-        self.history = history;
-        self.al = al;
-        Ok(())
+        Ok(LbfgsLoad {
+            config,
+            state: Some(LbfgsLoadState {
+                scalars,
+                d,
+                prev,
+                history,
+                al,
+            }),
+        })
     }
+}
+
+/// A checked, converted [`LbfgsStateDict`], waiting to be swapped in.
+pub(crate) struct LbfgsLoad<T: Float> {
+    config: LbfgsConfig,
+    /// `None`: the saved optimizer had not stepped (the state is reset).
+    state: Option<LbfgsLoadState<T>>,
+}
+
+struct LbfgsLoadState<T: Float> {
+    scalars: Scalars,
+    d: AlignedBuf<T>,
+    prev: AlignedBuf<T>,
+    history: History<T>,
+    al: Option<Vec<Option<T>>>,
 }
 
 impl<T: Float> GroupHyperparams for Lbfgs<T> {
@@ -1701,6 +1755,25 @@ impl<T: Float> GroupHyperparams for Lbfgs<T> {
             });
         }
         self.set_hyper(name, value)
+    }
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
+        if group != 0 {
+            return Err(Error::NoSuchGroup {
+                index: group,
+                count: 1,
+            });
+        }
+        Ok(self.initial_lr)
+    }
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
+        if group != 0 {
+            return Err(Error::NoSuchGroup {
+                index: group,
+                count: 1,
+            });
+        }
+        self.initial_lr = initial_lr;
+        Ok(())
     }
 }
 

@@ -46,6 +46,63 @@ fn check_children(
     Ok(())
 }
 
+/// Writes a child's saved values into the groups it has stepped: a child that last stepped
+/// before a group was added (`add_param_group`; a `SequentialLR` child whose milestone has
+/// passed) has values for the first groups only, and the composite's own `_last_lr`, written
+/// after it, covers them all.
+fn apply_child(child: &dyn LrScheduler, opt: &mut dyn GroupHyperparams) -> Result<()> {
+    let n = child.raw_num_groups();
+    if n > opt.num_groups() {
+        return check_groups(opt, n);
+    }
+    child.raw_apply(&mut FirstGroups { opt, n })
+}
+
+/// The first `n` groups of an optimizer.
+struct FirstGroups<'a> {
+    opt: &'a mut dyn GroupHyperparams,
+    n: usize,
+}
+
+impl FirstGroups<'_> {
+    fn check(&self, group: usize) -> Result<()> {
+        if group >= self.n {
+            return Err(Error::NoSuchGroup {
+                index: group,
+                count: self.n,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl GroupHyperparams for FirstGroups<'_> {
+    fn num_groups(&self) -> usize {
+        self.n
+    }
+    fn group_hyper(&self, group: usize, name: &str) -> Result<crate::hyper::HyperValue> {
+        self.check(group)?;
+        self.opt.group_hyper(group, name)
+    }
+    fn set_group_hyper(
+        &mut self,
+        group: usize,
+        name: &str,
+        value: crate::hyper::HyperValue,
+    ) -> Result<()> {
+        self.check(group)?;
+        self.opt.set_group_hyper(group, name, value)
+    }
+    fn group_initial_lr(&self, group: usize) -> Result<Option<f64>> {
+        self.check(group)?;
+        self.opt.group_initial_lr(group)
+    }
+    fn set_group_initial_lr(&mut self, group: usize, initial_lr: Option<f64>) -> Result<()> {
+        self.check(group)?;
+        self.opt.set_group_initial_lr(group, initial_lr)
+    }
+}
+
 fn no_epoch(cls: &str) -> Error {
     Error::Scheduler(format!("{cls}.step() takes no epoch"))
 }
@@ -291,10 +348,10 @@ impl LrScheduler for SequentialLR {
     }
     fn raw_apply(&self, opt: &mut dyn GroupHyperparams) -> Result<()> {
         for c in &self.children {
-            c.raw_apply(opt)?;
+            apply_child(&**c, opt)?;
         }
         // The child that stepped last wins (its cycled momentum), then the lr saved.
-        self.children[self.active()].raw_apply(opt)?;
+        apply_child(&*self.children[self.active()], opt)?;
         apply(opt, &self.last_lr, None)
     }
     fn raw_num_groups(&self) -> usize {
@@ -302,6 +359,9 @@ impl LrScheduler for SequentialLR {
     }
     fn raw_touches_momentum(&self) -> bool {
         self.children.iter().any(|c| c.raw_touches_momentum())
+    }
+    fn raw_needs_metric(&self) -> bool {
+        false
     }
 }
 
@@ -419,7 +479,7 @@ impl LrScheduler for ChainedScheduler {
     }
     fn raw_apply(&self, opt: &mut dyn GroupHyperparams) -> Result<()> {
         for c in &self.children {
-            c.raw_apply(opt)?;
+            apply_child(&**c, opt)?;
         }
         check_groups(opt, self.last_lr.len())?;
         apply(opt, &self.last_lr, None)
@@ -429,5 +489,8 @@ impl LrScheduler for ChainedScheduler {
     }
     fn raw_touches_momentum(&self) -> bool {
         self.children.iter().any(|c| c.raw_touches_momentum())
+    }
+    fn raw_needs_metric(&self) -> bool {
+        false
     }
 }

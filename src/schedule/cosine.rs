@@ -5,8 +5,8 @@ use std::f64::consts::PI;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    apply, check_groups, construct, div, finite, group_lrs, invalid, leaf_scheduler, BaseState,
-    Leaf, LeafState, Values,
+    apply, construct, div, finite, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState,
+    Values,
 };
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
@@ -97,6 +97,10 @@ impl CosineAnnealingLR {
 }
 
 impl Leaf for CosineAnnealingLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "CosineAnnealingLR";
     type State = CosineState;
     fn state(&self) -> &CosineState {
@@ -106,7 +110,7 @@ impl Leaf for CosineAnnealingLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let b = &self.state.base;
         let (e, t, eta) = (b.last_epoch, c.t_max, c.eta_min);
@@ -115,6 +119,18 @@ impl Leaf for CosineAnnealingLR {
             return Ok(Values::lrs(lrs));
         }
         let tf = t as f64;
+        let restart = super::py_mod(e - 1 - t, 2 * t)? == 0;
+        if (b.step_count == 1 && e > 0) || restart {
+            // torch zips base_lrs with param_groups (strict) in these two branches only.
+            if lrs.len() > b.base_lrs.len() {
+                return Err(super::late_group_error(
+                    Self::NAME,
+                    b.base_lrs.len(),
+                    lrs.len(),
+                    super::ZIP_LONGER,
+                ));
+            }
+        }
         if b.step_count == 1 && e > 0 {
             let cos = (e as f64 * PI / tf).cos();
             return Ok(Values::lrs(
@@ -124,7 +140,7 @@ impl Leaf for CosineAnnealingLR {
                     .collect(),
             ));
         }
-        if super::py_mod(e - 1 - t, 2 * t)? == 0 {
+        if restart {
             let k = 1.0 - (PI / tf).cos();
             return Ok(Values::lrs(
                 lrs.iter()
@@ -216,6 +232,10 @@ pub(crate) struct WarmRestartsState {
 }
 
 impl LeafState for WarmRestartsState {
+    fn last_momentum(&self) -> Option<(&[f64], bool)> {
+        // It does not cycle momentum.
+        None
+    }
     fn base(&self) -> &BaseState {
         &self.base
     }
@@ -305,6 +325,14 @@ fn py_num(x: f64) -> String {
 }
 
 impl Leaf for CosineAnnealingWarmRestarts {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "CosineAnnealingWarmRestarts";
     type State = WarmRestartsState;
     fn state(&self) -> &WarmRestartsState {
@@ -333,7 +361,7 @@ impl Leaf for CosineAnnealingWarmRestarts {
         epoch: Option<f64>,
         _initial: bool,
     ) -> Result<()> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let s = &mut self.state;
         let (t_0, t_mult) = (s.config.t_0, s.config.t_mult);
         let epoch = match epoch {
@@ -384,6 +412,7 @@ impl Leaf for CosineAnnealingWarmRestarts {
         };
         s.base.last_epoch = epoch.floor() as i64;
         let values = self.get_lr(opt, false)?;
+        super::check_late_groups(Self::NAME, values.lrs.len(), opt, Self::LATE_GROUP_TORCH)?;
         apply(opt, &values.lrs, None)?;
         self.state.base.last_lr = group_lrs(opt)?;
         Ok(())

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    attach, check_groups, div, finite, invalid, leaf_scheduler, momentum_kind, py_pow, replay,
-    set_momentum, transaction, BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
+    attach, div, finite, invalid, leaf_scheduler, momentum_kind, py_pow, replay, set_momentum,
+    transaction, BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
 };
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
@@ -293,6 +293,10 @@ pub(crate) fn no_momentum() -> Error {
 }
 
 impl Leaf for CyclicLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
     const NAME: &'static str = "CyclicLR";
     type State = CyclicState;
     fn state(&self) -> &CyclicState {
@@ -302,7 +306,7 @@ impl Leaf for CyclicLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let s = &self.state;
         let e = s.base.last_epoch as f64;
         let q = div(e, s.total_size)?;

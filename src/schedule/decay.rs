@@ -2,10 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_groups, construct, div, finite, group_lrs, leaf_scheduler, py_pow, BaseState, Leaf,
-    Values,
-};
+use super::{construct, div, finite, group_lrs, leaf_scheduler, py_pow, BaseState, Leaf, Values};
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
 
@@ -80,6 +77,10 @@ impl ExponentialLR {
 }
 
 impl Leaf for ExponentialLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "ExponentialLR";
     type State = ExponentialState;
     fn state(&self) -> &ExponentialState {
@@ -89,7 +90,7 @@ impl Leaf for ExponentialLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let lrs = group_lrs(opt)?;
         if initial {
             return Ok(Values::lrs(lrs));
@@ -175,6 +176,10 @@ impl PolynomialLR {
 }
 
 impl Leaf for PolynomialLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "PolynomialLR";
     type State = PolynomialState;
     fn state(&self) -> &PolynomialState {
@@ -184,7 +189,7 @@ impl Leaf for PolynomialLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;

@@ -2,9 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_groups, construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState, Values,
-};
+use super::{construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState, Values};
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
 
@@ -71,6 +69,10 @@ pub(crate) struct LambdaState {
 }
 
 impl LeafState for LambdaState {
+    fn last_momentum(&self) -> Option<(&[f64], bool)> {
+        // It does not cycle momentum.
+        None
+    }
     fn base(&self) -> &BaseState {
         &self.base
     }
@@ -142,6 +144,14 @@ impl LambdaLR {
 }
 
 impl Leaf for LambdaLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Its closures are not saved (torch saves none either): the instance's own are used.
+        Ok(())
+    }
     const NAME: &'static str = "LambdaLR";
     type State = LambdaState;
     fn state(&self) -> &LambdaState {
@@ -222,7 +232,16 @@ impl MultiplicativeLR {
 }
 
 impl Leaf for MultiplicativeLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Its closures are not saved (torch saves none either): the instance's own are used.
+        Ok(())
+    }
     const NAME: &'static str = "MultiplicativeLR";
+    const LATE_GROUP_TORCH: &'static str = super::ZIP_LONGER;
     type State = LambdaState;
     fn state(&self) -> &LambdaState {
         &self.state
@@ -231,14 +250,17 @@ impl Leaf for MultiplicativeLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let current = group_lrs(opt)?;
         if initial {
             return Ok(Values::lrs(current));
         }
         let epoch = self.state.base.last_epoch;
+        // One lambda per group the scheduler was built for: a group added later has none
+        // (update_lr then raises torch's error).
         let lrs = current
             .iter()
+            .take(self.state.base.base_lrs.len())
             .enumerate()
             .map(|(g, &lr)| Ok(lr * call(&self.lambdas, g, epoch)?))
             .collect::<Result<_>>()?;

@@ -3,9 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_groups, construct, div, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, Values,
-};
+use super::{construct, div, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, Values};
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
 
@@ -97,6 +95,10 @@ impl ConstantLR {
 }
 
 impl Leaf for ConstantLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "ConstantLR";
     type State = ConstantState;
     fn state(&self) -> &ConstantState {
@@ -106,7 +108,7 @@ impl Leaf for ConstantLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;
@@ -222,6 +224,10 @@ impl LinearLR {
 }
 
 impl Leaf for LinearLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "LinearLR";
     type State = LinearState;
     fn state(&self) -> &LinearState {
@@ -231,7 +237,7 @@ impl Leaf for LinearLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;

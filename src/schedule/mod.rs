@@ -63,6 +63,21 @@
 //! - torch's warnings (stepping before `optimizer.step()`, the deprecated epoch argument) are
 //!   not reproduced.
 //!
+//! # A group added after the scheduler (`add_param_group`)
+//! As in torch, a scheduler keeps the `base_lrs` (and lambdas, cycle bounds, `swa_lr`s) of the
+//! groups it was built on, and the new group gets no `initial_lr`. The chainable steps compute
+//! each group's next lr from its current one, so they carry on over the new group (`StepLR`,
+//! `MultiStepLR`, `ConstantLR`, `LinearLR`, `ExponentialLR`, `PolynomialLR`,
+//! `CosineAnnealingLR` between restarts, `ReduceLROnPlateau` with one `min_lr`, and the
+//! composites of those), and a scheduler state saved after the add has a `_last_lr` for every
+//! group. Where torch raises because a step needs a per-group value the new group lacks (every
+//! closed form, i.e. `step(epoch)` and a `SequentialLR` milestone; `LambdaLR`,
+//! `MultiplicativeLR`, `CyclicLR`, `OneCycleLR`, `CosineAnnealingWarmRestarts`, `SWALR` at
+//! their next step; `CosineAnnealingLR`'s restart step; `ReduceLROnPlateau` with a list of
+//! `min_lr` at its next reduction), the step returns [`Error::Scheduler`] naming the scheduler
+//! and torch's exception, and changes nothing. `tests/schedulers.rs` replays torch's recording
+//! of every kind (`scripts/gen_scheduler_extra.py --only add_group`).
+//!
 //! # State: `state_dict` / `load_state_dict`
 //! [`LrScheduler::state_dict`] returns the scheduler's whole state as JSON (serde): the
 //! scheduler's name, its configuration (torch's keyword names), `base_lrs`, `last_epoch`,
@@ -146,6 +161,9 @@ macro_rules! options_state {
             }
             fn validate(&self) -> $crate::error::Result<()> {
                 self.config.check()
+            }
+            fn last_momentum(&self) -> Option<(&[f64], bool)> {
+                None
             }
         }
     };
@@ -278,15 +296,11 @@ pub trait LrScheduler: Send {
 
     /// Whether a step may change `momentum` / `betas` as well as `lr`.
     #[doc(hidden)]
-    fn raw_touches_momentum(&self) -> bool {
-        false
-    }
+    fn raw_touches_momentum(&self) -> bool;
 
     /// Whether this is `ReduceLROnPlateau` (composites refuse it, as torch does).
     #[doc(hidden)]
-    fn raw_needs_metric(&self) -> bool {
-        false
-    }
+    fn raw_needs_metric(&self) -> bool;
 }
 
 /// Runs `f` so that on an error both the scheduler and the optimizer are as they were.
@@ -391,9 +405,11 @@ impl BaseState {
     }
 
     fn check(&self, name: &str) -> Result<()> {
-        if self.base_lrs.len() != self.last_lr.len() {
+        // `_last_lr` has a value for every group the scheduler stepped; groups added after it
+        // was built have none in `base_lrs` (torch's lists have those lengths too).
+        if self.base_lrs.len() > self.last_lr.len() {
             return Err(Error::StateDict(format!(
-                "{name}: base_lrs has {} values and _last_lr {}",
+                "{name}: base_lrs has {} values and _last_lr only {}",
                 self.base_lrs.len(),
                 self.last_lr.len()
             )));
@@ -471,6 +487,65 @@ pub(crate) fn momentum_kind(opt: &dyn GroupHyperparams) -> Option<bool> {
     } else {
         None
     }
+}
+
+/// torch's `_update_lr` when `get_lr` returned fewer values than the optimizer has groups
+/// (`zip(param_groups, values, strict=True)`).
+pub(crate) const ZIP_SHORTER: &str = "ValueError: zip() argument 2 is shorter than argument 1";
+/// torch's `zip(per_group_values, param_groups, strict=True)` with a group added since.
+pub(crate) const ZIP_LONGER: &str = "ValueError: zip() argument 2 is longer than argument 1";
+
+/// A scheduler follows groups added to the optimizer after it was built (torch's
+/// `add_param_group`), never fewer groups than it was built for.
+pub(crate) fn check_follows(opt: &dyn GroupHyperparams, n: usize) -> Result<()> {
+    if opt.num_groups() < n {
+        return Err(Error::Scheduler(format!(
+            "the scheduler was built for {n} param groups but the optimizer has {} (another \
+             optimizer was passed)",
+            opt.num_groups()
+        )));
+    }
+    Ok(())
+}
+
+/// The error of a step that needs a per-group value (`base_lrs`, a lambda, `swa_lr`, ...) of a
+/// group added by `add_param_group` after the scheduler was built: torch raises there too
+/// (`torch_error`); the chainable steps before and after it go on with the group's own lr.
+pub(crate) fn late_group_error(
+    name: &str,
+    known: usize,
+    groups: usize,
+    torch_error: &str,
+) -> Error {
+    let which = if groups - known == 1 {
+        format!("param group {known} was")
+    } else {
+        format!("param groups {known}..{groups} were")
+    };
+    Error::Scheduler(format!(
+        "{name}: {which} added to the optimizer after the scheduler was built and this step \
+         needs a value the scheduler keeps per group (its base_lr, or what it was built \
+         with); torch raises here too ({torch_error}). Build the scheduler after adding the \
+         group"
+    ))
+}
+
+/// [`late_group_error`] if a step computed values for fewer groups than the optimizer has.
+pub(crate) fn check_late_groups(
+    name: &str,
+    computed: usize,
+    opt: &dyn GroupHyperparams,
+    torch_error: &str,
+) -> Result<()> {
+    if computed < opt.num_groups() {
+        return Err(late_group_error(
+            name,
+            computed,
+            opt.num_groups(),
+            torch_error,
+        ));
+    }
+    Ok(())
 }
 
 /// The scheduler and the optimizer must have the same number of groups.
@@ -730,15 +805,18 @@ pub(crate) trait LeafState: Serialize + DeserializeOwned + Clone + Send + 'stati
     fn base_mut(&mut self) -> &mut BaseState;
     /// Checks a loaded state as the constructor checks options.
     fn validate(&self) -> Result<()>;
-    /// The momentum values the scheduler set last, and `use_beta1`, if it cycles momentum.
-    fn last_momentum(&self) -> Option<(&[f64], bool)> {
-        None
-    }
+    /// The momentum values the scheduler set last, and `use_beta1`, if it cycles momentum
+    /// (`None` if it does not).
+    fn last_momentum(&self) -> Option<(&[f64], bool)>;
 }
 
 /// A scheduler built on torch's `LRScheduler.step` / `_update_lr` / `get_lr`.
 pub(crate) trait Leaf: Send + 'static {
     const NAME: &'static str;
+    /// What torch raises when a step of this scheduler needs a value it keeps per group
+    /// (`base_lrs`, `lr_lambdas`, ...) for a group added by `add_param_group` after the
+    /// scheduler was built (see [`check_late_groups`]).
+    const LATE_GROUP_TORCH: &'static str = ZIP_SHORTER;
     type State: LeafState;
     fn state(&self) -> &Self::State;
     fn state_mut(&mut self) -> &mut Self::State;
@@ -746,15 +824,12 @@ pub(crate) trait Leaf: Send + 'static {
     /// torch's `get_lr()` at the current `last_epoch`; `initial` is torch's `_is_initial`.
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, initial: bool) -> Result<Values>;
 
-    /// torch's `_get_closed_form_lr()`, for the schedulers that have one.
-    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
-        None
-    }
+    /// torch's `_get_closed_form_lr()`, for the schedulers that have one (`None` for those
+    /// that have none; `step(epoch)` then uses `get_lr`).
+    fn closed_form(&self) -> Option<Result<Vec<f64>>>;
 
     /// Checks a state about to be loaded against what is not in it (closures).
-    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
-        Ok(())
-    }
+    fn check_loaded(&self, state: &Self::State) -> Result<()>;
 
     /// torch's `step(epoch)`: `LRScheduler.step` unless overridden
     /// (`CosineAnnealingWarmRestarts`).
@@ -776,7 +851,7 @@ pub(crate) fn update_lr<L: Leaf + ?Sized>(
     epoch: Option<f64>,
     initial: bool,
 ) -> Result<()> {
-    check_groups(opt, s.state().base().base_lrs.len())?;
+    check_follows(opt, s.state().base().base_lrs.len())?;
     let values = match epoch {
         None => {
             s.state_mut().base_mut().last_epoch += 1;
@@ -790,6 +865,7 @@ pub(crate) fn update_lr<L: Leaf + ?Sized>(
             }
         }
     };
+    check_late_groups(L::NAME, values.lrs.len(), opt, L::LATE_GROUP_TORCH)?;
     let use_beta1 = s.state().last_momentum().map(|(_, b)| b);
     let momentum = match (&values.momentum, use_beta1) {
         (Some(m), Some(b)) => Some((m.as_slice(), b)),
@@ -908,11 +984,14 @@ macro_rules! leaf_scheduler {
             }
             fn raw_num_groups(&self) -> usize {
                 use $crate::schedule::{Leaf, LeafState};
-                self.state().base().base_lrs.len()
+                self.state().base().last_lr.len()
             }
             fn raw_touches_momentum(&self) -> bool {
                 use $crate::schedule::{Leaf, LeafState};
                 self.state().last_momentum().is_some()
+            }
+            fn raw_needs_metric(&self) -> bool {
+                false
             }
         }
     };

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::cyclic::no_momentum;
 use super::{
-    attach, check_groups, div, finite, invalid, leaf_scheduler, momentum_kind, replay,
-    set_momentum, transaction, BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
+    attach, div, finite, invalid, leaf_scheduler, momentum_kind, replay, set_momentum, transaction,
+    BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
 };
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
@@ -379,7 +379,16 @@ impl OneCycleLR {
 }
 
 impl Leaf for OneCycleLR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "OneCycleLR";
+    const LATE_GROUP_TORCH: &'static str = "KeyError: 'initial_lr'";
     type State = OneCycleState;
     fn state(&self) -> &OneCycleState {
         &self.state
@@ -388,7 +397,7 @@ impl Leaf for OneCycleLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let s = &self.state;
         let step_num = s.base.last_epoch;
         if step_num > s.total_steps {

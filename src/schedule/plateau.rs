@@ -319,4 +319,7 @@ impl LrScheduler for ReduceLROnPlateau {
     fn raw_needs_metric(&self) -> bool {
         true
     }
+    fn raw_touches_momentum(&self) -> bool {
+        false
+    }
 }

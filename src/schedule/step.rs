@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    bisect_right, check_groups, construct, finite, group_lrs, invalid, leaf_scheduler, py_floordiv,
-    py_mod, py_pow, BaseState, Leaf, Values,
+    bisect_right, construct, finite, group_lrs, invalid, leaf_scheduler, py_floordiv, py_mod,
+    py_pow, BaseState, Leaf, Values,
 };
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
@@ -90,6 +90,10 @@ impl StepLR {
 }
 
 impl Leaf for StepLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "StepLR";
     type State = StepState;
     fn state(&self) -> &StepState {
@@ -99,7 +103,7 @@ impl Leaf for StepLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;
@@ -187,6 +191,10 @@ impl MultiStepLR {
 }
 
 impl Leaf for MultiStepLR {
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "MultiStepLR";
     type State = MultiStepState;
     fn state(&self) -> &MultiStepState {
@@ -196,7 +204,7 @@ impl Leaf for MultiStepLR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let e = self.state.base.last_epoch;
         let lrs = group_lrs(opt)?;

@@ -8,8 +8,7 @@ use std::f64::consts::PI;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_groups, construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState,
-    PerGroup, Values,
+    construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState, PerGroup, Values,
 };
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
@@ -124,6 +123,10 @@ pub(crate) struct SwaState {
 }
 
 impl LeafState for SwaState {
+    fn last_momentum(&self) -> Option<(&[f64], bool)> {
+        // It does not cycle momentum.
+        None
+    }
     fn base(&self) -> &BaseState {
         &self.base
     }
@@ -230,7 +233,16 @@ fn clamp01(x: f64) -> f64 {
 }
 
 impl Leaf for SWALR {
+    fn closed_form(&self) -> Option<Result<Vec<f64>>> {
+        // torch's class has no `_get_closed_form_lr`: `step(epoch)` uses `get_lr`.
+        None
+    }
+    fn check_loaded(&self, _state: &Self::State) -> Result<()> {
+        // Everything it runs on is in the state.
+        Ok(())
+    }
     const NAME: &'static str = "SWALR";
+    const LATE_GROUP_TORCH: &'static str = "KeyError: 'swa_lr'";
     type State = SwaState;
     fn state(&self) -> &SwaState {
         &self.state
@@ -239,7 +251,7 @@ impl Leaf for SWALR {
         &mut self.state
     }
     fn get_lr(&mut self, opt: &dyn GroupHyperparams, _initial: bool) -> Result<Values> {
-        check_groups(opt, self.state.base.base_lrs.len())?;
+        super::check_follows(opt, self.state.base.base_lrs.len())?;
         let c = &self.state.config;
         let mut step = self.state.base.step_count as i64 - 1;
         if c.anneal_epochs == 0 {

@@ -716,7 +716,7 @@ pub fn write_grads<T: Float>(arena: &mut optarena::Arena<T>, t: u64, skip: &[usi
 /// Replays a `clip.json` case (always f32): `clip_grad_norm_` or `clip_grad_value_` on
 /// `hashed(seed, 1, n_total)` gradients.
 pub fn run_clip_case(case: &Value) -> Outcome {
-    use optarena::clip::{clip_grad_norm, clip_grad_value, NormType};
+    use optarena::clip::{clip_grad_norm_all, clip_grad_value_all, ClipNorm, NormType};
     let name = case["name"].as_str().unwrap_or("?");
     let seed = case["seed"].as_u64().unwrap();
     let shapes: Vec<Vec<usize>> = case["shapes"]
@@ -741,7 +741,6 @@ pub fn run_clip_case(case: &Value) -> Outcome {
     for (dst, src) in arena.grads_mut().iter_mut().zip(&g) {
         *dst = *src as f32;
     }
-    let all = [0..shapes.len()];
     if let Some(max_norm) = case.get("max_norm").and_then(Value::as_f64) {
         let p = match &case["norm_type"] {
             Value::String(s) if s == "inf" => f64::INFINITY,
@@ -751,14 +750,7 @@ pub fn run_clip_case(case: &Value) -> Outcome {
             Ok(n) => n,
             Err(e) => return Outcome::Fail(format!("{name}: {e}")),
         };
-        let total = match clip_grad_norm(
-            &mut arena,
-            &all,
-            max_norm,
-            norm,
-            false,
-            &Parallelism::Global,
-        ) {
+        let total = match clip_grad_norm_all(&mut arena, ClipNorm::new(max_norm).norm_type(norm)) {
             Ok(t) => t,
             Err(e) => return Outcome::Fail(format!("{name}: {e}")),
         };
@@ -768,7 +760,7 @@ pub fn run_clip_case(case: &Value) -> Outcome {
         }
     } else {
         let v = case["clip_value"].as_f64().unwrap();
-        if let Err(e) = clip_grad_value(&mut arena, &all, v) {
+        if let Err(e) = clip_grad_value_all(&mut arena, v) {
             return Outcome::Fail(format!("{name}: {e}"));
         }
     }
