@@ -66,6 +66,7 @@ pub mod averaged;
 mod buffer;
 pub mod checkpoint;
 pub mod clip;
+pub mod distributed;
 pub mod error;
 pub mod float;
 pub mod hyper;

@@ -1,0 +1,21 @@
+//! Data-parallel training over several processes: the collectives behind a small
+//! [`Communicator`] trait (MPI with the `mpi` feature, or [`SingleProcess`]), how the arena
+//! is cut into per-rank shards ([`ShardPlan`]), and replicated data parallelism
+//! ([`DataParallel`], torch's `DistributedDataParallel`).
+//!
+//! The flat arena makes the exchange two collectives over flat buffers: no bucketing and no
+//! flattening, as torch's DDP and DeepSpeed need.
+
+mod comm;
+#[cfg(feature = "mpi")]
+mod mpi_comm;
+mod replicated;
+mod shard;
+#[cfg(test)]
+mod threads;
+
+pub use comm::{CommElem, Communicator, MpiDatatype, Reduction, SingleProcess};
+#[cfg(feature = "mpi")]
+pub use mpi_comm::MpiComm;
+pub use replicated::DataParallel;
+pub use shard::ShardPlan;
