@@ -98,7 +98,10 @@ mod tests {
                     check_cover(&p, len, size);
                     for r in 0..size {
                         let s = p.shard(r);
-                        assert!(s.start % line == 0 || s.start == len, "{len} {size} {r}");
+                        assert!(
+                            s.start.is_multiple_of(line) || s.start == len,
+                            "{len} {size} {r}"
+                        );
                         // No shard is more than one line longer than an even split.
                         assert!(s.len() <= len.div_ceil(line).div_ceil(size) * line);
                     }
