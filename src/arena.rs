@@ -82,6 +82,16 @@ impl<T> Param<T> {
     pub fn index(self) -> usize {
         self.index as usize
     }
+
+    /// The handle of position `index` of the arena with identity `arena` (the caller knows
+    /// the position exists there).
+    pub(crate) fn from_parts(index: usize, arena: u64) -> Self {
+        Param {
+            index: index as u32,
+            arena,
+            _marker: PhantomData,
+        }
+    }
 }
 
 /// Registers parameters, then builds the [`Arena`].

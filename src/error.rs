@@ -28,20 +28,6 @@ pub enum Error {
         name: String,
     },
 
-    /// A group's parameters do not form one contiguous run of the arena.
-    #[error(
-        "parameter group {group} is not contiguous in the arena: `{after}` is followed by `{next}`; \
-         register a group's parameters one after another"
-    )]
-    NonContiguousGroup {
-        /// Index of the offending group.
-        group: usize,
-        /// Last parameter of the contiguous run.
-        after: String,
-        /// The parameter that breaks the run.
-        next: String,
-    },
-
     /// A hyperparameter name the optimizer does not have.
     #[error("{optimizer} has no hyperparameter `{name}`; it has: {known}")]
     UnknownHyperparameter {

@@ -2,7 +2,8 @@
 //!
 //! PyTorch's `torch.optim` on the CPU, without the overhead: every parameter of a model lives in
 //! one flat, 64-byte-aligned [`Arena`]; gradients and each optimizer state buffer share its
-//! layout; every param group is one contiguous slice, updated by one fused SIMD pass that rayon
+//! layout; a param group is any set of parameters, updated by one fused SIMD pass over each of
+//! its runs of consecutive parameters (one run when they were registered together) that rayon
 //! spreads over threads. Results are bitwise the same for any thread count, and the numbers
 //! match torch's single-tensor code paths (see `tests/parity.rs`).
 //!

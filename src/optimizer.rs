@@ -260,8 +260,11 @@ enum Selection<T> {
 }
 
 impl<T: Float> ParamGroup<T> {
-    /// A group of the given parameters. They must be registered one after another in the arena
-    /// (in any order here); the group then is one contiguous slice.
+    /// A group of the given parameters, in any order and any layout: they need not be
+    /// registered one after another (torch's weight-decay recipe puts every weight in one group
+    /// and every bias in another, interleaved in the arena). The group is stepped as the
+    /// maximal runs of consecutive parameters it holds; parameters registered one after
+    /// another form one run, updated by one fused pass exactly as a single slice.
     pub fn new(params: impl IntoIterator<Item = Param<T>>) -> Self {
         ParamGroup {
             params: Selection::Handles(params.into_iter().collect()),
@@ -296,8 +299,9 @@ impl<T: Float> ParamGroup<T> {
         &self.overrides
     }
 
-    /// Resolves to arena positions, checking emptiness, duplicates and contiguity.
-    pub(crate) fn resolve(&self, arena: &Arena<T>, group_index: usize) -> Result<Range<usize>> {
+    /// Resolves to arena positions in ascending (arena) order, checking emptiness and
+    /// duplicates. Any set of parameters is accepted, in any layout.
+    pub(crate) fn resolve(&self, arena: &Arena<T>) -> Result<Vec<usize>> {
         let mut idx: Vec<usize> = match &self.params {
             Selection::All => (0..arena.num_params()).collect(),
             Selection::Handles(h) => {
@@ -328,16 +332,36 @@ impl<T: Float> ParamGroup<T> {
                     name: infos[w[0]].name.clone(),
                 });
             }
-            if w[1] != w[0] + 1 {
-                return Err(Error::NonContiguousGroup {
-                    group: group_index,
-                    after: infos[w[0]].name.clone(),
-                    next: infos[w[0] + 1].name.clone(),
-                });
-            }
         }
-        Ok(idx[0]..idx[idx.len() - 1] + 1)
+        Ok(idx)
     }
+}
+
+/// The maximal runs of consecutive arena positions in `params` (ascending, no duplicates):
+/// the layout of a group. A group whose parameters were registered one after another is one
+/// run.
+pub(crate) fn runs_of(params: &[usize]) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for &i in params {
+        match runs.last_mut() {
+            Some(r) if r.end == i => r.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
+/// The first parameter position two ascending position lists share, if any.
+fn first_common(a: &[usize], b: &[usize]) -> Option<usize> {
+    let (mut x, mut y) = (0, 0);
+    while x < a.len() && y < b.len() {
+        match a[x].cmp(&b[y]) {
+            std::cmp::Ordering::Less => x += 1,
+            std::cmp::Ordering::Greater => y += 1,
+            std::cmp::Ordering::Equal => return Some(a[x]),
+        }
+    }
+    None
 }
 
 /// One parameter's state inside the optimizer.
@@ -363,15 +387,24 @@ struct OpenRun<S> {
 }
 
 /// A param group inside the optimizer.
+///
+/// Its parameters are any set of arena positions, kept in ascending order; `runs` are their
+/// maximal runs of consecutive positions. The state buffers hold the runs' elements back to
+/// back, so a group of one run has exactly the arena's layout over its slice, and parameter
+/// `j`'s state starts at `locals[j]` in every buffer.
 struct Group<T, A: Algorithm> {
     config: A::Config,
-    /// Arena positions of the group's parameters.
-    params: Range<usize>,
-    /// Arena element range.
-    elems: Range<usize>,
+    /// Arena positions of the group's parameters, ascending.
+    params: Vec<usize>,
+    /// The maximal runs of consecutive positions in `params`, ascending.
+    runs: Vec<Range<usize>>,
+    /// Where each parameter's elements start in the state buffers.
+    locals: Vec<usize>,
+    /// Elements in the group: the length of each state buffer.
+    len: usize,
     /// One entry per parameter; `None` until it first has a gradient.
     state: Vec<Option<ParamState<A::Scalars>>>,
-    /// State buffers, each `elems.len()` long, named by `A::buffers(config)`.
+    /// State buffers, each `len` long, named by `A::buffers(config)`.
     buffers: Vec<AlignedBuf<T>>,
     /// Where each parameter's shaped state ([`Algorithm::aux_buffers`]) starts in `aux`, one
     /// entry per parameter and one for the end. All zero for algorithms without shaped state.
@@ -385,7 +418,9 @@ impl<T: Float, A: Algorithm> Clone for Group<T, A> {
         Group {
             config: self.config.clone(),
             params: self.params.clone(),
-            elems: self.elems.clone(),
+            runs: self.runs.clone(),
+            locals: self.locals.clone(),
+            len: self.len,
             state: self.state.clone(),
             buffers: self.buffers.clone(),
             aux_offsets: self.aux_offsets.clone(),
@@ -395,6 +430,11 @@ impl<T: Float, A: Algorithm> Clone for Group<T, A> {
 }
 
 impl<T: Float, A: Algorithm> Group<T, A> {
+    /// Position of arena parameter `i` in the group, if the group holds it.
+    fn position(&self, i: usize) -> Option<usize> {
+        self.params.binary_search(&i).ok()
+    }
+
     /// Allocates the shaped state buffer (zeroed) if the algorithm keeps shaped state and it
     /// is not allocated yet.
     fn ensure_aux(&mut self) {
@@ -431,7 +471,7 @@ impl<T: Float, A: Algorithm> Group<T, A> {
             })
             .collect();
         if !old_buffers.is_empty() {
-            let gl = self.elems.len();
+            let gl = self.len;
             for (k, src) in source.iter().enumerate() {
                 let moved = src.and_then(|j| old_buffers[j].take());
                 self.buffers.push(moved.unwrap_or_else(|| {
@@ -477,7 +517,8 @@ struct WorkItem<T, C> {
 }
 
 // SAFETY: a work item is only a set of pointers to ranges no other work item touches (groups
-// are disjoint arena ranges, pieces are disjoint sub-ranges of a group); the step holds the
+// hold disjoint sets of parameters, pieces are disjoint sub-ranges of a group's runs, and a
+// group's runs occupy disjoint ranges of its state buffers); the step holds the
 // `&mut` borrows those pointers came from until every item has run.
 unsafe impl<T: Send, C: Send> Send for WorkItem<T, C> {}
 // SAFETY: as above; an item is executed by exactly one thread.
@@ -619,7 +660,7 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     pre_hooks: Vec<(HookHandle, StepHook)>,
     post_hooks: Vec<(HookHandle, StepHook)>,
     next_hook: u64,
-    /// Reused by clipped steps: the groups' parameter ranges and the norm's partial sums.
+    /// Reused by clipped steps: the groups' runs and the norm's partial sums.
     norm_ranges: Vec<Range<usize>>,
     norm_scratch: NormScratch,
     /// torch's `group["initial_lr"]` per group, set by LR schedulers (`crate::schedule`).
@@ -643,8 +684,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// group does not override (torch's constructor).
     ///
     /// Errors, as torch raises them: an empty list, a parameter in two groups or twice in one,
-    /// an unknown hyperparameter name, an invalid value. A group must also be one contiguous
-    /// run of the arena.
+    /// an unknown hyperparameter name, an invalid value. A group may hold any set of the
+    /// arena's parameters, in any layout (see [`ParamGroup::new`]).
     pub fn new(
         arena: &Arena<T>,
         groups: impl IntoIterator<Item = ParamGroup<T>>,
@@ -683,12 +724,11 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// the optimizer's defaults with the group's overrides on top.
     pub fn add_param_group(&mut self, arena: &Arena<T>, group: ParamGroup<T>) -> Result<()> {
         self.check_arena(arena)?;
-        let params = group.resolve(arena, self.groups.len())?;
+        let params = group.resolve(arena)?;
         for g in &self.groups {
-            let overlap = params.start.max(g.params.start)..params.end.min(g.params.end);
-            if !overlap.is_empty() {
+            if let Some(i) = first_common(&params, &g.params) {
                 return Err(Error::ParamInTwoGroups {
-                    name: self.layout[overlap.start].name.clone(),
+                    name: self.layout[i].name.clone(),
                 });
             }
         }
@@ -697,15 +737,21 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             config.set(name, value)?;
         }
         config.validate()?;
-        for info in &self.layout[params.clone()] {
-            A::check_param(&info.shape)?;
+        for &i in &params {
+            A::check_param(&self.layout[i].shape)?;
         }
-        let elems = arena.elem_range(params.clone());
+        let runs = runs_of(&params);
+        let mut locals = Vec::with_capacity(params.len());
+        let mut len = 0;
+        for &i in &params {
+            locals.push(len);
+            len += self.layout[i].len;
+        }
         let mut aux_offsets = Vec::with_capacity(params.len() + 1);
         let mut at = 0;
         aux_offsets.push(at);
-        for info in &self.layout[params.clone()] {
-            at += aux_ranges::<A>(&info.shape, 0)
+        for &i in &params {
+            at += aux_ranges::<A>(&self.layout[i].shape, 0)
                 .map(|r| r.len())
                 .sum::<usize>();
             aux_offsets.push(at);
@@ -714,7 +760,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             config,
             state: vec![None; params.len()],
             params,
-            elems,
+            runs,
+            locals,
+            len,
             buffers: Vec::new(),
             aux_offsets,
             aux: AlignedBuf::empty(),
@@ -814,9 +862,23 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         Ok(())
     }
 
-    /// The arena positions of group `index`'s parameters.
-    pub fn group_params(&self, index: usize) -> Result<Range<usize>> {
-        Ok(self.group_ref(index)?.params.clone())
+    /// The layout of group `index`: the maximal runs of consecutive arena positions its
+    /// parameters fill, ascending. A group whose parameters were registered one after another
+    /// is one run; torch's weight-decay recipe over a model registered in its natural order
+    /// gives many. The slice fits the clipping functions of [`crate::clip`] as it is.
+    pub fn group_params(&self, index: usize) -> Result<&[Range<usize>]> {
+        Ok(&self.group_ref(index)?.runs)
+    }
+
+    /// The handles of group `index`'s parameters, in arena order (the order
+    /// [`Optimizer::state_dict`] numbers them in).
+    pub fn group_handles(&self, index: usize) -> Result<impl Iterator<Item = Param<T>> + '_> {
+        let arena_id = self.arena_id;
+        Ok(self
+            .group_ref(index)?
+            .params
+            .iter()
+            .map(move |&i| Param::from_parts(i, arena_id)))
     }
 
     /// One hyperparameter of group `index`, by torch's name.
@@ -871,8 +933,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// parameters, as `torch.optim.Optimizer.zero_grad` does.
     pub fn zero_grad(&self, arena: &mut Arena<T>, set_to_none: bool) -> Result<()> {
         self.check_arena(arena)?;
-        for g in &self.groups {
-            arena.zero_grad_range(g.params.clone(), set_to_none);
+        for r in self.groups.iter().flat_map(|g| &g.runs) {
+            arena.zero_grad_range(r.clone(), set_to_none);
         }
         Ok(())
     }
@@ -970,7 +1032,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         }
         // One decision and at most one pool hand-off for the whole step: the clip norm and the
         // update run inside it.
-        let elems: usize = self.groups.iter().map(|g| g.elems.len()).sum();
+        let elems: usize = self.groups.iter().map(|g| g.len).sum();
         let parallelism = self.parallelism.clone();
         let subnormals = self.subnormals();
         let (grad_factor, total) =
@@ -999,7 +1061,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         if let Some(clip) = options.clip {
             self.norm_ranges.clear();
             self.norm_ranges
-                .extend(self.groups.iter().map(|g| g.params.clone()));
+                .extend(self.groups.iter().flat_map(|g| g.runs.iter().cloned()));
             self.norm_scratch
                 .plan(arena, &self.norm_ranges, clip.norm_type);
             let norm = self
@@ -1094,8 +1156,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let grads = arena.grads();
         self.groups.iter().any(|g| {
             g.params
-                .clone()
-                .any(|i| flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()]))
+                .iter()
+                .any(|&i| flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()]))
         })
     }
 
@@ -1105,13 +1167,20 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let grads = arena.grads();
         self.groups
             .iter()
-            .flat_map(|g| g.params.clone())
+            .flat_map(|g| g.params.iter().copied())
             .find(|&i| flags[i] && crate::kernels::any_non_finite(&grads[self.layout[i].range()]))
             .map(|i| self.layout[i].name.as_str())
     }
 
     /// Initialises state, advances step counts and fills `self.work`. Returns the number of
     /// elements to update.
+    ///
+    /// A run of the plan is a set of parameters of one group that are consecutive in the arena
+    /// (so never crossing a gap between the group's runs) and whose state agrees; it is cut
+    /// into [`CHUNK`]-element pieces from its start. A group of one run is therefore cut
+    /// exactly as a single slice is, and a parameter's update never depends on which other
+    /// parameters share its group: the kernels are elementwise, so the piece boundaries do not
+    /// change a bit.
     fn plan(&mut self, arena: &mut Arena<T>, grad_scale: f64) -> usize {
         let (params, grads, has_grad) = arena.step_view();
         let params_ptr = params.as_mut_ptr();
@@ -1124,8 +1193,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let names = A::buffers(&group.config);
             let need = names.len();
             debug_assert!(need <= MAX_BUFFERS);
-            let gl = group.elems.len();
-            let any_grad = group.params.clone().any(|i| has_grad[i]);
+            let gl = group.len;
+            let any_grad = group.params.iter().any(|&i| has_grad[i]);
             if any_grad {
                 while group.buffers.len() < need {
                     let k = group.buffers.len();
@@ -1136,12 +1205,11 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 }
                 group.ensure_aux();
             }
-            let base = group.elems.start;
             let mut run: Option<OpenRun<A::Scalars>> = None;
             let n = group.params.len();
             for j in 0..=n {
                 // Decide what param j contributes (None = breaks the run).
-                let next = if j < n && has_grad[group.params.start + j] {
+                let next = if j < n && has_grad[group.params[j]] {
                     if group.state[j].is_none() {
                         // Shaped state starts at zero with the parameter's state (it may hold
                         // values from before a `load_state_dict` that dropped this state).
@@ -1152,8 +1220,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         scalars: A::init_scalars(&group.config),
                         live_buffers: 0,
                     });
-                    let info = &layout[group.params.start + j];
-                    let local = info.offset - base;
+                    let info = &layout[group.params[j]];
+                    let local = group.locals[j];
                     let mut fresh = false;
                     while (st.live_buffers as usize) < need {
                         let k = st.live_buffers as usize;
@@ -1171,9 +1239,14 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 };
                 // Extend the current run or close it.
                 if let (Some(open), Some((_, st, fresh))) = (&mut run, &next) {
-                    // A per-parameter algorithm's runs are single parameters.
-                    if !A::PER_PARAMETER && open.state == *st && open.fresh == *fresh {
-                        let info = &layout[group.params.start + j];
+                    // A per-parameter algorithm's runs are single parameters, and a run never
+                    // spans a gap between the group's runs in the arena.
+                    if !A::PER_PARAMETER
+                        && group.params[j] == group.params[open.last] + 1
+                        && open.state == *st
+                        && open.fresh == *fresh
+                    {
+                        let info = &layout[group.params[j]];
                         open.last = j;
                         open.end = info.offset + info.len;
                         continue;
@@ -1191,14 +1264,17 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     for s in group.state[first..=last].iter_mut().flatten() {
                         s.scalars = st.scalars;
                     }
-                    let start = layout[group.params.start + first].offset;
+                    let param = group.params[first];
+                    let start = layout[param].offset;
+                    // Where the run's elements start in the state buffers: the parameters of
+                    // a run are consecutive in the arena and in the buffers alike.
+                    let base = group.locals[first];
                     let args = KernelArgs {
                         coeffs,
                         fresh,
                         grad_scale,
                         simd,
                     };
-                    let param = group.params.start + first;
                     let mut aux = [std::ptr::null_mut(); MAX_AUX_BUFFERS];
                     let mut aux_lens = [0; MAX_AUX_BUFFERS];
                     let mut n_aux = 0;
@@ -1219,7 +1295,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         } else {
                             CHUNK.min(end - at)
                         };
-                        let local = at - base;
+                        let local = base + (at - start);
                         let mut buffers = [std::ptr::null_mut(); MAX_BUFFERS];
                         for (k, b) in group.buffers[..need].iter_mut().enumerate() {
                             buffers[k] = b[local..local + len].as_mut_ptr();
@@ -1244,7 +1320,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     }
                 }
                 if let Some((j, st, fresh)) = next {
-                    let info = &layout[group.params.start + j];
+                    let info = &layout[group.params[j]];
                     run = Some(OpenRun {
                         first: j,
                         last: j,
@@ -1258,20 +1334,26 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         total
     }
 
+    /// The group holding arena parameter `i`, and its position there.
+    fn locate(&self, i: usize) -> Option<(&Group<T, A>, usize)> {
+        self.groups
+            .iter()
+            .find_map(|g| g.position(i).map(|j| (g, j)))
+    }
+
     /// The state buffer `buffer` (torch's name, e.g. `"exp_avg"`, ASGD's `"ax"`, Adafactor's
     /// shaped `"row_var"`) of parameter `param`, or `None` if it has no state yet. Row-major;
     /// a shaped buffer is as long as [`Algorithm::aux_len`] says.
     pub fn buffer(&self, param: Param<T>, buffer: &str) -> Option<&[T]> {
         let i = param.index();
-        let g = self.groups.iter().find(|g| g.params.contains(&i))?;
-        let j = i - g.params.start;
+        let (g, j) = self.locate(i)?;
         let st = g.state[j]?;
         let info = &self.layout[i];
         if let Some(k) = A::buffers(&g.config).iter().position(|&b| b == buffer) {
             if k >= st.live_buffers as usize {
                 return None;
             }
-            let local = info.offset - g.elems.start;
+            let local = g.locals[j];
             return Some(&g.buffers[k][local..local + info.len]);
         }
         let k = A::aux_buffers(&info.shape)
@@ -1285,16 +1367,16 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// first step.
     pub fn step_count(&self, param: Param<T>) -> Option<u64> {
         let i = param.index();
-        let g = self.groups.iter().find(|g| g.params.contains(&i))?;
-        g.state[i - g.params.start].map(|s| s.step)
+        let (g, j) = self.locate(i)?;
+        g.state[j].map(|s| s.step)
     }
 
     /// The per-parameter scalar state of `param` besides its step count (ASGD's `eta` and
     /// `mu`), or `None` before its first step.
     pub fn scalars(&self, param: Param<T>) -> Option<A::Scalars> {
         let i = param.index();
-        let g = self.groups.iter().find(|g| g.params.contains(&i))?;
-        g.state[i - g.params.start].map(|s| s.scalars)
+        let (g, j) = self.locate(i)?;
+        g.state[j].map(|s| s.scalars)
     }
 
     /// A serialisable snapshot of the groups and every parameter's state.
@@ -1312,7 +1394,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 .collect::<BTreeMap<_, _>>();
             let names = A::buffers(&g.config);
             let mut params = Vec::with_capacity(g.params.len());
-            for (j, i) in g.params.clone().enumerate() {
+            for (j, &i) in g.params.iter().enumerate() {
                 let info = &self.layout[i];
                 params.push(ParamRef {
                     index: number,
@@ -1321,7 +1403,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     shape: info.shape.clone(),
                 });
                 if let Some(st) = g.state[j] {
-                    let local = info.offset - g.elems.start;
+                    let local = g.locals[j];
                     let mut buffers: BTreeMap<String, Vec<T>> = (0..st.live_buffers as usize)
                         .map(|k| {
                             (
@@ -1431,8 +1513,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     MatchBy::Position => pos,
                     MatchBy::Name => g
                         .params
-                        .clone()
-                        .position(|i| self.layout[i].name == pr.name)
+                        .iter()
+                        .position(|&i| self.layout[i].name == pr.name)
                         .ok_or_else(|| {
                             Error::StateDict(format!(
                                 "group {gi} has no parameter named `{}`",
@@ -1443,11 +1525,11 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 if used[j] {
                     return bad(format!(
                         "group {gi}: two saved parameters map to `{}`",
-                        self.layout[g.params.start + j].name
+                        self.layout[g.params[j]].name
                     ));
                 }
                 used[j] = true;
-                let info = &self.layout[g.params.start + j];
+                let info = &self.layout[g.params[j]];
                 if info.shape != pr.shape {
                     return bad(format!(
                         "parameter `{}` has shape {:?} in the saved state and `{}` has shape {:?}",
@@ -1468,7 +1550,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 ))
             })?;
             let g = &mut groups[gi];
-            let info = &self.layout[g.params.start + j];
+            let info = &self.layout[g.params[j]];
             let names = A::buffers(&g.config);
             let aux_names = A::aux_buffers(&info.shape);
             // The leading `live` buffers: all of them, or fewer when a setting that adds
@@ -1506,8 +1588,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     }
                 }
             }
-            let local = info.offset - g.elems.start;
-            let gl = g.elems.len();
+            let local = g.locals[j];
+            let gl = g.len;
             while g.buffers.len() < names.len() {
                 let k = g.buffers.len();
                 g.buffers

@@ -5,7 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use optarena::optim::*;
-use optarena::{Algorithm, ArenaBuilder, Optimizer, Parallelism, ParamGroup};
+use optarena::{Algorithm, ArenaBuilder, ClipNorm, Optimizer, Parallelism, ParamGroup};
 
 struct Counting;
 
@@ -40,6 +40,13 @@ fn allocations() -> usize {
 }
 
 fn steps_allocate_nothing<A: Algorithm>(config: A::Config) {
+    steps_allocate_nothing_in::<A>(config.clone(), false);
+    steps_allocate_nothing_in::<A>(config, true);
+}
+
+/// With `interleaved`, the groups are `[a, bias]` and `[b]`: the first group is two runs with
+/// `b` between them, and the steps alternate with clipped ones (the norm over the runs).
+fn steps_allocate_nothing_in<A: Algorithm>(config: A::Config, interleaved: bool) {
     let mut b = ArenaBuilder::<f32>::new();
     let w = b
         .param_with("adapter.a", &[128, 64], |i| (i as f32 * 0.01).sin())
@@ -51,10 +58,17 @@ fn steps_allocate_nothing<A: Algorithm>(config: A::Config) {
     let mut arena = b.build();
     let mut opt = Optimizer::<f32, A>::new(
         &arena,
-        [
-            ParamGroup::new([w]),
-            ParamGroup::new([v, c]).with("lr", 0.5),
-        ],
+        if interleaved {
+            [
+                ParamGroup::new([w, c]),
+                ParamGroup::new([v]).with("lr", 0.5),
+            ]
+        } else {
+            [
+                ParamGroup::new([w]),
+                ParamGroup::new([v, c]).with("lr", 0.5),
+            ]
+        },
         config,
     )
     .unwrap()
@@ -65,16 +79,24 @@ fn steps_allocate_nothing<A: Algorithm>(config: A::Config) {
         .enumerate()
         .for_each(|(i, g)| *g = (i as f32).sin());
     opt.step(&mut arena).unwrap(); // creates the state
+    if interleaved {
+        // Grows the norm's scratch once.
+        opt.step_clipped(&mut arena, ClipNorm::l2(1.0)).unwrap();
+    }
     let before = allocations();
-    for _ in 0..50 {
+    for t in 0..50 {
         arena.grads_mut().iter_mut().for_each(|g| *g *= 0.9);
-        opt.step(&mut arena).unwrap();
+        if interleaved && t % 2 == 1 {
+            opt.step_clipped(&mut arena, ClipNorm::l2(1.0)).unwrap();
+        } else {
+            opt.step(&mut arena).unwrap();
+        }
         opt.zero_grad(&mut arena, false).unwrap();
     }
     assert_eq!(
         allocations() - before,
         0,
-        "{} allocated during steps",
+        "{} allocated during steps (interleaved: {interleaved})",
         A::NAME
     );
 }

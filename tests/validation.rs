@@ -140,17 +140,38 @@ fn parameter_in_two_groups_or_twice_in_one() {
 }
 
 #[test]
-fn group_must_be_contiguous() {
+fn a_group_may_have_gaps_and_overlap_is_found_in_sets() {
     let (arena, h) = arena();
+    // `a` and `c` around `b`: accepted, stepped as two runs.
+    let mut opt = Adam::new(
+        &arena,
+        [ParamGroup::new([h[2], h[0]])],
+        AdamConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(opt.group_params(0).unwrap(), &[0..1, 2..3]);
+    let handles: Vec<usize> = opt.group_handles(0).unwrap().map(|p| p.index()).collect();
+    assert_eq!(handles, [0, 2]);
+    // The gap's parameter can join another group, and `all` is one run.
+    opt.add_param_group(&arena, ParamGroup::new([h[1]])).unwrap();
+    assert_eq!(opt.group_params(1).unwrap(), &[1..2]);
+    let all = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default()).unwrap();
+    assert_eq!(all.group_params(0).unwrap(), &[0..3]);
+    // Groups whose spans interleave but whose sets are disjoint are fine; a shared parameter
+    // inside the other group's gap is found and named.
     let e = msg(Adam::new(
         &arena,
-        [ParamGroup::new([h[0], h[2]])],
+        [ParamGroup::new([h[0], h[2]]), ParamGroup::new([h[1], h[2]])],
         AdamConfig::default(),
     ));
     assert!(
-        e.contains("not contiguous") && e.contains("`a`") && e.contains("`b`"),
+        e.contains("more than one parameter group") && e.contains("`c`"),
         "{e}"
     );
+    assert!(matches!(
+        opt.group_params(2).unwrap_err(),
+        Error::NoSuchGroup { index: 2, count: 2 }
+    ));
 }
 
 #[test]

@@ -2,11 +2,14 @@
 //!
 //! L-BFGS is not elementwise: it works on the whole parameter vector at once (dot products,
 //! a history of past steps). torch builds that vector by concatenating every parameter's
-//! values and gradients; here it is simply the group's contiguous slice of the arena.
+//! values and gradients in group order; here it is the group's runs of the arena (its maximal
+//! runs of consecutive parameters) back to back, which for a group registered in one piece is
+//! simply its slice of the arena, read and written in place.
 
 use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::float::{Float, Lane};
 use crate::hyper::{check, hyperparams, GroupHyperparams, HyperValue, Hyperparams};
 use crate::kernels::lbfgs as k;
-use crate::optimizer::ParamGroup;
+use crate::optimizer::{runs_of, ParamGroup};
 use crate::state::{GroupDict, MatchBy, ParamRef, STATE_DICT_FORMAT};
 
 /// torch's name of the one line search it offers.
@@ -402,13 +405,69 @@ struct Snapshot<T> {
     al: Option<Vec<Option<T>>>,
 }
 
+/// Where the group's flat vector lies in the arena.
+#[derive(Debug)]
+struct Flat {
+    /// Arena positions of the group's parameters, ascending (torch's group order).
+    params: Vec<usize>,
+    /// Where each parameter starts in the flat vector.
+    starts: Vec<usize>,
+    /// The group's maximal runs of consecutive arena positions.
+    runs: Vec<Range<usize>>,
+    /// Each run's arena element range and where it starts in the flat vector.
+    segs: Vec<(Range<usize>, usize)>,
+    /// Length of the flat vector.
+    len: usize,
+}
+
+impl Flat {
+    fn new(arena: &Arena<impl Float>, params: Vec<usize>) -> Self {
+        let infos = arena.infos();
+        let mut starts = Vec::with_capacity(params.len());
+        let mut len = 0;
+        for &i in &params {
+            starts.push(len);
+            len += infos[i].len;
+        }
+        let runs = runs_of(&params);
+        let mut segs = Vec::with_capacity(runs.len());
+        let mut at = 0;
+        for r in &runs {
+            let e = arena.elem_range(r.clone());
+            let n = e.len();
+            segs.push((e, at));
+            at += n;
+        }
+        Flat {
+            params,
+            starts,
+            runs,
+            segs,
+            len,
+        }
+    }
+
+    /// Copies the group's values from the arena's `values` into the flat `out`.
+    fn read<T: Float>(&self, values: &[T], out: &mut [T]) {
+        for (e, at) in &self.segs {
+            out[*at..*at + e.len()].copy_from_slice(&values[e.clone()]);
+        }
+    }
+
+    /// Copies the flat `src` into the group's places in the arena's `values`.
+    fn write<T: Float>(&self, values: &mut [T], src: &[T]) {
+        for (e, at) in &self.segs {
+            values[e.clone()].copy_from_slice(&src[*at..*at + e.len()]);
+        }
+    }
+}
+
 /// Calls the closure and reads the flat gradient.
 struct Evaluator<'a, T, F> {
     arena: &'a mut Arena<T>,
     closure: F,
     arena_id: u64,
-    params: Range<usize>,
-    elems: Range<usize>,
+    flat: Arc<Flat>,
     maximize: bool,
     simd: SimdLevel,
 }
@@ -438,9 +497,9 @@ impl<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>> Evaluator<'_, T, F> {
     fn gather(&self, out: &mut [T]) {
         let flags = self.arena.grad_flags();
         let grads = self.arena.grads();
-        for i in self.params.clone() {
+        for (&i, &at) in self.flat.params.iter().zip(&self.flat.starts) {
             let r = self.arena.infos()[i].range();
-            let dst = &mut out[r.start - self.elems.start..r.end - self.elems.start];
+            let dst = &mut out[at..at + r.len()];
             if flags[i] {
                 if self.maximize {
                     k::neg_into(self.simd, dst, &grads[r]);
@@ -453,19 +512,27 @@ impl<T: Float, F: FnMut(&mut Arena<T>) -> Result<T>> Evaluator<'_, T, F> {
         }
     }
 
-    fn params_mut(&mut self) -> &mut [T] {
-        let r = self.elems.clone();
-        &mut self.arena.params_mut()[r]
+    /// `p.add_(d, alpha=t)` over the group's parameters, `d` flat. Elementwise, so cutting
+    /// it at the runs changes no bit.
+    fn add_to_params(&mut self, t: T, d: &[T]) {
+        let values = self.arena.params_mut();
+        for (e, at) in &self.flat.segs {
+            k::axpy(self.simd, &mut values[e.clone()], t, &d[*at..*at + e.len()]);
+        }
     }
 
     /// torch's `_directional_evaluate`: the loss and flat gradient at `x + t d`; the
     /// parameters are `x` again afterwards.
     fn directional(&mut self, x: &[T], t: T, d: &[T], g_out: &mut [T]) -> Result<f64> {
-        k::axpy_into(self.simd, self.params_mut(), x, t, d);
+        let values = self.arena.params_mut();
+        for (e, at) in &self.flat.segs {
+            let f = *at..*at + e.len();
+            k::axpy_into(self.simd, &mut values[e.clone()], &x[f.clone()], t, &d[f]);
+        }
         let loss = self.call()?;
         let f = self.seen(loss);
         self.gather(g_out);
-        self.params_mut().copy_from_slice(x);
+        self.flat.write(self.arena.params_mut(), x);
         Ok(f)
     }
 }
@@ -821,8 +888,9 @@ fn two_loop<T: Float>(
 /// Optimization*, 2nd ed., Springer 2006, as ported by torch from minFunc / `lswolfe.lua`.
 ///
 /// # One group
-/// L-BFGS takes exactly one param group, one contiguous slice of the arena (torch: "LBFGS
-/// doesn't support per-parameter options (parameter groups)").
+/// L-BFGS takes exactly one param group (torch: "LBFGS doesn't support per-parameter options
+/// (parameter groups)"), of any parameters in any layout. Its flat vector is the group's
+/// parameters in arena order, as torch concatenates a group's parameters in its order.
 ///
 /// # Maximize
 /// With `maximize = true` the loss and the gradients the closure reports are negated before
@@ -866,10 +934,8 @@ fn two_loop<T: Float>(
 pub struct Lbfgs<T: Float> {
     arena_id: u64,
     layout: Vec<ParamInfo>,
-    /// Arena positions of the group's parameters.
-    params: Range<usize>,
-    /// Arena element range: the flat vector.
-    elems: Range<usize>,
+    /// Where the group's parameters, the flat vector, lie in the arena.
+    flat: Arc<Flat>,
     config: LbfgsConfig,
     scalars: Scalars,
     /// torch's `d`, the search direction (length `n` once started).
@@ -890,7 +956,7 @@ impl<T: Float> std::fmt::Debug for Lbfgs<T> {
         f.debug_struct("LBFGS")
             .field("dtype", &T::DTYPE)
             .field("config", &self.config)
-            .field("n", &self.elems.len())
+            .field("n", &self.flat.len)
             .field("func_evals", &self.scalars.func_evals)
             .field("n_iter", &self.scalars.n_iter)
             .field("history", &self.history.order.len())
@@ -903,8 +969,8 @@ impl<T: Float> Lbfgs<T> {
     ///
     /// `max_eval = None` becomes `max_iter * 5 // 4` of `defaults` before the group's
     /// overrides apply, as torch computes it. Errors: an invalid value (torch's messages), an
-    /// empty list, a non-contiguous group, and more than one group ("LBFGS doesn't support
-    /// per-parameter options (parameter groups)").
+    /// empty list, and more than one group ("LBFGS doesn't support per-parameter options
+    /// (parameter groups)").
     pub fn new(
         arena: &Arena<T>,
         groups: impl IntoIterator<Item = ParamGroup<T>>,
@@ -919,8 +985,8 @@ impl<T: Float> Lbfgs<T> {
             return Err(Error::EmptyParamList);
         }
         let mut resolved = Vec::with_capacity(groups.len());
-        for (i, g) in groups.iter().enumerate() {
-            resolved.push(g.resolve(arena, i)?);
+        for g in &groups {
+            resolved.push(g.resolve(arena)?);
         }
         if groups.len() != 1 {
             return Err(Error::InvalidHyperparameter(
@@ -932,13 +998,11 @@ impl<T: Float> Lbfgs<T> {
             config.set(name, value)?;
         }
         config.validate()?;
-        let params = resolved.remove(0);
-        let elems = arena.elem_range(params.clone());
+        let flat = Arc::new(Flat::new(arena, resolved.remove(0)));
         Ok(Lbfgs {
             arena_id: arena.id(),
             layout: arena.infos().to_vec(),
-            params,
-            elems,
+            flat,
             config,
             scalars: Scalars::EMPTY,
             d: filled(0, T::ZERO),
@@ -1003,9 +1067,10 @@ impl<T: Float> Lbfgs<T> {
         self.set_hyper("lr", lr)
     }
 
-    /// Arena positions of the group's parameters.
-    pub fn params(&self) -> Range<usize> {
-        self.params.clone()
+    /// The group's layout: the maximal runs of consecutive arena positions its parameters
+    /// fill, ascending (one run for a group registered one after another).
+    pub fn params(&self) -> &[Range<usize>] {
+        &self.flat.runs
     }
 
     /// torch's `state["func_evals"]`: closure evaluations over all steps.
@@ -1031,7 +1096,9 @@ impl<T: Float> Lbfgs<T> {
     /// Zeroes (`set_to_none = false`) or removes (`true`) the group's gradients.
     pub fn zero_grad(&self, arena: &mut Arena<T>, set_to_none: bool) -> Result<()> {
         self.check_arena(arena)?;
-        arena.zero_grad_range(self.params.clone(), set_to_none);
+        for r in &self.flat.runs {
+            arena.zero_grad_range(r.clone(), set_to_none);
+        }
         Ok(())
     }
 
@@ -1093,12 +1160,11 @@ impl<T: Float> Lbfgs<T> {
             arena,
             closure,
             arena_id: self.arena_id,
-            params: self.params.clone(),
-            elems: self.elems.clone(),
+            flat: Arc::clone(&self.flat),
             maximize: self.config.maximize,
             simd: self.simd,
         };
-        if self.elems.is_empty() {
+        if self.flat.len == 0 {
             // Nothing to optimize (torch returns `closure()` for an empty parameter list).
             return ev.call();
         }
@@ -1133,7 +1199,7 @@ impl<T: Float> Lbfgs<T> {
     }
 
     fn save_snapshot(&mut self, arena: &Arena<T>) {
-        let n = self.elems.len();
+        let n = self.flat.len;
         let s = self.snapshot.get_or_insert_with(|| Snapshot {
             scalars: Scalars::EMPTY,
             params: filled(n, T::ZERO),
@@ -1144,8 +1210,7 @@ impl<T: Float> Lbfgs<T> {
             al: None,
         });
         s.scalars = self.scalars;
-        s.params
-            .copy_from_slice(&arena.params()[self.elems.clone()]);
+        self.flat.read(arena.params(), &mut s.params);
         if self.scalars.started {
             s.d.copy_from_slice(&self.d);
             s.prev_flat_grad.copy_from_slice(&self.prev_flat_grad);
@@ -1159,7 +1224,7 @@ impl<T: Float> Lbfgs<T> {
         let Some(s) = &self.snapshot else { return };
         self.scalars = s.scalars;
         if arena.id() == self.arena_id {
-            arena.params_mut()[self.elems.clone()].copy_from_slice(&s.params);
+            self.flat.write(arena.params_mut(), &s.params);
         }
         if s.scalars.started {
             self.d.copy_from_slice(&s.d);
@@ -1177,7 +1242,7 @@ impl<T: Float> Lbfgs<T> {
         ev: &mut Evaluator<'_, T, F>,
         transactional: bool,
     ) -> Result<T> {
-        let n = self.elems.len();
+        let n = self.flat.len;
         let lr = self.config.lr;
         let max_iter = self.config.max_iter;
         let max_eval = self.config.effective_max_eval();
@@ -1264,9 +1329,7 @@ impl<T: Float> Lbfgs<T> {
                 if self.work.x_init.len() != n {
                     self.work.x_init = filled(n, T::ZERO);
                 }
-                self.work
-                    .x_init
-                    .copy_from_slice(&ev.arena.params()[self.elems.clone()]);
+                self.flat.read(ev.arena.params(), &mut self.work.x_init);
                 let found = strong_wolfe(
                     ev,
                     &mut self.work,
@@ -1282,11 +1345,11 @@ impl<T: Float> Lbfgs<T> {
                 flat = found.grad;
                 t = found.t;
                 ls_func_evals = found.evals;
-                k::axpy(self.simd, ev.params_mut(), t.el(), &self.d);
+                ev.add_to_params(t.el(), &self.d);
                 opt_cond = k::abs_max(self.simd, &self.work.grads[flat]) <= tolerance_grad;
             } else {
                 // no line search, simply move with fixed-step
-                k::axpy(self.simd, ev.params_mut(), t.el(), &self.d);
+                ev.add_to_params(t.el(), &self.d);
                 if n_iter != max_iter {
                     // re-evaluate function only if not in last iteration
                     let l = ev.call()?;
@@ -1318,10 +1381,11 @@ impl<T: Float> Lbfgs<T> {
     }
 
     fn param_refs(&self) -> Vec<ParamRef> {
-        self.params
-            .clone()
+        self.flat
+            .params
+            .iter()
             .enumerate()
-            .map(|(j, i)| {
+            .map(|(j, &i)| {
                 let info = &self.layout[i];
                 ParamRef {
                     index: j,
@@ -1398,11 +1462,11 @@ impl<T: Float> Lbfgs<T> {
     /// ours, `(saved_start, our_start, len)`.
     fn segments(&self, saved: &[ParamRef], by: MatchBy) -> Result<Vec<(usize, usize, usize)>> {
         let bad = |m: String| Err(Error::StateDict(m));
-        if saved.len() != self.params.len() {
+        if saved.len() != self.flat.params.len() {
             return bad(format!(
                 "group 0 has {} parameters in the saved state and {} in the optimizer",
                 saved.len(),
-                self.params.len()
+                self.flat.params.len()
             ));
         }
         let mut starts = Vec::with_capacity(saved.len());
@@ -1413,7 +1477,7 @@ impl<T: Float> Lbfgs<T> {
         }
         let mut used = vec![false; saved.len()];
         let mut segs = Vec::with_capacity(saved.len());
-        for (j, i) in self.params.clone().enumerate() {
+        for (j, (&i, &ours)) in self.flat.params.iter().zip(&self.flat.starts).enumerate() {
             let info = &self.layout[i];
             let si = match by {
                 MatchBy::Position => j,
@@ -1442,7 +1506,7 @@ impl<T: Float> Lbfgs<T> {
                     saved[si].name, saved[si].shape, info.name, info.shape
                 ));
             }
-            segs.push((starts[si], info.offset - self.elems.start, info.len));
+            segs.push((starts[si], ours, info.len));
         }
         Ok(segs)
     }
@@ -1496,7 +1560,7 @@ impl<T: Float> Lbfgs<T> {
             .validate()
             .map_err(|e| Error::StateDict(format!("group 0: {e}")))?;
         let segs = self.segments(&group.params, by)?;
-        let n = self.elems.len();
+        let n = self.flat.len;
 
         let Some(st) = &saved.state else {
             self.config = config;

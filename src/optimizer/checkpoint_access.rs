@@ -114,8 +114,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     .collect();
                 let params = g
                     .params
-                    .clone()
-                    .map(|i| {
+                    .iter()
+                    .map(|&i| {
                         let info = &self.layout[i];
                         number += 1;
                         ParamRef {
@@ -143,12 +143,12 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let mut number = 0;
         for g in &self.groups {
             let names = A::buffers(&g.config);
-            for (j, i) in g.params.clone().enumerate() {
+            for (j, &i) in g.params.iter().enumerate() {
                 let index = number;
                 number += 1;
                 let Some(st) = g.state[j] else { continue };
                 let info = &self.layout[i];
-                let local = info.offset - g.elems.start;
+                let local = g.locals[j];
                 let mut buffers: Vec<(&'static str, Vec<usize>, &'a [T])> = (0..st.live_buffers
                     as usize)
                     .map(|k| {
@@ -227,8 +227,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     MatchBy::Position => pos,
                     MatchBy::Name => g
                         .params
-                        .clone()
-                        .position(|i| self.layout[i].name == pr.name)
+                        .iter()
+                        .position(|&i| self.layout[i].name == pr.name)
                         .ok_or_else(|| {
                             Error::StateDict(format!(
                                 "group {gi} has no parameter named `{}`",
@@ -239,11 +239,11 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 if used[j] {
                     return bad(format!(
                         "group {gi}: two saved parameters map to `{}`",
-                        self.layout[g.params.start + j].name
+                        self.layout[g.params[j]].name
                     ));
                 }
                 used[j] = true;
-                let info = &self.layout[g.params.start + j];
+                let info = &self.layout[g.params[j]];
                 if info.shape != pr.shape {
                     return bad(format!(
                         "parameter `{}` has shape {:?} in the saved state and `{}` has shape {:?}",
@@ -269,7 +269,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 ))
             })?;
             let g = &self.groups[gi];
-            let info = &self.layout[g.params.start + j];
+            let info = &self.layout[g.params[j]];
             if states[gi][j].is_some() {
                 return bad(format!("parameter `{}` has two saved states", info.name));
             }
@@ -307,7 +307,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     None => return bad(format!("parameter `{}` has no `{n}` state", info.name)),
                 }
             }
-            let local = info.offset - g.elems.start;
+            let local = g.locals[j];
             for (k, name) in names[..live].iter().enumerate() {
                 slots.insert(
                     (ps.index, name.to_string()),
@@ -341,7 +341,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             .enumerate()
             .filter(|(_, ((_, st), _))| st.iter().any(Option::is_some))
             .flat_map(|(gi, ((g, _), config))| {
-                (0..A::buffers(config).len()).map(move |k| (gi, k, g.elems.len()))
+                (0..A::buffers(config).len()).map(move |k| (gi, k, g.len))
             })
             .collect();
         let mut made: Vec<AlignedBuf<T>> = lens
