@@ -6,11 +6,14 @@
 
 use std::process::Command;
 
-use optarena::distributed::{Communicator, DataParallel, MpiComm, Reduction};
+use optarena::distributed::{
+    CommElem, Communicator, DataParallel, MpiComm, Reduction, ShardedOptimizer,
+};
+use optarena::optim::{AdafactorAlgorithm, AdamWAlgorithm};
 use optarena::schedule::{StepLR, StepLRConfig};
 use optarena::{
-    AdamW, AdamWConfig, Arena, ArenaBuilder, ClipNorm, Float, LrScheduler, ParamGroup, StepOptions,
-    StepOutcome,
+    Adafactor, AdafactorConfig, AdamW, AdamWConfig, Arena, ArenaBuilder, ClipNorm, Float,
+    LrScheduler, ParamGroup, StepOptions, StepOutcome,
 };
 
 /// The environment variable that tells a launched process which test's rank side to run.
@@ -122,10 +125,7 @@ fn bits<T: Float>(x: &[T]) -> Vec<u64> {
 /// Runs `steps` data-parallel AdamW steps (two groups, a StepLR schedule, an lr set by hand)
 /// on every rank and the same on the averaged gradients in one process; both must agree bit
 /// for bit on every rank.
-fn replicated_against_single_process<T: Float + optarena::distributed::CommElem>(
-    comm: MpiComm,
-    options: StepOptions,
-) {
+fn replicated_against_single_process<T: Float + CommElem>(comm: MpiComm, options: StepOptions) {
     let n = comm.size();
     let rank = comm.rank();
     let mut arena = model::<T>();
@@ -175,16 +175,157 @@ fn replicated_f64_matches_single_process() {
     }
 }
 
-/// Clipping by the global norm: every rank computes the norm of the same averaged
-/// gradients, so the clip (and the reported norm) is the single process's on every rank.
+/// Runs the same AdamW steps (two groups, StepLR, an lr set by hand) replicated and ZeRO-1
+/// sharded on every rank, and in one process on the averaged gradients. Replicated and
+/// sharded must agree bit for bit; with `exact_single`, both must also equal the single
+/// process bit for bit, else to within `1e-6` relative (a clip's norm is summed in another
+/// order there).
+fn sharded_against_replicated<T: Float + CommElem>(
+    comm: MpiComm,
+    options: StepOptions,
+    exact_single: bool,
+) {
+    let n = comm.size();
+    let rank = comm.rank();
+    let mut dp_arena = model::<T>();
+    let mut dp_opt = AdamW::<T>::new(&dp_arena, groups(), AdamWConfig::default()).unwrap();
+    let mut dp_sched = StepLR::new(&mut dp_opt, StepLRConfig::new(2)).unwrap();
+    let mut dp = DataParallel::new(&comm, &dp_arena, &dp_opt).unwrap();
+
+    let mut z_arena = model::<T>();
+    let mut zero = ShardedOptimizer::<_, T, AdamWAlgorithm>::new(
+        &comm,
+        &z_arena,
+        groups(),
+        AdamWConfig::default(),
+    )
+    .unwrap();
+    let mut z_sched = StepLR::new(&mut zero, StepLRConfig::new(2)).unwrap();
+
+    let mut ref_arena = model::<T>();
+    let mut ref_opt = AdamW::<T>::new(&ref_arena, groups(), AdamWConfig::default()).unwrap();
+    let mut ref_sched = StepLR::new(&mut ref_opt, StepLRConfig::new(2)).unwrap();
+    for step in 0..6 {
+        if step == 3 {
+            dp_opt.set_lr(1, 5e-3).unwrap();
+            zero.set_lr(1, 5e-3).unwrap();
+            ref_opt.set_lr(1, 5e-3).unwrap();
+        }
+        set_grads(&mut dp_arena, rank, step);
+        let dp_report = dp
+            .step_with_options(&mut dp_opt, &mut dp_arena, options)
+            .unwrap();
+        dp_sched.step(&mut dp_opt).unwrap();
+        set_grads(&mut z_arena, rank, step);
+        let z_report = zero.step_with_options(&mut z_arena, options).unwrap();
+        z_sched.step(&mut zero).unwrap();
+        set_average_grads(&mut ref_arena, n, step);
+        let ref_report = ref_opt.step_with_options(&mut ref_arena, options).unwrap();
+        ref_sched.step(&mut ref_opt).unwrap();
+
+        assert_eq!(dp_report, z_report, "rank {rank} step {step}");
+        assert_eq!(
+            bits(dp_arena.params()),
+            bits(z_arena.params()),
+            "replicated vs ZeRO-1: rank {rank} of {n}, step {step}"
+        );
+        if exact_single {
+            assert_eq!(dp_report, ref_report, "rank {rank} step {step}");
+            assert_eq!(bits(dp_arena.params()), bits(ref_arena.params()));
+        } else {
+            let (a, b) = (
+                dp_report.total_norm.unwrap(),
+                ref_report.total_norm.unwrap(),
+            );
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "norms {a} {b}");
+            for (x, y) in dp_arena.params().iter().zip(ref_arena.params()) {
+                let (x, y) = (x.to_f64(), y.to_f64());
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{x} vs {y}");
+            }
+        }
+    }
+    // Each rank holds the state of its shard only: AdamW's two moments.
+    let shard = zero.plan().shard(rank);
+    assert_eq!(
+        zero.state_bytes(),
+        2 * shard.len() * std::mem::size_of::<T>()
+    );
+}
+
 #[test]
-fn global_norm_clip_is_the_same_on_every_rank() {
-    if let Some(comm) = launch_or_join("global_norm_clip_is_the_same_on_every_rank", 2) {
-        let options = StepOptions {
-            clip: Some(ClipNorm::l2(0.05)),
-            ..StepOptions::default()
-        };
-        replicated_against_single_process::<f32>(comm, options);
+fn sharded_matches_replicated_and_single_process_on_1_2_3_ranks() {
+    for ranks in 1..=3 {
+        if let Some(comm) = launch_or_join(
+            "sharded_matches_replicated_and_single_process_on_1_2_3_ranks",
+            ranks,
+        ) {
+            sharded_against_replicated::<f32>(comm, StepOptions::default(), true);
+            return;
+        }
+    }
+}
+
+#[test]
+fn sharded_f64_matches_replicated() {
+    if let Some(comm) = launch_or_join("sharded_f64_matches_replicated", 2) {
+        sharded_against_replicated::<f64>(comm, StepOptions::default(), true);
+    }
+}
+
+/// Clipping by the global norm: each rank's partial norm of its shard, one all-gather of
+/// the parts; replicated and sharded agree bit for bit, and with the single process to
+/// rounding.
+#[test]
+fn global_norm_clip_agrees_across_ranks_and_modes() {
+    for ranks in [2, 3] {
+        if let Some(comm) = launch_or_join("global_norm_clip_agrees_across_ranks_and_modes", ranks)
+        {
+            let options = StepOptions {
+                clip: Some(ClipNorm::l2(0.05)),
+                skip_non_finite: true,
+                ..StepOptions::default()
+            };
+            sharded_against_replicated::<f32>(comm, options, false);
+            return;
+        }
+    }
+}
+
+/// Adafactor needs whole parameters: its shards end at parameter boundaries, and it agrees
+/// with the replicated run bit for bit.
+#[test]
+fn per_parameter_algorithms_shard_at_parameter_boundaries() {
+    if let Some(comm) = launch_or_join("per_parameter_algorithms_shard_at_parameter_boundaries", 3)
+    {
+        let rank = comm.rank();
+        let mut dp_arena = model::<f32>();
+        let mut dp_opt =
+            Adafactor::<f32>::new(&dp_arena, [ParamGroup::all()], AdafactorConfig::default())
+                .unwrap();
+        let mut dp = DataParallel::new(&comm, &dp_arena, &dp_opt).unwrap();
+        let mut z_arena = model::<f32>();
+        let mut zero = ShardedOptimizer::<_, f32, AdafactorAlgorithm>::new(
+            &comm,
+            &z_arena,
+            [ParamGroup::all()],
+            AdafactorConfig::default(),
+        )
+        .unwrap();
+        for r in 0..comm.size() {
+            let b = zero.plan().shard(r).start;
+            assert!(z_arena.infos().iter().any(|p| p.offset == b) || b == z_arena.len());
+        }
+        for step in 0..4 {
+            set_grads(&mut dp_arena, rank, step);
+            dp.step(&mut dp_opt, &mut dp_arena).unwrap();
+            set_grads(&mut z_arena, rank, step);
+            zero.step(&mut z_arena).unwrap();
+            assert_eq!(
+                bits(dp_arena.params()),
+                bits(z_arena.params()),
+                "rank {rank}"
+            );
+        }
     }
 }
 
@@ -217,6 +358,29 @@ fn a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank() {
         set_grads(&mut arena, rank, 2);
         let report = dp.step_with_options(&mut opt, &mut arena, options).unwrap();
         assert_eq!(report.outcome, StepOutcome::Applied, "rank {rank}");
+
+        // The same with sharded state.
+        let comm = dp.comm();
+        let mut arena = model::<f32>();
+        let mut zero = ShardedOptimizer::<_, f32, AdamWAlgorithm>::new(
+            comm,
+            &arena,
+            groups(),
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        set_grads(&mut arena, rank, 0);
+        zero.step_with_options(&mut arena, options).unwrap();
+        let before = bits(arena.params());
+        let state = zero.shard_optimizer().state_dict();
+        set_grads(&mut arena, rank, 1);
+        if rank == 0 {
+            arena.grad_by_name_mut("fc1.weight").unwrap()[0] = f32::INFINITY;
+        }
+        let report = zero.step_with_options(&mut arena, options).unwrap();
+        assert_eq!(report.outcome, StepOutcome::SkippedNonFinite, "rank {rank}");
+        assert_eq!(bits(arena.params()), before, "rank {rank}");
+        assert_eq!(zero.shard_optimizer().state_dict(), state, "rank {rank}");
     }
 }
 
@@ -232,11 +396,29 @@ fn a_layout_mismatch_is_an_error_on_every_rank() {
             .unwrap();
         let arena = b.build();
         let opt = AdamW::<f32>::new(&arena, [ParamGroup::all()], AdamWConfig::default()).unwrap();
-        let err = DataParallel::new(comm, &arena, &opt)
+        let err = DataParallel::new(&comm, &arena, &opt)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("differs between ranks") && err.contains("[1]"),
+            "rank {rank}: {err}"
+        );
+        // Same layout, but rank 2 gives its group another lr: the sharded optimizer refuses.
+        let mut b = ArenaBuilder::<f32>::new();
+        b.zeros("fc1.weight", &[4, 4]).unwrap();
+        b.zeros("fc1.bias", &[4]).unwrap();
+        let arena = b.build();
+        let lr = if rank == 2 { 1e-2 } else { 1e-3 };
+        let err = ShardedOptimizer::<_, f32, AdamWAlgorithm>::new(
+            &comm,
+            &arena,
+            [ParamGroup::all().with("lr", lr)],
+            AdamWConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("differs between ranks") && err.contains("[2]"),
             "rank {rank}: {err}"
         );
     }

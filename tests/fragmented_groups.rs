@@ -11,15 +11,18 @@ use std::sync::Arc;
 
 use optarena::optim::*;
 use optarena::{
-    Algorithm, Arena, ArenaBuilder, ClipNorm, Float, HyperValue, MatchBy, Optimizer, ParamGroup,
-    Parallelism, StateDict,
+    Algorithm, Arena, ArenaBuilder, ClipNorm, Float, HyperValue, MatchBy, Optimizer, Parallelism,
+    ParamGroup, StateDict,
 };
 
 /// A small model: per layer a weight (2-D), a bias and a norm weight. The first and third
 /// weights are longer than one piece of work (16K elements), so runs are cut.
 fn layers() -> Vec<(String, Vec<usize>)> {
     let mut v = Vec::new();
-    for (l, (r, c)) in [(150, 130), (40, 37), (129, 131), (3, 5)].into_iter().enumerate() {
+    for (l, (r, c)) in [(150, 130), (40, 37), (129, 131), (3, 5)]
+        .into_iter()
+        .enumerate()
+    {
         v.push((format!("h{l}.weight"), vec![r, c]));
         v.push((format!("h{l}.bias"), vec![r]));
         v.push((format!("h{l}.ln.weight"), vec![r]));
@@ -41,7 +44,9 @@ enum Layout {
 }
 
 fn value(name: &str, i: usize) -> f64 {
-    let h = name.bytes().fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+    let h = name
+        .bytes()
+        .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
     (((h as usize).wrapping_add(i * 2654435761) % 1999) as f64 / 1999.0 - 0.5) * 0.2
 }
 
@@ -156,27 +161,61 @@ fn run<T: Float, A: Algorithm>(
     for t in 1..=steps {
         write_grads(&mut arena, t);
         match clip {
-            Some(c) => norms.push(opt.step_clipped(&mut arena, ClipNorm::l2(c)).unwrap().to_bits()),
+            Some(c) => norms.push(
+                opt.step_clipped(&mut arena, ClipNorm::l2(c))
+                    .unwrap()
+                    .to_bits(),
+            ),
             None => opt.step(&mut arena).unwrap(),
         }
     }
     (snapshot(&arena, &[opt.state_dict()]), norms)
 }
 
-fn same_as_contiguous<T: Float, A: Algorithm>(
-    config: A::Config,
-    no_decay: &[(&str, HyperValue)],
-) {
-    let grouped = run::<T, A>(Layout::Grouped, &config, no_decay, Parallelism::Sequential, 0, None, 4);
-    let natural = run::<T, A>(Layout::Natural, &config, no_decay, Parallelism::Sequential, 0, None, 4);
+fn same_as_contiguous<T: Float, A: Algorithm>(config: A::Config, no_decay: &[(&str, HyperValue)]) {
+    let grouped = run::<T, A>(
+        Layout::Grouped,
+        &config,
+        no_decay,
+        Parallelism::Sequential,
+        0,
+        None,
+        4,
+    );
+    let natural = run::<T, A>(
+        Layout::Natural,
+        &config,
+        no_decay,
+        Parallelism::Sequential,
+        0,
+        None,
+        4,
+    );
     // Every parameter has state by now (the two skipped on even steps had it from step 1).
-    assert!(grouped.0.values().all(|(_, step, buffers)| {
-        (step.is_some() || !A::TRACKS_STEP) && !buffers.is_empty()
-    }));
+    assert!(grouped
+        .0
+        .values()
+        .all(|(_, step, buffers)| { (step.is_some() || !A::TRACKS_STEP) && !buffers.is_empty() }));
     assert_eq!(grouped, natural, "{} {}", A::NAME, T::DTYPE);
     // Folded clipping: the norm is over the groups' runs, in the same parameter order.
-    let grouped = run::<T, A>(Layout::Grouped, &config, no_decay, Parallelism::Sequential, 0, Some(0.5), 3);
-    let natural = run::<T, A>(Layout::Natural, &config, no_decay, Parallelism::Sequential, 0, Some(0.5), 3);
+    let grouped = run::<T, A>(
+        Layout::Grouped,
+        &config,
+        no_decay,
+        Parallelism::Sequential,
+        0,
+        Some(0.5),
+        3,
+    );
+    let natural = run::<T, A>(
+        Layout::Natural,
+        &config,
+        no_decay,
+        Parallelism::Sequential,
+        0,
+        Some(0.5),
+        3,
+    );
     assert_eq!(grouped, natural, "{} {} clipped", A::NAME, T::DTYPE);
     // Threads: 1, 2, 3 (the pool forced by a zero threshold), the global pool, inline.
     for (par, threshold) in [
@@ -187,7 +226,15 @@ fn same_as_contiguous<T: Float, A: Algorithm>(
         (Parallelism::Global, 0),
     ] {
         let desc = format!("{par:?} {threshold}");
-        let got = run::<T, A>(Layout::Natural, &config, no_decay, par, threshold, Some(0.5), 3);
+        let got = run::<T, A>(
+            Layout::Natural,
+            &config,
+            no_decay,
+            par,
+            threshold,
+            Some(0.5),
+            3,
+        );
         assert_eq!(grouped, got, "{} {} {desc}", A::NAME, T::DTYPE);
     }
 }
@@ -255,7 +302,10 @@ fn muon_for_matrices_and_adamw_for_the_rest_over_any_layout() {
             muon.step(&mut arena).unwrap();
             adamw.step(&mut arena).unwrap();
         }
-        (snapshot(&arena, &[muon.state_dict(), adamw.state_dict()]), runs)
+        (
+            snapshot(&arena, &[muon.state_dict(), adamw.state_dict()]),
+            runs,
+        )
     };
     let (grouped, runs_g) = go(Layout::Grouped);
     let (natural, runs_n) = go(Layout::Natural);
@@ -270,7 +320,15 @@ fn muon_for_matrices_and_adamw_for_the_rest_over_any_layout() {
 #[test]
 fn two_groups_equal_two_optimizers() {
     let config = AdamWConfig::default();
-    let one = run::<f32, AdamWAlgorithm>(Layout::Natural, &config, &[wd0()], Parallelism::Sequential, 0, None, 4);
+    let one = run::<f32, AdamWAlgorithm>(
+        Layout::Natural,
+        &config,
+        &[wd0()],
+        Parallelism::Sequential,
+        0,
+        None,
+        4,
+    );
     let mut arena = build::<f32>(Layout::Natural);
     let groups = recipe::<f32>(&[wd0()]);
     let mut opts: Vec<AdamW<f32>> = groups
@@ -294,10 +352,21 @@ fn two_groups_equal_two_optimizers() {
 fn state_moves_between_layouts() {
     let config = AdamWConfig::default();
     let no_decay = [wd0(), lr(2e-3)];
-    let uninterrupted = run::<f32, AdamWAlgorithm>(Layout::Grouped, &config, &no_decay, Parallelism::Sequential, 0, None, 6);
+    let uninterrupted = run::<f32, AdamWAlgorithm>(
+        Layout::Grouped,
+        &config,
+        &no_decay,
+        Parallelism::Sequential,
+        0,
+        None,
+        6,
+    );
     let dir = std::env::temp_dir().join(format!("optarena-fragmented-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (from, to) in [(Layout::Natural, Layout::Grouped), (Layout::Grouped, Layout::Natural)] {
+    for (from, to) in [
+        (Layout::Natural, Layout::Grouped),
+        (Layout::Grouped, Layout::Natural),
+    ] {
         for binary in [false, true] {
             let mut a = build::<f32>(from);
             let mut opt = AdamW::new(&a, recipe(&no_decay), config.clone()).unwrap();
@@ -311,9 +380,16 @@ fn state_moves_between_layouts() {
                 .iter()
                 .map(|g| g.params.iter().map(|p| p.name.as_str()).collect())
                 .collect();
-            assert_eq!(listed[0], ["h0.weight", "h1.weight", "h2.weight", "h3.weight"]);
+            assert_eq!(
+                listed[0],
+                ["h0.weight", "h1.weight", "h2.weight", "h3.weight"]
+            );
             assert_eq!(listed[1][..3], ["h0.bias", "h0.ln.weight", "h1.bias"]);
-            let numbers: Vec<usize> = sd.param_groups.iter().flat_map(|g| g.params.iter().map(|p| p.index)).collect();
+            let numbers: Vec<usize> = sd
+                .param_groups
+                .iter()
+                .flat_map(|g| g.params.iter().map(|p| p.index))
+                .collect();
             assert_eq!(numbers, (0..13).collect::<Vec<_>>());
 
             let mut b = build::<f32>(to);
@@ -326,7 +402,8 @@ fn state_moves_between_layouts() {
             if binary {
                 let path = dir.join(format!("{from:?}.safetensors"));
                 opt.save_checkpoint(&path, Some(&a)).unwrap();
-                opt2.load_checkpoint(&path, Some(&mut b), MatchBy::Name).unwrap();
+                opt2.load_checkpoint(&path, Some(&mut b), MatchBy::Name)
+                    .unwrap();
             } else {
                 opt2.load_state_dict(&sd, MatchBy::Name).unwrap();
                 for (name, _) in layers() {
@@ -361,7 +438,12 @@ fn zero_grad_and_non_finite_checks_cover_every_run() {
         .map(|(n, _)| n)
         .filter(|n| n.ends_with(".bias"))
         .collect();
-    let mut opt = Sgd::new(&arena, [ParamGroup::named(biases.clone())], SgdConfig::default()).unwrap();
+    let mut opt = Sgd::new(
+        &arena,
+        [ParamGroup::named(biases.clone())],
+        SgdConfig::default(),
+    )
+    .unwrap();
     assert_eq!(opt.group_params(0).unwrap(), &[1..2, 4..5, 7..8, 10..11]);
     write_grads(&mut arena, 1);
     opt.zero_grad(&mut arena, false).unwrap();
@@ -370,7 +452,10 @@ fn zero_grad_and_non_finite_checks_cover_every_run() {
         if biases.contains(&name) {
             assert!(g.unwrap().iter().all(|&x| x == 0.0), "{name}");
         } else {
-            assert!(g.unwrap().iter().any(|&x| x != 0.0), "{name} is not the optimizer's");
+            assert!(
+                g.unwrap().iter().any(|&x| x != 0.0),
+                "{name} is not the optimizer's"
+            );
         }
     }
     opt.zero_grad(&mut arena, true).unwrap();

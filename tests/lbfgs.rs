@@ -985,8 +985,18 @@ fn a_fragmented_group_follows_the_contiguous_path() {
         let b_before = gap.value(hg[1]).to_vec();
         let same = |gap: &Arena<f64>, one: &Arena<f64>| {
             for (name, _) in SHAPES {
-                let x: Vec<u64> = gap.value_by_name(name).unwrap().iter().map(|v| v.to_bits()).collect();
-                let y: Vec<u64> = one.value_by_name(name).unwrap().iter().map(|v| v.to_bits()).collect();
+                let x: Vec<u64> = gap
+                    .value_by_name(name)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let y: Vec<u64> = one
+                    .value_by_name(name)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
                 assert_eq!(x, y, "{name} {config:?}");
             }
         };
@@ -996,8 +1006,12 @@ fn a_fragmented_group_follows_the_contiguous_path() {
             assert_eq!(l1.to_bits(), l2.to_bits(), "{config:?} step {s}");
             same(&gap, &one);
             assert_eq!(opt_gap.func_evals(), opt_one.func_evals());
-            let d1: Option<Vec<u64>> = opt_gap.direction().map(|d| d.iter().map(|v| v.to_bits()).collect());
-            let d2: Option<Vec<u64>> = opt_one.direction().map(|d| d.iter().map(|v| v.to_bits()).collect());
+            let d1: Option<Vec<u64>> = opt_gap
+                .direction()
+                .map(|d| d.iter().map(|v| v.to_bits()).collect());
+            let d2: Option<Vec<u64>> = opt_one
+                .direction()
+                .map(|d| d.iter().map(|v| v.to_bits()).collect());
             assert_eq!(d1, d2, "{config:?} step {s}");
         }
         assert_eq!(gap.value(hg[1]), &b_before[..], "b is not in the group");

@@ -153,7 +153,8 @@ fn a_group_may_have_gaps_and_overlap_is_found_in_sets() {
     let handles: Vec<usize> = opt.group_handles(0).unwrap().map(|p| p.index()).collect();
     assert_eq!(handles, [0, 2]);
     // The gap's parameter can join another group, and `all` is one run.
-    opt.add_param_group(&arena, ParamGroup::new([h[1]])).unwrap();
+    opt.add_param_group(&arena, ParamGroup::new([h[1]]))
+        .unwrap();
     assert_eq!(opt.group_params(1).unwrap(), &[1..2]);
     let all = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default()).unwrap();
     assert_eq!(all.group_params(0).unwrap(), &[0..3]);

@@ -101,6 +101,40 @@ pub trait Communicator {
     fn all_reduce_sum<T: CommElem>(&self, send: &[T], recv: &mut [T]) -> Result<()>;
 }
 
+/// A shared reference is a communicator too, so several wrappers (a [`super::DataParallel`]
+/// beside a [`super::ShardedOptimizer`], say) can use one.
+impl<C: Communicator + ?Sized> Communicator for &C {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn barrier(&self) -> Result<()> {
+        (**self).barrier()
+    }
+    fn broadcast<T: CommElem>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        (**self).broadcast(buf, root)
+    }
+    fn reduce_scatter_sum<T: CommElem>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        counts: &[usize],
+    ) -> Result<()> {
+        (**self).reduce_scatter_sum(send, recv, counts)
+    }
+    fn all_gather<T: CommElem>(&self, send: &[T], recv: &mut [T], counts: &[usize]) -> Result<()> {
+        (**self).all_gather(send, recv, counts)
+    }
+    fn all_to_all<T: CommElem>(&self, send: &[T], recv: &mut [T], counts: &[usize]) -> Result<()> {
+        (**self).all_to_all(send, recv, counts)
+    }
+    fn all_reduce_sum<T: CommElem>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        (**self).all_reduce_sum(send, recv)
+    }
+}
+
 /// How gradients are summed over ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Reduction {

@@ -9,7 +9,11 @@ use super::shard::ShardPlan;
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::optimizer::{Algorithm, Optimizer, StepOptions, StepReport};
+use std::ops::Range;
+
+use crate::arch::SimdLevel;
+use crate::clip::{clip_coefficient, combine_raw_norms, raw_norm_part, NormType};
+use crate::optimizer::{Algorithm, Optimizer, StepOptions, StepOutcome, StepReport};
 
 /// Averages gradients over the ranks of a [`Communicator`] before each step of a plain
 /// [`Optimizer`], as torch's `DistributedDataParallel` does.
@@ -47,6 +51,8 @@ pub struct DataParallel<C: Communicator, T: Float + CommElem> {
     /// Per parameter: 1 when this rank has a gradient, then the number of ranks that do.
     presence: Vec<u64>,
     presence_sum: Vec<u64>,
+    norm_scratch: Vec<Range<usize>>,
+    flags: StepFlags,
 }
 
 impl<C: Communicator, T: Float + CommElem> std::fmt::Debug for DataParallel<C, T> {
@@ -96,6 +102,8 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
             pieces: Vec::new(),
             presence: vec![0; arena.num_params()],
             presence_sum: vec![0; arena.num_params()],
+            norm_scratch: Vec::new(),
+            flags: StepFlags::new(comm.size()),
             plan,
             counts,
             comm,
@@ -138,7 +146,6 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
                 "DataParallel was built for another arena".into(),
             ));
         }
-        let n = self.comm.size();
         // Which parameters have a gradient somewhere.
         for (p, &has) in self.presence.iter_mut().zip(arena.grad_flags()) {
             *p = has as u64;
@@ -152,31 +159,14 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
                 arena.grad_mut(handle);
             }
         }
-        let rank = self.comm.rank();
-        let mine = self.counts[rank];
-        match self.reduction {
-            Reduction::RankOrdered => {
-                self.pieces.resize(n * mine, T::ZERO);
-                self.comm
-                    .all_to_all(arena.grads(), &mut self.pieces, &self.counts)?;
-                self.shard.copy_from_slice(&self.pieces[..mine]);
-                for r in 1..n {
-                    for (acc, &x) in self.shard.iter_mut().zip(&self.pieces[r * mine..]) {
-                        *acc = *acc + x;
-                    }
-                }
-            }
-            Reduction::Mpi => {
-                self.comm
-                    .reduce_scatter_sum(arena.grads(), &mut self.shard, &self.counts)?;
-            }
-        }
-        if n > 1 {
-            let world = T::from_f64(n as f64);
-            for x in &mut self.shard {
-                *x = *x / world;
-            }
-        }
+        average_into(
+            &self.comm,
+            self.reduction,
+            arena.grads(),
+            &self.counts,
+            &mut self.pieces,
+            &mut self.shard,
+        )?;
         let len = arena.len();
         self.comm
             .all_gather(&self.shard, arena.grads_raw_mut(0..len), &self.counts)?;
@@ -202,14 +192,183 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
     /// Averages the gradients over ranks, then runs `opt`'s step with `options` (clipping,
     /// skipping non-finite gradients, a gradient scale); the outcome is the same on every
     /// rank.
+    ///
+    /// The clip norm and the non-finite check are taken as [`super::ShardedOptimizer`] takes
+    /// them, from each rank's shard of the averaged gradients combined in rank order (one
+    /// all-gather of two numbers), so the two modes give the same bits. The norm can differ
+    /// in its last bits from the one a single-process optimizer's own clip computes.
     pub fn step_with_options<A: Algorithm>(
         &mut self,
         opt: &mut Optimizer<T, A>,
         arena: &mut Arena<T>,
         options: StepOptions,
     ) -> Result<StepReport> {
+        options.validate()?;
         self.average_gradients(arena)?;
-        opt.step_with_options(arena, options)
+        if options.clip.is_none() && !options.skip_non_finite {
+            return opt.step_with_options(arena, options);
+        }
+        let shard = self.plan.shard(self.comm.rank());
+        let in_groups = opt.grouped_positions();
+        let flags = arena.grad_flags();
+        let ranges = arena
+            .infos()
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| in_groups[i] && flags[i])
+            .filter_map(|(_, info)| {
+                let lo = info.offset.max(shard.start);
+                let hi = (info.offset + info.len).min(shard.end);
+                (lo < hi).then(|| lo - shard.start..hi - shard.start)
+            });
+        let decision = self.flags.decide(
+            &self.comm,
+            &self.shard,
+            ranges,
+            options,
+            opt.simd_level(),
+            &mut self.norm_scratch,
+        )?;
+        let Some(grad_factor) = decision.grad_factor else {
+            return Ok(decision.report());
+        };
+        opt.step_with_options(
+            arena,
+            StepOptions {
+                grad_scale: grad_factor,
+                skip_non_finite: false,
+                clip: None,
+            },
+        )?;
+        Ok(decision.report())
+    }
+}
+
+/// Sums `grads` over ranks into `shard` (this rank's block of `counts`) and divides by the
+/// world size: rank order through `pieces` ([`Reduction::RankOrdered`]) or MPI's
+/// reduce-scatter.
+pub(crate) fn average_into<C: Communicator, T: Float + CommElem>(
+    comm: &C,
+    reduction: Reduction,
+    grads: &[T],
+    counts: &[usize],
+    pieces: &mut Vec<T>,
+    shard: &mut [T],
+) -> Result<()> {
+    let n = comm.size();
+    let mine = counts[comm.rank()];
+    match reduction {
+        Reduction::RankOrdered => {
+            pieces.resize(n * mine, T::ZERO);
+            comm.all_to_all(grads, pieces, counts)?;
+            shard.copy_from_slice(&pieces[..mine]);
+            for r in 1..n {
+                for (acc, &x) in shard.iter_mut().zip(&pieces[r * mine..]) {
+                    *acc = *acc + x;
+                }
+            }
+        }
+        Reduction::Mpi => comm.reduce_scatter_sum(grads, shard, counts)?,
+    }
+    if n > 1 {
+        let world = T::from_f64(n as f64);
+        for x in shard.iter_mut() {
+            *x = *x / world;
+        }
+    }
+    Ok(())
+}
+
+/// The per-step decisions every rank must agree on, taken from each rank's part: whether a
+/// gradient is non-finite anywhere, and the global clip norm.
+pub(crate) struct StepFlags {
+    gathered: Vec<f64>,
+}
+
+/// What [`StepFlags::decide`] decided.
+pub(crate) struct Decision {
+    /// The factor the update multiplies the gradients by; `None` to skip the step.
+    pub(crate) grad_factor: Option<f64>,
+    total_norm: Option<f64>,
+}
+
+impl Decision {
+    pub(crate) fn report(&self) -> StepReport {
+        StepReport {
+            outcome: if self.grad_factor.is_some() {
+                StepOutcome::Applied
+            } else {
+                StepOutcome::SkippedNonFinite
+            },
+            total_norm: self.total_norm,
+            grad_factor: self.grad_factor.unwrap_or(0.0),
+        }
+    }
+}
+
+impl StepFlags {
+    pub(crate) fn new(size: usize) -> Self {
+        StepFlags {
+            gathered: vec![0.0; 2 * size],
+        }
+    }
+
+    /// From this rank's averaged gradients `grads[r]` (`ranges`: the parts of grouped
+    /// parameters with a gradient), one all-gather of (non-finite flag, raw partial norm)
+    /// per rank, combined in rank order: the same decision on every rank. A non-finite total
+    /// norm with `error_if_nonfinite` is the same error on every rank.
+    pub(crate) fn decide<C: Communicator, T: Float>(
+        &mut self,
+        comm: &C,
+        grads: &[T],
+        ranges: impl Iterator<Item = Range<usize>> + Clone,
+        options: StepOptions,
+        simd: SimdLevel,
+        scratch: &mut Vec<Range<usize>>,
+    ) -> Result<Decision> {
+        let non_finite = options.skip_non_finite
+            && ranges
+                .clone()
+                .any(|r| crate::kernels::any_non_finite(&grads[r]));
+        let part = match options.clip {
+            Some(clip) => raw_norm_part(grads, ranges, clip.norm_type, simd, scratch)?,
+            None => 0.0,
+        };
+        let n = comm.size();
+        comm.all_gather(
+            &[f64::from(u8::from(non_finite)), part],
+            &mut self.gathered,
+            &vec![2; n],
+        )?;
+        if self.gathered.iter().step_by(2).any(|&f| f != 0.0) {
+            return Ok(Decision {
+                grad_factor: None,
+                total_norm: None,
+            });
+        }
+        let mut grad_factor = options.grad_scale;
+        let mut total_norm = None;
+        if let Some(clip) = options.clip {
+            let parts: Vec<f64> = self.gathered.iter().skip(1).step_by(2).copied().collect();
+            let norm = combine_raw_norms(&parts, clip.norm_type) * options.grad_scale.abs();
+            if clip.error_if_nonfinite && !norm.is_finite() {
+                return Err(Error::InvalidHyperparameter(format!(
+                    "The total norm of order {:?} for gradients from `parameters` is \
+                     non-finite, so it cannot be clipped. To disable this error and scale the \
+                     gradients by the non-finite norm anyway, set `error_if_nonfinite=False`",
+                    match clip.norm_type {
+                        NormType::Inf => f64::INFINITY,
+                        NormType::P(p) => p,
+                    }
+                )));
+            }
+            grad_factor *= clip_coefficient(clip.max_norm, norm);
+            total_norm = Some(norm);
+        }
+        Ok(Decision {
+            grad_factor: Some(grad_factor),
+            total_norm,
+        })
     }
 }
 
