@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use optarena::distributed::{
-    CommElem, Communicator, DataParallel, MpiComm, Reduction, ShardedOptimizer,
+    load_sharded, CommElem, Communicator, DataParallel, MpiComm, Reduction, ShardedOptimizer,
 };
 use optarena::optim::{AdafactorAlgorithm, AdamWAlgorithm};
 use optarena::schedule::{StepLR, StepLRConfig};
@@ -23,11 +23,17 @@ const CHILD: &str = "OPTARENA_MPI_TEST";
 /// fails with every rank's output unless all succeed. In a launched rank: returns its
 /// communicator, and the caller runs the rank side.
 fn launch_or_join(name: &str, ranks: usize) -> Option<MpiComm> {
+    launch_or_join_with(name, ranks, &[])
+}
+
+/// [`launch_or_join`] with extra environment variables for the ranks.
+fn launch_or_join_with(name: &str, ranks: usize, env: &[(&str, String)]) -> Option<MpiComm> {
     if std::env::var(CHILD).as_deref() == Ok(name) {
         return Some(MpiComm::init().expect("MPI initialises in a launched rank"));
     }
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("mpirun")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["-np", &ranks.to_string(), "--oversubscribe"])
         .arg(exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
@@ -470,5 +476,242 @@ fn mpi_reduction_on_two_ranks_matches_the_rank_ordered_one() {
         let mut reference = model::<f32>();
         set_average_grads(&mut reference, 2, 0);
         assert_eq!(bits(arena.grads()), bits(reference.grads()), "rank {rank}");
+    }
+}
+
+/// The sharded run of the checkpoint tests: AdamW over two groups.
+fn sharded<'c>(
+    comm: &'c MpiComm,
+    arena: &Arena<f32>,
+) -> ShardedOptimizer<&'c MpiComm, f32, AdamWAlgorithm> {
+    ShardedOptimizer::new(comm, arena, groups(), AdamWConfig::default()).unwrap()
+}
+
+/// The single-process run fed the averages of `worlds[step]` ranks' gradients at each step.
+fn reference(worlds: &[usize]) -> Arena<f32> {
+    let mut arena = model::<f32>();
+    let mut opt = AdamW::<f32>::new(&arena, groups(), AdamWConfig::default()).unwrap();
+    for (step, &n) in worlds.iter().enumerate() {
+        set_average_grads(&mut arena, n, step);
+        opt.step(&mut arena).unwrap();
+    }
+    arena
+}
+
+fn env_usize(name: &str) -> usize {
+    std::env::var(name).unwrap().parse().unwrap()
+}
+
+/// Saved at world size N after 3 steps, loaded at M (N, M in 1..=3), 3 more steps: bit for
+/// bit the single-process run fed N-rank averages, then M-rank ones. At M the same directory
+/// also loads into a plain single-process optimizer.
+#[test]
+fn sharded_checkpoints_reshard_between_1_2_3_ranks() {
+    let name = "sharded_checkpoints_reshard_between_1_2_3_ranks";
+    if std::env::var(CHILD).as_deref() == Ok(name) {
+        let comm = launch_or_join(name, 0).unwrap();
+        let (rank, m) = (comm.rank(), comm.size());
+        let dir = std::path::PathBuf::from(std::env::var("OPTARENA_CKPT_DIR").unwrap());
+        let saved_at = env_usize("OPTARENA_SAVED_AT");
+        let mut arena = model::<f32>();
+        let mut zero = sharded(&comm, &arena);
+        if std::env::var("OPTARENA_PHASE").unwrap() == "save" {
+            for step in 0..3 {
+                set_grads(&mut arena, rank, step);
+                zero.step(&mut arena).unwrap();
+            }
+            zero.save_sharded(&dir).unwrap();
+            return;
+        }
+        zero.load_sharded(&dir, &mut arena).unwrap();
+        assert_eq!(
+            bits(arena.params()),
+            bits(reference(&[saved_at; 3]).params())
+        );
+        for step in 3..6 {
+            set_grads(&mut arena, rank, step);
+            zero.step(&mut arena).unwrap();
+        }
+        let worlds = [saved_at, saved_at, saved_at, m, m, m];
+        let expected = reference(&worlds);
+        assert_eq!(
+            bits(arena.params()),
+            bits(expected.params()),
+            "{saved_at} -> {m}, rank {rank}"
+        );
+
+        // Into a plain optimizer.
+        let mut plain_arena = model::<f32>();
+        let mut plain = AdamW::<f32>::new(&plain_arena, groups(), AdamWConfig::default()).unwrap();
+        load_sharded(&dir, &mut plain, &mut plain_arena).unwrap();
+        for step in 3..6 {
+            set_average_grads(&mut plain_arena, m, step);
+            plain.step(&mut plain_arena).unwrap();
+        }
+        assert_eq!(
+            bits(plain_arena.params()),
+            bits(expected.params()),
+            "plain, rank {rank}"
+        );
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    for n in 1..=3 {
+        let dir = root.path().join(format!("ckpt-{n}"));
+        let env = |phase: &str| {
+            vec![
+                ("OPTARENA_CKPT_DIR", dir.display().to_string()),
+                ("OPTARENA_PHASE", phase.to_string()),
+                ("OPTARENA_SAVED_AT", n.to_string()),
+            ]
+        };
+        launch_or_join_with(name, n, &env("save"));
+        assert!(dir.join("manifest.json").exists());
+        for m in 1..=3 {
+            launch_or_join_with(name, m, &env("load"));
+        }
+    }
+}
+
+/// A single-process checkpoint (optimizer state and parameters in one file) loads into a
+/// sharded run at 2 and 3 ranks and continues bit for bit.
+#[test]
+fn a_single_process_checkpoint_loads_into_a_sharded_run() {
+    let name = "a_single_process_checkpoint_loads_into_a_sharded_run";
+    if std::env::var(CHILD).as_deref() == Ok(name) {
+        let comm = launch_or_join(name, 0).unwrap();
+        let (rank, m) = (comm.rank(), comm.size());
+        let path = std::env::var("OPTARENA_CKPT_DIR").unwrap();
+        let mut arena = model::<f32>();
+        let mut zero = sharded(&comm, &arena);
+        zero.load_single(&path, &mut arena).unwrap();
+        for step in 3..6 {
+            set_grads(&mut arena, rank, step);
+            zero.step(&mut arena).unwrap();
+        }
+        let expected = reference(&[1, 1, 1, m, m, m]);
+        assert_eq!(
+            bits(arena.params()),
+            bits(expected.params()),
+            "rank {rank} of {m}"
+        );
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("single.safetensors");
+    let mut arena = model::<f32>();
+    let mut opt = AdamW::<f32>::new(&arena, groups(), AdamWConfig::default()).unwrap();
+    for step in 0..3 {
+        set_average_grads(&mut arena, 1, step);
+        opt.step(&mut arena).unwrap();
+    }
+    opt.save_checkpoint(&path, Some(&arena)).unwrap();
+    for m in [2, 3] {
+        launch_or_join_with(
+            name,
+            m,
+            &[("OPTARENA_CKPT_DIR", path.display().to_string())],
+        );
+    }
+}
+
+/// A corrupt manifest, a missing shard file and another model: every rank gets an error and
+/// nothing changes.
+#[test]
+fn a_bad_sharded_checkpoint_is_an_error_on_every_rank() {
+    let name = "a_bad_sharded_checkpoint_is_an_error_on_every_rank";
+    if std::env::var(CHILD).as_deref() == Ok(name) {
+        let comm = launch_or_join(name, 0).unwrap();
+        let rank = comm.rank();
+        let root = std::path::PathBuf::from(std::env::var("OPTARENA_CKPT_DIR").unwrap());
+        let mut arena = model::<f32>();
+        let mut zero = sharded(&comm, &arena);
+        set_grads(&mut arena, rank, 0);
+        zero.step(&mut arena).unwrap();
+        let good = root.join("good");
+        zero.save_sharded(&good).unwrap();
+        // Saving again replaces it atomically.
+        zero.save_sharded(&good).unwrap();
+        assert!(!root.join("good.tmp").exists() && !root.join("good.old").exists());
+        let before = bits(arena.params());
+        let state = zero.shard_optimizer().state_dict();
+        comm.barrier().unwrap();
+
+        // A flipped byte in the manifest.
+        let bad = root.join("bad-manifest");
+        if rank == 0 {
+            copy_dir(&good, &bad);
+            let path = bad.join("manifest.json");
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            text = text.replacen("\"float32\"", "\"float33\"", 1);
+            std::fs::write(&path, text).unwrap();
+        }
+        comm.barrier().unwrap();
+        let err = zero.load_sharded(&bad, &mut arena).unwrap_err().to_string();
+        assert!(
+            err.contains("checksum")
+                || err.contains("rank(s) [0]")
+                || err.contains("rank(s) [0, 1]"),
+            "rank {rank}: {err}"
+        );
+
+        // Rank 1's file missing: only rank 1 (and whoever reads it) fails, all report.
+        let missing = root.join("missing");
+        if rank == 0 {
+            copy_dir(&good, &missing);
+            std::fs::remove_file(missing.join("shard-00001.safetensors")).unwrap();
+        }
+        comm.barrier().unwrap();
+        let err = zero
+            .load_sharded(&missing, &mut arena)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shard-00001") || err.contains("failed on rank(s) [1]"),
+            "rank {rank}: {err}"
+        );
+
+        // Another model's checkpoint.
+        let mut b = ArenaBuilder::<f32>::new();
+        b.zeros("fc1.weight", &[33, 17]).unwrap();
+        let mut other_arena = b.build();
+        let other = ShardedOptimizer::<_, f32, AdamWAlgorithm>::new(
+            &comm,
+            &other_arena,
+            [ParamGroup::all()],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let other_dir = root.join("other");
+        other.save_sharded(&other_dir).unwrap();
+        let err = zero
+            .load_sharded(&other_dir, &mut arena)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layout") || err.contains("failed on rank"),
+            "rank {rank}: {err}"
+        );
+        let _ = &mut other_arena;
+
+        assert_eq!(bits(arena.params()), before, "rank {rank}");
+        assert_eq!(zero.shard_optimizer().state_dict(), state, "rank {rank}");
+        // The good one still loads.
+        zero.load_sharded(&good, &mut arena).unwrap();
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    launch_or_join_with(
+        name,
+        2,
+        &[("OPTARENA_CKPT_DIR", root.path().display().to_string())],
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }

@@ -7,6 +7,7 @@
 //! The flat arena makes the exchange two collectives over flat buffers: no bucketing and no
 //! flattening, as torch's DDP and DeepSpeed need.
 
+pub mod checkpoint;
 mod comm;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
@@ -16,6 +17,7 @@ mod shard;
 mod threads;
 mod zero;
 
+pub use checkpoint::{load_sharded, Manifest};
 pub use comm::{CommElem, Communicator, MpiDatatype, Reduction, SingleProcess};
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiComm;

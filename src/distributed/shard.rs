@@ -69,6 +69,21 @@ impl ShardPlan {
         *self.bounds.last().unwrap_or(&0)
     }
 
+    /// The parameters of `layout` that rank `rank`'s shard holds a piece of: arena position
+    /// and the piece's element range (arena coordinates), in arena order.
+    pub fn pieces(&self, layout: &[ParamInfo], rank: usize) -> Vec<(usize, Range<usize>)> {
+        let shard = self.shard(rank);
+        layout
+            .iter()
+            .enumerate()
+            .filter_map(|(i, info)| {
+                let lo = info.offset.max(shard.start);
+                let hi = (info.offset + info.len).min(shard.end);
+                (lo < hi).then_some((i, lo..hi))
+            })
+            .collect()
+    }
+
     /// True when the plan covers no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -4,16 +4,24 @@
 
 use std::ops::Range;
 
+use std::path::Path;
+
+use super::checkpoint::{
+    assemble, check_compatible, collectively, group_positions, piece_arena, piece_optimizer,
+    save_shards, shard_file, single_file_manifest, Manifest, ShardEntry, MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+};
 use super::comm::{check_same_everywhere, CommElem, Communicator, Reduction};
 use super::replicated::{average_into, fingerprint, StepFlags};
 use super::shard::ShardPlan;
 use crate::arch::SimdLevel;
-use crate::arena::{Arena, ArenaBuilder, ParamInfo};
+use crate::arena::{Arena, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue};
 use crate::optimizer::{Algorithm, Optimizer, ParamGroup, StepOptions, StepReport};
 use crate::parallel::Parallelism;
+use crate::state::MatchBy;
 use crate::subnormals::Subnormals;
 
 /// An optimizer whose state is sharded over the ranks of a [`Communicator`] (ZeRO-1).
@@ -48,6 +56,11 @@ pub struct ShardedOptimizer<C: Communicator, T: Float + CommElem, A: Algorithm> 
     counts: Vec<usize>,
     /// The full arena's parameter behind each parameter (piece) of `shard_arena`.
     piece_param: Vec<usize>,
+    /// Each piece's arena position and element range (arena coordinates).
+    pieces_elems: Vec<(usize, Range<usize>)>,
+    /// Each group's parameters (arena positions).
+    group_members: Vec<Vec<usize>>,
+    defaults: A::Config,
     /// This rank's shard: the pieces of the parameters it covers, laid out as in the arena.
     shard_arena: Arena<T>,
     inner: Optimizer<T, A>,
@@ -98,34 +111,18 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
         } else {
             ShardPlan::balanced(arena.len(), comm.size(), std::mem::size_of::<T>())
         };
-        let shard = plan.shard(rank);
-        let mut builder = ArenaBuilder::<T>::new();
-        let mut piece_param = Vec::new();
-        let mut position = vec![None; arena.num_params()];
-        for (i, info) in arena.infos().iter().enumerate() {
-            let lo = info.offset.max(shard.start);
-            let hi = (info.offset + info.len).min(shard.end);
-            if lo >= hi {
-                continue;
-            }
-            let shape = if hi - lo == info.len {
-                info.shape.clone()
-            } else {
-                vec![hi - lo]
-            };
-            builder.param(&info.name, &shape, &arena.params()[lo..hi])?;
-            position[i] = Some(piece_param.len());
-            piece_param.push(i);
-        }
-        let shard_arena = builder.build();
-        let mut inner = Optimizer::<T, A>::without_groups(&shard_arena, defaults)?;
-        for (g, group) in groups.iter().enumerate() {
-            let mine: Vec<usize> = full
-                .group_handles(g)?
-                .filter_map(|p| position[p.index()])
-                .collect();
-            inner.add_resolved_group(mine, group.overrides())?;
-        }
+        let pieces = plan.pieces(arena.infos(), rank);
+        let shard_arena = piece_arena(arena.infos(), &pieces, |_, e| arena.params()[e].to_vec())?;
+        let group_members = group_positions(&full)?;
+        let overrides: Vec<Vec<(String, HyperValue)>> =
+            groups.iter().map(|g| g.overrides().to_vec()).collect();
+        let inner = piece_optimizer::<T, A>(
+            &shard_arena,
+            &pieces,
+            &group_members,
+            &overrides,
+            defaults.clone(),
+        )?;
         let n = comm.size();
         let counts = plan.counts();
         Ok(ShardedOptimizer {
@@ -139,7 +136,10 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
             flags: StepFlags::new(n),
             plan,
             counts,
-            piece_param,
+            piece_param: pieces.iter().map(|(i, _)| *i).collect(),
+            pieces_elems: pieces,
+            group_members,
+            defaults,
             shard_arena,
             inner,
             comm,
@@ -298,6 +298,111 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
                 .all_gather(self.shard_arena.params(), arena.params_mut(), &self.counts)?;
         }
         Ok(decision.report())
+    }
+}
+
+impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, A> {
+    /// The manifest of a checkpoint of this run.
+    fn manifest(&self) -> Manifest {
+        let n = self.comm.size();
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            version: MANIFEST_VERSION,
+            optimizer: A::NAME.into(),
+            dtype: T::DTYPE.into(),
+            world_size: n,
+            layout: self.layout.clone(),
+            groups: self.group_members.clone(),
+            shards: (0..n)
+                .map(|r| {
+                    let pieces = self.plan.pieces(&self.layout, r);
+                    ShardEntry {
+                        file: (!pieces.is_empty()).then(|| shard_file(r)),
+                        elems: self.plan.shard(r),
+                        pieces,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Saves a sharded checkpoint into directory `dir`: every rank its shard's state and
+    /// parameter values, rank 0 the manifest, committed atomically when all have written (see
+    /// [`super::checkpoint`]). Collective: every rank must call it; on an error on any rank,
+    /// every rank gets an error and `dir` is as it was.
+    pub fn save_sharded(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_shards(
+            &self.comm,
+            dir.as_ref(),
+            &self.manifest(),
+            &self.inner,
+            &self.shard_arena,
+        )
+    }
+
+    /// Loads a sharded checkpoint written at any world size (by [`Self::save_sharded`]) into
+    /// this run: each rank rebuilds its shard's state and parameters from the files that
+    /// overlap it, then the parameters are gathered into every rank's `arena`. Collective; on
+    /// an error on any rank, every rank gets an error and nothing has changed.
+    pub fn load_sharded(&mut self, dir: impl AsRef<Path>, arena: &mut Arena<T>) -> Result<()> {
+        let dir = dir.as_ref();
+        self.load_from(arena, |me| {
+            let manifest = Manifest::read(dir)?;
+            Ok((dir.to_path_buf(), manifest, me))
+        })
+    }
+
+    /// Loads a single-process binary checkpoint (saved by [`Optimizer::save_checkpoint`] with
+    /// the arena) into this sharded run. Collective, all or nothing as
+    /// [`Self::load_sharded`].
+    pub fn load_single(&mut self, path: impl AsRef<Path>, arena: &mut Arena<T>) -> Result<()> {
+        let path = path.as_ref();
+        self.load_from(arena, |me| {
+            let (dir, manifest) =
+                single_file_manifest::<T, A>(path, &me.layout, me.group_members.clone())?;
+            Ok((dir, manifest, me))
+        })
+    }
+
+    fn load_from(
+        &mut self,
+        arena: &mut Arena<T>,
+        find: impl FnOnce(&Self) -> Result<(std::path::PathBuf, Manifest, &Self)>,
+    ) -> Result<()> {
+        if arena.id() != self.arena_id || !arena.same_layout(&self.layout) {
+            return Err(Error::ArenaMismatch(format!(
+                "this sharded {} optimizer was built for another arena",
+                A::NAME
+            )));
+        }
+        let prepared = collectively(&self.comm, "loading the checkpoint", || {
+            let (dir, manifest, me) = find(self)?;
+            check_compatible(&manifest, &me.layout, &me.group_members, T::DTYPE)?;
+            let (sd, values) =
+                assemble::<T, A>(&dir, &manifest, &me.pieces_elems, &me.inner, &me.defaults)?;
+            // Staged: a scratch optimizer takes the state first, so a refusal changes nothing.
+            let mut staged = piece_optimizer::<T, A>(
+                &me.shard_arena,
+                &me.pieces_elems,
+                &me.group_members,
+                &[],
+                me.defaults.clone(),
+            )?;
+            staged.load_state_dict(&sd, MatchBy::Name)?;
+            Ok((sd, values))
+        })?;
+        let (sd, values) = prepared;
+        self.inner.load_state_dict(&sd, MatchBy::Name)?;
+        self.shard_arena.params_mut().copy_from_slice(&values);
+        if self.comm.size() == 1 {
+            arena
+                .params_mut()
+                .copy_from_slice(self.shard_arena.params());
+        } else {
+            self.comm
+                .all_gather(self.shard_arena.params(), arena.params_mut(), &self.counts)?;
+        }
+        Ok(())
     }
 }
 
