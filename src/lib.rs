@@ -94,7 +94,7 @@ pub use optimizer::{
     StepOptions, StepOutcome, StepReport,
 };
 pub use parallel::Parallelism;
-pub use scaler::GradScaler;
+pub use scaler::{GradScaler, StepWithOptions};
 pub use schedule::LrScheduler;
 pub use state::{MatchBy, StateDict};
 pub use subnormals::Subnormals;

@@ -13,7 +13,7 @@ use optarena::optim::{AdafactorAlgorithm, AdamWAlgorithm};
 use optarena::schedule::{StepLR, StepLRConfig};
 use optarena::{
     Adafactor, AdafactorConfig, AdamW, AdamWConfig, Arena, ArenaBuilder, ClipNorm, Float,
-    LrScheduler, ParamGroup, StepOptions, StepOutcome,
+    GradScaler, LrScheduler, ParamGroup, StepOptions, StepOutcome,
 };
 
 /// The environment variable that tells a launched process which test's rank side to run.
@@ -387,6 +387,38 @@ fn a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank() {
         assert_eq!(report.outcome, StepOutcome::SkippedNonFinite, "rank {rank}");
         assert_eq!(bits(arena.params()), before, "rank {rank}");
         assert_eq!(zero.shard_optimizer().state_dict(), state, "rank {rank}");
+
+        // The GradScaler's found_inf: the same on every rank, for both modes, so every rank's
+        // scale backs off alike.
+        let mut scaler = GradScaler::default();
+        set_grads(&mut arena, rank, 3);
+        if rank == 1 {
+            arena.grad_by_name_mut("fc1.bias").unwrap()[0] = f32::NAN;
+        }
+        assert_eq!(
+            scaler.step(&mut zero, &mut arena).unwrap(),
+            StepOutcome::SkippedNonFinite
+        );
+        scaler.update();
+        assert_eq!(scaler.scale(), 32768.0, "rank {rank}");
+        set_grads(&mut arena, rank, 4);
+        assert_eq!(
+            scaler.step(&mut zero, &mut arena).unwrap(),
+            StepOutcome::Applied
+        );
+
+        let mut dp_arena = model::<f32>();
+        let mut dp_opt = AdamW::<f32>::new(&dp_arena, groups(), AdamWConfig::default()).unwrap();
+        let mut dp = DataParallel::new(comm, &dp_arena, &dp_opt).unwrap();
+        set_grads(&mut dp_arena, rank, 3);
+        if rank == 2 {
+            dp_arena.grad_by_name_mut("fc1.bias").unwrap()[0] = f32::INFINITY;
+        }
+        let mut scaler = GradScaler::default();
+        let outcome = scaler
+            .step(&mut dp.over(&mut dp_opt), &mut dp_arena)
+            .unwrap();
+        assert_eq!(outcome, StepOutcome::SkippedNonFinite, "rank {rank}");
     }
 }
 

@@ -21,6 +21,6 @@ pub use checkpoint::{load_sharded, Manifest};
 pub use comm::{CommElem, Communicator, MpiDatatype, Reduction, SingleProcess};
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiComm;
-pub use replicated::DataParallel;
+pub use replicated::{DataParallel, Synced};
 pub use shard::ShardPlan;
 pub use zero::ShardedOptimizer;

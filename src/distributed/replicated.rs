@@ -14,6 +14,7 @@ use std::ops::Range;
 use crate::arch::SimdLevel;
 use crate::clip::{clip_coefficient, combine_raw_norms, raw_norm_part, NormType};
 use crate::optimizer::{Algorithm, Optimizer, StepOptions, StepOutcome, StepReport};
+use crate::scaler::StepWithOptions;
 
 /// Averages gradients over the ranks of a [`Communicator`] before each step of a plain
 /// [`Optimizer`], as torch's `DistributedDataParallel` does.
@@ -241,6 +242,36 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
             },
         )?;
         Ok(decision.report())
+    }
+}
+
+/// A [`DataParallel`] and the optimizer it averages gradients for, as one stepper (for a
+/// [`crate::GradScaler`]): see [`DataParallel::over`].
+pub struct Synced<'a, C: Communicator, T: Float + CommElem, A: Algorithm> {
+    dp: &'a mut DataParallel<C, T>,
+    opt: &'a mut Optimizer<T, A>,
+}
+
+impl<C: Communicator, T: Float + CommElem, A: Algorithm> StepWithOptions<T>
+    for Synced<'_, C, T, A>
+{
+    fn step_with_options(
+        &mut self,
+        arena: &mut Arena<T>,
+        options: StepOptions,
+    ) -> Result<StepReport> {
+        self.dp.step_with_options(self.opt, arena, options)
+    }
+}
+
+impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
+    /// This wrapper and `opt` as one stepper: `scaler.step(&mut dp.over(&mut opt), &mut
+    /// arena)` averages, checks `found_inf` on the average (the same on every rank) and steps.
+    pub fn over<'a, A: Algorithm>(
+        &'a mut self,
+        opt: &'a mut Optimizer<T, A>,
+    ) -> Synced<'a, C, T, A> {
+        Synced { dp: self, opt }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue};
 use crate::optimizer::{Algorithm, Optimizer, ParamGroup, StepOptions, StepReport};
 use crate::parallel::Parallelism;
+use crate::scaler::StepWithOptions;
 use crate::state::MatchBy;
 use crate::subnormals::Subnormals;
 
@@ -403,6 +404,18 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
                 .all_gather(self.shard_arena.params(), arena.params_mut(), &self.counts)?;
         }
         Ok(())
+    }
+}
+
+impl<C: Communicator, T: Float + CommElem, A: Algorithm> StepWithOptions<T>
+    for ShardedOptimizer<C, T, A>
+{
+    fn step_with_options(
+        &mut self,
+        arena: &mut Arena<T>,
+        options: StepOptions,
+    ) -> Result<StepReport> {
+        ShardedOptimizer::step_with_options(self, arena, options)
     }
 }
 
