@@ -9,6 +9,7 @@ use super::shard::ShardPlan;
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::float::Float;
+use crate::hyper::Hyperparams;
 use std::ops::Range;
 
 use crate::arch::SimdLevel;
@@ -82,9 +83,17 @@ pub(crate) fn fingerprint<T: Float, A: Algorithm>(
         info.shape.hash(&mut h);
         info.offset.hash(&mut h);
     }
-    let groups = serde_json::to_string(&opt.state_dict().param_groups)
-        .map_err(|e| Error::Serde(e.to_string()))?;
-    groups.hash(&mut h);
+    for g in 0..opt.num_groups() {
+        for p in opt.group_handles(g)? {
+            p.index().hash(&mut h);
+        }
+        let config = opt.group_config(g)?;
+        for &name in <A::Config as Hyperparams>::NAMES {
+            name.hash(&mut h);
+            format!("{:?}", config.get(name)?).hash(&mut h);
+        }
+        u64::MAX.hash(&mut h);
+    }
     Ok(h.finish())
 }
 
