@@ -445,3 +445,41 @@ fn clip_value_ranges<T: Float>(
     }
     Ok(())
 }
+
+/// The un-rooted norm of `grads[r]` over `ranges` (Σ|g|^p for orders 1 and 2, max |g| for
+/// inf), in the pieces and order [`total_norm`] uses for them: what one rank of a distributed
+/// step contributes before the ranks' parts are combined in rank order
+/// ([`combine_raw_norms`]). Other orders are refused (their per-parameter form needs whole
+/// parameters).
+pub(crate) fn raw_norm_part<T: Float>(
+    grads: &[T],
+    ranges: impl Iterator<Item = Range<usize>>,
+    norm: NormType,
+    simd: SimdLevel,
+    scratch: &mut Vec<Range<usize>>,
+) -> Result<f64> {
+    if let NormType::P(p) = norm {
+        if p != 1.0 && p != 2.0 {
+            return Err(Error::InvalidHyperparameter(format!(
+                "a distributed clip supports norm orders 1, 2 and inf, not {p}"
+            )));
+        }
+    }
+    pieces(ranges, scratch);
+    let parts = scratch
+        .iter()
+        .map(|r| partial(&grads[r.clone()], norm, simd));
+    Ok(match norm {
+        NormType::Inf => parts.fold(0.0f64, nan_max),
+        _ => parts.sum(),
+    })
+}
+
+/// The norm from every rank's [`raw_norm_part`], combined in rank order.
+pub(crate) fn combine_raw_norms(parts: &[f64], norm: NormType) -> f64 {
+    match norm {
+        NormType::Inf => parts.iter().copied().fold(0.0f64, nan_max),
+        NormType::P(2.0) => parts.iter().sum::<f64>().sqrt(),
+        _ => parts.iter().sum(),
+    }
+}

@@ -97,6 +97,10 @@ pub enum Error {
     #[error("bad checkpoint: {0}")]
     Checkpoint(String),
 
+    /// A collective failed, or the ranks of a distributed run disagree (layout, groups).
+    #[error("distributed: {0}")]
+    Distributed(String),
+
     /// Reading or writing a file failed.
     #[error("i/o: {0}")]
     Io(String),

@@ -67,6 +67,7 @@ pub mod averaged;
 mod buffer;
 pub mod checkpoint;
 pub mod clip;
+pub mod distributed;
 pub mod error;
 pub mod float;
 pub mod hyper;
@@ -93,7 +94,7 @@ pub use optimizer::{
     StepOptions, StepOutcome, StepReport,
 };
 pub use parallel::Parallelism;
-pub use scaler::GradScaler;
+pub use scaler::{GradScaler, StepWithOptions};
 pub use schedule::LrScheduler;
 pub use state::{MatchBy, StateDict};
 pub use subnormals::Subnormals;

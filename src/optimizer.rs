@@ -601,6 +601,27 @@ pub struct StepOptions {
     pub clip: Option<ClipNorm>,
 }
 
+impl StepOptions {
+    /// Checks the options as a step does: a finite `grad_scale` and a `max_norm` that is not
+    /// NaN.
+    pub fn validate(&self) -> Result<()> {
+        if !self.grad_scale.is_finite() {
+            return Err(Error::InvalidHyperparameter(format!(
+                "Invalid grad_scale value: {:?}",
+                self.grad_scale
+            )));
+        }
+        if let Some(clip) = self.clip {
+            if clip.max_norm.is_nan() {
+                return Err(Error::InvalidHyperparameter(
+                    "Invalid max_norm value: NaN".to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for StepOptions {
     fn default() -> Self {
         StepOptions {
@@ -675,8 +696,23 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         groups: impl IntoIterator<Item = ParamGroup<T>>,
         defaults: A::Config,
     ) -> Result<Self> {
+        let mut opt = Self::without_groups(arena, defaults)?;
+        let mut any = false;
+        for g in groups {
+            opt.add_param_group(arena, g)?;
+            any = true;
+        }
+        if !any {
+            return Err(Error::EmptyParamList);
+        }
+        Ok(opt)
+    }
+
+    /// An optimizer over `arena` with no group yet (groups follow through
+    /// [`Optimizer::add_resolved_group`]).
+    pub(crate) fn without_groups(arena: &Arena<T>, defaults: A::Config) -> Result<Self> {
         defaults.validate()?;
-        let mut opt = Optimizer {
+        Ok(Optimizer {
             arena_id: arena.id(),
             layout: arena.infos().to_vec(),
             defaults,
@@ -692,16 +728,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             norm_ranges: Vec::new(),
             norm_scratch: NormScratch::default(),
             initial_lrs: Vec::new(),
-        };
-        let mut any = false;
-        for g in groups {
-            opt.add_param_group(arena, g)?;
-            any = true;
-        }
-        if !any {
-            return Err(Error::EmptyParamList);
-        }
-        Ok(opt)
+        })
     }
 
     /// Adds a param group, for example to unfreeze layers mid-training. Its hyperparameters are
@@ -709,6 +736,18 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     pub fn add_param_group(&mut self, arena: &Arena<T>, group: ParamGroup<T>) -> Result<()> {
         self.check_arena(arena)?;
         let params = group.resolve(arena)?;
+        self.add_resolved_group(params, &group.overrides)
+    }
+
+    /// Adds a group of the parameters at arena positions `params` (ascending, no duplicates),
+    /// which may be empty: a sharded optimizer keeps every group on every rank, also where
+    /// the rank's shard holds none of its parameters, so that group indices (and schedulers)
+    /// agree across ranks.
+    pub(crate) fn add_resolved_group(
+        &mut self,
+        params: Vec<usize>,
+        overrides: &[(String, HyperValue)],
+    ) -> Result<()> {
         for g in &self.groups {
             if let Some(i) = first_common(&params, &g.params) {
                 return Err(Error::ParamInTwoGroups {
@@ -717,7 +756,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             }
         }
         let mut config = self.defaults.clone();
-        for (name, value) in &group.overrides {
+        for (name, value) in overrides {
             config.set(name, value)?;
         }
         config.validate()?;
@@ -813,6 +852,27 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// The instruction-set cap (see [`Optimizer::set_simd_level`]).
     pub fn simd_level(&self) -> SimdLevel {
         self.simd
+    }
+
+    /// Bytes of optimizer state held: every group's state buffers and shaped state (zero
+    /// before the first step creates them).
+    pub fn state_bytes(&self) -> usize {
+        self.groups
+            .iter()
+            .map(|g| g.buffers.iter().map(|b| b.len()).sum::<usize>() + g.aux.len())
+            .sum::<usize>()
+            * std::mem::size_of::<T>()
+    }
+
+    /// `out[i]` is true when the parameter at arena position `i` belongs to a group.
+    pub(crate) fn grouped_positions(&self) -> Vec<bool> {
+        let mut out = vec![false; self.layout.len()];
+        for g in &self.groups {
+            for &i in &g.params {
+                out[i] = true;
+            }
+        }
+        out
     }
 
     /// The constructor defaults.

@@ -15,6 +15,29 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::optimizer::{Algorithm, ClipNorm, Optimizer, StepOptions, StepOutcome, StepReport};
 
+/// Anything that takes a step with [`StepOptions`]: an [`Optimizer`], and the distributed
+/// wrappers ([`crate::distributed::ShardedOptimizer`], a
+/// [`crate::distributed::DataParallel`] over its optimizer), so one [`GradScaler`] drives
+/// them all.
+pub trait StepWithOptions<T: Float> {
+    /// One step with `options` (see [`Optimizer::step_with_options`]).
+    fn step_with_options(
+        &mut self,
+        arena: &mut Arena<T>,
+        options: StepOptions,
+    ) -> Result<StepReport>;
+}
+
+impl<T: Float, A: Algorithm> StepWithOptions<T> for Optimizer<T, A> {
+    fn step_with_options(
+        &mut self,
+        arena: &mut Arena<T>,
+        options: StepOptions,
+    ) -> Result<StepReport> {
+        Optimizer::step_with_options(self, arena, options)
+    }
+}
+
 /// torch's `GradScaler` settings and state (serde round-trips both).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GradScaler {
@@ -99,9 +122,9 @@ impl GradScaler {
 
     /// Steps `opt` with the gradients unscaled inside the update, unless a gradient is
     /// non-finite, in which case nothing changes and the step is reported skipped.
-    pub fn step<T: Float, A: Algorithm>(
+    pub fn step<T: Float, O: StepWithOptions<T> + ?Sized>(
         &mut self,
-        opt: &mut Optimizer<T, A>,
+        opt: &mut O,
         arena: &mut Arena<T>,
     ) -> Result<StepOutcome> {
         Ok(self.step_inner(opt, arena, None)?.outcome)
@@ -110,18 +133,18 @@ impl GradScaler {
     /// As [`GradScaler::step`], also clipping the unscaled gradients by total norm (torch's
     /// `scaler.unscale_(opt); clip_grad_norm_(...); scaler.step(opt)`), all in the fused pass.
     /// Returns the report, whose `total_norm` is the unscaled gradients' norm.
-    pub fn step_clipped<T: Float, A: Algorithm>(
+    pub fn step_clipped<T: Float, O: StepWithOptions<T> + ?Sized>(
         &mut self,
-        opt: &mut Optimizer<T, A>,
+        opt: &mut O,
         arena: &mut Arena<T>,
         clip: ClipNorm,
     ) -> Result<StepReport> {
         self.step_inner(opt, arena, Some(clip))
     }
 
-    fn step_inner<T: Float, A: Algorithm>(
+    fn step_inner<T: Float, O: StepWithOptions<T> + ?Sized>(
         &mut self,
-        opt: &mut Optimizer<T, A>,
+        opt: &mut O,
         arena: &mut Arena<T>,
         clip: Option<ClipNorm>,
     ) -> Result<StepReport> {
