@@ -82,6 +82,11 @@ impl<T> Param<T> {
     pub fn index(self) -> usize {
         self.index as usize
     }
+
+    /// The id of the arena that made it.
+    pub(crate) fn arena_id(self) -> u64 {
+        self.arena
+    }
 }
 
 /// Registers parameters, then builds the [`Arena`].
