@@ -49,6 +49,7 @@ use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
 use crate::error::{Error, Result};
 use crate::float::Lane;
+use crate::subnormals::Subnormals;
 use crate::kernels::{buffer_array, mixed_lane_loop, ElementOp, Pass};
 
 /// bf16 bits of `x`, rounded to nearest with ties to even: torch's
@@ -281,6 +282,29 @@ pub fn narrow<H: Storage>(simd: SimdLevel, src: &[f32], dst: &mut [H]) -> Result
     check_len("narrow", src.len(), dst.len())?;
     simd.dispatch_half(Narrow { src, dst });
     Ok(())
+}
+
+/// [`widen`] under subnormal mode `subnormals` (for tests: the conversions must give the same
+/// bits inside a flushed step as outside).
+#[doc(hidden)]
+pub fn widen_in<H: Storage>(
+    simd: SimdLevel,
+    subnormals: Subnormals,
+    src: &[H],
+    dst: &mut [f32],
+) -> Result<()> {
+    subnormals.run(|| widen(simd, src, dst))
+}
+
+/// [`narrow`] under subnormal mode `subnormals` (for tests, as [`widen_in`]).
+#[doc(hidden)]
+pub fn narrow_in<H: Storage>(
+    simd: SimdLevel,
+    subnormals: Subnormals,
+    src: &[f32],
+    dst: &mut [H],
+) -> Result<()> {
+    subnormals.run(|| narrow(simd, src, dst))
 }
 
 /// A buffer in a half-precision (or f32) format laid out like an f32 [`Arena`]: the gradients
