@@ -39,10 +39,10 @@
 
 use std::time::{Duration, Instant};
 
-use optarena::optim::*;
-use optarena::roofline::Roofline;
 use half::bf16;
 use optarena::mixed::{narrow, HalfBuffer, StatePrecision};
+use optarena::optim::*;
+use optarena::roofline::Roofline;
 use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel, StepOptions};
 
 #[path = "../benches/benchmarks/realistic.rs"]

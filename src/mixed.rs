@@ -42,15 +42,15 @@
 use std::fmt::Debug;
 
 use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
+pub use half::{bf16, f16};
 
 use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
 use crate::error::{Error, Result};
 use crate::float::Lane;
-use crate::subnormals::Subnormals;
 use crate::kernels::{buffer_array, mixed_lane_loop, ElementOp, Pass};
+use crate::subnormals::Subnormals;
 
 /// bf16 bits of `x`, rounded to nearest with ties to even: torch's
 /// `c10::detail::round_to_nearest_even` (NaN becomes `0x7FC0`). Equals

@@ -12,9 +12,9 @@ use half::{bf16, f16};
 use optarena::mixed::{bf16_bits_from_f32, narrow_in, widen_in, HalfBuffer, Storage};
 use optarena::optim::*;
 use optarena::{
-    Algorithm, Arena, ArenaBuilder, ClipNorm, Error, GradScaler, Hyperparams, KernelArgs,
-    NormType, Optimizer, Param, ParamGroup, Parallelism, SimdLevel, StatePrecision, StepOptions,
-    StepOutcome, Subnormals,
+    Algorithm, Arena, ArenaBuilder, ClipNorm, Error, GradScaler, Hyperparams, KernelArgs, NormType,
+    Optimizer, Parallelism, Param, ParamGroup, SimdLevel, StatePrecision, StepOptions, StepOutcome,
+    Subnormals,
 };
 
 /// The instruction-set levels this CPU has.
@@ -169,8 +169,12 @@ fn rounding_matches_half_at_every_level() {
 /// non-NaN value, and NaN where torch gives NaN.
 #[test]
 fn torch_rounding_matches() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/half_rounding_torch.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/half_rounding_torch.json"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let read = |k: &str| -> Vec<u64> {
         v[k].as_array()
             .unwrap()
@@ -178,7 +182,10 @@ fn torch_rounding_matches() {
             .map(|x| x.as_u64().unwrap())
             .collect()
     };
-    let xs: Vec<f32> = read("f32").into_iter().map(|b| f32::from_bits(b as u32)).collect();
+    let xs: Vec<f32> = read("f32")
+        .into_iter()
+        .map(|b| f32::from_bits(b as u32))
+        .collect();
     let (tb, th) = (read("bf16"), read("f16"));
     assert!(xs.len() > 4000);
     for level in levels() {
@@ -193,8 +200,18 @@ fn torch_rounding_matches() {
                 assert!(f16::from_bits(th[i] as u16).is_nan() && hf[i].is_nan());
                 continue;
             }
-            assert_eq!(bf[i].to_bits() as u64, tb[i], "bf16 of {:#010x} {level:?}", x.to_bits());
-            assert_eq!(hf[i].to_bits() as u64, th[i], "f16 of {:#010x} {level:?}", x.to_bits());
+            assert_eq!(
+                bf[i].to_bits() as u64,
+                tb[i],
+                "bf16 of {:#010x} {level:?}",
+                x.to_bits()
+            );
+            assert_eq!(
+                hf[i].to_bits() as u64,
+                th[i],
+                "f16 of {:#010x} {level:?}",
+                x.to_bits()
+            );
         }
     }
 }
@@ -205,7 +222,13 @@ fn torch_rounding_matches() {
 
 /// Parameter shapes: odd sizes, one longer than two 16K chunks so three threads split it.
 fn shapes() -> Vec<Vec<usize>> {
-    vec![vec![37], vec![5, 13], vec![1000], vec![2 * 16 * 1024 + 77], vec![3]]
+    vec![
+        vec![37],
+        vec![5, 13],
+        vec![1000],
+        vec![2 * 16 * 1024 + 77],
+        vec![3],
+    ]
 }
 
 fn build(seed: u64) -> (Arena<f32>, Vec<Param<f32>>) {
@@ -287,7 +310,10 @@ fn check_mode2<A: Algorithm, G: Storage, H: Storage>(
             }
         }
         let r2 = o2.step_with_options(&mut a2, options).unwrap();
-        let what = format!("{} {config:?} {level:?} threads {threads} step {step}", A::NAME);
+        let what = format!(
+            "{} {config:?} {level:?} threads {threads} step {step}",
+            A::NAME
+        );
         assert_eq!(r1, r2, "{what}: reports");
         assert_eq!(bits(a1.params()), bits(a2.params()), "{what}: params");
         for (i, (&p1, &p2)) in h1.iter().zip(&h2).enumerate() {
@@ -414,13 +440,25 @@ mode2_test!(
     mode2_radam,
     RAdamAlgorithm,
     RAdamConfig,
-    [&[], &[("decoupled_weight_decay", Bool(true)), ("weight_decay", Number(0.1))]]
+    [
+        &[],
+        &[
+            ("decoupled_weight_decay", Bool(true)),
+            ("weight_decay", Number(0.1))
+        ]
+    ]
 );
 mode2_test!(
     mode2_nadam,
     NAdamAlgorithm,
     NAdamConfig,
-    [&[], &[("decoupled_weight_decay", Bool(true)), ("weight_decay", Number(0.1))]]
+    [
+        &[],
+        &[
+            ("decoupled_weight_decay", Bool(true)),
+            ("weight_decay", Number(0.1))
+        ]
+    ]
 );
 mode2_test!(
     mode2_adamax,
@@ -432,7 +470,10 @@ mode2_test!(
     mode2_adagrad,
     AdagradAlgorithm,
     AdagradConfig,
-    [&[("initial_accumulator_value", Number(0.5)), ("lr_decay", Number(0.1))]]
+    [&[
+        ("initial_accumulator_value", Number(0.5)),
+        ("lr_decay", Number(0.1))
+    ]]
 );
 mode2_test!(
     mode2_adadelta,
@@ -444,10 +485,7 @@ mode2_test!(
     mode2_rmsprop,
     RMSpropAlgorithm,
     RMSpropConfig,
-    [
-        &[],
-        &[("momentum", Number(0.9)), ("centered", Bool(true))],
-    ]
+    [&[], &[("momentum", Number(0.9)), ("centered", Bool(true))],]
 );
 mode2_test!(
     mode2_rprop,
@@ -505,8 +543,7 @@ fn check_bf16_state<A: Algorithm>(config: &A::Config) {
                 };
                 let wide = g.to_f32_vec();
                 {
-                    let mut bufs: Vec<&mut [f32]> =
-                        s_ref.iter_mut().map(|b| &mut b[..]).collect();
+                    let mut bufs: Vec<&mut [f32]> = s_ref.iter_mut().map(|b| &mut b[..]).collect();
                     // The optimizer preserves subnormals, as this reference does.
                     A::reference(&args, &mut p_ref, &wide, &mut bufs);
                 }
@@ -515,7 +552,10 @@ fn check_bf16_state<A: Algorithm>(config: &A::Config) {
                         *x = bf16::from_f32(*x).to_f32();
                     }
                 }
-                let what = format!("{} {config:?} {level:?} threads {threads} step {step}", A::NAME);
+                let what = format!(
+                    "{} {config:?} {level:?} threads {threads} step {step}",
+                    A::NAME
+                );
                 assert_eq!(bits(arena.params()), bits(&p_ref), "{what}: params");
                 for &p in &handles {
                     let r = arena.info(p).range();
@@ -544,9 +584,7 @@ fn check_bf16_state<A: Algorithm>(config: &A::Config) {
 fn bf16_state_adam_adamw_sgd_adagrad_rmsprop() {
     use optarena::HyperValue::*;
     check_bf16_state::<AdamAlgorithm>(&configs::<AdamConfig>(&[&[]])[0]);
-    check_bf16_state::<AdamWAlgorithm>(
-        &configs::<AdamWConfig>(&[&[("amsgrad", Bool(true))]])[0],
-    );
+    check_bf16_state::<AdamWAlgorithm>(&configs::<AdamWConfig>(&[&[("amsgrad", Bool(true))]])[0]);
     check_bf16_state::<SgdAlgorithm>(&configs::<SgdConfig>(&[&[("momentum", Number(0.9))]])[0]);
     check_bf16_state::<AdagradAlgorithm>(
         &configs::<AdagradConfig>(&[&[("initial_accumulator_value", Number(0.1))]])[0],
@@ -579,8 +617,14 @@ fn f16_grad_scaler_unscales_and_skips_non_finite() {
         if step == 2 {
             g.value_mut(h1[1])[4] = f16::INFINITY;
         }
-        let before = (bits(a1.params()), copy.clone(), o1.state_dict_json().unwrap());
-        let r1 = s1.step_mixed(&mut o1, &mut a1, &g, &mut copy, None).unwrap();
+        let before = (
+            bits(a1.params()),
+            copy.clone(),
+            o1.state_dict_json().unwrap(),
+        );
+        let r1 = s1
+            .step_mixed(&mut o1, &mut a1, &g, &mut copy, None)
+            .unwrap();
         for (i, &p) in h2.iter().enumerate() {
             let wide: Vec<f32> = g.value(h1[i]).iter().map(|x| x.to_f32()).collect();
             a2.set_grad(p, &wide).unwrap();
@@ -627,7 +671,10 @@ fn misuse_is_refused_and_changes_nothing() {
     opt.step_mixed(&mut arena, &g, &mut copy, StepOptions::default())
         .unwrap();
     let after = bits(arena.params());
-    assert!(matches!(opt.step(&mut arena), Err(Error::MixedPrecision(_))));
+    assert!(matches!(
+        opt.step(&mut arena),
+        Err(Error::MixedPrecision(_))
+    ));
     assert!(matches!(
         opt.set_state_precision(StatePrecision::Full),
         Err(Error::MixedPrecision(_))

@@ -83,11 +83,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(
-    c: &AdamaxCoeffs,
-    grad_scale: f64,
-    pass: P,
-) {
+pub fn run<T: Float, P: Pass<T>>(c: &AdamaxCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         grad_scale: T::from_f64(grad_scale),
         maximize: c.maximize,

@@ -126,11 +126,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(
-    c: &NadamCoeffs,
-    grad_scale: f64,
-    pass: P,
-) {
+pub fn run<T: Float, P: Pass<T>>(c: &NadamCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         moments: c.moments(grad_scale),
         inv_bc2: T::from_f64(c.inv_bias_correction2()),

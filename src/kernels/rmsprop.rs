@@ -167,11 +167,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(
-    c: &RmspropCoeffs,
-    grad_scale: f64,
-    pass: P,
-) {
+pub fn run<T: Float, P: Pass<T>>(c: &RmspropCoeffs, grad_scale: f64, pass: P) {
     let op = op::<T>(c, grad_scale);
     match (pass.buffers(), c.uses_momentum(), c.centered) {
         (1, false, false) => pass.run::<1, _>(&Plain(op)),

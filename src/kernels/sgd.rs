@@ -102,12 +102,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(
-    c: &SgdCoeffs,
-    fresh: bool,
-    grad_scale: f64,
-    pass: P,
-) {
+pub fn run<T: Float, P: Pass<T>>(c: &SgdCoeffs, fresh: bool, grad_scale: f64, pass: P) {
     let op = op::<T>(c, fresh, grad_scale);
     match pass.buffers() {
         0 => pass.run::<0, _>(&op),
