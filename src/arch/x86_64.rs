@@ -1,5 +1,6 @@
 //! The x86-64 tokens and their lanes: AVX2 ([`Avx2`]: [`F32x8`], [`F64x4`]) and AVX-512F
-//! ([`Avx512`]: [`F32x16`], [`F64x8`]).
+//! ([`Avx512`], and [`Avx512Bf16`] with the BF16 conversion instruction: [`F32x16`],
+//! [`F64x8`]), and their bf16/f16 conversions.
 //!
 //! # Soundness
 //! The lane methods are safe and `#[inline(always)]`, and call intrinsics that are only
