@@ -77,7 +77,7 @@ mod sealed {
     }
 }
 
-/// An element storage format of a fused pass: `f32`, [`bf16`] or [`f16`]. Sealed.
+/// An element storage format of a fused pass: `f32`, [`bf16`] or [`struct@f16`]. Sealed.
 pub trait Storage:
     sealed::Sealed + Copy + Default + PartialEq + Debug + Send + Sync + 'static
 {
