@@ -10,9 +10,12 @@
 //! cargo run --release --example bench_step -- adamw gpt2 0 2 10 --groups decay
 //! cargo run --release --example bench_step -- adamw gpt2_grouped 0 2 10 --groups decay
 //! cargo run --release --example bench_step -- adam flat 85002 2 500 --grads realistic --idle-us 1000
+//! cargo run --release --example bench_step -- adamw_mixed flat 33554432 2 20
 //! ```
 //! Arguments: optimizer (`sgd`, `sgd_momentum`, `adam`, `adamw`, `radam`, `nadam`, `adamax`,
-//! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `muon`, `roofline2`
+//! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `muon`, the mixed-precision steps `adam_mixed` / `adamw_mixed` (f32
+//! master weights and state, bf16 gradients in, bf16 parameter copy out, one pass) and
+//! `adam_mixed_bf16state` / `adamw_mixed_bf16state` (the same with bf16 moments), `roofline2`
 //! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
 //! `gpt2`, `gpt2_grouped`, `adapter`, `gpt2_hidden`), elements (for `flat`; for `gpt2_hidden`
 //! the model width, `0` for GPT-2 small's 768), threads, timed steps.
@@ -40,15 +43,17 @@
 //!   calling thread (a spin, not a sleep), as forward and backward between two steps; the
 //!   pool's threads fall asleep meanwhile. Only the step is timed.
 //!
-//! The environment variable `OPTARENA_SIMD` (`portable`, `avx2`, `avx512`) caps the optimizers'
+//! The environment variable `OPTARENA_SIMD` (`portable`, `avx2`, `avx512`, `avx512bf16`) caps the optimizers'
 //! instruction set; the roofline kernels always take the fastest strategy they measure (and
 //! print it to stderr).
 
 use std::time::{Duration, Instant};
 
+use half::bf16;
+use optarena::mixed::{narrow, HalfBuffer, StatePrecision};
 use optarena::optim::*;
 use optarena::roofline::Roofline;
-use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel};
+use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel, StepOptions};
 
 #[path = "../benches/benchmarks/realistic.rs"]
 mod realistic;
@@ -234,6 +239,7 @@ fn main() {
         Ok("portable") => SimdLevel::Portable,
         Ok("avx2") => SimdLevel::Avx2,
         Ok("avx512") => SimdLevel::Avx512,
+        Ok("avx512bf16") => SimdLevel::Avx512Bf16,
         Ok(other) => panic!("unknown OPTARENA_SIMD {other}"),
         Err(_) => SimdLevel::Best,
     };
@@ -306,6 +312,35 @@ fn main() {
                 )),
                 "adafactor" => run!(Adafactor::new(&a, g(), AdafactorConfig::default())),
                 "muon" => run!(Muon::new(&a, g(), MuonConfig::default())),
+                "adam_mixed" | "adamw_mixed" | "adam_mixed_bf16state" | "adamw_mixed_bf16state" => {
+                    // The gradients as a bf16 backward would leave them, and the bf16 copy.
+                    let mut hg = HalfBuffer::<bf16>::gradients(&a);
+                    narrow(SimdLevel::Best, a.grads(), hg.as_mut_slice()).unwrap();
+                    let mut copy = HalfBuffer::<bf16>::copy_of(&a);
+                    let precision = if name.ends_with("bf16state") {
+                        StatePrecision::Bf16
+                    } else {
+                        StatePrecision::Full
+                    };
+                    macro_rules! mixed {
+                        ($opt:expr) => {{
+                            let mut o = $opt
+                                .unwrap()
+                                .with_parallelism(par.clone())
+                                .with_simd_level(simd);
+                            o.set_state_precision(precision).unwrap();
+                            Box::new(move || {
+                                o.step_mixed(&mut a, &hg, &mut copy, StepOptions::default())
+                                    .unwrap();
+                            })
+                        }};
+                    }
+                    if name.starts_with("adamw") {
+                        mixed!(AdamW::new(&a, g(), AdamWConfig::default()))
+                    } else {
+                        mixed!(Adam::new(&a, g(), AdamConfig::default()))
+                    }
+                }
                 "clip_adamw" => {
                     let mut o = AdamW::new(&a, g(), AdamWConfig::default())
                         .unwrap()

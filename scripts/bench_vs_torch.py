@@ -599,6 +599,82 @@ def sparse_section(args, binary):
     return lines
 
 
+MIXED_HEADING = "## Mixed precision: f32 master weights, bf16 gradients in, bf16 copy out"
+
+
+class TorchCopyCase(TorchCase):
+    """torch's fused f32 step followed by `bf16_params.copy_(params)`: what a mixed-precision
+    loop without a fused copy does to refresh the bf16 weights of the next forward pass."""
+
+    def __init__(self, optimizer, layout, n):
+        super().__init__(optimizer, "fused", layout, n)
+        self.half = [p.detach().to(torch.bfloat16) for p in self.params]
+
+    def step(self):
+        self.opt.step()
+        for h, p in zip(self.half, self.params):
+            h.copy_(p)
+
+
+def mixed_section(args, binary):
+    """Mode 2 of issue 15 at 32M elements: optarena's f32 Adam/AdamW step, its mixed step (bf16
+    gradients in, bf16 parameter copy out, f32 state) and the same with bf16 moments, against
+    torch's fused f32 step alone and followed by a separate bf16 copy, interleaved per round.
+    Returns the section's Markdown lines."""
+    n = 1 << 20 if args.quick else N_32M
+    steps = 10
+    threads = args.threads
+    torch.set_num_threads(threads)
+    results = {}  # (opt, impl) -> list of medians
+    for rnd in range(args.rounds):
+        print(f"mixed precision, round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        for opt in ["adam", "adamw"]:
+            case = TorchCase(opt, "fused", "flat", n)
+            results.setdefault((opt, "torch fused f32"), []).append(case.time(steps)[0])
+            del case
+            case = TorchCopyCase(opt, "flat", n)
+            results.setdefault((opt, "torch fused f32 + bf16 copy_"), []).append(
+                case.time(steps)[0])
+            del case
+            for name, label in [(opt, "optarena f32"),
+                                (f"{opt}_mixed", "optarena mode 2 (bf16 grads, bf16 copy)"),
+                                (f"{opt}_mixed_bf16state",
+                                 "optarena mode 2 + bf16 moments")]:
+                results.setdefault((opt, label), []).append(
+                    optarena_time(binary, name, "flat", n, threads, steps)[0])
+    # Bytes moved per element by the algorithm (reads + writes; a write-only array costs its
+    # cache-line read for ownership too on x86, noted separately).
+    traffic = {
+        "torch fused f32": "28 (read p g m v, write p m v)",
+        "torch fused f32 + bf16 copy_": "34 (+ read p 4, write copy 2; + 2 RFO)",
+        "optarena f32": "28",
+        "optarena mode 2 (bf16 grads, bf16 copy)": "28 (g 2 instead of 4; + write copy 2; + 2 RFO)",
+        "optarena mode 2 + bf16 moments": "20 (m, v 2 + 2 each way; + 2 RFO)",
+    }
+    med = statistics.median
+    lines = [MIXED_HEADING, "",
+             f"One Adam / AdamW step (default hyperparameters) over {n / 1e6:.1f}M elements, "
+             f"{threads} threads, median of {steps} timed steps per round, "
+             f"{rounds_text(args.rounds)} interleaved. Mode 2 keeps f32 parameters and state, "
+             f"reads bf16 gradients and writes the updated parameters' bf16 copy in the same "
+             f"pass; its f32 results are bitwise those of the f32 step on the widened gradients. "
+             f"The torch peer of mode 2 is its fused f32 step plus a separate "
+             f"`bf16_params.copy_(params)`; of mode 2 with bf16 moments, its fused f32 step "
+             f"(issue 15's targets: 1.3x and 1.6x).", "",
+             *provenance(), "",
+             "| optimizer | implementation | bytes / element | median step (ms) | "
+             "vs torch fused f32 | vs torch fused f32 + copy |",
+             "|---|---|---|---|---|---|"]
+    for opt in ["adam", "adamw"]:
+        tf = med(results[(opt, "torch fused f32")])
+        tc = med(results[(opt, "torch fused f32 + bf16 copy_")])
+        for label in traffic:
+            t = med(results[(opt, label)])
+            lines.append(f"| {opt} | {label} | {traffic[label]} | {t * 1e3:.2f} | "
+                         f"{tf / t:.2f}x | {tc / t:.2f}x |")
+    return lines
+
+
 def write_section(path, lines):
     """Puts a section into the Markdown file `path`: in place of the section with the same
     heading (up to the next `## ` heading), else before the analysis appended from
@@ -674,6 +750,10 @@ def main():
                          "--out in place of its old version")
     ap.add_argument("--skip-muon", action="store_true",
                     help="leave the Muon section (about 8 minutes on 2 cores) out of a full run")
+    ap.add_argument("--mixed-only", action="store_true",
+                    help="only the mixed-precision section (mode 2 at 32M against torch fused "
+                         "f32 with and without a bf16 copy), written into --out in place of its "
+                         "old version")
     ap.add_argument("--sparse-only", action="store_true",
                     help="only the SparseAdam embedding-table section, written into --out in "
                          "place of its old version")
@@ -687,6 +767,11 @@ def main():
         return
     if args.focus:
         return focus(args.focus, args.threads)
+    if args.mixed_only:
+        lines = mixed_section(args, build_example("bench_step"))
+        write_section(args.out, lines)
+        print("\n".join(lines))
+        return
     if args.train_loop_only or args.realistic_only or args.latency_only or args.muon_only:
         sections = []
         if args.latency_only:
@@ -817,6 +902,7 @@ def main():
     if not args.skip_muon:
         lines += [""] + muon_section(args, binary)
     lines += [""] + sparse_section(args, build_example("sparse_adam_bench"))
+    lines += [""] + mixed_section(args, binary)
     notes = notes_lines()
     if notes:
         lines += [""] + notes

@@ -92,6 +92,11 @@ impl<T> Param<T> {
             _marker: PhantomData,
         }
     }
+
+    /// The id of the arena that made it.
+    pub(crate) fn arena_id(self) -> u64 {
+        self.arena
+    }
 }
 
 /// Registers parameters, then builds the [`Arena`].

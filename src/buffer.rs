@@ -41,6 +41,8 @@ pub(crate) enum Role {
     Grads,
     /// Optimizer state buffer number `k` of a param group.
     State(usize),
+    /// A half-precision copy of the parameters written by a mixed-precision step.
+    Copy,
     /// Anything else (not staggered).
     Other,
 }
@@ -51,6 +53,7 @@ impl Role {
             Role::Params | Role::Other => 0,
             Role::Grads => 1,
             Role::State(k) => (2 + k) % STAGGER_SLOTS,
+            Role::Copy => STAGGER_SLOTS - 1,
         }
     }
 }
@@ -61,7 +64,7 @@ pub(crate) struct AlignedBuf<T> {
     start: usize,
 }
 
-impl<T: Float> AlignedBuf<T> {
+impl<T: Copy> AlignedBuf<T> {
     /// An empty buffer.
     pub(crate) fn empty() -> Self {
         AlignedBuf {
@@ -79,13 +82,6 @@ impl<T: Float> AlignedBuf<T> {
         }
     }
 
-    /// A copy of `values`.
-    pub(crate) fn from_slice(role: Role, values: &[T]) -> Self {
-        let mut buf = Self::filled(role, values.len(), T::ZERO);
-        buf.copy_from_slice(values);
-        buf
-    }
-
     /// Padding elements in front of a buffer of `len` elements in `role`.
     fn pad(role: Role, len: usize) -> usize {
         let size = std::mem::size_of::<T>();
@@ -93,6 +89,15 @@ impl<T: Float> AlignedBuf<T> {
             return 0;
         }
         role.slot() * STAGGER_BYTES / size
+    }
+}
+
+impl<T: Float> AlignedBuf<T> {
+    /// A copy of `values`.
+    pub(crate) fn from_slice(role: Role, values: &[T]) -> Self {
+        let mut buf = Self::filled(role, values.len(), T::ZERO);
+        buf.copy_from_slice(values);
+        buf
     }
 }
 

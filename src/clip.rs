@@ -20,6 +20,7 @@ use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::arena::{Arena, Param};
 use crate::error::{Error, Result};
 use crate::float::{Float, Lane};
+use crate::mixed::{widen_on, Storage};
 use crate::parallel::{Exec, Parallelism, CHUNK, PARALLEL_THRESHOLD};
 use crate::subnormals::Subnormals;
 
@@ -147,6 +148,84 @@ fn partial<T: Float>(x: &[T], norm: NormType, simd: SimdLevel) -> f64 {
     }
 }
 
+/// [`partial`] of half-precision elements: exactly `partial` of their f32 widening (the same
+/// lanes, summation order and f64 widening), without writing the widened values to memory.
+pub(crate) fn partial_half<H: Storage>(x: &[H], norm: NormType, simd: SimdLevel) -> f64 {
+    match norm {
+        NormType::Inf | NormType::P(1.0) | NormType::P(2.0) => {
+            simd.dispatch_half(HalfLanePartial { x, norm })
+        }
+        NormType::P(p) => {
+            let p = p as f32;
+            let mut acc = 0.0f32;
+            for v in x {
+                acc += v.to_f32().abs().powf(p);
+            }
+            acc.powf(1.0 / p) as f64
+        }
+    }
+}
+
+/// [`LanePartial`] of half-precision elements, widened a [`BLOCK`] at a time.
+struct HalfLanePartial<'a, H> {
+    x: &'a [H],
+    norm: NormType,
+}
+
+impl<H: Storage> WithSimd for HalfLanePartial<'_, H> {
+    type Output = f64;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f64 {
+        let x = self.x;
+        let mut buf = [0.0f32; BLOCK];
+        let mut lanes = [0.0f32; 8];
+        match self.norm {
+            NormType::Inf => {
+                let body = x.len() - x.len() % 8;
+                let mut m = S::F32x8::splat(0.0);
+                let mut start = 0;
+                while start < body {
+                    let end = (start + BLOCK).min(body);
+                    let buf = &mut buf[..end - start];
+                    widen_on(simd, &x[start..end], buf);
+                    for c in buf.chunks_exact(8) {
+                        m = m.maximum(S::F32x8::load(c).abs());
+                    }
+                    start = end;
+                }
+                m.store(&mut lanes);
+                lanes
+                    .iter()
+                    .copied()
+                    .chain(x[body..].iter().map(|v| v.to_f32()))
+                    .map(|v| v.to_f64().abs())
+                    .fold(0.0f64, nan_max)
+            }
+            norm => {
+                let l1 = norm == NormType::P(1.0);
+                let mut total = 0.0f64;
+                let body = x.len() - x.len() % BLOCK;
+                for block in x[..body].chunks_exact(BLOCK) {
+                    widen_on(simd, block, &mut buf);
+                    let mut acc = S::F32x8::splat(0.0);
+                    for c in buf.chunks_exact(8) {
+                        let v = S::F32x8::load(c);
+                        acc = acc + if l1 { v.abs() } else { v * v };
+                    }
+                    acc.store(&mut lanes);
+                    total += lanes.iter().map(|v| v.to_f64()).sum::<f64>();
+                }
+                let g = |v: f64| if l1 { v.abs() } else { v * v };
+                total
+                    + x[body..]
+                        .iter()
+                        .map(|v| g(v.to_f32().to_f64()))
+                        .sum::<f64>()
+            }
+        }
+    }
+}
+
 /// `max` that propagates NaN, as torch's norms do.
 fn nan_max(m: f64, v: f64) -> f64 {
     if m.is_nan() || v.is_nan() {
@@ -220,12 +299,21 @@ impl NormScratch {
         params: &[Range<usize>],
         norm: NormType,
     ) -> usize {
+        self.plan_ranges(grad_ranges(arena, params), norm)
+    }
+
+    /// [`NormScratch::plan`] over the element ranges of the parameters to include.
+    pub(crate) fn plan_ranges(
+        &mut self,
+        ranges: impl Iterator<Item = Range<usize>>,
+        norm: NormType,
+    ) -> usize {
         match norm {
             NormType::P(p) if p != 1.0 && p != 2.0 => {
                 self.pieces.clear();
-                self.pieces.extend(grad_ranges(arena, params));
+                self.pieces.extend(ranges);
             }
-            _ => pieces(grad_ranges(arena, params), &mut self.pieces),
+            _ => pieces(ranges, &mut self.pieces),
         }
         self.pieces.iter().map(|r| r.len()).sum()
     }
@@ -240,9 +328,18 @@ impl NormScratch {
         exec: Exec,
     ) -> f64 {
         let grads = arena.grads();
-        exec.map_into(&self.pieces, &mut self.partials, |r| {
-            partial(&grads[r.clone()], norm, simd)
-        });
+        self.reduce_with::<T>(norm, exec, |r| partial(&grads[r], norm, simd))
+    }
+
+    /// [`NormScratch::reduce`] with `partial` giving each piece's partial norm (of elements in
+    /// `T`, or widened to it).
+    pub(crate) fn reduce_with<T: Float>(
+        &mut self,
+        norm: NormType,
+        exec: Exec,
+        partial: impl Fn(Range<usize>) -> f64 + Sync + Send,
+    ) -> f64 {
+        exec.map_into(&self.pieces, &mut self.partials, |r| partial(r.clone()));
         let partials = &self.partials;
         match norm {
             NormType::Inf => partials.iter().copied().fold(0.0f64, nan_max),

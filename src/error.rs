@@ -131,6 +131,12 @@ pub enum Error {
     /// optimizer's or appears twice. Nothing was changed.
     #[error("{0}")]
     SparseGrad(String),
+
+    /// A mixed-precision call was given buffers or settings it cannot use (a buffer of another
+    /// arena or length, an algorithm without a mixed-precision kernel, bf16 state where f32
+    /// is needed): nothing changed.
+    #[error("mixed precision: {0}")]
+    MixedPrecision(String),
 }
 
 impl From<serde_json::Error> for Error {

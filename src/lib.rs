@@ -72,6 +72,7 @@ pub mod error;
 pub mod float;
 pub mod hyper;
 pub mod kernels;
+pub mod mixed;
 pub mod optim;
 pub mod optimizer;
 pub mod parallel;
@@ -88,6 +89,7 @@ pub use clip::NormType;
 pub use error::{Error, Result};
 pub use float::{Float, Lane};
 pub use hyper::{GroupHyperparams, HyperValue, Hyperparams};
+pub use mixed::{HalfBuffer, StatePrecision, Storage};
 pub use optim::*;
 pub use optimizer::{
     Algorithm, ClipNorm, HookHandle, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepHook,

@@ -50,11 +50,14 @@ use crate::clip::{clip_coefficient, NormScratch, NormType};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
+use crate::kernels::Pass;
+use crate::mixed::StatePrecision;
 use crate::parallel::{Exec, Parallelism, CHUNK, PARALLEL_THRESHOLD};
 use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
 use crate::subnormals::Subnormals;
 
 mod checkpoint_access;
+mod mixed_step;
 pub(crate) use checkpoint_access::{SavedState, Staged, StateRef};
 
 /// Most state buffers any algorithm keeps per parameter.
@@ -153,6 +156,19 @@ pub trait Algorithm: Send + Sync + 'static {
         grads: &[T],
         buffers: &mut [&mut [T]],
     );
+
+    /// Whether [`Algorithm::fused_pass`] is implemented, so that the optimizer can step in
+    /// mixed precision ([`Optimizer::step_mixed`]): every elementwise algorithm, not the
+    /// per-parameter ones (Adafactor, Muon) nor L-BFGS.
+    const MIXED_PRECISION: bool = false;
+
+    /// The fused update of [`Algorithm::fused`] over any [`Pass`]: the same op over
+    /// half-precision streams ([`crate::mixed::MixedPass`]). Only called when
+    /// [`Algorithm::MIXED_PRECISION`] is set; the default is never called.
+    fn fused_pass<T: Float, P: Pass<T>>(args: &KernelArgs<Self::Coeffs>, pass: P) {
+        let _ = (args, pass);
+        unreachable!("{} has no mixed-precision kernel", Self::NAME)
+    }
 
     /// The scalar reference: the same update written as torch's sequence of tensor operations,
     /// one pass per operation. The oracle the fused kernel is tested against.
@@ -411,8 +427,11 @@ struct Group<T, A: Algorithm> {
     len: usize,
     /// One entry per parameter; `None` until it first has a gradient.
     state: Vec<Option<ParamState<A::Scalars>>>,
-    /// State buffers, each `len` long, named by `A::buffers(config)`.
+    /// State buffers, each `len` long, named by `A::buffers(config)`. Empty under
+    /// [`StatePrecision::Bf16`], which keeps them in `half_buffers` instead.
     buffers: Vec<AlignedBuf<T>>,
+    /// The state buffers under [`StatePrecision::Bf16`] (else empty).
+    half_buffers: Vec<AlignedBuf<half::bf16>>,
     /// Where each parameter's shaped state ([`Algorithm::aux_buffers`]) starts in `aux`, one
     /// entry per parameter and one for the end. All zero for algorithms without shaped state.
     aux_offsets: Vec<usize>,
@@ -430,6 +449,7 @@ impl<T: Float, A: Algorithm> Clone for Group<T, A> {
             len: self.len,
             state: self.state.clone(),
             buffers: self.buffers.clone(),
+            half_buffers: self.half_buffers.clone(),
             aux_offsets: self.aux_offsets.clone(),
             aux: self.aux.clone(),
         }
@@ -440,6 +460,18 @@ impl<T: Float, A: Algorithm> Group<T, A> {
     /// Position of arena parameter `i` in the group, if the group holds it.
     fn position(&self, i: usize) -> Option<usize> {
         self.params.binary_search(&i).ok()
+    }
+
+    /// Elements `range` of state buffer `k`, in `T` (bf16 state widened exactly).
+    fn buffer_values(&self, k: usize, range: Range<usize>) -> Vec<T> {
+        if self.half_buffers.is_empty() {
+            self.buffers[k][range].to_vec()
+        } else {
+            self.half_buffers[k][range]
+                .iter()
+                .map(|x| T::from_f64(x.to_f64()))
+                .collect()
+        }
     }
 
     /// Allocates the shaped state buffer (zeroed) if the algorithm keeps shaped state and it
@@ -506,11 +538,30 @@ impl<T: Float, A: Algorithm> Group<T, A> {
     }
 }
 
+/// Where a mixed-precision step's streams are: the half gradients' presence flags and first
+/// byte, and the parameter copy's first byte, each with its element size.
+struct MixedStreams<'a> {
+    has_grad: &'a [bool],
+    grads: *const u8,
+    grad_size: usize,
+    copy: *mut u8,
+    copy_size: usize,
+}
+
+/// A state buffer's initial value in bf16 (rounded to nearest even, as torch's `.to(bfloat16)`).
+fn bf16_init(init: f64) -> half::bf16 {
+    <half::bf16 as crate::mixed::Storage>::from_f32(init as f32)
+}
+
 /// One piece of a step: raw pointers into disjoint ranges of the arena and the state buffers.
 struct WorkItem<T, C> {
     params: *mut T,
-    grads: *const T,
-    buffers: [*mut T; MAX_BUFFERS],
+    /// The piece's first gradient: a `T`, or a half-precision element in a mixed step.
+    grads: *const u8,
+    /// Each state buffer's first element: a `T`, or a bf16 under [`StatePrecision::Bf16`].
+    buffers: [*mut u8; MAX_BUFFERS],
+    /// A mixed step's parameter copy (null otherwise).
+    copy: *mut u8,
     n_buffers: usize,
     len: usize,
     args: KernelArgs<C>,
@@ -542,12 +593,13 @@ impl<T: Float, C: Copy> WorkItem<T, C> {
     unsafe fn run<A: Algorithm<Coeffs = C>>(&self, layout: &[ParamInfo], reference: bool) {
         // SAFETY: guaranteed by the caller (see above).
         let params = unsafe { std::slice::from_raw_parts_mut(self.params, self.len) };
-        // SAFETY: as above; grads are only read.
-        let grads = unsafe { std::slice::from_raw_parts(self.grads, self.len) };
+        // SAFETY: as above; grads are only read, and a plain step's point to `T`s.
+        let grads = unsafe { std::slice::from_raw_parts(self.grads as *const T, self.len) };
         let mut bufs: [&mut [T]; MAX_BUFFERS] = Default::default();
         for (slot, &ptr) in bufs.iter_mut().zip(&self.buffers[..self.n_buffers]) {
-            // SAFETY: as above; each buffer pointer covers `len` elements of its own buffer.
-            *slot = unsafe { std::slice::from_raw_parts_mut(ptr, self.len) };
+            // SAFETY: as above; each buffer pointer covers `len` elements of its own buffer,
+            // of type `T` in a plain step.
+            *slot = unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, self.len) };
         }
         let bufs = &mut bufs[..self.n_buffers];
         if !A::PER_PARAMETER {
@@ -670,6 +722,8 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     norm_scratch: NormScratch,
     /// torch's `group["initial_lr"]` per group, set by LR schedulers (`crate::schedule`).
     initial_lrs: Vec<Option<f64>>,
+    /// The precision of the state buffers.
+    state_precision: StatePrecision,
 }
 
 impl<T: Float, A: Algorithm> std::fmt::Debug for Optimizer<T, A> {
@@ -728,6 +782,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             norm_ranges: Vec::new(),
             norm_scratch: NormScratch::default(),
             initial_lrs: Vec::new(),
+            state_precision: StatePrecision::Full,
         })
     }
 
@@ -787,6 +842,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             locals,
             len,
             buffers: Vec::new(),
+            half_buffers: Vec::new(),
             aux_offsets,
             aux: AlignedBuf::empty(),
         });
@@ -901,6 +957,16 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     pub fn set_group_config(&mut self, index: usize, config: A::Config) -> Result<()> {
         self.group_ref(index)?;
         config.validate()?;
+        let g = &self.groups[index];
+        if !g.half_buffers.is_empty() && A::buffers(&g.config) != A::buffers(&config) {
+            return Err(Error::MixedPrecision(format!(
+                "{} keeps bf16 state; a config that changes its buffers ({:?} -> {:?}) is not \
+                 supported with bf16 state yet",
+                A::NAME,
+                A::buffers(&g.config),
+                A::buffers(&config)
+            )));
+        }
         let old = std::mem::replace(&mut self.groups[index].config, config);
         self.groups[index].relayout_buffers(&old);
         Ok(())
@@ -961,6 +1027,19 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// Sets the learning rate of group `index`.
     pub fn set_lr(&mut self, index: usize, lr: f64) -> Result<()> {
         self.set_hyper(index, "lr", lr)
+    }
+
+    /// Errors unless the state buffers are in full precision: `what` (a plain step, a load)
+    /// has no bf16-state version yet.
+    pub(crate) fn check_full_state(&self, what: &str) -> Result<()> {
+        if self.state_precision != StatePrecision::Full {
+            return Err(Error::MixedPrecision(format!(
+                "this {} optimizer keeps bf16 state: {what} is not supported with it (step \
+                 with `step_mixed`; save with `state_dict`, which widens the state to f32)",
+                A::NAME
+            )));
+        }
+        Ok(())
     }
 
     fn check_arena(&self, arena: &Arena<T>) -> Result<()> {
@@ -1050,6 +1129,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         options: StepOptions,
     ) -> Result<StepReport> {
         self.check_arena(arena)?;
+        self.check_full_state("step")?;
         if !options.grad_scale.is_finite() {
             return Err(Error::InvalidHyperparameter(format!(
                 "Invalid grad_scale value: {:?}",
@@ -1226,9 +1306,30 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// parameters share its group: the kernels are elementwise, so the piece boundaries do not
     /// change a bit.
     fn plan(&mut self, arena: &mut Arena<T>, grad_scale: f64) -> usize {
-        let (params, grads, has_grad) = arena.step_view();
+        self.plan_with(arena, grad_scale, None)
+    }
+
+    /// [`Optimizer::plan`], reading which parameters have gradients, and where they are, from
+    /// `mixed` when given (a mixed-precision step), and writing the copy's pointers.
+    fn plan_with(
+        &mut self,
+        arena: &mut Arena<T>,
+        grad_scale: f64,
+        mixed: Option<MixedStreams<'_>>,
+    ) -> usize {
+        let (params, grads, arena_has_grad) = arena.step_view();
         let params_ptr = params.as_mut_ptr();
-        let grads_ptr = grads.as_ptr();
+        let (has_grad, grads_ptr, grad_size, copy_ptr, copy_size) = match &mixed {
+            Some(m) => (m.has_grad, m.grads, m.grad_size, m.copy, m.copy_size),
+            None => (
+                arena_has_grad,
+                grads.as_ptr() as *const u8,
+                std::mem::size_of::<T>(),
+                std::ptr::null_mut(),
+                0,
+            ),
+        };
+        let half_state = self.state_precision == StatePrecision::Bf16;
         let layout = &self.layout;
         let defaults = &self.defaults;
         let simd = self.simd;
@@ -1240,11 +1341,18 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             let gl = group.len;
             let any_grad = group.params.iter().any(|&i| has_grad[i]);
             if any_grad {
-                while group.buffers.len() < need {
+                while !half_state && group.buffers.len() < need {
                     let k = group.buffers.len();
                     let init = T::from_f64(A::buffer_init_in(&group.config, defaults, k));
                     group
                         .buffers
+                        .push(AlignedBuf::filled(Role::State(k), gl, init));
+                }
+                while half_state && group.half_buffers.len() < need {
+                    let k = group.half_buffers.len();
+                    let init = bf16_init(A::buffer_init_in(&group.config, defaults, k));
+                    group
+                        .half_buffers
                         .push(AlignedBuf::filled(Role::State(k), gl, init));
                 }
                 group.ensure_aux();
@@ -1269,8 +1377,12 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     let mut fresh = false;
                     while (st.live_buffers as usize) < need {
                         let k = st.live_buffers as usize;
-                        let init = T::from_f64(A::buffer_init_in(&group.config, defaults, k));
-                        group.buffers[k][local..local + info.len].fill(init);
+                        let init = A::buffer_init_in(&group.config, defaults, k);
+                        if half_state {
+                            group.half_buffers[k][local..local + info.len].fill(bf16_init(init));
+                        } else {
+                            group.buffers[k][local..local + info.len].fill(T::from_f64(init));
+                        }
                         st.live_buffers += 1;
                         fresh = true;
                     }
@@ -1341,15 +1453,28 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         };
                         let local = base + (at - start);
                         let mut buffers = [std::ptr::null_mut(); MAX_BUFFERS];
-                        for (k, b) in group.buffers[..need].iter_mut().enumerate() {
-                            buffers[k] = b[local..local + len].as_mut_ptr();
+                        if half_state {
+                            for (k, b) in group.half_buffers[..need].iter_mut().enumerate() {
+                                buffers[k] = b[local..local + len].as_mut_ptr() as *mut u8;
+                            }
+                        } else {
+                            for (k, b) in group.buffers[..need].iter_mut().enumerate() {
+                                buffers[k] = b[local..local + len].as_mut_ptr() as *mut u8;
+                            }
                         }
                         self.work.push(WorkItem {
                             // SAFETY: `at..at+len` lies inside the arena (it is part of a
                             // registered parameter's range).
                             params: unsafe { params_ptr.add(at) },
-                            // SAFETY: the gradient buffer has the same length as the arena.
-                            grads: unsafe { grads_ptr.add(at) },
+                            // SAFETY: the gradient buffer (the arena's, or a mixed step's half
+                            // buffer) has the arena's length in elements of `grad_size` bytes.
+                            grads: unsafe { grads_ptr.add(at * grad_size) },
+                            // SAFETY: as above for the copy, when there is one.
+                            copy: if copy_ptr.is_null() {
+                                copy_ptr
+                            } else {
+                                unsafe { copy_ptr.add(at * copy_size) }
+                            },
                             buffers,
                             n_buffers: need,
                             len,
@@ -1387,14 +1512,15 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
 
     /// The state buffer `buffer` (torch's name, e.g. `"exp_avg"`, ASGD's `"ax"`, Adafactor's
     /// shaped `"row_var"`) of parameter `param`, or `None` if it has no state yet. Row-major;
-    /// a shaped buffer is as long as [`Algorithm::aux_len`] says.
+    /// a shaped buffer is as long as [`Algorithm::aux_len`] says. `None` for every buffer of an
+    /// optimizer with [`StatePrecision::Bf16`] state: see [`Optimizer::buffer_bf16`].
     pub fn buffer(&self, param: Param<T>, buffer: &str) -> Option<&[T]> {
         let i = param.index();
         let (g, j) = self.locate(i)?;
         let st = g.state[j]?;
         let info = &self.layout[i];
         if let Some(k) = A::buffers(&g.config).iter().position(|&b| b == buffer) {
-            if k >= st.live_buffers as usize {
+            if k >= st.live_buffers as usize || !g.half_buffers.is_empty() {
                 return None;
             }
             let local = g.locals[j];
@@ -1452,7 +1578,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         .map(|k| {
                             (
                                 names[k].to_string(),
-                                g.buffers[k][local..local + info.len].to_vec(),
+                                g.buffer_values(k, local..local + info.len),
                             )
                         })
                         .collect();
@@ -1502,6 +1628,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// A state saved in the other float type is converted, as torch casts state to the
     /// parameter's dtype.
     pub fn load_state_dict<U: Float>(&mut self, saved: &StateDict<U>, by: MatchBy) -> Result<()> {
+        self.check_full_state("load_state_dict")?;
         let bad = |m: String| Err(Error::StateDict(m));
         if saved.format != STATE_DICT_FORMAT {
             return bad(format!(
@@ -1707,6 +1834,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     #[doc(hidden)]
     pub fn step_reference(&mut self, arena: &mut Arena<T>) -> Result<()> {
         self.check_arena(arena)?;
+        self.check_full_state("step_reference")?;
         for g in &self.groups {
             g.config.validate()?;
         }

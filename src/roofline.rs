@@ -48,7 +48,8 @@ impl Strategy {
     pub fn candidates() -> Vec<Strategy> {
         let mut out = Vec::new();
         for simd in SimdLevel::ALL.into_iter().rev() {
-            if simd.is_available() {
+            // The AVX-512 BF16 level runs f32 kernels on the AVX-512 lanes: nothing new to try.
+            if simd.is_available() && simd != SimdLevel::Avx512Bf16 {
                 for piece in [Some(CHUNK), Some(16 * CHUNK), None] {
                     out.push(Strategy { simd, piece });
                 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::float::Float;
+use crate::mixed::{HalfBuffer, Storage};
 use crate::optimizer::{Algorithm, ClipNorm, Optimizer, StepOptions, StepOutcome, StepReport};
 
 /// Anything that takes a step with [`StepOptions`]: an [`Optimizer`], and the distributed
@@ -140,6 +141,33 @@ impl GradScaler {
         clip: ClipNorm,
     ) -> Result<StepReport> {
         self.step_inner(opt, arena, Some(clip))
+    }
+
+    /// [`GradScaler::step`] (with an optional folded clip) for a mixed-precision step
+    /// ([`Optimizer::step_mixed`]): `grads` hold the scaled half-precision (typically f16)
+    /// gradients; they are checked for NaN and infinity first (the step is skipped whole if one
+    /// is found), and unscaled by `1/scale` inside the fused pass that also writes `copy`.
+    pub fn step_mixed<A: Algorithm, G: Storage, H: Storage>(
+        &mut self,
+        opt: &mut Optimizer<f32, A>,
+        arena: &mut Arena<f32>,
+        grads: &HalfBuffer<G>,
+        copy: &mut HalfBuffer<H>,
+        clip: Option<ClipNorm>,
+    ) -> Result<StepReport> {
+        let inv_scale = (1.0 / self.scale) as f32 as f64;
+        let report = opt.step_mixed(
+            arena,
+            grads,
+            copy,
+            StepOptions {
+                grad_scale: inv_scale,
+                skip_non_finite: true,
+                clip,
+            },
+        )?;
+        self.found_inf = Some(report.outcome == StepOutcome::SkippedNonFinite);
+        Ok(report)
     }
 
     fn step_inner<T: Float, O: StepWithOptions<T> + ?Sized>(

@@ -12,10 +12,14 @@
 //! module never names an algorithm.
 //!
 //! - A *token* (`Simd` implementor) is the proof that the CPU has an instruction set:
-//!   `x86_64::Avx2::new()` and `x86_64::Avx512::new()` return `None` unless run-time
+//!   `x86_64::Avx2::new()` (AVX2 + F16C), `x86_64::Avx512::new()` (AVX-512F + AVX2 + F16C)
+//!   and `x86_64::Avx512Bf16::new()` (those + AVX-512 BF16) return `None` unless run-time
 //!   detection finds the features, and the only other way to get one is an `unsafe fn
 //!   new_unchecked` whose caller promises it. (memchr's `arch/x86_64/avx2` searchers and
-//!   pulp's `V3`/`V4` are built the same way.)
+//!   pulp's `V3`/`V4` are built the same way.) Besides its lanes, a token converts its f32
+//!   lanes to and from bf16 and f16 storage ([`crate::mixed`]); the AVX-512 BF16 token differs
+//!   from the AVX-512 one only there, and only `SimdLevel::dispatch_half` (the
+//!   mixed-precision kernels) uses it, so the f32/f64 kernels are not compiled for it.
 //! - The token's associated types are the lane types ([`crate::Lane`] implementors) of that
 //!   instruction set. They are private to `x86_64.rs` and reachable only through a token type,
 //!   which is private to the crate, so no code outside the crate can name a lane type, let
@@ -73,6 +77,10 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512F: sixteen-lane f32 / eight-lane f64 vectors, when the CPU has AVX-512F.
     Avx512,
+    /// AVX-512F plus the AVX-512 BF16 extension: the f32 kernels are [`SimdLevel::Avx512`]'s;
+    /// mixed-precision passes ([`crate::mixed`]) round f32 to bf16 with `vcvtneps2bf16`
+    /// instead of integer arithmetic. Same bits either way.
+    Avx512Bf16,
     /// The best the CPU has (the default).
     #[default]
     Best,
@@ -80,13 +88,21 @@ pub enum SimdLevel {
 
 impl SimdLevel {
     /// The levels below [`SimdLevel::Best`], narrowest first.
-    pub const ALL: [SimdLevel; 3] = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512];
+    pub const ALL: [SimdLevel; 4] = [
+        SimdLevel::Portable,
+        SimdLevel::Avx2,
+        SimdLevel::Avx512,
+        SimdLevel::Avx512Bf16,
+    ];
 
     /// The level kernels run at under this cap on this CPU: the best level the CPU has that
     /// is not above `self` (never [`SimdLevel::Best`]).
     pub fn resolve(self) -> SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
+            if self >= SimdLevel::Avx512Bf16 && x86_64::Avx512Bf16::new().is_some() {
+                return SimdLevel::Avx512Bf16;
+            }
             if self >= SimdLevel::Avx512 && x86_64::Avx512::new().is_some() {
                 return SimdLevel::Avx512;
             }
@@ -123,6 +139,22 @@ impl SimdLevel {
         }
         Portable.vectorize(kernel)
     }
+
+    /// [`SimdLevel::dispatch`] for kernels that convert to or from half precision: the same
+    /// tokens, plus the AVX-512 BF16 one when the cap allows it and the CPU has it. Kept apart
+    /// so the f32 / f64 kernels are not compiled a fourth time.
+    #[inline(always)]
+    pub(crate) fn dispatch_half<K: WithSimd>(self, kernel: K) -> K::Output {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if self >= SimdLevel::Avx512Bf16 {
+                if let Some(simd) = x86_64::Avx512Bf16::new() {
+                    return simd.vectorize(kernel);
+                }
+            }
+        }
+        self.dispatch(kernel)
+    }
 }
 
 pub(crate) use token::{Simd, WithSimd};
@@ -150,6 +182,16 @@ mod token {
         type F64x4: Lane<Elem = f64>;
         /// Runs `kernel.with_simd(self)` compiled for this instruction set.
         fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output;
+        /// Widens `F32::WIDTH` bf16 values (raw bits) from the front of `s`: exact, a shift.
+        fn load_bf16(self, s: &[u16]) -> Self::F32;
+        /// Rounds `v` to bf16 (nearest, ties to even; NaN becomes torch's quiet `0x7FC0`) into
+        /// the front of `s`: bitwise [`crate::mixed::bf16_bits_from_f32`] on every lane.
+        fn store_bf16(self, v: Self::F32, s: &mut [u16]);
+        /// Widens `F32::WIDTH` f16 values (raw bits) from the front of `s`: exact.
+        fn load_f16(self, s: &[u16]) -> Self::F32;
+        /// Rounds `v` to f16 (nearest, ties to even, as `half::f16::from_f32` and F16C's
+        /// `vcvtps2ph`) into the front of `s`.
+        fn store_f16(self, v: Self::F32, s: &mut [u16]);
     }
 
     /// A kernel written once for every instruction set (pulp's `WithSimd`).
@@ -174,5 +216,25 @@ impl Simd for Portable {
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
         kernel.with_simd(self)
+    }
+    #[inline(always)]
+    fn load_bf16(self, s: &[u16]) -> wide::f32x8 {
+        let s: &[u16; 8] = s[..8].try_into().expect("eight elements");
+        wide::f32x8::new(s.map(|b| f32::from_bits((b as u32) << 16)))
+    }
+    #[inline(always)]
+    fn store_bf16(self, v: wide::f32x8, s: &mut [u16]) {
+        let bits = v.to_array().map(crate::mixed::bf16_bits_from_f32);
+        s[..8].copy_from_slice(&bits);
+    }
+    #[inline(always)]
+    fn load_f16(self, s: &[u16]) -> wide::f32x8 {
+        let s: &[u16; 8] = s[..8].try_into().expect("eight elements");
+        wide::f32x8::new(s.map(|b| half::f16::from_bits(b).to_f32()))
+    }
+    #[inline(always)]
+    fn store_f16(self, v: wide::f32x8, s: &mut [u16]) {
+        let bits = v.to_array().map(|x| half::f16::from_f32(x).to_bits());
+        s[..8].copy_from_slice(&bits);
     }
 }

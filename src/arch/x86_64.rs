@@ -1,5 +1,6 @@
 //! The x86-64 tokens and their lanes: AVX2 ([`Avx2`]: [`F32x8`], [`F64x4`]) and AVX-512F
-//! ([`Avx512`]: [`F32x16`], [`F64x8`]).
+//! ([`Avx512`], and [`Avx512Bf16`] with the BF16 conversion instruction: [`F32x16`],
+//! [`F64x8`]), and their bf16/f16 conversions.
 //!
 //! # Soundness
 //! The lane methods are safe and `#[inline(always)]`, and call intrinsics that are only
@@ -27,15 +28,29 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 use super::{Simd, WithSimd};
 use crate::float::Lane;
 
+/// Evaluates AVX / AVX-512 intrinsics.
+macro_rules! avx {
+    ($e:expr) => {{
+        // SAFETY: the CPU has the feature: lane types are reachable only through a token
+        // type, inside `WithSimd::with_simd`, which runs only once a token value was made by
+        // its CPU-checking constructor (see the module docs).
+        #[allow(unused_unsafe)]
+        unsafe {
+            $e
+        }
+    }};
+}
+
 /// Proof that the CPU has AVX2.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx2(());
 
 impl Avx2 {
-    /// The token, if the CPU has AVX2.
+    /// The token, if the CPU has AVX2 and F16C (every AVX2 CPU made has F16C; the
+    /// mixed-precision passes use it for f16).
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
-        if is_x86_feature_detected!("avx2") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
             // SAFETY: just checked.
             Some(unsafe { Self::new_unchecked() })
         } else {
@@ -46,22 +61,25 @@ impl Avx2 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX2.
+    /// The CPU must support AVX2 and F16C.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx2(())
     }
 }
 
-/// Proof that the CPU has AVX-512F (and AVX2).
+/// Proof that the CPU has AVX-512F (and AVX2, F16C).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx512(());
 
 impl Avx512 {
-    /// The token, if the CPU has AVX-512F and AVX2.
+    /// The token, if the CPU has AVX-512F, AVX2 and F16C.
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("f16c")
+        {
             // SAFETY: just checked.
             Some(unsafe { Self::new_unchecked() })
         } else {
@@ -72,11 +90,139 @@ impl Avx512 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F and AVX2.
+    /// The CPU must support AVX-512F, AVX2 and F16C.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx512(())
     }
+}
+
+/// Proof that the CPU has AVX-512F and AVX-512 BF16 (and AVX2, F16C): [`Avx512`]'s lanes,
+/// with `vcvtneps2bf16` for rounding to bf16.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx512Bf16(());
+
+impl Avx512Bf16 {
+    /// The token, if the CPU has AVX-512F, AVX-512 BF16, AVX2 and F16C.
+    #[inline(always)]
+    pub(crate) fn new() -> Option<Self> {
+        if Avx512::new().is_some() && is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: just checked.
+            Some(unsafe { Self::new_unchecked() })
+        } else {
+            None
+        }
+    }
+
+    /// The token, unchecked.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX-512 BF16, AVX2 and F16C.
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        Avx512Bf16(())
+    }
+}
+
+/// bf16 rounding of eight f32 lanes with integer AVX2 arithmetic (torch's `cvtfp32_bf16`):
+/// `(bits + 0x7FFF + lsb) >> 16`, NaN replaced by `0x7FC0`.
+#[inline(always)]
+fn bf16_round_avx2(v: __m256) -> __m128i {
+    avx!({
+        let b = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+        let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, bias));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        // Every lane is <= 0xFFFF, so the saturating pack is exact; it packs within 128-bit
+        // halves, and the permute gathers the two halves' low quadwords.
+        let packed = _mm256_packus_epi32(r, r);
+        _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
+    })
+}
+
+/// bf16 rounding of sixteen f32 lanes with integer AVX-512F arithmetic, as
+/// [`bf16_round_avx2`].
+#[inline(always)]
+fn bf16_round_avx512(v: __m512) -> __m256i {
+    avx!({
+        let b = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
+        _mm512_cvtepi32_epi16(r)
+    })
+}
+
+/// The AVX2 half-precision conversions (F16C for f16), shared by the tokens that have them.
+macro_rules! avx2_half {
+    () => {
+        #[inline(always)]
+        fn load_bf16(self, s: &[u16]) -> F32x8 {
+            let s = &s[..8];
+            // SAFETY: `s` holds eight elements (16 bytes); unaligned loads are fine.
+            let h = avx!(_mm_loadu_si128(s.as_ptr() as *const __m128i));
+            F32x8(avx!(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                _mm256_cvtepu16_epi32(h)
+            ))))
+        }
+        #[inline(always)]
+        fn store_bf16(self, v: F32x8, s: &mut [u16]) {
+            let s = &mut s[..8];
+            let r = bf16_round_avx2(v.0);
+            // SAFETY: `s` holds eight writable elements (16 bytes), and AVX2 is available.
+            unsafe { _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, r) }
+        }
+        #[inline(always)]
+        fn load_f16(self, s: &[u16]) -> F32x8 {
+            let s = &s[..8];
+            // SAFETY: `s` holds eight elements (16 bytes); the token proves F16C.
+            F32x8(avx!(_mm256_cvtph_ps(_mm_loadu_si128(
+                s.as_ptr() as *const __m128i
+            ))))
+        }
+        #[inline(always)]
+        fn store_f16(self, v: F32x8, s: &mut [u16]) {
+            let s = &mut s[..8];
+            let r = avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0));
+            // SAFETY: `s` holds eight writable elements (16 bytes), and F16C is available.
+            unsafe { _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, r) }
+        }
+    };
+}
+
+/// The AVX-512 half-precision loads and the f16 store, shared by the two AVX-512 tokens.
+macro_rules! avx512_half_common {
+    () => {
+        #[inline(always)]
+        fn load_bf16(self, s: &[u16]) -> F32x16 {
+            let s = &s[..16];
+            // SAFETY: `s` holds sixteen elements (32 bytes); unaligned loads are fine.
+            let h = avx!(_mm256_loadu_si256(s.as_ptr() as *const __m256i));
+            F32x16(avx!(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                _mm512_cvtepu16_epi32(h)
+            ))))
+        }
+        #[inline(always)]
+        fn load_f16(self, s: &[u16]) -> F32x16 {
+            let s = &s[..16];
+            // SAFETY: `s` holds sixteen elements (32 bytes); AVX-512F has `vcvtph2ps zmm`.
+            F32x16(avx!(_mm512_cvtph_ps(_mm256_loadu_si256(
+                s.as_ptr() as *const __m256i
+            ))))
+        }
+        #[inline(always)]
+        fn store_f16(self, v: F32x16, s: &mut [u16]) {
+            let s = &mut s[..16];
+            let r = avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0));
+            // SAFETY: `s` holds sixteen writable elements (32 bytes), and AVX-512F is
+            // available.
+            unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, r) }
+        }
+    };
 }
 
 impl Simd for Avx2 {
@@ -86,13 +232,14 @@ impl Simd for Avx2 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,f16c")]
         fn imp<K: WithSimd>(simd: Avx2, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
-        // SAFETY: `self` is an `Avx2` token, which exists only if the CPU has AVX2.
+        // SAFETY: `self` is an `Avx2` token, which exists only if the CPU has AVX2 and F16C.
         unsafe { imp(self, kernel) }
     }
+    avx2_half!();
 }
 
 impl Simd for Avx512 {
@@ -102,13 +249,64 @@ impl Simd for Avx512 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,avx512f")]
+        #[target_feature(enable = "avx2,f16c,avx512f")]
         fn imp<K: WithSimd>(simd: Avx512, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
-        // SAFETY: `self` is an `Avx512` token, which exists only if the CPU has AVX-512F and
-        // AVX2.
+        // SAFETY: `self` is an `Avx512` token, which exists only if the CPU has AVX-512F,
+        // AVX2 and F16C.
         unsafe { imp(self, kernel) }
+    }
+    avx512_half_common!();
+    #[inline(always)]
+    fn store_bf16(self, v: F32x16, s: &mut [u16]) {
+        let s = &mut s[..16];
+        let r = bf16_round_avx512(v.0);
+        // SAFETY: `s` holds sixteen writable elements (32 bytes), and AVX-512F is available.
+        unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, r) }
+    }
+}
+
+impl Simd for Avx512Bf16 {
+    type F32 = F32x16;
+    type F64 = F64x8;
+    type F32x8 = F32x8;
+    type F64x4 = F64x4;
+    #[inline(always)]
+    fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
+        #[target_feature(enable = "avx2,f16c,avx512f,avx512bf16")]
+        fn imp<K: WithSimd>(simd: Avx512Bf16, kernel: K) -> K::Output {
+            kernel.with_simd(simd)
+        }
+        // SAFETY: `self` is an `Avx512Bf16` token, which exists only if the CPU has
+        // AVX-512F, AVX-512 BF16, AVX2 and F16C.
+        unsafe { imp(self, kernel) }
+    }
+    avx512_half_common!();
+    #[inline(always)]
+    fn store_bf16(self, v: F32x16, s: &mut [u16]) {
+        let s = &mut s[..16];
+        // `vcvtneps2bf16` rounds to nearest even like the integer path, but reads subnormal
+        // inputs as zero and keeps a NaN's sign and payload (quietened). Lanes holding either
+        // are rare (none inside a flushed step but NaN), so a vector with any of them takes
+        // the integer path whole; the others keep the one-instruction conversion.
+        let special = avx!({
+            let abs = _mm512_and_si512(_mm512_castps_si512(v.0), _mm512_set1_epi32(0x7FFF_FFFF));
+            // |x| - 1 <= 0x7F_FFFE (unsigned) exactly when x is subnormal.
+            let sub = _mm512_cmple_epu32_mask(
+                _mm512_sub_epi32(abs, _mm512_set1_epi32(1)),
+                _mm512_set1_epi32(0x007F_FFFE),
+            );
+            sub | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v.0, v.0)
+        });
+        let r = if special == 0 {
+            // SAFETY: `__m256bh` and `__m256i` are both 256 bits of plain data.
+            avx!(unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v.0)) })
+        } else {
+            bf16_round_avx512(v.0)
+        };
+        // SAFETY: `s` holds sixteen writable elements (32 bytes), and AVX-512F is available.
+        unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, r) }
     }
 }
 
@@ -127,19 +325,6 @@ pub struct F32x16(__m512);
 /// Eight f64 lanes in an AVX-512 register.
 #[derive(Clone, Copy)]
 pub struct F64x8(__m512d);
-
-/// Evaluates AVX / AVX-512 intrinsics.
-macro_rules! avx {
-    ($e:expr) => {{
-        // SAFETY: the CPU has the feature: lane types are reachable only through a token
-        // type, inside `WithSimd::with_simd`, which runs only once a token value was made by
-        // its CPU-checking constructor (see the module docs).
-        #[allow(unused_unsafe)]
-        unsafe {
-            $e
-        }
-    }};
-}
 
 /// The arithmetic shared by every lane type: one intrinsic per operator.
 macro_rules! ops {

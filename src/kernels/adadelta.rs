@@ -1,6 +1,6 @@
 //! Adadelta: fused kernel and reference.
 
-use super::{for_each_lane, passes, ElementOp};
+use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -60,6 +60,12 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &AdadeltaCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         grad_scale: T::from_f64(grad_scale),
         maximize: c.maximize,
@@ -70,8 +76,8 @@ pub fn fused<T: Float>(
         eps: T::from_f64(c.eps),
         neg_lr: T::from_f64(-c.lr),
     };
-    match bufs {
-        [sq, acc] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **sq, &mut **acc]),
+    match pass.buffers() {
+        2 => pass.run::<2, _>(&op),
         _ => unreachable!("Adadelta keeps two buffers"),
     }
 }

@@ -1,6 +1,6 @@
 //! Adagrad (dense gradients): fused kernel and reference.
 
-use super::{for_each_lane, passes, ElementOp};
+use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -71,6 +71,12 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &AdagradCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         grad_scale: T::from_f64(grad_scale),
         maximize: c.maximize,
@@ -79,8 +85,8 @@ pub fn fused<T: Float>(
         eps: T::from_f64(c.eps),
         neg_clr: T::from_f64(-c.clr),
     };
-    match bufs {
-        [sum] => for_each_lane::<T, 1, _>(simd, &op, p, g, [&mut **sum]),
+    match pass.buffers() {
+        1 => pass.run::<1, _>(&op),
         _ => unreachable!("Adagrad keeps one buffer"),
     }
 }

@@ -16,7 +16,7 @@
 //! tolerances.
 
 use super::moments::Moments;
-use super::{for_each_lane, passes, ElementOp};
+use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -130,12 +130,16 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &AdamCoeffs, grad_scale: f64, pass: P) {
     let op = op::<T>(c, grad_scale);
-    match bufs {
-        [m, v] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **v]),
-        [m, v, vmax] => {
-            for_each_lane::<T, 3, _>(simd, &op, p, g, [&mut **m, &mut **v, &mut **vmax])
-        }
+    match pass.buffers() {
+        2 => pass.run::<2, _>(&op),
+        3 => pass.run::<3, _>(&op),
         _ => unreachable!("Adam keeps two or three buffers"),
     }
 }

@@ -1,6 +1,6 @@
 //! Adamax (Adam with the infinity norm): fused kernel and reference.
 
-use super::{for_each_lane, lerp, passes, ElementOp, LerpWeight};
+use super::{lerp, passes, ElementOp, LerpWeight, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -78,6 +78,12 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &AdamaxCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         grad_scale: T::from_f64(grad_scale),
         maximize: c.maximize,
@@ -88,8 +94,8 @@ pub fn fused<T: Float>(
         eps: T::from_f64(c.eps),
         neg_clr: T::from_f64(-c.clr),
     };
-    match bufs {
-        [m, u] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **u]),
+    match pass.buffers() {
+        2 => pass.run::<2, _>(&op),
         _ => unreachable!("Adamax keeps two buffers"),
     }
 }

@@ -40,6 +40,7 @@ pub mod sparse_adam;
 
 use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::float::{Float, Lane};
+use crate::mixed::Storage;
 
 /// The per-element update of a fused kernel with `B` state buffers.
 pub trait ElementOp<T: Float, const B: usize> {
@@ -141,6 +142,147 @@ fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
         *p = op.apply(*p, *g, &mut s);
         for (k, v) in s.iter().enumerate() {
             parts[k].1[j] = *v;
+        }
+    }
+}
+
+/// The memory one fused kernel call streams through: where parameters, gradients and state
+/// buffers live and in which storage formats. A kernel ([`adam::run`], ...) builds its
+/// [`ElementOp`] once and hands it to [`Pass::run`] with its buffer count, so the same op runs
+/// over plain `T` slices ([`Slices`], the f32/f64 step) or over half-precision streams
+/// ([`crate::mixed`]'s passes, f32 lanes), each monomorphised: the f32/f64 loop is unchanged.
+pub trait Pass<T: Float> {
+    /// The number of state buffers given (the kernel picks its op variant by it).
+    fn buffers(&self) -> usize;
+    /// Runs `op` over every element. `B` must equal [`Pass::buffers`].
+    fn run<const B: usize, O: ElementOp<T, B>>(self, op: &O);
+}
+
+/// A plain step's piece: parameters, gradients and state buffers, all of type `T`.
+pub struct Slices<'a, 'b, T> {
+    simd: SimdLevel,
+    params: &'a mut [T],
+    grads: &'a [T],
+    bufs: &'a mut [&'b mut [T]],
+}
+
+impl<'a, 'b, T> Slices<'a, 'b, T> {
+    /// The piece `params` / `grads` / `bufs`, run on lanes up to `simd`.
+    pub fn new(
+        simd: SimdLevel,
+        params: &'a mut [T],
+        grads: &'a [T],
+        bufs: &'a mut [&'b mut [T]],
+    ) -> Self {
+        Slices {
+            simd,
+            params,
+            grads,
+            bufs,
+        }
+    }
+}
+
+/// The first `B` buffers of `bufs` as an array.
+///
+/// # Panics
+/// If `bufs` does not hold exactly `B` buffers (a kernel's match on [`Pass::buffers`] rules it
+/// out).
+pub(crate) fn buffer_array<'a, E, const B: usize>(bufs: &'a mut [&mut [E]]) -> [&'a mut [E]; B] {
+    assert_eq!(bufs.len(), B, "buffer count");
+    let mut it = bufs.iter_mut();
+    std::array::from_fn(|_| &mut **it.next().expect("B buffers"))
+}
+
+impl<T: Float> Pass<T> for Slices<'_, '_, T> {
+    fn buffers(&self) -> usize {
+        self.bufs.len()
+    }
+    #[inline(always)]
+    fn run<const B: usize, O: ElementOp<T, B>>(self, op: &O) {
+        for_each_lane::<T, B, O>(
+            self.simd,
+            op,
+            self.params,
+            self.grads,
+            buffer_array(self.bufs),
+        )
+    }
+}
+
+/// The mixed-precision fused loop: `op` on f32 lanes of `S`, with gradients read from `G`
+/// storage, state buffers held in `M` storage (widened on load, rounded on store), and every
+/// updated parameter also stored, rounded, to `copy` in `H` storage, all in the one pass.
+/// With `G = M = f32` and the copy ignored it computes exactly what [`lane_loop`] computes on
+/// the widened gradients: the same op on the same lanes, so the same bits.
+///
+/// # Panics
+/// If the slices differ in length (the step driver never passes such slices).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
+    simd: S,
+    op: &O,
+    params: &mut [f32],
+    grads: &[G],
+    state: [&mut [M]; B],
+    copy: &mut [H],
+) where
+    S: Simd,
+    G: Storage,
+    M: Storage,
+    H: Storage,
+    O: ElementOp<f32, B>,
+{
+    let n = params.len();
+    assert!(grads.len() == n && copy.len() == n && state.iter().all(|s| s.len() == n));
+    let w = <S::F32 as Lane>::WIDTH;
+    let body = n - n % w;
+    let (p_body, p_tail) = params.split_at_mut(body);
+    let (g_body, g_tail) = grads.split_at(body);
+    let (c_body, c_tail) = copy.split_at_mut(body);
+    let parts = state.map(|s| s.split_at_mut(body));
+    let mut i = 0;
+    // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one).
+    const AHEAD: usize = 1024;
+    while w <= body - i {
+        #[cfg(target_arch = "x86_64")]
+        if AHEAD < body - i {
+            // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i + AHEAD < body`,
+            // so every address is inside its slice (`add` stays in bounds).
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(p_body.as_ptr().add(i + AHEAD) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(i + AHEAD) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(c_body.as_ptr().add(i + AHEAD) as *const i8);
+                for part in &parts {
+                    _mm_prefetch::<_MM_HINT_T0>(part.0.as_ptr().add(i + AHEAD) as *const i8);
+                }
+            }
+        }
+        let p = <S::F32 as Lane>::load(&p_body[i..i + w]);
+        let g = G::load(simd, &g_body[i..i + w]);
+        // A plain loop, not `array::from_fn`: a closure is compiled without the token's target
+        // features, so the conversion intrinsics inside it were not inlined (measured: bf16
+        // state 30% slower than f32 state).
+        let mut s = [<S::F32 as Lane>::splat(0.0); B];
+        for (k, v) in s.iter_mut().enumerate() {
+            *v = M::load(simd, &parts[k].0[i..i + w]);
+        }
+        let p = op.apply(p, g, &mut s);
+        p.store(&mut p_body[i..i + w]);
+        H::store(simd, p, &mut c_body[i..i + w]);
+        for (k, v) in s.iter().enumerate() {
+            M::store(simd, *v, &mut parts[k].0[i..i + w]);
+        }
+        i += w;
+    }
+    for (j, ((p, g), c)) in p_tail.iter_mut().zip(g_tail).zip(c_tail).enumerate() {
+        let mut s: [f32; B] = std::array::from_fn(|k| parts[k].1[j].to_f32());
+        *p = op.apply(*p, g.to_f32(), &mut s);
+        *c = H::from_f32(*p);
+        for (k, v) in s.iter().enumerate() {
+            parts[k].1[j] = M::from_f32(*v);
         }
     }
 }

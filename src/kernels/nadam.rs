@@ -16,7 +16,7 @@
 //! Results move by about one ulp, far inside the parity tolerances.
 
 use super::moments::Moments;
-use super::{for_each_lane, passes, ElementOp};
+use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -121,6 +121,12 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &NadamCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         moments: c.moments(grad_scale),
         inv_bc2: T::from_f64(c.inv_bias_correction2()),
@@ -128,8 +134,8 @@ pub fn fused<T: Float>(
         grad_value: T::from_f64(c.grad_value),
         exp_avg_value: T::from_f64(c.exp_avg_value),
     };
-    match bufs {
-        [m, v] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **v]),
+    match pass.buffers() {
+        2 => pass.run::<2, _>(&op),
         _ => unreachable!("NAdam keeps two buffers"),
     }
 }

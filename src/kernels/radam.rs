@@ -17,7 +17,7 @@
 //! order, so they agree bit for bit.
 
 use super::moments::Moments;
-use super::{for_each_lane, passes, ElementOp};
+use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -122,14 +122,20 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &RadamCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         moments: c.moments(grad_scale),
         eps: T::from_f64(c.eps),
         step_size: T::from_f64(c.step_size()),
         rectified: c.rect.is_some(),
     };
-    match bufs {
-        [m, v] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **m, &mut **v]),
+    match pass.buffers() {
+        2 => pass.run::<2, _>(&op),
         _ => unreachable!("RAdam keeps two buffers"),
     }
 }

@@ -1,6 +1,6 @@
 //! RMSprop (plain or centered, with or without momentum): fused kernel and reference.
 
-use super::{for_each_lane, lerp, passes, ElementOp, LerpWeight};
+use super::{lerp, passes, ElementOp, LerpWeight, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -162,22 +162,18 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &RmspropCoeffs, grad_scale: f64, pass: P) {
     let op = op::<T>(c, grad_scale);
-    match (bufs, c.uses_momentum(), c.centered) {
-        ([sq], false, false) => for_each_lane::<T, 1, _>(simd, &Plain(op), p, g, [&mut **sq]),
-        ([sq, buf], true, false) => {
-            for_each_lane::<T, 2, _>(simd, &Momentum(op), p, g, [&mut **sq, &mut **buf])
-        }
-        ([sq, ga], false, true) => {
-            for_each_lane::<T, 2, _>(simd, &Centered(op), p, g, [&mut **sq, &mut **ga])
-        }
-        ([sq, buf, ga], true, true) => for_each_lane::<T, 3, _>(
-            simd,
-            &CenteredMomentum(op),
-            p,
-            g,
-            [&mut **sq, &mut **buf, &mut **ga],
-        ),
+    match (pass.buffers(), c.uses_momentum(), c.centered) {
+        (1, false, false) => pass.run::<1, _>(&Plain(op)),
+        (2, true, false) => pass.run::<2, _>(&Momentum(op)),
+        (2, false, true) => pass.run::<2, _>(&Centered(op)),
+        (3, true, true) => pass.run::<3, _>(&CenteredMomentum(op)),
         _ => unreachable!("RMSprop's buffers follow its momentum and centered settings"),
     }
 }

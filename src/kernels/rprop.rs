@@ -1,6 +1,6 @@
 //! Rprop (resilient backpropagation): fused branch-free kernel and reference.
 
-use super::{for_each_lane, passes, ElementOp};
+use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -72,6 +72,12 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &RpropCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         grad_scale: T::from_f64(grad_scale),
         maximize: c.maximize,
@@ -80,8 +86,8 @@ pub fn fused<T: Float>(
         min: T::from_f64(c.step_size_min),
         max: T::from_f64(c.step_size_max),
     };
-    match bufs {
-        [prev, step] => for_each_lane::<T, 2, _>(simd, &op, p, g, [&mut **prev, &mut **step]),
+    match pass.buffers() {
+        2 => pass.run::<2, _>(&op),
         _ => unreachable!("Rprop keeps two buffers"),
     }
 }

@@ -1,6 +1,6 @@
 //! SGD with momentum, dampening, Nesterov and weight decay: fused kernel and reference.
 
-use super::{for_each_lane, passes, ElementOp};
+use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
 
@@ -97,10 +97,16 @@ pub fn fused<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
+    run(c, fresh, grad_scale, Slices::new(simd, p, g, bufs))
+}
+
+/// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
+/// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
+pub fn run<T: Float, P: Pass<T>>(c: &SgdCoeffs, fresh: bool, grad_scale: f64, pass: P) {
     let op = op::<T>(c, fresh, grad_scale);
-    match bufs {
-        [] => for_each_lane::<T, 0, _>(simd, &op, p, g, []),
-        [m] => for_each_lane::<T, 1, _>(simd, &op, p, g, [&mut **m]),
+    match pass.buffers() {
+        0 => pass.run::<0, _>(&op),
+        1 => pass.run::<1, _>(&op),
         _ => unreachable!("SGD keeps at most one buffer"),
     }
 }

@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
 use crate::kernels::adadelta::{self as kernel, AdadeltaCoeffs};
+use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer};
 
 hyperparams! {
@@ -82,6 +83,12 @@ impl Algorithm for AdadeltaAlgorithm {
 
     fn fused<T: Float>(a: &KernelArgs<AdadeltaCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
+    }
+
+    const MIXED_PRECISION: bool = true;
+
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<AdadeltaCoeffs>, pass: P) {
+        kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
     fn reference<T: Float>(

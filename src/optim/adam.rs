@@ -4,6 +4,7 @@ use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
 use crate::kernels::adam::{self as kernel, AdamCoeffs};
+use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer};
 
 hyperparams! {
@@ -133,6 +134,12 @@ impl Algorithm for AdamAlgorithm {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
+    const MIXED_PRECISION: bool = true;
+
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<AdamCoeffs>, pass: P) {
+        kernel::run(&a.coeffs, a.grad_scale, pass)
+    }
+
     fn reference<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::reference(&a.coeffs, a.grad_scale, p, g, b)
     }
@@ -162,6 +169,12 @@ impl Algorithm for AdamWAlgorithm {
 
     fn fused<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
+    }
+
+    const MIXED_PRECISION: bool = true;
+
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<AdamCoeffs>, pass: P) {
+        kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
     fn reference<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
 use crate::kernels::asgd::{self as kernel, AsgdCoeffs};
+use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer, ParamScalars};
 
 hyperparams! {
@@ -178,6 +179,12 @@ impl Algorithm for AsgdAlgorithm {
 
     fn fused<T: Float>(a: &KernelArgs<AsgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
+    }
+
+    const MIXED_PRECISION: bool = true;
+
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<AsgdCoeffs>, pass: P) {
+        kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
     fn reference<T: Float>(a: &KernelArgs<AsgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

@@ -4,6 +4,7 @@ use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
 use crate::kernels::nadam::{self as kernel, NadamCoeffs};
+use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer, ParamScalars};
 
 hyperparams! {
@@ -129,6 +130,12 @@ impl Algorithm for NAdamAlgorithm {
 
     fn fused<T: Float>(a: &KernelArgs<NadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
+    }
+
+    const MIXED_PRECISION: bool = true;
+
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<NadamCoeffs>, pass: P) {
+        kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
     fn reference<T: Float>(a: &KernelArgs<NadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

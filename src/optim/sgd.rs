@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
 use crate::kernels::sgd::{self as kernel, SgdCoeffs};
+use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer};
 
 hyperparams! {
@@ -92,6 +93,12 @@ impl Algorithm for SgdAlgorithm {
 
     fn fused<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.fresh, a.grad_scale, p, g, b)
+    }
+
+    const MIXED_PRECISION: bool = true;
+
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<SgdCoeffs>, pass: P) {
+        kernel::run(&a.coeffs, a.fresh, a.grad_scale, pass)
     }
 
     fn reference<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

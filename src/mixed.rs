@@ -1,0 +1,532 @@
+//! Mixed precision: bf16 and f16 storage beside f32 master weights (the ZeRO-Offload pattern,
+//! DeepSpeed's `DeepSpeedCPUAdam` with half-precision gradients and parameter copy).
+//!
+//! # Storage formats
+//! [`Storage`] is a sealed trait for the element formats a fused pass can stream: `f32`,
+//! [`half::bf16`] and [`half::f16`]. Every kernel computes in f32 lanes; a half-precision
+//! stream is widened on load (exact) and rounded on store:
+//! - **bf16** is the top half of an f32, so widening is a 16-bit shift and rounding is
+//!   round-to-nearest-even in integer arithmetic, `(bits + 0x7FFF + lsb) >> 16`, as torch's
+//!   `c10::BFloat16` (`round_to_nearest_even`) and `half::bf16::from_f32` compute it:
+//!   overflow rounds to ±infinity, infinities stay, subnormals round like any other value.
+//!   A NaN becomes torch's scalar quiet NaN `0x7FC0` (`half` keeps the sign and payload
+//!   instead, and torch's own vectorised kernels write `0xFFFF`: every one is a NaN). On CPUs
+//!   with AVX-512 BF16 ([`SimdLevel::Avx512Bf16`]) the rounding is the `vcvtneps2bf16`
+//!   instruction, with vectors holding a subnormal or NaN (which it flushes, or keeps the
+//!   payload of) sent down the integer path, so the bits are the same at every level.
+//! - **f16** uses F16C's `vcvtph2ps` / `vcvtps2ph` (round to nearest even) under AVX2 and
+//!   AVX-512, and `half`'s software conversion on the portable level: the same bits, the
+//!   same as `half::f16::from_f32` (NaN keeps its sign and top payload bits, quietened).
+//!
+//! `tests/mixed.rs` checks every level against `half` on all 2^16 half values (widening)
+//! and on edge and random f32 values (rounding), with and without subnormal flushing.
+//!
+//! # Mode 2: f32 master weights, half gradients in, half copy out
+//! The arena keeps the f32 parameters and the optimizer its f32 state, as always. A
+//! half-precision backward writes its gradients into a [`HalfBuffer`] laid out like the arena
+//! (`HalfBuffer::<bf16>::gradients(&arena)`), and [`crate::Optimizer::step_mixed`] runs the
+//! algorithm's fused kernel once over memory: it reads the half gradients, updates the f32
+//! parameters and state, and writes each updated parameter, rounded, to a second
+//! [`HalfBuffer`] (`HalfBuffer::copy_of(&arena)`) for the next half-precision forward. The
+//! result equals, bit for bit, the f32 step on the widened gradients followed by rounding the
+//! parameters (`tests/mixed.rs`), for every elementwise algorithm, every SIMD level and
+//! thread count. [`crate::StepOptions`] applies as in f32: `grad_scale` (a GradScaler's
+//! unscale, for f16), `skip_non_finite` (checked on the half gradients, the step skipped
+//! whole) and `clip` (the norm computed on the half gradients, as the f32 norm of their
+//! widened values).
+//!
+//! With [`crate::Optimizer::set_state_precision`]`(`[`StatePrecision::Bf16`]`)` the state
+//! buffers are bf16 too (DeepSpeed's `fp32_optimizer_states=False`): each element's state is
+//! widened, updated in f32 and rounded back in the same pass.
+
+use std::fmt::Debug;
+
+use half::slice::HalfFloatSliceExt;
+pub use half::{bf16, f16};
+
+use crate::arch::{Simd, SimdLevel, WithSimd};
+use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
+use crate::buffer::Role;
+use crate::error::{Error, Result};
+use crate::float::Lane;
+use crate::kernels::{buffer_array, mixed_lane_loop, ElementOp, Pass};
+use crate::subnormals::Subnormals;
+
+/// bf16 bits of `x`, rounded to nearest with ties to even: torch's
+/// `c10::detail::round_to_nearest_even` (NaN becomes `0x7FC0`). Equals
+/// `half::bf16::from_f32(x).to_bits()` for every non-NaN `x`.
+#[inline(always)]
+pub fn bf16_bits_from_f32(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7FC0;
+    }
+    let b = x.to_bits();
+    let lsb = (b >> 16) & 1;
+    (b.wrapping_add(0x7FFF + lsb) >> 16) as u16
+}
+
+mod sealed {
+    use crate::arch::Simd;
+
+    /// The crate-private half of [`super::Storage`]: SIMD loads and stores of `S`'s f32 lanes.
+    pub trait Sealed: Sized {
+        /// Widens `S::F32::WIDTH` elements from the front of `s`.
+        fn load<S: Simd>(simd: S, s: &[Self]) -> S::F32;
+        /// Rounds `v` into the front of `s`.
+        fn store<S: Simd>(simd: S, v: S::F32, s: &mut [Self]);
+    }
+}
+
+/// An element storage format of a fused pass: `f32`, [`bf16`] or [`struct@f16`]. Sealed.
+pub trait Storage:
+    sealed::Sealed + Copy + Default + PartialEq + Debug + Send + Sync + 'static
+{
+    /// torch's dtype name: `"float32"`, `"bfloat16"`, `"float16"`.
+    const DTYPE: &'static str;
+    /// Widens to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Rounds an f32 to this format, to nearest with ties to even (see the module docs for
+    /// NaN).
+    fn from_f32(x: f32) -> Self;
+    /// True when any element is NaN or infinite.
+    fn any_non_finite(x: &[Self]) -> bool;
+}
+
+impl sealed::Sealed for f32 {
+    #[inline(always)]
+    fn load<S: Simd>(_: S, s: &[f32]) -> S::F32 {
+        <S::F32 as Lane>::load(s)
+    }
+    #[inline(always)]
+    fn store<S: Simd>(_: S, v: S::F32, s: &mut [f32]) {
+        v.store(s)
+    }
+}
+
+impl Storage for f32 {
+    const DTYPE: &'static str = "float32";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn any_non_finite(x: &[f32]) -> bool {
+        crate::kernels::any_non_finite(x)
+    }
+}
+
+/// The raw bits of a half-precision slice (`half`'s safe reinterpretation: both types are
+/// `repr(transparent)` over `u16`).
+#[inline(always)]
+fn bits<H>(s: &[H]) -> &[u16]
+where
+    [H]: HalfFloatSliceExt,
+{
+    s.reinterpret_cast()
+}
+
+#[inline(always)]
+fn bits_mut<H>(s: &mut [H]) -> &mut [u16]
+where
+    [H]: HalfFloatSliceExt,
+{
+    s.reinterpret_cast_mut()
+}
+
+/// True when any of `x` has all exponent bits set under `mask` (NaN or infinity).
+fn any_exponent_full(x: &[u16], mask: u16) -> bool {
+    x.chunks(1024)
+        .any(|c| c.iter().fold(false, |acc, &b| acc | (b & mask == mask)))
+}
+
+impl sealed::Sealed for bf16 {
+    #[inline(always)]
+    fn load<S: Simd>(simd: S, s: &[bf16]) -> S::F32 {
+        simd.load_bf16(bits(s))
+    }
+    #[inline(always)]
+    fn store<S: Simd>(simd: S, v: S::F32, s: &mut [bf16]) {
+        simd.store_bf16(v, bits_mut(s))
+    }
+}
+
+impl Storage for bf16 {
+    const DTYPE: &'static str = "bfloat16";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_bits(bf16_bits_from_f32(x))
+    }
+    fn any_non_finite(x: &[bf16]) -> bool {
+        any_exponent_full(bits(x), 0x7F80)
+    }
+}
+
+impl sealed::Sealed for f16 {
+    #[inline(always)]
+    fn load<S: Simd>(simd: S, s: &[f16]) -> S::F32 {
+        simd.load_f16(bits(s))
+    }
+    #[inline(always)]
+    fn store<S: Simd>(simd: S, v: S::F32, s: &mut [f16]) {
+        simd.store_f16(v, bits_mut(s))
+    }
+}
+
+impl Storage for f16 {
+    const DTYPE: &'static str = "float16";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn any_non_finite(x: &[f16]) -> bool {
+        any_exponent_full(bits(x), 0x7C00)
+    }
+}
+
+/// The precision an optimizer keeps its state buffers in (see
+/// [`crate::Optimizer::set_state_precision`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StatePrecision {
+    /// The arena's element type (the default).
+    #[default]
+    Full,
+    /// bf16, rounded to nearest even after every update (DeepSpeed's
+    /// `fp32_optimizer_states=False`); only [`crate::Optimizer::step_mixed`] can step it.
+    Bf16,
+}
+
+/// Widening of a slice, as a kernel object.
+struct Widen<'a, H> {
+    src: &'a [H],
+    dst: &'a mut [f32],
+}
+
+impl<H: Storage> WithSimd for Widen<'_, H> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        widen_on(simd, self.src, self.dst)
+    }
+}
+
+/// Widens `src` into `dst` (as long) on the f32 lanes of `S`, scalars for the tail.
+#[inline(always)]
+pub(crate) fn widen_on<S: Simd, H: Storage>(simd: S, src: &[H], dst: &mut [f32]) {
+    let w = <S::F32 as Lane>::WIDTH;
+    let body = src.len() - src.len() % w;
+    for (s, d) in src[..body]
+        .chunks_exact(w)
+        .zip(dst[..body].chunks_exact_mut(w))
+    {
+        H::load(simd, s).store(d);
+    }
+    for (s, d) in src[body..].iter().zip(&mut dst[body..]) {
+        *d = s.to_f32();
+    }
+}
+
+/// Rounding of a slice, as a kernel object.
+struct Narrow<'a, H> {
+    src: &'a [f32],
+    dst: &'a mut [H],
+}
+
+impl<H: Storage> WithSimd for Narrow<'_, H> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let w = <S::F32 as Lane>::WIDTH;
+        let body = self.src.len() - self.src.len() % w;
+        for (s, d) in self.src[..body]
+            .chunks_exact(w)
+            .zip(self.dst[..body].chunks_exact_mut(w))
+        {
+            H::store(simd, <S::F32 as Lane>::load(s), d);
+        }
+        for (s, d) in self.src[body..].iter().zip(&mut self.dst[body..]) {
+            *d = H::from_f32(*s);
+        }
+    }
+}
+
+fn check_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::MixedPrecision(format!(
+            "{what}: source has {a} elements, destination {b}"
+        )));
+    }
+    Ok(())
+}
+
+/// Widens `src` into `dst` (exact) on SIMD lanes up to `simd`.
+pub fn widen<H: Storage>(simd: SimdLevel, src: &[H], dst: &mut [f32]) -> Result<()> {
+    check_len("widen", src.len(), dst.len())?;
+    simd.dispatch_half(Widen { src, dst });
+    Ok(())
+}
+
+/// Rounds `src` into `dst` (to nearest, ties to even) on SIMD lanes up to `simd`. Every level
+/// gives the same bits.
+pub fn narrow<H: Storage>(simd: SimdLevel, src: &[f32], dst: &mut [H]) -> Result<()> {
+    check_len("narrow", src.len(), dst.len())?;
+    simd.dispatch_half(Narrow { src, dst });
+    Ok(())
+}
+
+/// [`widen`] under subnormal mode `subnormals` (for tests: the conversions must give the same
+/// bits inside a flushed step as outside).
+#[doc(hidden)]
+pub fn widen_in<H: Storage>(
+    simd: SimdLevel,
+    subnormals: Subnormals,
+    src: &[H],
+    dst: &mut [f32],
+) -> Result<()> {
+    subnormals.run(|| widen(simd, src, dst))
+}
+
+/// [`narrow`] under subnormal mode `subnormals` (for tests, as [`widen_in`]).
+#[doc(hidden)]
+pub fn narrow_in<H: Storage>(
+    simd: SimdLevel,
+    subnormals: Subnormals,
+    src: &[f32],
+    dst: &mut [H],
+) -> Result<()> {
+    subnormals.run(|| narrow(simd, src, dst))
+}
+
+/// A buffer in a half-precision (or f32) format laid out like an f32 [`Arena`]: the gradients
+/// a half-precision backward writes, or the parameter copy a mixed-precision step writes.
+/// 64-byte aligned, and staggered like the arena's own buffers.
+///
+/// Like the arena's gradients, each parameter's slot is *present* or not: only parameters
+/// whose gradient is present are stepped by [`crate::Optimizer::step_mixed`].
+#[derive(Clone)]
+pub struct HalfBuffer<H: Storage> {
+    arena_id: u64,
+    infos: Vec<ParamInfo>,
+    data: AlignedBuf<H>,
+    present: Vec<bool>,
+}
+
+impl<H: Storage> Debug for HalfBuffer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HalfBuffer")
+            .field("dtype", &H::DTYPE)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+impl<H: Storage> HalfBuffer<H> {
+    /// A gradient buffer for `arena`: zeros, no parameter present.
+    pub fn gradients(arena: &Arena<f32>) -> Self {
+        HalfBuffer {
+            arena_id: arena.id(),
+            infos: arena.infos().to_vec(),
+            data: AlignedBuf::filled(Role::Grads, arena.len(), H::default()),
+            present: vec![false; arena.num_params()],
+        }
+    }
+
+    /// A parameter copy of `arena`: its current values rounded (to nearest even), every
+    /// parameter present.
+    pub fn copy_of(arena: &Arena<f32>) -> Self {
+        let mut data = AlignedBuf::filled(Role::Copy, arena.len(), H::default());
+        narrow(SimdLevel::Best, arena.params(), &mut data).expect("same length");
+        HalfBuffer {
+            arena_id: arena.id(),
+            infos: arena.infos().to_vec(),
+            data,
+            present: vec![true; arena.num_params()],
+        }
+    }
+
+    /// True when this buffer was made for `arena`.
+    pub fn belongs_to(&self, arena: &Arena<f32>) -> bool {
+        self.arena_id == arena.id()
+    }
+
+    pub(crate) fn arena_id(&self) -> u64 {
+        self.arena_id
+    }
+
+    /// Elements (the arena's length).
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True for a buffer of an empty arena.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Every element, in arena order.
+    pub fn as_slice(&self) -> &[H] {
+        &self.data
+    }
+
+    /// Every element, in arena order, to write; marks every parameter present.
+    pub fn as_mut_slice(&mut self) -> &mut [H] {
+        self.present.fill(true);
+        &mut self.data
+    }
+
+    /// The per-parameter presence flags, in arena order.
+    pub fn present(&self) -> &[bool] {
+        &self.present
+    }
+
+    fn idx(&self, p: Param<f32>) -> usize {
+        assert!(
+            p.arena_id() == self.arena_id,
+            "parameter handle used with a half buffer of another arena"
+        );
+        p.index()
+    }
+
+    /// The values of parameter `p`, present or not.
+    ///
+    /// # Panics
+    /// If `p` belongs to another arena (as [`Arena::value`] does).
+    pub fn value(&self, p: Param<f32>) -> &[H] {
+        let i = self.idx(p);
+        &self.data[self.infos[i].range()]
+    }
+
+    /// The values of parameter `p`, to write; marks it present. A slot that was not present
+    /// is zeroed first (as [`Arena::grad_mut`] does).
+    ///
+    /// # Panics
+    /// If `p` belongs to another arena.
+    pub fn value_mut(&mut self, p: Param<f32>) -> &mut [H] {
+        let i = self.idx(p);
+        let r = self.infos[i].range();
+        if !self.present[i] {
+            self.data[r.clone()].fill(H::default());
+            self.present[i] = true;
+        }
+        &mut self.data[r]
+    }
+
+    /// True when parameter `p`'s slot is present.
+    pub fn is_present(&self, p: Param<f32>) -> bool {
+        self.present[self.idx(p)]
+    }
+
+    /// Marks parameter `p` absent (torch's `grad = None`): a mixed step skips it.
+    pub fn clear(&mut self, p: Param<f32>) {
+        let i = self.idx(p);
+        self.present[i] = false;
+    }
+
+    /// Rounds `values` (f32, `p`'s length) into `p`'s slot and marks it present.
+    pub fn set_from_f32(&mut self, p: Param<f32>, values: &[f32]) -> Result<()> {
+        let i = self.idx(p);
+        let r = self.infos[i].range();
+        check_len(&format!("`{}`", self.infos[i].name), values.len(), r.len())?;
+        narrow(SimdLevel::Best, values, &mut self.data[r])?;
+        self.present[i] = true;
+        Ok(())
+    }
+
+    /// Every element widened to f32 (exact).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.data.len()];
+        widen(SimdLevel::Best, &self.data, &mut out).expect("same length");
+        out
+    }
+}
+
+/// A mixed-precision step's piece: f32 parameters, gradients in `G`, state in `M`, and the
+/// parameter copy in `H`, streamed in one pass by [`Pass::run`] on f32 lanes up to `simd`.
+pub struct MixedPass<'a, 'b, G, M, H> {
+    simd: SimdLevel,
+    params: &'a mut [f32],
+    grads: &'a [G],
+    bufs: &'a mut [&'b mut [M]],
+    copy: &'a mut [H],
+}
+
+impl<'a, 'b, G: Storage, M: Storage, H: Storage> MixedPass<'a, 'b, G, M, H> {
+    /// The piece; every slice must be as long as `params`.
+    pub fn new(
+        simd: SimdLevel,
+        params: &'a mut [f32],
+        grads: &'a [G],
+        bufs: &'a mut [&'b mut [M]],
+        copy: &'a mut [H],
+    ) -> Result<Self> {
+        let n = params.len();
+        if grads.len() != n || copy.len() != n || bufs.iter().any(|b| b.len() != n) {
+            return Err(Error::MixedPrecision(format!(
+                "a pass over {n} parameters got gradients of {}, a copy of {} and buffers of \
+                 {:?} elements",
+                grads.len(),
+                copy.len(),
+                bufs.iter().map(|b| b.len()).collect::<Vec<_>>()
+            )));
+        }
+        Ok(MixedPass {
+            simd,
+            params,
+            grads,
+            bufs,
+            copy,
+        })
+    }
+}
+
+/// [`mixed_lane_loop`] as a kernel object.
+struct MixedKernel<'a, 'o, G, M, H, const B: usize, O> {
+    op: &'o O,
+    params: &'a mut [f32],
+    grads: &'a [G],
+    state: [&'a mut [M]; B],
+    copy: &'a mut [H],
+}
+
+impl<G: Storage, M: Storage, H: Storage, const B: usize, O: ElementOp<f32, B>> WithSimd
+    for MixedKernel<'_, '_, G, M, H, B, O>
+{
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        mixed_lane_loop::<S, G, M, H, B, O>(
+            simd,
+            self.op,
+            self.params,
+            self.grads,
+            self.state,
+            self.copy,
+        )
+    }
+}
+
+impl<G: Storage, M: Storage, H: Storage> Pass<f32> for MixedPass<'_, '_, G, M, H> {
+    fn buffers(&self) -> usize {
+        self.bufs.len()
+    }
+    #[inline(always)]
+    fn run<const B: usize, O: ElementOp<f32, B>>(self, op: &O) {
+        self.simd.dispatch_half(MixedKernel {
+            op,
+            params: self.params,
+            grads: self.grads,
+            state: buffer_array(self.bufs),
+            copy: self.copy,
+        })
+    }
+}
