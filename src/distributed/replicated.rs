@@ -146,6 +146,9 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
         let others = self.plan.len() - mine;
         // Reduce-scatter: this rank's pieces of every other shard; all-gather: its own shard
         // forwarded N - 1 times around the ring (each rank forwards one shard per step).
+        if n == 1 {
+            return 0;
+        }
         (others + mine * (n - 1)) * std::mem::size_of::<T>() + self.presence.len() * 8
     }
 
@@ -155,6 +158,10 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
             return Err(Error::ArenaMismatch(
                 "DataParallel was built for another arena".into(),
             ));
+        }
+        if self.comm.size() == 1 {
+            // A world of one: the gradients are their own average.
+            return Ok(());
         }
         // Which parameters have a gradient somewhere.
         for (p, &has) in self.presence.iter_mut().zip(arena.grad_flags()) {
