@@ -283,7 +283,7 @@ fn sharded_f64_matches_replicated() {
 /// rounding.
 #[test]
 fn global_norm_clip_agrees_across_ranks_and_modes() {
-    for ranks in [2, 3] {
+    for ranks in 1..=3 {
         if let Some(comm) = launch_or_join("global_norm_clip_agrees_across_ranks_and_modes", ranks)
         {
             let options = StepOptions {

@@ -238,9 +238,15 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
                 let hi = (info.offset + info.len).min(shard.end);
                 (lo < hi).then(|| lo - shard.start..hi - shard.start)
             });
+        // In a world of one the averaging was skipped: the shard is the arena's gradients.
+        let averaged: &[T] = if self.comm.size() == 1 {
+            arena.grads()
+        } else {
+            &self.shard
+        };
         let decision = self.flags.decide(
             &self.comm,
-            &self.shard,
+            averaged,
             ranges,
             options,
             opt.simd_level(),
