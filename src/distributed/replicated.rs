@@ -206,6 +206,20 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
             .map(|_| ())
     }
 
+    /// [`Optimizer::step_checked`] over the ranks: averages, then skips the step on every
+    /// rank when the average holds a NaN or an infinity (so when any rank's gradients did).
+    pub fn step_checked<A: Algorithm>(
+        &mut self,
+        opt: &mut Optimizer<T, A>,
+        arena: &mut Arena<T>,
+    ) -> Result<StepOutcome> {
+        let options = StepOptions {
+            skip_non_finite: true,
+            ..StepOptions::default()
+        };
+        Ok(self.step_with_options(opt, arena, options)?.outcome)
+    }
+
     /// Averages the gradients over ranks, then runs `opt`'s step with `options` (clipping,
     /// skipping non-finite gradients, a gradient scale); the outcome is the same on every
     /// rank.

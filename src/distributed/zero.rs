@@ -19,7 +19,7 @@ use crate::arena::{Arena, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue};
-use crate::optimizer::{Algorithm, Optimizer, ParamGroup, StepOptions, StepReport};
+use crate::optimizer::{Algorithm, Optimizer, ParamGroup, StepOptions, StepOutcome, StepReport};
 use crate::parallel::Parallelism;
 use crate::scaler::StepWithOptions;
 use crate::state::MatchBy;
@@ -45,6 +45,14 @@ use crate::subnormals::Subnormals;
 /// two numbers per rank, which is also how every rank agrees to skip a step with a non-finite
 /// gradient). That norm can differ in the last bits from the single-process optimizer's own
 /// clip, which sums the same partial norms in another order.
+///
+/// L-BFGS is refused at compile time: it is not an elementwise [`Algorithm`] (its line search
+/// re-evaluates the loss, which would need collectives of its own):
+///
+/// ```compile_fail
+/// use optarena::distributed::{ShardedOptimizer, SingleProcess};
+/// let _ = ShardedOptimizer::<SingleProcess, f32, optarena::Lbfgs<f32>>::new;
+/// ```
 ///
 /// The arena's gradients are read, not rewritten (a parameter that only other ranks gave a
 /// gradient gets a zero one here): the averaged gradients live in the shard only.
@@ -218,6 +226,16 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
     /// gather the parameters. Every rank must call it.
     pub fn step(&mut self, arena: &mut Arena<T>) -> Result<StepReport> {
         self.step_with_options(arena, StepOptions::default())
+    }
+
+    /// [`Optimizer::step_checked`] over the ranks: skips the step on every rank when any rank's averaged
+    /// gradients hold a NaN or an infinity (nothing changes anywhere). Every rank must call it.
+    pub fn step_checked(&mut self, arena: &mut Arena<T>) -> Result<StepOutcome> {
+        let options = StepOptions {
+            skip_non_finite: true,
+            ..StepOptions::default()
+        };
+        Ok(self.step_with_options(arena, options)?.outcome)
     }
 
     /// One step with `options` (clip by the global norm, skip non-finite gradients, a
