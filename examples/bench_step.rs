@@ -55,6 +55,8 @@ use optarena::optim::*;
 use optarena::roofline::Roofline;
 use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel, StepOptions};
 
+#[path = "../benches/benchmarks/gpt2_layout.rs"]
+mod gpt2_layout;
 #[path = "../benches/benchmarks/realistic.rs"]
 mod realistic;
 
@@ -66,33 +68,7 @@ fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
             ("adapter.up".into(), vec![128, 64]),
             ("adapter.bias".into(), vec![64]),
         ],
-        "gpt2" => {
-            let mut v = vec![
-                ("wte".into(), vec![50257, 768]),
-                ("wpe".into(), vec![1024, 768]),
-            ];
-            for i in 0..12 {
-                for (s, shape) in [
-                    ("ln_1.weight", vec![768]),
-                    ("ln_1.bias", vec![768]),
-                    ("attn.c_attn.weight", vec![768, 2304]),
-                    ("attn.c_attn.bias", vec![2304]),
-                    ("attn.c_proj.weight", vec![768, 768]),
-                    ("attn.c_proj.bias", vec![768]),
-                    ("ln_2.weight", vec![768]),
-                    ("ln_2.bias", vec![768]),
-                    ("mlp.c_fc.weight", vec![768, 3072]),
-                    ("mlp.c_fc.bias", vec![3072]),
-                    ("mlp.c_proj.weight", vec![3072, 768]),
-                    ("mlp.c_proj.bias", vec![768]),
-                ] {
-                    v.push((format!("h.{i}.{s}"), shape));
-                }
-            }
-            v.push(("ln_f.weight".into(), vec![768]));
-            v.push(("ln_f.bias".into(), vec![768]));
-            v
-        }
+        "gpt2" => gpt2_layout::gpt2_small(),
         "gpt2_hidden" => {
             let d = if n == 0 { 768 } else { n };
             let mut v = Vec::new();

@@ -25,34 +25,9 @@ use std::time::Instant;
 use optarena::optim::*;
 use optarena::{Arena, ArenaBuilder, Parallelism, ParamGroup};
 
-/// GPT-2 small's 148 tensors in torch's registration order.
-fn gpt2() -> Vec<(String, Vec<usize>)> {
-    let mut v = vec![
-        ("wte".to_string(), vec![50257, 768]),
-        ("wpe".to_string(), vec![1024, 768]),
-    ];
-    for i in 0..12 {
-        for (s, shape) in [
-            ("ln_1.weight", vec![768]),
-            ("ln_1.bias", vec![768]),
-            ("attn.c_attn.weight", vec![768, 2304]),
-            ("attn.c_attn.bias", vec![2304]),
-            ("attn.c_proj.weight", vec![768, 768]),
-            ("attn.c_proj.bias", vec![768]),
-            ("ln_2.weight", vec![768]),
-            ("ln_2.bias", vec![768]),
-            ("mlp.c_fc.weight", vec![768, 3072]),
-            ("mlp.c_fc.bias", vec![3072]),
-            ("mlp.c_proj.weight", vec![3072, 768]),
-            ("mlp.c_proj.bias", vec![768]),
-        ] {
-            v.push((format!("h.{i}.{s}"), shape));
-        }
-    }
-    v.push(("ln_f.weight".into(), vec![768]));
-    v.push(("ln_f.bias".into(), vec![768]));
-    v
-}
+#[path = "../benches/benchmarks/gpt2_layout.rs"]
+mod gpt2_layout;
+use gpt2_layout::gpt2_small as gpt2;
 
 fn decays(shape: &[usize]) -> bool {
     shape.len() >= 2

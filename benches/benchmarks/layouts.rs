@@ -5,31 +5,7 @@ use optarena::Parallelism;
 
 use super::setup::{arena, optimizer};
 
-/// GPT-2 small's parameters: wte, wpe, 12 blocks, ln_f (148 tensors, 124,439,808 elements).
-pub fn gpt2_small() -> Vec<(String, Vec<usize>)> {
-    let mut v = vec![
-        ("wte".to_string(), vec![50257, 768]),
-        ("wpe".to_string(), vec![1024, 768]),
-    ];
-    for i in 0..12 {
-        let p = |s: &str| format!("h.{i}.{s}");
-        v.push((p("ln_1.weight"), vec![768]));
-        v.push((p("ln_1.bias"), vec![768]));
-        v.push((p("attn.c_attn.weight"), vec![768, 2304]));
-        v.push((p("attn.c_attn.bias"), vec![2304]));
-        v.push((p("attn.c_proj.weight"), vec![768, 768]));
-        v.push((p("attn.c_proj.bias"), vec![768]));
-        v.push((p("ln_2.weight"), vec![768]));
-        v.push((p("ln_2.bias"), vec![768]));
-        v.push((p("mlp.c_fc.weight"), vec![768, 3072]));
-        v.push((p("mlp.c_fc.bias"), vec![3072]));
-        v.push((p("mlp.c_proj.weight"), vec![3072, 768]));
-        v.push((p("mlp.c_proj.bias"), vec![768]));
-    }
-    v.push(("ln_f.weight".to_string(), vec![768]));
-    v.push(("ln_f.bias".to_string(), vec![768]));
-    v
-}
+pub use super::gpt2_layout::gpt2_small;
 
 fn gpt2(c: &mut Criterion) {
     let shapes = gpt2_small();

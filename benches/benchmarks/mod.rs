@@ -1,3 +1,4 @@
+pub mod gpt2_layout;
 pub mod latency;
 pub mod layouts;
 pub mod optimizers;

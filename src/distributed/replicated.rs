@@ -163,19 +163,12 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
             // A world of one: the gradients are their own average.
             return Ok(());
         }
-        // Which parameters have a gradient somewhere.
-        for (p, &has) in self.presence.iter_mut().zip(arena.grad_flags()) {
-            *p = has as u64;
-        }
-        self.comm
-            .all_reduce_sum(&self.presence, &mut self.presence_sum)?;
-        for (i, (&local, &anywhere)) in self.presence.iter().zip(&self.presence_sum).enumerate() {
-            if local == 0 && anywhere > 0 {
-                // Counts as zeros here.
-                let handle = arena.param_at(i).expect("position in range");
-                arena.grad_mut(handle);
-            }
-        }
+        agree_presence(
+            &self.comm,
+            arena,
+            &mut self.presence,
+            &mut self.presence_sum,
+        )?;
         average_into(
             &self.comm,
             self.reduction,
@@ -309,6 +302,28 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
     ) -> Synced<'a, C, T, A> {
         Synced { dp: self, opt }
     }
+}
+
+/// Which parameters have a gradient on some rank: `presence_sum[i]` becomes the number of
+/// ranks that gave parameter `i` one (one all-reduce), and a parameter that only other ranks
+/// gave one gets a zero gradient here, so it counts as zeros in the sum.
+pub(crate) fn agree_presence<C: Communicator, T: Float>(
+    comm: &C,
+    arena: &mut Arena<T>,
+    presence: &mut [u64],
+    presence_sum: &mut [u64],
+) -> Result<()> {
+    for (p, &has) in presence.iter_mut().zip(arena.grad_flags()) {
+        *p = has as u64;
+    }
+    comm.all_reduce_sum(presence, presence_sum)?;
+    for (i, (&local, &anywhere)) in presence.iter().zip(presence_sum.iter()).enumerate() {
+        if local == 0 && anywhere > 0 {
+            let handle = arena.param_at(i).expect("position in range");
+            arena.grad_mut(handle);
+        }
+    }
+    Ok(())
 }
 
 /// Sums `grads` over ranks into `shard` (this rank's block of `counts`) and divides by the
@@ -446,13 +461,12 @@ mod tests {
     use crate::optim::{AdamW, AdamWConfig};
     use crate::{ArenaBuilder, ParamGroup};
 
-    fn model(seed: u64) -> Arena<f32> {
+    fn model() -> Arena<f32> {
         let mut b = ArenaBuilder::<f32>::new();
         let w: Vec<f32> = (0..300).map(|i| ((i as f32) * 0.37).sin()).collect();
         b.param("w", &[20, 15], &w).unwrap();
         b.param("b", &[20], &w[..20]).unwrap();
         b.param("frozen", &[7], &w[..7]).unwrap();
-        let _ = seed;
         b.build()
     }
 
@@ -476,7 +490,7 @@ mod tests {
                     .into_iter()
                     .map(|comm| {
                         s.spawn(move || {
-                            let mut arena = model(0);
+                            let mut arena = model();
                             let rank = comm.rank();
                             let mut opt = AdamW::<f32>::new(
                                 &arena,
@@ -498,10 +512,10 @@ mod tests {
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
             });
             // The single-process run on the averaged gradients.
-            let mut arena = model(0);
+            let mut arena = model();
             let mut opt =
                 AdamW::<f32>::new(&arena, [ParamGroup::all()], AdamWConfig::default()).unwrap();
-            let mut scratch = model(0);
+            let mut scratch = model();
             for step in 0..4 {
                 arena.zero_grad(true);
                 for name in ["w", "b"] {

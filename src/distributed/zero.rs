@@ -12,7 +12,7 @@ use super::checkpoint::{
     MANIFEST_VERSION,
 };
 use super::comm::{check_same_everywhere, CommElem, Communicator, Reduction};
-use super::replicated::{average_into, fingerprint, StepFlags};
+use super::replicated::{agree_presence, average_into, fingerprint, StepFlags};
 use super::shard::ShardPlan;
 use crate::arch::SimdLevel;
 use crate::arena::{Arena, ParamInfo};
@@ -253,19 +253,12 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
         }
         options.validate()?;
         let n = self.comm.size();
-        // Which parameters have a gradient on some rank; the others count as zeros here.
-        for (p, &has) in self.presence.iter_mut().zip(arena.grad_flags()) {
-            *p = has as u64;
-        }
-        self.comm
-            .all_reduce_sum(&self.presence, &mut self.presence_sum)?;
-        for (i, (&local, &anywhere)) in self.presence.iter().zip(&self.presence_sum).enumerate() {
-            if local == 0 && anywhere > 0 {
-                if let Some(p) = arena.param_at(i) {
-                    arena.grad_mut(p);
-                }
-            }
-        }
+        agree_presence(
+            &self.comm,
+            arena,
+            &mut self.presence,
+            &mut self.presence_sum,
+        )?;
         for (piece, &i) in self.piece_param.iter().enumerate() {
             let handle = self.shard_arena.param_at(piece).expect("piece position");
             if self.presence_sum[i] > 0 {
