@@ -367,6 +367,16 @@ pub fn clip_coefficient(max_norm: f64, total: f64) -> f64 {
     }
 }
 
+impl ClipNorm {
+    /// The factor a clip folded into a step multiplies the gradients by, given their total
+    /// norm: torch's clip coefficient, or its error for a non-finite norm under
+    /// `error_if_nonfinite`. Shared by every step that clips (f32, mixed, distributed).
+    pub(crate) fn coefficient_for(&self, total: f64) -> Result<f64> {
+        check_total(total, self.norm_type, self.error_if_nonfinite)?;
+        Ok(clip_coefficient(self.max_norm, total))
+    }
+}
+
 fn check_total(total: f64, norm: NormType, error_if_nonfinite: bool) -> Result<()> {
     if error_if_nonfinite && !total.is_finite() {
         return Err(Error::InvalidHyperparameter(format!(

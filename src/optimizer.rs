@@ -46,7 +46,7 @@ use crate::arch::SimdLevel;
 use crate::arena::{filled, AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
 pub use crate::clip::ClipNorm;
-use crate::clip::{clip_coefficient, NormScratch, NormType};
+use crate::clip::NormScratch;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
@@ -657,12 +657,23 @@ impl StepOptions {
     /// Checks the options as a step does: a finite `grad_scale` and a `max_norm` that is not
     /// NaN.
     pub fn validate(&self) -> Result<()> {
+        self.check_grad_scale()?;
+        self.check_max_norm()
+    }
+
+    /// A finite `grad_scale` (checked first by every step).
+    pub(crate) fn check_grad_scale(&self) -> Result<()> {
         if !self.grad_scale.is_finite() {
             return Err(Error::InvalidHyperparameter(format!(
                 "Invalid grad_scale value: {:?}",
                 self.grad_scale
             )));
         }
+        Ok(())
+    }
+
+    /// A clip's `max_norm` that is not NaN (checked by a step after its non-finite guard).
+    pub(crate) fn check_max_norm(&self) -> Result<()> {
         if let Some(clip) = self.clip {
             if clip.max_norm.is_nan() {
                 return Err(Error::InvalidHyperparameter(
@@ -1130,12 +1141,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     ) -> Result<StepReport> {
         self.check_arena(arena)?;
         self.check_full_state("step")?;
-        if !options.grad_scale.is_finite() {
-            return Err(Error::InvalidHyperparameter(format!(
-                "Invalid grad_scale value: {:?}",
-                options.grad_scale
-            )));
-        }
+        options.check_grad_scale()?;
         if options.skip_non_finite && self.has_non_finite_grad(arena) {
             return Ok(StepReport {
                 outcome: StepOutcome::SkippedNonFinite,
@@ -1147,13 +1153,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         for g in &self.groups {
             g.config.validate()?;
         }
-        if let Some(clip) = options.clip {
-            if clip.max_norm.is_nan() {
-                return Err(Error::InvalidHyperparameter(
-                    "Invalid max_norm value: NaN".to_string(),
-                ));
-            }
-        }
+        options.check_max_norm()?;
         // One decision and at most one pool hand-off for the whole step: the clip norm and the
         // update run inside it.
         let elems: usize = self.groups.iter().map(|g| g.len).sum();
@@ -1192,18 +1192,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 .norm_scratch
                 .reduce(arena, clip.norm_type, self.simd, exec)
                 * options.grad_scale.abs();
-            if clip.error_if_nonfinite && !norm.is_finite() {
-                return Err(Error::InvalidHyperparameter(format!(
-                    "The total norm of order {:?} for gradients from `parameters` is non-finite, \
-                     so it cannot be clipped. To disable this error and scale the gradients by \
-                     the non-finite norm anyway, set `error_if_nonfinite=False`",
-                    match clip.norm_type {
-                        NormType::Inf => f64::INFINITY,
-                        NormType::P(p) => p,
-                    }
-                )));
-            }
-            grad_factor *= clip_coefficient(clip.max_norm, norm);
+            grad_factor *= clip.coefficient_for(norm)?;
             total = Some(norm);
         }
         self.plan(arena, grad_factor);

@@ -13,7 +13,7 @@ use crate::hyper::Hyperparams;
 use std::ops::Range;
 
 use crate::arch::SimdLevel;
-use crate::clip::{clip_coefficient, combine_raw_norms, raw_norm_part, NormType};
+use crate::clip::{combine_raw_norms, raw_norm_part};
 use crate::optimizer::{Algorithm, Optimizer, StepOptions, StepOutcome, StepReport};
 use crate::scaler::StepWithOptions;
 
@@ -433,18 +433,7 @@ impl StepFlags {
         if let Some(clip) = options.clip {
             let parts: Vec<f64> = self.gathered.iter().skip(1).step_by(2).copied().collect();
             let norm = combine_raw_norms(&parts, clip.norm_type) * options.grad_scale.abs();
-            if clip.error_if_nonfinite && !norm.is_finite() {
-                return Err(Error::InvalidHyperparameter(format!(
-                    "The total norm of order {:?} for gradients from `parameters` is \
-                     non-finite, so it cannot be clipped. To disable this error and scale the \
-                     gradients by the non-finite norm anyway, set `error_if_nonfinite=False`",
-                    match clip.norm_type {
-                        NormType::Inf => f64::INFINITY,
-                        NormType::P(p) => p,
-                    }
-                )));
-            }
-            grad_factor *= clip_coefficient(clip.max_norm, norm);
+            grad_factor *= clip.coefficient_for(norm)?;
             total_norm = Some(norm);
         }
         Ok(Decision {

@@ -6,11 +6,10 @@
 use half::bf16;
 
 use super::{
-    clip_coefficient, Algorithm, MixedStreams, Optimizer, StepOptions, StepOutcome, StepReport,
-    WorkItem, MAX_BUFFERS,
+    Algorithm, MixedStreams, Optimizer, StepOptions, StepOutcome, StepReport, WorkItem, MAX_BUFFERS,
 };
 use crate::arena::{Arena, Param};
-use crate::clip::{partial_half, NormType};
+use crate::clip::partial_half;
 use crate::error::{Error, Result};
 use crate::hyper::Hyperparams;
 use crate::mixed::{HalfBuffer, MixedPass, StatePrecision, Storage};
@@ -144,12 +143,7 @@ impl<A: Algorithm> Optimizer<f32, A> {
                 "a half-precision gradient or copy buffer was built for another arena".into(),
             ));
         }
-        if !options.grad_scale.is_finite() {
-            return Err(Error::InvalidHyperparameter(format!(
-                "Invalid grad_scale value: {:?}",
-                options.grad_scale
-            )));
-        }
+        options.check_grad_scale()?;
         if options.skip_non_finite && self.half_grads_non_finite(grads) {
             return Ok(StepReport {
                 outcome: StepOutcome::SkippedNonFinite,
@@ -161,13 +155,7 @@ impl<A: Algorithm> Optimizer<f32, A> {
         for g in &self.groups {
             g.config.validate()?;
         }
-        if let Some(clip) = options.clip {
-            if clip.max_norm.is_nan() {
-                return Err(Error::InvalidHyperparameter(
-                    "Invalid max_norm value: NaN".to_string(),
-                ));
-            }
-        }
+        options.check_max_norm()?;
         let elems: usize = self.groups.iter().map(|g| g.len).sum();
         let parallelism = self.parallelism.clone();
         let subnormals = self.subnormals();
@@ -223,18 +211,7 @@ impl<A: Algorithm> Optimizer<f32, A> {
                     partial_half(&values[r], clip.norm_type, simd)
                 })
                 * options.grad_scale.abs();
-            if clip.error_if_nonfinite && !norm.is_finite() {
-                return Err(Error::InvalidHyperparameter(format!(
-                    "The total norm of order {:?} for gradients from `parameters` is non-finite, \
-                     so it cannot be clipped. To disable this error and scale the gradients by \
-                     the non-finite norm anyway, set `error_if_nonfinite=False`",
-                    match clip.norm_type {
-                        NormType::Inf => f64::INFINITY,
-                        NormType::P(p) => p,
-                    }
-                )));
-            }
-            grad_factor *= clip_coefficient(clip.max_norm, norm);
+            grad_factor *= clip.coefficient_for(norm)?;
             total = Some(norm);
         }
         let streams = MixedStreams {
