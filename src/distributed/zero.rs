@@ -69,6 +69,8 @@ pub struct ShardedOptimizer<C: Communicator, T: Float + CommElem, A: Algorithm> 
     pieces_elems: Vec<(usize, Range<usize>)>,
     /// Each group's parameters (arena positions).
     group_members: Vec<Vec<usize>>,
+    /// Per piece: whether its parameter is in a group (the groups are fixed at construction).
+    in_groups: Vec<bool>,
     defaults: A::Config,
     /// This rank's shard: the pieces of the parameters it covers, laid out as in the arena.
     shard_arena: Arena<T>,
@@ -145,6 +147,7 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
             flags: StepFlags::new(n),
             plan,
             counts,
+            in_groups: inner.grouped_positions(),
             piece_param: pieces.iter().map(|(i, _)| *i).collect(),
             pieces_elems: pieces,
             group_members,
@@ -277,7 +280,7 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
             self.shard_arena.grads_raw_mut(0..shard_len),
         )?;
         // The step's global decisions, from this rank's part of its shard.
-        let in_groups = self.inner.grouped_positions();
+        let in_groups = &self.in_groups;
         let flags = self.shard_arena.grad_flags();
         let ranges = (0..self.piece_param.len())
             .filter(|&p| in_groups[p] && flags[p])
