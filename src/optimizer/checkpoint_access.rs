@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
+use super::load::{bad, check_group_count, check_kind, match_params, saved_config};
 use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, ParamState};
 use crate::arena::{filled, AlignedBuf, ParamInfo};
 use crate::buffer::Role;
@@ -53,8 +54,9 @@ pub(crate) struct Staged<T, A: Algorithm> {
     /// Per group, the staged shaped state ([`Algorithm::aux_buffers`]); empty when the group
     /// has none.
     aux: Vec<AlignedBuf<T>>,
-    /// (saved parameter number, buffer name) -> where its values go, and its tensor shape.
-    slots: BTreeMap<(usize, String), (Slot, Vec<usize>)>,
+    /// (saved parameter number, buffer name) -> where its values go, its tensor shape, and
+    /// the arena position of the parameter it belongs to.
+    slots: BTreeMap<(usize, String), (Slot, Vec<usize>, usize)>,
 }
 
 /// Where one saved buffer's values go in a staged load.
@@ -76,16 +78,60 @@ impl<T: Float, A: Algorithm> Staged<T, A> {
         }
     }
 
+    /// Copies saved values into the staged destination of buffer `name` of saved parameter
+    /// `index`, converting to `T` (as torch casts loaded state to the parameter's dtype), after
+    /// checking their number. `layout` is the optimizer's.
+    pub(crate) fn fill<U: Float>(
+        &mut self,
+        layout: &[ParamInfo],
+        index: usize,
+        name: &str,
+        values: &[U],
+    ) -> Result<()> {
+        let Some((slot, _, param)) = self.slots.get(&(index, name.to_string())) else {
+            return bad(format!(
+                "buffer `{name}` of parameter number {index} is not one this load expects"
+            ));
+        };
+        let info = &layout[*param];
+        let dst = match slot.clone() {
+            Slot::Buffer(g, k, r) => {
+                if values.len() != r.len() {
+                    return bad(format!(
+                        "buffer `{name}` of parameter `{}` has {} values, the parameter has {}",
+                        info.name,
+                        values.len(),
+                        r.len()
+                    ));
+                }
+                &mut self.buffers[g][k][r]
+            }
+            Slot::Aux(g, r) => {
+                if values.len() != r.len() {
+                    return bad(format!(
+                        "buffer `{name}` of parameter `{}` (shape {:?}) has {} values, {} keeps {}",
+                        info.name,
+                        info.shape,
+                        values.len(),
+                        A::NAME,
+                        r.len()
+                    ));
+                }
+                &mut self.aux[g][r]
+            }
+        };
+        for (d, s) in dst.iter_mut().zip(values) {
+            *d = T::from_f64(s.to_f64());
+        }
+        Ok(())
+    }
+
     /// Every announced (parameter number, buffer name, tensor shape).
     pub(crate) fn slots(&self) -> impl Iterator<Item = (usize, &str, &[usize])> + '_ {
         self.slots
             .iter()
-            .map(|((i, n), (_, shape))| (*i, n.as_str(), shape.as_slice()))
+            .map(|((i, n), (_, shape, _))| (*i, n.as_str(), shape.as_slice()))
     }
-}
-
-fn bad<X>(m: String) -> Result<X> {
-    Err(Error::StateDict(m))
 }
 
 impl<T: Float, A: Algorithm> Optimizer<T, A> {
@@ -188,68 +234,15 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         saved_states: &[SavedState<'_>],
         by: MatchBy,
     ) -> Result<Staged<T, A>> {
-        if optimizer != A::NAME {
-            return bad(format!(
-                "it was saved by the {optimizer} optimizer, this is {}",
-                A::NAME
-            ));
-        }
-        if saved_groups.len() != self.groups.len() {
-            return bad(format!(
-                "it has {} parameter groups, the optimizer has {}",
-                saved_groups.len(),
-                self.groups.len()
-            ));
-        }
+        check_kind(optimizer, A::NAME)?;
+        check_group_count(saved_groups.len(), self.groups.len())?;
+        // Saved parameter number -> (group, position in group).
         let mut target: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
         let mut configs = Vec::with_capacity(self.groups.len());
         for (gi, (sg, g)) in saved_groups.iter().zip(&self.groups).enumerate() {
-            if sg.params.len() != g.params.len() {
-                return bad(format!(
-                    "group {gi} has {} parameters in the saved state and {} in the optimizer",
-                    sg.params.len(),
-                    g.params.len()
-                ));
-            }
-            let mut config = g.config.clone();
-            for (name, value) in &sg.hyperparams {
-                config
-                    .set(name, value)
-                    .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
-            }
-            config
-                .validate()
-                .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
-            configs.push(config);
-            let mut used = vec![false; g.params.len()];
-            for (pos, pr) in sg.params.iter().enumerate() {
-                let j = match by {
-                    MatchBy::Position => pos,
-                    MatchBy::Name => g
-                        .params
-                        .iter()
-                        .position(|&i| self.layout[i].name == pr.name)
-                        .ok_or_else(|| {
-                            Error::StateDict(format!(
-                                "group {gi} has no parameter named `{}`",
-                                pr.name
-                            ))
-                        })?,
-                };
-                if used[j] {
-                    return bad(format!(
-                        "group {gi}: two saved parameters map to `{}`",
-                        self.layout[g.params[j]].name
-                    ));
-                }
-                used[j] = true;
-                let info = &self.layout[g.params[j]];
-                if info.shape != pr.shape {
-                    return bad(format!(
-                        "parameter `{}` has shape {:?} in the saved state and `{}` has shape {:?}",
-                        pr.name, pr.shape, info.name, info.shape
-                    ));
-                }
+            configs.push(saved_config(gi, &g.config, &sg.hyperparams)?);
+            let matched = match_params(gi, &sg.params, &g.params, &self.layout, by)?;
+            for (pr, j) in sg.params.iter().zip(matched) {
                 if target.insert(pr.index, (gi, j)).is_some() {
                     return bad(format!("parameter number {} appears twice", pr.index));
                 }
@@ -314,6 +307,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     (
                         Slot::Buffer(gi, k, local..local + info.len),
                         info.shape.clone(),
+                        g.params[j],
                     ),
                 );
             }
@@ -321,7 +315,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             for (k, (name, r)) in aux_names.iter().zip(aux).enumerate() {
                 slots.insert(
                     (ps.index, name.to_string()),
-                    (Slot::Aux(gi, r), A::aux_shape(&info.shape, k)),
+                    (Slot::Aux(gi, r), A::aux_shape(&info.shape, k), g.params[j]),
                 );
             }
             states[gi][j] = Some(ParamState {

@@ -56,6 +56,7 @@ mod algorithm;
 mod checkpoint_access;
 mod group;
 mod hooks;
+pub(crate) mod load;
 mod mixed_step;
 mod param_group;
 mod plan;

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, ParamState};
-use crate::arena::{AlignedBuf, Param};
-use crate::buffer::Role;
-use crate::error::{Error, Result};
+use super::load::check_header;
+use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, SavedState};
+use crate::arena::Param;
+use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::Hyperparams;
 use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
@@ -137,184 +137,38 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// parameter's dtype.
     pub fn load_state_dict<U: Float>(&mut self, saved: &StateDict<U>, by: MatchBy) -> Result<()> {
         self.check_full_state("load_state_dict")?;
-        let bad = |m: String| Err(Error::StateDict(m));
-        if saved.format != STATE_DICT_FORMAT {
-            return bad(format!(
-                "format version {} is not supported (this build reads {STATE_DICT_FORMAT})",
-                saved.format
-            ));
-        }
-        if saved.optimizer != A::NAME {
-            return bad(format!(
-                "it was saved by the {} optimizer, this is {}",
-                saved.optimizer,
-                A::NAME
-            ));
-        }
-        if saved.dtype != U::DTYPE {
-            return bad(format!(
-                "its dtype field says {} but its values were read as {}",
-                saved.dtype,
-                U::DTYPE
-            ));
-        }
-        if saved.param_groups.len() != self.groups.len() {
-            return bad(format!(
-                "it has {} parameter groups, the optimizer has {}",
-                saved.param_groups.len(),
-                self.groups.len()
-            ));
-        }
-        // Saved parameter number -> (group, position in group).
-        let mut target: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
-        let mut groups = self.groups.clone();
-        for (gi, (sg, g)) in saved.param_groups.iter().zip(groups.iter_mut()).enumerate() {
-            if sg.params.len() != g.params.len() {
-                return bad(format!(
-                    "group {gi} has {} parameters in the saved state and {} in the optimizer",
-                    sg.params.len(),
-                    g.params.len()
-                ));
-            }
-            let mut config = g.config.clone();
-            for (name, value) in &sg.hyperparams {
-                config
-                    .set(name, value)
-                    .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
-            }
-            config
-                .validate()
-                .map_err(|e| Error::StateDict(format!("group {gi}: {e}")))?;
-            g.config = config;
-            let mut used = vec![false; g.params.len()];
-            for (pos, pr) in sg.params.iter().enumerate() {
-                let j = match by {
-                    MatchBy::Position => pos,
-                    MatchBy::Name => g
-                        .params
-                        .iter()
-                        .position(|&i| self.layout[i].name == pr.name)
-                        .ok_or_else(|| {
-                            Error::StateDict(format!(
-                                "group {gi} has no parameter named `{}`",
-                                pr.name
-                            ))
-                        })?,
-                };
-                if used[j] {
-                    return bad(format!(
-                        "group {gi}: two saved parameters map to `{}`",
-                        self.layout[g.params[j]].name
-                    ));
-                }
-                used[j] = true;
-                let info = &self.layout[g.params[j]];
-                if info.shape != pr.shape {
-                    return bad(format!(
-                        "parameter `{}` has shape {:?} in the saved state and `{}` has shape {:?}",
-                        pr.name, pr.shape, info.name, info.shape
-                    ));
-                }
-                if target.insert(pr.index, (gi, j)).is_some() {
-                    return bad(format!("parameter number {} appears twice", pr.index));
-                }
-            }
-            g.state.iter_mut().for_each(|s| *s = None);
-        }
+        check_header(
+            saved.format,
+            &saved.optimizer,
+            &saved.dtype,
+            A::NAME,
+            U::DTYPE,
+        )?;
+        // The one pipeline of every load: check and stage (only what the load replaces), fill
+        // the staged buffers, then swap them in.
+        let names: Vec<Vec<String>> = saved
+            .state
+            .iter()
+            .map(|ps| ps.buffers.keys().cloned().collect())
+            .collect();
+        let states: Vec<SavedState<'_>> = saved
+            .state
+            .iter()
+            .zip(&names)
+            .map(|(ps, buffers)| SavedState {
+                index: ps.index,
+                step: ps.step,
+                scalars: &ps.scalars,
+                buffers,
+            })
+            .collect();
+        let mut staged = self.stage_load(&saved.optimizer, &saved.param_groups, &states, by)?;
         for ps in &saved.state {
-            let &(gi, j) = target.get(&ps.index).ok_or_else(|| {
-                Error::StateDict(format!(
-                    "state for parameter number {} which no group lists",
-                    ps.index
-                ))
-            })?;
-            let g = &mut groups[gi];
-            let info = &self.layout[g.params[j]];
-            let names = A::buffers(&g.config);
-            let aux_names = A::aux_buffers(&info.shape);
-            // The leading `live` buffers: all of them, or fewer when a setting that adds
-            // buffers at the end was switched on after the state was made (the next step
-            // creates them). Shaped (auxiliary) buffers must all be there.
-            let live = ps.buffers.len().saturating_sub(aux_names.len());
-            if ps.buffers.len() < aux_names.len()
-                || live > names.len()
-                || names[..live]
-                    .iter()
-                    .chain(aux_names)
-                    .any(|n| !ps.buffers.contains_key(*n))
-            {
-                let saved_names: Vec<&str> = ps.buffers.keys().map(String::as_str).collect();
-                let kept: Vec<&str> = names.iter().chain(aux_names).copied().collect();
-                return bad(format!(
-                    "parameter `{}` has buffers {saved_names:?}; {} with these settings keeps {kept:?}",
-                    info.name,
-                    A::NAME
-                ));
+            for (name, values) in &ps.buffers {
+                staged.fill(&self.layout, ps.index, name, values)?;
             }
-            let step = match (A::TRACKS_STEP, ps.step) {
-                (true, Some(s)) => s,
-                (false, _) => 0,
-                (true, None) => {
-                    return bad(format!("parameter `{}` has no step count", info.name));
-                }
-            };
-            let mut scalar_values = Vec::with_capacity(<A::Scalars as ParamScalars>::NAMES.len());
-            for n in <A::Scalars as ParamScalars>::NAMES {
-                match ps.scalars.get(*n) {
-                    Some(v) => scalar_values.push(*v),
-                    None => {
-                        return bad(format!("parameter `{}` has no `{n}` state", info.name));
-                    }
-                }
-            }
-            let local = g.locals[j];
-            let gl = g.len;
-            while g.buffers.len() < names.len() {
-                let k = g.buffers.len();
-                g.buffers
-                    .push(AlignedBuf::filled(Role::State(k), gl, T::ZERO));
-            }
-            for (k, name) in names[..live].iter().enumerate() {
-                let values = &ps.buffers[*name];
-                if values.len() != info.len {
-                    return bad(format!(
-                        "buffer `{name}` of parameter `{}` has {} values, the parameter has {}",
-                        info.name,
-                        values.len(),
-                        info.len
-                    ));
-                }
-                for (dst, src) in g.buffers[k][local..local + info.len].iter_mut().zip(values) {
-                    *dst = T::from_f64(src.to_f64());
-                }
-            }
-            if !aux_names.is_empty() {
-                g.ensure_aux();
-            }
-            let aux = aux_ranges::<A>(&info.shape, g.aux_offsets[j]);
-            for (name, r) in aux_names.iter().zip(aux) {
-                let values = &ps.buffers[*name];
-                if values.len() != r.len() {
-                    return bad(format!(
-                        "buffer `{name}` of parameter `{}` (shape {:?}) has {} values, {} keeps {}",
-                        info.name,
-                        info.shape,
-                        values.len(),
-                        A::NAME,
-                        r.len()
-                    ));
-                }
-                for (dst, src) in g.aux[r].iter_mut().zip(values) {
-                    *dst = T::from_f64(src.to_f64());
-                }
-            }
-            g.state[j] = Some(ParamState {
-                step,
-                scalars: A::Scalars::from_values(&scalar_values),
-                live_buffers: live as u8,
-            });
         }
-        self.groups = groups;
+        self.commit_staged(staged);
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use crate::arena::{filled, AlignedBuf};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::Hyperparams;
+use crate::optimizer::load::{bad, check_group_count, check_header, match_params, saved_config};
 use crate::state::{GroupDict, MatchBy, ParamRef, STATE_DICT_FORMAT};
 
 impl<T: Float> Lbfgs<T> {
@@ -89,54 +90,18 @@ impl<T: Float> Lbfgs<T> {
     }
 
     /// For each target parameter (group order): its segment in the saved flat vector and in
-    /// ours, `(saved_start, our_start, len)`.
+    /// ours, `(saved_start, our_start, len)`, the parameters paired by the load pipeline's
+    /// [`match_params`].
     fn segments(&self, saved: &[ParamRef], by: MatchBy) -> Result<Vec<(usize, usize, usize)>> {
-        let bad = |m: String| Err(Error::StateDict(m));
-        if saved.len() != self.flat.params.len() {
-            return bad(format!(
-                "group 0 has {} parameters in the saved state and {} in the optimizer",
-                saved.len(),
-                self.flat.params.len()
-            ));
-        }
-        let mut starts = Vec::with_capacity(saved.len());
+        let matched = match_params(0, saved, &self.flat.params, &self.layout, by)?;
+        let mut segs = vec![(0, 0, 0); saved.len()];
         let mut at = 0usize;
-        for p in saved {
-            starts.push(at);
-            at = at.saturating_add(p.shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)));
-        }
-        let mut used = vec![false; saved.len()];
-        let mut segs = Vec::with_capacity(saved.len());
-        for (j, (&i, &ours)) in self.flat.params.iter().zip(&self.flat.starts).enumerate() {
-            let info = &self.layout[i];
-            let si = match by {
-                MatchBy::Position => j,
-                MatchBy::Name => {
-                    saved
-                        .iter()
-                        .position(|p| p.name == info.name)
-                        .ok_or_else(|| {
-                            Error::StateDict(format!(
-                                "the saved group has no parameter named `{}`",
-                                info.name
-                            ))
-                        })?
-                }
-            };
-            if used[si] {
-                return bad(format!(
-                    "two parameters map to saved parameter `{}`",
-                    saved[si].name
-                ));
-            }
-            used[si] = true;
-            if saved[si].shape != info.shape {
-                return bad(format!(
-                    "parameter `{}` has shape {:?} in the saved state and `{}` has shape {:?}",
-                    saved[si].name, saved[si].shape, info.name, info.shape
-                ));
-            }
-            segs.push((starts[si], ours, info.len));
+        // Saved parameter k starts after the saved parameters before it; their shapes equal
+        // their partners' here (checked), so the sum cannot overflow.
+        for j in matched {
+            let len = self.layout[self.flat.params[j]].len;
+            segs[j] = (at, self.flat.starts[j], len);
+            at += len;
         }
         Ok(segs)
     }
@@ -187,42 +152,16 @@ impl<T: Float> Lbfgs<T> {
         saved: &LbfgsStateDict<U>,
         by: MatchBy,
     ) -> Result<LbfgsLoad<T>> {
-        let bad = |m: String| Err(Error::StateDict(m));
-        if saved.format != STATE_DICT_FORMAT {
-            return bad(format!(
-                "format version {} is not supported (this build reads {STATE_DICT_FORMAT})",
-                saved.format
-            ));
-        }
-        if saved.optimizer != "LBFGS" {
-            return bad(format!(
-                "it was saved by the {} optimizer, this is LBFGS",
-                saved.optimizer
-            ));
-        }
-        if saved.dtype != U::DTYPE {
-            return bad(format!(
-                "its dtype field says {} but its values were read as {}",
-                saved.dtype,
-                U::DTYPE
-            ));
-        }
-        if saved.param_groups.len() != 1 {
-            return bad(format!(
-                "it has {} parameter groups; LBFGS has exactly one",
-                saved.param_groups.len()
-            ));
-        }
+        check_header(
+            saved.format,
+            &saved.optimizer,
+            &saved.dtype,
+            "LBFGS",
+            U::DTYPE,
+        )?;
+        check_group_count(saved.param_groups.len(), 1)?;
         let group = &saved.param_groups[0];
-        let mut config = self.config.clone();
-        for (name, value) in &group.hyperparams {
-            config
-                .set(name, value)
-                .map_err(|e| Error::StateDict(format!("group 0: {e}")))?;
-        }
-        config
-            .validate()
-            .map_err(|e| Error::StateDict(format!("group 0: {e}")))?;
+        let config = saved_config(0, &self.config, &group.hyperparams)?;
         let segs = self.segments(&group.params, by)?;
         let n = self.flat.len;
 
