@@ -17,10 +17,36 @@ pub const SCHEDULER_STATE_FORMAT: u32 = 1;
 /// A learning-rate scheduler: torch's `LRScheduler` interface, object-safe so that
 /// [`SequentialLR`](super::SequentialLR) and [`ChainedScheduler`](super::ChainedScheduler) can hold any of them as `Box<dyn LrScheduler>`.
 ///
-/// The methods marked hidden are the pieces of torch's protocol the composites drive
-/// (`_initial_step`, `_update_lr`, `recursive_undo`); they are not meant to be called
-/// directly.
-pub trait LrScheduler: Send {
+/// Sealed: it is implemented by the schedulers of this module only. The pieces of torch's
+/// protocol that the composites drive (`_initial_step`, `_update_lr`, `recursive_undo`) and
+/// the all-or-nothing undo live in a private supertrait, so they are neither callable nor
+/// implementable outside the crate:
+///
+/// ```compile_fail,E0277
+/// use optarena::schedule::LrScheduler;
+///
+/// struct Constant(Vec<f64>);
+///
+/// // error[E0277]: the private supertrait is not implemented (and cannot be, outside optarena)
+/// impl LrScheduler for Constant {
+///     fn name(&self) -> &'static str {
+///         "Constant"
+///     }
+///     fn get_last_lr(&self) -> &[f64] {
+///         &self.0
+///     }
+///     fn last_epoch(&self) -> Option<i64> {
+///         None
+///     }
+///     fn base_lrs(&self) -> Option<&[f64]> {
+///         None
+///     }
+///     fn state_dict(&self) -> Result<serde_json::Value, optarena::Error> {
+///         Ok(serde_json::Value::Null)
+///     }
+/// }
+/// ```
+pub trait LrScheduler: sealed::Protocol {
     /// torch's class name (`"StepLR"`).
     fn name(&self) -> &'static str;
 
@@ -81,58 +107,88 @@ pub trait LrScheduler: Send {
         let v: Value = serde_json::from_str(json)?;
         self.load_state_dict(opt, &v)
     }
-
-    /// torch's `step(epoch)` without the all-or-nothing guard.
-    #[doc(hidden)]
-    fn raw_step(&mut self, opt: &mut dyn GroupHyperparams, epoch: Option<f64>) -> Result<()>;
-
-    /// torch's `_initial_step()`: `_step_count = 0`, then one step in "initial" mode.
-    #[doc(hidden)]
-    fn raw_initial_step(&mut self, opt: &mut dyn GroupHyperparams) -> Result<()>;
-
-    /// torch's `_update_lr(epoch)` with an explicit epoch (what `SequentialLR` calls at a
-    /// milestone): `last_epoch = epoch`, closed form if there is one, no `_step_count` change.
-    #[doc(hidden)]
-    fn raw_update_lr(&mut self, opt: &mut dyn GroupHyperparams, epoch: i64) -> Result<()>;
-
-    /// torch's `SequentialLR.recursive_undo`: `last_epoch -= 1`, recursing into composites.
-    #[doc(hidden)]
-    fn raw_undo(&mut self);
-
-    /// Replaces the state from a saved one, touching no optimizer.
-    #[doc(hidden)]
-    fn raw_load(&mut self, state: &Value) -> Result<()>;
-
-    /// Writes the state's current values (lr, cycled momentum, `initial_lr`) into the groups.
-    #[doc(hidden)]
-    fn raw_apply(&self, opt: &mut dyn GroupHyperparams) -> Result<()>;
-
-    /// Number of param groups the scheduler was built for.
-    #[doc(hidden)]
-    fn raw_num_groups(&self) -> usize;
-
-    /// Whether a step may change `momentum` / `betas` as well as `lr`.
-    #[doc(hidden)]
-    fn raw_touches_momentum(&self) -> bool;
-
-    /// Whether this is `ReduceLROnPlateau` (composites refuse it, as torch does).
-    #[doc(hidden)]
-    fn raw_needs_metric(&self) -> bool;
 }
 
-/// Runs `f` so that on an error both the scheduler and the optimizer are as they were.
+/// The private half of [`LrScheduler`] (the sealed-trait pattern: a public trait in a private
+/// module, so no other crate can name it, implement it, or call its methods).
+pub(crate) mod sealed {
+    use std::any::Any;
+
+    use serde_json::Value;
+
+    use crate::error::Result;
+    use crate::hyper::GroupHyperparams;
+
+    /// A scheduler's whole mutable state, set aside by [`Protocol::raw_snapshot`] and put back
+    /// by [`Protocol::raw_restore`] (a clone of the state: no serialisation).
+    pub struct Snapshot(pub(crate) Box<dyn Any + Send>);
+
+    impl Snapshot {
+        /// The snapshot of a state of type `S`.
+        pub fn of<S: Clone + Send + 'static>(state: &S) -> Self {
+            Snapshot(Box::new(state.clone()))
+        }
+
+        /// The state back; `None` if the snapshot was taken of another type (a bug).
+        pub fn into_state<S: 'static>(self) -> Option<S> {
+            self.0.downcast::<S>().ok().map(|b| *b)
+        }
+    }
+
+    /// torch's `LRScheduler` protocol as the composites and the all-or-nothing guard drive
+    /// it.
+    pub trait Protocol: Send {
+        /// torch's `step(epoch)` without the all-or-nothing guard.
+        fn raw_step(&mut self, opt: &mut dyn GroupHyperparams, epoch: Option<f64>) -> Result<()>;
+
+        /// torch's `_initial_step()`: `_step_count = 0`, then one step in "initial" mode.
+        fn raw_initial_step(&mut self, opt: &mut dyn GroupHyperparams) -> Result<()>;
+
+        /// torch's `_update_lr(epoch)` with an explicit epoch (what `SequentialLR` calls at a
+        /// milestone): `last_epoch = epoch`, closed form if there is one, no `_step_count` change.
+        fn raw_update_lr(&mut self, opt: &mut dyn GroupHyperparams, epoch: i64) -> Result<()>;
+
+        /// torch's `SequentialLR.recursive_undo`: `last_epoch -= 1`, recursing into composites.
+        fn raw_undo(&mut self);
+
+        /// Replaces the state from a saved one, touching no optimizer.
+        fn raw_load(&mut self, state: &Value) -> Result<()>;
+
+        /// Writes the state's current values (lr, cycled momentum, `initial_lr`) into the groups.
+        fn raw_apply(&self, opt: &mut dyn GroupHyperparams) -> Result<()>;
+
+        /// Number of param groups the scheduler was built for.
+        fn raw_num_groups(&self) -> usize;
+
+        /// Whether a step may change `momentum` / `betas` as well as `lr`.
+        fn raw_touches_momentum(&self) -> bool;
+
+        /// Whether this is `ReduceLROnPlateau` (composites refuse it, as torch does).
+        fn raw_needs_metric(&self) -> bool;
+
+        /// A clone of the whole mutable state (the scheduler's undo: [`Protocol::raw_restore`]
+        /// puts it back).
+        fn raw_snapshot(&self) -> Snapshot;
+
+        /// Puts back a state taken by [`Protocol::raw_snapshot`] of this very scheduler.
+        fn raw_restore(&mut self, snapshot: Snapshot);
+    }
+}
+
+/// Runs `f` so that on an error both the scheduler and the optimizer are as they were: the
+/// scheduler's state is cloned before (its undo), the optimizer's scheduled values too.
 pub(crate) fn guarded<S: LrScheduler + ?Sized>(
     s: &mut S,
     opt: &mut dyn GroupHyperparams,
     f: impl FnOnce(&mut S, &mut dyn GroupHyperparams) -> Result<()>,
 ) -> Result<()> {
-    let saved = s.state_dict()?;
-    let snap = OptSnapshot::take(opt, true)?;
+    let saved = s.raw_snapshot();
+    // A scheduler that never sets momentum cannot have changed it.
+    let snap = OptSnapshot::take(opt, s.raw_touches_momentum())?;
     match f(s, opt) {
         Ok(()) => Ok(()),
         Err(e) => {
-            // The saved state was written by this scheduler: it loads back.
-            let _ = s.raw_load(&saved);
+            s.raw_restore(saved);
             snap.restore(opt);
             Err(e)
         }
@@ -461,6 +517,9 @@ macro_rules! leaf_scheduler {
             fn state_dict(&self) -> $crate::error::Result<serde_json::Value> {
                 $crate::schedule::leaf_state_dict(self)
             }
+        }
+
+        impl $crate::schedule::sealed::Protocol for $t {
             fn raw_step(
                 &mut self,
                 opt: &mut dyn $crate::hyper::GroupHyperparams,
@@ -506,6 +565,17 @@ macro_rules! leaf_scheduler {
             }
             fn raw_needs_metric(&self) -> bool {
                 false
+            }
+            fn raw_snapshot(&self) -> $crate::schedule::sealed::Snapshot {
+                use $crate::schedule::Leaf;
+                $crate::schedule::sealed::Snapshot::of(self.state())
+            }
+            fn raw_restore(&mut self, snapshot: $crate::schedule::sealed::Snapshot) {
+                use $crate::schedule::Leaf;
+                match snapshot.into_state::<<$t as $crate::schedule::Leaf>::State>() {
+                    Some(st) => *self.state_mut() = st,
+                    None => debug_assert!(false, "a snapshot of another scheduler"),
+                }
             }
         }
     };
