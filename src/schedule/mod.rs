@@ -21,7 +21,7 @@
 //! let mut b = ArenaBuilder::<f32>::new();
 //! b.zeros("w", &[4])?;
 //! let arena = b.build();
-//! let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig { lr: 0.1, ..Default::default() })?;
+//! let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default().with_lr(0.1))?;
 //! // torch: StepLR(optimizer, step_size=2, gamma=0.5)
 //! let mut sched = StepLR::new(&mut opt, StepLRConfig { gamma: 0.5, ..StepLRConfig::new(2) })?;
 //! let mut lrs = Vec::new();

@@ -137,10 +137,7 @@ pub fn scheduler_sgd(lrs: &[f64], momentum: f64) -> optarena::Sgd<f64> {
         .iter()
         .zip(lrs)
         .map(|(h, &lr)| ParamGroup::new([*h]).with("lr", lr));
-    let config = optarena::SgdConfig {
-        momentum,
-        ..Default::default()
-    };
+    let config = optarena::SgdConfig::default().with_momentum(momentum);
     optarena::Sgd::new(&arena, groups, config).unwrap()
 }
 
