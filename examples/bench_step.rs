@@ -260,14 +260,7 @@ fn main() {
                 }};
             }
             match name {
-                "sgd_momentum" => run!(Sgd::new(
-                    &a,
-                    g(),
-                    SgdConfig {
-                        momentum: 0.9,
-                        ..Default::default()
-                    }
-                )),
+                "sgd_momentum" => run!(Sgd::new(&a, g(), SgdConfig::default().with_momentum(0.9))),
                 "adam" => run!(Adam::new(&a, g(), AdamConfig::default())),
                 "adamw" => run!(AdamW::new(&a, g(), AdamWConfig::default())),
                 "radam" => run!(RAdam::new(&a, g(), RAdamConfig::default())),
@@ -278,14 +271,7 @@ fn main() {
                 "rmsprop" => run!(RMSprop::new(&a, g(), RMSpropConfig::default())),
                 "rprop" => run!(Rprop::new(&a, g(), RpropConfig::default())),
                 "asgd" => run!(Asgd::new(&a, g(), AsgdConfig::default())),
-                "sgd" => run!(Sgd::new(
-                    &a,
-                    g(),
-                    SgdConfig {
-                        lr: 1e-3,
-                        ..Default::default()
-                    }
-                )),
+                "sgd" => run!(Sgd::new(&a, g(), SgdConfig::default().with_lr(1e-3))),
                 "adafactor" => run!(Adafactor::new(&a, g(), AdafactorConfig::default())),
                 "muon" => run!(Muon::new(&a, g(), MuonConfig::default())),
                 "adam_mixed" | "adamw_mixed" | "adam_mixed_bf16state" | "adamw_mixed_bf16state" => {

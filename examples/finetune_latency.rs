@@ -292,10 +292,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opt = AdamW::new(
         &arena,
         [ParamGroup::new(model.adapter())],
-        AdamWConfig {
-            lr: args.lr,
-            ..Default::default()
-        },
+        AdamWConfig::default().with_lr(args.lr),
     )?
     .with_parallelism(Parallelism::Sequential);
     let base_before: Vec<f32> = arena.params()[..arena.info(model.down_w).offset].to_vec();

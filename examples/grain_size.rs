@@ -200,10 +200,7 @@ fn main() {
         let adam = Adam::new(&a, [ParamGroup::all()], AdamConfig::default()).expect("Adam");
         row("Adam", n, measure(adam, &mut a, &pool, idle_rounds, &args));
         let mut a = arena(n);
-        let config = SgdConfig {
-            momentum: 0.9,
-            ..Default::default()
-        };
+        let config = SgdConfig::default().with_momentum(0.9);
         let sgd = Sgd::new(&a, [ParamGroup::all()], config).expect("SGD");
         row(
             "SGD-momentum",

@@ -26,10 +26,7 @@ fn main() -> Result<(), optarena::Error> {
             ParamGroup::new([w]),
             ParamGroup::new([bias]).with("weight_decay", 0.0),
         ],
-        AdamWConfig {
-            lr: 0.05,
-            ..Default::default()
-        },
+        AdamWConfig::default().with_lr(0.05),
     )?;
 
     // The closure finds parameters by name, so it serves the resumed model too.

@@ -77,14 +77,7 @@ fn main() {
         "adagrad" => (3, opt!(Adagrad::new(&a, g(), AdagradConfig::default()))),
         "sgd_momentum" => (
             3,
-            opt!(Sgd::new(
-                &a,
-                g(),
-                SgdConfig {
-                    momentum: 0.9,
-                    ..Default::default()
-                }
-            )),
+            opt!(Sgd::new(&a, g(), SgdConfig::default().with_momentum(0.9))),
         ),
         other => panic!("unknown optimizer {other}"),
     };

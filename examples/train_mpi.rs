@@ -87,10 +87,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             ParamGroup::new(mlp.weights.clone()).with("weight_decay", 0.05),
             ParamGroup::new(mlp.biases.clone()).with("weight_decay", 0.0),
         ],
-        AdamWConfig {
-            lr: 2e-3,
-            ..AdamWConfig::default()
-        },
+        AdamWConfig::default().with_lr(2e-3),
     )?;
     let steps_per_epoch = train.len().div_ceil(args.batch_size);
     let total = (args.epochs * steps_per_epoch) as i64;

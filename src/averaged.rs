@@ -104,7 +104,7 @@ impl AverageFn {
 /// let mut b = ArenaBuilder::<f32>::new();
 /// let w = b.param("w", &[2], &[1.0, 2.0])?;
 /// let mut arena = b.build();
-/// let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig { lr: 0.5, ..Default::default() })?;
+/// let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default().with_lr(0.5))?;
 /// let mut swa = AveragedModel::new(&arena);                  // torch: AveragedModel(model)
 /// for epoch in 0..4 {
 ///     arena.grad_mut(w).copy_from_slice(&[1.0, -1.0]);

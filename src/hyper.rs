@@ -251,8 +251,19 @@ macro_rules! hyperparams {
         }
     ) => {
         $(#[$meta])*
+        ///
+        /// Build it from torch's defaults with the `with_*` builders (burn's config style),
+        /// or set fields by torch's name with `with`; the struct is `#[non_exhaustive]`, so a
+        /// torch option added later is not a breaking change:
+        ///
+        /// ```
+        #[doc = concat!("let config = optarena::", stringify!($name), "::new()")]
+        #[doc = "    .with_lr(0.01);"]
+        #[doc = "assert_eq!(config.lr, 0.01);"]
+        /// ```
         #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
         #[serde(default, deny_unknown_fields)]
+        #[non_exhaustive]
         $vis struct $name {
             $(
                 $(#[$fmeta])*
@@ -267,6 +278,22 @@ macro_rules! hyperparams {
         }
 
         impl $name {
+            /// torch's defaults (the same as `Default::default()`).
+            pub fn new() -> Self {
+                Self::default()
+            }
+
+            ::pastey::paste! {
+                $(
+                    #[doc = concat!("Sets `", stringify!($field), "`, as a builder step.")]
+                    #[must_use]
+                    pub fn [<with_ $field>](mut self, $field: $ty) -> Self {
+                        self.$field = $field;
+                        self
+                    }
+                )*
+            }
+
             /// Sets a field by its torch name, as a builder step.
             pub fn with(mut self, name: &str, value: impl Into<$crate::hyper::HyperValue>)
                 -> $crate::error::Result<Self> {

@@ -17,7 +17,7 @@
 //! let mut arena = b.build();
 //!
 //! // torch: Adam(model.parameters(), lr=0.05)
-//! let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig { lr: 0.05, ..Default::default() })?;
+//! let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default().with_lr(0.05))?;
 //!
 //! // Fit y = 2x₀ − x₁ + 1 on a few points.
 //! let data = [([1.0f32, 0.0], 3.0f32), ([0.0, 1.0], 0.0), ([1.0, 1.0], 2.0), ([2.0, 0.5], 4.5)];

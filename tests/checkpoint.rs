@@ -157,19 +157,19 @@ macro_rules! round_trip_tests {
 }
 
 round_trip_tests! {
-    sgd_momentum: SgdAlgorithm, SgdConfig { lr: 0.05, momentum: 0.9, ..Default::default() }, ["lr" => 0.01];
-    sgd_plain: SgdAlgorithm, SgdConfig { lr: 0.05, ..Default::default() }, [];
-    adam: AdamAlgorithm, AdamConfig { lr: 0.01, ..Default::default() }, ["amsgrad" => true];
+    sgd_momentum: SgdAlgorithm, SgdConfig::default().with_lr(0.05).with_momentum(0.9), ["lr" => 0.01];
+    sgd_plain: SgdAlgorithm, SgdConfig::default().with_lr(0.05), [];
+    adam: AdamAlgorithm, AdamConfig::default().with_lr(0.01), ["amsgrad" => true];
     adamw: AdamWAlgorithm, AdamWConfig::default(), ["weight_decay" => 0.1];
     radam: RAdamAlgorithm, RAdamConfig::default(), [];
     nadam: NAdamAlgorithm, NAdamConfig::default(), [];
     adamax: AdamaxAlgorithm, AdamaxConfig::default(), [];
-    adagrad: AdagradAlgorithm, AdagradConfig { initial_accumulator_value: 0.1, ..Default::default() }, [];
+    adagrad: AdagradAlgorithm, AdagradConfig::default().with_initial_accumulator_value(0.1), [];
     adadelta: AdadeltaAlgorithm, AdadeltaConfig::default(), [];
-    rmsprop: RMSpropAlgorithm, RMSpropConfig { momentum: 0.5, centered: true, ..Default::default() }, [];
+    rmsprop: RMSpropAlgorithm, RMSpropConfig::default().with_momentum(0.5).with_centered(true), [];
     rprop: RpropAlgorithm, RpropConfig::default(), [];
-    asgd: AsgdAlgorithm, AsgdConfig { t0: 2.0, ..Default::default() }, [];
-    adafactor: AdafactorAlgorithm, AdafactorConfig { lr: 0.01, weight_decay: 0.01, ..Default::default() }, ["lr" => 0.02];
+    asgd: AsgdAlgorithm, AsgdConfig::default().with_t0(2.0), [];
+    adafactor: AdafactorAlgorithm, AdafactorConfig::default().with_lr(0.01).with_weight_decay(0.01), ["lr" => 0.02];
 }
 
 #[test]
@@ -211,10 +211,7 @@ fn state_only_checkpoint_and_inspect() {
 fn dtype_casts_like_load_state_dict() {
     let dir = scratch("cast");
     let path = dir.join("c.safetensors");
-    let cfg = AdamConfig {
-        amsgrad: true,
-        ..Default::default()
-    };
+    let cfg = AdamConfig::default().with_amsgrad(true);
     let (a64, o64) = trained::<f64, AdamAlgorithm>(&cfg, &[], 3);
     o64.save_checkpoint(&path, Some(&a64)).unwrap();
     let (mut a32, h) = build_arena::<f32>(&shapes(), 1, &[]);
@@ -1002,10 +999,7 @@ fn state_saved_between_a_buffer_adding_change_and_the_next_step_loads() {
     );
     case::<AdamAlgorithm>(AdamConfig::default(), ("amsgrad", HyperValue::Bool(true)));
     case::<SgdAlgorithm>(
-        SgdConfig {
-            lr: 0.01,
-            ..Default::default()
-        },
+        SgdConfig::default().with_lr(0.01),
         ("momentum", HyperValue::Number(0.9)),
     );
 }
@@ -1016,10 +1010,7 @@ fn state_saved_between_a_buffer_adding_change_and_the_next_step_loads() {
 #[test]
 fn non_finite_scalar_state_round_trips() {
     let (mut arena, h) = build_arena::<f64>(&shapes(), 3, &[]);
-    let cfg = AsgdConfig {
-        lr: 1e300,
-        ..Default::default()
-    };
+    let cfg = AsgdConfig::default().with_lr(1e300);
     let mut opt = Asgd::<f64>::new(&arena, groups(&h, &[]), cfg).unwrap();
     write_grads(&mut arena, 1, &[]);
     opt.step(&mut arena).unwrap();
@@ -1049,10 +1040,7 @@ fn non_finite_scalar_state_round_trips() {
 #[test]
 fn infinite_hyperparameter_round_trips() {
     let (mut arena, h) = build_arena::<f32>(&shapes(), 3, &[]);
-    let cfg = AsgdConfig {
-        t0: f64::INFINITY,
-        ..Default::default()
-    };
+    let cfg = AsgdConfig::default().with_t0(f64::INFINITY);
     let mut opt = Asgd::<f32>::new(
         &arena,
         groups(&h, &[("lambd", HyperValue::Number(0.5))]),
@@ -1123,10 +1111,7 @@ fn saves_to_a_directory_are_refused_before_anything_is_written() {
 /// torch casts (and as the typed `load_state_dict` and the binary checkpoint do), both ways.
 #[test]
 fn json_state_dicts_cast_across_dtypes_both_ways() {
-    let cfg = AdamConfig {
-        amsgrad: true,
-        ..Default::default()
-    };
+    let cfg = AdamConfig::default().with_amsgrad(true);
     let (_, o64) = trained::<f64, AdamAlgorithm>(&cfg, &[], 3);
     let (a32, h) = build_arena::<f32>(&shapes(), 1, &[]);
     let mut from_json = Adam::<f32>::new(&a32, groups(&h, &[]), AdamConfig::default()).unwrap();

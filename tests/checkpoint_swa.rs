@@ -583,11 +583,9 @@ fn spa_step<T: Float>(opt: &mut SparseAdam<T>, a: &mut Arena<T>, rng: &mut Rng, 
 
 /// Two groups: `emb` (lr 0.02, betas (0.8, 0.99)) and `vec` (defaults).
 fn spa_groups<T: Float>(a: &Arena<T>) -> SparseAdam<T> {
-    let cfg = SparseAdamConfig {
-        lr: 0.02,
-        betas: (0.8, 0.99),
-        ..Default::default()
-    };
+    let cfg = SparseAdamConfig::default()
+        .with_lr(0.02)
+        .with_betas((0.8, 0.99));
     SparseAdam::new(
         a,
         [
@@ -854,14 +852,7 @@ fn a_state_saved_at_lr_zero_loads() {
     o2.load_state_dict_json(&opt.state_dict_json().unwrap())
         .unwrap();
     // Construction still refuses it, with torch's message.
-    let e = SparseAdam::all(
-        &a,
-        SparseAdamConfig {
-            lr: 0.0,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let e = SparseAdam::all(&a, SparseAdamConfig::default().with_lr(0.0)).unwrap_err();
     assert_eq!(e.to_string(), "Invalid learning rate: 0.0");
 }
 

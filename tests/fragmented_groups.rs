@@ -250,21 +250,13 @@ fn wd0() -> (&'static str, HyperValue) {
 #[test]
 fn interleaved_groups_match_contiguous_ones_bit_for_bit() {
     same_as_contiguous::<f32, AdamWAlgorithm>(AdamWConfig::default(), &[wd0(), lr(3e-3)]);
-    same_as_contiguous::<f64, AdamWAlgorithm>(
-        AdamWConfig {
-            amsgrad: true,
-            ..Default::default()
-        },
-        &[wd0()],
-    );
+    same_as_contiguous::<f64, AdamWAlgorithm>(AdamWConfig::default().with_amsgrad(true), &[wd0()]);
     same_as_contiguous::<f32, SgdAlgorithm>(
-        SgdConfig {
-            lr: 0.1,
-            momentum: 0.9,
-            nesterov: true,
-            weight_decay: 0.01,
-            ..Default::default()
-        },
+        SgdConfig::default()
+            .with_lr(0.1)
+            .with_momentum(0.9)
+            .with_nesterov(true)
+            .with_weight_decay(0.01),
         &[wd0()],
     );
     same_as_contiguous::<f32, AsgdAlgorithm>(AsgdConfig::default(), &[lr(0.02)]);

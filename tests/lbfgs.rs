@@ -67,29 +67,20 @@ fn configs() -> Vec<LbfgsConfig> {
     let sw = Some("strong_wolfe".to_string());
     vec![
         LbfgsConfig::default(),
-        LbfgsConfig {
-            line_search_fn: sw.clone(),
-            ..Default::default()
-        },
-        LbfgsConfig {
-            history_size: 3,
-            max_iter: 7,
-            lr: 0.5,
-            ..Default::default()
-        },
-        LbfgsConfig {
-            history_size: 2,
-            max_iter: 10,
-            tolerance_change: 1e-12,
-            line_search_fn: sw,
-            ..Default::default()
-        },
-        LbfgsConfig {
-            max_iter: 4,
-            max_eval: Some(6),
-            maximize: false,
-            ..Default::default()
-        },
+        LbfgsConfig::default().with_line_search_fn(sw.clone()),
+        LbfgsConfig::default()
+            .with_history_size(3)
+            .with_max_iter(7)
+            .with_lr(0.5),
+        LbfgsConfig::default()
+            .with_history_size(2)
+            .with_max_iter(10)
+            .with_tolerance_change(1e-12)
+            .with_line_search_fn(sw),
+        LbfgsConfig::default()
+            .with_max_iter(4)
+            .with_max_eval(Some(6))
+            .with_maximize(false),
     ]
 }
 
@@ -148,11 +139,7 @@ fn save_load_continue_is_bitwise_f64() {
 #[test]
 fn state_dict_holds_torchs_state() {
     let mut a = arena::<f64>();
-    let config = LbfgsConfig {
-        history_size: 3,
-        max_iter: 7,
-        ..Default::default()
-    };
+    let config = LbfgsConfig::default().with_history_size(3).with_max_iter(7);
     let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
     assert!(
         opt.state_dict().state.is_none(),
@@ -205,10 +192,7 @@ fn state_dict_holds_torchs_state() {
 #[test]
 fn early_return_counts_the_evaluation_only() {
     let mut a = arena::<f32>();
-    let config = LbfgsConfig {
-        tolerance_grad: 1e9,
-        ..Default::default()
-    };
+    let config = LbfgsConfig::default().with_tolerance_grad(1e9);
     let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
     let before = bits(&a);
     let loss = opt.step(&mut a, rosenbrock).unwrap();
@@ -285,10 +269,7 @@ fn maximize_matches_minimizing<T: Float>() {
         let mut a1 = arena::<T>();
         let mut a2 = arena::<T>();
         let mut min = Lbfgs::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
-        let max_config = LbfgsConfig {
-            maximize: true,
-            ..config.clone()
-        };
+        let max_config = config.clone().with_maximize(true);
         let mut max = Lbfgs::new(&a2, [ParamGroup::all()], max_config).unwrap();
         for _ in 0..4 {
             let l1 = min.step(&mut a1, rosenbrock).unwrap();
@@ -375,11 +356,9 @@ fn validation_messages() {
         "only 'strong_wolfe' is supported"
     );
     assert!(with("history_size", 0usize.into()).starts_with("Invalid history_size value: 0"));
-    let e = new(LbfgsConfig {
-        max_eval: Some(0),
-        line_search_fn: Some("strong_wolfe".into()),
-        ..Default::default()
-    });
+    let e = new(LbfgsConfig::default()
+        .with_max_eval(Some(0))
+        .with_line_search_fn(Some("strong_wolfe".into())));
     assert!(e.starts_with("Invalid max_eval value: 0"), "{e}");
     // max_eval 0 without a line search is what torch runs: one iteration and its
     // re-evaluation (checked with torch 2.15: func_evals 2, n_iter 1).
@@ -387,10 +366,7 @@ fn validation_messages() {
     let mut opt = Lbfgs::new(
         &a,
         [ParamGroup::all()],
-        LbfgsConfig {
-            max_eval: Some(0),
-            ..Default::default()
-        },
+        LbfgsConfig::default().with_max_eval(Some(0)),
     )
     .unwrap();
     opt.step(&mut a, rosenbrock).unwrap();
@@ -453,10 +429,7 @@ fn defaults_are_torchs() {
     // torch fills in max_eval = max_iter * 5 // 4 in the constructor.
     assert_eq!(opt.config().max_eval, Some(25));
     assert_eq!(opt.hyper("max_eval").unwrap(), HyperValue::Number(25.0));
-    let c = LbfgsConfig {
-        max_iter: 7,
-        ..Default::default()
-    };
+    let c = LbfgsConfig::default().with_max_iter(7);
     assert_eq!(
         Lbfgs::new(&a, [ParamGroup::all()], c)
             .unwrap()
@@ -558,10 +531,7 @@ fn load_by_name_into_a_reordered_arena() {
 #[test]
 fn bad_state_dicts_are_named_and_change_nothing() {
     let mut a = arena::<f32>();
-    let config = LbfgsConfig {
-        history_size: 4,
-        ..Default::default()
-    };
+    let config = LbfgsConfig::default().with_history_size(4);
     let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
     opt.step(&mut a, rosenbrock).unwrap();
     opt.step(&mut a, rosenbrock).unwrap();

@@ -14,10 +14,7 @@ fn replay_stats(precision: NsPrecision) -> (f64, f64, usize) {
     let (mut min_cos, mut max_dev, mut n) = (1.0f64, 0.0f64, 0);
     for case in load_cases(&fixtures_dir().join("muon.json")) {
         let seed = case["seed"].as_u64().unwrap();
-        let mut defaults = MuonConfig {
-            ns_precision: precision,
-            ..Default::default()
-        };
+        let mut defaults = MuonConfig::default().with_ns_precision(precision);
         for (k, v) in case["defaults"].as_object().unwrap() {
             optarena::Hyperparams::set(&mut defaults, k, &hyper_value(v)).unwrap();
         }
@@ -165,15 +162,13 @@ fn full_precision_matches_a_naive_f64_iteration() {
             (false, 4, Some("match_rms_adamw")),
             (true, 1, Some("spectral_unclamped")),
         ] {
-            let config = MuonConfig {
-                lr: 0.05,
-                momentum: 0.9,
-                nesterov,
-                ns_steps,
-                adjust_lr_fn: adjust.map(String::from),
-                ns_precision: NsPrecision::Full,
-                ..Default::default()
-            };
+            let config = MuonConfig::default()
+                .with_lr(0.05)
+                .with_momentum(0.9)
+                .with_nesterov(nesterov)
+                .with_ns_steps(ns_steps)
+                .with_adjust_lr_fn(adjust.map(String::from))
+                .with_ns_precision(NsPrecision::Full);
             let p0: Vec<f64> = rng.vec(rows * cols, 1.0);
             let g1: Vec<f64> = rng.vec(rows * cols, 1.0);
             let g2: Vec<f64> = rng.vec(rows * cols, 1.0);
@@ -257,11 +252,9 @@ fn bits<T: optarena::Float>(a: &Arena<T>) -> Vec<u64> {
 
 fn run<T: optarena::Float>(parallelism: Parallelism, precision: NsPrecision) -> Vec<u64> {
     let (mut arena, h) = model::<T>();
-    let config = MuonConfig {
-        ns_precision: precision,
-        lr: 0.02,
-        ..Default::default()
-    };
+    let config = MuonConfig::default()
+        .with_ns_precision(precision)
+        .with_lr(0.02);
     let mut opt = Muon::new(&arena, groups(&h), config)
         .unwrap()
         .with_parallelism(parallelism);
@@ -296,10 +289,7 @@ fn fused_equals_reference() {
     for precision in [NsPrecision::Bf16, NsPrecision::Full] {
         let (mut a1, h) = model::<f32>();
         let (mut a2, h2) = model::<f32>();
-        let config = MuonConfig {
-            ns_precision: precision,
-            ..Default::default()
-        };
+        let config = MuonConfig::default().with_ns_precision(precision);
         let mut o1 = Muon::new(&a1, groups(&h), config.clone()).unwrap();
         let mut o2 = Muon::new(&a2, groups(&h2), config).unwrap();
         for t in 1..=3 {
@@ -318,12 +308,10 @@ fn fused_equals_reference() {
 /// `momentum_buffer` only, no `step`.
 #[test]
 fn state_dict_and_checkpoint_round_trips_continue_bitwise() {
-    let config = MuonConfig {
-        lr: 0.02,
-        ns_coefficients: (3.0, -4.0, 1.9),
-        ns_precision: NsPrecision::Bf16,
-        ..Default::default()
-    };
+    let config = MuonConfig::default()
+        .with_lr(0.02)
+        .with_ns_coefficients((3.0, -4.0, 1.9))
+        .with_ns_precision(NsPrecision::Bf16);
     let (mut a, h) = model::<f32>();
     let mut opt = Muon::new(&a, groups(&h), config.clone()).unwrap();
     for t in 1..=2 {
@@ -435,42 +423,27 @@ fn torchs_validation_messages() {
     let d = MuonConfig::default;
     let cases = [
         (
-            MuonConfig { lr: -1.0, ..d() },
+            d().with_lr(-1.0),
             "Learning rate should be >= 0 but is: -1.0",
         ),
         (
-            MuonConfig {
-                lr: f64::NAN,
-                ..d()
-            },
+            d().with_lr(f64::NAN),
             "Learning rate should be >= 0 but is: NaN",
         ),
         (
-            MuonConfig {
-                momentum: -0.5,
-                ..d()
-            },
+            d().with_momentum(-0.5),
             "momentum should be >= 0 but is: -0.5",
         ),
         (
-            MuonConfig {
-                weight_decay: -0.1,
-                ..d()
-            },
+            d().with_weight_decay(-0.1),
             "weight decay should be >= 0 but is: -0.1",
         ),
         (
-            MuonConfig {
-                adjust_lr_fn: Some("rms".into()),
-                ..d()
-            },
+            d().with_adjust_lr_fn(Some("rms".into())),
             "Adjust learning rate function rms is not supported",
         ),
         (
-            MuonConfig {
-                ns_steps: 100,
-                ..d()
-            },
+            d().with_ns_steps(100),
             "Number of steps must be less than 100 for computational efficiency",
         ),
     ];

@@ -103,32 +103,26 @@ fn steps_allocate_nothing_in<A: Algorithm>(config: A::Config, interleaved: bool)
 
 #[test]
 fn a_step_allocates_nothing_once_state_exists() {
-    steps_allocate_nothing::<SgdAlgorithm>(SgdConfig {
-        momentum: 0.9,
-        nesterov: true,
-        ..Default::default()
-    });
-    steps_allocate_nothing::<AdamAlgorithm>(AdamConfig {
-        amsgrad: true,
-        ..Default::default()
-    });
+    steps_allocate_nothing::<SgdAlgorithm>(
+        SgdConfig::default().with_momentum(0.9).with_nesterov(true),
+    );
+    steps_allocate_nothing::<AdamAlgorithm>(AdamConfig::default().with_amsgrad(true));
     steps_allocate_nothing::<AdamWAlgorithm>(AdamWConfig::default());
     steps_allocate_nothing::<RAdamAlgorithm>(RAdamConfig::default());
     steps_allocate_nothing::<NAdamAlgorithm>(NAdamConfig::default());
     steps_allocate_nothing::<AdamaxAlgorithm>(AdamaxConfig::default());
     steps_allocate_nothing::<AdagradAlgorithm>(AdagradConfig::default());
     steps_allocate_nothing::<AdadeltaAlgorithm>(AdadeltaConfig::default());
-    steps_allocate_nothing::<RMSpropAlgorithm>(RMSpropConfig {
-        centered: true,
-        momentum: 0.9,
-        ..Default::default()
-    });
+    steps_allocate_nothing::<RMSpropAlgorithm>(
+        RMSpropConfig::default()
+            .with_centered(true)
+            .with_momentum(0.9),
+    );
     steps_allocate_nothing::<RpropAlgorithm>(RpropConfig::default());
     steps_allocate_nothing::<AsgdAlgorithm>(AsgdConfig::default());
-    steps_allocate_nothing::<AdafactorAlgorithm>(AdafactorConfig {
-        weight_decay: 0.01,
-        ..Default::default()
-    });
+    steps_allocate_nothing::<AdafactorAlgorithm>(
+        AdafactorConfig::default().with_weight_decay(0.01),
+    );
 }
 
 /// Muon: once state exists, a step's only heap allocations are the GEMM's: matrixmultiply
@@ -154,11 +148,9 @@ fn a_muon_step_allocates_only_the_gemm_packing_buffers() {
         let mut opt = Optimizer::<f32, MuonAlgorithm>::new(
             &arena,
             [ParamGroup::new([w]), ParamGroup::new([v]).with("lr", 0.5)],
-            MuonConfig {
-                ns_precision: precision,
-                ns_steps,
-                ..Default::default()
-            },
+            MuonConfig::default()
+                .with_ns_precision(precision)
+                .with_ns_steps(ns_steps),
         )
         .unwrap()
         .with_parallelism(Parallelism::Sequential);

@@ -258,11 +258,7 @@ api_tests!(adafactor, AdafactorAlgorithm, AdafactorConfig,
 #[test]
 fn asgd_averaged_is_the_running_mean_of_the_iterates() {
     let (mut arena, h) = build_arena::<f64>(&shapes(), 21, &[]);
-    let config = AsgdConfig {
-        lr: 0.05,
-        t0: 3.0,
-        ..Default::default()
-    };
+    let config = AsgdConfig::default().with_lr(0.05).with_t0(3.0);
     let mut opt = Asgd::new(&arena, groups(&h, &[]), config.clone()).unwrap();
     assert!(
         opt.averaged(h[0]).is_none(),
@@ -307,11 +303,7 @@ fn asgd_averaged_is_the_running_mean_of_the_iterates() {
 fn asgd_eta_starts_at_lr_rounded_to_f32() {
     let (mut arena, h) = build_arena::<f64>(&shapes(), 22, &[]);
     // lambd = 0: eta stays at lr, read back from float32.
-    let config = AsgdConfig {
-        lr: 0.1,
-        lambd: 0.0,
-        ..Default::default()
-    };
+    let config = AsgdConfig::default().with_lr(0.1).with_lambd(0.0);
     let mut opt = Asgd::new(&arena, groups(&h, &[]), config).unwrap();
     let before = arena.value(h[1]).to_vec();
     write_grads(&mut arena, 1, &[]);
@@ -328,11 +320,9 @@ fn asgd_eta_starts_at_lr_rounded_to_f32() {
 /// just stops reading `momentum_buffer`): the same as loading the state without it.
 #[test]
 fn rmsprop_momentum_switched_off_keeps_the_other_buffers() {
-    let config = RMSpropConfig {
-        centered: true,
-        momentum: 0.9,
-        ..Default::default()
-    };
+    let config = RMSpropConfig::default()
+        .with_centered(true)
+        .with_momentum(0.9);
     let (mut arena, h) = build_arena::<f32>(&shapes(), 31, &[]);
     let mut opt = RMSprop::new(&arena, groups(&h, &[]), config.clone()).unwrap();
     for t in 1..=3 {
@@ -380,10 +370,7 @@ fn rmsprop_momentum_switched_off_keeps_the_other_buffers() {
 /// zero and keeps `grad_avg`, which sits after it: the same as loading a zero buffer.
 #[test]
 fn rmsprop_momentum_switched_on_keeps_grad_avg() {
-    let config = RMSpropConfig {
-        centered: true,
-        ..Default::default()
-    };
+    let config = RMSpropConfig::default().with_centered(true);
     let (mut arena, h) = build_arena::<f64>(&shapes(), 33, &[]);
     let mut opt = RMSprop::new(&arena, groups(&h, &[]), config.clone()).unwrap();
     for t in 1..=3 {
@@ -431,10 +418,7 @@ fn rmsprop_momentum_switched_on_keeps_grad_avg() {
 #[test]
 fn dropping_a_buffer_keeps_the_state_dict_consistent() {
     let (mut arena, h) = build_arena::<f32>(&shapes(), 32, &[]);
-    let config = AdamConfig {
-        amsgrad: true,
-        ..Default::default()
-    };
+    let config = AdamConfig::default().with_amsgrad(true);
     let mut opt = Adam::new(&arena, groups(&h, &[]), config).unwrap();
     write_grads(&mut arena, 1, &[]);
     opt.step(&mut arena).unwrap();
@@ -572,12 +556,10 @@ fn adafactor_state_is_factored_by_shape() {
 fn adafactor_fused_step_equals_the_reference_step() {
     for config in [
         AdafactorConfig::default(),
-        AdafactorConfig {
-            weight_decay: 0.05,
-            maximize: true,
-            eps: (Some(1e-10), 1e-2),
-            ..Default::default()
-        },
+        AdafactorConfig::default()
+            .with_weight_decay(0.05)
+            .with_maximize(true)
+            .with_eps((Some(1e-10), 1e-2)),
     ] {
         let (mut a1, h) = adafactor_arena::<f32>(42);
         let (mut a2, _) = adafactor_arena::<f32>(42);
@@ -601,10 +583,7 @@ fn adafactor_fused_step_equals_the_reference_step() {
 fn adafactor_eps1_none_is_the_dtype_epsilon() {
     fn run<T: Float>(eps1: Option<f64>) -> Vec<(String, Vec<u64>)> {
         let (mut arena, _) = adafactor_arena::<T>(43);
-        let config = AdafactorConfig {
-            eps: (eps1, 1e-3),
-            ..Default::default()
-        };
+        let config = AdafactorConfig::default().with_eps((eps1, 1e-3));
         let mut opt = Adafactor::new(&arena, [ParamGroup::all()], config).unwrap();
         for t in 1..=3 {
             // Tiny gradients on a few elements (between the two epsilons): the estimate is
@@ -640,11 +619,9 @@ fn adafactor_scales_by_the_rms_before_weight_decay() {
     let mut b = ArenaBuilder::<f64>::new();
     let p = b.param("p", &[], &[2.0]).unwrap();
     let mut arena = b.build();
-    let config = AdafactorConfig {
-        lr: 0.01,
-        weight_decay: 0.1,
-        ..Default::default()
-    };
+    let config = AdafactorConfig::default()
+        .with_lr(0.01)
+        .with_weight_decay(0.1);
     let mut opt = Adafactor::new(&arena, [ParamGroup::all()], config).unwrap();
     arena.set_grad(p, &[0.5]).unwrap();
     opt.step(&mut arena).unwrap();
@@ -736,4 +713,34 @@ fn set_grad_with_a_foreign_handle_is_an_error() {
     assert!(!arena.has_grad(mine));
     arena.set_grad(mine, &[0.5, 0.5]).unwrap();
     assert_eq!(arena.grad(mine), Some(&[0.5f32, 0.5][..]));
+}
+
+/// The typed `with_*` builders set the same fields as the by-name `with` (what schedulers and
+/// Python-style interop use), and start from torch's defaults.
+#[test]
+fn config_builders_match_by_name_setters() {
+    let typed = AdamWConfig::new()
+        .with_lr(0.01)
+        .with_betas((0.8, 0.95))
+        .with_weight_decay(0.1)
+        .with_amsgrad(true);
+    let by_name = AdamWConfig::default()
+        .with("lr", 0.01)
+        .and_then(|c| c.with("betas", (0.8, 0.95)))
+        .and_then(|c| c.with("weight_decay", 0.1))
+        .and_then(|c| c.with("amsgrad", true))
+        .unwrap();
+    assert_eq!(typed, by_name);
+    assert_eq!(
+        (typed.lr, typed.betas, typed.eps),
+        (0.01, (0.8, 0.95), 1e-8)
+    );
+    assert_eq!(SgdConfig::new(), SgdConfig::default());
+    let sgd = SgdConfig::new().with_momentum(0.9).with_nesterov(true);
+    assert_eq!(
+        (sgd.lr, sgd.momentum, sgd.nesterov, sgd.dampening),
+        (1e-3, 0.9, true, 0.0)
+    );
+    let sparse = SparseAdamConfig::new().with_eps(1e-6).with_maximize(true);
+    assert_eq!((sparse.lr, sparse.eps, sparse.maximize), (1e-3, 1e-6, true));
 }

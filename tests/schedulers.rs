@@ -1085,10 +1085,7 @@ fn reduce_lr_on_plateau_after_a_group_is_added() {
         .map(|i| b.zeros(&format!("p{i}"), &[2]).unwrap())
         .collect();
     let arena = b.build();
-    let cfg = optarena::SgdConfig {
-        lr: 1.0,
-        ..Default::default()
-    };
+    let cfg = optarena::SgdConfig::default().with_lr(1.0);
     let new_opt = || {
         Sgd::<f64>::new(
             &arena,
@@ -1273,10 +1270,7 @@ fn schedulers_follow_add_param_group_as_torch() {
                 ParamGroup::new([h[0]]).with("lr", 0.1),
                 ParamGroup::new([h[1]]).with("lr", 0.01),
             ],
-            SgdConfig {
-                momentum: 0.9,
-                ..Default::default()
-            },
+            SgdConfig::default().with_momentum(0.9),
         )
         .unwrap();
         let mut sched = build(
@@ -1362,10 +1356,7 @@ fn schedulers_follow_add_param_group_as_torch() {
                         ParamGroup::new([h[0]]).with("lr", 0.1),
                         ParamGroup::new([h[1]]).with("lr", 0.01),
                     ],
-                    SgdConfig {
-                        momentum: 0.9,
-                        ..Default::default()
-                    },
+                    SgdConfig::default().with_momentum(0.9),
                 )
                 .unwrap();
                 let mut s2 = build(

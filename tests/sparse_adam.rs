@@ -36,12 +36,11 @@ fn torch_fixtures_with_the_reference_kernel() {
 fn fused_vs_reference<T: Float>(cols: usize, level: optarena::SimdLevel) {
     let cfgs = [
         SparseAdamConfig::default(),
-        SparseAdamConfig {
-            lr: 0.05,
-            betas: (0.5, 0.9),
-            eps: 1e-3,
-            maximize: true,
-        },
+        SparseAdamConfig::default()
+            .with_lr(0.05)
+            .with_betas((0.5, 0.9))
+            .with_eps(1e-3)
+            .with_maximize(true),
     ];
     for cfg in cfgs {
         let (mut a1, e, v) = table::<T>(50, cols);
@@ -92,14 +91,7 @@ fn fused_equals_reference_at_every_simd_level() {
 #[test]
 fn only_touched_rows_and_their_state_change() {
     let (mut a, e, v) = table::<f32>(100, 8);
-    let mut opt = SparseAdam::all(
-        &a,
-        SparseAdamConfig {
-            lr: 0.1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut opt = SparseAdam::all(&a, SparseAdamConfig::default().with_lr(0.1)).unwrap();
     let before = a.params().to_vec();
     let rows = [3usize, 97, 40];
     let vals = vec![0.5f32; 24];
@@ -140,10 +132,7 @@ fn only_touched_rows_and_their_state_change() {
 fn duplicate_rows_are_summed_as_torch_coalesces() {
     let (mut a1, e1, _) = table::<f64>(10, 3);
     let (mut a2, e2, _) = table::<f64>(10, 3);
-    let cfg = SparseAdamConfig {
-        lr: 0.1,
-        ..Default::default()
-    };
+    let cfg = SparseAdamConfig::default().with_lr(0.1);
     let mut o1 = SparseAdam::all(&a1, cfg).unwrap();
     let mut o2 = SparseAdam::all(&a2, cfg).unwrap();
     let rows1 = [7usize, 2, 7, 7];
@@ -233,30 +222,15 @@ fn invalid_options_get_torchs_messages() {
     let (a, e, v) = table::<f32>(4, 2);
     let msg = |c: SparseAdamConfig| SparseAdam::all(&a, c).unwrap_err().to_string();
     let d = SparseAdamConfig::default();
+    assert_eq!(msg(d.with_lr(0.0)), "Invalid learning rate: 0.0");
+    assert_eq!(msg(d.with_lr(f64::NAN)), "Invalid learning rate: NaN");
+    assert_eq!(msg(d.with_eps(-1.0)), "Invalid epsilon value: -1.0");
     assert_eq!(
-        msg(SparseAdamConfig { lr: 0.0, ..d }),
-        "Invalid learning rate: 0.0"
-    );
-    assert_eq!(
-        msg(SparseAdamConfig { lr: f64::NAN, ..d }),
-        "Invalid learning rate: NaN"
-    );
-    assert_eq!(
-        msg(SparseAdamConfig { eps: -1.0, ..d }),
-        "Invalid epsilon value: -1.0"
-    );
-    assert_eq!(
-        msg(SparseAdamConfig {
-            betas: (1.0, 0.9),
-            ..d
-        }),
+        msg(d.with_betas((1.0, 0.9))),
         "Invalid beta parameter at index 0: 1.0"
     );
     assert_eq!(
-        msg(SparseAdamConfig {
-            betas: (0.9, -0.1),
-            ..d
-        }),
+        msg(d.with_betas((0.9, -0.1))),
         "Invalid beta parameter at index 1: -0.1"
     );
     let e2 = SparseAdam::new(&a, [(vec![e], d), (vec![v, e], d)]).unwrap_err();
@@ -268,20 +242,16 @@ fn invalid_options_get_torchs_messages() {
         Error::EmptyParamList
     ));
     let mut opt = SparseAdam::all(&a, d).unwrap();
-    assert!(opt
-        .set_group_config(0, SparseAdamConfig { lr: -1.0, ..d })
-        .is_err());
+    assert!(opt.set_group_config(0, d.with_lr(-1.0)).is_err());
     assert_eq!(opt.group_config(0).unwrap(), d);
     assert!(opt.group_config(1).is_err());
 }
 
 #[test]
 fn save_load_continue_bitwise_and_bad_states_change_nothing() {
-    let cfg = SparseAdamConfig {
-        lr: 0.02,
-        betas: (0.8, 0.99),
-        ..Default::default()
-    };
+    let cfg = SparseAdamConfig::default()
+        .with_lr(0.02)
+        .with_betas((0.8, 0.99));
     let (mut a, e, v) = table::<f32>(30, 5);
     let mut opt =
         SparseAdam::new(&a, [(vec![e], cfg), (vec![v], SparseAdamConfig::default())]).unwrap();
@@ -414,10 +384,7 @@ fn group_hyperparameters_by_torchs_names() {
     use optarena::schedule::{LrScheduler, StepLR, StepLRConfig};
     use optarena::{GroupHyperparams, HyperValue};
     let (mut a, e, v) = table::<f32>(8, 2);
-    let cfg = SparseAdamConfig {
-        lr: 0.1,
-        ..Default::default()
-    };
+    let cfg = SparseAdamConfig::default().with_lr(0.1);
     let mut opt = SparseAdam::new(&a, [(vec![e], cfg), (vec![v], cfg)]).unwrap();
     assert_eq!(opt.num_groups(), 2);
     assert_eq!(

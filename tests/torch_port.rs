@@ -161,11 +161,7 @@ impl Run {
                 ParamGroup::new([m.fc1_w, m.fc2_w]),
                 ParamGroup::new([m.fc1_b, m.fc2_b]).with("weight_decay", 0.0),
             ],
-            AdamWConfig {
-                lr: 3e-3,
-                weight_decay: 0.05,
-                ..Default::default()
-            },
+            AdamWConfig::default().with_lr(3e-3).with_weight_decay(0.05),
         )
         .unwrap();
         let warmup = LinearLR::new(

@@ -50,11 +50,9 @@ fn adagrad_uses_the_constructor_initial_accumulator_value() {
     let p = b.param("p", &[2], &[1.0, -2.0]).unwrap();
     let q = b.param("q", &[1], &[3.0]).unwrap();
     let mut arena = b.build();
-    let defaults = AdagradConfig {
-        lr: 0.1,
-        initial_accumulator_value: 0.25,
-        ..Default::default()
-    };
+    let defaults = AdagradConfig::default()
+        .with_lr(0.1)
+        .with_initial_accumulator_value(0.25);
     let mut opt = Adagrad::new(
         &arena,
         [ParamGroup::new([p]).with("initial_accumulator_value", 5.0)],
@@ -89,12 +87,10 @@ fn adagrad_step_zero_state_loads_and_continues() {
         let p = b.param("p", &[2], &[1.0, -2.0]).unwrap();
         let q = b.param("q", &[3], &[0.5, 0.25, -1.0]).unwrap();
         let arena = b.build();
-        let config = AdagradConfig {
-            lr: 0.1,
-            lr_decay: 0.5,
-            initial_accumulator_value: 0.3,
-            ..Default::default()
-        };
+        let config = AdagradConfig::default()
+            .with_lr(0.1)
+            .with_lr_decay(0.5)
+            .with_initial_accumulator_value(0.3);
         let opt = Adagrad::new(&arena, [ParamGroup::all()], config).unwrap();
         (arena, p, q, opt)
     };

@@ -62,20 +62,13 @@ impl Run {
                 ParamGroup::new([h[0], h[1]]),
                 ParamGroup::new([h[2], h[3]]).with("weight_decay", 0.0),
             ],
-            AdamWConfig {
-                lr: 0.01,
-                ..Default::default()
-            },
+            AdamWConfig::default().with_lr(0.01),
         )
         .unwrap();
         let mut sgd = Sgd::new(
             &arena,
             [ParamGroup::new([h[4], h[5]])],
-            SgdConfig {
-                lr: 0.05,
-                momentum: 0.9,
-                ..Default::default()
-            },
+            SgdConfig::default().with_lr(0.05).with_momentum(0.9),
         )
         .unwrap();
         let warm = LinearLR::new(
@@ -656,12 +649,10 @@ fn lbfgs_resumes_bitwise_from_a_training_checkpoint() {
         let opt = Lbfgs::new(
             &arena,
             [ParamGroup::all()],
-            LbfgsConfig {
-                max_iter: 4,
-                history_size: 5,
-                line_search_fn: Some("strong_wolfe".into()),
-                ..Default::default()
-            },
+            LbfgsConfig::default()
+                .with_max_iter(4)
+                .with_history_size(5)
+                .with_line_search_fn(Some("strong_wolfe".into())),
         )
         .unwrap();
         (arena, opt)

@@ -234,10 +234,7 @@ fn adamw(arena: &Arena<f32>, h: &[Param<f32>]) -> AdamW<f32> {
             ParamGroup::new(h[..3].iter().copied()),
             ParamGroup::new(h[3..].iter().copied()).with("lr", 0.003),
         ],
-        AdamWConfig {
-            lr: 0.01,
-            ..Default::default()
-        },
+        AdamWConfig::default().with_lr(0.01),
     )
     .unwrap()
 }

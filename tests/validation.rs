@@ -73,10 +73,7 @@ fn nan_is_rejected_everywhere() {
     let m = msg(RAdam::new(
         &arena,
         [ParamGroup::all()],
-        RAdamConfig {
-            eps: f64::NAN,
-            ..Default::default()
-        },
+        RAdamConfig::default().with_eps(f64::NAN),
     ));
     assert!(m.contains("Invalid epsilon value: NaN"), "{m}");
 }
@@ -511,10 +508,7 @@ fn torch_messages_nadam_adamax_adagrad_adadelta() {
     );
     let (arena, _) = arena();
     for rho in [0.0, 1.0] {
-        let c = AdadeltaConfig {
-            rho,
-            ..Default::default()
-        };
+        let c = AdadeltaConfig::default().with_rho(rho);
         Adadelta::new(&arena, [ParamGroup::all()], c).unwrap();
     }
 }
@@ -627,10 +621,7 @@ fn rmsprop_torch_messages() {
     RMSprop::new(
         &arena,
         [ParamGroup::all()],
-        RMSpropConfig {
-            alpha: 1.5,
-            ..Default::default()
-        },
+        RMSpropConfig::default().with_alpha(1.5),
     )
     .unwrap();
 }
@@ -670,10 +661,7 @@ fn rprop_torch_messages() {
     Rprop::new(
         &arena,
         [ParamGroup::all()],
-        RpropConfig {
-            step_sizes: (0.0, f64::INFINITY),
-            ..Default::default()
-        },
+        RpropConfig::default().with_step_sizes((0.0, f64::INFINITY)),
     )
     .unwrap();
 }
@@ -696,10 +684,7 @@ fn asgd_torch_messages() {
     Asgd::new(
         &arena,
         [ParamGroup::all()],
-        AsgdConfig {
-            t0: f64::INFINITY,
-            ..Default::default()
-        },
+        AsgdConfig::default().with_t0(f64::INFINITY),
     )
     .unwrap();
 }
@@ -730,11 +715,11 @@ fn rmsprop_rprop_asgd_defaults_are_torchs() {
 fn rmsprop_buffers_follow_momentum_and_centered() {
     use optarena::Algorithm;
     let names = |momentum: f64, centered: bool| {
-        RMSpropAlgorithm::buffers(&RMSpropConfig {
-            momentum,
-            centered,
-            ..Default::default()
-        })
+        RMSpropAlgorithm::buffers(
+            &RMSpropConfig::default()
+                .with_momentum(momentum)
+                .with_centered(centered),
+        )
     };
     assert_eq!(names(0.0, false), ["square_avg"]);
     assert_eq!(names(0.9, false), ["square_avg", "momentum_buffer"]);
@@ -781,11 +766,7 @@ fn adafactor_torch_messages() {
         "weight_decay should be >= 0 but is: -0.01"
     );
     // torch's order: lr is checked first.
-    let c = AdafactorConfig {
-        lr: -1.0,
-        d: 0.0,
-        ..Default::default()
-    };
+    let c = AdafactorConfig::default().with_lr(-1.0).with_d(0.0);
     assert!(new_with::<AdafactorAlgorithm>(Ok(c)).starts_with("Learning rate"));
     // NaN fails each of torch's comparisons.
     for (name, v) in [
@@ -814,15 +795,10 @@ fn adafactor_torch_messages() {
     // explicit eps1 of 0 is allowed, as in torch.
     let (arena, _) = arena();
     for c in [
-        AdafactorConfig {
-            d: f64::INFINITY,
-            ..Default::default()
-        },
-        AdafactorConfig {
-            beta2_decay: 0.0,
-            eps: (Some(0.0), 0.0),
-            ..Default::default()
-        },
+        AdafactorConfig::default().with_d(f64::INFINITY),
+        AdafactorConfig::default()
+            .with_beta2_decay(0.0)
+            .with_eps((Some(0.0), 0.0)),
     ] {
         Adafactor::new(&arena, [ParamGroup::all()], c).unwrap();
     }
@@ -860,10 +836,7 @@ fn adafactor_defaults_are_torchs() {
     let mut other = Adafactor::new(
         &arena,
         [ParamGroup::all()],
-        AdafactorConfig {
-            eps: (Some(1e-20), 1e-2),
-            ..Default::default()
-        },
+        AdafactorConfig::default().with_eps((Some(1e-20), 1e-2)),
     )
     .unwrap();
     other.load_state_dict_json(&json, MatchBy::Name).unwrap();

@@ -76,21 +76,8 @@ pub fn optimizer<T: Float>(name: &str, arena: &Arena<T>, par: Parallelism) -> Bo
         };
     }
     match name {
-        "sgd" => make!(
-            Sgd,
-            SgdConfig {
-                lr: 1e-3,
-                ..Default::default()
-            }
-        ),
-        "sgd_momentum" => make!(
-            Sgd,
-            SgdConfig {
-                lr: 1e-3,
-                momentum: 0.9,
-                ..Default::default()
-            }
-        ),
+        "sgd" => make!(Sgd, SgdConfig::default().with_lr(1e-3)),
+        "sgd_momentum" => make!(Sgd, SgdConfig::default().with_lr(1e-3).with_momentum(0.9)),
         "adam" => make!(Adam, AdamConfig::default()),
         "adamw" => make!(AdamW, AdamWConfig::default()),
         "radam" => make!(RAdam, RAdamConfig::default()),
@@ -103,17 +90,7 @@ pub fn optimizer<T: Float>(name: &str, arena: &Arena<T>, par: Parallelism) -> Bo
         "asgd" => make!(Asgd, AsgdConfig::default()),
         "adafactor" => make!(Adafactor, AdafactorConfig::default()),
         // L-BFGS runs on the calling thread (its reductions are sequential, as torch's).
-        "lbfgs" => Box::new(
-            Lbfgs::new(
-                arena,
-                g,
-                LbfgsConfig {
-                    max_iter: 1,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        ),
+        "lbfgs" => Box::new(Lbfgs::new(arena, g, LbfgsConfig::default().with_max_iter(1)).unwrap()),
         other => panic!("no optimizer {other} in the benchmarks"),
     }
 }

@@ -220,13 +220,11 @@ impl OptKind {
                 Sgd::new(
                     arena,
                     [weights(), biases()],
-                    SgdConfig {
-                        lr,
-                        momentum,
-                        nesterov: true,
-                        weight_decay,
-                        ..Default::default()
-                    },
+                    SgdConfig::default()
+                        .with_lr(lr)
+                        .with_momentum(momentum)
+                        .with_nesterov(true)
+                        .with_weight_decay(weight_decay),
                 )?,
                 clip,
                 parallelism,
@@ -235,10 +233,7 @@ impl OptKind {
                 Adam::new(
                     arena,
                     [weights(), biases()],
-                    AdamConfig {
-                        lr,
-                        ..Default::default()
-                    },
+                    AdamConfig::default().with_lr(lr),
                 )?,
                 clip,
                 parallelism,
@@ -247,11 +242,9 @@ impl OptKind {
                 AdamW::new(
                     arena,
                     [weights(), biases()],
-                    AdamWConfig {
-                        lr,
-                        weight_decay,
-                        ..Default::default()
-                    },
+                    AdamWConfig::default()
+                        .with_lr(lr)
+                        .with_weight_decay(weight_decay),
                 )?,
                 clip,
                 parallelism,
@@ -260,10 +253,7 @@ impl OptKind {
                 RAdam::new(
                     arena,
                     [weights(), biases()],
-                    RAdamConfig {
-                        lr,
-                        ..Default::default()
-                    },
+                    RAdamConfig::default().with_lr(lr),
                 )?,
                 clip,
                 parallelism,
@@ -284,13 +274,11 @@ impl OptKind {
                     opt: Lbfgs::new(
                         arena,
                         [ParamGroup::all()],
-                        LbfgsConfig {
-                            lr,
-                            max_iter,
-                            history_size,
-                            line_search_fn: Some("strong_wolfe".into()),
-                            ..Default::default()
-                        },
+                        LbfgsConfig::default()
+                            .with_lr(lr)
+                            .with_max_iter(max_iter)
+                            .with_history_size(history_size)
+                            .with_line_search_fn(Some("strong_wolfe".into())),
                     )?,
                 })
             }

@@ -1071,16 +1071,15 @@ fn sparse_adam_case<T: Float>(input: &mut Input<'_>) {
     use optarena::{SparseAdam, SparseAdamConfig, SparseGrad};
     let mut arena = standard_arena::<T>();
     let other = standard_arena::<T>();
-    let config = SparseAdamConfig {
-        lr: if input.bool() { input.f64() } else { 1e-2 },
-        betas: if input.bool() {
+    let config = SparseAdamConfig::default()
+        .with_lr(if input.bool() { input.f64() } else { 1e-2 })
+        .with_betas(if input.bool() {
             (input.f64(), input.f64())
         } else {
             (0.9, 0.999)
-        },
-        eps: if input.bool() { input.f64() } else { 1e-8 },
-        maximize: input.bool(),
-    };
+        })
+        .with_eps(if input.bool() { input.f64() } else { 1e-8 })
+        .with_maximize(input.bool());
     let handles: Vec<_> = arena.handles().collect();
     let split = input.below(handles.len());
     let groups = vec![
@@ -1358,10 +1357,7 @@ pub fn standard_sparse_adam<T: Float>(arena: &Arena<T>) -> optarena::SparseAdam<
         [
             (
                 handles(&names[..2]),
-                SparseAdamConfig {
-                    lr: 0.01,
-                    ..Default::default()
-                },
+                SparseAdamConfig::default().with_lr(0.01),
             ),
             (handles(&names[2..]), SparseAdamConfig::default()),
         ],

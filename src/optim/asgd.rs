@@ -112,7 +112,7 @@ pub struct AsgdAlgorithm;
 /// let mut b = ArenaBuilder::<f64>::new();
 /// let w = b.param("w", &[2], &[1.0, -1.0])?;
 /// let mut arena = b.build();
-/// let config = AsgdConfig { lr: 0.1, t0: 10.0, ..Default::default() };
+/// let config = AsgdConfig::default().with_lr(0.1).with_t0(10.0);
 /// let mut opt = Asgd::new(&arena, [ParamGroup::all()], config)?;
 /// assert!(opt.averaged(w).is_none(), "no average before the first step");
 /// for _ in 0..100 {

@@ -160,7 +160,7 @@ pub struct MuonAlgorithm;
 /// let mut b = ArenaBuilder::<f32>::new();
 /// let w = b.param_with("fc.weight", &[4, 3], |i| (i as f32 * 0.7).sin())?;
 /// let mut arena = b.build();
-/// let mut opt = Muon::new(&arena, [ParamGroup::all()], MuonConfig { lr: 0.02, ..Default::default() })?;
+/// let mut opt = Muon::new(&arena, [ParamGroup::all()], MuonConfig::default().with_lr(0.02))?;
 /// arena.set_grad(w, &[0.1, -0.2, 0.3, 0.1, 0.0, -0.1, 0.2, 0.2, -0.3, 0.05, 0.4, -0.2])?;
 /// opt.step(&mut arena)?;
 /// assert_eq!(opt.buffer(w, "momentum_buffer").unwrap().len(), 12);

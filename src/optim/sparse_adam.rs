@@ -26,8 +26,17 @@ fn default_eps() -> f64 {
 }
 
 /// Options of [`SparseAdam`], with torch's names and defaults.
+///
+/// Build it from torch's defaults with the `with_*` builders; the struct is
+/// `#[non_exhaustive]`, so a torch option added later is not a breaking change:
+///
+/// ```
+/// let config = optarena::SparseAdamConfig::new().with_lr(0.01).with_betas((0.8, 0.99));
+/// assert_eq!(config.eps, 1e-8);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SparseAdamConfig {
     /// Learning rate (`> 0`).
     #[serde(default = "default_lr")]
@@ -55,6 +64,39 @@ impl Default for SparseAdamConfig {
 }
 
 impl SparseAdamConfig {
+    /// torch's defaults (the same as `Default::default()`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `lr`, as a builder step.
+    #[must_use]
+    pub fn with_lr(mut self, lr: f64) -> Self {
+        self.lr = lr;
+        self
+    }
+
+    /// Sets `betas`, as a builder step.
+    #[must_use]
+    pub fn with_betas(mut self, betas: (f64, f64)) -> Self {
+        self.betas = betas;
+        self
+    }
+
+    /// Sets `eps`, as a builder step.
+    #[must_use]
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets `maximize`, as a builder step.
+    #[must_use]
+    pub fn with_maximize(mut self, maximize: bool) -> Self {
+        self.maximize = maximize;
+        self
+    }
+
     /// torch's constructor checks, in torch's order and words (NaN is rejected too).
     pub fn check(&self) -> Result<()> {
         if self.lr.is_nan() || self.lr <= 0.0 || self.lr.is_infinite() {
@@ -132,12 +174,11 @@ impl SparseAdamConfig {
                 h.keys().collect::<Vec<_>>()
             )));
         }
-        let c = SparseAdamConfig {
-            lr: num("lr")?,
-            betas,
-            eps: num("eps")?,
-            maximize,
-        };
+        let c = SparseAdamConfig::default()
+            .with_lr(num("lr")?)
+            .with_betas(betas)
+            .with_eps(num("eps")?)
+            .with_maximize(maximize);
         c.check_group()
             .map_err(|e| Error::StateDict(format!("SparseAdam: {e}")))?;
         Ok(c)
@@ -238,7 +279,7 @@ struct Group {
 /// let mut b = ArenaBuilder::<f32>::new();
 /// let emb = b.zeros("embedding.weight", &[1000, 4])?;
 /// let mut arena = b.build();
-/// let mut opt = SparseAdam::all(&arena, SparseAdamConfig { lr: 0.1, ..Default::default() })?;
+/// let mut opt = SparseAdam::all(&arena, SparseAdamConfig::default().with_lr(0.1))?;
 /// // Rows 7 and 42 were looked up (row 7 twice: its gradients are summed).
 /// let rows = [7, 42, 7];
 /// let values = [1.0f32, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0];

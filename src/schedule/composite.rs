@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::sealed::{Protocol, Snapshot};
 use super::{
     apply, bisect_right, check_groups, check_last_epoch, check_saved, group_lrs, invalid,
     transaction, LrScheduler, SCHEDULER_STATE_FORMAT,
@@ -119,6 +120,32 @@ fn children_state(children: &[Box<dyn LrScheduler>]) -> Result<Vec<Value>> {
     children.iter().map(|c| c.state_dict()).collect()
 }
 
+/// The children's snapshots (their undo).
+fn children_snapshot(children: &[Box<dyn LrScheduler>]) -> Vec<Snapshot> {
+    children.iter().map(|c| c.raw_snapshot()).collect()
+}
+
+/// Puts back the children's snapshots.
+fn children_restore(children: &mut [Box<dyn LrScheduler>], saved: Vec<Snapshot>) {
+    for (c, snap) in children.iter_mut().zip(saved) {
+        c.raw_restore(snap);
+    }
+}
+
+/// What [`SequentialLR`] set aside for its undo.
+struct SequentialSnapshot {
+    milestones: Vec<i64>,
+    last_epoch: i64,
+    last_lr: Vec<f64>,
+    children: Vec<Snapshot>,
+}
+
+/// What [`ChainedScheduler`] set aside for its undo.
+struct ChainedSnapshot {
+    last_lr: Vec<f64>,
+    children: Vec<Snapshot>,
+}
+
 /// Loads the children's states (same number, each checks its own kind).
 fn load_children(cls: &str, children: &mut [Box<dyn LrScheduler>], saved: &[Value]) -> Result<()> {
     if saved.len() != children.len() {
@@ -221,7 +248,7 @@ impl SequentialLR {
             last_lr: Vec::new(),
         };
         // The children are restored too if construction fails.
-        let saved = children_state(&s.children)?;
+        let saved = children_snapshot(&s.children);
         let r = transaction(opt, |opt| {
             // Reset learning rates back to initial values.
             for g in 0..opt.num_groups() {
@@ -253,7 +280,7 @@ impl SequentialLR {
         match r {
             Ok(()) => Ok(s),
             Err(e) => {
-                let _ = load_children(cls, &mut s.children, &saved);
+                children_restore(&mut s.children, saved);
                 Err(e)
             }
         }
@@ -301,6 +328,9 @@ impl LrScheduler for SequentialLR {
         }
         Ok(v)
     }
+}
+
+impl Protocol for SequentialLR {
     fn raw_step(&mut self, opt: &mut dyn GroupHyperparams, epoch: Option<f64>) -> Result<()> {
         if epoch.is_some() {
             return Err(no_epoch(self.name()));
@@ -362,6 +392,25 @@ impl LrScheduler for SequentialLR {
     }
     fn raw_needs_metric(&self) -> bool {
         false
+    }
+    fn raw_snapshot(&self) -> Snapshot {
+        Snapshot(Box::new(SequentialSnapshot {
+            milestones: self.milestones.clone(),
+            last_epoch: self.last_epoch,
+            last_lr: self.last_lr.clone(),
+            children: children_snapshot(&self.children),
+        }))
+    }
+    fn raw_restore(&mut self, snapshot: Snapshot) {
+        match snapshot.into_state::<SequentialSnapshot>() {
+            Some(st) => {
+                self.milestones = st.milestones;
+                self.last_epoch = st.last_epoch;
+                self.last_lr = st.last_lr;
+                children_restore(&mut self.children, st.children);
+            }
+            None => debug_assert!(false, "a snapshot of another scheduler"),
+        }
     }
 }
 
@@ -442,6 +491,9 @@ impl LrScheduler for ChainedScheduler {
         }
         Ok(v)
     }
+}
+
+impl Protocol for ChainedScheduler {
     fn raw_step(&mut self, opt: &mut dyn GroupHyperparams, epoch: Option<f64>) -> Result<()> {
         if epoch.is_some() {
             return Err(no_epoch(self.name()));
@@ -492,5 +544,20 @@ impl LrScheduler for ChainedScheduler {
     }
     fn raw_needs_metric(&self) -> bool {
         false
+    }
+    fn raw_snapshot(&self) -> Snapshot {
+        Snapshot(Box::new(ChainedSnapshot {
+            last_lr: self.last_lr.clone(),
+            children: children_snapshot(&self.children),
+        }))
+    }
+    fn raw_restore(&mut self, snapshot: Snapshot) {
+        match snapshot.into_state::<ChainedSnapshot>() {
+            Some(st) => {
+                self.last_lr = st.last_lr;
+                children_restore(&mut self.children, st.children);
+            }
+            None => debug_assert!(false, "a snapshot of another scheduler"),
+        }
     }
 }

@@ -2,9 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::sealed::Protocol;
 use super::{
     attach, div, finite, invalid, leaf_scheduler, momentum_kind, py_pow, replay, set_momentum,
-    transaction, BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
+    transaction, BaseState, Leaf, LeafState, PerGroup, Values,
 };
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;

@@ -5,9 +5,10 @@ use std::f64::consts::PI;
 use serde::{Deserialize, Serialize};
 
 use super::cyclic::no_momentum;
+use super::sealed::Protocol;
 use super::{
     attach, div, finite, invalid, leaf_scheduler, momentum_kind, replay, set_momentum, transaction,
-    BaseState, Leaf, LeafState, LrScheduler, PerGroup, Values,
+    BaseState, Leaf, LeafState, PerGroup, Values,
 };
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::sealed::{Protocol, Snapshot};
 use super::{
     apply, check_saved, finite, float_or_inf, group_lrs, guarded, invalid, py_max, LrScheduler,
     PerGroup, SCHEDULER_STATE_FORMAT,
@@ -282,6 +283,9 @@ impl LrScheduler for ReduceLROnPlateau {
         }
         Ok(v)
     }
+}
+
+impl Protocol for ReduceLROnPlateau {
     fn raw_step(&mut self, _opt: &mut dyn GroupHyperparams, _epoch: Option<f64>) -> Result<()> {
         Err(Error::Scheduler(
             "ReduceLROnPlateau.step() missing 1 required positional argument: 'metrics' (call \
@@ -321,5 +325,14 @@ impl LrScheduler for ReduceLROnPlateau {
     }
     fn raw_touches_momentum(&self) -> bool {
         false
+    }
+    fn raw_snapshot(&self) -> Snapshot {
+        Snapshot::of(&self.state)
+    }
+    fn raw_restore(&mut self, snapshot: Snapshot) {
+        match snapshot.into_state::<PlateauState>() {
+            Some(st) => self.state = st,
+            None => debug_assert!(false, "a snapshot of another scheduler"),
+        }
     }
 }
