@@ -51,6 +51,7 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue, Hyperparams};
 use crate::kernels::Pass;
+use crate::checkpoint::dtype::{float_values, ValuesMut};
 use crate::mixed::StatePrecision;
 use crate::parallel::{Exec, Parallelism, CHUNK, PARALLEL_THRESHOLD};
 use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
@@ -1040,13 +1041,13 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         self.set_hyper(index, "lr", lr)
     }
 
-    /// Errors unless the state buffers are in full precision: `what` (a plain step, a load)
-    /// has no bf16-state version yet.
+    /// Errors unless the state buffers are in full precision: `what` (a plain f32 step) has
+    /// no bf16-state version.
     pub(crate) fn check_full_state(&self, what: &str) -> Result<()> {
         if self.state_precision != StatePrecision::Full {
             return Err(Error::MixedPrecision(format!(
                 "this {} optimizer keeps bf16 state: {what} is not supported with it (step \
-                 with `step_mixed`; save with `state_dict`, which widens the state to f32)",
+                 with `step_mixed`)",
                 A::NAME
             )));
         }
@@ -1615,9 +1616,12 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// pytorch/pytorch#1489). On any error nothing changes.
     ///
     /// A state saved in the other float type is converted, as torch casts state to the
-    /// parameter's dtype.
+    /// parameter's dtype. Into an optimizer with [`StatePrecision::Bf16`] state the buffers'
+    /// values are rounded to bf16 as torch's `.to(torch.bfloat16)` rounds them (f64 through
+    /// f32, see [`crate::checkpoint::dtype`]), so the f32 values its own `state_dict` wrote
+    /// load back bit for bit.
     pub fn load_state_dict<U: Float>(&mut self, saved: &StateDict<U>, by: MatchBy) -> Result<()> {
-        self.check_full_state("load_state_dict")?;
+        let half_state = self.state_precision == StatePrecision::Bf16;
         let bad = |m: String| Err(Error::StateDict(m));
         if saved.format != STATE_DICT_FORMAT {
             return bad(format!(
@@ -1750,10 +1754,15 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             }
             let local = g.locals[j];
             let gl = g.len;
-            while g.buffers.len() < names.len() {
+            while !half_state && g.buffers.len() < names.len() {
                 let k = g.buffers.len();
                 g.buffers
                     .push(AlignedBuf::filled(Role::State(k), gl, T::ZERO));
+            }
+            while half_state && g.half_buffers.len() < names.len() {
+                let k = g.half_buffers.len();
+                g.half_buffers
+                    .push(AlignedBuf::filled(Role::State(k), gl, half::bf16::ZERO));
             }
             for (k, name) in names[..live].iter().enumerate() {
                 let values = &ps.buffers[*name];
@@ -1764,6 +1773,11 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         values.len(),
                         info.len
                     ));
+                }
+                if half_state {
+                    let dst = &mut g.half_buffers[k][local..local + info.len];
+                    crate::checkpoint::dtype::cast(float_values(values), ValuesMut::Bf16(dst))?;
+                    continue;
                 }
                 for (dst, src) in g.buffers[k][local..local + info.len].iter_mut().zip(values) {
                     *dst = T::from_f64(src.to_f64());

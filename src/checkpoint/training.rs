@@ -99,6 +99,7 @@ use serde_json::Value;
 
 use super::atomic::{self, SaveTarget, StdFs};
 use super::format::{self, read_raw_header, CheckpointMeta, FileDtype, RawHeader, TensorEntry};
+use super::dtype::{float_values_mut, ValuesMut};
 use super::{plan_params, stream_data, zeroed, Body, Dest, Expected};
 use crate::arena::{Arena, ParamInfo};
 use crate::error::{Error, Result};
@@ -174,21 +175,22 @@ pub struct SchedulerEntry {
 mod sealed {
     use std::any::Any;
 
+    use crate::checkpoint::dtype::{Values, ValuesMut};
     use crate::checkpoint::format::CheckpointMeta;
     use crate::error::Result;
 
     /// A staged load of one optimizer, as `Any` (it is typed by the optimizer's algorithm).
     pub type AnyStaged = Box<dyn Any>;
 
-    /// An optimizer's state tensors: (tensor name, shape, values).
-    pub type StateTensors<'a, T> = Vec<(String, Vec<usize>, &'a [T])>;
+    /// An optimizer's state tensors: (tensor name, shape, values in their own dtype).
+    pub type StateTensors<'a> = Vec<(String, Vec<usize>, Values<'a>)>;
 
     /// The pieces of the binary checkpoint code a training checkpoint drives.
     pub trait Sealed<T> {
         /// The identity of the arena the optimizer was built for.
         fn arena_identity(&self) -> u64;
         /// The state's metadata and its buffers: (tensor name, shape, values).
-        fn state_tensors(&self) -> Result<(CheckpointMeta, StateTensors<'_, T>)>;
+        fn state_tensors(&self) -> Result<(CheckpointMeta, StateTensors<'_>)>;
         /// The whole state dict as JSON, for an optimizer whose state is not in tensors.
         fn state_dict_value(&self) -> Result<Option<serde_json::Value>>;
         /// Checks `meta` (and the JSON state dict, for an optimizer that has one) against the
@@ -206,7 +208,7 @@ mod sealed {
             staged: &'s mut AnyStaged,
             index: usize,
             name: &str,
-        ) -> Option<&'s mut [T]>;
+        ) -> Option<ValuesMut<'s>>;
         /// Swaps a staged load in. Cannot fail.
         fn commit(&mut self, staged: AnyStaged);
     }
@@ -231,7 +233,7 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
     fn arena_identity(&self) -> u64 {
         Optimizer::arena_identity(self)
     }
-    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_, T>)> {
+    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_>)> {
         let mut body = Body::new()?;
         let meta = body.push_optimizer(self, "")?;
         Ok((meta, body.into_tensors()))
@@ -262,7 +264,7 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
         staged: &'s mut AnyStaged,
         index: usize,
         name: &str,
-    ) -> Option<&'s mut [T]> {
+    ) -> Option<ValuesMut<'s>> {
         staged
             .downcast_mut::<crate::optimizer::Staged<T, A>>()
             .expect("staged by this optimizer")
@@ -289,7 +291,7 @@ impl<T: Float> Sealed<T> for Lbfgs<T> {
     fn arena_identity(&self) -> u64 {
         Lbfgs::arena_identity(self)
     }
-    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_, T>)> {
+    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_>)> {
         let sd = self.state_dict();
         let meta = CheckpointMeta {
             format: format::FORMAT_NAME.to_string(),
@@ -337,7 +339,7 @@ impl<T: Float> Sealed<T> for Lbfgs<T> {
         _staged: &'s mut AnyStaged,
         _index: usize,
         _name: &str,
-    ) -> Option<&'s mut [T]> {
+    ) -> Option<ValuesMut<'s>> {
         None
     }
     fn commit(&mut self, staged: AnyStaged) {
@@ -600,7 +602,7 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             file_len,
         } = read_raw_header(r, file_len)?;
         let meta = parse_training_meta(&meta_json)?;
-        let dtype = FileDtype::from_name(&meta.dtype)?;
+        FileDtype::from_name(&meta.dtype)?;
         // The model first: the arena must have exactly the saved parameters.
         let mut expected: Expected<TrainDest> = Default::default();
         for (name, shape, range) in plan_params(arena.infos(), &meta.params)? {
@@ -680,10 +682,9 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             r,
             &tensors,
             expected,
-            dtype,
             data_crc,
             |dest, read| match dest {
-                TrainDest::Param(range) => read(&mut values[range]),
+                TrainDest::Param(range) => read(float_values_mut(&mut values[range])),
                 TrainDest::Optim(k, index, buffer) => read(
                     optimizers[k]
                         .1
@@ -835,7 +836,7 @@ pub fn inspect_training_reader<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Re
         ..
     } = read_raw_header(r, file_len)?;
     let meta = parse_training_meta(&meta_json)?;
-    let dtype = FileDtype::from_name(&meta.dtype)?;
+    FileDtype::from_name(&meta.dtype)?;
     let mut expected: Expected<()> = Default::default();
     for p in &meta.params {
         expected.insert(format::param_tensor(&p.name), (p.shape.clone(), Dest::Skip));
@@ -868,7 +869,7 @@ pub fn inspect_training_reader<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Re
         s.validate()
             .map_err(|e| Error::Checkpoint(format!("GradScaler: {e}")))?;
     }
-    stream_data::<f32, R, ()>(r, &tensors, expected, dtype, data_crc, |(), _| Ok(()))?;
+    stream_data::<R, ()>(r, &tensors, expected, data_crc, |(), _| Ok(()))?;
     Ok(TrainingInfo {
         meta,
         tensors,
