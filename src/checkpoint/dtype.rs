@@ -111,6 +111,16 @@ impl<'a> Values<'a> {
         }
     }
 
+    /// Elements `r`.
+    pub fn slice(&self, r: std::ops::Range<usize>) -> Values<'a> {
+        match *self {
+            Values::F32(s) => Values::F32(&s[r]),
+            Values::F64(s) => Values::F64(&s[r]),
+            Values::Bf16(s) => Values::Bf16(&s[r]),
+            Values::F16(s) => Values::F16(&s[r]),
+        }
+    }
+
     /// Each element widened to f64 (exact), for tests and small tensors.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {
@@ -333,4 +343,45 @@ pub(crate) fn with_le_bytes(
         f(&buf)?;
     }
     Ok(())
+}
+
+/// Owned values of one element type: a load's staging buffer for a destination of that type.
+#[derive(Debug, Clone)]
+pub(crate) enum Owned {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Owned {
+    /// `n` zeros of `dtype`.
+    pub(crate) fn zeros(dtype: FileDtype, n: usize) -> Self {
+        match dtype {
+            FileDtype::F32 => Owned::F32(vec![0.0; n]),
+            FileDtype::F64 => Owned::F64(vec![0.0; n]),
+            FileDtype::Bf16 => Owned::Bf16(vec![bf16::ZERO; n]),
+            FileDtype::F16 => Owned::F16(vec![f16::ZERO; n]),
+        }
+    }
+
+    /// Every element.
+    pub(crate) fn values(&self) -> Values<'_> {
+        match self {
+            Owned::F32(v) => Values::F32(v),
+            Owned::F64(v) => Values::F64(v),
+            Owned::Bf16(v) => Values::Bf16(v),
+            Owned::F16(v) => Values::F16(v),
+        }
+    }
+
+    /// Elements `r`, to write.
+    pub(crate) fn slice_mut(&mut self, r: std::ops::Range<usize>) -> ValuesMut<'_> {
+        match self {
+            Owned::F32(v) => ValuesMut::F32(&mut v[r]),
+            Owned::F64(v) => ValuesMut::F64(&mut v[r]),
+            Owned::Bf16(v) => ValuesMut::Bf16(&mut v[r]),
+            Owned::F16(v) => ValuesMut::F16(&mut v[r]),
+        }
+    }
 }
