@@ -10,7 +10,9 @@ An optarena checkpoint is a safetensors file (see ``src/checkpoint/mod.rs``):
   stored parameter values, when included).
 * tensor ``optarena.crc32`` (U32, 2), first in the data: zlib's CRC-32 of the length prefix
   and header, then of every data byte after it;
-* tensors ``state.<number>.<buffer>`` (torch's state-dict keys) and ``param.<name>``.
+* tensors ``state.<number>.<buffer>`` (torch's state-dict keys) and ``param.<name>``, each in
+  its own dtype: F32, F64, BF16 or F16 (optarena casts each into its destination on load, as
+  ``tensor.to(dtype)`` does; its bf16 optimizer state is written as BF16).
 
 Use as a library::
 
@@ -52,7 +54,17 @@ DROPPED_GROUP_KEYS = {
 SCALAR_STATE = {"eta", "mu", "mu_product"}
 # Hyperparameters torch needs as Python ints (optarena keeps every number as a float).
 INT_HYPERPARAMS = {"ns_steps"}
-ST_DTYPES = {"float32": ("F32", "<f4", torch.float32), "float64": ("F64", "<f8", torch.float64)}
+ST_DTYPES = {"float32": ("F32", torch.float32), "float64": ("F64", torch.float64),
+             "bfloat16": ("BF16", torch.bfloat16), "float16": ("F16", torch.float16)}
+DTYPE_NAMES = {t: name for name, (_, t) in ST_DTYPES.items()}
+
+
+def tensor_bytes(t):
+    """A CPU tensor's little-endian bytes (bf16 has no numpy dtype: viewed as int16)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().astype("<i2").tobytes()
+    return t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
 
 
 def _jsonable(v):
@@ -119,8 +131,8 @@ def torch_to_optarena_bytes(state_dict, optimizer_name, named_parameters, names=
     dtypes = {p.dtype for _, p in named}
     if len(dtypes) != 1:
         raise ValueError(f"parameters of several dtypes: {dtypes}")
-    dtype = {torch.float32: "float32", torch.float64: "float64"}[dtypes.pop()]
-    st_dtype, np_dtype, t_dtype = ST_DTYPES[dtype]
+    dtype = DTYPE_NAMES[dtypes.pop()]
+    st_dtype, t_dtype = ST_DTYPES[dtype]
 
     offsets, at = {}, 0
     for i in numbers:
@@ -148,8 +160,7 @@ def torch_to_optarena_bytes(state_dict, optimizer_name, named_parameters, names=
             else:
                 t = v.detach().to(t_dtype).contiguous().cpu()
                 entry["buffers"].append(k)
-                tensors.append((f"state.{int(i)}.{k}", st_dtype, list(t.shape),
-                                t.numpy().astype(np_dtype).tobytes()))
+                tensors.append((f"state.{int(i)}.{k}", st_dtype, list(t.shape), tensor_bytes(t)))
         if "step" not in entry and not entry["buffers"] and "scalars" not in entry:
             continue  # optarena lists no state for a momentum-free SGD parameter
         state.append(entry)
@@ -161,8 +172,7 @@ def torch_to_optarena_bytes(state_dict, optimizer_name, named_parameters, names=
             infos.append({"name": n, "shape": list(p.shape), "offset": at, "len": p.numel()})
             at += p.numel()
             t = p.to(t_dtype).contiguous().cpu()
-            tensors.append((f"param.{n}", st_dtype, list(t.shape),
-                            t.numpy().astype(np_dtype).tobytes()))
+            tensors.append((f"param.{n}", st_dtype, list(t.shape), tensor_bytes(t)))
         meta["params"] = infos
     return _write(meta, tensors)
 
@@ -196,7 +206,8 @@ def save_torch_as_optarena(path, optimizer, named_parameters, include_params=Tru
 
 
 def read_optarena(data):
-    """Checks an optarena checkpoint (bytes) and returns (metadata dict, {name: numpy array})."""
+    """Checks an optarena checkpoint (bytes) and returns (metadata dict, {name: tensor}), each
+    tensor in the dtype the file stores (bf16 state stays bf16)."""
     if len(data) < 8:
         raise ValueError("too short for a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
@@ -217,8 +228,9 @@ def read_optarena(data):
         raise ValueError(f"format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise ValueError(f"version {meta.get('version')} is not supported ({VERSION})")
-    # The tensors, through the safetensors library itself (also proves the file is valid).
-    from safetensors.numpy import load as st_load
+    # The tensors, through the safetensors library itself (also proves the file is valid);
+    # its torch loader, since numpy has no bfloat16.
+    from safetensors.torch import load as st_load
     arrays = st_load(bytes(data))
     arrays.pop(CRC_TENSOR)
     return meta, arrays
@@ -251,10 +263,9 @@ def optarena_to_torch(data):
         for k, v in s.get("scalars", {}).items():
             entry[k] = torch.tensor(float(v), dtype=_scalar_dtype())  # float("Infinity") too
         for b in s["buffers"]:
-            entry[b] = torch.from_numpy(np.array(arrays[f"state.{i}.{b}"]))
+            entry[b] = arrays[f"state.{i}.{b}"].clone()
         state[i] = entry
-    params = {p["name"]: torch.from_numpy(np.array(arrays[f"param.{p['name']}"]))
-              for p in meta.get("params") or []}
+    params = {p["name"]: arrays[f"param.{p['name']}"].clone() for p in meta.get("params") or []}
     return {"state": state, "param_groups": groups}, params
 
 
@@ -278,6 +289,10 @@ def _selftest():
         ("SGD0", lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=False), torch.float32),
         ("ASGD", lambda ps: torch.optim.ASGD(ps, lr=0.01, t0=2, foreach=False), torch.float32),
         ("NAdam", lambda ps: torch.optim.NAdam(ps, foreach=False), torch.float64),
+        # bf16 parameters and state: BF16 tensors both ways.
+        ("AdamW-bf16", lambda ps: torch.optim.AdamW(ps, lr=0.01, foreach=False), torch.bfloat16),
+        ("SGD-f16", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=False),
+         torch.float16),
         # Muon takes matrices only: a model without biases. Its group carries a tuple
         # (ns_coefficients) and a None (adjust_lr_fn); its state has no step.
         ("Muon", lambda ps: torch.optim.Muon(ps, lr=0.02, ns_coefficients=(3.0, -4.0, 1.9)),

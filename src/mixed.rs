@@ -47,6 +47,7 @@ pub use half::{bf16, f16};
 use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::arena::{AlignedBuf, Arena, Param, ParamInfo};
 use crate::buffer::Role;
+use crate::checkpoint::dtype::{Values, ValuesMut};
 use crate::error::{Error, Result};
 use crate::float::Lane;
 use crate::kernels::{buffer_array, mixed_lane_loop, ElementOp, Pass};
@@ -67,6 +68,7 @@ pub fn bf16_bits_from_f32(x: f32) -> u16 {
 
 mod sealed {
     use crate::arch::Simd;
+    use crate::checkpoint::dtype::{Values, ValuesMut};
 
     /// The crate-private half of [`super::Storage`]: SIMD loads and stores of `S`'s f32 lanes.
     pub trait Sealed: Sized {
@@ -74,6 +76,10 @@ mod sealed {
         fn load<S: Simd>(simd: S, s: &[Self]) -> S::F32;
         /// Rounds `v` into the front of `s`.
         fn store<S: Simd>(simd: S, v: S::F32, s: &mut [Self]);
+        /// `s` as a checkpoint tensor's values.
+        fn values(s: &[Self]) -> Values<'_>;
+        /// `s` as a checkpoint tensor's destination.
+        fn values_mut(s: &mut [Self]) -> ValuesMut<'_>;
     }
 }
 
@@ -93,6 +99,12 @@ pub trait Storage:
 }
 
 impl sealed::Sealed for f32 {
+    fn values(s: &[f32]) -> Values<'_> {
+        Values::F32(s)
+    }
+    fn values_mut(s: &mut [f32]) -> ValuesMut<'_> {
+        ValuesMut::F32(s)
+    }
     #[inline(always)]
     fn load<S: Simd>(_: S, s: &[f32]) -> S::F32 {
         <S::F32 as Lane>::load(s)
@@ -143,6 +155,12 @@ fn any_exponent_full(x: &[u16], mask: u16) -> bool {
 }
 
 impl sealed::Sealed for bf16 {
+    fn values(s: &[bf16]) -> Values<'_> {
+        Values::Bf16(s)
+    }
+    fn values_mut(s: &mut [bf16]) -> ValuesMut<'_> {
+        ValuesMut::Bf16(s)
+    }
     #[inline(always)]
     fn load<S: Simd>(simd: S, s: &[bf16]) -> S::F32 {
         simd.load_bf16(bits(s))
@@ -169,6 +187,12 @@ impl Storage for bf16 {
 }
 
 impl sealed::Sealed for f16 {
+    fn values(s: &[f16]) -> Values<'_> {
+        Values::F16(s)
+    }
+    fn values_mut(s: &mut [f16]) -> ValuesMut<'_> {
+        ValuesMut::F16(s)
+    }
     #[inline(always)]
     fn load<S: Simd>(simd: S, s: &[f16]) -> S::F32 {
         simd.load_f16(bits(s))
@@ -440,6 +464,25 @@ impl<H: Storage> HalfBuffer<H> {
         narrow(SimdLevel::Best, values, &mut self.data[r])?;
         self.present[i] = true;
         Ok(())
+    }
+
+    /// The arena layout the buffer was made for.
+    pub(crate) fn infos(&self) -> &[ParamInfo] {
+        &self.infos
+    }
+
+    /// Every element as a checkpoint's tensor values.
+    pub(crate) fn values(&self) -> Values<'_> {
+        H::values(&self.data)
+    }
+
+    /// Replaces every element with `values` (a staged load, cast as the file said, already
+    /// checked to be as long) and the presence flags with `present`. Cannot fail.
+    pub(crate) fn commit_loaded(&mut self, values: Values<'_>, present: Vec<bool>) {
+        assert_eq!(present.len(), self.present.len(), "one flag per parameter");
+        crate::checkpoint::dtype::cast(values, H::values_mut(&mut self.data))
+            .expect("staged with the buffer's length");
+        self.present = present;
     }
 
     /// Every element widened to f32 (exact).

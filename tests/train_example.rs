@@ -21,7 +21,7 @@ mod runner;
 use std::path::Path;
 
 use clap::Parser;
-use optimizers::{LrSchedule, OptKind};
+use optimizers::{LrSchedule, OptKind, Precision};
 use runner::{checkpoint_path, Args, Checkpoint};
 use serde_json::Value;
 
@@ -58,8 +58,8 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     assert!(!summary.stopped);
     assert_eq!(
         summary.results.len(),
-        5,
-        "four MLP runs and logistic regression"
+        6,
+        "four MLP runs, logistic regression, and AdamW again in mixed precision"
     );
     for r in &summary.results {
         let first = &r.history[0];
@@ -169,9 +169,37 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     let csv = std::fs::read_to_string(full.join("history.csv")).unwrap();
     assert_eq!(
         csv.lines().count(),
-        1 + 5 * 6,
-        "header + 5 runs x epochs 0..=5"
+        1 + 6 * 6,
+        "header + 6 runs x epochs 0..=5"
     );
+    // Mode 2 (f32 master weights, bf16 gradients and weight copy) next to its f32 twin: the
+    // same optimizer, schedule and initialisation, and nearly the same accuracy; its bf16
+    // copy is in the checkpoint as BF16 tensors.
+    let (adamw, mixed) = (&summary.results[2], &summary.results[5]);
+    assert_eq!(adamw.spec.id, "adamw");
+    assert_eq!(mixed.spec.id, "adamw-mixed");
+    assert_eq!(mixed.spec.precision, Precision::Mixed);
+    assert_eq!(mixed.spec.opt.describe(), adamw.spec.opt.describe());
+    let (a, m) = (
+        adamw.history.last().unwrap().test_acc,
+        mixed.history.last().unwrap().test_acc,
+    );
+    assert!((a - m).abs() < 0.015, "f32 {a} vs mixed {m}");
+    assert!(md.contains("MLP AdamW mixed bf16") && md.contains("mode 2"));
+    let ck = load(&full, &mixed.spec);
+    let copy = ck.copy.expect("the bf16 copy is restored from the checkpoint");
+    let want: Vec<u16> = ck
+        .params
+        .iter()
+        .map(|&b| half::bf16::from_f32(f32::from_bits(b)).to_bits())
+        .collect();
+    assert_eq!(copy, want, "the copy is the master weights rounded to bf16");
+    let info = optarena::checkpoint::training::inspect_training(checkpoint_path(&full, "adamw-mixed"))
+        .unwrap();
+    assert!(info
+        .tensors
+        .iter()
+        .any(|t| t.name == "half.copy.fc1.weight" && t.dtype == safetensors::Dtype::BF16));
 
     // 2. Interrupted after epoch 2: checkpoints, no report yet, no temporary files left.
     let stopped = runner::run(&args(
@@ -232,6 +260,7 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
             serde_json::to_string(&b.rng).unwrap()
         );
         assert_eq!(a.history, b.history, "{}: curves", r.spec.id);
+        assert_eq!(a.copy, b.copy, "{}: bf16 copy", r.spec.id);
     }
     assert_eq!(
         std::fs::read_to_string(full.join("history.csv")).unwrap(),

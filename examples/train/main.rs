@@ -1,6 +1,9 @@
 //! The crate's main job: train a small MLP on a real data set (the UCI handwritten digits,
 //! shipped in `examples/data`) with SGD+momentum, Adam, AdamW and RAdam from one
-//! initialisation, plus a full-batch logistic regression by L-BFGS, and compare them.
+//! initialisation, plus a full-batch logistic regression by L-BFGS, and compare them; and
+//! train the AdamW run again in mixed precision (`--precision f32,mixed`, the default: mode 2,
+//! f32 master weights and state, bf16 gradients from the backward on the bf16 weight copy,
+//! `Optimizer::step_mixed` writing the next copy), its test accuracy shown next to f32's.
 //!
 //! ```sh
 //! cargo run --release --example train                # everything, well under a minute
@@ -12,7 +15,8 @@
 //! `history.csv` (per-epoch curves), `training.svg` (loss and accuracy plot) and
 //! `checkpoints/<run>.safetensors` (after every epoch, one call to optarena's
 //! `TrainingCheckpoint::save`, atomic: parameters by name, optimizer and scheduler state, step
-//! count, and as metadata the shuffling RNG and the curves so far). `--stop-after-epoch N`
+//! count, the mixed run's bf16 weight copy as BF16 tensors, and as metadata the shuffling RNG
+//! and the curves so far). `--stop-after-epoch N`
 //! interrupts every run after epoch N; `--resume` continues from the checkpoints (one
 //! `TrainingRestore::load` each, all or nothing) and ends bit for bit where an uninterrupted
 //! run ends, on any `--threads`.

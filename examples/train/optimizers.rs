@@ -6,14 +6,17 @@
 //! search needs. The schedules are optarena's LR schedulers ([`optarena::schedule`]), which
 //! act on either kind through [`GroupHyperparams`], as torch's act on `param_groups`.
 
+use half::bf16;
 use optarena::checkpoint::TrainingOptimizer;
+use optarena::mixed::{narrow, widen};
 use optarena::schedule::{
     CosineAnnealingLR, CosineAnnealingLRConfig, LinearLR, LinearLRConfig, LrScheduler,
     SequentialLR, SequentialLRConfig,
 };
 use optarena::{
-    Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams, Lbfgs,
-    LbfgsConfig, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
+    Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams,
+    HalfBuffer, Lbfgs, LbfgsConfig, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd,
+    SgdConfig, SimdLevel, StepOptions,
 };
 
 use crate::model::Mlp;
@@ -38,8 +41,15 @@ pub trait Stepper {
     /// The optimizer as a training checkpoint holds it.
     fn training(&self) -> &dyn TrainingOptimizer<f32>;
 
-    /// [`Stepper::training`], mutably (to load into).
-    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32>;
+    /// [`Stepper::training`], mutably (to load into), with the bf16 parameter copy of a
+    /// mixed-precision run (restored from the same checkpoint).
+    fn training_mut(&mut self) -> (&mut dyn TrainingOptimizer<f32>, Option<&mut HalfBuffer<bf16>>);
+
+    /// The weights the forward pass uses when they are not the arena's f32 values: the bf16
+    /// copy of [`Precision::Mixed`] (saved in the checkpoint too).
+    fn forward_copy(&self) -> Option<&HalfBuffer<bf16>> {
+        None
+    }
 
     /// Closure evaluations and iterations so far, for optimizers that count them (L-BFGS's
     /// `func_evals` and `n_iter`).
@@ -48,11 +58,113 @@ pub trait Stepper {
     }
 }
 
+/// The precision a run trains in. Every mode starts from the same f32 initialisation.
+///
+/// To add a mode (mode 3, bf16 parameters with stochastic rounding, is next): a variant here,
+/// its [`Precision::adamw_id`] / [`Precision::adamw_label`] / [`Precision::describe`], its state in
+/// [`FirstOrder`] (built in [`FirstOrder::new`]) and its arm in [`FirstOrder`]'s `step`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 parameters, gradients and state.
+    F32,
+    /// Mode 2 (ZeRO-Offload's pattern): f32 master weights and state; the forward and backward
+    /// run on the bf16 copy of the weights and their gradients are rounded to bf16 (a bf16
+    /// backward's output); `step_mixed` reads the bf16 gradients and writes the updated bf16
+    /// copy in the same pass.
+    Mixed,
+}
+
+impl Precision {
+    /// Id (checkpoint file name) of the MLP AdamW run in this mode.
+    pub fn adamw_id(self) -> &'static str {
+        match self {
+            Precision::F32 => "adamw",
+            Precision::Mixed => "adamw-mixed",
+        }
+    }
+
+    /// Label (table, plot) of the MLP AdamW run in this mode.
+    pub fn adamw_label(self) -> &'static str {
+        match self {
+            Precision::F32 => "MLP AdamW",
+            Precision::Mixed => "MLP AdamW mixed bf16",
+        }
+    }
+
+    /// The mode in words, for results.md.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Mixed => {
+                "mode 2: f32 master weights and state, bf16 gradients (f32 backward on the \
+                 bf16 weights, rounded to nearest even), bf16 weight copy written by the step"
+            }
+        }
+    }
+}
+
+/// The state of a [`Precision::Mixed`] run besides the optimizer.
+struct Mixed {
+    /// The bf16 gradients a bf16 backward would write.
+    grads: HalfBuffer<bf16>,
+    /// The bf16 weights the forward pass reads; `step_mixed` writes it.
+    copy: HalfBuffer<bf16>,
+    /// The f32 master weights, set aside while the arena holds the bf16 weights for a
+    /// forward and backward.
+    master: Vec<f32>,
+}
+
+impl Mixed {
+    /// Runs `f` with the arena's parameters replaced by the bf16 copy (widened, exact), then
+    /// puts the f32 master weights back.
+    fn on_copy<R>(
+        copy: &HalfBuffer<bf16>,
+        master: &mut Vec<f32>,
+        arena: &mut Arena<f32>,
+        f: impl FnOnce(&mut Arena<f32>) -> R,
+    ) -> R {
+        master.clear();
+        master.extend_from_slice(arena.params());
+        widen(SimdLevel::Best, copy.as_slice(), arena.params_mut()).expect("the arena's length");
+        let r = f(arena);
+        arena.params_mut().copy_from_slice(master);
+        r
+    }
+}
+
+/// Runs `f` on the weights the forward pass of `opt` uses: the arena's, or (a mixed run) its
+/// bf16 copy widened into the arena for the call.
+pub fn with_forward_weights<R>(
+    opt: &dyn Stepper,
+    arena: &mut Arena<f32>,
+    f: impl FnOnce(&mut Arena<f32>) -> R,
+) -> R {
+    match opt.forward_copy() {
+        Some(copy) => Mixed::on_copy(copy, &mut Vec::new(), arena, f),
+        None => f(arena),
+    }
+}
+
 /// Any elementwise optimizer of optarena (SGD, Adam, AdamW, RAdam, ...), with the gradient
-/// clip folded into its step.
+/// clip folded into its step, in any [`Precision`].
 pub struct FirstOrder<A: Algorithm> {
     opt: Optimizer<f32, A>,
     clip: Option<ClipNorm>,
+    mixed: Option<Mixed>,
+}
+
+impl<A: Algorithm> FirstOrder<A> {
+    fn new(opt: Optimizer<f32, A>, clip: Option<ClipNorm>, arena: &Arena<f32>, p: Precision) -> Self {
+        let mixed = match p {
+            Precision::F32 => None,
+            Precision::Mixed => Some(Mixed {
+                grads: HalfBuffer::gradients(arena),
+                copy: HalfBuffer::copy_of(arena),
+                master: Vec::with_capacity(arena.len()),
+            }),
+        };
+        FirstOrder { opt, clip, mixed }
+    }
 }
 
 impl<A: Algorithm> Stepper for FirstOrder<A> {
@@ -61,16 +173,33 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
         arena: &mut Arena<f32>,
         closure: &mut dyn FnMut(&mut Arena<f32>) -> f32,
     ) -> optarena::Result<f32> {
-        let loss = closure(arena);
-        match self.clip {
-            // clip_grad_norm_ + step, fused: the norm is taken over the optimizer's params and
-            // the clip coefficient is folded into the update.
-            Some(clip) => {
-                self.opt.step_clipped(arena, clip)?;
+        let Some(m) = &mut self.mixed else {
+            let loss = closure(arena);
+            match self.clip {
+                // clip_grad_norm_ + step, fused: the norm is taken over the optimizer's params
+                // and the clip coefficient is folded into the update.
+                Some(clip) => {
+                    self.opt.step_clipped(arena, clip)?;
+                }
+                None => self.opt.step(arena)?,
             }
-            None => self.opt.step(arena)?,
-        }
+            return Ok(loss);
+        };
+        // Forward and backward on the bf16 weights; the gradients rounded to bf16.
+        let loss = Mixed::on_copy(&m.copy, &mut m.master, arena, |a| closure(a));
+        narrow(SimdLevel::Best, arena.grads(), m.grads.as_mut_slice())?;
+        // One pass: bf16 gradients in (clip norm computed on them), f32 master weights and
+        // state updated, bf16 copy out.
+        let options = StepOptions {
+            clip: self.clip,
+            ..StepOptions::default()
+        };
+        self.opt.step_mixed(arena, &m.grads, &mut m.copy, options)?;
         Ok(loss)
+    }
+
+    fn forward_copy(&self) -> Option<&HalfBuffer<bf16>> {
+        self.mixed.as_ref().map(|m| &m.copy)
     }
 
     fn groups(&mut self) -> &mut dyn GroupHyperparams {
@@ -85,8 +214,8 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
         &self.opt
     }
 
-    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32> {
-        &mut self.opt
+    fn training_mut(&mut self) -> (&mut dyn TrainingOptimizer<f32>, Option<&mut HalfBuffer<bf16>>) {
+        (&mut self.opt, self.mixed.as_mut().map(|m| &mut m.copy))
     }
 }
 
@@ -116,8 +245,8 @@ impl Stepper for QuasiNewton {
         &self.opt
     }
 
-    fn training_mut(&mut self) -> &mut dyn TrainingOptimizer<f32> {
-        &mut self.opt
+    fn training_mut(&mut self) -> (&mut dyn TrainingOptimizer<f32>, Option<&mut HalfBuffer<bf16>>) {
+        (&mut self.opt, None)
     }
 
     fn evaluations(&self) -> Option<(u64, u64)> {
@@ -208,6 +337,7 @@ impl OptKind {
         arena: &Arena<f32>,
         clip: Option<ClipNorm>,
         parallelism: Parallelism,
+        precision: Precision,
     ) -> optarena::Result<Box<dyn Stepper>> {
         let weights = || ParamGroup::new(model.weights.iter().copied());
         let biases = || ParamGroup::new(model.biases.iter().copied()).with("weight_decay", 0.0);
@@ -228,6 +358,8 @@ impl OptKind {
                 )?,
                 clip,
                 parallelism,
+                arena,
+                precision,
             ),
             OptKind::Adam { lr } => boxed(
                 Adam::new(
@@ -237,6 +369,8 @@ impl OptKind {
                 )?,
                 clip,
                 parallelism,
+                arena,
+                precision,
             ),
             OptKind::AdamW { lr, weight_decay } => boxed(
                 AdamW::new(
@@ -248,6 +382,8 @@ impl OptKind {
                 )?,
                 clip,
                 parallelism,
+                arena,
+                precision,
             ),
             OptKind::RAdam { lr } => boxed(
                 RAdam::new(
@@ -257,12 +393,19 @@ impl OptKind {
                 )?,
                 clip,
                 parallelism,
+                arena,
+                precision,
             ),
             OptKind::Lbfgs {
                 lr,
                 max_iter,
                 history_size,
             } => {
+                if precision != Precision::F32 {
+                    return Err(optarena::Error::InvalidHyperparameter(
+                        "L-BFGS runs in f32 only (it has no mixed-precision step)".into(),
+                    ));
+                }
                 if clip.is_some() {
                     return Err(optarena::Error::InvalidHyperparameter(
                         "L-BFGS takes no gradient clipping: its line search needs the true \
@@ -290,11 +433,15 @@ fn boxed<A: Algorithm>(
     opt: Optimizer<f32, A>,
     clip: Option<ClipNorm>,
     parallelism: Parallelism,
+    arena: &Arena<f32>,
+    precision: Precision,
 ) -> Box<dyn Stepper> {
-    Box::new(FirstOrder {
-        opt: opt.with_parallelism(parallelism),
+    Box::new(FirstOrder::new(
+        opt.with_parallelism(parallelism),
         clip,
-    })
+        arena,
+        precision,
+    ))
 }
 
 /// A run's learning-rate schedule, stepped once per optimizer step (per mini-batch).

@@ -6,7 +6,21 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
+use crate::optimizers::Precision;
 use crate::runner::{EpochStats, RunResult, Settings};
+
+/// The f32 run `r` is a precision variant of (same optimizer, model and schedule), if `r` is
+/// one and that run is in `results`.
+fn f32_twin<'a>(r: &RunResult, results: &'a [RunResult]) -> Option<&'a RunResult> {
+    if r.spec.precision == Precision::F32 {
+        return None;
+    }
+    results.iter().find(|t| {
+        t.spec.precision == Precision::F32
+            && t.spec.opt.describe() == r.spec.opt.describe()
+            && t.spec.arch == r.spec.arch
+    })
+}
 
 /// Writes `results.md`, `history.csv` and `training.svg` into `out`, prints the table, and
 /// returns the paths written.
@@ -31,9 +45,10 @@ pub fn write_all(
     for r in results {
         let _ = writeln!(
             md,
-            "- {}: {}, {} params, {}, schedule {}, clip {}{}",
+            "- {}: {} in {}, {} params, {}, schedule {}, clip {}{}",
             r.spec.label,
             r.spec.opt.describe(),
+            r.spec.precision.describe(),
             r.num_params,
             match r.spec.batching {
                 crate::runner::Batching::MiniBatch => "mini-batches".to_string(),
@@ -88,16 +103,17 @@ pub fn write_all(
     Ok(vec![results_path, csv_path, plot_path])
 }
 
-/// The results as a Markdown table: final losses and accuracies, wall time, optimizer time.
+/// The results as a Markdown table: final losses and accuracies (a precision variant's test
+/// accuracy also as the difference to its f32 twin, in points), wall time, optimizer time.
 pub fn table(results: &[RunResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| run                    | params | train loss | train acc | test loss | test acc | wall s | opt µs/step |"
+        "| run                    | params | train loss | train acc | test loss | test acc | vs f32 | wall s | opt µs/step |"
     );
     let _ = writeln!(
         s,
-        "|------------------------|-------:|-----------:|----------:|----------:|---------:|-------:|------------:|"
+        "|------------------------|-------:|-----------:|----------:|----------:|---------:|-------:|-------:|------------:|"
     );
     for r in results {
         let Some(h) = r.history.last() else { continue };
@@ -106,15 +122,20 @@ pub fn table(results: &[RunResult]) -> String {
         } else {
             0.0
         };
+        let vs = f32_twin(r, results)
+            .and_then(|t| t.history.last())
+            .map(|t| format!("{:+.2}", 100.0 * (h.test_acc - t.test_acc)))
+            .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| {:<22} | {:>6} | {:>10.4} | {:>8.2}% | {:>9.4} | {:>7.2}% | {:>6.2} | {:>11.1} |",
+            "| {:<22} | {:>6} | {:>10.4} | {:>8.2}% | {:>9.4} | {:>7.2}% | {:>6} | {:>6.2} | {:>11.1} |",
             r.spec.label,
             r.num_params,
             h.train_loss,
             100.0 * h.train_acc,
             h.test_loss,
             100.0 * h.test_acc,
+            vs,
             r.timing.wall_s,
             us
         );
@@ -136,6 +157,21 @@ type PlotResult = Result<(), Box<dyn std::error::Error>>;
 /// Reads one number of an epoch's stats.
 type Metric = fn(&EpochStats) -> f64;
 
+/// Run `i`'s line: its own color and a thick line, or for a precision variant its f32 twin's
+/// color and a thin line, so each mode sits next to f32.
+fn line_style(i: usize, results: &[RunResult]) -> ShapeStyle {
+    match f32_twin(&results[i], results) {
+        Some(t) => {
+            let j = results
+                .iter()
+                .position(|x| std::ptr::eq(x, t))
+                .expect("a twin is in the results");
+            COLORS[j % COLORS.len()].stroke_width(1)
+        }
+        None => COLORS[i % COLORS.len()].stroke_width(2),
+    }
+}
+
 /// Three panels: train loss, test loss (log scale) and test accuracy, per run, against epochs.
 fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
     let root = SVGBackend::new(path, (1500, 520)).into_drawing_area();
@@ -143,7 +179,8 @@ fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
     let (title, body) = root.split_vertically(40);
     title.draw(&Text::new(
         "Handwritten digits (UCI, 8x8): one MLP initialisation under four optimizers \
-         (warmup + cosine, clip 1.0), and logistic regression by L-BFGS",
+         (warmup + cosine, clip 1.0), AdamW also in mixed precision (thin line), and \
+         logistic regression by L-BFGS",
         (20, 12),
         ("sans-serif", 20).into_font(),
     ))?;
@@ -184,16 +221,14 @@ fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
             .y_label_formatter(&|v| format!("{v:.3}"))
             .draw()?;
         for (i, r) in results.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
+            let style = line_style(i, results);
             chart
                 .draw_series(LineSeries::new(
                     r.history.iter().map(|h| (h.epoch as f64, f(h))),
-                    color.stroke_width(2),
+                    style,
                 ))?
                 .label(r.spec.label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
         }
         chart
             .configure_series_labels()
@@ -227,18 +262,18 @@ fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (i, r) in results.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let style = line_style(i, results);
         let points: Vec<(f64, f64)> = r
             .history
             .iter()
             .map(|h| (h.epoch as f64, h.test_acc * 100.0))
             .collect();
         for (k, segment) in clip_below(&points, acc_lo).into_iter().enumerate() {
-            let series = chart.draw_series(LineSeries::new(segment, color.stroke_width(2)))?;
+            let series = chart.draw_series(LineSeries::new(segment, style))?;
             if k == 0 {
-                series.label(r.spec.label).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
+                series
+                    .label(r.spec.label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
             }
         }
     }

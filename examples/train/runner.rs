@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset};
 use crate::model::{Architecture, Mlp};
-use crate::optimizers::{LrSchedule, OptKind, Stepper};
+use crate::optimizers::{with_forward_weights, LrSchedule, OptKind, Precision, Stepper};
 use crate::report;
 
 /// Train a digits classifier with SGD+momentum, Adam, AdamW and RAdam from one initialisation,
@@ -63,6 +63,11 @@ pub struct Args {
     /// L-BFGS `max_iter`: iterations per `step(closure)` [default: 20, or 10 with --smoke].
     #[arg(long)]
     pub lbfgs_max_iter: Option<usize>,
+    /// Precision modes: `f32` runs every optimizer; every other mode runs the MLP AdamW run
+    /// again from the same initialisation in that mode (`mixed`: f32 master weights, bf16
+    /// gradients and weight copy, `Optimizer::step_mixed`), shown next to its f32 twin.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Precision::F32, Precision::Mixed])]
+    pub precision: Vec<Precision>,
 }
 
 /// Everything that determines a run's numbers; a checkpoint only resumes under the same.
@@ -130,6 +135,8 @@ pub struct RunSpec {
     /// L2 penalty `λ/2 · Σ W²` on the weights, added to the loss the optimizer minimizes
     /// (0: none).
     pub l2: f64,
+    /// The precision it trains in.
+    pub precision: Precision,
 }
 
 impl RunSpec {
@@ -145,7 +152,10 @@ impl RunSpec {
 /// and a warmup + cosine schedule stepped per mini-batch (optarena's `SequentialLR` of a
 /// `LinearLR` and a `CosineAnnealingLR`), and multinomial logistic regression trained
 /// full-batch by L-BFGS with the strong Wolfe line search.
-pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
+///
+/// Then, for every mode of `precision` besides f32, the MLP AdamW run again in that mode (same
+/// initialisation, batches, schedule and clipping); without f32 in `precision`, only those.
+pub fn runs(settings: &Settings, train_len: usize, precision: &[Precision]) -> Vec<RunSpec> {
     let mlp = Architecture::mlp(&settings.hidden);
     let total = (settings.epochs * train_len.div_ceil(settings.batch_size)) as u64;
     let cosine = |base: f64| LrSchedule::WarmupCosine {
@@ -163,8 +173,9 @@ pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
         clip,
         schedule: cosine(opt.lr()),
         l2: 0.0,
+        precision: Precision::F32,
     };
-    vec![
+    let f32_runs = vec![
         run(
             "sgd",
             "MLP SGD+momentum",
@@ -176,8 +187,8 @@ pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
         ),
         run("adam", "MLP Adam", OptKind::Adam { lr: 2e-3 }),
         run(
-            "adamw",
-            "MLP AdamW",
+            Precision::F32.adamw_id(),
+            Precision::F32.adamw_label(),
             OptKind::AdamW {
                 lr: 2e-3,
                 weight_decay: 0.05,
@@ -201,8 +212,31 @@ pub fn runs(settings: &Settings, train_len: usize) -> Vec<RunSpec> {
             // scikit-learn's LogisticRegression(C=1.0): λ = 1 / n on the mean loss. Without
             // it the training set is separable and the minimum lies at infinity.
             l2: 1.0 / train_len as f64,
+            precision: Precision::F32,
         },
-    ]
+    ];
+    let mut out = Vec::new();
+    if precision.contains(&Precision::F32) {
+        out.extend(f32_runs.iter().cloned());
+    }
+    let twin = f32_runs
+        .iter()
+        .find(|r| r.id == Precision::F32.adamw_id())
+        .expect("the AdamW run");
+    let mut seen = Vec::new();
+    for &p in precision.iter().filter(|&&p| p != Precision::F32) {
+        if seen.contains(&p) {
+            continue;
+        }
+        seen.push(p);
+        out.push(RunSpec {
+            id: p.adamw_id(),
+            label: p.adamw_label(),
+            precision: p,
+            ..twin.clone()
+        });
+    }
+    out
 }
 
 /// One epoch's numbers.
@@ -278,6 +312,8 @@ pub struct Checkpoint {
     pub rng: ChaCha8Rng,
     /// Per-epoch numbers so far.
     pub history: Vec<EpochStats>,
+    /// The bf16 weight copy of a mixed-precision run (restored from the checkpoint), as bits.
+    pub copy: Option<Vec<u16>>,
 }
 
 const CHECKPOINT_FORMAT: u32 = 3;
@@ -311,6 +347,10 @@ fn save_run(
         );
     if let Some(s) = sched {
         ck = ck.scheduler("lr", s);
+    }
+    // A mixed-precision run's bf16 weight copy, as BF16 tensors (`half.copy.<name>`).
+    if let Some(copy) = opt.forward_copy() {
+        ck = ck.half_buffer("copy", copy);
     }
     ck.save(path)
         .map_err(err(&format!("saving {}", path.display())))?;
@@ -349,7 +389,11 @@ fn load_run(
     opt: &mut dyn Stepper,
     sched: Option<&mut (dyn LrScheduler + 'static)>,
 ) -> Result<u64, String> {
-    let mut restore = TrainingRestore::new(arena).optimizer("optimizer", opt.training_mut());
+    let (training, copy) = opt.training_mut();
+    let mut restore = TrainingRestore::new(arena).optimizer("optimizer", training);
+    if let Some(copy) = copy {
+        restore = restore.half_buffer("copy", copy);
+    }
     if let Some(s) = sched {
         restore = restore.scheduler("lr", s);
     }
@@ -377,7 +421,7 @@ fn build_run(
         Mlp::build(&spec.arch, &initial_params(&spec.arch, settings.seed)).map_err(err("model"))?;
     let mut opt = spec
         .opt
-        .build(&model, &arena, spec.clip, parallelism)
+        .build(&model, &arena, spec.clip, parallelism, spec.precision)
         .map_err(err(&ctx("optimizer")))?;
     let sched = spec
         .schedule
@@ -411,6 +455,9 @@ pub fn read_checkpoint(
             .map_err(err("scheduler state_dict"))?,
         rng: state.rng,
         history: state.history,
+        copy: opt
+            .forward_copy()
+            .map(|c| c.as_slice().iter().map(|x| x.to_bits()).collect()),
     })
 }
 
@@ -489,7 +536,10 @@ pub fn run(args: &Args) -> Result<Summary, String> {
 
     let mut results = Vec::new();
     let mut stopped = false;
-    for spec in runs(&settings, train.len()) {
+    if args.precision.is_empty() {
+        return Err("--precision needs at least one mode".into());
+    }
+    for spec in runs(&settings, train.len(), &args.precision) {
         let (result, was_stopped) = train_one(
             &spec,
             &settings,
@@ -592,9 +642,15 @@ fn train_one(
     }
 
     if history.is_empty() {
-        // Epoch 0: the initial model, the same for every run of an architecture.
-        let (train_loss, train_acc) = model.evaluate(&arena, train, &mut ws);
-        let (test_loss, test_acc) = model.evaluate(&arena, test, &mut ws);
+        // Epoch 0: the initial model, the same for every run of an architecture (in its
+        // precision: a mixed run evaluates its bf16 weights).
+        let ((train_loss, train_acc), (test_loss, test_acc)) =
+            with_forward_weights(&*opt, &mut arena, |a| {
+                (
+                    model.evaluate(a, train, &mut ws),
+                    model.evaluate(a, test, &mut ws),
+                )
+            });
         history.push(EpochStats {
             epoch: 0,
             lr: opt.groups().group_lr(0).map_err(err(&ctx("lr")))?,
@@ -653,8 +709,13 @@ fn train_one(
             global_step += 1;
             bar.inc(1);
         }
-        let (train_loss, train_acc) = model.evaluate(&arena, train, &mut ws);
-        let (test_loss, test_acc) = model.evaluate(&arena, test, &mut ws);
+        let ((train_loss, train_acc), (test_loss, test_acc)) =
+            with_forward_weights(&*opt, &mut arena, |a| {
+                (
+                    model.evaluate(a, train, &mut ws),
+                    model.evaluate(a, test, &mut ws),
+                )
+            });
         let stats = EpochStats {
             epoch: epoch + 1,
             lr,

@@ -51,7 +51,9 @@ pub struct CheckpointMeta {
     pub version: u32,
     /// torch's class name of the optimizer (`"Adam"`).
     pub optimizer: String,
-    /// The dtype of every tensor: `"float32"` or `"float64"`.
+    /// The dtype of the optimizer's parameters (the arena's): `"float32"` or `"float64"`.
+    /// Each tensor has its own dtype in the tensor table: the buffer's own (`BF16` for bf16
+    /// optimizer state); a load casts each into its destination ([`super::dtype`]).
     pub dtype: String,
     /// One entry per param group: hyperparameters and parameters (number, name, offset,
     /// shape), as in a [`StateDict`](crate::StateDict).
@@ -86,24 +88,40 @@ pub struct StateMeta {
     pub buffers: Vec<String>,
 }
 
-/// The tensor element types a checkpoint holds.
+/// The float element types of a checkpoint's tensors (and of the buffers they load into).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileDtype {
     /// `F32`.
     F32,
     /// `F64`.
     F64,
+    /// `BF16`: bf16 optimizer state, a bf16 [`crate::HalfBuffer`], torch's bfloat16 tensors.
+    Bf16,
+    /// `F16`: an f16 [`crate::HalfBuffer`], torch's float16 tensors.
+    F16,
 }
 
 impl FileDtype {
-    /// From the metadata's dtype name.
+    /// From torch's dtype name (the metadata's `dtype`).
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "float32" => Ok(FileDtype::F32),
             "float64" => Ok(FileDtype::F64),
+            "bfloat16" => Ok(FileDtype::Bf16),
+            "float16" => Ok(FileDtype::F16),
             other => Err(Error::Checkpoint(format!(
-                "dtype `{other}` is not supported (float32 or float64)"
+                "dtype `{other}` is not supported (float32, float64, bfloat16 or float16)"
             ))),
+        }
+    }
+    /// From a tensor's safetensors dtype; `None` for a dtype that is not one of these four.
+    pub fn from_safetensors(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(FileDtype::F32),
+            Dtype::F64 => Some(FileDtype::F64),
+            Dtype::BF16 => Some(FileDtype::Bf16),
+            Dtype::F16 => Some(FileDtype::F16),
+            _ => None,
         }
     }
     /// The safetensors dtype.
@@ -111,6 +129,8 @@ impl FileDtype {
         match self {
             FileDtype::F32 => Dtype::F32,
             FileDtype::F64 => Dtype::F64,
+            FileDtype::Bf16 => Dtype::BF16,
+            FileDtype::F16 => Dtype::F16,
         }
     }
     /// Bytes per element.
@@ -118,6 +138,7 @@ impl FileDtype {
         match self {
             FileDtype::F32 => 4,
             FileDtype::F64 => 8,
+            FileDtype::Bf16 | FileDtype::F16 => 2,
         }
     }
     /// torch's name.
@@ -125,6 +146,8 @@ impl FileDtype {
         match self {
             FileDtype::F32 => "float32",
             FileDtype::F64 => "float64",
+            FileDtype::Bf16 => "bfloat16",
+            FileDtype::F16 => "float16",
         }
     }
 }

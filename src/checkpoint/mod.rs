@@ -32,7 +32,9 @@
 //! parameters. Tensors:
 //! - `optarena.crc32` (U32, 2), first: the CRC-32 (zlib's) of the length prefix and header,
 //!   and of every data byte after it. A flipped byte anywhere is found.
-//! - `state.<number>.<buffer>` (F32 or F64, the parameter's shape): torch's state-dict keys.
+//! - `state.<number>.<buffer>` (the parameter's shape): torch's state-dict keys, in the
+//!   buffers' own dtype: F32 or F64 as the parameters, BF16 for an optimizer with bf16 state
+//!   ([`crate::StatePrecision::Bf16`]), never widened.
 //! - `param.<name>`: the parameter values, when saved with the arena.
 //!
 //! # Guarantees
@@ -43,11 +45,14 @@
 //!   header says against the optimizer and the file length before allocating, reads the data
 //!   into freshly staged buffers (one extra copy of the state, never more), checks the data
 //!   checksum, and only then swaps the buffers in. On any error nothing has changed.
-//! - A state saved in f64 loads into an f32 optimizer and the reverse, cast as torch's
-//!   `load_state_dict` casts state to the parameter's dtype.
+//! - Every tensor loads from any of F32, F64, BF16 and F16 into its destination's type, cast as
+//!   torch's `tensor.to(dtype)` casts ([`dtype`]): an f64 state into an f32 optimizer, a bf16
+//!   state into an f32-state optimizer and the reverse, bf16 or f16 parameters into an f32
+//!   arena.
 
 pub mod atomic;
 pub mod averaged;
+pub mod dtype;
 pub mod format;
 pub mod sparse_adam;
 mod tensors;
@@ -71,6 +76,7 @@ pub use format::{
     CheckpointMeta, FileDtype, StateMeta, TensorEntry, CRC_TENSOR, FORMAT_NAME, FORMAT_VERSION,
 };
 
+use dtype::{float_values, float_values_mut, Values, ValuesMut};
 use format::{param_tensor, read_error, read_header, state_tensor, Header};
 pub use training::{
     LoadedTraining, TrainingCheckpoint, TrainingInfo, TrainingOptimizer, TrainingRestore,
@@ -91,36 +97,16 @@ pub struct CheckpointInfo {
     pub file_len: u64,
 }
 
-/// `s` as little-endian bytes, handed to `f` without a copy on little-endian machines.
-pub(crate) fn with_le_bytes<T: Float>(
-    s: &[T],
-    f: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    if cfg!(target_endian = "little") {
-        f(bytemuck::cast_slice(s))
-    } else {
-        let size = std::mem::size_of::<T>();
-        let mut buf = Vec::with_capacity(PIECE.min(s.len()) * size);
-        for piece in s.chunks(PIECE) {
-            buf.clear();
-            buf.extend_from_slice(bytemuck::cast_slice(piece));
-            buf.chunks_exact_mut(size).for_each(<[u8]>::reverse);
-            f(&buf)?;
-        }
-        Ok(())
-    }
-}
-
-/// CRC-32 of the slices' little-endian bytes, one after another. On little-endian machines it
+/// CRC-32 of the tensors' little-endian bytes, one after another. On little-endian machines it
 /// is computed on rayon's pool in fixed pieces of [`CRC_PIECE`] bytes whose CRCs are then
 /// combined in order (`crc32fast::Hasher::combine`), so the value never depends on the
 /// thread count; the save's first pass then takes half the time on two cores.
-pub(crate) fn data_checksum<T: Float>(slices: &[&[T]]) -> u32 {
+pub(crate) fn data_checksum(slices: &[Values<'_>]) -> u32 {
     let mut total = crc32fast::Hasher::new();
     if cfg!(target_endian = "little") {
         let pieces: Vec<&[u8]> = slices
             .iter()
-            .flat_map(|s| bytemuck::cast_slice::<T, u8>(s).chunks(CRC_PIECE))
+            .flat_map(|s| s.ne_bytes().chunks(CRC_PIECE))
             .collect();
         let parts: Vec<crc32fast::Hasher> = pieces
             .par_iter()
@@ -135,7 +121,7 @@ pub(crate) fn data_checksum<T: Float>(slices: &[&[T]]) -> u32 {
         }
     } else {
         for s in slices {
-            with_le_bytes(s, &mut |b| {
+            dtype::with_le_bytes(*s, &mut |b| {
                 total.update(b);
                 Ok(())
             })
@@ -154,24 +140,25 @@ pub(crate) fn write_error(e: std::io::Error) -> Error {
 
 /// The tensors of a file being written: (name, dtype, shape) in data order, the checksum
 /// tensor first, and the values of every tensor after it, borrowed from the optimizers' and the
-/// arena's buffers.
+/// arena's buffers and written in their own dtype.
 pub(crate) struct Body<'a, T> {
     tensors: Vec<(String, Dtype, Vec<usize>)>,
-    slices: Vec<&'a [T]>,
-    dtype: FileDtype,
+    slices: Vec<Values<'a>>,
+    _float: std::marker::PhantomData<T>,
 }
 
 impl<'a, T: Float> Body<'a, T> {
     pub(crate) fn new() -> Result<Self> {
+        FileDtype::from_name(T::DTYPE)?;
         Ok(Body {
             tensors: vec![(CRC_TENSOR.to_string(), Dtype::U32, vec![2])],
             slices: Vec::new(),
-            dtype: FileDtype::from_name(T::DTYPE)?,
+            _float: std::marker::PhantomData,
         })
     }
 
     /// The tensors after the checksum one: (name, shape, values).
-    pub(crate) fn into_tensors(self) -> Vec<(String, Vec<usize>, &'a [T])> {
+    pub(crate) fn into_tensors(self) -> Vec<(String, Vec<usize>, Values<'a>)> {
         self.tensors
             .into_iter()
             .skip(1)
@@ -180,8 +167,8 @@ impl<'a, T: Float> Body<'a, T> {
             .collect()
     }
 
-    fn push(&mut self, name: String, shape: Vec<usize>, values: &'a [T]) {
-        self.tensors.push((name, self.dtype.safetensors(), shape));
+    pub(crate) fn push(&mut self, name: String, shape: Vec<usize>, values: Values<'a>) {
+        self.tensors.push((name, values.dtype().safetensors(), shape));
         self.slices.push(values);
     }
 
@@ -189,7 +176,11 @@ impl<'a, T: Float> Body<'a, T> {
     /// their layout (the metadata's `params`).
     pub(crate) fn push_params(&mut self, arena: &'a Arena<T>) -> Vec<crate::arena::ParamInfo> {
         for (p, info) in arena.handles().zip(arena.infos()) {
-            self.push(param_tensor(&info.name), info.shape.clone(), arena.value(p));
+            self.push(
+                param_tensor(&info.name),
+                info.shape.clone(),
+                float_values(arena.value(p)),
+            );
         }
         arena.infos().to_vec()
     }
@@ -201,10 +192,8 @@ impl<'a, T: Float> Body<'a, T> {
         opt: &'a Optimizer<T, A>,
         prefix: &str,
     ) -> Result<CheckpointMeta> {
-        // bf16 optimizer state is not written as bf16 tensors yet: refuse rather than widen.
-        opt.check_full_state("saving a binary checkpoint")?;
         let mut state = Vec::new();
-        opt.for_each_state(|s: StateRef<'a, T>| -> Result<()> {
+        opt.for_each_state(|s: StateRef<'a>| -> Result<()> {
             let mut names = Vec::with_capacity(s.buffers.len());
             for (name, shape, values) in s.buffers {
                 self.push(
@@ -248,8 +237,8 @@ impl<'a, T: Float> Body<'a, T> {
         w.write_all(&head).map_err(write_error)?;
         let mut total = head.len() as u64;
         for s in &self.slices {
-            with_le_bytes(s, &mut |b| w.write_all(b)).map_err(write_error)?;
-            total += std::mem::size_of_val(*s) as u64;
+            dtype::with_le_bytes(*s, &mut |b| w.write_all(b)).map_err(write_error)?;
+            total += s.byte_len() as u64;
         }
         Ok(total)
     }
@@ -315,43 +304,6 @@ enum OptDest {
     Param(std::ops::Range<usize>),
 }
 
-/// Reads `n` elements of `dtype` from `r` into `dst` (cast to `T`), checksumming the bytes.
-pub(crate) fn read_values<T: Float, R: Read + ?Sized>(
-    r: &mut R,
-    crc: &mut crc32fast::Hasher,
-    dtype: FileDtype,
-    dst: &mut [T],
-    scratch: &mut Vec<u8>,
-    what: &str,
-) -> Result<()> {
-    let direct = cfg!(target_endian = "little") && dtype.size() == std::mem::size_of::<T>();
-    for piece in dst.chunks_mut(PIECE) {
-        if direct {
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(piece);
-            r.read_exact(bytes).map_err(|e| read_error(e, what))?;
-            crc.update(bytes);
-        } else {
-            scratch.resize(piece.len() * dtype.size(), 0);
-            r.read_exact(scratch).map_err(|e| read_error(e, what))?;
-            crc.update(scratch);
-            match dtype {
-                FileDtype::F32 => {
-                    for (d, b) in piece.iter_mut().zip(scratch.chunks_exact(4)) {
-                        let x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
-                        *d = T::from_f64(x as f64);
-                    }
-                }
-                FileDtype::F64 => {
-                    for (d, b) in piece.iter_mut().zip(scratch.chunks_exact(8)) {
-                        *d = T::from_f64(f64::from_le_bytes(b.try_into().expect("8 bytes")));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Reads `n` bytes, only checksumming them.
 pub(crate) fn skip_bytes<R: Read + ?Sized>(
     r: &mut R,
@@ -403,7 +355,7 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
         header_len,
         file_len,
     } = read_header(r, file_len)?;
-    let dtype = FileDtype::from_name(&meta.dtype)?;
+    FileDtype::from_name(&meta.dtype)?;
     let mut staged = stage_optimizer(opt, &meta, by)?;
     // Every tensor must be one the metadata announces, with the announced dtype and shape,
     // and every announced one must be there.
@@ -439,23 +391,16 @@ pub fn read<T: Float, A: Algorithm, R: Read + ?Sized>(
         }
         (None, None) => {}
     }
-    let at = stream_data(
-        r,
-        &tensors,
-        expected,
-        dtype,
-        data_crc,
-        |dest, read| match dest {
-            OptDest::State(index, name) => read(
-                staged
-                    .slot_mut(index, &name)
-                    .expect("every announced slot exists"),
-            ),
-            OptDest::Param(range) => {
-                read(&mut staged_params.as_mut().expect("staged with the arena")[range])
-            }
-        },
-    )?;
+    let at = stream_data(r, &tensors, expected, data_crc, |dest, read| match dest {
+        OptDest::State(index, name) => read(
+            staged
+                .slot_mut(index, &name)
+                .expect("every announced slot exists"),
+        ),
+        OptDest::Param(range) => read(float_values_mut(
+            &mut staged_params.as_mut().expect("staged with the arena")[range],
+        )),
+    })?;
     debug_assert_eq!(header_len + at, file_len);
     opt.commit_staged(staged);
     if let (Some(arena), Some(values)) = (params, staged_params) {
@@ -481,7 +426,6 @@ pub(crate) fn stage_optimizer<T: Float, A: Algorithm>(
     meta: &CheckpointMeta,
     by: MatchBy,
 ) -> Result<crate::optimizer::Staged<T, A>> {
-    opt.check_full_state("loading a binary checkpoint")?;
     let saved: Vec<SavedState<'_>> = meta
         .state
         .iter()
@@ -534,17 +478,17 @@ pub(crate) fn plan_params(
     Ok(out)
 }
 
-/// Checks the file's tensor table against `expected` (every tensor announced, with its dtype
-/// and shape, and every announced one present), then streams the data in file order: each
-/// `Take` tensor into the slice `sink` hands to its reader, each `Skip` tensor only
-/// checksummed. Checks the data checksum at the end. Returns the data section's length.
-pub(crate) fn stream_data<T: Float, R: Read + ?Sized, K>(
+/// Checks the file's tensor table against `expected` (every tensor announced, with its shape
+/// and a float dtype, and every announced one present), then streams the data in file order:
+/// each `Take` tensor into the destination `sink` hands to its reader (cast from the tensor's
+/// dtype to the destination's, [`dtype`]), each `Skip` tensor only checksummed. Checks the
+/// data checksum at the end. Returns the data section's length.
+pub(crate) fn stream_data<R: Read + ?Sized, K>(
     r: &mut R,
     tensors: &[TensorEntry],
     mut expected: Expected<K>,
-    dtype: FileDtype,
     data_crc: u32,
-    mut sink: impl FnMut(K, &mut dyn FnMut(&mut [T]) -> Result<()>) -> Result<()>,
+    mut sink: impl FnMut(K, &mut dyn FnMut(ValuesMut<'_>) -> Result<()>) -> Result<()>,
 ) -> Result<u64> {
     let mut plan = Vec::with_capacity(tensors.len());
     for t in tensors {
@@ -554,21 +498,19 @@ pub(crate) fn stream_data<T: Float, R: Read + ?Sized, K>(
                 t.name
             )));
         };
-        if t.dtype != dtype.safetensors() {
+        let Some(dtype) = FileDtype::from_safetensors(t.dtype) else {
             return Err(bad(format!(
-                "tensor `{}` has dtype {:?}, the checkpoint's dtype is {}",
-                t.name,
-                t.dtype,
-                dtype.name()
+                "tensor `{}` has dtype {:?}; a checkpoint's tensors are F32, F64, BF16 or F16",
+                t.name, t.dtype
             )));
-        }
+        };
         if t.shape != shape {
             return Err(bad(format!(
                 "tensor `{}` has shape {:?}, the metadata says {:?}",
                 t.name, t.shape, shape
             )));
         }
-        plan.push((t, dest));
+        plan.push((t, dtype, dest));
     }
     if let Some(name) = expected.keys().next() {
         return Err(bad(format!(
@@ -578,7 +520,7 @@ pub(crate) fn stream_data<T: Float, R: Read + ?Sized, K>(
     let mut crc = crc32fast::Hasher::new();
     let mut scratch = Vec::new();
     let mut at = 8usize; // after the checksum tensor
-    for (t, dest) in plan {
+    for (t, dtype, dest) in plan {
         let n_bytes = t.data_offsets.1 - t.data_offsets.0;
         if t.data_offsets.0 != at && n_bytes != 0 {
             return Err(bad(format!(
@@ -588,8 +530,16 @@ pub(crate) fn stream_data<T: Float, R: Read + ?Sized, K>(
         }
         let what = format!("tensor `{}`", t.name);
         match dest {
-            Dest::Take(k) => sink(k, &mut |dst: &mut [T]| {
-                read_values(r, &mut crc, dtype, dst, &mut scratch, &what)
+            Dest::Take(k) => sink(k, &mut |dst: ValuesMut<'_>| {
+                if dst.len() * dtype.size() != n_bytes {
+                    return Err(bad(format!(
+                        "tensor `{}` holds {n_bytes} bytes of {}, its destination {} elements",
+                        t.name,
+                        dtype.name(),
+                        dst.len()
+                    )));
+                }
+                dtype::read_into(r, &mut crc, dtype, dst, &mut scratch, &what)
             })?,
             Dest::Skip => skip_bytes(r, &mut crc, n_bytes, &mut scratch, &what)?,
         }
@@ -708,6 +658,7 @@ mod tests {
         let b: Vec<f32> = (0..(5 * CRC_PIECE / 4 + 17)).map(|i| -(i as f32)).collect();
         let c: Vec<f32> = vec![];
         let d: Vec<f32> = vec![3.25; 9];
+        let e: Vec<half::bf16> = (0..1001).map(|i| half::bf16::from_f32(i as f32)).collect();
         let slices: Vec<&[f32]> = vec![&a, &b, &c, &d];
         let mut all = Vec::new();
         for s in &slices {
@@ -715,7 +666,12 @@ mod tests {
                 all.extend_from_slice(&x.to_le_bytes());
             }
         }
-        assert_eq!(data_checksum(&slices), crc32fast::hash(&all));
-        assert_eq!(data_checksum::<f64>(&[]), crc32fast::hash(&[]));
+        for x in &e {
+            all.extend_from_slice(&x.to_le_bytes());
+        }
+        let mut values: Vec<Values<'_>> = slices.iter().map(|s| Values::F32(s)).collect();
+        values.push(Values::Bf16(&e));
+        assert_eq!(data_checksum(&values), crc32fast::hash(&all));
+        assert_eq!(data_checksum(&[]), crc32fast::hash(&[]));
     }
 }

@@ -10,7 +10,8 @@ use std::ops::Range;
 use safetensors::tensor::Dtype;
 
 use super::format::{build_header, CheckpointMeta, FileDtype, Header, CRC_TENSOR};
-use super::{data_checksum, read_values, with_le_bytes, write_error};
+use super::dtype::{self, float_values, float_values_mut, Values};
+use super::{data_checksum, write_error};
 use crate::error::{Error, Result};
 use crate::float::Float;
 
@@ -54,7 +55,7 @@ pub(crate) fn write_tensors<T: Float, W: Write + ?Sized>(
         table.push((t.name.clone(), t.dtype, t.shape.clone()));
     }
     let header = build_header(meta, &table)?;
-    let slices: Vec<&[T]> = values.iter().map(|t| t.values).collect();
+    let slices: Vec<Values<'_>> = values.iter().map(|t| float_values(t.values)).collect();
     // The raw tensors' bytes continue the CRC of the float data.
     let mut data_crc = crc32fast::Hasher::new_with_initial(data_checksum(&slices));
     for t in raw {
@@ -68,8 +69,8 @@ pub(crate) fn write_tensors<T: Float, W: Write + ?Sized>(
     w.write_all(&head).map_err(write_error)?;
     let mut total = head.len() as u64;
     for s in &slices {
-        with_le_bytes(s, &mut |b| w.write_all(b)).map_err(write_error)?;
-        total += std::mem::size_of_val(*s) as u64;
+        dtype::with_le_bytes(*s, &mut |b| w.write_all(b)).map_err(write_error)?;
+        total += s.byte_len() as u64;
     }
     for t in raw {
         w.write_all(&t.bytes).map_err(write_error)?;
@@ -100,10 +101,10 @@ fn bad(msg: String) -> Error {
 
 /// Reads the data section described by `header` (already read from `r` by
 /// [`super::format::read_header`]) into the staged buffers: every tensor of the file must be
-/// one of `expected` (by name), with its shape and dtype (the checkpoint's float dtype unless
-/// [`Into::Raw`] says another), every expected tensor must be there, the tensors must follow
+/// one of `expected` (by name), with its shape and dtype (any float dtype, unless
+/// [`Into::Raw`] says which), every expected tensor must be there, the tensors must follow
 /// each other in data order, and the data's CRC-32 must be the stored one. Float values are
-/// cast to `T` as [`super::read`] casts them. Nothing is allocated beyond a read buffer: the
+/// cast to `T` as [`super::read`] casts them ([`super::dtype`]). Nothing is allocated beyond a read buffer: the
 /// destinations are the caller's, sized from its own layout.
 pub(crate) fn read_tensors<T: Float, R: Read + ?Sized>(
     r: &mut R,
@@ -112,7 +113,7 @@ pub(crate) fn read_tensors<T: Float, R: Read + ?Sized>(
     bufs: &mut [&mut [T]],
     raws: &mut [Vec<u8>],
 ) -> Result<()> {
-    let dtype = FileDtype::from_name(&header.meta.dtype)?;
+    FileDtype::from_name(&header.meta.dtype)?;
     let mut plan = Vec::with_capacity(header.tensors.len());
     for t in &header.tensors {
         let Some(e) = expected.remove(&t.name) else {
@@ -121,15 +122,21 @@ pub(crate) fn read_tensors<T: Float, R: Read + ?Sized>(
                 t.name
             )));
         };
-        let want = match e.into {
-            Into::Raw { dtype, .. } => dtype,
-            _ => dtype.safetensors(),
-        };
-        if t.dtype != want {
-            return Err(bad(format!(
-                "tensor `{}` has dtype {:?}, it must be {want:?}",
-                t.name, t.dtype
-            )));
+        match e.into {
+            Into::Raw { dtype, .. } if t.dtype != dtype => {
+                return Err(bad(format!(
+                    "tensor `{}` has dtype {:?}, it must be {dtype:?}",
+                    t.name, t.dtype
+                )));
+            }
+            Into::Raw { .. } => {}
+            _ if FileDtype::from_safetensors(t.dtype).is_none() => {
+                return Err(bad(format!(
+                    "tensor `{}` has dtype {:?}; a checkpoint's tensors are F32, F64, BF16 or F16",
+                    t.name, t.dtype
+                )));
+            }
+            _ => {}
         }
         if t.shape != e.shape {
             return Err(bad(format!(
@@ -157,14 +164,25 @@ pub(crate) fn read_tensors<T: Float, R: Read + ?Sized>(
         }
         let what = format!("tensor `{}`", t.name);
         match into {
-            Into::Values { buf, range } => read_values(
-                r,
-                &mut crc,
-                dtype,
-                &mut bufs[buf][range],
-                &mut scratch,
-                &what,
-            )?,
+            Into::Values { buf, range } => {
+                let src = FileDtype::from_safetensors(t.dtype).expect("checked above");
+                if range.len() * src.size() != n_bytes {
+                    return Err(bad(format!(
+                        "tensor `{}` holds {n_bytes} bytes, not {} elements of {}",
+                        t.name,
+                        range.len(),
+                        src.name()
+                    )));
+                }
+                dtype::read_into(
+                    r,
+                    &mut crc,
+                    src,
+                    float_values_mut(&mut bufs[buf][range]),
+                    &mut scratch,
+                    &what,
+                )?
+            }
             Into::Raw { slot, .. } => {
                 let dst = &mut raws[slot];
                 dst.resize(n_bytes, 0);

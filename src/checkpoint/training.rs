@@ -61,7 +61,10 @@
 //! `optarena.crc32` tensor first (CRC-32 of the header, then of all data), then
 //! - `param.<name>`: every parameter of the arena, in arena order;
 //! - `optim.<optimizer name>.state.<number>.<buffer>`: each optimizer's state buffers, named as
-//!   in an optimizer checkpoint under the name it was given;
+//!   in an optimizer checkpoint under the name it was given (`BF16` for bf16 state);
+//! - `half.<buffer name>.<parameter name>`: each [`HalfBuffer`] given
+//!   ([`TrainingCheckpoint::half_buffer`], f32 arenas: a mixed-precision step's bf16/f16
+//!   parameter copy or gradients), its present parameters in its own dtype;
 //!
 //! and `__metadata__["optarena"]` holds [`TrainingMeta`] as JSON: format
 //! `"optarena-training"` and its version, the dtype, the parameters' names, offsets and shapes,
@@ -81,6 +84,8 @@
 //!   before anything else changes. On any error nothing has changed.
 //! - Optimizers are matched to their saved state by parameter name ([`MatchBy::Name`]), so a
 //!   model rebuilt in another registration order resumes bit for bit.
+//! - Tensors load across dtypes, cast as torch's `tensor.to(dtype)` ([`super::dtype`]): a bf16
+//!   copy into an f16 [`HalfBuffer`], bf16 optimizer state into an f32-state optimizer.
 //! - Schedulers get their state only (torch's `load_state_dict`), not the lr it last set: the
 //!   optimizers come from the same file, with the lrs they had when it was saved, including an
 //!   lr set by hand after the scheduler stepped. The groups' `initial_lr` are restored too.
@@ -99,11 +104,13 @@ use serde_json::Value;
 
 use super::atomic::{self, SaveTarget, StdFs};
 use super::format::{self, read_raw_header, CheckpointMeta, FileDtype, RawHeader, TensorEntry};
+use super::dtype::{float_values_mut, Owned, Values, ValuesMut};
 use super::{plan_params, stream_data, zeroed, Body, Dest, Expected};
 use crate::arena::{Arena, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::GroupHyperparams;
+use crate::mixed::{HalfBuffer, Storage};
 use crate::optim::lbfgs::{Lbfgs, LbfgsStateDict};
 use crate::optimizer::{Algorithm, Optimizer};
 use crate::scaler::GradScaler;
@@ -139,6 +146,25 @@ pub struct TrainingMeta {
     /// The caller's metadata (a data loader's position, an RNG state, ...), by key.
     #[serde(default)]
     pub metadata: BTreeMap<String, Value>,
+    /// The [`HalfBuffer`]s (a mixed-precision step's bf16/f16 parameter copy or gradients),
+    /// in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub half_buffers: Vec<HalfEntry>,
+}
+
+/// One [`HalfBuffer`] of a training checkpoint: its present parameters are stored as
+/// `half.<name>.<parameter name>` tensors of the parameter's shape, in the buffer's own dtype
+/// (`BF16`, `F16` or `F32`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HalfEntry {
+    /// The name it was given.
+    pub name: String,
+    /// Its element type, torch's name (`"bfloat16"`).
+    pub dtype: String,
+    /// The parameters whose slot was present (stored), in arena order; the others load as
+    /// absent.
+    pub present: Vec<String>,
 }
 
 /// One optimizer of a training checkpoint.
@@ -174,21 +200,22 @@ pub struct SchedulerEntry {
 mod sealed {
     use std::any::Any;
 
+    use crate::checkpoint::dtype::{Values, ValuesMut};
     use crate::checkpoint::format::CheckpointMeta;
     use crate::error::Result;
 
     /// A staged load of one optimizer, as `Any` (it is typed by the optimizer's algorithm).
     pub type AnyStaged = Box<dyn Any>;
 
-    /// An optimizer's state tensors: (tensor name, shape, values).
-    pub type StateTensors<'a, T> = Vec<(String, Vec<usize>, &'a [T])>;
+    /// An optimizer's state tensors: (tensor name, shape, values in their own dtype).
+    pub type StateTensors<'a> = Vec<(String, Vec<usize>, Values<'a>)>;
 
     /// The pieces of the binary checkpoint code a training checkpoint drives.
     pub trait Sealed<T> {
         /// The identity of the arena the optimizer was built for.
         fn arena_identity(&self) -> u64;
         /// The state's metadata and its buffers: (tensor name, shape, values).
-        fn state_tensors(&self) -> Result<(CheckpointMeta, StateTensors<'_, T>)>;
+        fn state_tensors(&self) -> Result<(CheckpointMeta, StateTensors<'_>)>;
         /// The whole state dict as JSON, for an optimizer whose state is not in tensors.
         fn state_dict_value(&self) -> Result<Option<serde_json::Value>>;
         /// Checks `meta` (and the JSON state dict, for an optimizer that has one) against the
@@ -206,7 +233,7 @@ mod sealed {
             staged: &'s mut AnyStaged,
             index: usize,
             name: &str,
-        ) -> Option<&'s mut [T]>;
+        ) -> Option<ValuesMut<'s>>;
         /// Swaps a staged load in. Cannot fail.
         fn commit(&mut self, staged: AnyStaged);
     }
@@ -231,7 +258,7 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
     fn arena_identity(&self) -> u64 {
         Optimizer::arena_identity(self)
     }
-    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_, T>)> {
+    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_>)> {
         let mut body = Body::new()?;
         let meta = body.push_optimizer(self, "")?;
         Ok((meta, body.into_tensors()))
@@ -262,7 +289,7 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
         staged: &'s mut AnyStaged,
         index: usize,
         name: &str,
-    ) -> Option<&'s mut [T]> {
+    ) -> Option<ValuesMut<'s>> {
         staged
             .downcast_mut::<crate::optimizer::Staged<T, A>>()
             .expect("staged by this optimizer")
@@ -289,7 +316,7 @@ impl<T: Float> Sealed<T> for Lbfgs<T> {
     fn arena_identity(&self) -> u64 {
         Lbfgs::arena_identity(self)
     }
-    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_, T>)> {
+    fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_>)> {
         let sd = self.state_dict();
         let meta = CheckpointMeta {
             format: format::FORMAT_NAME.to_string(),
@@ -337,7 +364,7 @@ impl<T: Float> Sealed<T> for Lbfgs<T> {
         _staged: &'s mut AnyStaged,
         _index: usize,
         _name: &str,
-    ) -> Option<&'s mut [T]> {
+    ) -> Option<ValuesMut<'s>> {
         None
     }
     fn commit(&mut self, staged: AnyStaged) {
@@ -345,6 +372,34 @@ impl<T: Float> Sealed<T> for Lbfgs<T> {
             .downcast::<crate::optim::lbfgs::LbfgsLoad<T>>()
             .expect("staged by this optimizer");
         self.commit_load(*load);
+    }
+}
+
+/// Tensor-name prefix of half buffer `name`'s parameters.
+fn half_prefix(name: &str) -> String {
+    format!("half.{name}.")
+}
+
+/// A [`HalfBuffer`] of any element type, as a training load restores it.
+trait HalfTarget {
+    fn arena_id(&self) -> u64;
+    fn infos(&self) -> &[ParamInfo];
+    fn dtype(&self) -> FileDtype;
+    fn commit(&mut self, values: Values<'_>, present: Vec<bool>);
+}
+
+impl<H: Storage> HalfTarget for HalfBuffer<H> {
+    fn arena_id(&self) -> u64 {
+        HalfBuffer::arena_id(self)
+    }
+    fn infos(&self) -> &[ParamInfo] {
+        HalfBuffer::infos(self)
+    }
+    fn dtype(&self) -> FileDtype {
+        FileDtype::from_name(H::DTYPE).expect("a storage type is a file dtype")
+    }
+    fn commit(&mut self, values: Values<'_>, present: Vec<bool>) {
+        self.commit_loaded(values, present)
     }
 }
 
@@ -377,6 +432,24 @@ pub struct TrainingCheckpoint<'a, T: Float> {
     scaler: Option<&'a GradScaler>,
     step: u64,
     metadata: BTreeMap<String, Value>,
+    /// Half buffers: name, arena identity, layout, values, presence.
+    halves: Vec<(String, u64, &'a [ParamInfo], Values<'a>, &'a [bool])>,
+}
+
+impl<'a> TrainingCheckpoint<'a, f32> {
+    /// Adds a [`HalfBuffer`] of the arena (a mixed-precision step's bf16/f16 parameter copy,
+    /// or half gradients) under `name`: each present parameter is stored in the buffer's own
+    /// dtype, no widening.
+    pub fn half_buffer<H: Storage>(mut self, name: &str, buf: &'a HalfBuffer<H>) -> Self {
+        self.halves.push((
+            name.to_string(),
+            buf.arena_id(),
+            buf.infos(),
+            buf.values(),
+            buf.present(),
+        ));
+        self
+    }
 }
 
 impl<'a, T: Float> TrainingCheckpoint<'a, T> {
@@ -389,6 +462,7 @@ impl<'a, T: Float> TrainingCheckpoint<'a, T> {
             scaler: None,
             step: 0,
             metadata: BTreeMap::new(),
+            halves: Vec::new(),
         }
     }
 
@@ -459,8 +533,38 @@ impl<'a, T: Float> TrainingCheckpoint<'a, T> {
             check_name("scheduler", name, &snames)?;
             snames.push(name);
         }
+        let mut hnames: Vec<&str> = Vec::new();
+        for (name, arena_id, ..) in &self.halves {
+            check_name("half buffer", name, &hnames)?;
+            hnames.push(name);
+            if *arena_id != self.arena.id() {
+                return Err(Error::ArenaMismatch(format!(
+                    "half buffer `{name}` was built for another arena"
+                )));
+            }
+        }
         let mut body = Body::new()?;
         let params = body.push_params(self.arena);
+        let mut half_buffers = Vec::with_capacity(self.halves.len());
+        for (name, _, infos, values, present) in &self.halves {
+            let prefix = half_prefix(name);
+            let mut stored = Vec::new();
+            for (info, &p) in infos.iter().zip(present.iter()) {
+                if p {
+                    body.push(
+                        format!("{prefix}{}", info.name),
+                        info.shape.clone(),
+                        values.slice(info.range()),
+                    );
+                    stored.push(info.name.clone());
+                }
+            }
+            half_buffers.push(HalfEntry {
+                name: name.clone(),
+                dtype: values.dtype().name().to_string(),
+                present: stored,
+            });
+        }
         let mut optimizers = Vec::with_capacity(self.optimizers.len());
         for (name, opt) in &self.optimizers {
             let opt: &'a dyn TrainingOptimizer<T> = *opt;
@@ -500,6 +604,7 @@ impl<'a, T: Float> TrainingCheckpoint<'a, T> {
             scaler: self.scaler.cloned(),
             step: self.step,
             metadata: self.metadata.clone(),
+            half_buffers,
         };
         Ok((meta, body))
     }
@@ -534,12 +639,25 @@ pub struct TrainingRestore<'a, T: Float> {
     optimizers: Vec<(String, &'a mut dyn TrainingOptimizer<T>)>,
     schedulers: Vec<(String, &'a mut dyn LrScheduler)>,
     scaler: Option<&'a mut GradScaler>,
+    halves: Vec<(String, &'a mut dyn HalfTarget)>,
 }
 
 /// Where a training checkpoint's tensors go.
 enum TrainDest {
     Param(std::ops::Range<usize>),
     Optim(usize, usize, String),
+    /// Half buffer number, element range.
+    Half(usize, std::ops::Range<usize>),
+}
+
+impl<'a> TrainingRestore<'a, f32> {
+    /// Restores [`HalfBuffer`] `buf` (of the arena) from the one saved as `name`: its values,
+    /// cast from the saved dtype to `H` as torch casts ([`super::dtype`]), and which
+    /// parameters are present (the others are zeroed and absent).
+    pub fn half_buffer<H: Storage>(mut self, name: &str, buf: &'a mut HalfBuffer<H>) -> Self {
+        self.halves.push((name.to_string(), buf));
+        self
+    }
 }
 
 impl<'a, T: Float> TrainingRestore<'a, T> {
@@ -551,6 +669,7 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             optimizers: Vec::new(),
             schedulers: Vec::new(),
             scaler: None,
+            halves: Vec::new(),
         }
     }
 
@@ -591,6 +710,7 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             mut optimizers,
             mut schedulers,
             scaler,
+            mut halves,
         } = self;
         let RawHeader {
             meta_json,
@@ -600,7 +720,7 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             file_len,
         } = read_raw_header(r, file_len)?;
         let meta = parse_training_meta(&meta_json)?;
-        let dtype = FileDtype::from_name(&meta.dtype)?;
+        FileDtype::from_name(&meta.dtype)?;
         // The model first: the arena must have exactly the saved parameters.
         let mut expected: Expected<TrainDest> = Default::default();
         for (name, shape, range) in plan_params(arena.infos(), &meta.params)? {
@@ -647,6 +767,49 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             s.validate()
                 .map_err(|e| Error::StateDict(format!("GradScaler: {e}")))?;
         }
+        // Half buffers: exactly the saved ones, each of the arena, each stored parameter one of
+        // the arena's (its shape is checked against the tensor table).
+        for (name, h) in &halves {
+            if h.arena_id() != arena.id() {
+                return Err(Error::ArenaMismatch(format!(
+                    "half buffer `{name}` was built for another arena than the one given"
+                )));
+            }
+        }
+        let half_entries = match_names(
+            "half buffer",
+            halves.iter().map(|(n, _)| (n.as_str(), "HalfBuffer")),
+            meta.half_buffers.iter().map(|e| (e.name.as_str(), "HalfBuffer")),
+        )?;
+        let mut half_staged = Vec::with_capacity(halves.len());
+        for (k, (name, h)) in halves.iter().enumerate() {
+            let entry = &meta.half_buffers[half_entries[k]];
+            FileDtype::from_name(&entry.dtype)
+                .map_err(|e| prefix_error(&format!("half buffer `{name}`"), e))?;
+            let mut present = vec![false; h.infos().len()];
+            let prefix = half_prefix(name);
+            for p in &entry.present {
+                let Some(i) = h.infos().iter().position(|i| &i.name == p) else {
+                    return Err(Error::StateDict(format!(
+                        "half buffer `{name}` stores parameter `{p}`, which the arena does not \
+                         have"
+                    )));
+                };
+                if present[i] {
+                    return Err(Error::Checkpoint(format!(
+                        "half buffer `{name}` stores parameter `{p}` twice"
+                    )));
+                }
+                present[i] = true;
+                let info = &h.infos()[i];
+                expected.insert(
+                    format!("{prefix}{p}"),
+                    (info.shape.clone(), Dest::Take(TrainDest::Half(k, info.range()))),
+                );
+            }
+            let len = h.infos().last().map_or(0, |i| i.offset + i.len);
+            half_staged.push((Owned::zeros(h.dtype(), len), present));
+        }
         // Stage every optimizer and plan its tensors.
         let mut staged: Vec<AnyStaged> = Vec::with_capacity(optimizers.len());
         for (k, (name, opt)) in optimizers.iter().enumerate() {
@@ -680,16 +843,16 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             r,
             &tensors,
             expected,
-            dtype,
             data_crc,
             |dest, read| match dest {
-                TrainDest::Param(range) => read(&mut values[range]),
+                TrainDest::Param(range) => read(float_values_mut(&mut values[range])),
                 TrainDest::Optim(k, index, buffer) => read(
                     optimizers[k]
                         .1
                         .staged_slot(&mut staged[k], index, &buffer)
                         .expect("every announced slot exists"),
                 ),
+                TrainDest::Half(k, range) => read(half_staged[k].0.slice_mut(range)),
             },
         )?;
         debug_assert_eq!(header_len + at, file_len);
@@ -721,6 +884,9 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             }
         }
         arena.params_mut().copy_from_slice(&values);
+        for ((_, h), (values, present)) in halves.iter_mut().zip(half_staged) {
+            h.commit(values.values(), present);
+        }
         if let (Some(dst), Some(src)) = (scaler, meta.scaler) {
             *dst = src;
         }
@@ -835,7 +1001,7 @@ pub fn inspect_training_reader<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Re
         ..
     } = read_raw_header(r, file_len)?;
     let meta = parse_training_meta(&meta_json)?;
-    let dtype = FileDtype::from_name(&meta.dtype)?;
+    FileDtype::from_name(&meta.dtype)?;
     let mut expected: Expected<()> = Default::default();
     for p in &meta.params {
         expected.insert(format::param_tensor(&p.name), (p.shape.clone(), Dest::Skip));
@@ -864,11 +1030,30 @@ pub fn inspect_training_reader<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Re
             }
         }
     }
+    for h in &meta.half_buffers {
+        FileDtype::from_name(&h.dtype)?;
+        let prefix = half_prefix(&h.name);
+        for p in &h.present {
+            let shape = meta
+                .params
+                .iter()
+                .find(|i| &i.name == p)
+                .map(|i| i.shape.clone())
+                .ok_or_else(|| {
+                    Error::Checkpoint(format!(
+                        "half buffer `{}` stores parameter `{p}`, which the checkpoint's arena \
+                         does not have",
+                        h.name
+                    ))
+                })?;
+            expected.insert(format!("{prefix}{p}"), (shape, Dest::Skip));
+        }
+    }
     if let Some(s) = &meta.scaler {
         s.validate()
             .map_err(|e| Error::Checkpoint(format!("GradScaler: {e}")))?;
     }
-    stream_data::<f32, R, ()>(r, &tensors, expected, dtype, data_crc, |(), _| Ok(()))?;
+    stream_data::<R, ()>(r, &tensors, expected, data_crc, |(), _| Ok(()))?;
     Ok(TrainingInfo {
         meta,
         tensors,

@@ -12,13 +12,15 @@ use super::load::{bad, check_group_count, check_kind, match_params, saved_config
 use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, ParamState};
 use crate::arena::{filled, AlignedBuf, ParamInfo};
 use crate::buffer::Role;
+use crate::checkpoint::dtype::{cast, float_values, float_values_mut, Values, ValuesMut};
+use crate::mixed::StatePrecision;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::Hyperparams;
 use crate::state::{GroupDict, MatchBy, ParamRef};
 
 /// One parameter's state, borrowed from the optimizer.
-pub(crate) struct StateRef<'a, T> {
+pub(crate) struct StateRef<'a> {
     /// Parameter number across all groups (torch's state-dict key).
     pub index: usize,
     /// Steps taken, for optimizers that count them.
@@ -27,8 +29,8 @@ pub(crate) struct StateRef<'a, T> {
     pub scalars: Vec<(&'static str, f64)>,
     /// Live buffers, by torch's names, with the tensor shape each is saved with: the
     /// parameter's for ordinary buffers, [`Algorithm::aux_shape`] for shaped ones (Adafactor's
-    /// `row_var`, `col_var`, `variance`).
-    pub buffers: Vec<(&'static str, Vec<usize>, &'a [T])>,
+    /// `row_var`, `col_var`, `variance`); bf16 under [`StatePrecision::Bf16`].
+    pub buffers: Vec<(&'static str, Vec<usize>, Values<'a>)>,
 }
 
 /// One parameter's saved state as a checkpoint's metadata describes it (its buffers' values
@@ -51,6 +53,10 @@ pub(crate) struct Staged<T, A: Algorithm> {
     configs: Vec<A::Config>,
     states: Vec<Vec<Option<ParamState<A::Scalars>>>>,
     buffers: Vec<Vec<AlignedBuf<T>>>,
+    /// The same under [`StatePrecision::Bf16`] (then `buffers` has no buffers).
+    half_buffers: Vec<Vec<AlignedBuf<half::bf16>>>,
+    /// The state precision staged for.
+    precision: StatePrecision,
     /// Per group, the staged shaped state ([`Algorithm::aux_buffers`]); empty when the group
     /// has none.
     aux: Vec<AlignedBuf<T>>,
@@ -69,17 +75,21 @@ enum Slot {
 }
 
 impl<T: Float, A: Algorithm> Staged<T, A> {
-    /// The staged destination of buffer `name` of saved parameter `index`, or `None` when the
-    /// metadata did not announce it.
-    pub(crate) fn slot_mut(&mut self, index: usize, name: &str) -> Option<&mut [T]> {
+    /// The staged destination of buffer `name` of saved parameter `index` (bf16 under
+    /// [`StatePrecision::Bf16`]), or `None` when the metadata did not announce it.
+    pub(crate) fn slot_mut(&mut self, index: usize, name: &str) -> Option<ValuesMut<'_>> {
         match self.slots.get(&(index, name.to_string()))?.0.clone() {
-            Slot::Buffer(g, k, r) => Some(&mut self.buffers[g][k][r]),
-            Slot::Aux(g, r) => Some(&mut self.aux[g][r]),
+            Slot::Buffer(g, k, r) if self.precision == StatePrecision::Bf16 => {
+                Some(ValuesMut::Bf16(&mut self.half_buffers[g][k][r]))
+            }
+            Slot::Buffer(g, k, r) => Some(float_values_mut(&mut self.buffers[g][k][r])),
+            Slot::Aux(g, r) => Some(float_values_mut(&mut self.aux[g][r])),
         }
     }
 
     /// Copies saved values into the staged destination of buffer `name` of saved parameter
-    /// `index`, converting to `T` (as torch casts loaded state to the parameter's dtype), after
+    /// `index`, converting to the state's storage (as torch casts loaded state to the
+    /// parameter's dtype; bf16 under [`StatePrecision::Bf16`]), after
     /// checking their number. `layout` is the optimizer's.
     pub(crate) fn fill<U: Float>(
         &mut self,
@@ -104,7 +114,11 @@ impl<T: Float, A: Algorithm> Staged<T, A> {
                         r.len()
                     ));
                 }
-                &mut self.buffers[g][k][r]
+                if self.precision == StatePrecision::Bf16 {
+                    ValuesMut::Bf16(&mut self.half_buffers[g][k][r])
+                } else {
+                    float_values_mut(&mut self.buffers[g][k][r])
+                }
             }
             Slot::Aux(g, r) => {
                 if values.len() != r.len() {
@@ -117,12 +131,12 @@ impl<T: Float, A: Algorithm> Staged<T, A> {
                         r.len()
                     ));
                 }
-                &mut self.aux[g][r]
+                float_values_mut(&mut self.aux[g][r])
             }
         };
-        for (d, s) in dst.iter_mut().zip(values) {
-            *d = T::from_f64(s.to_f64());
-        }
+        // torch's casts: exact widening, round to nearest (even) when narrowing, into bf16
+        // state as `.to(torch.bfloat16)` rounds.
+        cast(float_values(values), dst)?;
         Ok(())
     }
 
@@ -184,7 +198,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// parameter-number order, borrowing the buffers in place.
     pub(crate) fn for_each_state<'a, E>(
         &'a self,
-        mut f: impl FnMut(StateRef<'a, T>) -> std::result::Result<(), E>,
+        mut f: impl FnMut(StateRef<'a>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         let mut number = 0;
         for g in &self.groups {
@@ -195,16 +209,22 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 let Some(st) = g.state[j] else { continue };
                 let info = &self.layout[i];
                 let local = g.locals[j];
-                let mut buffers: Vec<(&'static str, Vec<usize>, &'a [T])> = (0..st.live_buffers
+                let r = local..local + info.len;
+                let mut buffers: Vec<(&'static str, Vec<usize>, Values<'a>)> = (0..st
+                    .live_buffers
                     as usize)
                     .map(|k| {
-                        let values = &g.buffers[k][local..local + info.len];
+                        let values = if g.half_buffers.is_empty() {
+                            float_values(&g.buffers[k][r.clone()])
+                        } else {
+                            Values::Bf16(&g.half_buffers[k][r.clone()])
+                        };
                         (names[k], info.shape.clone(), values)
                     })
                     .collect();
                 let aux = aux_ranges::<A>(&info.shape, g.aux_offsets[j]);
                 for (k, (name, r)) in A::aux_buffers(&info.shape).iter().zip(aux).enumerate() {
-                    buffers.push((name, A::aux_shape(&info.shape, k), &g.aux[r]));
+                    buffers.push((name, A::aux_shape(&info.shape, k), float_values(&g.aux[r])));
                 }
                 let scalars: Vec<(&'static str, f64)> = <A::Scalars as ParamScalars>::NAMES
                     .iter()
@@ -338,13 +358,28 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 (0..A::buffers(config).len()).map(move |k| (gi, k, g.len))
             })
             .collect();
-        let mut made: Vec<AlignedBuf<T>> = lens
-            .par_iter()
-            .map(|&(_, k, len)| AlignedBuf::filled(Role::State(k), len, T::ZERO))
-            .collect();
+        // Under bf16 state the staged buffers are bf16: the values are cast into them as they
+        // are read, so a load never holds a widened copy.
+        let half = self.state_precision == StatePrecision::Bf16;
         let mut buffers: Vec<Vec<AlignedBuf<T>>> = self.groups.iter().map(|_| Vec::new()).collect();
-        for (&(gi, _, _), buf) in lens.iter().zip(made.drain(..)) {
-            buffers[gi].push(buf);
+        let mut half_buffers: Vec<Vec<AlignedBuf<half::bf16>>> =
+            self.groups.iter().map(|_| Vec::new()).collect();
+        if half {
+            let made: Vec<AlignedBuf<half::bf16>> = lens
+                .par_iter()
+                .map(|&(_, k, len)| AlignedBuf::filled(Role::State(k), len, half::bf16::ZERO))
+                .collect();
+            for (&(gi, _, _), buf) in lens.iter().zip(made) {
+                half_buffers[gi].push(buf);
+            }
+        } else {
+            let made: Vec<AlignedBuf<T>> = lens
+                .par_iter()
+                .map(|&(_, k, len)| AlignedBuf::filled(Role::State(k), len, T::ZERO))
+                .collect();
+            for (&(gi, _, _), buf) in lens.iter().zip(made) {
+                buffers[gi].push(buf);
+            }
         }
         // Shaped state, for groups whose parameters have any and get state.
         let aux = self
@@ -365,6 +400,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             configs,
             states,
             buffers,
+            half_buffers,
+            precision: self.state_precision,
             aux,
             slots,
         })
@@ -376,30 +413,39 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             staged.arena_id, self.arena_id,
             "a staged load is committed to the optimizer that staged it"
         );
+        assert_eq!(
+            staged.precision, self.state_precision,
+            "the state precision cannot change between staging and committing a load"
+        );
         let Staged {
             configs,
             states,
             buffers,
+            half_buffers,
             aux,
             ..
         } = staged;
         let mut old = Vec::with_capacity(self.groups.len());
-        for ((((g, config), state), bufs), aux) in self
+        let mut old_half = Vec::new();
+        for (((((g, config), state), bufs), half_bufs), aux) in self
             .groups
             .iter_mut()
             .zip(configs)
             .zip(states)
             .zip(buffers)
+            .zip(half_buffers)
             .zip(aux)
         {
             let g: &mut Group<T, A> = g;
             g.config = config;
             g.state = state;
             old.extend(std::mem::replace(&mut g.buffers, bufs));
+            old_half.extend(std::mem::replace(&mut g.half_buffers, half_bufs));
             // A staged empty aux is reallocated (zeroed) by the next step that needs it.
             old.push(std::mem::replace(&mut g.aux, aux));
         }
         // Returning large buffers to the system is slow too; do it in parallel.
         old.into_par_iter().for_each(drop);
+        old_half.into_par_iter().for_each(drop);
     }
 }

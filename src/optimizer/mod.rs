@@ -400,13 +400,13 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         self.set_hyper(index, "lr", lr)
     }
 
-    /// Errors unless the state buffers are in full precision: `what` (a plain step, a load)
-    /// has no bf16-state version yet.
+    /// Errors unless the state buffers are in full precision: `what` (a plain f32 step) has
+    /// no bf16-state version.
     pub(crate) fn check_full_state(&self, what: &str) -> Result<()> {
         if self.state_precision != StatePrecision::Full {
             return Err(Error::MixedPrecision(format!(
                 "this {} optimizer keeps bf16 state: {what} is not supported with it (step \
-                 with `step_mixed`; save with `state_dict`, which widens the state to f32)",
+                 with `step_mixed`)",
                 A::NAME
             )));
         }

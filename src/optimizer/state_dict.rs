@@ -134,9 +134,11 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// pytorch/pytorch#1489). On any error nothing changes.
     ///
     /// A state saved in the other float type is converted, as torch casts state to the
-    /// parameter's dtype.
+    /// parameter's dtype. Into an optimizer with [`crate::mixed::StatePrecision::Bf16`] state the buffers'
+    /// values are rounded to bf16 as torch's `.to(torch.bfloat16)` rounds them (f64 through
+    /// f32, see [`crate::checkpoint::dtype`]), so the f32 values its own `state_dict` wrote
+    /// load back bit for bit.
     pub fn load_state_dict<U: Float>(&mut self, saved: &StateDict<U>, by: MatchBy) -> Result<()> {
-        self.check_full_state("load_state_dict")?;
         check_header(
             saved.format,
             &saved.optimizer,

@@ -291,7 +291,7 @@ impl Flat {
 /// let mut b = ArenaBuilder::<f64>::new();
 /// let x = b.param("x", &[2], &[-1.2, 1.0])?;
 /// let mut arena = b.build();
-/// let config = LbfgsConfig { line_search_fn: Some("strong_wolfe".into()), ..Default::default() };
+/// let config = LbfgsConfig::default().with_line_search_fn(Some("strong_wolfe".into()));
 /// let mut opt = Lbfgs::new(&arena, [ParamGroup::all()], config)?;
 /// for _ in 0..10 {
 ///     opt.step(&mut arena, |a| {
