@@ -37,6 +37,7 @@ pub mod rmsprop;
 pub mod rprop;
 pub mod sgd;
 pub mod sparse_adam;
+pub mod torch_fused;
 
 use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::float::{Float, Lane};

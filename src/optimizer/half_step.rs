@@ -23,9 +23,11 @@ impl<A: Algorithm> Optimizer<f32, A> {
     /// only needed to build them and the optimizer, and can be dropped afterwards). Only
     /// parameters whose gradient slot is present step.
     ///
-    /// Each element is widened to f32 (exactly), updated by the algorithm's fused op in f32
-    /// (the op of [`Optimizer::step`], in the same order), and stored back in `P` with
-    /// `rounding`:
+    /// Each element is widened to f32 (exactly), updated in f32 in the order of torch's fused
+    /// CPU kernel ([`Algorithm::torch_fused_pass`]: for SGD, Adam, AdamW and Adagrad with the
+    /// multiply-adds torch's compiled kernel fuses, [`crate::kernels::torch_fused`]; for the
+    /// others, which torch has no fused kernel for, the op of [`Optimizer::step`]), and stored
+    /// back in `P` with `rounding`:
     /// - [`ParamRounding::Nearest`] with bf16 parameters, gradients and state
     ///   ([`Optimizer::set_state_precision`]`(`[`StatePrecision::Bf16`]`)`) is torch's
     ///   `fused=True` step on bf16 parameters (`tests/bf16_fused.rs` compares it with torch's
@@ -136,17 +138,17 @@ impl<A: Algorithm> Optimizer<f32, A> {
                 let p = std::slice::from_raw_parts_mut(item.params as *mut P, item.len);
                 match rounding {
                     ParamRounding::Nearest if half_state => {
-                        item.run_stream::<A, _, G, bf16>(Nearest::new(p))
+                        item.run_stream::<A, _, G, bf16>(Nearest::new(p), true)
                     }
-                    ParamRounding::Nearest => item.run_stream::<A, _, G, f32>(Nearest::new(p)),
+                    ParamRounding::Nearest => item.run_stream::<A, _, G, f32>(Nearest::new(p), true),
                     ParamRounding::Stochastic { seed, step } => {
                         // `P` is bf16 (checked by `step_half`), so this is the same slice.
                         let p = std::slice::from_raw_parts_mut(p.as_mut_ptr() as *mut bf16, p.len());
                         let s = Stochastic::new(p, seed, step, at as u64);
                         if half_state {
-                            item.run_stream::<A, _, G, bf16>(s)
+                            item.run_stream::<A, _, G, bf16>(s, true)
                         } else {
-                            item.run_stream::<A, _, G, f32>(s)
+                            item.run_stream::<A, _, G, f32>(s, true)
                         }
                     }
                 }

@@ -17,13 +17,14 @@ use crate::parallel::Exec;
 
 impl<C: Copy> WorkItem<f32, C> {
     /// Runs `A`'s fused kernel on the item as a mixed-precision pass: the parameters through
-    /// `params`, gradients in `G`, state in `M`.
+    /// `params`, gradients in `G`, state in `M`; in the order of torch's fused CPU kernel
+    /// ([`Algorithm::torch_fused_pass`]) when `torch_order`.
     ///
     /// # Safety
     /// As [`WorkItem::run`]; besides, the gradient pointer must point to `len` elements of `G`
     /// and each buffer pointer to `len` elements of `M`, none aliased by any other live
     /// reference or concurrently running item.
-    pub(super) unsafe fn run_stream<A, PS, G, M>(&self, params: PS)
+    pub(super) unsafe fn run_stream<A, PS, G, M>(&self, params: PS, torch_order: bool)
     where
         A: Algorithm<Coeffs = C>,
         PS: ParamStream,
@@ -39,7 +40,11 @@ impl<C: Copy> WorkItem<f32, C> {
         }
         let pass = MixedPass::new(self.args.simd, params, grads, &mut bufs[..self.n_buffers])
             .expect("the plan gives every slice the piece's length");
-        A::fused_pass::<f32, _>(&self.args, pass);
+        if torch_order {
+            A::torch_fused_pass(&self.args, pass);
+        } else {
+            A::fused_pass::<f32, _>(&self.args, pass);
+        }
     }
 
     /// [`WorkItem::run_stream`] with f32 master parameters and their copy in `H` (mode 2).
@@ -54,7 +59,7 @@ impl<C: Copy> WorkItem<f32, C> {
         let copy = unsafe { std::slice::from_raw_parts_mut(self.copy as *mut H, self.len) };
         let params = MasterCopy::new(params, copy).expect("the plan gives the copy the piece's length");
         // SAFETY: as above.
-        unsafe { self.run_stream::<A, _, G, M>(params) }
+        unsafe { self.run_stream::<A, _, G, M>(params, false) }
     }
 }
 

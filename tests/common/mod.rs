@@ -11,6 +11,8 @@ use optarena::{
 };
 use serde_json::Value;
 
+pub mod bf16;
+
 /// SCHEMA.md's splitmix64.
 pub fn splitmix64(x: u64) -> u64 {
     let x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -53,6 +55,11 @@ pub fn decode(b64: &str, dtype: &str) -> Vec<f64> {
         "float64" => bytes
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        // SCHEMA.md's bfloat16 cases: the upper 16 bits of the f32.
+        "bfloat16" => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes(c.try_into().unwrap()) as u32) << 16) as f64)
             .collect(),
         other => panic!("unknown dtype {other}"),
     }
@@ -296,6 +303,9 @@ pub fn run_elementwise_case_in(
     subnormals: Subnormals,
     scaled_abs: bool,
 ) -> Outcome {
+    if case["dtype"].as_str() == Some("bfloat16") {
+        return bf16::replay_case(case, parallelism, subnormals).outcome;
+    }
     macro_rules! dispatch {
         ($($name:literal => $alg:ty),* $(,)?) => {
             match (case["optimizer"].as_str().unwrap(), case["dtype"].as_str().unwrap()) {
