@@ -85,6 +85,14 @@ It writes, in the format of shared/fixtures/SCHEMA.md:
   every ``opt.step()``, and record each step's
   group learning rates (``"lrs"``, the values the step used) and first betas (``"beta1s"``).
 
+* ``bf16.json`` (``--only bf16``): SCHEMA.md's bfloat16 cases, torch's ``fused=True`` CPU
+  kernels on bf16 parameters (parameters, gradients and state in bf16, each step computed in
+  f32): SGD (momentum, nesterov, dampening, weight_decay, maximize), Adam and AdamW (amsgrad,
+  weight_decay, maximize, betas, eps) and Adagrad (lr_decay, initial_accumulator_value, eps,
+  weight_decay, maximize), one and two groups, SHAPES (tails of 5, 1, 3 and 2 elements past
+  the 16-lane body) and longer tensors (1000, 51, 64, 4099 elements). 25 steps, every step
+  recorded.
+
 ``--check DIR`` instead re-runs every case found in the fixture files of DIR (e.g.
 shared/fixtures/sample) from its own description and reports whether torch reproduces the
 stored values bit for bit. The script is deterministic; it takes about two minutes on 2 cores.
@@ -113,7 +121,7 @@ import torch
 torch.set_num_threads(1)
 
 MASK64 = (1 << 64) - 1
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 NP_DTYPES = {"float32": "<f4", "float64": "<f8"}
 IMPL_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
 MAX_FILE_BYTES = 3_000_000
@@ -184,7 +192,20 @@ def b64(arr, dtype):
     return base64.b64encode(np.ascontiguousarray(arr, dtype=NP_DTYPES[dtype]).tobytes()).decode("ascii")
 
 
+def tensor_b64(t, dtype):
+    """A tensor's values as SCHEMA.md stores them: numpy's f32/f64 bytes, or for "bfloat16"
+    the tensor's own 2-byte bf16 values (numpy has no bfloat16)."""
+    t = t.detach().contiguous()
+    if dtype == "bfloat16":
+        return base64.b64encode(t.view(torch.int16).numpy().astype("<i2").tobytes()).decode("ascii")
+    return b64(t.numpy(), dtype)
+
+
 def unb64(s, dtype):
+    if dtype == "bfloat16":
+        # The upper 16 bits of the f32 (SCHEMA.md's bfloat16 cases).
+        bits = np.frombuffer(base64.b64decode(s), dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32)
     return np.frombuffer(base64.b64decode(s), dtype=NP_DTYPES[dtype])
 
 
@@ -243,8 +264,14 @@ def run_elementwise(case, record_steps):
         groups.append({"params": params[i:i + k], **to_torch_kwargs(g["overrides"])})
         i += k
     cls = getattr(torch.optim, case["optimizer"])
-    # Muon has a single-tensor implementation only, and no `foreach` keyword.
-    impl = {} if case["optimizer"] == "Muon" else {"foreach": False}
+    # Muon has a single-tensor implementation only, and no `foreach` keyword; bfloat16 cases
+    # are torch's fused CPU kernels (SCHEMA.md's bfloat16 cases).
+    if case["optimizer"] == "Muon":
+        impl = {}
+    elif case["dtype"] == "bfloat16":
+        impl = {"fused": True}
+    else:
+        impl = {"foreach": False}
     opt = cls(groups, **to_torch_kwargs(case["defaults"]), **impl)
     steps = []
     for t in range(1, max(record_steps) + 1):
@@ -252,7 +279,7 @@ def run_elementwise(case, record_steps):
             p.grad = g
         opt.step()
         if t in record_steps:
-            steps.append({"step": t, "params": [b64(p.detach().numpy(), case["dtype"]) for p in params]})
+            steps.append({"step": t, "params": [tensor_b64(p, case["dtype"]) for p in params]})
     return steps
 
 
@@ -478,6 +505,68 @@ def gen_subnormal(out_dir, meta, summary):
     fname = "elementwise_subnormal.json"
     write(out_dir, fname, text)
     summary.append((fname, len(cases), len(text), "every step of 10"))
+
+
+# --------------------------------------------------------------------------------------
+# bfloat16 (bf16.json): torch's fused CPU kernels on bf16 parameters
+# --------------------------------------------------------------------------------------
+
+# (optimizer, desc, defaults, overrides of a second group or None, shapes). torch has fused CPU
+# kernels for these four. lr is raised in most cases so that updates are larger than half a
+# bf16 unit in the last place of the parameters (2^-9 relative), where they would stall.
+BF16_SHAPES = SHAPES
+BF16_LONG = [[1000], [17, 3], [64], [4099]]
+BF16_CASES = [
+    ("SGD", "default", {}, None, BF16_SHAPES),
+    ("SGD", "lr", {"lr": 0.05}, {"lr": 0.0025, "weight_decay": 0.05}, BF16_SHAPES),
+    ("SGD", "momentum", {"lr": 0.02, "momentum": 0.9}, None, BF16_SHAPES),
+    ("SGD", "nesterov, weight_decay, maximize",
+     {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "maximize": True}, None, BF16_SHAPES),
+    ("SGD", "momentum, dampening, weight_decay, maximize",
+     {"lr": 0.01, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.05, "maximize": True},
+     {"momentum": 0.5, "lr": 0.03}, BF16_SHAPES),
+    ("SGD", "nesterov, long", {"lr": 0.05, "momentum": 0.5, "nesterov": True}, None, BF16_LONG),
+    ("Adam", "default", {}, None, BF16_SHAPES),
+    ("Adam", "lr", {"lr": 0.02}, {"lr": 0.005, "betas": [0.8, 0.99]}, BF16_SHAPES),
+    ("Adam", "amsgrad", {"lr": 0.01, "amsgrad": True}, None, BF16_SHAPES),
+    ("Adam", "weight_decay", {"lr": 0.01, "weight_decay": 0.1}, None, BF16_SHAPES),
+    ("Adam", "amsgrad, maximize, weight_decay",
+     {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "maximize": True}, None, BF16_SHAPES),
+    ("Adam", "betas, eps", {"lr": 0.02, "betas": [0.5, 0.9], "eps": 0.001}, None, BF16_SHAPES),
+    ("Adam", "long", {"lr": 0.01}, None, BF16_LONG),
+    ("AdamW", "default", {}, None, BF16_SHAPES),
+    ("AdamW", "lr, weight_decay", {"lr": 0.02, "weight_decay": 0.2}, {"lr": 0.005, "weight_decay": 0.0}, BF16_SHAPES),
+    ("AdamW", "amsgrad", {"lr": 0.01, "amsgrad": True}, None, BF16_SHAPES),
+    ("AdamW", "amsgrad, maximize", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "maximize": True},
+     None, BF16_SHAPES),
+    ("AdamW", "betas, eps", {"lr": 0.02, "betas": [0.5, 0.9], "eps": 0.001}, None, BF16_SHAPES),
+    ("AdamW", "long", {"lr": 0.01, "weight_decay": 0.1}, None, BF16_LONG),
+    ("Adagrad", "default", {}, None, BF16_SHAPES),
+    ("Adagrad", "lr", {"lr": 0.1}, {"lr": 0.02}, BF16_SHAPES),
+    ("Adagrad", "lr_decay, initial_accumulator_value, eps",
+     {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.5, "eps": 1e-06}, None, BF16_SHAPES),
+    ("Adagrad", "lr_decay, maximize, weight_decay",
+     {"lr": 0.05, "lr_decay": 0.2, "weight_decay": 0.05, "maximize": True}, None, BF16_SHAPES),
+    ("Adagrad", "long", {"lr": 0.05}, None, BF16_LONG),
+]
+
+
+def gen_bf16(out_dir, meta, summary):
+    """bf16.json: SCHEMA.md's bfloat16 cases, torch's fused=True step on bf16 parameters."""
+    cases = []
+    for opt, desc, defaults, g2, shapes in BF16_CASES:
+        if g2 is None:
+            groups = [{"overrides": {}, "shapes": shapes}]
+        else:
+            groups = [{"overrides": {}, "shapes": shapes[:3]}, {"overrides": g2, "shapes": shapes[3:]}]
+        name = f"{opt}/bf16/{desc}/groups{len(groups)}"
+        case = {"name": name, "optimizer": opt, "dtype": "bfloat16", "defaults": dict(defaults),
+                "groups": groups, "seed": SEEDS(name)}
+        case["steps"] = run_elementwise(case, list(range(1, N_STEPS + 1)))
+        cases.append(case)
+    text = json.dumps({"meta": meta, "cases": cases})
+    write(out_dir, "bf16.json", text)
+    summary.append(("bf16.json", len(cases), len(text), "every step of 25"))
 
 
 # --------------------------------------------------------------------------------------
@@ -1184,9 +1273,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output directory")
     ap.add_argument("--check", metavar="DIR", help="re-run the cases of the fixture files in DIR")
-    ap.add_argument("--only", choices=["subnormal", "muon", "swalr", "averaged", "sparse_adam"],
+    ap.add_argument("--only", choices=["subnormal", "muon", "swalr", "averaged", "sparse_adam", "bf16"],
                     help="write only this file (elementwise_subnormal.json, muon.json, "
-                         "swalr.json, averaged.json, sparse_adam.json)")
+                         "swalr.json, averaged.json, sparse_adam.json, bf16.json)")
     args = ap.parse_args()
     check_hashed()
     if args.check:
@@ -1212,6 +1301,8 @@ def main():
         gen_averaged(args.out, meta, summary)
     if args.only in (None, "sparse_adam"):
         gen_sparse_adam(args.out, meta, summary)
+    if args.only in (None, "bf16"):
+        gen_bf16(args.out, meta, summary)
 
     print(f"torch {torch.__version__}; wrote {args.out} in {time.time() - t0:.1f} s")
     for fname, n, size, extra in summary:

@@ -76,8 +76,8 @@ pub trait Float:
     /// The machine epsilon, `torch.finfo(dtype).eps`: the gap between 1 and the next value.
     const EPSILON: Self;
     /// `self * a + b` with one rounding (a fused multiply-add), as C's `fma`. Only for
-    /// emulating torch reductions whose scalar loops the C++ compiler contracts; the [`Lane`]
-    /// kernels never use it.
+    /// emulating torch reductions whose scalar loops the C++ compiler contracts; the f32/f64
+    /// kernels never use it (the lanes' [`Lane::fma`] serves the torch-order bf16 kernels).
     fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
@@ -144,8 +144,9 @@ impl Float for f64 {
 /// Implemented for `f32`, `f64`, `wide::f32x8` and `wide::f64x4`, and inside the crate for
 /// the AVX2 and AVX-512 vectors of [`crate::arch`] (which no code outside the crate can name).
 /// Every operation rounds
-/// exactly as IEEE 754 says (no fused multiply-add, no approximate reciprocals), so a kernel
-/// gives bitwise the same result in its SIMD body and its scalar tail.
+/// exactly as IEEE 754 says (no approximate reciprocals; a multiply-add fuses only through
+/// [`Lane::fma`], which rounds once everywhere), so a kernel gives bitwise the same result in
+/// its SIMD body and its scalar tail.
 pub trait Lane:
     Copy
     + Add<Output = Self>
@@ -179,6 +180,12 @@ pub trait Lane:
     /// Per lane: `if self == other { a } else { b }` (IEEE equality: NaN equals nothing,
     /// `-0.0 == 0.0`).
     fn eq_select(self, other: Self, a: Self, b: Self) -> Self;
+    /// `self * a + b` rounded once (IEEE 754 fusedMultiplyAdd), the same bits at every level:
+    /// the FMA instructions under AVX2 and AVX-512, the correctly rounded `mul_add` of the
+    /// standard library (a software `fma` where the build has no FMA) on the portable lanes.
+    /// Only the kernels that reproduce torch's fused bf16 step use it, where torch's compiled
+    /// kernel fuses (see [`crate::mixed`]).
+    fn fma(self, a: Self, b: Self) -> Self;
 }
 
 macro_rules! scalar_lane {
@@ -250,6 +257,10 @@ macro_rules! scalar_lane {
                     b
                 }
             }
+            #[inline(always)]
+            fn fma(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
         }
     };
 }
@@ -304,6 +315,13 @@ macro_rules! vector_lane {
             #[inline(always)]
             fn eq_select(self, other: Self, a: Self, b: Self) -> Self {
                 self.simd_eq(other).select(a, b)
+            }
+            #[inline(always)]
+            fn fma(self, a: Self, b: Self) -> Self {
+                // Per lane with the standard library's correctly rounded `mul_add`: wide's
+                // rounds twice unless the build enables FMA.
+                let (x, y, z) = (self.to_array(), a.to_array(), b.to_array());
+                <$v>::new(std::array::from_fn(|i| x[i].mul_add(y[i], z[i])))
             }
         }
     };

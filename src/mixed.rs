@@ -53,6 +53,10 @@ use crate::float::Lane;
 use crate::kernels::{buffer_array, mixed_lane_loop, ElementOp, Pass};
 use crate::subnormals::Subnormals;
 
+mod params;
+pub(crate) use params::{MasterCopy, Nearest, ParamStream, Stochastic};
+pub use params::{bf16_stochastic_round, stochastic_bits, ParamRounding};
+
 /// bf16 bits of `x`, rounded to nearest with ties to even: torch's
 /// `c10::detail::round_to_nearest_even` (NaN becomes `0x7FC0`). Equals
 /// `half::bf16::from_f32(x).to_bits()` for every non-NaN `x`.
@@ -141,7 +145,7 @@ where
 }
 
 #[inline(always)]
-fn bits_mut<H>(s: &mut [H]) -> &mut [u16]
+pub(crate) fn bits_mut<H>(s: &mut [H]) -> &mut [u16]
 where
     [H]: HalfFloatSliceExt,
 {
@@ -408,6 +412,12 @@ impl<H: Storage> HalfBuffer<H> {
         &mut self.data
     }
 
+    /// Every element, in arena order, to write, leaving the presence flags as they are (the
+    /// parameters of a half step).
+    pub(crate) fn values_mut(&mut self) -> &mut [H] {
+        &mut self.data
+    }
+
     /// The per-parameter presence flags, in arena order.
     pub fn present(&self) -> &[bool] {
         &self.present
@@ -493,32 +503,29 @@ impl<H: Storage> HalfBuffer<H> {
     }
 }
 
-/// A mixed-precision step's piece: f32 parameters, gradients in `G`, state in `M`, and the
-/// parameter copy in `H`, streamed in one pass by [`Pass::run`] on f32 lanes up to `simd`.
-pub struct MixedPass<'a, 'b, G, M, H> {
+/// A mixed-precision step's piece: parameters through `PS` (f32 master weights with a rounded
+/// copy, or half-precision parameters: [`ParamStream`]), gradients in `G` and state in `M`,
+/// streamed in one pass by [`Pass::run`] on f32 lanes up to `simd`.
+pub(crate) struct MixedPass<'a, 'b, PS, G, M> {
     simd: SimdLevel,
-    params: &'a mut [f32],
+    params: PS,
     grads: &'a [G],
     bufs: &'a mut [&'b mut [M]],
-    copy: &'a mut [H],
 }
 
-impl<'a, 'b, G: Storage, M: Storage, H: Storage> MixedPass<'a, 'b, G, M, H> {
+impl<'a, 'b, PS: ParamStream, G: Storage, M: Storage> MixedPass<'a, 'b, PS, G, M> {
     /// The piece; every slice must be as long as `params`.
-    pub fn new(
+    pub(crate) fn new(
         simd: SimdLevel,
-        params: &'a mut [f32],
+        params: PS,
         grads: &'a [G],
         bufs: &'a mut [&'b mut [M]],
-        copy: &'a mut [H],
     ) -> Result<Self> {
         let n = params.len();
-        if grads.len() != n || copy.len() != n || bufs.iter().any(|b| b.len() != n) {
+        if grads.len() != n || bufs.iter().any(|b| b.len() != n) {
             return Err(Error::MixedPrecision(format!(
-                "a pass over {n} parameters got gradients of {}, a copy of {} and buffers of \
-                 {:?} elements",
+                "a pass over {n} parameters got gradients of {} and buffers of {:?} elements",
                 grads.len(),
-                copy.len(),
                 bufs.iter().map(|b| b.len()).collect::<Vec<_>>()
             )));
         }
@@ -527,38 +534,29 @@ impl<'a, 'b, G: Storage, M: Storage, H: Storage> MixedPass<'a, 'b, G, M, H> {
             params,
             grads,
             bufs,
-            copy,
         })
     }
 }
 
 /// [`mixed_lane_loop`] as a kernel object.
-struct MixedKernel<'a, 'o, G, M, H, const B: usize, O> {
+struct MixedKernel<'a, 'o, PS, G, M, const B: usize, O> {
     op: &'o O,
-    params: &'a mut [f32],
+    params: PS,
     grads: &'a [G],
     state: [&'a mut [M]; B],
-    copy: &'a mut [H],
 }
 
-impl<G: Storage, M: Storage, H: Storage, const B: usize, O: ElementOp<f32, B>> WithSimd
-    for MixedKernel<'_, '_, G, M, H, B, O>
+impl<PS: ParamStream, G: Storage, M: Storage, const B: usize, O: ElementOp<f32, B>> WithSimd
+    for MixedKernel<'_, '_, PS, G, M, B, O>
 {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        mixed_lane_loop::<S, G, M, H, B, O>(
-            simd,
-            self.op,
-            self.params,
-            self.grads,
-            self.state,
-            self.copy,
-        )
+        mixed_lane_loop::<S, PS, G, M, B, O>(simd, self.op, self.params, self.grads, self.state)
     }
 }
 
-impl<G: Storage, M: Storage, H: Storage> Pass<f32> for MixedPass<'_, '_, G, M, H> {
+impl<PS: ParamStream, G: Storage, M: Storage> Pass<f32> for MixedPass<'_, '_, PS, G, M> {
     fn buffers(&self) -> usize {
         self.bufs.len()
     }
@@ -569,7 +567,6 @@ impl<G: Storage, M: Storage, H: Storage> Pass<f32> for MixedPass<'_, '_, G, M, H
             params: self.params,
             grads: self.grads,
             state: buffer_array(self.bufs),
-            copy: self.copy,
         })
     }
 }

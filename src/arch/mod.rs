@@ -12,7 +12,8 @@
 //! module never names an algorithm.
 //!
 //! - A *token* (`Simd` implementor) is the proof that the CPU has an instruction set:
-//!   `x86_64::Avx2::new()` (AVX2 + F16C), `x86_64::Avx512::new()` (AVX-512F + AVX2 + F16C)
+//!   `x86_64::Avx2::new()` (AVX2 + F16C + FMA), `x86_64::Avx512::new()` (AVX-512F + AVX2 +
+//!   F16C + FMA)
 //!   and `x86_64::Avx512Bf16::new()` (those + AVX-512 BF16) return `None` unless run-time
 //!   detection finds the features, and the only other way to get one is an `unsafe fn
 //!   new_unchecked` whose caller promises it. (memchr's `arch/x86_64/avx2` searchers and
@@ -52,7 +53,8 @@
 //! ```
 //!
 //! # Results do not depend on the instruction set
-//! No kernel uses fused multiply-add or approximate reciprocals: each lane performs the same
+//! No kernel uses fused multiply-add (except the ones reproducing torch's fused bf16 step, with
+//! [`crate::Lane::fma`], which rounds once at every level) or approximate reciprocals: each lane performs the same
 //! correctly rounded IEEE operations, in the same order, as the scalar reference kernel. So
 //! SSE2, AVX2 and AVX-512 (and NEON builds of `wide`) give bitwise the same parameters and
 //! state, and the same as the reference; `tests/kernels.rs` checks this for every level this

@@ -46,39 +46,13 @@ macro_rules! avx {
 pub(crate) struct Avx2(());
 
 impl Avx2 {
-    /// The token, if the CPU has AVX2 and F16C (every AVX2 CPU made has F16C; the
-    /// mixed-precision passes use it for f16).
+    /// The token, if the CPU has AVX2, F16C and FMA (every AVX2 CPU made has both; the
+    /// mixed-precision passes use F16C for f16, and the torch-order bf16 kernels FMA).
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
-            // SAFETY: just checked.
-            Some(unsafe { Self::new_unchecked() })
-        } else {
-            None
-        }
-    }
-
-    /// The token, unchecked.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and F16C.
-    #[inline(always)]
-    pub(crate) unsafe fn new_unchecked() -> Self {
-        Avx2(())
-    }
-}
-
-/// Proof that the CPU has AVX-512F (and AVX2, F16C).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx512(());
-
-impl Avx512 {
-    /// The token, if the CPU has AVX-512F, AVX2 and F16C.
-    #[inline(always)]
-    pub(crate) fn new() -> Option<Self> {
-        if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx2")
+        if is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("fma")
         {
             // SAFETY: just checked.
             Some(unsafe { Self::new_unchecked() })
@@ -90,7 +64,37 @@ impl Avx512 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F, AVX2 and F16C.
+    /// The CPU must support AVX2, F16C and FMA.
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        Avx2(())
+    }
+}
+
+/// Proof that the CPU has AVX-512F (and AVX2, F16C).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx512(());
+
+impl Avx512 {
+    /// The token, if the CPU has AVX-512F, AVX2, F16C and FMA.
+    #[inline(always)]
+    pub(crate) fn new() -> Option<Self> {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("fma")
+        {
+            // SAFETY: just checked.
+            Some(unsafe { Self::new_unchecked() })
+        } else {
+            None
+        }
+    }
+
+    /// The token, unchecked.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX2, F16C and FMA.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx512(())
@@ -103,7 +107,7 @@ impl Avx512 {
 pub(crate) struct Avx512Bf16(());
 
 impl Avx512Bf16 {
-    /// The token, if the CPU has AVX-512F, AVX-512 BF16, AVX2 and F16C.
+    /// The token, if the CPU has AVX-512F, AVX-512 BF16, AVX2, F16C and FMA.
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
         if Avx512::new().is_some() && is_x86_feature_detected!("avx512bf16") {
@@ -117,7 +121,7 @@ impl Avx512Bf16 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F, AVX-512 BF16, AVX2 and F16C.
+    /// The CPU must support AVX-512F, AVX-512 BF16, AVX2, F16C and FMA.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx512Bf16(())
@@ -232,11 +236,12 @@ impl Simd for Avx2 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,f16c")]
+        #[target_feature(enable = "avx2,f16c,fma")]
         fn imp<K: WithSimd>(simd: Avx2, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
-        // SAFETY: `self` is an `Avx2` token, which exists only if the CPU has AVX2 and F16C.
+        // SAFETY: `self` is an `Avx2` token, which exists only if the CPU has AVX2, F16C and
+        // FMA.
         unsafe { imp(self, kernel) }
     }
     avx2_half!();
@@ -249,12 +254,12 @@ impl Simd for Avx512 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,f16c,avx512f")]
+        #[target_feature(enable = "avx2,f16c,fma,avx512f")]
         fn imp<K: WithSimd>(simd: Avx512, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
         // SAFETY: `self` is an `Avx512` token, which exists only if the CPU has AVX-512F,
-        // AVX2 and F16C.
+        // AVX2, F16C and FMA.
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
@@ -274,12 +279,12 @@ impl Simd for Avx512Bf16 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,f16c,avx512f,avx512bf16")]
+        #[target_feature(enable = "avx2,f16c,fma,avx512f,avx512bf16")]
         fn imp<K: WithSimd>(simd: Avx512Bf16, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
         // SAFETY: `self` is an `Avx512Bf16` token, which exists only if the CPU has
-        // AVX-512F, AVX-512 BF16, AVX2 and F16C.
+        // AVX-512F, AVX-512 BF16, AVX2, F16C and FMA.
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
@@ -367,7 +372,8 @@ macro_rules! avx_lane {
         set1 = $set1:ident, loadu = $loadu:ident, storeu = $storeu:ident,
         add = $add:ident, sub = $sub:ident, mul = $mul:ident, div = $div:ident,
         sqrt = $sqrt:ident, xor = $xor:ident, andnot = $andnot:ident,
-        max = $max:ident, min = $min:ident, cmp = $cmp:ident, blendv = $blendv:ident
+        max = $max:ident, min = $min:ident, cmp = $cmp:ident, blendv = $blendv:ident,
+        fmadd = $fmadd:ident
     ) => {
         ops!($name, add = $add, sub = $sub, mul = $mul, div = $div);
         impl Neg for $name {
@@ -428,6 +434,11 @@ macro_rules! avx_lane {
             fn eq_select(self, o: Self, a: Self, b: Self) -> Self {
                 $name(avx!($blendv(b.0, a.0, $cmp::<_CMP_EQ_OQ>(self.0, o.0))))
             }
+            #[inline(always)]
+            fn fma(self, a: Self, b: Self) -> Self {
+                // FMA: every token that reaches these lanes checked the CPU for it.
+                $name(avx!($fmadd(self.0, a.0, b.0)))
+            }
         }
     };
 }
@@ -450,7 +461,8 @@ avx_lane!(
     max = _mm256_max_ps,
     min = _mm256_min_ps,
     cmp = _mm256_cmp_ps,
-    blendv = _mm256_blendv_ps
+    blendv = _mm256_blendv_ps,
+    fmadd = _mm256_fmadd_ps
 );
 avx_lane!(
     F64x4,
@@ -470,7 +482,8 @@ avx_lane!(
     max = _mm256_max_pd,
     min = _mm256_min_pd,
     cmp = _mm256_cmp_pd,
-    blendv = _mm256_blendv_pd
+    blendv = _mm256_blendv_pd,
+    fmadd = _mm256_fmadd_pd
 );
 
 /// AVX-512F lanes: comparisons give a bit mask, selects are mask blends
@@ -482,7 +495,8 @@ macro_rules! avx512_lane {
         add = $add:ident, sub = $sub:ident, mul = $mul:ident, div = $div:ident,
         sqrt = $sqrt:ident, abs = $abs:ident, xor = $xor:ident,
         to_int = $to_int:ident, from_int = $from_int:ident,
-        max = $max:ident, min = $min:ident, cmp = $cmp:ident, blend = $blend:ident
+        max = $max:ident, min = $min:ident, cmp = $cmp:ident, blend = $blend:ident,
+        fmadd = $fmadd:ident
     ) => {
         ops!($name, add = $add, sub = $sub, mul = $mul, div = $div);
         impl Neg for $name {
@@ -547,6 +561,10 @@ macro_rules! avx512_lane {
             fn eq_select(self, o: Self, a: Self, b: Self) -> Self {
                 $name(avx!($blend($cmp::<_CMP_EQ_OQ>(self.0, o.0), b.0, a.0)))
             }
+            #[inline(always)]
+            fn fma(self, a: Self, b: Self) -> Self {
+                $name(avx!($fmadd(self.0, a.0, b.0)))
+            }
         }
     };
 }
@@ -570,7 +588,8 @@ avx512_lane!(
     max = _mm512_max_ps,
     min = _mm512_min_ps,
     cmp = _mm512_cmp_ps_mask,
-    blend = _mm512_mask_blend_ps
+    blend = _mm512_mask_blend_ps,
+    fmadd = _mm512_fmadd_ps
 );
 avx512_lane!(
     F64x8,
@@ -591,5 +610,6 @@ avx512_lane!(
     max = _mm512_max_pd,
     min = _mm512_min_pd,
     cmp = _mm512_cmp_pd_mask,
-    blend = _mm512_mask_blend_pd
+    blend = _mm512_mask_blend_pd,
+    fmadd = _mm512_fmadd_pd
 );

@@ -37,10 +37,11 @@ pub mod rmsprop;
 pub mod rprop;
 pub mod sgd;
 pub mod sparse_adam;
+pub mod torch_fused;
 
 use crate::arch::{Simd, SimdLevel, WithSimd};
 use crate::float::{Float, Lane};
-use crate::mixed::Storage;
+use crate::mixed::{ParamStream, Storage};
 
 /// The per-element update of a fused kernel with `B` state buffers.
 pub trait ElementOp<T: Float, const B: usize> {
@@ -210,37 +211,35 @@ impl<T: Float> Pass<T> for Slices<'_, '_, T> {
     }
 }
 
-/// The mixed-precision fused loop: `op` on f32 lanes of `S`, with gradients read from `G`
-/// storage, state buffers held in `M` storage (widened on load, rounded on store), and every
-/// updated parameter also stored, rounded, to `copy` in `H` storage, all in the one pass.
-/// With `G = M = f32` and the copy ignored it computes exactly what [`lane_loop`] computes on
-/// the widened gradients: the same op on the same lanes, so the same bits.
+/// The mixed-precision fused loop: `op` on f32 lanes of `S`, with the parameters read and
+/// written through `params` (f32 master weights plus a rounded copy, or half-precision
+/// parameters rounded to nearest or stochastically: [`crate::mixed`]'s [`ParamStream`]s),
+/// gradients read from `G` storage and state buffers held in `M` storage (widened on load,
+/// rounded on store), all in the one pass. With f32 parameters and `G = M = f32` it computes
+/// exactly what [`lane_loop`] computes on the widened gradients: the same op on the same
+/// lanes, so the same bits.
 ///
 /// # Panics
 /// If the slices differ in length (the step driver never passes such slices).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
+pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
     simd: S,
     op: &O,
-    params: &mut [f32],
+    mut params: PS,
     grads: &[G],
     state: [&mut [M]; B],
-    copy: &mut [H],
 ) where
     S: Simd,
+    PS: ParamStream,
     G: Storage,
     M: Storage,
-    H: Storage,
     O: ElementOp<f32, B>,
 {
     let n = params.len();
-    assert!(grads.len() == n && copy.len() == n && state.iter().all(|s| s.len() == n));
+    assert!(grads.len() == n && state.iter().all(|s| s.len() == n));
     let w = <S::F32 as Lane>::WIDTH;
     let body = n - n % w;
-    let (p_body, p_tail) = params.split_at_mut(body);
     let (g_body, g_tail) = grads.split_at(body);
-    let (c_body, c_tail) = copy.split_at_mut(body);
     let parts = state.map(|s| s.split_at_mut(body));
     let mut i = 0;
     // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one).
@@ -248,19 +247,18 @@ pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
     while w <= body - i {
         #[cfg(target_arch = "x86_64")]
         if AHEAD < body - i {
+            params.prefetch(i + AHEAD);
             // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i + AHEAD < body`,
             // so every address is inside its slice (`add` stays in bounds).
             unsafe {
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(p_body.as_ptr().add(i + AHEAD) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(i + AHEAD) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(c_body.as_ptr().add(i + AHEAD) as *const i8);
                 for part in &parts {
                     _mm_prefetch::<_MM_HINT_T0>(part.0.as_ptr().add(i + AHEAD) as *const i8);
                 }
             }
         }
-        let p = <S::F32 as Lane>::load(&p_body[i..i + w]);
+        let p = params.load(simd, i);
         let g = G::load(simd, &g_body[i..i + w]);
         // A plain loop, not `array::from_fn`: a closure is compiled without the token's target
         // features, so the conversion intrinsics inside it were not inlined (measured: bf16
@@ -270,17 +268,16 @@ pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
             *v = M::load(simd, &parts[k].0[i..i + w]);
         }
         let p = op.apply(p, g, &mut s);
-        p.store(&mut p_body[i..i + w]);
-        H::store(simd, p, &mut c_body[i..i + w]);
+        params.store(simd, i, p);
         for (k, v) in s.iter().enumerate() {
             M::store(simd, *v, &mut parts[k].0[i..i + w]);
         }
         i += w;
     }
-    for (j, ((p, g), c)) in p_tail.iter_mut().zip(g_tail).zip(c_tail).enumerate() {
+    for (j, g) in g_tail.iter().enumerate() {
         let mut s: [f32; B] = std::array::from_fn(|k| parts[k].1[j].to_f32());
-        *p = op.apply(*p, g.to_f32(), &mut s);
-        *c = H::from_f32(*p);
+        let p = op.apply(params.load_one(body + j), g.to_f32(), &mut s);
+        params.store_one(body + j, p);
         for (k, v) in s.iter().enumerate() {
             parts[k].1[j] = M::from_f32(*v);
         }

@@ -106,6 +106,10 @@ impl Algorithm for AdagradAlgorithm {
         kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
+    fn torch_fused_pass<P: Pass<f32>>(a: &KernelArgs<AdagradCoeffs>, pass: P) {
+        crate::kernels::torch_fused::adagrad(&a.coeffs, a.grad_scale, pass)
+    }
+
     fn reference<T: Float>(
         a: &KernelArgs<AdagradCoeffs>,
         p: &mut [T],

@@ -140,6 +140,10 @@ impl Algorithm for AdamAlgorithm {
         kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
+    fn torch_fused_pass<P: Pass<f32>>(a: &KernelArgs<AdamCoeffs>, pass: P) {
+        crate::kernels::torch_fused::adam(&a.coeffs, a.grad_scale, pass)
+    }
+
     fn reference<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::reference(&a.coeffs, a.grad_scale, p, g, b)
     }
@@ -175,6 +179,10 @@ impl Algorithm for AdamWAlgorithm {
 
     fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<AdamCoeffs>, pass: P) {
         kernel::run(&a.coeffs, a.grad_scale, pass)
+    }
+
+    fn torch_fused_pass<P: Pass<f32>>(a: &KernelArgs<AdamCoeffs>, pass: P) {
+        crate::kernels::torch_fused::adam(&a.coeffs, a.grad_scale, pass)
     }
 
     fn reference<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {

@@ -101,6 +101,10 @@ impl Algorithm for SgdAlgorithm {
         kernel::run(&a.coeffs, a.fresh, a.grad_scale, pass)
     }
 
+    fn torch_fused_pass<P: Pass<f32>>(a: &KernelArgs<SgdCoeffs>, pass: P) {
+        crate::kernels::torch_fused::sgd(&a.coeffs, a.fresh, a.grad_scale, pass)
+    }
+
     fn reference<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::reference(&a.coeffs, a.fresh, a.grad_scale, p, g, b)
     }

@@ -119,6 +119,15 @@ pub trait Algorithm: Send + Sync + 'static {
         unreachable!("{} has no mixed-precision kernel", Self::NAME)
     }
 
+    /// The fused update over f32 lanes in the order of torch's compiled fused CPU kernel
+    /// (`fused=True`), where that differs from [`Algorithm::fused_pass`]: SGD, Adam, AdamW
+    /// and Adagrad, whose ATen kernels fuse multiply-adds ([`crate::kernels::torch_fused`]).
+    /// [`Optimizer::step_half`] steps half-precision parameters with it, as torch steps bf16
+    /// parameters. The default is [`Algorithm::fused_pass`].
+    fn torch_fused_pass<P: Pass<f32>>(args: &KernelArgs<Self::Coeffs>, pass: P) {
+        Self::fused_pass::<f32, P>(args, pass)
+    }
+
     /// The scalar reference: the same update written as torch's sequence of tensor operations,
     /// one pass per operation. The oracle the fused kernel is tested against.
     fn reference<T: Float>(

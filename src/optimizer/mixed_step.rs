@@ -12,38 +12,54 @@ use crate::arena::{Arena, Param};
 use crate::clip::partial_half;
 use crate::error::{Error, Result};
 use crate::hyper::Hyperparams;
-use crate::mixed::{HalfBuffer, MixedPass, StatePrecision, Storage};
+use crate::mixed::{HalfBuffer, MasterCopy, MixedPass, ParamStream, StatePrecision, Storage};
 use crate::parallel::Exec;
 
 impl<C: Copy> WorkItem<f32, C> {
-    /// Runs `A`'s fused kernel on the item as a mixed-precision pass: gradients in `G`, state
-    /// in `M`, the parameter copy in `H`.
+    /// Runs `A`'s fused kernel on the item as a mixed-precision pass: the parameters through
+    /// `params`, gradients in `G`, state in `M`; in the order of torch's fused CPU kernel
+    /// ([`Algorithm::torch_fused_pass`]) when `torch_order`.
     ///
     /// # Safety
-    /// As [`WorkItem::run`]; besides, the gradient pointer must point to `len` elements of `G`,
-    /// each buffer pointer to `len` elements of `M`, and the copy pointer to `len` elements of
-    /// `H`, none aliased by any other live reference or concurrently running item.
-    unsafe fn run_mixed<A: Algorithm<Coeffs = C>, G: Storage, M: Storage, H: Storage>(&self) {
-        // SAFETY: guaranteed by the caller (see above).
-        let params = unsafe { std::slice::from_raw_parts_mut(self.params, self.len) };
-        // SAFETY: as above; gradients are only read.
+    /// As [`WorkItem::run`]; besides, the gradient pointer must point to `len` elements of `G`
+    /// and each buffer pointer to `len` elements of `M`, none aliased by any other live
+    /// reference or concurrently running item.
+    pub(super) unsafe fn run_stream<A, PS, G, M>(&self, params: PS, torch_order: bool)
+    where
+        A: Algorithm<Coeffs = C>,
+        PS: ParamStream,
+        G: Storage,
+        M: Storage,
+    {
+        // SAFETY: guaranteed by the caller (see above); gradients are only read.
         let grads = unsafe { std::slice::from_raw_parts(self.grads as *const G, self.len) };
         let mut bufs: [&mut [M]; MAX_BUFFERS] = Default::default();
         for (slot, &ptr) in bufs.iter_mut().zip(&self.buffers[..self.n_buffers]) {
             // SAFETY: as above; each buffer pointer covers `len` elements of `M`.
             *slot = unsafe { std::slice::from_raw_parts_mut(ptr as *mut M, self.len) };
         }
+        let pass = MixedPass::new(self.args.simd, params, grads, &mut bufs[..self.n_buffers])
+            .expect("the plan gives every slice the piece's length");
+        if torch_order {
+            A::torch_fused_pass(&self.args, pass);
+        } else {
+            A::fused_pass::<f32, _>(&self.args, pass);
+        }
+    }
+
+    /// [`WorkItem::run_stream`] with f32 master parameters and their copy in `H` (mode 2).
+    ///
+    /// # Safety
+    /// As [`WorkItem::run_stream`]; besides, the parameter pointer must point to `len` f32s
+    /// and the copy pointer to `len` elements of `H`, not aliased either.
+    unsafe fn run_mixed<A: Algorithm<Coeffs = C>, G: Storage, M: Storage, H: Storage>(&self) {
+        // SAFETY: guaranteed by the caller (see above).
+        let params = unsafe { std::slice::from_raw_parts_mut(self.params as *mut f32, self.len) };
         // SAFETY: as above.
         let copy = unsafe { std::slice::from_raw_parts_mut(self.copy as *mut H, self.len) };
-        let pass = MixedPass::new(
-            self.args.simd,
-            params,
-            grads,
-            &mut bufs[..self.n_buffers],
-            copy,
-        )
-        .expect("the plan gives every slice the piece's length");
-        A::fused_pass::<f32, _>(&self.args, pass);
+        let params = MasterCopy::new(params, copy).expect("the plan gives the copy the piece's length");
+        // SAFETY: as above.
+        unsafe { self.run_stream::<A, _, G, M>(params, false) }
     }
 }
 
@@ -173,7 +189,7 @@ impl<A: Algorithm> Optimizer<f32, A> {
     }
 
     /// True when a present half gradient of any group's parameter is NaN or infinite.
-    fn half_grads_non_finite<G: Storage>(&self, grads: &HalfBuffer<G>) -> bool {
+    pub(super) fn half_grads_non_finite<G: Storage>(&self, grads: &HalfBuffer<G>) -> bool {
         let present = grads.present();
         let values = grads.as_slice();
         self.groups.iter().any(|g| {
@@ -189,6 +205,45 @@ impl<A: Algorithm> Optimizer<f32, A> {
         arena: &mut Arena<f32>,
         grads: &HalfBuffer<G>,
         copy: &mut HalfBuffer<H>,
+        options: StepOptions,
+        exec: Exec,
+    ) -> Result<(f64, Option<f64>)> {
+        let (grad_factor, total) = self.half_grad_factor(grads, options, exec)?;
+        let streams = MixedStreams {
+            params: arena.params_mut().as_mut_ptr() as *mut u8,
+            param_size: std::mem::size_of::<f32>(),
+            has_grad: grads.present(),
+            grads: grads.as_slice().as_ptr() as *const u8,
+            grad_size: std::mem::size_of::<G>(),
+            copy: copy.as_mut_slice().as_mut_ptr() as *mut u8,
+            copy_size: std::mem::size_of::<H>(),
+        };
+        self.plan_with(grad_factor, streams);
+        let work = std::mem::take(&mut self.work);
+        let half_state = self.state_precision == StatePrecision::Bf16;
+        exec.for_each(&work, |item| {
+            // SAFETY: `plan_with` built every item from disjoint ranges of the arena, the
+            // state buffers (bf16 ones under `StatePrecision::Bf16`), `grads` (of `G`) and
+            // `copy` (of `H`), and all of them stay borrowed here until every item has run.
+            unsafe {
+                if half_state {
+                    item.run_mixed::<A, G, bf16, H>()
+                } else {
+                    item.run_mixed::<A, G, f32, H>()
+                }
+            }
+        });
+        self.work = work;
+        self.work.clear();
+        Ok((grad_factor, total))
+    }
+
+    /// The factor a half step multiplies the gradients by (the scale, times the clip
+    /// coefficient when `options` clip) and the total norm when it clips: the norm is
+    /// computed from the half gradients `grads` (the norm of their f32 widening, bit for bit).
+    pub(super) fn half_grad_factor<G: Storage>(
+        &mut self,
+        grads: &HalfBuffer<G>,
         options: StepOptions,
         exec: Exec,
     ) -> Result<(f64, Option<f64>)> {
@@ -215,30 +270,6 @@ impl<A: Algorithm> Optimizer<f32, A> {
             grad_factor *= clip.coefficient_for(norm)?;
             total = Some(norm);
         }
-        let streams = MixedStreams {
-            has_grad: grads.present(),
-            grads: grads.as_slice().as_ptr() as *const u8,
-            grad_size: std::mem::size_of::<G>(),
-            copy: copy.as_mut_slice().as_mut_ptr() as *mut u8,
-            copy_size: std::mem::size_of::<H>(),
-        };
-        self.plan_with(arena, grad_factor, Some(streams));
-        let work = std::mem::take(&mut self.work);
-        let half_state = self.state_precision == StatePrecision::Bf16;
-        exec.for_each(&work, |item| {
-            // SAFETY: `plan_with` built every item from disjoint ranges of the arena, the
-            // state buffers (bf16 ones under `StatePrecision::Bf16`), `grads` (of `G`) and
-            // `copy` (of `H`), and all of them stay borrowed here until every item has run.
-            unsafe {
-                if half_state {
-                    item.run_mixed::<A, G, bf16, H>()
-                } else {
-                    item.run_mixed::<A, G, f32, H>()
-                }
-            }
-        });
-        self.work = work;
-        self.work.clear();
         Ok((grad_factor, total))
     }
 }

@@ -55,6 +55,7 @@ use crate::subnormals::Subnormals;
 mod algorithm;
 mod checkpoint_access;
 mod group;
+mod half_step;
 mod hooks;
 pub(crate) mod load;
 mod mixed_step;

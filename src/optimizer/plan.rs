@@ -26,6 +26,10 @@ struct OpenRun<S> {
 /// Where a mixed-precision step's streams are: the half gradients' presence flags and first
 /// byte, and the parameter copy's first byte, each with its element size.
 pub(super) struct MixedStreams<'a> {
+    /// The parameters' first byte and element size: the arena's, or a half step's
+    /// ([`Optimizer::step_half`]: bf16 parameters in a [`crate::mixed::HalfBuffer`]).
+    pub(super) params: *mut u8,
+    pub(super) param_size: usize,
     pub(super) has_grad: &'a [bool],
     pub(super) grads: *const u8,
     pub(super) grad_size: usize,
@@ -40,7 +44,8 @@ pub(super) fn bf16_init(init: f64) -> half::bf16 {
 
 /// One piece of a step: raw pointers into disjoint ranges of the arena and the state buffers.
 pub(super) struct WorkItem<T, C> {
-    pub(super) params: *mut T,
+    /// The piece's first parameter: a `T`, or a half-precision element in a half step.
+    pub(super) params: *mut u8,
     /// The piece's first gradient: a `T`, or a half-precision element in a mixed step.
     pub(super) grads: *const u8,
     /// Each state buffer's first element: a `T`, or a bf16 under [`StatePrecision::Bf16`].
@@ -81,7 +86,7 @@ impl<T: Float, C: Copy> WorkItem<T, C> {
         reference: bool,
     ) {
         // SAFETY: guaranteed by the caller (see above).
-        let params = unsafe { std::slice::from_raw_parts_mut(self.params, self.len) };
+        let params = unsafe { std::slice::from_raw_parts_mut(self.params as *mut T, self.len) };
         // SAFETY: as above; grads are only read, and a plain step's point to `T`s.
         let grads = unsafe { std::slice::from_raw_parts(self.grads as *const T, self.len) };
         let mut bufs: [&mut [T]; MAX_BUFFERS] = Default::default();
@@ -128,29 +133,31 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// parameters share its group: the kernels are elementwise, so the piece boundaries do not
     /// change a bit.
     pub(super) fn plan(&mut self, arena: &mut Arena<T>, grad_scale: f64) -> usize {
-        self.plan_with(arena, grad_scale, None)
+        let (params, grads, has_grad) = arena.step_view();
+        let streams = MixedStreams {
+            params: params.as_mut_ptr() as *mut u8,
+            param_size: std::mem::size_of::<T>(),
+            has_grad,
+            grads: grads.as_ptr() as *const u8,
+            grad_size: std::mem::size_of::<T>(),
+            copy: std::ptr::null_mut(),
+            copy_size: 0,
+        };
+        self.plan_with(grad_scale, streams)
     }
 
-    /// [`Optimizer::plan`], reading which parameters have gradients, and where they are, from
-    /// `mixed` when given (a mixed-precision step), and writing the copy's pointers.
-    pub(super) fn plan_with(
-        &mut self,
-        arena: &mut Arena<T>,
-        grad_scale: f64,
-        mixed: Option<MixedStreams<'_>>,
-    ) -> usize {
-        let (params, grads, arena_has_grad) = arena.step_view();
-        let params_ptr = params.as_mut_ptr();
-        let (has_grad, grads_ptr, grad_size, copy_ptr, copy_size) = match &mixed {
-            Some(m) => (m.has_grad, m.grads, m.grad_size, m.copy, m.copy_size),
-            None => (
-                arena_has_grad,
-                grads.as_ptr() as *const u8,
-                std::mem::size_of::<T>(),
-                std::ptr::null_mut(),
-                0,
-            ),
-        };
+    /// [`Optimizer::plan`] over `streams`: where the parameters, the gradients (and which
+    /// parameters have one) and a mixed step's parameter copy are, and their element sizes.
+    pub(super) fn plan_with(&mut self, grad_scale: f64, streams: MixedStreams<'_>) -> usize {
+        let MixedStreams {
+            params: params_ptr,
+            param_size,
+            has_grad,
+            grads: grads_ptr,
+            grad_size,
+            copy: copy_ptr,
+            copy_size,
+        } = streams;
         let half_state = self.state_precision == StatePrecision::Bf16;
         let layout = &self.layout;
         let defaults = &self.defaults;
@@ -286,8 +293,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         }
                         self.work.push(WorkItem {
                             // SAFETY: `at..at+len` lies inside the arena (it is part of a
-                            // registered parameter's range).
-                            params: unsafe { params_ptr.add(at) },
+                            // registered parameter's range), and the parameter buffer (the
+                            // arena's, or a half step's) has the arena's length in elements
+                            // of `param_size` bytes.
+                            params: unsafe { params_ptr.add(at * param_size) },
                             // SAFETY: the gradient buffer (the arena's, or a mixed step's half
                             // buffer) has the arena's length in elements of `grad_size` bytes.
                             grads: unsafe { grads_ptr.add(at * grad_size) },

@@ -165,6 +165,9 @@ pub fn run_elementwise_case_in(
     subnormals: Subnormals,
     scaled_abs: bool,
 ) -> Outcome {
+    if case["dtype"].as_str() == Some("bfloat16") {
+        return bf16::replay_case(case, parallelism, subnormals).outcome;
+    }
     macro_rules! dispatch {
         ($($name:literal => $alg:ty),* $(,)?) => {
             match (case["optimizer"].as_str().unwrap(), case["dtype"].as_str().unwrap()) {

@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// Decodes a base64 array of little-endian f32 or f64 into f64 values.
+/// Decodes a base64 array of little-endian f32, f64 or bf16 into f64 values.
 pub fn decode(b64: &str, dtype: &str) -> Vec<f64> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
@@ -16,6 +16,11 @@ pub fn decode(b64: &str, dtype: &str) -> Vec<f64> {
         "float64" => bytes
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        // SCHEMA.md's bfloat16 cases: the upper 16 bits of the f32.
+        "bfloat16" => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes(c.try_into().unwrap()) as u32) << 16) as f64)
             .collect(),
         other => panic!("unknown dtype {other}"),
     }

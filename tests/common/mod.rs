@@ -12,6 +12,7 @@ use optarena::{
 use serde_json::Value;
 
 mod averaged;
+pub mod bf16;
 mod clip;
 mod compare;
 mod elementwise;

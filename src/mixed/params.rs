@@ -1,0 +1,310 @@
+//! How a fused mixed-precision pass keeps the parameters: f32 master weights with a rounded
+//! copy (mode 2), or half-precision parameters rounded to nearest even (mode 1, torch's fused
+//! bf16 step) or stochastically (mode 3, torchao's `bf16_stochastic_round`). One trait,
+//! [`ParamStream`], that [`crate::kernels`]' single mixed lane loop reads and writes the
+//! parameters through, so every mode runs every elementwise algorithm's op on the same lanes.
+
+use half::bf16;
+
+use super::sealed::Sealed;
+use super::{bits_mut, Storage};
+use crate::arch::Simd;
+use crate::error::{Error, Result};
+use crate::float::Lane;
+
+/// How a half-precision parameter is rounded after each update
+/// ([`crate::Optimizer::step_half`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamRounding {
+    /// Round to nearest, ties to even: torch's fused CPU step on bf16 (or f16) parameters
+    /// (mode 1). Deterministic; an update smaller than half a unit in the last place of the
+    /// parameter is lost.
+    Nearest,
+    /// Stochastic rounding of bf16 parameters (mode 3, torchao's `bf16_stochastic_round`):
+    /// the f32 result `x` becomes the bf16 above or below it with probabilities proportional
+    /// to its distance from the other, so the rounded value is `x` on average and small
+    /// updates are not lost. The 16 random bits of element `i` (its position in the arena) at
+    /// this step are [`stochastic_bits`]`(seed, step, i)`: a counter-based hash, so the result
+    /// is the same bits for any thread count, SIMD level and piece split. Pass a new `step`
+    /// for every optimizer step (for example the global step count, saved with a checkpoint
+    /// so that a resumed run rounds as the uninterrupted one would): the same `(seed, step)`
+    /// twice reuses the same random bits.
+    Stochastic {
+        /// The run's seed.
+        seed: u64,
+        /// The step's number (any value; a new one each step).
+        step: u64,
+    },
+}
+
+/// SplitMix64's finaliser (Steele, Lea & Flood, "Fast splittable pseudorandom number
+/// generators", OOPSLA 2014), as in SCHEMA.md's `hashed`.
+#[inline(always)]
+const fn splitmix64(x: u64) -> u64 {
+    let x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let z = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Chris Wellons' `lowbias32` integer hash (hash-prospector): a bijection of `u32` with
+/// near-ideal avalanche, two multiplications, so it vectorises to `vpmulld` lanes.
+#[inline(always)]
+const fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7FEB_352D);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846C_A68B);
+    x ^ (x >> 16)
+}
+
+/// The per-step key of stochastic rounding: two 32-bit words from `(seed, step)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SrKey {
+    k0: u32,
+    k1: u32,
+}
+
+impl SrKey {
+    /// The key of step `step` of a run seeded `seed`: `splitmix64(seed ^ splitmix64(step))`,
+    /// low and high words.
+    pub(crate) const fn new(seed: u64, step: u64) -> Self {
+        let k = splitmix64(seed ^ splitmix64(step));
+        SrKey {
+            k0: k as u32,
+            k1: (k >> 32) as u32,
+        }
+    }
+
+    /// The 16 random bits of arena element `index`.
+    #[inline(always)]
+    pub(crate) fn bits(self, index: u64) -> u32 {
+        lowbias32(lowbias32(index as u32 ^ self.k0) ^ self.k1 ^ (index >> 32) as u32) >> 16
+    }
+}
+
+/// The 16 random bits stochastic rounding adds below the bf16 mantissa of arena element
+/// `index` at step `step` of a run seeded `seed`:
+///
+/// ```text
+/// k        = splitmix64(seed ^ splitmix64(step))         (SplitMix64, as SCHEMA.md's hashed)
+/// k0, k1   = low and high 32 bits of k
+/// h        = lowbias32(lowbias32(index_lo ^ k0) ^ k1 ^ index_hi)
+/// bits     = h >> 16
+/// ```
+///
+/// with `lowbias32(x)`: `x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
+/// x ^= x >> 16` (wrapping `u32`), `index_lo`/`index_hi` the low and high 32 bits of the
+/// element's position in the arena. A pure function of its arguments: which thread or SIMD
+/// lane rounds an element does not matter.
+pub fn stochastic_bits(seed: u64, step: u64, index: u64) -> u16 {
+    SrKey::new(seed, step).bits(index) as u16
+}
+
+/// Stochastic rounding of `x` to bf16 bits with the 16 random bits `r` (below 2^16), as
+/// torchao's `_bf16_stochastic_round`: add `r` to the f32 bits and truncate, so `x` rounds
+/// away from zero with probability (its 16 discarded bits) / 2^16. Infinities stay (their
+/// low bits are zero); the largest finite values may round to infinity, as in torchao; a NaN
+/// becomes torch's quiet `0x7FC0`, as in round-to-nearest (torchao's truncation could turn a
+/// NaN with only low payload bits into an infinity).
+#[inline(always)]
+pub fn bf16_stochastic_round(x: f32, r: u16) -> bf16 {
+    bf16::from_bits(sr_bits(x, r as u32))
+}
+
+#[inline(always)]
+fn sr_bits(x: f32, r: u32) -> u16 {
+    let b = x.to_bits();
+    // `b + r` cannot wrap: the largest non-NaN pattern is -infinity's 0xFF80_0000.
+    let rounded = (b.wrapping_add(r) >> 16) as u16;
+    if x.is_nan() {
+        0x7FC0
+    } else {
+        rounded
+    }
+}
+
+/// Where a fused mixed-precision pass reads the parameters and how it writes them back: the
+/// parameter side of [`crate::kernels`]' one mixed lane loop. Indices are positions in the
+/// piece; `load`/`store` cover the `S::F32::WIDTH` elements from `i`.
+pub(crate) trait ParamStream: Send {
+    /// Elements in the piece.
+    fn len(&self) -> usize;
+    /// The f32 values of the lane group at `i` (widened exactly).
+    fn load<S: Simd>(&self, simd: S, i: usize) -> S::F32;
+    /// Writes the updated lane group at `i`.
+    fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32);
+    /// The f32 value of element `i` (the scalar tail).
+    fn load_one(&self, i: usize) -> f32;
+    /// Writes the updated element `i` (the scalar tail): the same bits `store` writes for it.
+    fn store_one(&mut self, i: usize, v: f32);
+    /// Hints the cache to fetch element `i` (which is in bounds).
+    fn prefetch(&self, i: usize);
+}
+
+#[inline(always)]
+fn prefetch<E>(s: &[E], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if i < s.len() {
+        // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i` is in bounds.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(i) as *const i8);
+        }
+    }
+}
+
+fn check_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::MixedPrecision(format!(
+            "{what}: {a} parameters but {b} elements"
+        )));
+    }
+    Ok(())
+}
+
+/// Mode 2: f32 master parameters, and a copy of each updated value rounded (to nearest even)
+/// to `H`.
+pub(crate) struct MasterCopy<'a, H> {
+    params: &'a mut [f32],
+    copy: &'a mut [H],
+}
+
+impl<'a, H: Storage> MasterCopy<'a, H> {
+    /// The master parameters and their copy, as long.
+    pub(crate) fn new(params: &'a mut [f32], copy: &'a mut [H]) -> Result<Self> {
+        check_len("a parameter copy", params.len(), copy.len())?;
+        Ok(MasterCopy { params, copy })
+    }
+}
+
+impl<H: Storage> ParamStream for MasterCopy<'_, H> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.params.len()
+    }
+    #[inline(always)]
+    fn load<S: Simd>(&self, _: S, i: usize) -> S::F32 {
+        <S::F32 as Lane>::load(&self.params[i..i + <S::F32 as Lane>::WIDTH])
+    }
+    #[inline(always)]
+    fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
+        let w = <S::F32 as Lane>::WIDTH;
+        v.store(&mut self.params[i..i + w]);
+        H::store(simd, v, &mut self.copy[i..i + w]);
+    }
+    #[inline(always)]
+    fn load_one(&self, i: usize) -> f32 {
+        self.params[i]
+    }
+    #[inline(always)]
+    fn store_one(&mut self, i: usize, v: f32) {
+        self.params[i] = v;
+        self.copy[i] = H::from_f32(v);
+    }
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        prefetch(self.params, i);
+        prefetch(self.copy, i);
+    }
+}
+
+/// Mode 1: parameters stored in `P`, rounded to nearest even after each update (torch's
+/// fused step on bf16 / f16 parameters).
+pub(crate) struct Nearest<'a, P> {
+    params: &'a mut [P],
+}
+
+impl<'a, P: Storage> Nearest<'a, P> {
+    /// The parameters.
+    pub(crate) fn new(params: &'a mut [P]) -> Self {
+        Nearest { params }
+    }
+}
+
+impl<P: Storage> ParamStream for Nearest<'_, P> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.params.len()
+    }
+    #[inline(always)]
+    fn load<S: Simd>(&self, simd: S, i: usize) -> S::F32 {
+        P::load(simd, &self.params[i..i + <S::F32 as Lane>::WIDTH])
+    }
+    #[inline(always)]
+    fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
+        P::store(simd, v, &mut self.params[i..i + <S::F32 as Lane>::WIDTH]);
+    }
+    #[inline(always)]
+    fn load_one(&self, i: usize) -> f32 {
+        self.params[i].to_f32()
+    }
+    #[inline(always)]
+    fn store_one(&mut self, i: usize, v: f32) {
+        self.params[i] = P::from_f32(v);
+    }
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        prefetch(self.params, i);
+    }
+}
+
+/// Mode 3: bf16 parameters, rounded stochastically with the counter-based bits of
+/// [`stochastic_bits`] (see [`ParamRounding::Stochastic`]).
+pub(crate) struct Stochastic<'a> {
+    params: &'a mut [bf16],
+    key: SrKey,
+    /// Arena position of the piece's first element.
+    base: u64,
+}
+
+impl<'a> Stochastic<'a> {
+    /// The parameters of a piece starting at arena element `base`, rounded with the bits of
+    /// step `step` of a run seeded `seed`.
+    pub(crate) fn new(params: &'a mut [bf16], seed: u64, step: u64, base: u64) -> Self {
+        Stochastic {
+            params,
+            key: SrKey::new(seed, step),
+            base,
+        }
+    }
+}
+
+/// The widest f32 lane group of any level (AVX-512's sixteen).
+const MAX_WIDTH: usize = 16;
+
+impl ParamStream for Stochastic<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.params.len()
+    }
+    #[inline(always)]
+    fn load<S: Simd>(&self, simd: S, i: usize) -> S::F32 {
+        bf16::load(simd, &self.params[i..i + <S::F32 as Lane>::WIDTH])
+    }
+    #[inline(always)]
+    fn store<S: Simd>(&mut self, _: S, i: usize, v: S::F32) {
+        let w = <S::F32 as Lane>::WIDTH;
+        let mut lanes = [0.0f32; MAX_WIDTH];
+        v.store(&mut lanes[..w]);
+        let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
+        let at = self.base + i as u64;
+        // A fixed-width loop of integer operations: compiled inside the token's
+        // `#[target_feature]` function, LLVM turns it into vector multiplies and blends.
+        for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
+            *o = sr_bits(x, self.key.bits(at + k as u64));
+        }
+    }
+    #[inline(always)]
+    fn load_one(&self, i: usize) -> f32 {
+        self.params[i].to_f32()
+    }
+    #[inline(always)]
+    fn store_one(&mut self, i: usize, v: f32) {
+        self.params[i] = bf16::from_bits(sr_bits(v, self.key.bits(self.base + i as u64)));
+    }
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        prefetch(self.params, i);
+    }
+}
