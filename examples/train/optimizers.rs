@@ -97,7 +97,9 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Mixed => {
                 "mode 2: f32 master weights and state, bf16 gradients (f32 backward on the \
-                 bf16 weights, rounded to nearest even), bf16 weight copy written by the step"
+                 bf16 weights, rounded to nearest even), bf16 weight copy written by the step \
+                 (its opt µs/step includes the emulation's copies: the bf16 weights widened \
+                 into the arena and the master weights put back, the gradients rounded)"
             }
         }
     }
