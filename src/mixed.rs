@@ -54,8 +54,8 @@ use crate::kernels::{buffer_array, mixed_lane_loop, ElementOp, Pass};
 use crate::subnormals::Subnormals;
 
 mod params;
-pub(crate) use params::{MasterCopy, Nearest, ParamStream, Stochastic};
 pub use params::{bf16_stochastic_round, stochastic_bits, ParamRounding};
+pub(crate) use params::{MasterCopy, Nearest, ParamStream, Stochastic};
 
 /// bf16 bits of `x`, rounded to nearest with ties to even: torch's
 /// `c10::detail::round_to_nearest_even` (NaN becomes `0x7FC0`). Equals

@@ -16,8 +16,7 @@ use optarena::checkpoint::dtype::{cast, Values, ValuesMut};
 use optarena::checkpoint::{inspect, TrainingCheckpoint, TrainingRestore};
 use optarena::optim::*;
 use optarena::{
-    Arena, ArenaBuilder, Error, HalfBuffer, MatchBy, Param, ParamGroup, StatePrecision,
-    StepOptions,
+    Arena, ArenaBuilder, Error, HalfBuffer, MatchBy, Param, ParamGroup, StatePrecision, StepOptions,
 };
 use serde_json::Value;
 
@@ -75,7 +74,11 @@ fn assert_bf16_eq(got: &[bf16], want: &[u16], what: &str) {
     for (i, (g, &w)) in got.iter().zip(want).enumerate() {
         let w_nan = w & 0x7FFF > 0x7F80;
         if w_nan {
-            assert!(g.is_nan(), "{what}[{i}]: want NaN, got {:#06x}", g.to_bits());
+            assert!(
+                g.is_nan(),
+                "{what}[{i}]: want NaN, got {:#06x}",
+                g.to_bits()
+            );
         } else {
             assert_eq!(g.to_bits(), w, "{what}[{i}]");
         }
@@ -87,7 +90,11 @@ fn assert_f16_eq(got: &[f16], want: &[u16], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, &w)) in got.iter().zip(want).enumerate() {
         if w & 0x7FFF > 0x7C00 {
-            assert!(g.is_nan(), "{what}[{i}]: want NaN, got {:#06x}", g.to_bits());
+            assert!(
+                g.is_nan(),
+                "{what}[{i}]: want NaN, got {:#06x}",
+                g.to_bits()
+            );
         } else {
             assert_eq!(g.to_bits(), w, "{what}[{i}]");
         }
@@ -121,7 +128,10 @@ fn model(case: &Value) -> (Arena<f32>, Vec<Param<f32>>) {
             .iter()
             .map(|d| d.as_u64().unwrap() as usize)
             .collect();
-        ps.push(b.param_with(s[0].as_str().unwrap(), &shape, |_| 123.0).unwrap());
+        ps.push(
+            b.param_with(s[0].as_str().unwrap(), &shape, |_| 123.0)
+                .unwrap(),
+        );
     }
     (b.build(), ps)
 }
@@ -374,7 +384,13 @@ fn bf16_state_round_trips_bit_for_bit_in_every_format_and_continues_identically(
     let bits = |o: &AdamW<f32>, a: &Arena<f32>| -> Vec<Vec<u16>> {
         a.handles()
             .flat_map(|p| ["exp_avg", "exp_avg_sq"].map(|b| (p, b)))
-            .map(|(p, b)| o.buffer_bf16(p, b).unwrap().iter().map(|x| x.to_bits()).collect())
+            .map(|(p, b)| {
+                o.buffer_bf16(p, b)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
             .collect()
     };
     let _ = (w, v);
@@ -389,7 +405,11 @@ fn bf16_state_round_trips_bit_for_bit_in_every_format_and_continues_identically(
         .filter(|t| t.name.starts_with("state."))
         .map(|t| t.data_offsets.1 - t.data_offsets.0)
         .sum();
-    assert_eq!(state_bytes, 2 * 2 * arena.len(), "two bf16 buffers, 2 bytes each");
+    assert_eq!(
+        state_bytes,
+        2 * 2 * arena.len(),
+        "two bf16 buffers, 2 bytes each"
+    );
     assert!(size > 0);
     let (mut arena2, ..) = build(5.0);
     let mut opt2 = adamw(&arena2, StatePrecision::Bf16);
@@ -581,7 +601,10 @@ fn corrupt_or_mismatched_half_checkpoints_error_and_change_nothing() {
     let e = opt
         .load_checkpoint(&bad_path, Some(&mut arena), MatchBy::Name)
         .unwrap_err();
-    assert!(matches!(e, Error::Checkpoint(ref m) if m.contains("checksum")), "{e}");
+    assert!(
+        matches!(e, Error::Checkpoint(ref m) if m.contains("checksum")),
+        "{e}"
+    );
     assert_eq!(snapshot(&opt, &arena, &copy), before);
 
     // A state tensor whose dtype is not a float (BF16 relabelled I16, same size, header CRC

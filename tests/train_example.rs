@@ -187,15 +187,18 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     assert!((a - m).abs() < 0.015, "f32 {a} vs mixed {m}");
     assert!(md.contains("MLP AdamW mixed bf16") && md.contains("mode 2"));
     let ck = load(&full, &mixed.spec);
-    let copy = ck.copy.expect("the bf16 copy is restored from the checkpoint");
+    let copy = ck
+        .copy
+        .expect("the bf16 copy is restored from the checkpoint");
     let want: Vec<u16> = ck
         .params
         .iter()
         .map(|&b| half::bf16::from_f32(f32::from_bits(b)).to_bits())
         .collect();
     assert_eq!(copy, want, "the copy is the master weights rounded to bf16");
-    let info = optarena::checkpoint::training::inspect_training(checkpoint_path(&full, "adamw-mixed"))
-        .unwrap();
+    let info =
+        optarena::checkpoint::training::inspect_training(checkpoint_path(&full, "adamw-mixed"))
+            .unwrap();
     assert!(info
         .tensors
         .iter()

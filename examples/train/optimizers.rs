@@ -14,9 +14,9 @@ use optarena::schedule::{
     SequentialLR, SequentialLRConfig,
 };
 use optarena::{
-    Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams,
-    HalfBuffer, Lbfgs, LbfgsConfig, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd,
-    SgdConfig, SimdLevel, StepOptions,
+    Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams, HalfBuffer,
+    Lbfgs, LbfgsConfig, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
+    SimdLevel, StepOptions,
 };
 
 use crate::model::Mlp;
@@ -43,7 +43,12 @@ pub trait Stepper {
 
     /// [`Stepper::training`], mutably (to load into), with the bf16 parameter copy of a
     /// mixed-precision run (restored from the same checkpoint).
-    fn training_mut(&mut self) -> (&mut dyn TrainingOptimizer<f32>, Option<&mut HalfBuffer<bf16>>);
+    fn training_mut(
+        &mut self,
+    ) -> (
+        &mut dyn TrainingOptimizer<f32>,
+        Option<&mut HalfBuffer<bf16>>,
+    );
 
     /// The weights the forward pass uses when they are not the arena's f32 values: the bf16
     /// copy of [`Precision::Mixed`] (saved in the checkpoint too).
@@ -97,7 +102,9 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Mixed => {
                 "mode 2: f32 master weights and state, bf16 gradients (f32 backward on the \
-                 bf16 weights, rounded to nearest even), bf16 weight copy written by the step"
+                 bf16 weights, rounded to nearest even), bf16 weight copy written by the step \
+                 (its opt µs/step includes the emulation's copies: the bf16 weights widened \
+                 into the arena and the master weights put back, the gradients rounded)"
             }
         }
     }
@@ -154,7 +161,12 @@ pub struct FirstOrder<A: Algorithm> {
 }
 
 impl<A: Algorithm> FirstOrder<A> {
-    fn new(opt: Optimizer<f32, A>, clip: Option<ClipNorm>, arena: &Arena<f32>, p: Precision) -> Self {
+    fn new(
+        opt: Optimizer<f32, A>,
+        clip: Option<ClipNorm>,
+        arena: &Arena<f32>,
+        p: Precision,
+    ) -> Self {
         let mixed = match p {
             Precision::F32 => None,
             Precision::Mixed => Some(Mixed {
@@ -214,7 +226,12 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
         &self.opt
     }
 
-    fn training_mut(&mut self) -> (&mut dyn TrainingOptimizer<f32>, Option<&mut HalfBuffer<bf16>>) {
+    fn training_mut(
+        &mut self,
+    ) -> (
+        &mut dyn TrainingOptimizer<f32>,
+        Option<&mut HalfBuffer<bf16>>,
+    ) {
         (&mut self.opt, self.mixed.as_mut().map(|m| &mut m.copy))
     }
 }
@@ -245,7 +262,12 @@ impl Stepper for QuasiNewton {
         &self.opt
     }
 
-    fn training_mut(&mut self) -> (&mut dyn TrainingOptimizer<f32>, Option<&mut HalfBuffer<bf16>>) {
+    fn training_mut(
+        &mut self,
+    ) -> (
+        &mut dyn TrainingOptimizer<f32>,
+        Option<&mut HalfBuffer<bf16>>,
+    ) {
         (&mut self.opt, None)
     }
 

@@ -221,9 +221,9 @@ fn decode(src: FileDtype, b: &[u8]) -> Wide {
     match src {
         FileDtype::F32 => Wide::F32(f32::from_le_bytes(b.try_into().expect("4 bytes"))),
         FileDtype::F64 => Wide::F64(f64::from_le_bytes(b.try_into().expect("8 bytes"))),
-        FileDtype::Bf16 => Wide::F32(
-            bf16::from_bits(u16::from_le_bytes(b.try_into().expect("2 bytes"))).to_f32(),
-        ),
+        FileDtype::Bf16 => {
+            Wide::F32(bf16::from_bits(u16::from_le_bytes(b.try_into().expect("2 bytes"))).to_f32())
+        }
         FileDtype::F16 => Wide::F32(f16::from_le_bytes(b.try_into().expect("2 bytes")).to_f32()),
     }
 }
@@ -276,8 +276,14 @@ pub fn cast(src: Values<'_>, mut dst: ValuesMut<'_>) -> Result<()> {
         Values::F16(s) => Wide::F32(s[i].to_f32()),
     };
     match dst {
-        ValuesMut::F32(d) => d.iter_mut().enumerate().for_each(|(i, d)| *d = wide(i).to_f32()),
-        ValuesMut::F64(d) => d.iter_mut().enumerate().for_each(|(i, d)| *d = wide(i).to_f64()),
+        ValuesMut::F32(d) => d
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, d)| *d = wide(i).to_f32()),
+        ValuesMut::F64(d) => d
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, d)| *d = wide(i).to_f64()),
         ValuesMut::Bf16(d) => d
             .iter_mut()
             .enumerate()

@@ -168,7 +168,8 @@ impl<'a, T: Float> Body<'a, T> {
     }
 
     pub(crate) fn push(&mut self, name: String, shape: Vec<usize>, values: Values<'a>) {
-        self.tensors.push((name, values.dtype().safetensors(), shape));
+        self.tensors
+            .push((name, values.dtype().safetensors(), shape));
         self.slices.push(values);
     }
 

@@ -9,8 +9,8 @@ use std::ops::Range;
 
 use safetensors::tensor::Dtype;
 
-use super::format::{build_header, CheckpointMeta, FileDtype, Header, CRC_TENSOR};
 use super::dtype::{self, float_values, float_values_mut, Values};
+use super::format::{build_header, CheckpointMeta, FileDtype, Header, CRC_TENSOR};
 use super::{data_checksum, write_error};
 use crate::error::{Error, Result};
 use crate::float::Float;

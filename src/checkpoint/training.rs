@@ -103,8 +103,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::atomic::{self, SaveTarget, StdFs};
-use super::format::{self, read_raw_header, CheckpointMeta, FileDtype, RawHeader, TensorEntry};
 use super::dtype::{float_values_mut, Owned, Values, ValuesMut};
+use super::format::{self, read_raw_header, CheckpointMeta, FileDtype, RawHeader, TensorEntry};
 use super::{plan_params, stream_data, zeroed, Body, Dest, Expected};
 use crate::arena::{Arena, ParamInfo};
 use crate::error::{Error, Result};
@@ -779,7 +779,9 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
         let half_entries = match_names(
             "half buffer",
             halves.iter().map(|(n, _)| (n.as_str(), "HalfBuffer")),
-            meta.half_buffers.iter().map(|e| (e.name.as_str(), "HalfBuffer")),
+            meta.half_buffers
+                .iter()
+                .map(|e| (e.name.as_str(), "HalfBuffer")),
         )?;
         let mut half_staged = Vec::with_capacity(halves.len());
         for (k, (name, h)) in halves.iter().enumerate() {
@@ -804,7 +806,10 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
                 let info = &h.infos()[i];
                 expected.insert(
                     format!("{prefix}{p}"),
-                    (info.shape.clone(), Dest::Take(TrainDest::Half(k, info.range()))),
+                    (
+                        info.shape.clone(),
+                        Dest::Take(TrainDest::Half(k, info.range())),
+                    ),
                 );
             }
             let len = h.infos().last().map_or(0, |i| i.offset + i.len);
@@ -839,22 +844,16 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
             staged.push(s);
         }
         let mut values: Vec<T> = zeroed(arena.len());
-        let at = stream_data(
-            r,
-            &tensors,
-            expected,
-            data_crc,
-            |dest, read| match dest {
-                TrainDest::Param(range) => read(float_values_mut(&mut values[range])),
-                TrainDest::Optim(k, index, buffer) => read(
-                    optimizers[k]
-                        .1
-                        .staged_slot(&mut staged[k], index, &buffer)
-                        .expect("every announced slot exists"),
-                ),
-                TrainDest::Half(k, range) => read(half_staged[k].0.slice_mut(range)),
-            },
-        )?;
+        let at = stream_data(r, &tensors, expected, data_crc, |dest, read| match dest {
+            TrainDest::Param(range) => read(float_values_mut(&mut values[range])),
+            TrainDest::Optim(k, index, buffer) => read(
+                optimizers[k]
+                    .1
+                    .staged_slot(&mut staged[k], index, &buffer)
+                    .expect("every announced slot exists"),
+            ),
+            TrainDest::Half(k, range) => read(half_staged[k].0.slice_mut(range)),
+        })?;
         debug_assert_eq!(header_len + at, file_len);
         // Scheduler states: each loaded in turn, the earlier ones put back if one fails.
         let mut old = Vec::with_capacity(schedulers.len());

@@ -13,10 +13,11 @@ use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, ParamState};
 use crate::arena::{filled, AlignedBuf, ParamInfo};
 use crate::buffer::Role;
 use crate::checkpoint::dtype::{cast, float_values, float_values_mut, Values, ValuesMut};
-use crate::mixed::StatePrecision;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::Hyperparams;
+use crate::mixed::StatePrecision;
+use crate::mixed::StatePrecision;
 use crate::state::{GroupDict, MatchBy, ParamRef};
 
 /// One parameter's state, borrowed from the optimizer.
@@ -210,8 +211,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                 let info = &self.layout[i];
                 let local = g.locals[j];
                 let r = local..local + info.len;
-                let mut buffers: Vec<(&'static str, Vec<usize>, Values<'a>)> = (0..st
-                    .live_buffers
+                let mut buffers: Vec<(&'static str, Vec<usize>, Values<'a>)> = (0..st.live_buffers
                     as usize)
                     .map(|k| {
                         let values = if g.half_buffers.is_empty() {

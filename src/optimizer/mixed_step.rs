@@ -57,7 +57,8 @@ impl<C: Copy> WorkItem<f32, C> {
         let params = unsafe { std::slice::from_raw_parts_mut(self.params as *mut f32, self.len) };
         // SAFETY: as above.
         let copy = unsafe { std::slice::from_raw_parts_mut(self.copy as *mut H, self.len) };
-        let params = MasterCopy::new(params, copy).expect("the plan gives the copy the piece's length");
+        let params =
+            MasterCopy::new(params, copy).expect("the plan gives the copy the piece's length");
         // SAFETY: as above.
         unsafe { self.run_stream::<A, _, G, M>(params, false) }
     }
