@@ -11,11 +11,16 @@
 //! cargo run --release --example bench_step -- adamw gpt2_grouped 0 2 10 --groups decay
 //! cargo run --release --example bench_step -- adam flat 85002 2 500 --grads realistic --idle-us 1000
 //! cargo run --release --example bench_step -- adamw_mixed flat 33554432 2 20
+//! cargo run --release --example bench_step -- adamw_sr flat 33554432 2 20
 //! ```
 //! Arguments: optimizer (`sgd`, `sgd_momentum`, `adam`, `adamw`, `radam`, `nadam`, `adamax`,
 //! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `muon`, the mixed-precision steps `adam_mixed` / `adamw_mixed` (f32
 //! master weights and state, bf16 gradients in, bf16 parameter copy out, one pass) and
-//! `adam_mixed_bf16state` / `adamw_mixed_bf16state` (the same with bf16 moments), `roofline2`
+//! `adam_mixed_bf16state` / `adamw_mixed_bf16state` (the same with bf16 moments), the bf16
+//! steps without master weights `adam_bf16` / `adamw_bf16` (mode 1: bf16 parameters,
+//! gradients and moments, rounded to nearest, as torch's `fused=True` on bf16) and `adamw_sr`
+//! / `adamw_sr_f32state` (mode 3: stochastic rounding of the bf16 parameters, bf16 or f32
+//! moments), `roofline2`
 //! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
 //! `gpt2`, `gpt2_grouped`, `adapter`, `gpt2_hidden`), elements (for `flat`; for `gpt2_hidden`
 //! the model width, `0` for GPT-2 small's 768), threads, timed steps.
@@ -50,7 +55,7 @@
 use std::time::{Duration, Instant};
 
 use half::bf16;
-use optarena::mixed::{narrow, HalfBuffer, StatePrecision};
+use optarena::mixed::{narrow, HalfBuffer, ParamRounding, StatePrecision};
 use optarena::optim::*;
 use optarena::roofline::Roofline;
 use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel, StepOptions};
@@ -184,6 +189,53 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// Modes 1 and 3 of `optarena::mixed` (`Optimizer::step_half`): bf16 parameters and bf16
+/// gradients with no f32 copy of the parameters. `adam_bf16` / `adamw_bf16`: bf16 state and
+/// rounding to nearest (torch's `fused=True` on bf16 parameters); `adamw_sr`: bf16 state and
+/// stochastic rounding of the parameters (torchao's `bf16_stochastic_round` with moments in
+/// bf16); `adamw_sr_f32state`: the same with f32 moments. The f32 arena `a` only lays the
+/// buffers out and is dropped before the first step.
+fn half_step(
+    name: &str,
+    a: Arena<f32>,
+    groups: Vec<ParamGroup<f32>>,
+    par: &Parallelism,
+    simd: SimdLevel,
+) -> Box<dyn FnMut()> {
+    let mut grads = HalfBuffer::<bf16>::gradients(&a);
+    narrow(SimdLevel::Best, a.grads(), grads.as_mut_slice()).unwrap();
+    let mut params = HalfBuffer::<bf16>::copy_of(&a);
+    let precision = if name.ends_with("f32state") {
+        StatePrecision::Full
+    } else {
+        StatePrecision::Bf16
+    };
+    let stochastic = name.contains("_sr");
+    macro_rules! half {
+        ($opt:expr) => {{
+            let mut o = $opt.unwrap().with_parallelism(par.clone()).with_simd_level(simd);
+            o.set_state_precision(precision).unwrap();
+            drop(a);
+            let mut step = 0u64;
+            Box::new(move || {
+                step += 1;
+                let rounding = if stochastic {
+                    ParamRounding::Stochastic { seed: 1, step }
+                } else {
+                    ParamRounding::Nearest
+                };
+                o.step_half(&mut params, &grads, rounding, StepOptions::default())
+                    .unwrap();
+            })
+        }};
+    }
+    if name.starts_with("adamw") {
+        half!(AdamW::new(&a, groups, AdamWConfig::default()))
+    } else {
+        half!(Adam::new(&a, groups, AdamConfig::default()))
+    }
+}
+
 fn main() {
     let Args {
         positional: args,
@@ -302,6 +354,9 @@ fn main() {
                     } else {
                         mixed!(Adam::new(&a, g(), AdamConfig::default()))
                     }
+                }
+                "adam_bf16" | "adamw_bf16" | "adamw_sr" | "adamw_sr_f32state" => {
+                    half_step(name, a, g(), &par, simd)
                 }
                 "clip_adamw" => {
                     let mut o = AdamW::new(&a, g(), AdamWConfig::default())

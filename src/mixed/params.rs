@@ -79,7 +79,23 @@ impl SrKey {
     /// The 16 random bits of arena element `index`.
     #[inline(always)]
     pub(crate) fn bits(self, index: u64) -> u32 {
-        lowbias32(lowbias32(index as u32 ^ self.k0) ^ self.k1 ^ (index >> 32) as u32) >> 16
+        self.with_high_word((index >> 32) as u32)
+            .bits_lo(index as u32)
+    }
+
+    /// The key for indices whose high 32 bits are `hi` (folded into `k1`).
+    #[inline(always)]
+    fn with_high_word(self, hi: u32) -> Self {
+        SrKey {
+            k0: self.k0,
+            k1: self.k1 ^ hi,
+        }
+    }
+
+    /// The 16 random bits of the index with low word `lo` (the high word is in the key).
+    #[inline(always)]
+    fn bits_lo(self, lo: u32) -> u32 {
+        lowbias32(lowbias32(lo ^ self.k0) ^ self.k1) >> 16
     }
 }
 
@@ -289,10 +305,20 @@ impl ParamStream for Stochastic<'_> {
         v.store(&mut lanes[..w]);
         let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
         let at = self.base + i as u64;
-        // A fixed-width loop of integer operations: compiled inside the token's
-        // `#[target_feature]` function, LLVM turns it into vector multiplies and blends.
-        for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
-            *o = sr_bits(x, self.key.bits(at + k as u64));
+        let lo = at as u32;
+        if lo.checked_add(w as u32 - 1).is_some() {
+            // The group does not cross a multiple of 2^32, so every element's index has the
+            // same high word: fold it into the key and hash 32-bit lanes. A fixed-width loop
+            // of integer operations: compiled inside the token's `#[target_feature]`
+            // function, LLVM turns it into vector multiplies and blends.
+            let key = self.key.with_high_word((at >> 32) as u32);
+            for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
+                *o = sr_bits(x, key.bits_lo(lo.wrapping_add(k as u32)));
+            }
+        } else {
+            for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
+                *o = sr_bits(x, self.key.bits(at + k as u64));
+            }
         }
     }
     #[inline(always)]
