@@ -326,7 +326,11 @@ fn main() {
                         .map(|i| o.group_params(i).unwrap().len())
                         .sum();
                     Box::new(move || {
-                        o.step_clipped(&mut a, ClipNorm::l2(1.0)).unwrap();
+                        o.step_with_options(
+                            &mut a,
+                            optarena::StepOptions::new().clipped(ClipNorm::l2(1.0)),
+                        )
+                        .unwrap();
                     })
                 }
                 other => panic!("unknown optimizer {other}"),

@@ -659,7 +659,7 @@ fn lbfgs_resumes_bitwise_from_a_training_checkpoint() {
             LbfgsConfig {
                 max_iter: 4,
                 history_size: 5,
-                line_search_fn: Some("strong_wolfe".into()),
+                line_search_fn: optarena::LineSearch::StrongWolfe,
                 ..Default::default()
             },
         )

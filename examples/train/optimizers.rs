@@ -66,7 +66,8 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
             // clip_grad_norm_ + step, fused: the norm is taken over the optimizer's params and
             // the clip coefficient is folded into the update.
             Some(clip) => {
-                self.opt.step_clipped(arena, clip)?;
+                self.opt
+                    .step_with_options(arena, optarena::StepOptions::new().clipped(clip))?;
             }
             None => self.opt.step(arena)?,
         }
@@ -288,7 +289,7 @@ impl OptKind {
                             lr,
                             max_iter,
                             history_size,
-                            line_search_fn: Some("strong_wolfe".into()),
+                            line_search_fn: optarena::LineSearch::StrongWolfe,
                             ..Default::default()
                         },
                     )?,
