@@ -213,7 +213,10 @@ fn half_step(
     let stochastic = name.contains("_sr");
     macro_rules! half {
         ($opt:expr) => {{
-            let mut o = $opt.unwrap().with_parallelism(par.clone()).with_simd_level(simd);
+            let mut o = $opt
+                .unwrap()
+                .with_parallelism(par.clone())
+                .with_simd_level(simd);
             o.set_state_precision(precision).unwrap();
             drop(a);
             let mut step = 0u64;
@@ -367,7 +370,11 @@ fn main() {
                         .map(|i| o.group_params(i).unwrap().len())
                         .sum();
                     Box::new(move || {
-                        o.step_clipped(&mut a, ClipNorm::l2(1.0)).unwrap();
+                        o.step_with_options(
+                            &mut a,
+                            optarena::StepOptions::new().clipped(ClipNorm::l2(1.0)),
+                        )
+                        .unwrap();
                     })
                 }
                 other => panic!("unknown optimizer {other}"),

@@ -149,7 +149,8 @@ fn measure<A: optarena::Algorithm>(
         opt.set_parallelism(parallelism);
         opt.set_parallel_threshold(0);
         median_us(args.steps, idle_rounds, || {
-            opt.step_clipped(arena, clip).expect("step");
+            opt.step_with_options(arena, optarena::StepOptions::new().clipped(clip))
+                .expect("step");
             if let Some(spin) = spin {
                 spin_workers(pool, spin);
             }

@@ -56,7 +56,8 @@ fn main() -> Result<(), optarena::Error> {
 
     for epoch in 0..300 {
         opt.zero_grad(&mut arena, true)?;
-        let loss = opt.step_with(&mut arena, loss_and_grads)?;
+        let loss = loss_and_grads(&mut arena);
+        opt.step(&mut arena)?;
         if epoch % 50 == 0 {
             println!("step {epoch:4}  loss {loss:.6}");
         }
@@ -79,7 +80,8 @@ fn main() -> Result<(), optarena::Error> {
     let mut loss = 0.0;
     for _ in 0..100 {
         opt2.zero_grad(&mut arena2, true)?;
-        loss = opt2.step_with(&mut arena2, loss_and_grads)?;
+        loss = loss_and_grads(&mut arena2);
+        opt2.step(&mut arena2)?;
     }
     println!(
         "after resume: loss {loss:.2e}, lr {} (restored from the checkpoint)",

@@ -12,7 +12,7 @@
 //! Parameters without a gradient (`grad is None`) are left out, as torch leaves them out.
 //!
 //! To clip inside the optimizer step instead (the gradients are then read twice, norm and
-//! update, and never rewritten), see [`crate::Optimizer::step_clipped`].
+//! update, and never rewritten), see [`crate::StepOptions::clipped`].
 
 use std::ops::Range;
 
@@ -391,7 +391,7 @@ fn check_total(total: f64, norm: NormType, error_if_nonfinite: bool) -> Result<(
 
 /// `clip_grad_norm_`'s options, torch's defaults included: one value describes a clip
 /// everywhere, for [`clip_grad_norm`], [`clip_grad_norm_all`] and a clip folded into the step
-/// ([`crate::Optimizer::step_clipped`], [`crate::StepOptions::clip`]).
+/// ([`crate::StepOptions::clipped`]).
 ///
 /// ```
 /// use optarena::{ClipNorm, NormType};

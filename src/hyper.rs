@@ -413,7 +413,9 @@ pub trait GroupHyperparams {
     fn group_lr(&self, group: usize) -> Result<f64> {
         f64::from_value("lr", &self.group_hyper(group, "lr")?)
     }
-    /// Sets the learning rate of group `group`.
+    /// Sets the learning rate of group `group`, for code generic over optimizers (schedulers,
+    /// hooks); on a concrete optimizer, its inherent `set_lr(group, lr)` does the same without
+    /// this trait in scope.
     fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
         self.set_group_hyper(group, "lr", HyperValue::Number(lr))
     }

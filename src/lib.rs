@@ -47,7 +47,7 @@
 //! ## Where optarena differs from torch, on purpose
 //! - `load_state_dict` checks kinds, shapes and lengths and can match parameters by name
 //!   ([`MatchBy::Name`]); torch matches by position only and loads mismatches silently.
-//! - [`Optimizer::step_checked`] skips a step whose gradients hold NaN or infinity and leaves
+//! - [`StepOptions::skipping_non_finite`] skips a step whose gradients hold NaN or infinity and leaves
 //!   everything as it was; a plain torch step lets one bad batch corrupt the weights and state.
 //! - NaN hyperparameters are rejected everywhere (torch's `lr < 0.0` lets NaN through).
 //! - A failed call changes nothing.
@@ -93,7 +93,7 @@ pub use mixed::{HalfBuffer, StatePrecision, Storage};
 pub use optim::*;
 pub use optimizer::{
     Algorithm, ClipNorm, HookHandle, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepHook,
-    StepOptions, StepOutcome, StepReport,
+    StepOptions, StepOutcome, StepReport, Untyped,
 };
 pub use parallel::Parallelism;
 pub use scaler::{GradScaler, StepWithOptions};

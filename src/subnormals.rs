@@ -38,7 +38,7 @@
 //! torch with gradients scaled into the subnormal range. Choose [`Subnormals::Preserve`] for
 //! bit-exact torch parity in subnormal ranges, or when `eps` is below 1e-19.
 //!
-//! A clip folded into the step ([`crate::Optimizer::step_clipped`]) computes its norm under the
+//! A clip folded into the step ([`crate::StepOptions::clipped`]) computes its norm under the
 //! same mode: squares below 1.2e-38 count as zero, which moves the norm by less than
 //! `√n · 1.1e-19` for `n` elements, against the `1e-6` torch adds to it. The standalone
 //! functions of [`crate::clip`] and L-BFGS always preserve subnormals.

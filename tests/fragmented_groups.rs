@@ -162,9 +162,14 @@ fn run<T: Float, A: Algorithm>(
         write_grads(&mut arena, t);
         match clip {
             Some(c) => norms.push(
-                opt.step_clipped(&mut arena, ClipNorm::l2(c))
-                    .unwrap()
-                    .to_bits(),
+                opt.step_with_options(
+                    &mut arena,
+                    optarena::StepOptions::new().clipped(ClipNorm::l2(c)),
+                )
+                .unwrap()
+                .total_norm
+                .unwrap()
+                .to_bits(),
             ),
             None => opt.step(&mut arena).unwrap(),
         }
@@ -463,7 +468,12 @@ fn zero_grad_and_non_finite_checks_cover_every_run() {
     assert_eq!(opt.find_non_finite_grad(&arena), Some("h3.bias"));
     let before = arena.params().to_vec();
     assert_eq!(
-        opt.step_checked(&mut arena).unwrap(),
+        opt.step_with_options(
+            &mut arena,
+            optarena::StepOptions::new().skipping_non_finite()
+        )
+        .unwrap()
+        .outcome,
         optarena::StepOutcome::SkippedNonFinite
     );
     assert_eq!(arena.params(), &before[..]);

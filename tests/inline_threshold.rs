@@ -25,7 +25,11 @@ fn ten_steps(n: usize, threshold: Option<usize>) -> Vec<f32> {
     }
     for _ in 0..5 {
         opt.step(&mut arena).unwrap();
-        opt.step_clipped(&mut arena, ClipNorm::l2(1e-3)).unwrap();
+        opt.step_with_options(
+            &mut arena,
+            optarena::StepOptions::new().clipped(ClipNorm::l2(1e-3)),
+        )
+        .unwrap();
     }
     arena.params().to_vec()
 }

@@ -7,7 +7,7 @@ use common::{LbfgsProblem, Rng};
 use optarena::kernels::lbfgs as k;
 use optarena::{
     Arena, ArenaBuilder, Error, Float, GroupHyperparams, HyperValue, Lbfgs, LbfgsConfig,
-    LbfgsStateDict, MatchBy, Param, ParamGroup, SimdLevel,
+    LbfgsStateDict, LineSearch, MatchBy, Param, ParamGroup, SimdLevel,
 };
 
 /// Rosenbrock over 52 elements split into `a` [5, 5], `b` [12], `c` [15]: vector bodies and
@@ -64,7 +64,7 @@ fn rosenbrock<T: Float>(a: &mut Arena<T>) -> T {
 }
 
 fn configs() -> Vec<LbfgsConfig> {
-    let sw = Some("strong_wolfe".to_string());
+    let sw = LineSearch::StrongWolfe;
     vec![
         LbfgsConfig::default(),
         LbfgsConfig::default().with_line_search_fn(sw.clone()),
@@ -351,14 +351,26 @@ fn validation_messages() {
         with("tolerance_change", f64::NAN.into()),
         "Invalid tolerance_change value: NaN"
     );
+    // A line search by name is checked when it is set (torch raises the same error at the
+    // first step).
     assert_eq!(
-        with("line_search_fn", HyperValue::Str("backtracking".into())),
+        LbfgsConfig::default()
+            .with("line_search_fn", HyperValue::Str("backtracking".into()))
+            .unwrap_err()
+            .to_string(),
         "only 'strong_wolfe' is supported"
+    );
+    assert_eq!(
+        LbfgsConfig::default()
+            .with("line_search_fn", HyperValue::Str("strong_wolfe".into()))
+            .unwrap()
+            .line_search_fn,
+        LineSearch::StrongWolfe
     );
     assert!(with("history_size", 0usize.into()).starts_with("Invalid history_size value: 0"));
     let e = new(LbfgsConfig::default()
         .with_max_eval(Some(0))
-        .with_line_search_fn(Some("strong_wolfe".into())));
+        .with_line_search_fn(LineSearch::StrongWolfe));
     assert!(e.starts_with("Invalid max_eval value: 0"), "{e}");
     // max_eval 0 without a line search is what torch runs: one iteration and its
     // re-evaluation (checked with torch 2.15: func_evals 2, n_iter 1).
@@ -421,7 +433,7 @@ fn defaults_are_torchs() {
     assert_eq!(c.tolerance_grad, 1e-7);
     assert_eq!(c.tolerance_change, 1e-9);
     assert_eq!(c.history_size, 100);
-    assert_eq!(c.line_search_fn, None);
+    assert_eq!(c.line_search_fn, LineSearch::None);
     assert!(!c.maximize);
     assert_eq!(c.effective_max_eval(), 25);
     let a = arena::<f32>();
@@ -1012,4 +1024,60 @@ fn a_fragmented_group_follows_the_contiguous_path() {
         assert_eq!(l1.to_bits(), l2.to_bits(), "{config:?}");
         same(&gap, &one);
     }
+}
+
+/// `LineSearch` by torch's value: `"strong_wolfe"` / `None` in state dicts and serde, the
+/// typed enum in Rust; a saved unknown name is torch's error, and the load changes nothing.
+#[test]
+fn line_search_is_an_enum_with_torchs_names() {
+    let config = LbfgsConfig::default().with_line_search_fn(LineSearch::StrongWolfe);
+    let json = serde_json::to_value(&config).unwrap();
+    assert_eq!(json["line_search_fn"], "strong_wolfe");
+    let back: LbfgsConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back, config);
+    let none = serde_json::to_value(LbfgsConfig::default()).unwrap();
+    assert!(none["line_search_fn"].is_null());
+    let e = serde_json::from_value::<LbfgsConfig>(serde_json::json!({"line_search_fn": "x"}))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("only 'strong_wolfe' is supported"),
+        "{e}"
+    );
+    assert_eq!(LineSearch::StrongWolfe.torch_name(), Some("strong_wolfe"));
+    assert_eq!(LineSearch::from_torch_name(None).unwrap(), LineSearch::None);
+
+    // Through a state dict: saved as torch's string, loaded back as the enum.
+    let mut a = arena::<f64>();
+    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone()).unwrap();
+    opt.step(&mut a, rosenbrock).unwrap();
+    let sd = serde_json::to_value(opt.state_dict()).unwrap();
+    assert_eq!(
+        sd["param_groups"][0]["hyperparams"]["line_search_fn"],
+        "strong_wolfe"
+    );
+    let mut fresh = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    fresh
+        .load_state_dict_json(&sd.to_string(), MatchBy::Name)
+        .unwrap();
+    assert_eq!(fresh.config().line_search_fn, LineSearch::StrongWolfe);
+    let mut bad = sd.clone();
+    bad["param_groups"][0]["hyperparams"]["line_search_fn"] = "backtracking".into();
+    let mut target = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let before = target.state_dict();
+    let e = target
+        .load_state_dict_json(&bad.to_string(), MatchBy::Name)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("only 'strong_wolfe' is supported"),
+        "{e}"
+    );
+    assert_eq!(target.state_dict(), before);
+    // A typed override for L-BFGS's one group.
+    let typed = ParamGroup::all().configure(|c: &mut LbfgsConfig| {
+        c.line_search_fn = LineSearch::StrongWolfe;
+        c.history_size = 7;
+    });
+    let opt = Lbfgs::new(&a, [typed], LbfgsConfig::default()).unwrap();
+    assert_eq!(opt.config().line_search_fn, LineSearch::StrongWolfe);
+    assert_eq!(opt.config().history_size, 7);
 }

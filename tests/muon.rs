@@ -377,7 +377,11 @@ fn step_options_work_on_muon() {
         grads(&mut a2, t);
         a2.grads_mut().iter_mut().for_each(|g| *g *= 4.0);
         o1.step(&mut a1).unwrap();
-        o2.step_accumulated(&mut a2, 4).unwrap();
+        o2.step_with_options(
+            &mut a2,
+            optarena::StepOptions::new().accumulated(4).unwrap(),
+        )
+        .unwrap();
     }
     assert!(bits(&a1) == bits(&a2));
     let before = (bits(&a1), o1.state_dict_json().unwrap());

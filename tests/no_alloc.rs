@@ -81,13 +81,21 @@ fn steps_allocate_nothing_in<A: Algorithm>(config: A::Config, interleaved: bool)
     opt.step(&mut arena).unwrap(); // creates the state
     if interleaved {
         // Grows the norm's scratch once.
-        opt.step_clipped(&mut arena, ClipNorm::l2(1.0)).unwrap();
+        opt.step_with_options(
+            &mut arena,
+            optarena::StepOptions::new().clipped(ClipNorm::l2(1.0)),
+        )
+        .unwrap();
     }
     let before = allocations();
     for t in 0..50 {
         arena.grads_mut().iter_mut().for_each(|g| *g *= 0.9);
         if interleaved && t % 2 == 1 {
-            opt.step_clipped(&mut arena, ClipNorm::l2(1.0)).unwrap();
+            opt.step_with_options(
+                &mut arena,
+                optarena::StepOptions::new().clipped(ClipNorm::l2(1.0)),
+            )
+            .unwrap();
         } else {
             opt.step(&mut arena).unwrap();
         }

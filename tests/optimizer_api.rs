@@ -160,7 +160,12 @@ fn non_finite_step_changes_nothing<T: Float, A: Algorithm>(config: A::Config) {
         write_grads(&mut arena, 2, &[]);
         arena.grad_mut(h[2])[1234] = T::from_f64(bad);
         assert_eq!(
-            opt.step_checked(&mut arena).unwrap(),
+            opt.step_with_options(
+                &mut arena,
+                optarena::StepOptions::new().skipping_non_finite()
+            )
+            .unwrap()
+            .outcome,
             StepOutcome::SkippedNonFinite
         );
         assert_eq!(snapshot(&arena), before_params);
@@ -168,7 +173,15 @@ fn non_finite_step_changes_nothing<T: Float, A: Algorithm>(config: A::Config) {
         assert_eq!(opt.find_non_finite_grad(&arena), Some("p2"));
     }
     write_grads(&mut arena, 2, &[]);
-    assert_eq!(opt.step_checked(&mut arena).unwrap(), StepOutcome::Applied);
+    assert_eq!(
+        opt.step_with_options(
+            &mut arena,
+            optarena::StepOptions::new().skipping_non_finite()
+        )
+        .unwrap()
+        .outcome,
+        StepOutcome::Applied
+    );
     assert_ne!(snapshot(&arena), before_params);
 }
 
@@ -646,7 +659,11 @@ fn adafactor_accumulated_step_equals_the_plain_step() {
         write_grads(&mut a2, t, &[]);
         a2.grads_mut().iter_mut().for_each(|g| *g *= 2.0);
         o1.step(&mut a1).unwrap();
-        o2.step_accumulated(&mut a2, 2).unwrap();
+        o2.step_with_options(
+            &mut a2,
+            optarena::StepOptions::new().accumulated(2).unwrap(),
+        )
+        .unwrap();
     }
     assert_eq!(snapshot(&a1), snapshot(&a2));
 }
@@ -743,4 +760,124 @@ fn config_builders_match_by_name_setters() {
     );
     let sparse = SparseAdamConfig::new().with_eps(1e-6).with_maximize(true);
     assert_eq!((sparse.lr, sparse.eps, sparse.maximize), (1e-3, 1e-6, true));
+}
+
+/// A typed override (a closure over the config, checked by the compiler) is the same override
+/// as by torch's name: the same configs, the same steps bit for bit.
+#[test]
+fn typed_group_overrides_equal_overrides_by_name() {
+    let (mut a1, h1) = build_arena::<f32>(&shapes(), 1, &[]);
+    let (mut a2, h2) = build_arena::<f32>(&shapes(), 1, &[]);
+    let defaults = AdamConfig::default().with_lr(1e-2);
+    let by_name = [
+        ParamGroup::new(h1[..3].iter().copied())
+            .with("lr", 1e-3)
+            .with("amsgrad", true),
+        ParamGroup::new(h1[3..].iter().copied()).with("weight_decay", 0.1),
+    ];
+    let typed = [
+        ParamGroup::new(h2[..3].iter().copied()).configure(|c: &mut AdamConfig| {
+            c.lr = 1e-3;
+            c.amsgrad = true;
+        }),
+        // By name and typed, mixed in one group, applied in order.
+        ParamGroup::new(h2[3..].iter().copied())
+            .with("weight_decay", 0.5)
+            .configure(|c: &mut AdamConfig| c.weight_decay = 0.1),
+    ];
+    let mut o1 = Adam::new(&a1, by_name, defaults.clone()).unwrap();
+    let mut o2 = Adam::new(&a2, typed, defaults).unwrap();
+    for g in 0..2 {
+        assert_eq!(o1.group_config(g).unwrap(), o2.group_config(g).unwrap());
+    }
+    assert!(o2.group_config(0).unwrap().amsgrad);
+    assert_eq!(o2.group_config(1).unwrap().weight_decay, 0.1);
+    for t in 0..3 {
+        write_grads(&mut a1, t, &[]);
+        write_grads(&mut a2, t, &[]);
+        o1.step(&mut a1).unwrap();
+        o2.step(&mut a2).unwrap();
+    }
+    assert_eq!(snapshot(&a1), snapshot(&a2));
+    assert_eq!(o1.state_dict(), o2.state_dict());
+}
+
+/// A typed override is validated as torch's constructor validates (torch's message), and a
+/// failed `add_param_group` or `configure_group` changes nothing.
+#[test]
+fn typed_overrides_are_validated() {
+    let (arena, h) = build_arena::<f32>(&shapes(), 1, &[]);
+    let bad = ParamGroup::new(h[..3].iter().copied()).configure(|c: &mut AdamConfig| c.lr = -1.0);
+    let e = Adam::new(&arena, [bad], AdamConfig::default()).unwrap_err();
+    assert_eq!(e.to_string(), "Invalid learning rate: -1.0");
+
+    let mut opt = Adam::new(
+        &arena,
+        [ParamGroup::new(h[..3].iter().copied())],
+        AdamConfig::default(),
+    )
+    .unwrap();
+    let bad = ParamGroup::new(h[3..].iter().copied())
+        .configure(|c: &mut AdamConfig| c.betas = (1.0, 0.999));
+    let e = opt.add_param_group(&arena, bad).unwrap_err();
+    assert_eq!(e.to_string(), "Invalid beta parameter at index 0: 1.0");
+    assert_eq!(opt.num_groups(), 1);
+    let good = ParamGroup::new(h[3..].iter().copied()).configure(|c: &mut AdamConfig| c.lr = 0.5);
+    opt.add_param_group(&arena, good).unwrap();
+    assert_eq!(opt.lr(1).unwrap(), 0.5);
+
+    let before = opt.group_config(1).unwrap().clone();
+    let e = opt.configure_group(1, |c| c.eps = f64::NAN).unwrap_err();
+    assert_eq!(e.to_string(), "Invalid epsilon value: NaN");
+    assert_eq!(opt.group_config(1).unwrap(), &before);
+    opt.configure_group(1, |c| c.maximize = true).unwrap();
+    assert!(opt.group_config(1).unwrap().maximize);
+    assert!(opt.configure_group(2, |c| c.lr = 0.1).is_err());
+    // The inherent lr setter and the by-name one are the same change.
+    opt.set_lr(0, 0.25).unwrap();
+    assert_eq!(
+        opt.hyper(0, "lr").unwrap(),
+        optarena::HyperValue::Number(0.25)
+    );
+}
+
+/// Step options compose as values: scales multiply, accumulation is a `1/k` scale, and the
+/// guard and the clip are flags on the same value; the composed step equals the step with the
+/// fields written out, bit for bit.
+#[test]
+fn step_options_compose() {
+    use optarena::{ClipNorm, StepOptions};
+    let clip = ClipNorm::l2(0.5);
+    let composed = StepOptions::new()
+        .accumulated(4)
+        .unwrap()
+        .scaled(0.5)
+        .clipped(clip)
+        .skipping_non_finite();
+    let written = StepOptions {
+        grad_scale: 0.125,
+        skip_non_finite: true,
+        clip: Some(clip),
+    };
+    assert_eq!(composed, written);
+    assert_eq!(StepOptions::new(), StepOptions::default());
+    assert_eq!(
+        StepOptions::new().accumulated(0).unwrap_err().to_string(),
+        "Invalid micro-batch count: 0"
+    );
+
+    let (mut a1, h1) = build_arena::<f32>(&shapes(), 1, &[]);
+    let (mut a2, h2) = build_arena::<f32>(&shapes(), 1, &[]);
+    let mut o1 = Adam::new(&a1, groups(&h1, &[]), AdamConfig::default()).unwrap();
+    let mut o2 = Adam::new(&a2, groups(&h2, &[]), AdamConfig::default()).unwrap();
+    for t in 0..3 {
+        write_grads(&mut a1, t, &[]);
+        write_grads(&mut a2, t, &[]);
+        let r1 = o1.step_with_options(&mut a1, composed).unwrap();
+        let r2 = o2.step_with_options(&mut a2, written).unwrap();
+        assert_eq!(r1, r2);
+        assert_eq!(r1.outcome, StepOutcome::Applied);
+        assert!(r1.total_norm.unwrap() > 0.0);
+    }
+    assert_eq!(snapshot(&a1), snapshot(&a2));
 }

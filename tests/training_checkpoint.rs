@@ -652,7 +652,7 @@ fn lbfgs_resumes_bitwise_from_a_training_checkpoint() {
             LbfgsConfig::default()
                 .with_max_iter(4)
                 .with_history_size(5)
-                .with_line_search_fn(Some("strong_wolfe".into())),
+                .with_line_search_fn(LineSearch::StrongWolfe),
         )
         .unwrap();
         (arena, opt)

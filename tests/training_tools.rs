@@ -98,7 +98,8 @@ fn norm_and_clipped_step_are_bitwise_the_same_at_every_simd_level() {
                     norm_type: norm,
                     error_if_nonfinite: false,
                 };
-                o.step_clipped(&mut a, clip).unwrap();
+                o.step_with_options(&mut a, optarena::StepOptions::new().clipped(clip))
+                    .unwrap();
             }
             bits(&a)
         };
@@ -252,14 +253,16 @@ fn fused_clip_step_equals_clip_then_step_bitwise() {
             let n1 = clip_grad_norm_all(&mut a1, ClipNorm::new(5.0).norm_type(norm)).unwrap();
             o1.step(&mut a1).unwrap();
             let n2 = o2
-                .step_clipped(
+                .step_with_options(
                     &mut a2,
-                    ClipNorm {
+                    optarena::StepOptions::new().clipped(ClipNorm {
                         max_norm: 5.0,
                         norm_type: norm,
                         error_if_nonfinite: false,
-                    },
+                    }),
                 )
+                .unwrap()
+                .total_norm
                 .unwrap();
             assert_eq!(n1.to_bits(), n2.to_bits());
             assert_eq!(bits(&a1), bits(&a2), "{norm:?} step {t}");
@@ -277,7 +280,12 @@ fn nan_gradient_step_changes_nothing_bit_for_bit() {
     write_grads(&mut arena, 2, &[]);
     arena.grad_mut(h[5])[0] = f32::NAN;
     assert_eq!(
-        opt.step_checked(&mut arena).unwrap(),
+        opt.step_with_options(
+            &mut arena,
+            optarena::StepOptions::new().skipping_non_finite()
+        )
+        .unwrap()
+        .outcome,
         StepOutcome::SkippedNonFinite
     );
     assert_eq!(bits(&arena), p);
@@ -352,7 +360,13 @@ fn accumulation_folds_one_over_k_into_the_step() {
                 .for_each(|(g, s)| *g += s);
         }
     }
-    o2.step_accumulated(&mut a2, k as usize).unwrap();
+    o2.step_with_options(
+        &mut a2,
+        optarena::StepOptions::new()
+            .accumulated(k as usize)
+            .unwrap(),
+    )
+    .unwrap();
     // The same sum, averaged by hand with the same rounding (g * (1/k)), then a plain step.
     let summed = a2.grads().to_vec();
     let inv = 1.0f32 / k as f32;
@@ -362,7 +376,8 @@ fn accumulation_folds_one_over_k_into_the_step() {
         .for_each(|(g, s)| *g = s * inv);
     o1.step(&mut a1).unwrap();
     assert_eq!(bits(&a1), bits(&a2));
-    assert!(o2.step_accumulated(&mut a2, 0).is_err());
+    let e = optarena::StepOptions::new().accumulated(0).unwrap_err();
+    assert_eq!(e.to_string(), "Invalid micro-batch count: 0");
 }
 
 #[test]
@@ -386,7 +401,12 @@ fn hooks_run_around_applied_steps_and_can_be_removed() {
     write_grads(&mut arena, 1, &[]);
     opt.step(&mut arena).unwrap();
     arena.grad_mut(h[0])[0] = f32::NAN;
-    opt.step_checked(&mut arena).unwrap(); // skipped: hooks do not run
+    opt.step_with_options(
+        &mut arena,
+        optarena::StepOptions::new().skipping_non_finite(),
+    )
+    .unwrap()
+    .outcome; // skipped: hooks do not run
     assert!(opt.remove_hook(pre));
     assert!(!opt.remove_hook(pre));
     write_grads(&mut arena, 2, &[]);

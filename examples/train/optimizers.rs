@@ -191,7 +191,8 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
                 // clip_grad_norm_ + step, fused: the norm is taken over the optimizer's params
                 // and the clip coefficient is folded into the update.
                 Some(clip) => {
-                    self.opt.step_clipped(arena, clip)?;
+                    self.opt
+                        .step_with_options(arena, optarena::StepOptions::new().clipped(clip))?;
                 }
                 None => self.opt.step(arena)?,
             }
@@ -443,7 +444,7 @@ impl OptKind {
                             .with_lr(lr)
                             .with_max_iter(max_iter)
                             .with_history_size(history_size)
-                            .with_line_search_fn(Some("strong_wolfe".into())),
+                            .with_line_search_fn(optarena::LineSearch::StrongWolfe),
                     )?,
                 })
             }

@@ -659,15 +659,26 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
                 continue;
             }
             3 => match input.u8() % 4 {
-                0 => o.step_checked(&mut arena).map(|_| ()),
+                0 => o
+                    .step_with_options(
+                        &mut arena,
+                        optarena::StepOptions::new().skipping_non_finite(),
+                    )
+                    .map(|_| ()),
                 1 => o
-                    .step_clipped(&mut arena, optarena::ClipNorm::l2(input.f64()))
+                    .step_with_options(
+                        &mut arena,
+                        optarena::StepOptions::new().clipped(optarena::ClipNorm::l2(input.f64())),
+                    )
                     .map(|_| ()),
                 2 => {
                     let k = input.below(3);
-                    let res = o.step_accumulated(&mut arena, k);
+                    let res = optarena::StepOptions::new()
+                        .accumulated(k)
+                        .and_then(|options| o.step_with_options(&mut arena, options))
+                        .map(|_| ());
                     if k == 0 {
-                        assert!(res.is_err(), "step_accumulated(0) accepted");
+                        assert!(res.is_err(), "accumulated(0) accepted");
                     }
                     res
                 }

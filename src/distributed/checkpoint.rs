@@ -245,7 +245,7 @@ pub(crate) fn piece_optimizer<T: Float, A: Algorithm>(
     arena: &Arena<T>,
     pieces: &[(usize, Range<usize>)],
     groups: &[Vec<usize>],
-    overrides: &[Vec<(String, crate::hyper::HyperValue)>],
+    overrides: &[Vec<crate::optimizer::Override<A::Config>>],
     defaults: A::Config,
 ) -> Result<Optimizer<T, A>> {
     let mut opt = Optimizer::<T, A>::without_groups(arena, defaults)?;

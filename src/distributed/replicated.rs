@@ -199,7 +199,7 @@ impl<C: Communicator, T: Float + CommElem> DataParallel<C, T> {
             .map(|_| ())
     }
 
-    /// [`Optimizer::step_checked`] over the ranks: averages, then skips the step on every
+    /// A step with [`StepOptions::skipping_non_finite`](crate::StepOptions::skipping_non_finite) over the ranks: averages, then skips the step on every
     /// rank when the average holds a NaN or an infinity (so when any rank's gradients did).
     pub fn step_checked<A: Algorithm>(
         &mut self,

@@ -19,7 +19,9 @@ use crate::arena::{Arena, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{GroupHyperparams, HyperValue};
-use crate::optimizer::{Algorithm, Optimizer, ParamGroup, StepOptions, StepOutcome, StepReport};
+use crate::optimizer::{
+    Algorithm, Optimizer, Override, ParamGroup, StepOptions, StepOutcome, StepReport,
+};
 use crate::parallel::Parallelism;
 use crate::scaler::StepWithOptions;
 use crate::state::MatchBy;
@@ -104,10 +106,10 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
     pub fn new(
         comm: C,
         arena: &Arena<T>,
-        groups: impl IntoIterator<Item = ParamGroup<T>>,
+        groups: impl IntoIterator<Item = impl Into<ParamGroup<T, A::Config>>>,
         defaults: A::Config,
     ) -> Result<Self> {
-        let groups: Vec<ParamGroup<T>> = groups.into_iter().collect();
+        let groups: Vec<ParamGroup<T, A::Config>> = groups.into_iter().map(Into::into).collect();
         // The whole optimizer validates everything as torch does (its state is allocated
         // lazily, so this costs no buffers) and names the groups for the fingerprint.
         let full = Optimizer::<T, A>::new(arena, groups.iter().cloned(), defaults.clone())?;
@@ -125,7 +127,7 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
         let pieces = plan.pieces(arena.infos(), rank);
         let shard_arena = piece_arena(arena.infos(), &pieces, |_, e| arena.params()[e].to_vec())?;
         let group_members = group_positions(&full)?;
-        let overrides: Vec<Vec<(String, HyperValue)>> =
+        let overrides: Vec<Vec<Override<A::Config>>> =
             groups.iter().map(|g| g.overrides().to_vec()).collect();
         let inner = piece_optimizer::<T, A>(
             &shard_arena,
@@ -231,7 +233,7 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
         self.step_with_options(arena, StepOptions::default())
     }
 
-    /// [`Optimizer::step_checked`] over the ranks: skips the step on every rank when any rank's averaged
+    /// A step with [`StepOptions::skipping_non_finite`](crate::StepOptions::skipping_non_finite) over the ranks: skips the step on every rank when any rank's averaged
     /// gradients hold a NaN or an infinity (nothing changes anywhere). Every rank must call it.
     pub fn step_checked(&mut self, arena: &mut Arena<T>) -> Result<StepOutcome> {
         let options = StepOptions {

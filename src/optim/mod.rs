@@ -22,7 +22,7 @@ pub use adagrad::{Adagrad, AdagradAlgorithm, AdagradConfig};
 pub use adam::{Adam, AdamAlgorithm, AdamConfig, AdamW, AdamWAlgorithm, AdamWConfig};
 pub use adamax::{Adamax, AdamaxAlgorithm, AdamaxConfig};
 pub use asgd::{Asgd, AsgdAlgorithm, AsgdConfig, AsgdScalars};
-pub use lbfgs::{Lbfgs, LbfgsConfig, LbfgsState, LbfgsStateDict};
+pub use lbfgs::{Lbfgs, LbfgsConfig, LbfgsState, LbfgsStateDict, LineSearch};
 pub use muon::{Muon, MuonAlgorithm, MuonConfig, NsPrecision};
 pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig, NAdamScalars};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};

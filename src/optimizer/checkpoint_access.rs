@@ -17,7 +17,6 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::Hyperparams;
 use crate::mixed::StatePrecision;
-use crate::mixed::StatePrecision;
 use crate::state::{GroupDict, MatchBy, ParamRef};
 
 /// One parameter's state, borrowed from the optimizer.

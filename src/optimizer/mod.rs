@@ -71,7 +71,8 @@ use group::{Group, ParamState};
 pub use hooks::{HookHandle, StepHook};
 use param_group::first_common;
 pub(crate) use param_group::runs_of;
-pub use param_group::ParamGroup;
+pub(crate) use param_group::Override;
+pub use param_group::{ParamGroup, Untyped};
 use plan::{MixedStreams, WorkItem};
 pub use step::{StepOptions, StepOutcome, StepReport};
 
@@ -119,13 +120,13 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// arena's parameters, in any layout (see [`ParamGroup::new`]).
     pub fn new(
         arena: &Arena<T>,
-        groups: impl IntoIterator<Item = ParamGroup<T>>,
+        groups: impl IntoIterator<Item = impl Into<ParamGroup<T, A::Config>>>,
         defaults: A::Config,
     ) -> Result<Self> {
         let mut opt = Self::without_groups(arena, defaults)?;
         let mut any = false;
         for g in groups {
-            opt.add_param_group(arena, g)?;
+            opt.add_param_group(arena, g.into())?;
             any = true;
         }
         if !any {
@@ -160,7 +161,12 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
 
     /// Adds a param group, for example to unfreeze layers mid-training. Its hyperparameters are
     /// the optimizer's defaults with the group's overrides on top.
-    pub fn add_param_group(&mut self, arena: &Arena<T>, group: ParamGroup<T>) -> Result<()> {
+    pub fn add_param_group(
+        &mut self,
+        arena: &Arena<T>,
+        group: impl Into<ParamGroup<T, A::Config>>,
+    ) -> Result<()> {
+        let group = group.into();
         self.check_arena(arena)?;
         let params = group.resolve(arena)?;
         self.add_resolved_group(params, group.overrides())
@@ -173,7 +179,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     pub(crate) fn add_resolved_group(
         &mut self,
         params: Vec<usize>,
-        overrides: &[(String, HyperValue)],
+        overrides: &[Override<A::Config>],
     ) -> Result<()> {
         for g in &self.groups {
             if let Some(i) = first_common(&params, &g.params) {
@@ -183,8 +189,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             }
         }
         let mut config = self.defaults.clone();
-        for (name, value) in overrides {
-            config.set(name, value)?;
+        for o in overrides {
+            o.apply(&mut config)?;
         }
         config.validate()?;
         for &i in &params {
@@ -344,6 +350,27 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         Ok(())
     }
 
+    /// Changes the hyperparameters of group `index` by a closure over its config (checked by
+    /// the compiler, as [`ParamGroup::configure`]), then validates them; an invalid result is
+    /// an error and leaves the group as it was.
+    ///
+    /// ```
+    /// use optarena::{Adam, AdamConfig, ArenaBuilder, ParamGroup};
+    /// let mut b = ArenaBuilder::<f32>::new();
+    /// b.zeros("w", &[4])?;
+    /// let arena = b.build();
+    /// let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default())?;
+    /// opt.configure_group(0, |c| c.betas = (0.95, 0.999))?;
+    /// assert!(opt.configure_group(0, |c| c.eps = -1.0).is_err());
+    /// assert_eq!(opt.group_config(0)?.betas, (0.95, 0.999));
+    /// # Ok::<(), optarena::Error>(())
+    /// ```
+    pub fn configure_group(&mut self, index: usize, f: impl FnOnce(&mut A::Config)) -> Result<()> {
+        let mut config = self.group_ref(index)?.config.clone();
+        f(&mut config);
+        self.set_group_config(index, config)
+    }
+
     /// The layout of group `index`: the maximal runs of consecutive arena positions its
     /// parameters fill, ascending. A group whose parameters were registered one after another
     /// is one run; torch's weight-decay recipe over a model registered in its natural order
@@ -396,7 +423,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         }
     }
 
-    /// Sets the learning rate of group `index`.
+    /// Sets the learning rate of group `index`: the one way to set an lr on an optimizer
+    /// ([`Optimizer::set_hyper`] sets any hyperparameter by torch's name;
+    /// [`GroupHyperparams::set_group_lr`] is the same for code generic over optimizers, such
+    /// as schedulers and hooks).
     pub fn set_lr(&mut self, index: usize, lr: f64) -> Result<()> {
         self.set_hyper(index, "lr", lr)
     }

@@ -2,33 +2,142 @@
 //! the run layout of a resolved group.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::arena::{Arena, Param};
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::hyper::HyperValue;
+use crate::hyper::{HyperValue, Hyperparams};
 
 /// The parameters of one param group and the hyperparameters it overrides.
 ///
+/// Overrides are given by torch's name ([`ParamGroup::with`], as torch's per-group dict
+/// entries, for Python-style interop), or typed, by a closure over the optimizer's config
+/// ([`ParamGroup::configure`]), which the compiler checks: a closure over another algorithm's
+/// config, or a field that does not exist, does not compile. They apply in the order given,
+/// over the optimizer's defaults, and the result is validated as torch's constructor does.
+///
+/// `C` is the config type the group's typed overrides are for; a group without any
+/// ([`Untyped`], the default) fits every optimizer.
+///
 /// ```
-/// use optarena::{ArenaBuilder, ParamGroup};
+/// use optarena::{Adam, AdamConfig, ArenaBuilder, ParamGroup};
 /// let mut b = ArenaBuilder::<f32>::new();
 /// let w = b.zeros("w", &[4]).unwrap();
 /// let bias = b.zeros("b", &[1]).unwrap();
-/// let group = ParamGroup::new([w, bias]).with("lr", 0.01).with("weight_decay", 0.0);
-/// # let _ = group;
+/// let arena = b.build();
+/// // torch: Adam([{"params": [w], "lr": 1e-3, "amsgrad": True}, {"params": [bias]}], lr=1e-2)
+/// let weights = ParamGroup::new([w]).configure(|c: &mut AdamConfig| {
+///     c.lr = 1e-3;
+///     c.amsgrad = true;
+/// });
+/// let biases = ParamGroup::new([bias]).with("weight_decay", 0.0); // by torch's name
+/// let opt = Adam::new(&arena, [weights, biases.into()], AdamConfig { lr: 1e-2, ..Default::default() })?;
+/// assert_eq!(opt.group_config(0)?.lr, 1e-3);
+/// assert_eq!(opt.lr(1)?, 1e-2);
+/// # Ok::<(), optarena::Error>(())
 /// ```
-#[derive(Debug, Clone)]
-pub struct ParamGroup<T> {
+///
+/// ```compile_fail
+/// use optarena::{Adam, AdamConfig, ArenaBuilder, ParamGroup, SgdConfig};
+/// let mut b = ArenaBuilder::<f32>::new();
+/// let w = b.zeros("w", &[4]).unwrap();
+/// let arena = b.build();
+/// // SGD's config for an Adam optimizer: a type error, not a run-time one.
+/// let group = ParamGroup::new([w]).configure(|c: &mut SgdConfig| c.momentum = 0.9);
+/// let _ = Adam::new(&arena, [group], AdamConfig::default());
+/// ```
+pub struct ParamGroup<T, C = Untyped> {
     params: Selection<T>,
-    overrides: Vec<(String, HyperValue)>,
+    overrides: Vec<Override<C>>,
 }
 
-#[derive(Debug, Clone)]
+/// The config type of a [`ParamGroup`] without typed overrides: such a group fits any
+/// optimizer (it converts into a group of any config type with `.into()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Untyped;
+
+/// One override of a group's config.
+pub(crate) enum Override<C> {
+    /// By torch's name.
+    Named(String, HyperValue),
+    /// A closure over the config.
+    Typed(Arc<dyn Fn(&mut C) + Send + Sync>),
+}
+
+impl<C> Clone for Override<C> {
+    fn clone(&self) -> Self {
+        match self {
+            Override::Named(n, v) => Override::Named(n.clone(), v.clone()),
+            Override::Typed(f) => Override::Typed(Arc::clone(f)),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for Override<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Override::Named(n, v) => write!(f, "{n}={v}"),
+            Override::Typed(_) => write!(f, "<closure>"),
+        }
+    }
+}
+
+impl<C: Hyperparams> Override<C> {
+    /// Applies the override to `config` (not validated: see [`Hyperparams::validate`]).
+    pub(crate) fn apply(&self, config: &mut C) -> Result<()> {
+        match self {
+            Override::Named(name, value) => config.set(name, value),
+            Override::Typed(f) => {
+                f(config);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl<T, C> Clone for ParamGroup<T, C> {
+    fn clone(&self) -> Self {
+        ParamGroup {
+            params: self.params.clone(),
+            overrides: self.overrides.clone(),
+        }
+    }
+}
+
+impl<T, C> std::fmt::Debug for ParamGroup<T, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamGroup")
+            .field("params", &self.params)
+            .field("overrides", &self.overrides)
+            .finish()
+    }
+}
+
 enum Selection<T> {
     Handles(Vec<Param<T>>),
     Names(Vec<String>),
     All,
+}
+
+impl<T> Clone for Selection<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Selection::Handles(h) => Selection::Handles(h.clone()),
+            Selection::Names(n) => Selection::Names(n.clone()),
+            Selection::All => Selection::All,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Selection<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selection::Handles(h) => f.debug_tuple("Handles").field(&h.len()).finish(),
+            Selection::Names(n) => f.debug_tuple("Names").field(n).finish(),
+            Selection::All => f.write_str("All"),
+        }
+    }
 }
 
 impl<T: Float> ParamGroup<T> {
@@ -59,15 +168,54 @@ impl<T: Float> ParamGroup<T> {
             overrides: Vec::new(),
         }
     }
+}
 
-    /// Overrides one hyperparameter for this group (torch's per-group dict entries).
+/// A group without typed overrides fits an optimizer of any config.
+impl<T, C: Hyperparams> From<ParamGroup<T, Untyped>> for ParamGroup<T, C> {
+    fn from(g: ParamGroup<T, Untyped>) -> Self {
+        let overrides = g
+            .overrides
+            .into_iter()
+            .map(|o| match o {
+                Override::Named(n, v) => Override::Named(n, v),
+                Override::Typed(_) => unreachable!("an untyped group has no typed override"),
+            })
+            .collect();
+        ParamGroup {
+            params: g.params,
+            overrides,
+        }
+    }
+}
+
+impl<T: Float, C> ParamGroup<T, C> {
+    /// Overrides hyperparameters for this group by a closure over the optimizer's config
+    /// `D` (checked by the compiler), after the overrides given so far. The group is then for
+    /// optimizers of config `D` only (a group already configured for another config does not
+    /// compile).
+    pub fn configure<D: Hyperparams>(
+        self,
+        f: impl Fn(&mut D) + Send + Sync + 'static,
+    ) -> ParamGroup<T, D>
+    where
+        Self: Into<ParamGroup<T, D>>,
+    {
+        let mut group: ParamGroup<T, D> = self.into();
+        group.overrides.push(Override::Typed(Arc::new(f)));
+        group
+    }
+
+    /// Overrides one hyperparameter for this group by torch's name (torch's per-group dict
+    /// entries); an unknown name or a value of the wrong kind is an error when the group is
+    /// added to an optimizer.
     pub fn with(mut self, name: &str, value: impl Into<HyperValue>) -> Self {
-        self.overrides.push((name.to_string(), value.into()));
+        self.overrides
+            .push(Override::Named(name.to_string(), value.into()));
         self
     }
 
-    /// The hyperparameters this group overrides, in the order given.
-    pub(crate) fn overrides(&self) -> &[(String, HyperValue)] {
+    /// The overrides of this group, in the order given.
+    pub(crate) fn overrides(&self) -> &[Override<C>] {
         &self.overrides
     }
 

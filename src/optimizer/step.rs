@@ -16,7 +16,27 @@ pub enum StepOutcome {
     SkippedNonFinite,
 }
 
-/// Options of one step beyond the plain update.
+/// Options of one step beyond the plain update, given to [`Optimizer::step_with_options`]:
+/// gradient scaling (an unscale factor, micro-batch averaging), the non-finite guard and a
+/// clip by total norm, all folded into the one fused pass. They compose as values:
+///
+/// ```
+/// use optarena::{Adam, AdamConfig, ArenaBuilder, ClipNorm, ParamGroup, StepOptions};
+/// let mut b = ArenaBuilder::<f32>::new();
+/// let w = b.param("w", &[2], &[1.0, -1.0])?;
+/// let mut arena = b.build();
+/// let mut opt = Adam::new(&arena, [ParamGroup::all()], AdamConfig::default())?;
+/// // Four accumulated micro-batches, averaged, clipped to norm 1, skipped if not finite.
+/// let options = StepOptions::new()
+///     .accumulated(4)?
+///     .clipped(ClipNorm::l2(1.0))
+///     .skipping_non_finite();
+/// arena.grad_mut(w).copy_from_slice(&[4.0, 8.0]);
+/// let report = opt.step_with_options(&mut arena, options)?;
+/// // The norm of the averaged gradients (1, 2).
+/// assert!((report.total_norm.unwrap() - 5f64.sqrt()).abs() < 1e-6);
+/// # Ok::<(), optarena::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOptions {
     /// Every gradient is multiplied by this inside the fused update (an unscale factor
@@ -33,6 +53,51 @@ pub struct StepOptions {
 }
 
 impl StepOptions {
+    /// A plain step: gradients as they are, no guard, no clip (the same as `Default`).
+    pub const fn new() -> Self {
+        StepOptions {
+            grad_scale: 1.0,
+            skip_non_finite: false,
+            clip: None,
+        }
+    }
+
+    /// Also multiplies every gradient by `factor` inside the update (for example an unscale
+    /// factor `1/scale`); factors compose by multiplication.
+    pub fn scaled(mut self, factor: f64) -> Self {
+        self.grad_scale *= factor;
+        self
+    }
+
+    /// The gradients hold the sum of `k` micro-batch gradients (written with
+    /// [`Arena::grad_mut`] without zeroing in between): the `1/k` averaging is folded into the
+    /// update, as dividing each micro-batch's loss by `k` would. An error for `k = 0`.
+    pub fn accumulated(self, k: usize) -> Result<Self> {
+        if k == 0 {
+            return Err(Error::InvalidHyperparameter(
+                "Invalid micro-batch count: 0".to_string(),
+            ));
+        }
+        Ok(self.scaled(1.0 / k as f64))
+    }
+
+    /// Skips the whole step, changing nothing (parameters, state, step counts), when any
+    /// gradient holds NaN or infinity ([`StepOutcome::SkippedNonFinite`]).
+    pub fn skipping_non_finite(mut self) -> Self {
+        self.skip_non_finite = true;
+        self
+    }
+
+    /// `clip_grad_norm_(params, max_norm, norm_type)` fused into the step: the norm of the
+    /// (scaled) gradients is computed in one pass and the clip coefficient folded into the
+    /// update, so the gradients are read twice and never rewritten; the report's
+    /// `total_norm` is the norm before clipping. The numbers equal clip followed by step, bit
+    /// for bit.
+    pub fn clipped(mut self, clip: ClipNorm) -> Self {
+        self.clip = Some(clip);
+        self
+    }
+
     /// Checks the options as a step does: a finite `grad_scale` and a `max_norm` that is not
     /// NaN.
     pub fn validate(&self) -> Result<()> {
@@ -66,11 +131,7 @@ impl StepOptions {
 
 impl Default for StepOptions {
     fn default() -> Self {
-        StepOptions {
-            grad_scale: 1.0,
-            skip_non_finite: false,
-            clip: None,
-        }
+        StepOptions::new()
     }
 }
 
@@ -95,6 +156,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
 
     /// `optimizer.step(closure)`: calls `closure` (which recomputes the loss and writes the
     /// gradients), then steps, and returns the loss.
+    #[deprecated(note = "call the closure, then `step`")]
     pub fn step_with<L>(
         &mut self,
         arena: &mut Arena<T>,
@@ -109,11 +171,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// A step that refuses NaN and infinite gradients: if any parameter's gradient holds one,
     /// nothing changes (parameters, state, step counts) and
     /// [`StepOutcome::SkippedNonFinite`] is returned.
+    #[deprecated(note = "use `step_with_options(arena, StepOptions::new().skipping_non_finite())`")]
     pub fn step_checked(&mut self, arena: &mut Arena<T>) -> Result<StepOutcome> {
-        let options = StepOptions {
-            skip_non_finite: true,
-            ..StepOptions::default()
-        };
+        let options = StepOptions::new().skipping_non_finite();
         Ok(self.step_with_options(arena, options)?.outcome)
     }
 
@@ -121,11 +181,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// optimizer's parameters is computed in one pass and the clip coefficient is folded into
     /// the update, so the gradients are read twice and never rewritten. Returns the total norm
     /// before clipping. The numbers equal clip followed by step, bit for bit.
+    #[deprecated(note = "use `step_with_options(arena, StepOptions::new().clipped(clip))`")]
     pub fn step_clipped(&mut self, arena: &mut Arena<T>, clip: ClipNorm) -> Result<f64> {
-        let options = StepOptions {
-            clip: Some(clip),
-            ..StepOptions::default()
-        };
+        let options = StepOptions::new().clipped(clip);
         let report = self.step_with_options(arena, options)?;
         Ok(report.total_norm.unwrap_or(0.0))
     }
@@ -133,21 +191,15 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// A step after `k` accumulated micro-batches: the gradients hold the sum of `k`
     /// micro-batch gradients (write them with [`Arena::grad_mut`] without zeroing in between)
     /// and the `1/k` averaging is folded into the update.
+    #[deprecated(note = "use `step_with_options(arena, StepOptions::new().accumulated(k)?)`")]
     pub fn step_accumulated(&mut self, arena: &mut Arena<T>, k: usize) -> Result<()> {
-        if k == 0 {
-            return Err(Error::InvalidHyperparameter(
-                "Invalid micro-batch count: 0".to_string(),
-            ));
-        }
-        let options = StepOptions {
-            grad_scale: 1.0 / k as f64,
-            ..StepOptions::default()
-        };
+        let options = StepOptions::new().accumulated(k)?;
         self.step_with_options(arena, options).map(|_| ())
     }
 
     /// A step with gradient scaling, clipping and the non-finite guard folded into the fused
-    /// update (see [`StepOptions`]). On an error nothing has changed.
+    /// update (see [`StepOptions`], whose builder methods compose them): the one entry point
+    /// beside [`Optimizer::step`]. On an error nothing has changed.
     pub fn step_with_options(
         &mut self,
         arena: &mut Arena<T>,

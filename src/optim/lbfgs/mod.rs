@@ -14,7 +14,7 @@ use crate::arch::SimdLevel;
 use crate::arena::{filled, AlignedBuf, Arena, ParamInfo};
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::hyper::{check, hyperparams, GroupHyperparams, HyperValue, Hyperparams};
+use crate::hyper::{check, hyperparams, GroupHyperparams, HyperField, HyperValue, Hyperparams};
 use crate::kernels::lbfgs as k;
 use crate::optimizer::{runs_of, ParamGroup};
 
@@ -32,6 +32,76 @@ pub use state_dict::{LbfgsState, LbfgsStateDict};
 
 /// torch's name of the one line search it offers.
 pub const STRONG_WOLFE: &str = "strong_wolfe";
+
+/// L-BFGS's line search (torch's `line_search_fn`): none, or the strong Wolfe search.
+///
+/// By name (state dicts, [`LbfgsConfig::with`], [`Lbfgs::set_hyper`], serde) it is torch's
+/// value: `None` or the string `"strong_wolfe"`; any other name is torch's error "only
+/// 'strong_wolfe' is supported", raised when it is set (torch raises it at the first step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LineSearch {
+    /// A fixed step of `lr` along the direction (torch's `line_search_fn=None`).
+    #[default]
+    None,
+    /// The strong Wolfe line search (`line_search_fn="strong_wolfe"`): bracketing and zoom
+    /// with cubic interpolation, `c1 = 1e-4`, `c2 = 0.9`.
+    StrongWolfe,
+}
+
+impl LineSearch {
+    /// torch's `line_search_fn` value: `None` or `Some("strong_wolfe")`.
+    pub fn torch_name(self) -> Option<&'static str> {
+        match self {
+            LineSearch::None => None,
+            LineSearch::StrongWolfe => Some(STRONG_WOLFE),
+        }
+    }
+
+    /// Reads torch's `line_search_fn` value.
+    pub fn from_torch_name(name: Option<&str>) -> Result<Self> {
+        match name {
+            None => Ok(LineSearch::None),
+            Some(STRONG_WOLFE) => Ok(LineSearch::StrongWolfe),
+            // torch raises this RuntimeError at the first step; it is checked up front here.
+            Some(_) => Err(Error::InvalidHyperparameter(
+                "only 'strong_wolfe' is supported".into(),
+            )),
+        }
+    }
+}
+
+impl HyperField for LineSearch {
+    fn to_value(&self) -> HyperValue {
+        match self.torch_name() {
+            Some(s) => HyperValue::Str(s.to_string()),
+            None => HyperValue::None,
+        }
+    }
+    fn from_value(name: &str, v: &HyperValue) -> Result<Self> {
+        match v {
+            HyperValue::Str(s) => LineSearch::from_torch_name(Some(s)),
+            HyperValue::None => Ok(LineSearch::None),
+            other => Err(Error::HyperparameterType {
+                name: name.to_string(),
+                expected: "a name or None",
+                got: other.to_string(),
+            }),
+        }
+    }
+}
+
+impl serde::Serialize for LineSearch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.torch_name().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LineSearch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = Option::<String>::deserialize(d)?;
+        LineSearch::from_torch_name(name.as_deref()).map_err(serde::de::Error::custom)
+    }
+}
 
 /// Sufficient-decrease constant of the strong Wolfe conditions (torch's `c1`).
 const C1: f64 = 1e-4;
@@ -59,8 +129,9 @@ hyperparams! {
         tolerance_change: f64 = 1e-9,
         /// Number of correction pairs `(y, s)` kept.
         history_size: usize = 100,
-        /// `None` (fixed step `lr`) or `"strong_wolfe"`.
-        line_search_fn: Option<String> = None,
+        /// [`LineSearch::None`] (fixed step `lr`) or [`LineSearch::StrongWolfe`]; by name,
+        /// torch's `None` or `"strong_wolfe"`.
+        line_search_fn: LineSearch = LineSearch::None,
         /// Maximize the objective: the loss and gradients the closure reports are negated
         /// before L-BFGS sees them (torch's keyword-only `maximize`).
         maximize: bool = false,
@@ -88,20 +159,17 @@ impl LbfgsConfig {
             // first correction pair.
             return invalid("Invalid history_size value: 0 (LBFGS keeps at least one pair)".into());
         }
-        match self.line_search_fn.as_deref() {
-            None => {}
-            // torch fails inside the line search (`bracket` unbound) when it may not evaluate
-            // at all.
-            Some(STRONG_WOLFE) if self.max_eval == Some(0) && self.max_iter > 0 => {
-                return invalid(
-                    "Invalid max_eval value: 0 (the strong Wolfe line search needs at least one \
-                     evaluation)"
-                        .into(),
-                );
-            }
-            Some(STRONG_WOLFE) => {}
-            // torch raises this RuntimeError at the first step; it is checked up front here.
-            Some(_) => return invalid("only 'strong_wolfe' is supported".into()),
+        // torch fails inside the line search (`bracket` unbound) when it may not evaluate at
+        // all.
+        if self.line_search_fn == LineSearch::StrongWolfe
+            && self.max_eval == Some(0)
+            && self.max_iter > 0
+        {
+            return invalid(
+                "Invalid max_eval value: 0 (the strong Wolfe line search needs at least one \
+                 evaluation)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -113,7 +181,7 @@ impl LbfgsConfig {
     }
 
     fn strong_wolfe(&self) -> bool {
-        self.line_search_fn.as_deref() == Some(STRONG_WOLFE)
+        self.line_search_fn == LineSearch::StrongWolfe
     }
 }
 
@@ -275,7 +343,7 @@ impl Flat {
 /// torch 2.15 has the same keyword with the same meaning.
 ///
 /// # Where it differs from torch, on purpose
-/// - `line_search_fn` other than `"strong_wolfe"`, `history_size = 0`, and `max_eval = 0`
+/// - A `line_search_fn` name other than `"strong_wolfe"`, `history_size = 0`, and `max_eval = 0`
 ///   with the line search are rejected when the config is set; torch fails at the first step.
 /// - Shrinking `history_size` below the number of stored pairs drops the oldest pairs at the
 ///   next update (torch compares with `==` and never trims again); growing it extends `al`
@@ -285,13 +353,13 @@ impl Flat {
 /// - A closure error in [`Lbfgs::try_step`] undoes the whole step (see there).
 ///
 /// ```
-/// use optarena::{ArenaBuilder, Lbfgs, LbfgsConfig, ParamGroup};
+/// use optarena::{ArenaBuilder, Lbfgs, LbfgsConfig, LineSearch, ParamGroup};
 ///
 /// // Minimize the Rosenbrock function from (-1.2, 1).
 /// let mut b = ArenaBuilder::<f64>::new();
 /// let x = b.param("x", &[2], &[-1.2, 1.0])?;
 /// let mut arena = b.build();
-/// let config = LbfgsConfig::default().with_line_search_fn(Some("strong_wolfe".into()));
+/// let config = LbfgsConfig::default().with_line_search_fn(LineSearch::StrongWolfe);
 /// let mut opt = Lbfgs::new(&arena, [ParamGroup::all()], config)?;
 /// for _ in 0..10 {
 ///     opt.step(&mut arena, |a| {
@@ -351,14 +419,14 @@ impl<T: Float> Lbfgs<T> {
     /// (parameter groups)").
     pub fn new(
         arena: &Arena<T>,
-        groups: impl IntoIterator<Item = ParamGroup<T>>,
+        groups: impl IntoIterator<Item = impl Into<ParamGroup<T, LbfgsConfig>>>,
         mut defaults: LbfgsConfig,
     ) -> Result<Self> {
         defaults.validate()?;
         if defaults.max_eval.is_none() {
             defaults.max_eval = Some(default_max_eval(defaults.max_iter));
         }
-        let groups: Vec<ParamGroup<T>> = groups.into_iter().collect();
+        let groups: Vec<ParamGroup<T, LbfgsConfig>> = groups.into_iter().map(Into::into).collect();
         if groups.is_empty() {
             return Err(Error::EmptyParamList);
         }
@@ -372,8 +440,8 @@ impl<T: Float> Lbfgs<T> {
             ));
         }
         let mut config = defaults;
-        for (name, value) in groups[0].overrides() {
-            config.set(name, value)?;
+        for o in groups[0].overrides() {
+            o.apply(&mut config)?;
         }
         config.validate()?;
         let flat = Arc::new(Flat::new(arena, resolved.remove(0)));
