@@ -213,7 +213,10 @@ fn half_step(
     let stochastic = name.contains("_sr");
     macro_rules! half {
         ($opt:expr) => {{
-            let mut o = $opt.unwrap().with_parallelism(par.clone()).with_simd_level(simd);
+            let mut o = $opt
+                .unwrap()
+                .with_parallelism(par.clone())
+                .with_simd_level(simd);
             o.set_state_precision(precision).unwrap();
             drop(a);
             let mut step = 0u64;

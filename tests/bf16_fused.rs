@@ -99,7 +99,10 @@ fn torch_fused_bf16_full_set() {
     assert!(cases >= 20 && compared > 0);
     // Most values equal torch's bits (torch's vector body uses FMA in its lerp; see
     // `Optimizer::step_half`); the rest are within SCHEMA's tolerance, checked above.
-    assert!(exact * 1000 >= compared * 999, "{exact} of {compared} bit-exact");
+    assert!(
+        exact * 1000 >= compared * 999,
+        "{exact} of {compared} bit-exact"
+    );
     // The same on three threads, with the default SIMD level.
     replay_bf16_file(&path, &pool(3));
 }
@@ -111,7 +114,11 @@ fn torch_fused_bf16_shared_sample() {
     dirs.extend(common::shared_samples_dir());
     for dir in dirs {
         let path = dir.join("bf16.json");
-        assert!(json_files(&dir).contains(&path), "{} missing", path.display());
+        assert!(
+            json_files(&dir).contains(&path),
+            "{} missing",
+            path.display()
+        );
         let (cases, compared, _) = replay_bf16_file(&path, &Parallelism::Sequential);
         assert!(cases >= 4 && compared > 0);
     }
@@ -218,7 +225,11 @@ fn torch_fused_step(
                     } else {
                         ((1.0 - damp) as f32).mul_add(d, *b * mom as f32)
                     };
-                    d = if nesterov { b.mul_add(mom as f32, d) } else { *b };
+                    d = if nesterov {
+                        b.mul_add(mom as f32, d)
+                    } else {
+                        *b
+                    };
                 }
                 p[i] = d.mul_add(-lr as f32, p[i]);
             }
@@ -528,10 +539,22 @@ fn stochastic_bits_follow_the_documented_hash() {
     // Rounding: add the bits below the mantissa and truncate; infinities stay, NaN is quiet.
     assert_eq!(bf16_stochastic_round(1.0, 0xFFFF).to_f32(), 1.0);
     let next = f32::from_bits(0x3F81_0000);
-    assert_eq!(bf16_stochastic_round(f32::from_bits(0x3F80_0001), 0xFFFF).to_f32(), next);
-    assert_eq!(bf16_stochastic_round(f32::from_bits(0x3F80_0001), 0xFFFE).to_f32(), 1.0);
-    assert_eq!(bf16_stochastic_round(f32::INFINITY, 0xFFFF).to_f32(), f32::INFINITY);
-    assert_eq!(bf16_stochastic_round(f32::NEG_INFINITY, 0xFFFF).to_f32(), f32::NEG_INFINITY);
+    assert_eq!(
+        bf16_stochastic_round(f32::from_bits(0x3F80_0001), 0xFFFF).to_f32(),
+        next
+    );
+    assert_eq!(
+        bf16_stochastic_round(f32::from_bits(0x3F80_0001), 0xFFFE).to_f32(),
+        1.0
+    );
+    assert_eq!(
+        bf16_stochastic_round(f32::INFINITY, 0xFFFF).to_f32(),
+        f32::INFINITY
+    );
+    assert_eq!(
+        bf16_stochastic_round(f32::NEG_INFINITY, 0xFFFF).to_f32(),
+        f32::NEG_INFINITY
+    );
     assert_eq!(bf16_stochastic_round(f32::NAN, 0xFFFF).to_bits(), 0x7FC0);
     assert_eq!(
         bf16_stochastic_round(f32::from_bits(0x7F80_0001), 0).to_bits(),
@@ -546,7 +569,9 @@ fn stochastic_bits_follow_the_documented_hash() {
 fn stochastic_rounding_is_unbiased() {
     let n = 200_000u64;
     let bases: [u32; 4] = [0x3F80_0000, 0xC2F6_0000, 0x0012_0000, 0x3A12_0000];
-    let fracs: [u32; 9] = [1, 0x0100, 0x1999, 0x4000, 0x8000, 0x8001, 0xC000, 0xE666, 0xFFFF];
+    let fracs: [u32; 9] = [
+        1, 0x0100, 0x1999, 0x4000, 0x8000, 0x8001, 0xC000, 0xE666, 0xFFFF,
+    ];
     for &base in &bases {
         for &frac in &fracs {
             let x = f32::from_bits(base | frac);
@@ -638,7 +663,13 @@ fn stochastic_rounding_tracks_small_updates_where_nearest_stalls() {
             opt.step_half(&mut params, &grads, r, StepOptions::default())
                 .unwrap();
         }
-        results.push(params.value(p).iter().map(|v| v.to_f64()).collect::<Vec<_>>());
+        results.push(
+            params
+                .value(p)
+                .iter()
+                .map(|v| v.to_f64())
+                .collect::<Vec<_>>(),
+        );
     }
     let mut f32_value = 1.0f32;
     for _ in 0..steps {
@@ -646,7 +677,10 @@ fn stochastic_rounding_tracks_small_updates_where_nearest_stalls() {
     }
     let target = f32_value as f64;
     assert!((target - 0.9).abs() < 1e-3);
-    assert!(results[0].iter().all(|&v| v == 1.0), "nearest rounding moved");
+    assert!(
+        results[0].iter().all(|&v| v == 1.0),
+        "nearest rounding moved"
+    );
     // Each element's error is a sum of 1000 zero-mean roundings: a random walk of a few bf16
     // units (about 0.02). Its mean over the elements lies within a few standard errors of
     // the f32 value; the spread stays that of the walk.
@@ -670,8 +704,9 @@ fn stochastic_rounding_tracks_small_updates_where_nearest_stalls() {
 fn misuse_is_refused_and_changes_nothing() {
     let (arena, handles) = build(5);
     let (other, _) = build(5);
-    let mut opt = Optimizer::<f32, AdamAlgorithm>::new(&arena, [ParamGroup::all()], AdamConfig::default())
-        .unwrap();
+    let mut opt =
+        Optimizer::<f32, AdamAlgorithm>::new(&arena, [ParamGroup::all()], AdamConfig::default())
+            .unwrap();
     opt.set_state_precision(StatePrecision::Bf16).unwrap();
     let mut params = HalfBuffer::<bf16>::copy_of(&arena);
     let mut grads = HalfBuffer::<bf16>::gradients(&arena);
@@ -680,12 +715,22 @@ fn misuse_is_refused_and_changes_nothing() {
     // Buffers of another arena.
     let mut foreign = HalfBuffer::<bf16>::copy_of(&other);
     let e = opt
-        .step_half(&mut foreign, &grads, ParamRounding::Nearest, StepOptions::default())
+        .step_half(
+            &mut foreign,
+            &grads,
+            ParamRounding::Nearest,
+            StepOptions::default(),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::ArenaMismatch(_)), "{e}");
     let foreign_grads = HalfBuffer::<bf16>::gradients(&other);
     let e = opt
-        .step_half(&mut params, &foreign_grads, ParamRounding::Nearest, StepOptions::default())
+        .step_half(
+            &mut params,
+            &foreign_grads,
+            ParamRounding::Nearest,
+            StepOptions::default(),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::ArenaMismatch(_)), "{e}");
     // Stochastic rounding of f16 parameters.
@@ -698,13 +743,25 @@ fn misuse_is_refused_and_changes_nothing() {
             StepOptions::default(),
         )
         .unwrap_err();
-    assert!(e.to_string().contains("stochastic rounding is for bfloat16"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("stochastic rounding is for bfloat16"),
+        "{e}"
+    );
     // An algorithm without a mixed-precision kernel.
-    let mut adafactor =
-        Optimizer::<f32, AdafactorAlgorithm>::new(&arena, [ParamGroup::all()], AdafactorConfig::default())
-            .unwrap();
+    let mut adafactor = Optimizer::<f32, AdafactorAlgorithm>::new(
+        &arena,
+        [ParamGroup::all()],
+        AdafactorConfig::default(),
+    )
+    .unwrap();
     let e = adafactor
-        .step_half(&mut params, &grads, ParamRounding::Nearest, StepOptions::default())
+        .step_half(
+            &mut params,
+            &grads,
+            ParamRounding::Nearest,
+            StepOptions::default(),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::MixedPrecision(_)), "{e}");
     // A non-finite gradient with `skip_non_finite`: skipped whole.

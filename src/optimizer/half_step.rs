@@ -140,10 +140,13 @@ impl<A: Algorithm> Optimizer<f32, A> {
                     ParamRounding::Nearest if half_state => {
                         item.run_stream::<A, _, G, bf16>(Nearest::new(p), true)
                     }
-                    ParamRounding::Nearest => item.run_stream::<A, _, G, f32>(Nearest::new(p), true),
+                    ParamRounding::Nearest => {
+                        item.run_stream::<A, _, G, f32>(Nearest::new(p), true)
+                    }
                     ParamRounding::Stochastic { seed, step } => {
                         // `P` is bf16 (checked by `step_half`), so this is the same slice.
-                        let p = std::slice::from_raw_parts_mut(p.as_mut_ptr() as *mut bf16, p.len());
+                        let p =
+                            std::slice::from_raw_parts_mut(p.as_mut_ptr() as *mut bf16, p.len());
                         let s = Stochastic::new(p, seed, step, at as u64);
                         if half_state {
                             item.run_stream::<A, _, G, bf16>(s, true)

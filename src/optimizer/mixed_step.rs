@@ -57,7 +57,8 @@ impl<C: Copy> WorkItem<f32, C> {
         let params = unsafe { std::slice::from_raw_parts_mut(self.params as *mut f32, self.len) };
         // SAFETY: as above.
         let copy = unsafe { std::slice::from_raw_parts_mut(self.copy as *mut H, self.len) };
-        let params = MasterCopy::new(params, copy).expect("the plan gives the copy the piece's length");
+        let params =
+            MasterCopy::new(params, copy).expect("the plan gives the copy the piece's length");
         // SAFETY: as above.
         unsafe { self.run_stream::<A, _, G, M>(params, false) }
     }
@@ -71,7 +72,7 @@ impl<A: Algorithm> Optimizer<f32, A> {
     ///
     /// Only before the first step (no parameter has state), and bf16 only for algorithms with
     /// a mixed-precision kernel ([`Algorithm::MIXED_PRECISION`]). An optimizer with bf16 state
-    /// steps only through [`Optimizer::step_mixed`]; [`Optimizer::state_dict`] widens its
+    /// steps only through [`Optimizer::step_mixed`] and [`Optimizer::step_half`]; [`Optimizer::state_dict`] widens its
     /// state to f32 (exactly), while loading state and binary checkpoints
     /// ([`crate::checkpoint`]) are refused with [`Error::MixedPrecision`] for now.
     pub fn set_state_precision(&mut self, precision: StatePrecision) -> Result<()> {

@@ -59,7 +59,9 @@ pub fn decode(b64: &str, dtype: &str) -> Vec<f64> {
         // SCHEMA.md's bfloat16 cases: the upper 16 bits of the f32.
         "bfloat16" => bytes
             .chunks_exact(2)
-            .map(|c| f32::from_bits((u16::from_le_bytes(c.try_into().unwrap()) as u32) << 16) as f64)
+            .map(|c| {
+                f32::from_bits((u16::from_le_bytes(c.try_into().unwrap()) as u32) << 16) as f64
+            })
             .collect(),
         other => panic!("unknown dtype {other}"),
     }
