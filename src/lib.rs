@@ -89,7 +89,7 @@ pub use clip::NormType;
 pub use error::{Error, Result};
 pub use float::{Float, Lane};
 pub use hyper::{GroupHyperparams, HyperValue, Hyperparams};
-pub use mixed::{HalfBuffer, StatePrecision, Storage};
+pub use mixed::{HalfBuffer, ParamRounding, StatePrecision, Storage};
 pub use optim::*;
 pub use optimizer::{
     Algorithm, ClipNorm, HookHandle, KernelArgs, Optimizer, ParamGroup, ParamScalars, StepHook,

@@ -1,5 +1,6 @@
 //! Mixed precision: bf16 and f16 storage beside f32 master weights (the ZeRO-Offload pattern,
-//! DeepSpeed's `DeepSpeedCPUAdam` with half-precision gradients and parameter copy).
+//! DeepSpeed's `DeepSpeedCPUAdam` with half-precision gradients and parameter copy), and bf16
+//! parameters with no master weights (torch's fused bf16 step; stochastic rounding).
 //!
 //! # Storage formats
 //! [`Storage`] is a sealed trait for the element formats a fused pass can stream: `f32`,
@@ -38,6 +39,38 @@
 //! With [`crate::Optimizer::set_state_precision`]`(`[`StatePrecision::Bf16`]`)` the state
 //! buffers are bf16 too (DeepSpeed's `fp32_optimizer_states=False`): each element's state is
 //! widened, updated in f32 and rounded back in the same pass.
+//!
+//! # Modes 1 and 3: bf16 parameters, no master copy
+//! [`crate::Optimizer::step_half`] steps parameters that exist only in half precision: a
+//! [`HalfBuffer`] of parameters (`HalfBuffer::<bf16>::copy_of(&arena)`) and one of gradients.
+//! The f32 [`Arena`] registers the parameters and builds the optimizer and the two buffers;
+//! it can be dropped before the first step (the optimizer keeps only the layout), so no f32
+//! copy of the parameters stays in memory. Each element is widened, updated in f32 and stored
+//! back through a [`ParamRounding`]:
+//! - **Mode 1**, [`ParamRounding::Nearest`] with [`StatePrecision::Bf16`]: torch's `fused=True`
+//!   CPU step on bf16 parameters (`FusedSGDKernel.cpp`, `FusedAdamKernel.cpp`,
+//!   `FusedAdagradKernel.cpp`), parameters and state rounded to nearest even. SGD, Adam,
+//!   AdamW and Adagrad run in the order of torch's compiled kernels, with the multiply-adds
+//!   they fuse ([`crate::kernels::torch_fused`], [`crate::Algorithm::torch_fused_pass`]), and
+//!   land on torch's bits (`tests/bf16_fused.rs` against `tests/fixtures/bf16.json`, written
+//!   by `scripts/gen_fixtures.py --only bf16`). The other elementwise algorithms, which torch
+//!   has no fused kernel for, run their [`crate::Optimizer::step`] op in f32.
+//! - **Mode 3**, [`ParamRounding::Stochastic`] (torchao's `bf16_stochastic_round`, bf16
+//!   parameters only): the f32 result plus 16 random bits below the bf16 mantissa, truncated
+//!   ([`bf16_stochastic_round`]), so `E[round(x)] = x` and updates much smaller than a bf16
+//!   unit are not lost. The bits of element `i` (its position in the arena) at step `step` of
+//!   a run seeded `seed` are [`stochastic_bits`]`(seed, step, i)`: SplitMix64 of
+//!   `(seed, step)` gives a 64-bit key, and two rounds of the `lowbias32` integer hash mix it
+//!   with the index (the formula is on [`stochastic_bits`]). A pure function of the position,
+//!   not of the thread or lane that rounds it: results are bitwise the same for every thread
+//!   count and SIMD level. The caller numbers the steps (a global step count, saved with a
+//!   checkpoint, resumes the same sequence); state is bf16 ([`StatePrecision::Bf16`], rounded
+//!   to nearest, torchao's default of state in the parameters' dtype) or f32
+//!   ([`StatePrecision::Full`]).
+//!
+//! Both run through the one mixed pass of mode 2: a `ParamStream` is where the lane loop reads
+//! the parameters and how it writes them back (f32 plus a rounded copy, rounded to nearest, or
+//! rounded stochastically).
 
 use std::fmt::Debug;
 
@@ -230,7 +263,8 @@ pub enum StatePrecision {
     #[default]
     Full,
     /// bf16, rounded to nearest even after every update (DeepSpeed's
-    /// `fp32_optimizer_states=False`); only [`crate::Optimizer::step_mixed`] can step it.
+    /// `fp32_optimizer_states=False`); only [`crate::Optimizer::step_mixed`] and
+    /// [`crate::Optimizer::step_half`] can step it.
     Bf16,
 }
 

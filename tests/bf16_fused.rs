@@ -509,6 +509,61 @@ half_test!(
     [&[("t0", Number(1.0)), ("weight_decay", Number(0.01))]]
 );
 
+/// f16 parameters (rounded to nearest) with f32 state: torch's fused Adam / SGD order in f32,
+/// the parameters rounded to f16, at every level and on 1 and 3 threads.
+#[test]
+fn f16_parameters_round_to_nearest() {
+    use optarena::HyperValue::*;
+    fn run<A: Algorithm>(config: &A::Config) {
+        for level in levels() {
+            for threads in [1, 3] {
+                let (arena, _) = build(41);
+                let mut opt =
+                    Optimizer::<f32, A>::new(&arena, [ParamGroup::all()], config.clone()).unwrap();
+                opt.set_simd_level(level);
+                opt.set_parallelism(pool(threads));
+                opt.set_parallel_threshold(0);
+                let mut params = HalfBuffer::<f16>::copy_of(&arena);
+                let mut grads = HalfBuffer::<f16>::gradients(&arena);
+                let mut p_ref: Vec<f32> = params.to_f32_vec();
+                let mut s_ref: Vec<Vec<f32>> = (0..A::buffers(config).len())
+                    .map(|_| vec![0.0; p_ref.len()])
+                    .collect();
+                drop(arena);
+                let mut rng = Rng(23);
+                for step in 1..=3u64 {
+                    let g: Vec<f32> = rng.vec(p_ref.len(), 1.0);
+                    for (d, &x) in grads.as_mut_slice().iter_mut().zip(&g) {
+                        *d = f16::from_f32(x);
+                    }
+                    opt.step_half(
+                        &mut params,
+                        &grads,
+                        ParamRounding::Nearest,
+                        StepOptions::default(),
+                    )
+                    .unwrap();
+                    let wide = grads.to_f32_vec();
+                    torch_fused_step(A::NAME, config, step, &mut p_ref, &wide, &mut s_ref).unwrap();
+                    for x in p_ref.iter_mut() {
+                        *x = f16::from_f32(*x).to_f32();
+                    }
+                    assert_eq!(
+                        bits16(params.as_slice()),
+                        bits(&p_ref),
+                        "{} {level:?} threads {threads} step {step}",
+                        A::NAME
+                    );
+                }
+            }
+        }
+    }
+    run::<AdamAlgorithm>(&configs::<AdamConfig>(&[&[("lr", Number(0.01))]])[0]);
+    run::<SgdAlgorithm>(
+        &configs::<SgdConfig>(&[&[("lr", Number(0.05)), ("momentum", Number(0.9))]])[0],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stochastic rounding: the generator, unbiasedness, tracking small updates
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@
 //! torch itself the results agree to within a few ulp per step, well inside the parity
 //! tolerances of `SCHEMA.md`.
 //!
+//! [`torch_fused`] is the exception: the updates of torch's fused CPU kernels (`fused=True`)
+//! for SGD, Adam, AdamW and Adagrad in their own order, with the multiply-adds torch's compiled
+//! kernels fuse ([`Lane::fma`], one rounding at every level). The half-precision steps of
+//! [`crate::Optimizer::step_half`] use them, to land on torch's bits on bf16 parameters.
+//!
 //! The reference kernels follow torch's sequence with one kind of exception, made where it
 //! measured faster: a division by a per-step constant becomes a multiplication by its
 //! reciprocal, computed once in f64 (Adam/AdamW's `√(1 − β₂ᵗ)`, NAdam's `1 − β₂ᵗ`, RAdam's

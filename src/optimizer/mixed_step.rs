@@ -72,7 +72,8 @@ impl<A: Algorithm> Optimizer<f32, A> {
     ///
     /// Only before the first step (no parameter has state), and bf16 only for algorithms with
     /// a mixed-precision kernel ([`Algorithm::MIXED_PRECISION`]). An optimizer with bf16 state
-    /// steps only through [`Optimizer::step_mixed`]. [`Optimizer::state_dict`] widens its
+    /// steps only through [`Optimizer::step_mixed`] and [`Optimizer::step_half`].
+    /// [`Optimizer::state_dict`] widens its
     /// state to f32 (exactly) and [`Optimizer::load_state_dict`] rounds f32/f64 state into
     /// it; binary checkpoints ([`crate::checkpoint`]) store it as `BF16` tensors, and load
     /// any float dtype into it, cast as torch casts ([`crate::checkpoint::dtype`]).

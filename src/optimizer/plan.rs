@@ -23,8 +23,9 @@ struct OpenRun<S> {
     fresh: bool,
 }
 
-/// Where a mixed-precision step's streams are: the half gradients' presence flags and first
-/// byte, and the parameter copy's first byte, each with its element size.
+/// Where a step's streams are: the parameters' first byte, the gradients' presence flags and
+/// first byte, and a mixed step's parameter copy's first byte (null otherwise), each with its
+/// element size (`T` for a plain step; half precision in mixed and half steps).
 pub(super) struct MixedStreams<'a> {
     /// The parameters' first byte and element size: the arena's, or a half step's
     /// ([`Optimizer::step_half`]: bf16 parameters in a [`crate::mixed::HalfBuffer`]).
