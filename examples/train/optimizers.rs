@@ -21,6 +21,12 @@ use optarena::{
 
 use crate::model::Mlp;
 
+/// An optimizer as a training checkpoint restores it, with a mixed-precision run's bf16 copy.
+pub type TrainingParts<'a> = (
+    &'a mut dyn TrainingOptimizer<f32>,
+    Option<&'a mut HalfBuffer<bf16>>,
+);
+
 /// An optimizer as the training loop sees it.
 pub trait Stepper {
     /// One optimization step. `closure` zeroes the gradients, computes the loss and writes the
@@ -43,12 +49,7 @@ pub trait Stepper {
 
     /// [`Stepper::training`], mutably (to load into), with the bf16 parameter copy of a
     /// mixed-precision run (restored from the same checkpoint).
-    fn training_mut(
-        &mut self,
-    ) -> (
-        &mut dyn TrainingOptimizer<f32>,
-        Option<&mut HalfBuffer<bf16>>,
-    );
+    fn training_mut(&mut self) -> TrainingParts<'_>;
 
     /// The weights the forward pass uses when they are not the arena's f32 values: the bf16
     /// copy of [`Precision::Mixed`] (saved in the checkpoint too).
@@ -227,12 +228,7 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
         &self.opt
     }
 
-    fn training_mut(
-        &mut self,
-    ) -> (
-        &mut dyn TrainingOptimizer<f32>,
-        Option<&mut HalfBuffer<bf16>>,
-    ) {
+    fn training_mut(&mut self) -> TrainingParts<'_> {
         (&mut self.opt, self.mixed.as_mut().map(|m| &mut m.copy))
     }
 }
@@ -263,12 +259,7 @@ impl Stepper for QuasiNewton {
         &self.opt
     }
 
-    fn training_mut(
-        &mut self,
-    ) -> (
-        &mut dyn TrainingOptimizer<f32>,
-        Option<&mut HalfBuffer<bf16>>,
-    ) {
+    fn training_mut(&mut self) -> TrainingParts<'_> {
         (&mut self.opt, None)
     }
 

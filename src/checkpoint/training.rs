@@ -432,8 +432,16 @@ pub struct TrainingCheckpoint<'a, T: Float> {
     scaler: Option<&'a GradScaler>,
     step: u64,
     metadata: BTreeMap<String, Value>,
-    /// Half buffers: name, arena identity, layout, values, presence.
-    halves: Vec<(String, u64, &'a [ParamInfo], Values<'a>, &'a [bool])>,
+    halves: Vec<HalfSource<'a>>,
+}
+
+/// A [`HalfBuffer`] given to a [`TrainingCheckpoint`], of any element type.
+struct HalfSource<'a> {
+    name: String,
+    arena_id: u64,
+    infos: &'a [ParamInfo],
+    values: Values<'a>,
+    present: &'a [bool],
 }
 
 impl<'a> TrainingCheckpoint<'a, f32> {
@@ -441,13 +449,13 @@ impl<'a> TrainingCheckpoint<'a, f32> {
     /// or half gradients) under `name`: each present parameter is stored in the buffer's own
     /// dtype, no widening.
     pub fn half_buffer<H: Storage>(mut self, name: &str, buf: &'a HalfBuffer<H>) -> Self {
-        self.halves.push((
-            name.to_string(),
-            buf.arena_id(),
-            buf.infos(),
-            buf.values(),
-            buf.present(),
-        ));
+        self.halves.push(HalfSource {
+            name: name.to_string(),
+            arena_id: buf.arena_id(),
+            infos: buf.infos(),
+            values: buf.values(),
+            present: buf.present(),
+        });
         self
     }
 }
@@ -534,7 +542,7 @@ impl<'a, T: Float> TrainingCheckpoint<'a, T> {
             snames.push(name);
         }
         let mut hnames: Vec<&str> = Vec::new();
-        for (name, arena_id, ..) in &self.halves {
+        for HalfSource { name, arena_id, .. } in &self.halves {
             check_name("half buffer", name, &hnames)?;
             hnames.push(name);
             if *arena_id != self.arena.id() {
@@ -546,7 +554,14 @@ impl<'a, T: Float> TrainingCheckpoint<'a, T> {
         let mut body = Body::new()?;
         let params = body.push_params(self.arena);
         let mut half_buffers = Vec::with_capacity(self.halves.len());
-        for (name, _, infos, values, present) in &self.halves {
+        for HalfSource {
+            name,
+            infos,
+            values,
+            present,
+            ..
+        } in &self.halves
+        {
             let prefix = half_prefix(name);
             let mut stored = Vec::new();
             for (info, &p) in infos.iter().zip(present.iter()) {
