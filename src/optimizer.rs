@@ -1121,9 +1121,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// and the `1/k` averaging is folded into the update.
     pub fn step_accumulated(&mut self, arena: &mut Arena<T>, k: usize) -> Result<()> {
         if k == 0 {
-            return Err(Error::InvalidHyperparameter(
-                "Invalid micro-batch count: 0".to_string(),
-            ));
+            return Err(Error::InvalidMicroBatchCount { count: k });
         }
         let options = StepOptions {
             grad_scale: 1.0 / k as f64,
