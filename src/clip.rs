@@ -379,12 +379,9 @@ impl ClipNorm {
 
 fn check_total(total: f64, norm: NormType, error_if_nonfinite: bool) -> Result<()> {
     if error_if_nonfinite && !total.is_finite() {
-        return Err(Error::InvalidHyperparameter(format!(
-            "The total norm of order {:?} for gradients from `parameters` is non-finite, so it \
-             cannot be clipped. To disable this error and scale the gradients by the non-finite \
-             norm anyway, set `error_if_nonfinite=False`",
-            norm.value()
-        )));
+        return Err(Error::NonFiniteTotalNorm {
+            order: norm.value(),
+        });
     }
     Ok(())
 }
@@ -567,7 +564,7 @@ pub(crate) fn raw_norm_part<T: Float>(
 ) -> Result<f64> {
     if let NormType::P(p) = norm {
         if p != 1.0 && p != 2.0 {
-            return Err(Error::InvalidHyperparameter(format!(
+            return Err(Error::Distributed(format!(
                 "a distributed clip supports norm orders 1, 2 and inf, not {p}"
             )));
         }

@@ -7,7 +7,24 @@
 use thiserror::Error;
 
 /// Everything that can go wrong in optarena.
-#[derive(Debug, Error, Clone, PartialEq)]
+///
+/// The errors of other layers keep their sources (faer's error enums are the model):
+/// [`Error::Io`] holds the [`std::io::Error`] (its kind, and its own source chain), and
+/// [`Error::Serde`] the JSON or safetensors error, both reachable with
+/// [`std::error::Error::source`]:
+///
+/// ```
+/// use std::error::Error as _;
+///
+/// let e = optarena::Error::io(
+///     "opening `ckpt.safetensors`",
+///     std::io::Error::from(std::io::ErrorKind::NotFound),
+/// );
+/// assert_eq!(e.io_kind(), Some(std::io::ErrorKind::NotFound));
+/// let source = e.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+/// assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+/// ```
+#[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A parameter group, or the list of groups, holds no parameters.
@@ -101,13 +118,54 @@ pub enum Error {
     #[error("distributed: {0}")]
     Distributed(String),
 
-    /// Reading or writing a file failed.
-    #[error("i/o: {0}")]
-    Io(String),
+    /// Reading or writing a file failed, or a path cannot be written to (then `source` is an
+    /// [`std::io::ErrorKind::InvalidInput`] or [`std::io::ErrorKind::IsADirectory`] error made
+    /// here). `source` is the operating system's error, with its
+    /// [`kind`](std::io::Error::kind); [`Error::io_kind`] reads it.
+    #[error("i/o: {context}: {source}")]
+    Io {
+        /// What was being done, and on which path.
+        context: String,
+        /// The error itself.
+        #[source]
+        source: std::io::Error,
+    },
 
-    /// (De)serialisation failed.
-    #[error("serialisation: {0}")]
-    Serde(String),
+    /// (De)serialisation failed: JSON (a state dict, a scheduler state, a checkpoint's
+    /// metadata) or a safetensors header. `source` is `serde_json`'s or `safetensors`'s error.
+    #[error("serialisation: {context}{}{source}", if context.is_empty() { "" } else { ": " })]
+    Serde {
+        /// What was being (de)serialised; empty when the source says it all.
+        context: String,
+        /// The error itself.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A micro-batch count of 0 was given to an accumulated step (the gradients hold the sum
+    /// of `count` micro-batches, so there must be at least one).
+    #[error("Invalid micro-batch count: {count}")]
+    InvalidMicroBatchCount {
+        /// The count given.
+        count: usize,
+    },
+
+    /// `clip_grad_norm_` with `error_if_nonfinite` found a non-finite total norm (torch raises
+    /// `RuntimeError` with this message). Nothing was changed.
+    #[error(
+        "The total norm of order {order:?} for gradients from `parameters` is non-finite, so it \
+         cannot be clipped. To disable this error and scale the gradients by the non-finite \
+         norm anyway, set `error_if_nonfinite=False`"
+    )]
+    NonFiniteTotalNorm {
+        /// The norm's order (`inf` for the max norm).
+        order: f64,
+    },
+
+    /// A name given to a training checkpoint's part (an optimizer, a scheduler, ...) is empty
+    /// or taken twice.
+    #[error("{0}")]
+    CheckpointName(String),
 
     /// A gradient was NaN or infinite and the checked step refused it.
     #[error("non-finite gradient in parameter `{name}`: the step was skipped and nothing changed")]
@@ -141,7 +199,52 @@ pub enum Error {
 
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
-        Error::Serde(e.to_string())
+        Error::Serde {
+            context: String::new(),
+            source: Box::new(e),
+        }
+    }
+}
+
+impl Error {
+    /// An [`Error::Io`]: `context` says what was being done, on which path.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Io`] for a path refused before any I/O: `why` becomes the source's message,
+    /// of kind `kind`.
+    pub(crate) fn bad_path(
+        kind: std::io::ErrorKind,
+        context: impl Into<String>,
+        why: impl Into<String>,
+    ) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: std::io::Error::new(kind, why.into()),
+        }
+    }
+
+    /// An [`Error::Serde`] with what was being (de)serialised.
+    pub(crate) fn serde(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Serde {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The [`std::io::ErrorKind`] of an [`Error::Io`] (`None` for every other error).
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } => Some(source.kind()),
+            _ => None,
+        }
     }
 }
 

@@ -57,6 +57,15 @@
 //! - Adagrad's state is created on a parameter's first gradient, as every other optimizer's
 //!   is; torch creates it at construction, so its state dict also lists never-stepped
 //!   parameters with `step: 0`. The numbers are the same (see [`Adagrad`]).
+//!
+//! ## Internals
+//! The per-algorithm update kernels (`optarena::kernels`: each fused SIMD kernel and its
+//! scalar reference) and the roofline kernel the benchmarks measure steps against
+//! (`optarena::roofline`) are public so that this crate's benchmarks, examples, fuzz targets
+//! and tests can call them, but hidden from the documentation: they are not part of the API
+//! and may change in any release. The kernel plumbing that [`optimizer::Algorithm`]'s methods
+//! name (`kernels::Pass`) lives there too, so an `Algorithm` written outside the crate depends
+//! on internals.
 
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
@@ -71,11 +80,15 @@ pub mod distributed;
 pub mod error;
 pub mod float;
 pub mod hyper;
+// Internals (see "Internals" in the crate docs): public for the benchmarks, examples, fuzz
+// targets and tests, hidden from the documentation and outside the semver promise.
+#[doc(hidden)]
 pub mod kernels;
 pub mod mixed;
 pub mod optim;
 pub mod optimizer;
 pub mod parallel;
+#[doc(hidden)]
 pub mod roofline;
 pub mod scaler;
 pub mod schedule;

@@ -230,10 +230,10 @@ fn failing_closure_changes_nothing<T: Float>() {
                 r.unwrap();
                 continue;
             }
-            assert_eq!(
-                r.unwrap_err(),
-                Error::Closure("boom".into()),
-                "{config:?} at {fail_at}"
+            let e = r.unwrap_err();
+            assert!(
+                matches!(&e, Error::Closure(m) if m == "boom"),
+                "{config:?} at {fail_at}: {e:?}"
             );
             assert_eq!(bits(&a), params, "parameters restored");
             assert_eq!(opt.state_dict_json().unwrap(), saved, "state restored");
@@ -416,9 +416,10 @@ fn set_hyper_validates_and_changes_nothing_on_error() {
     opt.set_group_lr(0, 0.25).unwrap();
     assert_eq!(opt.group_lr(0).unwrap(), 0.25);
     assert_eq!(opt.lr(), 0.25);
-    assert_eq!(
-        opt.group_hyper(1, "lr").unwrap_err(),
-        Error::NoSuchGroup { index: 1, count: 1 }
+    let e = opt.group_hyper(1, "lr").unwrap_err();
+    assert!(
+        matches!(e, Error::NoSuchGroup { index: 1, count: 1 }),
+        "{e:?}"
     );
     assert!(opt.set_group_lr(0, f64::NAN).is_err());
     assert_eq!(opt.lr(), 0.25);
@@ -475,10 +476,8 @@ fn exactly_one_param_group() {
         "LBFGS doesn't support per-parameter options (parameter groups)"
     );
     let none: [ParamGroup<f32>; 0] = [];
-    assert_eq!(
-        Lbfgs::new(&a, none, LbfgsConfig::default()).unwrap_err(),
-        Error::EmptyParamList
-    );
+    let e = Lbfgs::new(&a, none, LbfgsConfig::default()).unwrap_err();
+    assert!(matches!(e, Error::EmptyParamList), "{e:?}");
     // A group with a gap is fine: its runs are listed.
     let opt = Lbfgs::new(&a, [ParamGroup::new([h[2], h[0]])], LbfgsConfig::default()).unwrap();
     assert_eq!(opt.params(), &[0..1, 2..3]);
@@ -604,7 +603,7 @@ fn bad_state_dicts_are_named_and_change_nothing() {
     let e = opt
         .load_state_dict_json("{\"format\": 1}", MatchBy::Position)
         .unwrap_err();
-    assert!(matches!(e, Error::Serde(_)), "{e}");
+    assert!(matches!(e, Error::Serde { .. }), "{e}");
     assert_eq!(opt.state_dict_json().unwrap(), before);
     // The good one still loads, also into f64.
     opt.load_state_dict(&good, MatchBy::Position).unwrap();

@@ -117,23 +117,25 @@ static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 pub fn temp_path(path: &Path) -> Result<PathBuf> {
     let text = path.as_os_str().to_string_lossy();
     if text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
-        return Err(Error::Io(format!(
-            "cannot save to `{}`: it ends in a path separator, so it names a directory, not a \
-             file",
-            path.display()
-        )));
+        return Err(Error::bad_path(
+            io::ErrorKind::InvalidInput,
+            format!("cannot save to `{}`", path.display()),
+            "it ends in a path separator, so it names a directory, not a file",
+        ));
     }
     if path.is_dir() {
-        return Err(Error::Io(format!(
-            "cannot save to `{}`: it is a directory",
-            path.display()
-        )));
+        return Err(Error::bad_path(
+            io::ErrorKind::IsADirectory,
+            format!("cannot save to `{}`", path.display()),
+            "it is a directory",
+        ));
     }
     let name = path.file_name().ok_or_else(|| {
-        Error::Io(format!(
-            "cannot save to `{}`: it does not name a file",
-            path.display()
-        ))
+        Error::bad_path(
+            io::ErrorKind::InvalidInput,
+            format!("cannot save to `{}`", path.display()),
+            "it does not name a file",
+        )
     })?;
     let unique = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
     let mut tmp = std::ffi::OsString::from(".");
@@ -193,7 +195,7 @@ fn process_may_be_running(pid: u32) -> bool {
 }
 
 fn io_error(what: &str, path: &Path, e: io::Error) -> Error {
-    Error::Io(format!("{what} `{}`: {e}", path.display()))
+    Error::io(format!("{what} `{}`", path.display()), e)
 }
 
 /// Writes `path` atomically through `target`: `write` fills a buffered writer over a temporary
@@ -295,7 +297,7 @@ mod tests {
             while left > 0 {
                 let k = left.min(chunk.len() as u64) as usize;
                 w.write_all(&chunk[..k])
-                    .map_err(|e| Error::Io(e.to_string()))?;
+                    .map_err(|e| Error::io("writing", e))?;
                 left -= k as u64;
             }
             Ok(total)

@@ -191,7 +191,7 @@ pub fn read_error(e: std::io::Error, what: &str) -> Error {
             "the file ends inside {what}: it is truncated (shorter than its header says)"
         ))
     } else {
-        Error::Io(format!("reading {what}: {e}"))
+        Error::io(format!("reading {what}"), e)
     }
 }
 
@@ -225,7 +225,7 @@ pub fn build_header_json(json: String, tensors: &[(String, Dtype, Vec<usize>)]) 
         Some(HashMap::from([(METADATA_KEY.to_string(), json)])),
         infos,
     )
-    .map_err(|e| Error::Serde(format!("safetensors header: {e}")))?;
+    .map_err(|e| Error::serde("safetensors header", e))?;
     let mut header = serde_json::to_vec(&metadata)?;
     header.resize(header.len().next_multiple_of(8), b' ');
     let mut out = Vec::with_capacity(8 + header.len());

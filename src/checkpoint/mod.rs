@@ -135,7 +135,7 @@ pub(crate) fn data_checksum(slices: &[Values<'_>]) -> u32 {
 const CRC_PIECE: usize = 8 << 20;
 
 pub(crate) fn write_error(e: std::io::Error) -> Error {
-    Error::Io(format!("writing the checkpoint: {e}"))
+    Error::io("writing the checkpoint", e)
 }
 
 /// The tensors of a file being written: (name, dtype, shape) in data order, the checksum
@@ -566,10 +566,10 @@ pub fn load<T: Float, A: Algorithm>(
 ) -> Result<u64> {
     let path = path.as_ref();
     let file =
-        File::open(path).map_err(|e| Error::Io(format!("opening `{}`: {e}", path.display())))?;
+        File::open(path).map_err(|e| Error::io(format!("opening `{}`", path.display()), e))?;
     let len = file
         .metadata()
-        .map_err(|e| Error::Io(format!("reading `{}`: {e}", path.display())))?
+        .map_err(|e| Error::io(format!("reading `{}`", path.display()), e))?
         .len();
     let mut r = std::io::BufReader::with_capacity(1 << 16, file);
     read(&mut r, len, opt, params, by)
@@ -615,10 +615,10 @@ pub fn inspect_reader<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Result<Chec
 pub fn inspect(path: impl AsRef<Path>) -> Result<CheckpointInfo> {
     let path = path.as_ref();
     let file =
-        File::open(path).map_err(|e| Error::Io(format!("opening `{}`: {e}", path.display())))?;
+        File::open(path).map_err(|e| Error::io(format!("opening `{}`", path.display()), e))?;
     let len = file
         .metadata()
-        .map_err(|e| Error::Io(format!("reading `{}`: {e}", path.display())))?
+        .map_err(|e| Error::io(format!("reading `{}`", path.display()), e))?
         .len();
     inspect_reader(&mut std::io::BufReader::with_capacity(1 << 20, file), len)
 }

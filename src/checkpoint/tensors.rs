@@ -208,10 +208,10 @@ pub(crate) fn read_tensors<T: Float, R: Read + ?Sized>(
 /// Opens `path` for a load: the file and its length.
 pub(crate) fn open(path: &std::path::Path) -> Result<(std::io::BufReader<std::fs::File>, u64)> {
     let file = std::fs::File::open(path)
-        .map_err(|e| Error::Io(format!("opening `{}`: {e}", path.display())))?;
+        .map_err(|e| Error::io(format!("opening `{}`", path.display()), e))?;
     let len = file
         .metadata()
-        .map_err(|e| Error::Io(format!("reading `{}`: {e}", path.display())))?
+        .map_err(|e| Error::io(format!("reading `{}`", path.display()), e))?
         .len();
     Ok((std::io::BufReader::with_capacity(1 << 16, file), len))
 }

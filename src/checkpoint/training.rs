@@ -410,12 +410,12 @@ fn optim_prefix(name: &str) -> String {
 
 fn check_name(what: &str, name: &str, taken: &[&str]) -> Result<()> {
     if name.is_empty() {
-        return Err(Error::InvalidHyperparameter(format!(
+        return Err(Error::CheckpointName(format!(
             "a {what} in a training checkpoint needs a name"
         )));
     }
     if taken.contains(&name) {
-        return Err(Error::InvalidHyperparameter(format!(
+        return Err(Error::CheckpointName(format!(
             "two {what}s named `{name}` in one training checkpoint"
         )));
     }
@@ -709,11 +709,11 @@ impl<'a, T: Float> TrainingRestore<'a, T> {
     /// Loads the file at `path`. On any error nothing has changed.
     pub fn load(self, path: impl AsRef<Path>) -> Result<LoadedTraining> {
         let path = path.as_ref();
-        let file = File::open(path)
-            .map_err(|e| Error::Io(format!("opening `{}`: {e}", path.display())))?;
+        let file =
+            File::open(path).map_err(|e| Error::io(format!("opening `{}`", path.display()), e))?;
         let len = file
             .metadata()
-            .map_err(|e| Error::Io(format!("reading `{}`: {e}", path.display())))?
+            .map_err(|e| Error::io(format!("reading `{}`", path.display()), e))?
             .len();
         self.read(&mut std::io::BufReader::with_capacity(1 << 16, file), len)
     }
@@ -1079,10 +1079,10 @@ pub fn inspect_training_reader<R: Read + ?Sized>(r: &mut R, file_len: u64) -> Re
 pub fn inspect_training(path: impl AsRef<Path>) -> Result<TrainingInfo> {
     let path = path.as_ref();
     let file =
-        File::open(path).map_err(|e| Error::Io(format!("opening `{}`: {e}", path.display())))?;
+        File::open(path).map_err(|e| Error::io(format!("opening `{}`", path.display()), e))?;
     let len = file
         .metadata()
-        .map_err(|e| Error::Io(format!("reading `{}`: {e}", path.display())))?
+        .map_err(|e| Error::io(format!("reading `{}`", path.display()), e))?
         .len();
     inspect_training_reader(&mut std::io::BufReader::with_capacity(1 << 20, file), len)
 }

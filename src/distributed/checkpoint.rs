@@ -97,7 +97,7 @@ pub(crate) fn shard_file(rank: usize) -> String {
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Io(format!("{what} `{}`: {e}", path.display()))
+    Error::io(format!("{what} `{}`", path.display()), e)
 }
 
 fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
@@ -487,7 +487,13 @@ pub(crate) fn single_file_manifest<T: Float, A: Algorithm>(
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let file = path
         .file_name()
-        .ok_or_else(|| Error::Io(format!("`{}` names no file", path.display())))?
+        .ok_or_else(|| {
+            Error::bad_path(
+                std::io::ErrorKind::InvalidInput,
+                format!("`{}`", path.display()),
+                "it names no file",
+            )
+        })?
         .to_string_lossy()
         .into_owned();
     Ok((
@@ -565,10 +571,11 @@ pub(crate) fn save_shards<C: Communicator, T: Float + CommElem, A: Algorithm>(
     let rank = comm.rank();
     if dir.as_os_str().is_empty() || dir.ends_with("..") || dir.to_string_lossy().ends_with('/') {
         // Refused alike on every rank, before anything is written.
-        return Err(Error::Io(format!(
-            "`{}`: give the checkpoint directory a name (no trailing `/`)",
-            dir.display()
-        )));
+        return Err(Error::bad_path(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{}`", dir.display()),
+            "give the checkpoint directory a name (no trailing `/`)",
+        ));
     }
     let tmp = with_suffix(dir, ".tmp");
     let old = with_suffix(dir, ".old");
@@ -594,7 +601,7 @@ pub(crate) fn save_shards<C: Communicator, T: Float + CommElem, A: Algorithm>(
             let text = serde_json::to_string_pretty(&file)?;
             checkpoint::atomic::write_atomic(&StdFs, &tmp.join(MANIFEST_FILE), |w| {
                 w.write_all(text.as_bytes())
-                    .map_err(|e| Error::Io(format!("writing the manifest: {e}")))?;
+                    .map_err(|e| Error::io("writing the manifest", e))?;
                 Ok(text.len() as u64)
             })?;
         }

@@ -74,9 +74,7 @@ impl StepOptions {
     /// update, as dividing each micro-batch's loss by `k` would. An error for `k = 0`.
     pub fn accumulated(self, k: usize) -> Result<Self> {
         if k == 0 {
-            return Err(Error::InvalidHyperparameter(
-                "Invalid micro-batch count: 0".to_string(),
-            ));
+            return Err(Error::InvalidMicroBatchCount { count: k });
         }
         Ok(self.scaled(1.0 / k as f64))
     }
