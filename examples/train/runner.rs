@@ -175,7 +175,7 @@ pub fn runs(settings: &Settings, train_len: usize, precision: &[Precision]) -> V
         l2: 0.0,
         precision: Precision::F32,
     };
-    let f32_runs = vec![
+    let f32_runs = [
         run(
             "sgd",
             "MLP SGD+momentum",
