@@ -401,12 +401,14 @@ fn hooks_run_around_applied_steps_and_can_be_removed() {
     write_grads(&mut arena, 1, &[]);
     opt.step(&mut arena).unwrap();
     arena.grad_mut(h[0])[0] = f32::NAN;
-    opt.step_with_options(
-        &mut arena,
-        optarena::StepOptions::new().skipping_non_finite(),
-    )
-    .unwrap()
-    .outcome; // skipped: hooks do not run
+    let outcome = opt
+        .step_with_options(
+            &mut arena,
+            optarena::StepOptions::new().skipping_non_finite(),
+        )
+        .unwrap()
+        .outcome;
+    assert_eq!(outcome, StepOutcome::SkippedNonFinite); // skipped: hooks do not run
     assert!(opt.remove_hook(pre));
     assert!(!opt.remove_hook(pre));
     write_grads(&mut arena, 2, &[]);

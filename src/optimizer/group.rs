@@ -47,23 +47,6 @@ pub(super) struct Group<T, A: Algorithm> {
     pub(super) aux: AlignedBuf<T>,
 }
 
-impl<T: Float, A: Algorithm> Clone for Group<T, A> {
-    fn clone(&self) -> Self {
-        Group {
-            config: self.config.clone(),
-            params: self.params.clone(),
-            runs: self.runs.clone(),
-            locals: self.locals.clone(),
-            len: self.len,
-            state: self.state.clone(),
-            buffers: self.buffers.clone(),
-            half_buffers: self.half_buffers.clone(),
-            aux_offsets: self.aux_offsets.clone(),
-            aux: self.aux.clone(),
-        }
-    }
-}
-
 impl<T: Float, A: Algorithm> Group<T, A> {
     /// Position of arena parameter `i` in the group, if the group holds it.
     pub(super) fn position(&self, i: usize) -> Option<usize> {
