@@ -1,5 +1,6 @@
 //! Adadelta: fused kernel and reference.
 
+use super::prologue::Prologue;
 use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
@@ -21,10 +22,7 @@ pub struct AdadeltaCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    use_wd: bool,
-    weight_decay: T,
+    prologue: Prologue<T>,
     rho: T,
     one_minus_rho: T,
     eps: T,
@@ -35,11 +33,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
         let [square_avg, acc_delta] = s;
-        let g = g * V::splat(self.grad_scale);
-        let mut g = if self.maximize { -g } else { g };
-        if self.use_wd {
-            g = g + V::splat(self.weight_decay) * p;
-        }
+        let g = self.prologue.grad(p, g);
         let rho = V::splat(self.rho);
         let one_minus_rho = V::splat(self.one_minus_rho);
         let eps = V::splat(self.eps);
@@ -67,10 +61,7 @@ pub fn fused<T: Float>(
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
 pub fn run<T: Float, P: Pass<T>>(c: &AdadeltaCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        use_wd: c.weight_decay != 0.0,
-        weight_decay: T::from_f64(c.weight_decay),
+        prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
         rho: T::from_f64(c.rho),
         one_minus_rho: T::from_f64(1.0 - c.rho),
         eps: T::from_f64(c.eps),
@@ -90,10 +81,7 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-    }
+    let grad = Prologue::new(grad_scale, c.maximize, c.weight_decay).reference(p, g);
     let [square_avg, acc_delta] = bufs else {
         unreachable!("Adadelta keeps two buffers")
     };

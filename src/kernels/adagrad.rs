@@ -1,5 +1,6 @@
 //! Adagrad (dense gradients): fused kernel and reference.
 
+use super::prologue::Prologue;
 use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
@@ -38,10 +39,7 @@ impl AdagradCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    use_wd: bool,
-    weight_decay: T,
+    prologue: Prologue<T>,
     eps: T,
     neg_clr: T,
 }
@@ -50,11 +48,7 @@ impl<T: Float> ElementOp<T, 1> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 1]) -> V {
         let [sum] = s;
-        let g = g * V::splat(self.grad_scale);
-        let mut g = if self.maximize { -g } else { g };
-        if self.use_wd {
-            g = g + V::splat(self.weight_decay) * p;
-        }
+        let g = self.prologue.grad(p, g);
         // torch: state_sum.addcmul_(grad, grad, value=1); `1 * g` is exact.
         *sum = *sum + g * g;
         let std = sum.sqrt() + V::splat(self.eps);
@@ -78,10 +72,7 @@ pub fn fused<T: Float>(
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
 pub fn run<T: Float, P: Pass<T>>(c: &AdagradCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        use_wd: c.weight_decay != 0.0,
-        weight_decay: T::from_f64(c.weight_decay),
+        prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
         eps: T::from_f64(c.eps),
         neg_clr: T::from_f64(-c.clr),
     };
@@ -99,10 +90,7 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-    }
+    let grad = Prologue::new(grad_scale, c.maximize, c.weight_decay).reference(p, g);
     let [sum] = bufs else {
         unreachable!("Adagrad keeps one buffer")
     };

@@ -1,5 +1,6 @@
 //! Adamax (Adam with the infinity norm): fused kernel and reference.
 
+use super::prologue::Prologue;
 use super::{lerp, passes, ElementOp, LerpWeight, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
@@ -44,10 +45,7 @@ impl AdamaxCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    use_wd: bool,
-    weight_decay: T,
+    prologue: Prologue<T>,
     w1: LerpWeight<T>,
     beta2: T,
     eps: T,
@@ -58,11 +56,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
         let [m, u] = s;
-        let g = g * V::splat(self.grad_scale);
-        let mut g = if self.maximize { -g } else { g };
-        if self.use_wd {
-            g = g + V::splat(self.weight_decay) * p;
-        }
+        let g = self.prologue.grad(p, g);
         *m = lerp(*m, g, &self.w1);
         *u = (*u * V::splat(self.beta2)).maximum(g.abs() + V::splat(self.eps));
         p + V::splat(self.neg_clr) * *m / *u
@@ -85,10 +79,7 @@ pub fn fused<T: Float>(
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
 pub fn run<T: Float, P: Pass<T>>(c: &AdamaxCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        use_wd: c.weight_decay != 0.0,
-        weight_decay: T::from_f64(c.weight_decay),
+        prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
         w1: LerpWeight::new(T::from_f64(1.0 - c.beta1)),
         beta2: T::from_f64(c.beta2),
         eps: T::from_f64(c.eps),
@@ -109,10 +100,7 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-    }
+    let grad = Prologue::new(grad_scale, c.maximize, c.weight_decay).reference(p, g);
     let [m, u] = bufs else {
         unreachable!("Adamax keeps two buffers")
     };

@@ -1,5 +1,6 @@
 //! ASGD (averaged SGD): fused kernel and reference.
 
+use super::prologue::Prologue;
 use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
@@ -28,10 +29,7 @@ impl AsgdCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    use_wd: bool,
-    weight_decay: T,
+    prologue: Prologue<T>,
     decay: T,
     neg_eta: T,
     average: bool,
@@ -42,13 +40,7 @@ impl<T: Float> ElementOp<T, 1> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 1]) -> V {
         let [ax] = s;
-        let g = g * V::splat(self.grad_scale);
-        let g = if self.maximize { -g } else { g };
-        let g = if self.use_wd {
-            g + V::splat(self.weight_decay) * p
-        } else {
-            g
-        };
+        let g = self.prologue.grad(p, g);
         // param.mul_(1 - lambd * eta); param.add_(grad, alpha=-eta)
         let p = p * V::splat(self.decay);
         let p = p + V::splat(self.neg_eta) * g;
@@ -78,10 +70,7 @@ pub fn fused<T: Float>(
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
 pub fn run<T: Float, P: Pass<T>>(c: &AsgdCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        use_wd: c.weight_decay != 0.0,
-        weight_decay: T::from_f64(c.weight_decay),
+        prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
         decay: T::from_f64(c.decay),
         neg_eta: T::from_f64(-c.eta),
         average: c.averages(),
@@ -104,10 +93,7 @@ pub fn reference<T: Float>(
     let [ax] = bufs else {
         unreachable!("ASGD keeps one buffer")
     };
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-    }
+    let grad = Prologue::new(grad_scale, c.maximize, c.weight_decay).reference(p, g);
     passes::mul(p, T::from_f64(c.decay));
     passes::add_scaled(p, &grad, T::from_f64(-c.eta));
     if c.averages() {

@@ -37,6 +37,7 @@ pub mod lbfgs;
 mod moments;
 pub mod muon;
 pub mod nadam;
+mod prologue;
 pub mod radam;
 pub mod rmsprop;
 pub mod rprop;

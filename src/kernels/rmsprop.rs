@@ -1,5 +1,6 @@
 //! RMSprop (plain or centered, with or without momentum): fused kernel and reference.
 
+use super::prologue::Prologue;
 use super::{lerp, passes, ElementOp, LerpWeight, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
@@ -32,10 +33,7 @@ impl RmspropCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
-    use_wd: bool,
-    weight_decay: T,
+    prologue: Prologue<T>,
     alpha: T,
     one_minus_alpha: T,
     /// `1 - alpha` as lerp's weight, and `1 - weight` as ATen's lerp computes it.
@@ -49,13 +47,7 @@ impl<T: Float> Op<T> {
     /// The gradient after `maximize` and weight decay, and the updated `square_avg`.
     #[inline(always)]
     fn grad_and_square<V: Lane<Elem = T>>(&self, p: V, g: V, sq: &mut V) -> V {
-        let g = g * V::splat(self.grad_scale);
-        let g = if self.maximize { -g } else { g };
-        let g = if self.use_wd {
-            g + V::splat(self.weight_decay) * p
-        } else {
-            g
-        };
+        let g = self.prologue.grad(p, g);
         *sq = *sq * V::splat(self.alpha) + V::splat(self.one_minus_alpha) * g * g;
         g
     }
@@ -139,10 +131,7 @@ impl<T: Float> ElementOp<T, 3> for CenteredMomentum<T> {
 fn op<T: Float>(c: &RmspropCoeffs, grad_scale: f64) -> Op<T> {
     let w = T::from_f64(1.0 - c.alpha);
     Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
-        use_wd: c.weight_decay != 0.0,
-        weight_decay: T::from_f64(c.weight_decay),
+        prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
         alpha: T::from_f64(c.alpha),
         one_minus_alpha: T::from_f64(1.0 - c.alpha),
         w: LerpWeight::new(w),
@@ -186,10 +175,7 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-    }
+    let grad = Prologue::new(grad_scale, c.maximize, c.weight_decay).reference(p, g);
     let (sq, rest) = bufs.split_first_mut().expect("square_avg");
     let (buf, rest) = if c.uses_momentum() {
         let (b, r) = rest.split_first_mut().expect("momentum_buffer");

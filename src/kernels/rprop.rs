@@ -1,5 +1,6 @@
 //! Rprop (resilient backpropagation): fused branch-free kernel and reference.
 
+use super::prologue::Prologue;
 use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
@@ -21,8 +22,7 @@ pub struct RpropCoeffs {
 }
 
 struct Op<T> {
-    grad_scale: T,
-    maximize: bool,
+    prologue: Prologue<T>,
     etaminus: T,
     etaplus: T,
     min: T,
@@ -44,8 +44,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
         let zero = V::splat(T::ZERO);
         let one = V::splat(T::ONE);
         let etaminus = V::splat(self.etaminus);
-        let g = g * V::splat(self.grad_scale);
-        let g = if self.maximize { -g } else { g };
+        let g = self.prologue.grad(p, g);
         // sign = grad.mul(prev).sign(); then torch's three masked assignments, in order.
         let f = sign(g * *prev);
         let f = f.gt_select(zero, V::splat(self.etaplus), f);
@@ -79,8 +78,7 @@ pub fn fused<T: Float>(
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
 pub fn run<T: Float, P: Pass<T>>(c: &RpropCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
-        grad_scale: T::from_f64(grad_scale),
-        maximize: c.maximize,
+        prologue: Prologue::new(grad_scale, c.maximize, 0.0),
         etaminus: T::from_f64(c.etaminus),
         etaplus: T::from_f64(c.etaplus),
         min: T::from_f64(c.step_size_min),
@@ -103,7 +101,7 @@ pub fn reference<T: Float>(
     let [prev, step_size] = bufs else {
         unreachable!("Rprop keeps two buffers")
     };
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
+    let mut grad = Prologue::new(grad_scale, c.maximize, 0.0).reference(p, g);
     let torch_sign = |x: T| {
         if x > T::ZERO {
             T::ONE

@@ -1,5 +1,6 @@
 //! SGD with momentum, dampening, Nesterov and weight decay: fused kernel and reference.
 
+use super::prologue::Prologue;
 use super::{passes, ElementOp, Pass, Slices};
 use crate::arch::SimdLevel;
 use crate::float::{Float, Lane};
@@ -25,31 +26,15 @@ struct Op<T> {
     neg_lr: T,
     momentum: T,
     one_minus_dampening: T,
-    weight_decay: T,
-    grad_scale: T,
-    use_wd: bool,
+    prologue: Prologue<T>,
     nesterov: bool,
-    maximize: bool,
     fresh: bool,
-}
-
-impl<T: Float> Op<T> {
-    #[inline(always)]
-    fn grad<V: Lane<Elem = T>>(&self, p: V, g: V) -> V {
-        let g = g * V::splat(self.grad_scale);
-        let g = if self.maximize { -g } else { g };
-        if self.use_wd {
-            g + V::splat(self.weight_decay) * p
-        } else {
-            g
-        }
-    }
 }
 
 impl<T: Float> ElementOp<T, 0> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, _: &mut [V; 0]) -> V {
-        let g = self.grad(p, g);
+        let g = self.prologue.grad(p, g);
         p + V::splat(self.neg_lr) * g
     }
 }
@@ -57,7 +42,7 @@ impl<T: Float> ElementOp<T, 0> for Op<T> {
 impl<T: Float> ElementOp<T, 1> for Op<T> {
     #[inline(always)]
     fn apply<V: Lane<Elem = T>>(&self, p: V, g: V, s: &mut [V; 1]) -> V {
-        let g = self.grad(p, g);
+        let g = self.prologue.grad(p, g);
         let buf = if self.fresh {
             g
         } else {
@@ -78,11 +63,8 @@ fn op<T: Float>(c: &SgdCoeffs, fresh: bool, grad_scale: f64) -> Op<T> {
         neg_lr: T::from_f64(-c.lr),
         momentum: T::from_f64(c.momentum),
         one_minus_dampening: T::from_f64(1.0 - c.dampening),
-        weight_decay: T::from_f64(c.weight_decay),
-        grad_scale: T::from_f64(grad_scale),
-        use_wd: c.weight_decay != 0.0,
+        prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
         nesterov: c.nesterov,
-        maximize: c.maximize,
         fresh,
     }
 }
@@ -120,10 +102,7 @@ pub fn reference<T: Float>(
     g: &[T],
     bufs: &mut [&mut [T]],
 ) {
-    let mut grad = passes::effective_grad(g, c.maximize, T::from_f64(grad_scale));
-    if c.weight_decay != 0.0 {
-        passes::add_scaled(&mut grad, p, T::from_f64(c.weight_decay));
-    }
+    let mut grad = Prologue::new(grad_scale, c.maximize, c.weight_decay).reference(p, g);
     if let [buf] = bufs {
         if fresh {
             buf.copy_from_slice(&grad);

@@ -65,7 +65,24 @@ impl AdamConfig {
 
 impl AdamWConfig {
     fn check(&self) -> Result<()> {
-        check_adam(self.lr, self.eps, self.betas, self.weight_decay)
+        AdamConfig::from(self).check()
+    }
+}
+
+/// AdamW's options as Adam's: AdamW is Adam with `decoupled_weight_decay` (torch 2.x makes
+/// `AdamW` a subclass of `Adam` the same way), so [`AdamWAlgorithm`] is [`AdamAlgorithm`] on
+/// this config.
+impl From<&AdamWConfig> for AdamConfig {
+    fn from(c: &AdamWConfig) -> Self {
+        AdamConfig {
+            lr: c.lr,
+            betas: c.betas,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            amsgrad: c.amsgrad,
+            maximize: c.maximize,
+            decoupled_weight_decay: c.decoupled_weight_decay,
+        }
     }
 }
 
@@ -149,6 +166,8 @@ impl Algorithm for AdamAlgorithm {
     }
 }
 
+/// Adam's algorithm on [`AdamConfig::from`] the AdamW config: the same buffers, per-step
+/// scalars and kernels.
 impl Algorithm for AdamWAlgorithm {
     const NAME: &'static str = "AdamW";
     type Config = AdamWConfig;
@@ -156,29 +175,21 @@ impl Algorithm for AdamWAlgorithm {
     type Coeffs = AdamCoeffs;
 
     fn buffers(c: &AdamWConfig) -> &'static [&'static str] {
-        adam_buffers(c.amsgrad)
+        AdamAlgorithm::buffers(&c.into())
     }
 
-    fn prepare(c: &AdamWConfig, step: u64, _: &mut ()) -> AdamCoeffs {
-        AdamCoeffs::new(
-            c.lr,
-            c.betas,
-            c.eps,
-            c.weight_decay,
-            c.decoupled_weight_decay,
-            c.maximize,
-            step,
-        )
+    fn prepare(c: &AdamWConfig, step: u64, scalars: &mut ()) -> AdamCoeffs {
+        AdamAlgorithm::prepare(&c.into(), step, scalars)
     }
 
     fn fused<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
+        AdamAlgorithm::fused(a, p, g, b)
     }
 
-    const MIXED_PRECISION: bool = true;
+    const MIXED_PRECISION: bool = AdamAlgorithm::MIXED_PRECISION;
 
     fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<AdamCoeffs>, pass: P) {
-        kernel::run(&a.coeffs, a.grad_scale, pass)
+        AdamAlgorithm::fused_pass(a, pass)
     }
 
     fn torch_fused_pass<P: Pass<f32>>(a: &KernelArgs<AdamCoeffs>, pass: P) {
@@ -186,6 +197,6 @@ impl Algorithm for AdamWAlgorithm {
     }
 
     fn reference<T: Float>(a: &KernelArgs<AdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
-        kernel::reference(&a.coeffs, a.grad_scale, p, g, b)
+        AdamAlgorithm::reference(a, p, g, b)
     }
 }
