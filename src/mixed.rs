@@ -74,6 +74,13 @@ mod sealed {
         fn load<S: Simd>(simd: S, s: &[Self]) -> S::F32;
         /// Rounds `v` into the front of `s`.
         fn store<S: Simd>(simd: S, v: S::F32, s: &mut [Self]);
+        /// [`Sealed::store`] with a non-temporal store where the token has one and `s` is
+        /// aligned to the vector's size (`Simd::stream_bf16`); a `Simd::store_fence` must
+        /// follow. f32 storage stores ordinarily.
+        #[inline(always)]
+        fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [Self]) {
+            Self::store(simd, v, s)
+        }
     }
 }
 
@@ -151,6 +158,10 @@ impl sealed::Sealed for bf16 {
     fn store<S: Simd>(simd: S, v: S::F32, s: &mut [bf16]) {
         simd.store_bf16(v, bits_mut(s))
     }
+    #[inline(always)]
+    fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [bf16]) {
+        simd.stream_bf16(v, bits_mut(s))
+    }
 }
 
 impl Storage for bf16 {
@@ -176,6 +187,10 @@ impl sealed::Sealed for f16 {
     #[inline(always)]
     fn store<S: Simd>(simd: S, v: S::F32, s: &mut [f16]) {
         simd.store_f16(v, bits_mut(s))
+    }
+    #[inline(always)]
+    fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [f16]) {
+        simd.stream_f16(v, bits_mut(s))
     }
 }
 
@@ -458,6 +473,7 @@ pub struct MixedPass<'a, 'b, G, M, H> {
     grads: &'a [G],
     bufs: &'a mut [&'b mut [M]],
     copy: &'a mut [H],
+    stream_copy: bool,
 }
 
 impl<'a, 'b, G: Storage, M: Storage, H: Storage> MixedPass<'a, 'b, G, M, H> {
@@ -485,9 +501,29 @@ impl<'a, 'b, G: Storage, M: Storage, H: Storage> MixedPass<'a, 'b, G, M, H> {
             grads,
             bufs,
             copy,
+            stream_copy: false,
         })
     }
+
+    /// Writes the copy with non-temporal (streaming) stores when `stream` is true: they skip
+    /// the read for ownership of every copy line and leave the cache to the arrays the pass
+    /// reads, which pays when the step is larger than the caches (the copy is not read again
+    /// before it would be evicted anyway); see [`STREAM_COPY_MIN_ELEMS`]. The bits are the same
+    /// either way.
+    pub fn stream_copy(mut self, stream: bool) -> Self {
+        self.stream_copy = stream;
+        self
+    }
 }
+
+/// The step size (elements over all groups) from which [`crate::Optimizer::step_mixed`]
+/// writes the half-precision copy with streaming stores ([`MixedPass::stream_copy`]): 4M
+/// elements, where a bf16-state step moves 88 MB and its copy alone is 8 MB, more than the
+/// L2 caches and most of the L3 a core shares; by the next forward pass the copy would have
+/// left the caches anyway. Below it the copy stays cached for the forward pass that reads it.
+/// On the Intel Xeon of BENCHMARKS.md streaming saved about 9% of a bf16-state pass at 32M
+/// elements (one thread, CPU time of paired passes).
+pub const STREAM_COPY_MIN_ELEMS: usize = 4 << 20;
 
 /// [`mixed_lane_loop`] as a kernel object.
 struct MixedKernel<'a, 'o, G, M, H, const B: usize, O> {
@@ -496,6 +532,7 @@ struct MixedKernel<'a, 'o, G, M, H, const B: usize, O> {
     grads: &'a [G],
     state: [&'a mut [M]; B],
     copy: &'a mut [H],
+    stream_copy: bool,
 }
 
 impl<G: Storage, M: Storage, H: Storage, const B: usize, O: ElementOp<f32, B>> WithSimd
@@ -511,6 +548,7 @@ impl<G: Storage, M: Storage, H: Storage, const B: usize, O: ElementOp<f32, B>> W
             self.grads,
             self.state,
             self.copy,
+            self.stream_copy,
         )
     }
 }
@@ -527,6 +565,7 @@ impl<G: Storage, M: Storage, H: Storage> Pass<f32> for MixedPass<'_, '_, G, M, H
             grads: self.grads,
             state: buffer_array(self.bufs),
             copy: self.copy,
+            stream_copy: self.stream_copy,
         })
     }
 }

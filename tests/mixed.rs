@@ -709,3 +709,108 @@ fn misuse_is_refused_and_changes_nothing() {
         Err(Error::MixedPrecision(_))
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Streamed copy
+// ---------------------------------------------------------------------------------------------
+
+/// One Adam pass over `len` elements starting `offset` elements into every array, with the copy
+/// stored and streamed (`MixedPass::stream_copy`): parameters, state and copy are returned
+/// for both, and the copy must be the rounded parameters.
+fn stream_case<M: Storage, H: Storage>(level: SimdLevel, offset: usize, len: usize) {
+    use optarena::kernels::adam::{run, AdamCoeffs};
+    use optarena::mixed::MixedPass;
+    let mut rng = Rng(31 * offset as u64 + len as u64);
+    let total = offset + len;
+    let p0: Vec<f32> = rng.vec(total, 1.0);
+    let wide = |rng: &mut Rng, scale: f64| -> Vec<f32> { rng.vec(total, scale) };
+    let g: Vec<bf16> = wide(&mut rng, 1.0).iter().map(|&x| bf16::from_f32(x)).collect();
+    let m0: Vec<M> = wide(&mut rng, 0.1).iter().map(|&x| M::from_f32(x)).collect();
+    let v0: Vec<M> = wide(&mut rng, 0.1).iter().map(|&x| M::from_f32(x * x)).collect();
+    let c = AdamCoeffs::new(1e-3, (0.9, 0.999), 1e-8, 0.01, true, false, 3);
+    let mut results = Vec::new();
+    for stream in [false, true] {
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        let mut copy = vec![H::default(); total];
+        let mut bufs: [&mut [M]; 2] = [&mut m[offset..], &mut v[offset..]];
+        let pass = MixedPass::new(
+            level,
+            &mut p[offset..],
+            &g[offset..],
+            &mut bufs,
+            &mut copy[offset..],
+        )
+        .unwrap()
+        .stream_copy(stream);
+        run(&c, 1.0, pass);
+        let want: Vec<H> = p[offset..].iter().map(|&x| H::from_f32(x)).collect();
+        let what = format!("{level:?} offset {offset} len {len} stream {stream}");
+        assert_eq!(&copy[offset..], &want[..], "{what}: copy");
+        assert!(copy[..offset].iter().all(|&x| x == H::default()), "{what}");
+        results.push((bits(&p), m, v, copy));
+    }
+    assert!(results[0] == results[1], "{level:?} offset {offset} len {len}");
+}
+
+/// Streaming the copy (non-temporal stores, used by steps of at least `STREAM_COPY_MIN_ELEMS`
+/// elements) changes no bit, whatever the copy's alignment (every offset within a vector, so
+/// every length of the scalar head) and length (empty, shorter than the head, a vector, with
+/// a tail), at every level, with f32 and bf16 state and bf16 and f16 copies.
+#[test]
+fn streamed_copy_gives_the_same_bits() {
+    for level in levels() {
+        for offset in 0..=17 {
+            for len in [0, 5, 16, 100, 1003] {
+                stream_case::<f32, bf16>(level, offset, len);
+                stream_case::<bf16, bf16>(level, offset, len);
+                stream_case::<f32, f16>(level, offset, len);
+            }
+        }
+    }
+}
+
+/// A step above `STREAM_COPY_MIN_ELEMS` (so its copy is streamed), with a parameter that
+/// starts 37 elements into the arena (so every 16K piece's copy is misaligned and has a
+/// scalar head), equals the f32 step on the widened gradients, copy included, on 1 and 3
+/// threads.
+#[test]
+fn large_step_with_streamed_copy_equals_the_f32_step() {
+    use optarena::mixed::STREAM_COPY_MIN_ELEMS;
+    for threads in [1, 3] {
+        let sizes = [37, STREAM_COPY_MIN_ELEMS + 5];
+        let mut rng = Rng(77);
+        let mut b1 = ArenaBuilder::<f32>::new();
+        let mut b2 = ArenaBuilder::<f32>::new();
+        let mut h1 = Vec::new();
+        let mut h2 = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let init = rng.vec(n, 1.0);
+            h1.push(b1.param(&format!("p{i}"), &[n], &init).unwrap());
+            h2.push(b2.param(&format!("p{i}"), &[n], &init).unwrap());
+        }
+        let (mut a1, mut a2) = (b1.build(), b2.build());
+        let config = AdamWConfig::default();
+        let mut o1 = AdamW::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
+        let mut o2 = AdamW::new(&a2, [ParamGroup::all()], config).unwrap();
+        for o in [&mut o1, &mut o2] {
+            o.set_parallelism(pool(threads));
+        }
+        let mut copy = HalfBuffer::<bf16>::copy_of(&a1);
+        for step in 0..2 {
+            let g: HalfBuffer<bf16> = half_grads(&a1, &h1, &mut rng, 1.0, None);
+            o1.step_mixed(&mut a1, &g, &mut copy, StepOptions::default())
+                .unwrap();
+            a2.grads_mut().copy_from_slice(&g.to_f32_vec());
+            o2.step(&mut a2).unwrap();
+            let what = format!("threads {threads} step {step}");
+            assert_eq!(bits(a1.params()), bits(a2.params()), "{what}: params");
+            for (&p1, &p2) in h1.iter().zip(&h2) {
+                for name in ["exp_avg", "exp_avg_sq"] {
+                    assert_eq!(o1.buffer(p1, name).map(bits), o2.buffer(p2, name).map(bits));
+                }
+            }
+            let want: Vec<bf16> = a2.params().iter().map(|&x| bf16::from_f32(x)).collect();
+            assert!(copy.as_slice() == &want[..], "{what}: copy");
+        }
+    }
+}

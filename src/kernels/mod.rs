@@ -216,6 +216,12 @@ impl<T: Float> Pass<T> for Slices<'_, '_, T> {
 /// With `G = M = f32` and the copy ignored it computes exactly what [`lane_loop`] computes on
 /// the widened gradients: the same op on the same lanes, so the same bits.
 ///
+/// With `stream_copy` the copy, which the pass only writes, is written with non-temporal
+/// stores: no read for ownership of its lines (2 of the 22 bytes per element a bf16-state
+/// step moves otherwise) and no eviction of the lines the pass still reads. Those stores need
+/// the copy aligned to a vector's size, so the elements before its first such boundary (at
+/// most one vector's worth) run as scalars, which give the same bits as the vectors.
+///
 /// # Panics
 /// If the slices differ in length (the step driver never passes such slices).
 #[inline(always)]
@@ -227,6 +233,7 @@ pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
     grads: &[G],
     state: [&mut [M]; B],
     copy: &mut [H],
+    stream_copy: bool,
 ) where
     S: Simd,
     G: Storage,
@@ -237,13 +244,31 @@ pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
     let n = params.len();
     assert!(grads.len() == n && copy.len() == n && state.iter().all(|s| s.len() == n));
     let w = <S::F32 as Lane>::WIDTH;
+    let head = if stream_copy {
+        copy.as_ptr()
+            .align_offset(w * std::mem::size_of::<H>())
+            .min(n)
+    } else {
+        0
+    };
+    let (p_head, params) = params.split_at_mut(head);
+    let (g_head, grads) = grads.split_at(head);
+    let (c_head, copy) = copy.split_at_mut(head);
+    let mut s_head: [&mut [M]; B] = std::array::from_fn(|_| Default::default());
+    let mut s_rest: [&mut [M]; B] = std::array::from_fn(|_| Default::default());
+    for (k, s) in state.into_iter().enumerate() {
+        (s_head[k], s_rest[k]) = s.split_at_mut(head);
+    }
+    mixed_scalars(op, p_head, g_head, &mut s_head, c_head);
+    let n = params.len();
     let body = n - n % w;
     let (p_body, p_tail) = params.split_at_mut(body);
     let (g_body, g_tail) = grads.split_at(body);
     let (c_body, c_tail) = copy.split_at_mut(body);
-    let parts = state.map(|s| s.split_at_mut(body));
+    let mut parts = s_rest.map(|s| s.split_at_mut(body));
     let mut i = 0;
-    // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one).
+    // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one),
+    // but not in a streamed copy, whose lines must not be brought into the cache.
     const AHEAD: usize = 1024;
     while w <= body - i {
         #[cfg(target_arch = "x86_64")]
@@ -254,7 +279,9 @@ pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
                 _mm_prefetch::<_MM_HINT_T0>(p_body.as_ptr().add(i + AHEAD) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(i + AHEAD) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(c_body.as_ptr().add(i + AHEAD) as *const i8);
+                if !stream_copy {
+                    _mm_prefetch::<_MM_HINT_T0>(c_body.as_ptr().add(i + AHEAD) as *const i8);
+                }
                 for part in &parts {
                     _mm_prefetch::<_MM_HINT_T0>(part.0.as_ptr().add(i + AHEAD) as *const i8);
                 }
@@ -271,18 +298,40 @@ pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
         }
         let p = op.apply(p, g, &mut s);
         p.store(&mut p_body[i..i + w]);
-        H::store(simd, p, &mut c_body[i..i + w]);
+        if stream_copy {
+            H::stream(simd, p, &mut c_body[i..i + w]);
+        } else {
+            H::store(simd, p, &mut c_body[i..i + w]);
+        }
         for (k, v) in s.iter().enumerate() {
             M::store(simd, *v, &mut parts[k].0[i..i + w]);
         }
         i += w;
     }
-    for (j, ((p, g), c)) in p_tail.iter_mut().zip(g_tail).zip(c_tail).enumerate() {
-        let mut s: [f32; B] = std::array::from_fn(|k| parts[k].1[j].to_f32());
+    if stream_copy {
+        // Non-temporal stores are weakly ordered: fence them before the pool's hand-back
+        // publishes this piece to other threads.
+        simd.store_fence();
+    }
+    let mut s_tail: [&mut [M]; B] = parts.each_mut().map(|p| &mut *p.1);
+    mixed_scalars(op, p_tail, g_tail, &mut s_tail, c_tail);
+}
+
+/// The scalar form of [`mixed_lane_loop`]'s body, for its head and tail.
+#[inline(always)]
+fn mixed_scalars<G: Storage, M: Storage, H: Storage, const B: usize, O: ElementOp<f32, B>>(
+    op: &O,
+    params: &mut [f32],
+    grads: &[G],
+    state: &mut [&mut [M]; B],
+    copy: &mut [H],
+) {
+    for (j, ((p, g), c)) in params.iter_mut().zip(grads).zip(copy).enumerate() {
+        let mut s: [f32; B] = std::array::from_fn(|k| state[k][j].to_f32());
         *p = op.apply(*p, g.to_f32(), &mut s);
         *c = H::from_f32(*p);
         for (k, v) in s.iter().enumerate() {
-            parts[k].1[j] = M::from_f32(*v);
+            state[k][j] = M::from_f32(*v);
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::arena::{Arena, Param};
 use crate::clip::partial_half;
 use crate::error::{Error, Result};
 use crate::hyper::Hyperparams;
-use crate::mixed::{HalfBuffer, MixedPass, StatePrecision, Storage};
+use crate::mixed::{HalfBuffer, MixedPass, StatePrecision, Storage, STREAM_COPY_MIN_ELEMS};
 use crate::parallel::Exec;
 
 impl<C: Copy> WorkItem<f32, C> {
@@ -23,7 +23,10 @@ impl<C: Copy> WorkItem<f32, C> {
     /// As [`WorkItem::run`]; besides, the gradient pointer must point to `len` elements of `G`,
     /// each buffer pointer to `len` elements of `M`, and the copy pointer to `len` elements of
     /// `H`, none aliased by any other live reference or concurrently running item.
-    unsafe fn run_mixed<A: Algorithm<Coeffs = C>, G: Storage, M: Storage, H: Storage>(&self) {
+    unsafe fn run_mixed<A: Algorithm<Coeffs = C>, G: Storage, M: Storage, H: Storage>(
+        &self,
+        stream_copy: bool,
+    ) {
         // SAFETY: guaranteed by the caller (see above).
         let params = unsafe { std::slice::from_raw_parts_mut(self.params, self.len) };
         // SAFETY: as above; gradients are only read.
@@ -42,7 +45,8 @@ impl<C: Copy> WorkItem<f32, C> {
             &mut bufs[..self.n_buffers],
             copy,
         )
-        .expect("the plan gives every slice the piece's length");
+        .expect("the plan gives every slice the piece's length")
+        .stream_copy(stream_copy);
         A::fused_pass::<f32, _>(&self.args, pass);
     }
 }
@@ -224,15 +228,17 @@ impl<A: Algorithm> Optimizer<f32, A> {
         self.plan_with(arena, grad_factor, Some(streams));
         let work = std::mem::take(&mut self.work);
         let half_state = self.state_precision == StatePrecision::Bf16;
+        let elems: usize = self.groups.iter().map(|g| g.len).sum();
+        let stream_copy = elems >= STREAM_COPY_MIN_ELEMS;
         exec.for_each(&work, |item| {
             // SAFETY: `plan_with` built every item from disjoint ranges of the arena, the
             // state buffers (bf16 ones under `StatePrecision::Bf16`), `grads` (of `G`) and
             // `copy` (of `H`), and all of them stay borrowed here until every item has run.
             unsafe {
                 if half_state {
-                    item.run_mixed::<A, G, bf16, H>()
+                    item.run_mixed::<A, G, bf16, H>(stream_copy)
                 } else {
-                    item.run_mixed::<A, G, f32, H>()
+                    item.run_mixed::<A, G, f32, H>(stream_copy)
                 }
             }
         });
