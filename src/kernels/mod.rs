@@ -62,7 +62,23 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
     grads: &[T],
     state: [&mut [T]; B],
 ) {
-    simd.dispatch(LaneLoop {
+    for_each_lane_ahead::<T, B, O, PREFETCH_AHEAD>(simd, op, params, grads, state)
+}
+
+/// How far ahead, in elements, the fused loops prefetch every array (see [`lane_loop`]).
+pub const PREFETCH_AHEAD: usize = 1024;
+
+/// [`for_each_lane`] prefetching `AHEAD` elements ahead in every array, or not at all with
+/// `AHEAD = 0` (the roofline tries both: [`crate::roofline::Strategy`]).
+#[inline(always)]
+pub(crate) fn for_each_lane_ahead<T: Float, const B: usize, O: ElementOp<T, B>, const AHEAD: usize>(
+    simd: SimdLevel,
+    op: &O,
+    params: &mut [T],
+    grads: &[T],
+    state: [&mut [T]; B],
+) {
+    simd.dispatch(LaneLoop::<T, B, O, AHEAD> {
         op,
         params,
         grads,
@@ -71,24 +87,33 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
 }
 
 /// [`lane_loop`] as a kernel object: on the widest lanes of the token it is given.
-struct LaneLoop<'a, T, const B: usize, O> {
+struct LaneLoop<'a, T, const B: usize, O, const AHEAD: usize> {
     op: &'a O,
     params: &'a mut [T],
     grads: &'a [T],
     state: [&'a mut [T]; B],
 }
 
-impl<T: Float, const B: usize, O: ElementOp<T, B>> WithSimd for LaneLoop<'_, T, B, O> {
+impl<T: Float, const B: usize, O: ElementOp<T, B>, const AHEAD: usize> WithSimd
+    for LaneLoop<'_, T, B, O, AHEAD>
+{
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        lane_loop::<T, T::Wide<S>, B, O>(self.op, self.params, self.grads, self.state)
+        lane_loop::<T, T::Wide<S>, B, O, AHEAD>(self.op, self.params, self.grads, self.state)
     }
 }
 
-/// The fused loop over vectors of type `V`, then scalars for the tail.
+/// The fused loop over vectors of type `V`, then scalars for the tail; prefetching `AHEAD`
+/// elements ahead in every array (none for 0).
 #[inline(always)]
-fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
+fn lane_loop<
+    T: Float,
+    V: Lane<Elem = T>,
+    const B: usize,
+    O: ElementOp<T, B>,
+    const AHEAD: usize,
+>(
     op: &O,
     params: &mut [T],
     grads: &[T],
@@ -107,15 +132,15 @@ fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
     // `w <= body - i` rather than `i + w <= body`: the subtraction cannot wrap (i <= body),
     // so the compiler can prove `i..i + w` in range and drop the per-vector bounds check (it
     // does in every AVX2 loop but SGD's, where one predicted compare remains).
-    // Software prefetch, 1024 elements (4 KiB of f32) ahead in every array: measured on the
-    // Intel Xeon guest, Adam at 32M on 2 threads went from 21.5 to 18.9 ms (89% -> 98% of the
-    // roofline, which runs through this loop too and got faster itself, 19.4 -> 18.5 ms), with
-    // the in-cache adapter step unchanged (6.2 µs). The hardware prefetcher alone does not keep
-    // five streams of a divider-bound loop fed.
-    const AHEAD: usize = 1024;
+    // Software prefetch, `PREFETCH_AHEAD` = 1024 elements (4 KiB of f32) ahead in every array:
+    // measured on the Intel Xeon guest, Adam at 32M on 2 threads went from 21.5 to 18.9 ms
+    // (89% -> 98% of the roofline, which got faster itself, 19.4 -> 18.5 ms), with the
+    // in-cache adapter step unchanged (6.2 µs). The hardware prefetcher alone does not keep
+    // five streams of a divider-bound loop fed. A loop with trivial arithmetic does not need
+    // it (on one thread it runs 2-6% faster without), so the roofline tries both.
     while w <= body - i {
         #[cfg(target_arch = "x86_64")]
-        if AHEAD < body - i {
+        if AHEAD > 0 && AHEAD < body - i {
             // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i + AHEAD < body`,
             // so every address is inside its slice (`add` stays in bounds).
             unsafe {
@@ -269,7 +294,7 @@ pub(crate) fn mixed_lane_loop<S, G, M, H, const B: usize, O>(
     let mut i = 0;
     // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one),
     // but not in a streamed copy, whose lines must not be brought into the cache.
-    const AHEAD: usize = 1024;
+    const AHEAD: usize = PREFETCH_AHEAD;
     while w <= body - i {
         #[cfg(target_arch = "x86_64")]
         if AHEAD < body - i {

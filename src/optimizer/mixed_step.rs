@@ -12,7 +12,7 @@ use crate::arena::{Arena, Param};
 use crate::clip::partial_half;
 use crate::error::{Error, Result};
 use crate::hyper::Hyperparams;
-use crate::mixed::{HalfBuffer, MixedPass, StatePrecision, Storage, STREAM_COPY_MIN_ELEMS};
+use crate::mixed::{HalfBuffer, MixedPass, StatePrecision, Storage};
 use crate::parallel::Exec;
 
 impl<C: Copy> WorkItem<f32, C> {
@@ -89,6 +89,16 @@ impl<A: Algorithm> Optimizer<f32, A> {
             g.half_buffers.clear();
         }
         Ok(())
+    }
+
+    /// From how many elements (summed over the groups) [`Optimizer::step_mixed`] writes the
+    /// half-precision copy with streaming (non-temporal) stores, which skip reading each copy
+    /// line before writing it and leave the caches to the arrays the step reads; smaller
+    /// steps store it ordinarily, so it is still cached for the forward pass that reads it.
+    /// The default is [`STREAM_COPY_MIN_ELEMS`]; `0` always streams, `usize::MAX` never does.
+    /// Results are bitwise the same either way.
+    pub fn set_stream_copy_threshold(&mut self, elems: usize) {
+        self.stream_copy_threshold = elems;
     }
 
     /// The precision of the state buffers.
@@ -229,7 +239,7 @@ impl<A: Algorithm> Optimizer<f32, A> {
         let work = std::mem::take(&mut self.work);
         let half_state = self.state_precision == StatePrecision::Bf16;
         let elems: usize = self.groups.iter().map(|g| g.len).sum();
-        let stream_copy = elems >= STREAM_COPY_MIN_ELEMS;
+        let stream_copy = elems >= self.stream_copy_threshold;
         exec.for_each(&work, |item| {
             // SAFETY: `plan_with` built every item from disjoint ranges of the arena, the
             // state buffers (bf16 ones under `StatePrecision::Bf16`), `grads` (of `G`) and
