@@ -724,9 +724,18 @@ fn stream_case<M: Storage, H: Storage>(level: SimdLevel, offset: usize, len: usi
     let total = offset + len;
     let p0: Vec<f32> = rng.vec(total, 1.0);
     let wide = |rng: &mut Rng, scale: f64| -> Vec<f32> { rng.vec(total, scale) };
-    let g: Vec<bf16> = wide(&mut rng, 1.0).iter().map(|&x| bf16::from_f32(x)).collect();
-    let m0: Vec<M> = wide(&mut rng, 0.1).iter().map(|&x| M::from_f32(x)).collect();
-    let v0: Vec<M> = wide(&mut rng, 0.1).iter().map(|&x| M::from_f32(x * x)).collect();
+    let g: Vec<bf16> = wide(&mut rng, 1.0)
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
+    let m0: Vec<M> = wide(&mut rng, 0.1)
+        .iter()
+        .map(|&x| M::from_f32(x))
+        .collect();
+    let v0: Vec<M> = wide(&mut rng, 0.1)
+        .iter()
+        .map(|&x| M::from_f32(x * x))
+        .collect();
     let c = AdamCoeffs::new(1e-3, (0.9, 0.999), 1e-8, 0.01, true, false, 3);
     let mut results = Vec::new();
     for stream in [false, true] {
@@ -749,7 +758,10 @@ fn stream_case<M: Storage, H: Storage>(level: SimdLevel, offset: usize, len: usi
         assert!(copy[..offset].iter().all(|&x| x == H::default()), "{what}");
         results.push((bits(&p), m, v, copy));
     }
-    assert!(results[0] == results[1], "{level:?} offset {offset} len {len}");
+    assert!(
+        results[0] == results[1],
+        "{level:?} offset {offset} len {len}"
+    );
 }
 
 /// Streaming the copy (non-temporal stores, used by steps of at least `STREAM_COPY_MIN_ELEMS`

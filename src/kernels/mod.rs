@@ -71,7 +71,12 @@ pub const PREFETCH_AHEAD: usize = 1024;
 /// [`for_each_lane`] prefetching `AHEAD` elements ahead in every array, or not at all with
 /// `AHEAD = 0` (the roofline tries both: [`crate::roofline::Strategy`]).
 #[inline(always)]
-pub(crate) fn for_each_lane_ahead<T: Float, const B: usize, O: ElementOp<T, B>, const AHEAD: usize>(
+pub(crate) fn for_each_lane_ahead<
+    T: Float,
+    const B: usize,
+    O: ElementOp<T, B>,
+    const AHEAD: usize,
+>(
     simd: SimdLevel,
     op: &O,
     params: &mut [T],
