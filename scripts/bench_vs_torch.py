@@ -787,11 +787,16 @@ def deepspeed_section(args, binary):
     # Bytes per element each implementation moves (reads + writes of the algorithm; "+ RFO":
     # a store to a line the loop never read first reads it on x86, unless streamed).
     traffic = {
-        "torch fused f32": 28, "torch fused f32 + bf16 copy_": "34 + 2 RFO",
-        "DeepSpeed f32": 28, "DeepSpeed f32 + bf16 copy_": "34 + 2 RFO",
-        "DeepSpeed bf16 params, f32 state": 20, "DeepSpeed bf16 params and state": 12,
-        "optarena f32": 28, "optarena mode 2 (bf16 grads, bf16 copy)": 28,
-        "optarena mode 2 + bf16 moments": 20, "roofline (f32 traffic)": 28,
+        "torch fused f32": "28 (read p g m v, write p m v)",
+        "torch fused f32 + bf16 copy_": "34 + 2 RFO (+ read p, write copy)",
+        "DeepSpeed f32": "28",
+        "DeepSpeed f32 + bf16 copy_": "34 + 2 RFO",
+        "DeepSpeed bf16 params, f32 state": "20 (p, g 2; m, v 4)",
+        "DeepSpeed bf16 params and state": "12",
+        "optarena f32": "28",
+        "optarena mode 2 (bf16 grads, bf16 copy)": "28 (g 2; copy 2, streamed: no RFO)",
+        "optarena mode 2 + bf16 moments": "20 (g, m, v 2; copy 2, streamed)",
+        "roofline (f32 traffic)": "28",
     }
     results = {}  # (layout label, opt, impl) -> list of medians
     for rnd in range(args.rounds):
