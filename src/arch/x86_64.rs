@@ -162,7 +162,7 @@ fn bf16_round_avx512(v: __m512) -> __m256i {
 #[inline(always)]
 fn put_128(r: __m128i, s: &mut [u16], stream: bool) {
     let ptr = s[..8].as_mut_ptr() as *mut __m128i;
-    if stream && (ptr as usize) % 16 == 0 {
+    if stream && ptr.is_aligned() {
         // SAFETY: `s` holds eight writable elements (16 bytes), aligned to 16 (checked).
         unsafe { _mm_stream_si128(ptr, r) }
     } else {
@@ -176,7 +176,7 @@ fn put_128(r: __m128i, s: &mut [u16], stream: bool) {
 #[inline(always)]
 fn put_256(r: __m256i, s: &mut [u16], stream: bool) {
     let ptr = s[..16].as_mut_ptr() as *mut __m256i;
-    if stream && (ptr as usize) % 32 == 0 {
+    if stream && ptr.is_aligned() {
         // SAFETY: `s` holds sixteen writable elements (32 bytes), aligned to 32 (checked);
         // AVX is available (every token that calls this has it, see `avx!`).
         unsafe { _mm256_stream_si256(ptr, r) }
