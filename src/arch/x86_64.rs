@@ -216,11 +216,19 @@ macro_rules! avx2_half {
         }
         #[inline(always)]
         fn store_f16(self, v: F32x8, s: &mut [u16]) {
-            put_128(avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)), s, false)
+            put_128(
+                avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                false,
+            )
         }
         #[inline(always)]
         fn stream_f16(self, v: F32x8, s: &mut [u16]) {
-            put_128(avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)), s, true)
+            put_128(
+                avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                true,
+            )
         }
         #[inline(always)]
         fn store_fence(self) {
@@ -252,11 +260,19 @@ macro_rules! avx512_half_common {
         }
         #[inline(always)]
         fn store_f16(self, v: F32x16, s: &mut [u16]) {
-            put_256(avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)), s, false)
+            put_256(
+                avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                false,
+            )
         }
         #[inline(always)]
         fn stream_f16(self, v: F32x16, s: &mut [u16]) {
-            put_256(avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)), s, true)
+            put_256(
+                avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                true,
+            )
         }
         #[inline(always)]
         fn stream_bf16(self, v: F32x16, s: &mut [u16]) {
