@@ -48,6 +48,11 @@
 //!   calling thread (a spin, not a sleep), as forward and backward between two steps; the
 //!   pool's threads fall asleep meanwhile. Only the step is timed.
 //!
+//! `thread_cpu_median_s` in the output is the median CPU time of the calling thread per step:
+//! with one thread, the step's time without the periods other processes held the core (the
+//! stable measure on a shared machine). `OPTARENA_STREAM_COPY=0` makes the mixed steps store
+//! their bf16 copy ordinarily instead of streaming it (`Optimizer::set_stream_copy_threshold`).
+//!
 //! The environment variable `OPTARENA_SIMD` (`portable`, `avx2`, `avx512`, `avx512bf16`) caps the optimizers'
 //! instruction set; the roofline kernels always take the fastest strategy they measure (and
 //! print it to stderr).
@@ -346,6 +351,10 @@ fn main() {
                                 .with_parallelism(par.clone())
                                 .with_simd_level(simd);
                             o.set_state_precision(precision).unwrap();
+                            // OPTARENA_STREAM_COPY=0 turns the streamed copy off (A/B runs).
+                            if std::env::var("OPTARENA_STREAM_COPY").as_deref() == Ok("0") {
+                                o.set_stream_copy_threshold(usize::MAX);
+                            }
                             Box::new(move || {
                                 o.step_mixed(&mut a, &hg, &mut copy, StepOptions::default())
                                     .unwrap();
@@ -386,22 +395,48 @@ fn main() {
         realistic::busy_work(idle);
         step();
     }
+    let mut cpu = Vec::with_capacity(steps);
     let mut times: Vec<f64> = (0..steps)
         .map(|_| {
             realistic::busy_work(idle);
+            let c = thread_cpu_seconds();
             let t = Instant::now();
             step();
-            t.elapsed().as_secs_f64()
+            let wall = t.elapsed().as_secs_f64();
+            cpu.push(thread_cpu_seconds() - c);
+            wall
         })
         .collect();
     times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     println!(
-        "{{\"impl\": \"optarena\", \"optimizer\": \"{name}\", \"layout\": \"{layout}\", \"elements\": {total}, \"threads\": {threads}, \"steps\": {steps}, \"groups\": \"{}\", \"runs\": {runs}, \"grads\": \"{}\", \"idle_us\": {}, \"median_s\": {median:e}, \"p99_s\": {p99:e}, \"min_s\": {:e}}}",
+        "{{\"impl\": \"optarena\", \"optimizer\": \"{name}\", \"layout\": \"{layout}\", \"elements\": {total}, \"threads\": {threads}, \"steps\": {steps}, \"groups\": \"{}\", \"runs\": {runs}, \"grads\": \"{}\", \"idle_us\": {}, \"median_s\": {median:e}, \"p99_s\": {p99:e}, \"min_s\": {:e}, \"thread_cpu_median_s\": {:e}}}",
         if decay_groups { "decay" } else { "all" },
         grads.name(),
         idle.as_micros(),
-        times[0]
+        times[0],
+        cpu[cpu.len() / 2]
     );
+}
+
+/// CPU time of the calling thread in seconds. With one thread (`Parallelism::Sequential`) the
+/// whole step runs on it, so on a machine shared with other jobs this is the step's time
+/// without the periods other processes held the core (`thread_cpu_median_s`).
+#[cfg(unix)]
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported
+    // on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+#[cfg(not(unix))]
+fn thread_cpu_seconds() -> f64 {
+    0.0
 }

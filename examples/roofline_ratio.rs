@@ -7,6 +7,9 @@
 //! cargo run --release --example roofline_ratio -- adam 33554432 2 30
 //! OPTARENA_SIMD=avx2 cargo run --release --example roofline_ratio -- adam 33554432 2 30
 //! ```
+//! With one thread, pairs are timed in CPU time of the calling thread (which runs the whole
+//! step and pass), so other processes on a shared machine do not enter the ratio.
+//!
 //! Arguments: optimizer (`adam`, `adamw`, `radam`, `nadam`, `sgd_momentum`, `adagrad`),
 //! elements, threads, timed pairs. `OPTARENA_SIMD` (`portable`, `avx2`, `avx512`) caps the
 //! optimizer's instruction set; the roofline always uses its fastest strategy.
@@ -85,9 +88,10 @@ fn main() {
     let strategy = roof.calibrate(&par, 5);
     for (s, t) in roof.timings() {
         eprintln!(
-            "roofline {:?} piece {:?}: {:.2} ms",
+            "roofline {:?} piece {:?} prefetch {}: {:.2} ms",
             s.simd,
             s.piece,
+            s.prefetch,
             t * 1e3
         );
     }
@@ -96,13 +100,22 @@ fn main() {
         roof.run(&par);
     }
     let (mut ts, mut tr, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    // With one thread everything runs on this one, and its CPU time leaves out the periods
+    // other processes held the core: the stable measure on a shared machine.
+    let clock = |f: &mut dyn FnMut()| {
+        if threads <= 1 {
+            let c = thread_cpu_seconds();
+            f();
+            thread_cpu_seconds() - c
+        } else {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        }
+    };
     for _ in 0..pairs {
-        let t = Instant::now();
-        roof.run(&par);
-        let r = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        step(&mut a);
-        let s = t.elapsed().as_secs_f64();
+        let r = clock(&mut || roof.run(&par));
+        let s = clock(&mut || step(&mut a));
         tr.push(r);
         ts.push(s);
         ratio.push(r / s);
@@ -113,4 +126,24 @@ fn main() {
         median(&mut tr),
         median(&mut ratio)
     );
+}
+
+/// CPU time of the calling thread in seconds.
+#[cfg(unix)]
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported
+    // on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+#[cfg(not(unix))]
+fn thread_cpu_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

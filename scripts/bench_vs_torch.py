@@ -19,6 +19,11 @@ sees them:
 - "Optimizer steps in a training loop": the digits MLP of `examples/train`, trained by the
   example itself and by the same loop in torch; only clip + step is timed on both sides.
 
+A section against DeepSpeed's `DeepSpeedCPUAdam` (`--deepspeed-only` runs just it) needs
+`../venv/bin/pip install deepspeed ninja`; DeepSpeed builds its CPU Adam on first use with the
+venv's `ninja` and the system's C++ compiler (see `deepspeed_cpu_adam`). Without it the section
+says why and times the rest.
+
 `--quick` measures fewer, smaller cases and shorter runs (for checking the script itself).
 A "Muon" section times torch.optim.Muon against optarena's on GPT-2 small's hidden matrices.
 
@@ -748,6 +753,187 @@ def half_section(args, binary):
             t = med(results[(opt, label)])
             lines.append(f"| {opt} | {label} | {traffic} | {t * 1e3:.2f} | "
                          f"{tf / t:.2f}x | {tb / t:.2f}x |")
+
+
+DEEPSPEED_HEADING = "## Against DeepSpeed's CPU Adam: f32 and mode 2"
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_cpu_adam():
+    """DeepSpeed's `DeepSpeedCPUAdam` class, or `(None, why)` when it cannot be used.
+
+    DeepSpeed builds its CPU Adam (`cpu_adam`, C++ with `-march=native -fopenmp` and its own
+    AVX-512/AVX2 lanes) just in time on first use, with `ninja` and a C++ compiler found on
+    `PATH`. Install it into the benchmark virtualenv (`../venv/bin/pip install deepspeed
+    ninja`); this function then puts the directory of the running interpreter (the venv's
+    `bin`, where pip put `ninja`) in front of `PATH`, so the JIT build finds it without the
+    caller activating the venv, and checks that `ninja` and `c++`/`g++` are there before
+    trying. The build (a few minutes on 2 cores) is cached under `~/.cache/torch_extensions`.
+    The extension's OpenMP calls resolve to torch's OpenMP runtime, so `torch.set_num_threads`
+    sets its thread count too.
+    """
+    import shutil
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
+    missing = [tool for tool in ("ninja",) if shutil.which(tool) is None]
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        missing.append("c++/g++")
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # not installed, or its import fails
+        return None, f"`import deepspeed` failed: {type(e).__name__}: {e}"
+    if missing:
+        return None, (f"deepspeed {deepspeed.__version__} is installed but its JIT build needs "
+                      f"{' and '.join(missing)} on PATH (pip install ninja into the venv)")
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        p = torch.nn.Parameter(torch.zeros(64))
+        p.grad = torch.ones(64)
+        DeepSpeedCPUAdam([p], lr=1e-3).step()  # builds (or loads) the extension
+        # Adam's first step moves every parameter by -lr (times 1 / (1 + eps)).
+        if not torch.allclose(p.detach(), torch.full((64,), -1e-3), rtol=1e-5, atol=0):
+            return None, f"DeepSpeedCPUAdam's first step gave {p.detach()[:4]}, not -1e-3"
+    except Exception as e:
+        return None, (f"deepspeed {deepspeed.__version__}: building or loading its `cpu_adam` "
+                      f"op failed: {type(e).__name__}: {e}")
+    return DeepSpeedCPUAdam, None
+
+
+class DeepSpeedCase:
+    """`DeepSpeedCPUAdam` over parameters of `layout` (torch's Adam defaults; AdamW with
+    torch's default `weight_decay=0.01`, `adamw_mode=True`), at one of DeepSpeed's precision
+    settings:
+
+    - `f32`: parameters, gradients and state f32;
+    - `f32 + bf16 copy_`: the same step, then `bf16_params.copy_(params)` for the next bf16
+      forward (the peer of optarena's mode 2: DeepSpeed 0.19's `adam_update` has no fused
+      half-precision copy-out any more, and takes gradients in the parameters' dtype only);
+    - `bf16 params, f32 state`: bf16 parameters and gradients, f32 moments;
+    - `bf16 params and state`: `fp32_optimizer_states=False` on bf16 parameters: everything
+      bf16, no f32 master copy.
+    """
+
+    PRECISIONS = ("f32", "f32 + bf16 copy_", "bf16 params, f32 state", "bf16 params and state")
+
+    def __init__(self, optimizer, precision, layout, n):
+        cls, why = deepspeed_cpu_adam()
+        if cls is None:
+            raise RuntimeError(why)
+        shapes = LAYOUTS[layout](n)
+        gen = torch.Generator().manual_seed(0)
+        dtype = torch.float32 if precision.startswith("f32") else torch.bfloat16
+        self.params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        for p in self.params:
+            p.requires_grad_(True)
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(dtype)
+        kw = dict(weight_decay=0.01, adamw_mode=True) if optimizer == "adamw" else \
+            dict(weight_decay=0.0, adamw_mode=False)
+        self.opt = cls(self.params, lr=1e-3,
+                       fp32_optimizer_states=precision != "bf16 params and state", **kw)
+        self.half = ([p.detach().to(torch.bfloat16) for p in self.params]
+                     if precision == "f32 + bf16 copy_" else [])
+        self.idle_us = 0
+
+    def step(self):
+        self.opt.step()
+        for h, p in zip(self.half, self.params):
+            h.copy_(p)
+
+    time = TorchCase.time
+
+
+def deepspeed_section(args, binary):
+    """Adam and AdamW at 32M elements and on GPT-2 small's layout: torch fused f32 (alone and
+    with a bf16 `copy_`), DeepSpeed's CPU Adam at each of its precision settings, optarena's f32
+    step and its mode 2 (with f32 and with bf16 moments), and the roofline of the f32 step's
+    traffic, every case once per round, rounds interleaved. Returns the section's Markdown
+    lines (or a note saying why DeepSpeed could not run)."""
+    cls, why = deepspeed_cpu_adam()
+    threads = args.threads
+    torch.set_num_threads(threads)
+    big = 1 << 20 if args.quick else N_32M
+    layouts = [(f"{big // (1 << 20)}M", "flat", big, 10)]
+    if not args.quick and not args.skip_gpt2:
+        layouts.append(("GPT-2 small", "gpt2", 0, 5))
+    opts = ["adam", "adamw"]
+    ds = list(DeepSpeedCase.PRECISIONS) if cls is not None else []
+    # Bytes per element each implementation moves (reads + writes of the algorithm; "+ RFO":
+    # a store to a line the loop never read first reads it on x86, unless streamed).
+    traffic = {
+        "torch fused f32": "28 (read p g m v, write p m v)",
+        "torch fused f32 + bf16 copy_": "34 + 2 RFO (+ read p, write copy)",
+        "DeepSpeed f32": "28",
+        "DeepSpeed f32 + bf16 copy_": "34 + 2 RFO",
+        "DeepSpeed bf16 params, f32 state": "20 (p, g 2; m, v 4)",
+        "DeepSpeed bf16 params and state": "12",
+        "optarena f32": "28",
+        "optarena mode 2 (bf16 grads, bf16 copy)": "28 (g 2; copy 2, streamed: no RFO)",
+        "optarena mode 2 + bf16 moments": "20 (g, m, v 2; copy 2, streamed)",
+        "roofline (f32 traffic)": "28",
+    }
+    results = {}  # (layout label, opt, impl) -> list of medians
+    for rnd in range(args.rounds):
+        print(f"deepspeed, round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        for label, layout, n, steps in layouts:
+            for opt in opts:
+                def put(impl, t):
+                    results.setdefault((label, opt, impl), []).append(t)
+                case = TorchCase(opt, "fused", layout, n)
+                put("torch fused f32", case.time(steps)[0])
+                del case
+                case = TorchCopyCase(opt, layout, n)
+                put("torch fused f32 + bf16 copy_", case.time(steps)[0])
+                del case
+                for precision in ds:
+                    case = DeepSpeedCase(opt, precision, layout, n)
+                    put(f"DeepSpeed {precision}", case.time(steps)[0])
+                    del case
+                for name, impl in [(opt, "optarena f32"),
+                                   (f"{opt}_mixed", "optarena mode 2 (bf16 grads, bf16 copy)"),
+                                   (f"{opt}_mixed_bf16state", "optarena mode 2 + bf16 moments")]:
+                    put(impl, optarena_time(binary, name, layout, n, threads, steps)[0])
+            results.setdefault((label, None, "roofline"), []).append(
+                optarena_time(binary, "roofline4", layout, n, threads, steps)[0])
+    med = statistics.median
+    lines = [DEEPSPEED_HEADING, "",
+             "Adam and AdamW (torch's defaults; AdamW `weight_decay=0.01`) against DeepSpeed's "
+             "`DeepSpeedCPUAdam` (ZeRO-Offload's CPU optimizer: C++ built on this machine with "
+             "`-march=native`, AVX-512 lanes, OpenMP threads) at each of its precision settings, "
+             "torch's fused step, and optarena's f32 step and mode 2 (f32 master weights and "
+             "state, bf16 gradients in, bf16 parameter copy out in the same pass; optionally "
+             "bf16 moments). DeepSpeed 0.19's `adam_update` takes gradients in the parameters' "
+             "dtype and has no fused copy-out, so its peer of mode 2 is its f32 step plus a "
+             "`copy_` to bf16; it cannot keep bf16 moments beside f32 master weights "
+             "(`fp32_optimizer_states=False` means the parameters' dtype), so its lowest-traffic "
+             "setting, bf16 parameters and state with no master copy, is listed as the nearest. "
+             "The roofline is `optarena::roofline` moving the f32 step's traffic.", "",
+             *provenance(),
+             f"- {threads} threads; {rounds_text(args.rounds)}, every case of a layout once per "
+             "round, in the order of the table; medians over rounds of each round's median step",
+             ""]
+    if cls is None:
+        lines += [f"DeepSpeed could not run here: {why}", ""]
+    lines += ["| layout | optimizer | implementation | bytes / element | median step (ms) | "
+              "vs torch fused f32 | vs DeepSpeed f32 | fraction of the roofline |",
+              "|---|---|---|---|---|---|---|---|"]
+    for label, layout, n, steps in layouts:
+        roof = med(results[(label, None, "roofline")])
+        for opt in opts:
+            tf = med(results[(label, opt, "torch fused f32")])
+            tds = results.get((label, opt, "DeepSpeed f32"))
+            for impl in traffic:
+                key = (label, opt, impl) if impl != "roofline (f32 traffic)" else None
+                if key is not None and key not in results:
+                    continue
+                t = roof if key is None else med(results[key])
+                vs_ds = f"{med(tds) / t:.2f}x" if tds else "(none)"
+                f32_traffic = impl in ("torch fused f32", "DeepSpeed f32", "optarena f32",
+                                       "roofline (f32 traffic)")
+                frac = f"{roof / t:.0%}" if f32_traffic else ""
+                lines.append(f"| {label} | {opt} | {impl} | {traffic[impl]} | {t * 1e3:.2f} | "
+                             f"{tf / t:.2f}x | {vs_ds} | {frac} |")
     return lines
 
 
@@ -831,6 +1017,13 @@ def main():
                          "f32 with and without a bf16 copy; modes 1 and 3, bf16 parameters, "
                          "against torch fused on bf16 and fused f32), written into --out in place "
                          "of their old versions")
+    ap.add_argument("--deepspeed-only", action="store_true",
+                    help="only the section against DeepSpeed's CPU Adam (f32 and mode 2 at 32M "
+                         "and GPT-2 small, with torch fused and the roofline), written into "
+                         "--out in place of its old version")
+    ap.add_argument("--skip-gpt2", action="store_true",
+                    help="leave GPT-2 small's layout out of the DeepSpeed section (its 20 cases "
+                         "take about 4x the 32M ones)")
     ap.add_argument("--sparse-only", action="store_true",
                     help="only the SparseAdam embedding-table section, written into --out in "
                          "place of its old version")
@@ -844,6 +1037,11 @@ def main():
         return
     if args.focus:
         return focus(args.focus, args.threads)
+    if args.deepspeed_only:
+        lines = deepspeed_section(args, build_example("bench_step"))
+        write_section(args.out, lines)
+        print("\n".join(lines))
+        return
     if args.mixed_only:
         binary = build_example("bench_step")
         for lines in (mixed_section(args, binary), half_section(args, binary)):
@@ -982,6 +1180,7 @@ def main():
     lines += [""] + sparse_section(args, build_example("sparse_adam_bench"))
     lines += [""] + mixed_section(args, binary)
     lines += [""] + half_section(args, binary)
+    lines += [""] + deepspeed_section(args, binary)
     notes = notes_lines()
     if notes:
         lines += [""] + notes

@@ -117,6 +117,13 @@ mod sealed {
         fn values(s: &[Self]) -> Values<'_>;
         /// `s` as a checkpoint tensor's destination.
         fn values_mut(s: &mut [Self]) -> ValuesMut<'_>;
+        /// [`Sealed::store`] with a non-temporal store where the token has one and `s` is
+        /// aligned to the vector's size (`Simd::stream_bf16`); a `Simd::store_fence` must
+        /// follow. f32 storage stores ordinarily.
+        #[inline(always)]
+        fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [Self]) {
+            Self::store(simd, v, s)
+        }
     }
 }
 
@@ -206,6 +213,10 @@ impl sealed::Sealed for bf16 {
     fn store<S: Simd>(simd: S, v: S::F32, s: &mut [bf16]) {
         simd.store_bf16(v, bits_mut(s))
     }
+    #[inline(always)]
+    fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [bf16]) {
+        simd.stream_bf16(v, bits_mut(s))
+    }
 }
 
 impl Storage for bf16 {
@@ -237,6 +248,10 @@ impl sealed::Sealed for f16 {
     #[inline(always)]
     fn store<S: Simd>(simd: S, v: S::F32, s: &mut [f16]) {
         simd.store_f16(v, bits_mut(s))
+    }
+    #[inline(always)]
+    fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [f16]) {
+        simd.stream_f16(v, bits_mut(s))
     }
 }
 
@@ -571,6 +586,18 @@ impl<'a, 'b, PS: ParamStream, G: Storage, M: Storage> MixedPass<'a, 'b, PS, G, M
         })
     }
 }
+
+/// The step size (elements over all groups) from which [`crate::Optimizer::step_mixed`]
+/// writes the half-precision copy with streaming (non-temporal) stores: they skip the read
+/// for ownership of every copy line and leave the cache to the arrays the pass reads. 4M
+/// elements, where a bf16-state step moves 88 MB and its copy alone is 8 MB, more than the
+/// L2 caches and most of the L3 a core shares; by the next forward pass the copy would have
+/// left the caches anyway. Below it the copy stays cached for the forward pass that reads it.
+/// On the Intel Xeon of BENCHMARKS.md streaming saved about 9% of a bare bf16-state loop at
+/// 32M elements (one thread, CPU time of paired passes); on the real step the gain was within
+/// the noise of a loaded machine. Set per optimizer with
+/// [`crate::Optimizer::set_stream_copy_threshold`].
+pub const STREAM_COPY_MIN_ELEMS: usize = 4 << 20;
 
 /// [`mixed_lane_loop`] as a kernel object.
 struct MixedKernel<'a, 'o, PS, G, M, const B: usize, O> {

@@ -8,9 +8,19 @@
 //!
 //! To be an upper bound rather than one more loop, a pass can walk the arrays in several ways
 //! (a [`Strategy`]: any lane width the CPU has, the step's [`CHUNK`]-element pieces, longer
-//! pieces, or one contiguous span per thread), and [`Roofline::run`] uses the fastest of them,
-//! measured on first use ([`Roofline::calibrate`]). An optimizer step that matches it is
-//! limited by memory bandwidth alone.
+//! pieces, or one contiguous span per thread, with or without software prefetch), and
+//! [`Roofline::run`] uses the fastest of them, measured on first use
+//! ([`Roofline::calibrate`]). An optimizer step that matches it is limited by memory bandwidth
+//! alone.
+//!
+//! Why both prefetch settings: the fused steps prefetch 4 KiB ahead in every array, which a
+//! divider-bound loop needs to keep its streams fed (Adam went from 89% to 98% of the
+//! roofline with it on the Intel Xeon of BENCHMARKS.md), while a loop with trivial arithmetic
+//! keeps enough loads in flight by itself and can run a few percent faster without the extra
+//! instructions (on one thread: 2-6%, paired passes). A roofline that only ran the steps' own
+//! loop would miss that, and understate the limit: the issue that asked for a true roofline
+//! had timed a plain 16-lane loop, one span per thread and no prefetch, faster than the
+//! roofline of the day.
 //!
 //! Non-temporal (streaming) stores are not among the strategies: every array a pass writes it
 //! has just read, so the lines are in cache and streaming them out only evicts them. In a plain
@@ -24,7 +34,7 @@ use rayon::prelude::*;
 use crate::arch::SimdLevel;
 use crate::buffer::{AlignedBuf, Role};
 use crate::float::{Float, Lane};
-use crate::kernels::{for_each_lane, ElementOp};
+use crate::kernels::{for_each_lane_ahead, ElementOp, PREFETCH_AHEAD};
 use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
 
 /// How a roofline pass walks the arrays.
@@ -34,24 +44,37 @@ pub struct Strategy {
     pub simd: SimdLevel,
     /// Elements per piece of parallel work; `None` for one contiguous span per thread.
     pub piece: Option<usize>,
+    /// Software prefetch [`PREFETCH_AHEAD`] elements ahead in every array, as the optimizer
+    /// steps do; `false` leaves the arrays to the hardware prefetcher (a plain loop).
+    pub prefetch: bool,
 }
 
 impl Strategy {
-    /// What an optimizer step does: the best lanes, [`CHUNK`]-element pieces.
+    /// What an optimizer step does: the best lanes, [`CHUNK`]-element pieces, prefetch.
     pub const STEP: Strategy = Strategy {
         simd: SimdLevel::Best,
         piece: Some(CHUNK),
+        prefetch: true,
     };
 
     /// Every strategy [`Roofline::calibrate`] tries on this CPU: each available lane width
-    /// with [`CHUNK`]-element pieces, pieces sixteen times longer, and one span per thread.
+    /// with [`CHUNK`]-element pieces, pieces sixteen times longer, and one span per thread,
+    /// each with and without software prefetch. The plain loop a fused step is most often
+    /// compared with (the widest lanes, one span per thread, no prefetch) is among them, so
+    /// the roofline is never slower than it.
     pub fn candidates() -> Vec<Strategy> {
         let mut out = Vec::new();
         for simd in SimdLevel::ALL.into_iter().rev() {
             // The AVX-512 BF16 level runs f32 kernels on the AVX-512 lanes: nothing new to try.
             if simd.is_available() && simd != SimdLevel::Avx512Bf16 {
                 for piece in [Some(CHUNK), Some(16 * CHUNK), None] {
-                    out.push(Strategy { simd, piece });
+                    for prefetch in [true, false] {
+                        out.push(Strategy {
+                            simd,
+                            piece,
+                            prefetch,
+                        });
+                    }
                 }
             }
         }
@@ -182,16 +205,21 @@ impl<T: Float> Roofline<T> {
                 .next_multiple_of(64)
                 .max(64)
         });
-        match self.state.len() {
-            0 => self.run_with::<0>(parallelism, strategy.simd, piece),
-            1 => self.run_with::<1>(parallelism, strategy.simd, piece),
-            2 => self.run_with::<2>(parallelism, strategy.simd, piece),
-            3 => self.run_with::<3>(parallelism, strategy.simd, piece),
+        let simd = strategy.simd;
+        match (self.state.len(), strategy.prefetch) {
+            (0, true) => self.run_with::<0, PREFETCH_AHEAD>(parallelism, simd, piece),
+            (1, true) => self.run_with::<1, PREFETCH_AHEAD>(parallelism, simd, piece),
+            (2, true) => self.run_with::<2, PREFETCH_AHEAD>(parallelism, simd, piece),
+            (3, true) => self.run_with::<3, PREFETCH_AHEAD>(parallelism, simd, piece),
+            (0, false) => self.run_with::<0, 0>(parallelism, simd, piece),
+            (1, false) => self.run_with::<1, 0>(parallelism, simd, piece),
+            (2, false) => self.run_with::<2, 0>(parallelism, simd, piece),
+            (3, false) => self.run_with::<3, 0>(parallelism, simd, piece),
             _ => unreachable!("`new` makes at most three state buffers"),
         }
     }
 
-    fn run_with<const B: usize>(
+    fn run_with<const B: usize, const AHEAD: usize>(
         &mut self,
         parallelism: &Parallelism,
         simd: SimdLevel,
@@ -215,7 +243,7 @@ impl<T: Float> Roofline<T> {
             .collect();
         let each = |piece: &mut Piece<'_, T, B>| {
             let s = piece.s.each_mut().map(|s| &mut **s);
-            for_each_lane::<T, B, _>(simd, &op, piece.p, piece.g, s)
+            for_each_lane_ahead::<T, B, _, AHEAD>(simd, &op, piece.p, piece.g, s)
         };
         let parallel = pieces.len() > 1 && n >= PARALLEL_THRESHOLD;
         match parallelism {

@@ -711,3 +711,128 @@ fn misuse_is_refused_and_changes_nothing() {
         Err(Error::MixedPrecision(_))
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Streamed copy
+// ---------------------------------------------------------------------------------------------
+
+/// Two AdamW mixed steps (amsgrad, weight decay) over a parameter of `len` elements that
+/// starts `offset` elements into the arena, so its copy starts `offset` elements past a
+/// vector boundary, with the copy stored and streamed
+/// (`Optimizer::set_stream_copy_threshold(0)`): parameters, state and copy agree bit for bit,
+/// and the copy is the rounded parameters.
+fn stream_case<H: Storage>(level: SimdLevel, offset: usize, len: usize, bf16_state: bool) {
+    let config = AdamWConfig::default()
+        .with_weight_decay(0.01)
+        .with_amsgrad(true);
+    let mut results = Vec::new();
+    for threshold in [usize::MAX, 0] {
+        let mut rng = Rng(31 * offset as u64 + len as u64);
+        let mut b = ArenaBuilder::<f32>::new();
+        let mut handles = Vec::new();
+        if offset > 0 {
+            handles.push(b.param("lead", &[offset], &rng.vec(offset, 1.0)).unwrap());
+        }
+        let init = Rng(5 + len as u64).vec(len, 1.0);
+        handles.push(b.param("p", &[len], &init).unwrap());
+        let mut arena = b.build();
+        let mut opt = AdamW::new(&arena, [ParamGroup::all()], config.clone())
+            .unwrap()
+            .with_simd_level(level);
+        if bf16_state {
+            opt.set_state_precision(StatePrecision::Bf16).unwrap();
+        }
+        opt.set_stream_copy_threshold(threshold);
+        let mut copy = HalfBuffer::<H>::copy_of(&arena);
+        let mut grads_rng = Rng(99 + len as u64);
+        for _ in 0..2 {
+            let g: HalfBuffer<bf16> = half_grads(&arena, &handles, &mut grads_rng, 1.0, None);
+            opt.step_mixed(&mut arena, &g, &mut copy, StepOptions::default())
+                .unwrap();
+        }
+        let want: Vec<H> = arena.params().iter().map(|&x| H::from_f32(x)).collect();
+        let what = format!("{level:?} offset {offset} len {len} threshold {threshold}");
+        assert!(copy.as_slice() == &want[..], "{what}: copy");
+        let p = *handles.last().unwrap();
+        let state: Vec<Vec<u32>> = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+            .iter()
+            .map(|name| match opt.buffer(p, name) {
+                Some(b) => bits(b),
+                None => opt
+                    .buffer_bf16(p, name)
+                    .expect("the buffer exists in f32 or bf16")
+                    .iter()
+                    .map(|x| x.to_bits() as u32)
+                    .collect(),
+            })
+            .collect();
+        results.push((bits(arena.params()), state));
+    }
+    assert!(
+        results[0] == results[1],
+        "{level:?} offset {offset} len {len}"
+    );
+}
+
+/// Streaming the copy (non-temporal stores, used by steps of at least `STREAM_COPY_MIN_ELEMS`
+/// elements) changes no bit, whatever the copy's alignment (every offset within a vector, so
+/// every length of the scalar head) and length (empty, shorter than the head, a vector, with
+/// a tail), at every level, with f32 and bf16 state and bf16 and f16 copies.
+#[test]
+fn streamed_copy_gives_the_same_bits() {
+    for level in levels() {
+        for offset in 0..=17 {
+            for len in [1, 5, 16, 100, 1003] {
+                stream_case::<bf16>(level, offset, len, false);
+                stream_case::<bf16>(level, offset, len, true);
+                stream_case::<f16>(level, offset, len, false);
+            }
+        }
+    }
+}
+
+/// A step above `STREAM_COPY_MIN_ELEMS` (so its copy is streamed), with a parameter that
+/// starts 37 elements into the arena (so every 16K piece's copy is misaligned and has a
+/// scalar head), equals the f32 step on the widened gradients, copy included, on 1 and 3
+/// threads.
+#[test]
+fn large_step_with_streamed_copy_equals_the_f32_step() {
+    use optarena::mixed::STREAM_COPY_MIN_ELEMS;
+    for threads in [1, 3] {
+        let sizes = [37, STREAM_COPY_MIN_ELEMS + 5];
+        let mut rng = Rng(77);
+        let mut b1 = ArenaBuilder::<f32>::new();
+        let mut b2 = ArenaBuilder::<f32>::new();
+        let mut h1 = Vec::new();
+        let mut h2 = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let init = rng.vec(n, 1.0);
+            h1.push(b1.param(&format!("p{i}"), &[n], &init).unwrap());
+            h2.push(b2.param(&format!("p{i}"), &[n], &init).unwrap());
+        }
+        let (mut a1, mut a2) = (b1.build(), b2.build());
+        let config = AdamWConfig::default();
+        let mut o1 = AdamW::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
+        let mut o2 = AdamW::new(&a2, [ParamGroup::all()], config).unwrap();
+        for o in [&mut o1, &mut o2] {
+            o.set_parallelism(pool(threads));
+        }
+        let mut copy = HalfBuffer::<bf16>::copy_of(&a1);
+        for step in 0..2 {
+            let g: HalfBuffer<bf16> = half_grads(&a1, &h1, &mut rng, 1.0, None);
+            o1.step_mixed(&mut a1, &g, &mut copy, StepOptions::default())
+                .unwrap();
+            a2.grads_mut().copy_from_slice(&g.to_f32_vec());
+            o2.step(&mut a2).unwrap();
+            let what = format!("threads {threads} step {step}");
+            assert_eq!(bits(a1.params()), bits(a2.params()), "{what}: params");
+            for (&p1, &p2) in h1.iter().zip(&h2) {
+                for name in ["exp_avg", "exp_avg_sq"] {
+                    assert_eq!(o1.buffer(p1, name).map(bits), o2.buffer(p2, name).map(bits));
+                }
+            }
+            let want: Vec<bf16> = a2.params().iter().map(|&x| bf16::from_f32(x)).collect();
+            assert!(copy.as_slice() == &want[..], "{what}: copy");
+        }
+    }
+}

@@ -194,6 +194,24 @@ mod token {
         /// Rounds `v` to f16 (nearest, ties to even, as `half::f16::from_f32` and F16C's
         /// `vcvtps2ph`) into the front of `s`.
         fn store_f16(self, v: Self::F32, s: &mut [u16]);
+        /// [`Simd::store_bf16`] with a non-temporal (streaming) store when `s` starts on a
+        /// boundary of the vector's size in bytes (an ordinary store otherwise): the line goes
+        /// to memory without being read first (no read for ownership) and without displacing
+        /// cached data. For arrays a pass only writes. [`Simd::store_fence`] must follow
+        /// before the memory is read again (by any thread).
+        #[inline(always)]
+        fn stream_bf16(self, v: Self::F32, s: &mut [u16]) {
+            self.store_bf16(v, s)
+        }
+        /// [`Simd::store_f16`] with a non-temporal store, as [`Simd::stream_bf16`].
+        #[inline(always)]
+        fn stream_f16(self, v: Self::F32, s: &mut [u16]) {
+            self.store_f16(v, s)
+        }
+        /// Orders this thread's earlier non-temporal stores before every later store
+        /// (`sfence`), so that whoever synchronises with this thread afterwards sees them.
+        #[inline(always)]
+        fn store_fence(self) {}
     }
 
     /// A kernel written once for every instruction set (pulp's `WithSimd`).

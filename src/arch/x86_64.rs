@@ -161,6 +161,35 @@ fn bf16_round_avx512(v: __m512) -> __m256i {
     })
 }
 
+/// Writes `r` to the first 16 bytes of `s`: non-temporal when `stream` and `s` is 16-byte
+/// aligned (as `movntdq` requires), else an ordinary store.
+#[inline(always)]
+fn put_128(r: __m128i, s: &mut [u16], stream: bool) {
+    let ptr = s[..8].as_mut_ptr() as *mut __m128i;
+    if stream && ptr.is_aligned() {
+        // SAFETY: `s` holds eight writable elements (16 bytes), aligned to 16 (checked).
+        unsafe { _mm_stream_si128(ptr, r) }
+    } else {
+        // SAFETY: `s` holds eight writable elements (16 bytes); unaligned stores are fine.
+        unsafe { _mm_storeu_si128(ptr, r) }
+    }
+}
+
+/// Writes `r` to the first 32 bytes of `s`: non-temporal when `stream` and `s` is 32-byte
+/// aligned (as `vmovntdq ymm` requires), else an ordinary store.
+#[inline(always)]
+fn put_256(r: __m256i, s: &mut [u16], stream: bool) {
+    let ptr = s[..16].as_mut_ptr() as *mut __m256i;
+    if stream && ptr.is_aligned() {
+        // SAFETY: `s` holds sixteen writable elements (32 bytes), aligned to 32 (checked);
+        // AVX is available (every token that calls this has it, see `avx!`).
+        unsafe { _mm256_stream_si256(ptr, r) }
+    } else {
+        // SAFETY: `s` holds sixteen writable elements (32 bytes); AVX is available.
+        unsafe { _mm256_storeu_si256(ptr, r) }
+    }
+}
+
 /// The AVX2 half-precision conversions (F16C for f16), shared by the tokens that have them.
 macro_rules! avx2_half {
     () => {
@@ -175,10 +204,11 @@ macro_rules! avx2_half {
         }
         #[inline(always)]
         fn store_bf16(self, v: F32x8, s: &mut [u16]) {
-            let s = &mut s[..8];
-            let r = bf16_round_avx2(v.0);
-            // SAFETY: `s` holds eight writable elements (16 bytes), and AVX2 is available.
-            unsafe { _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, r) }
+            put_128(bf16_round_avx2(v.0), s, false)
+        }
+        #[inline(always)]
+        fn stream_bf16(self, v: F32x8, s: &mut [u16]) {
+            put_128(bf16_round_avx2(v.0), s, true)
         }
         #[inline(always)]
         fn load_f16(self, s: &[u16]) -> F32x8 {
@@ -190,10 +220,24 @@ macro_rules! avx2_half {
         }
         #[inline(always)]
         fn store_f16(self, v: F32x8, s: &mut [u16]) {
-            let s = &mut s[..8];
-            let r = avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0));
-            // SAFETY: `s` holds eight writable elements (16 bytes), and F16C is available.
-            unsafe { _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, r) }
+            put_128(
+                avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                false,
+            )
+        }
+        #[inline(always)]
+        fn stream_f16(self, v: F32x8, s: &mut [u16]) {
+            put_128(
+                avx!(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                true,
+            )
+        }
+        #[inline(always)]
+        fn store_fence(self) {
+            // SAFETY: `sfence` (SSE) only orders stores.
+            unsafe { _mm_sfence() }
         }
     };
 }
@@ -220,11 +264,32 @@ macro_rules! avx512_half_common {
         }
         #[inline(always)]
         fn store_f16(self, v: F32x16, s: &mut [u16]) {
-            let s = &mut s[..16];
-            let r = avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0));
-            // SAFETY: `s` holds sixteen writable elements (32 bytes), and AVX-512F is
-            // available.
-            unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, r) }
+            put_256(
+                avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                false,
+            )
+        }
+        #[inline(always)]
+        fn stream_f16(self, v: F32x16, s: &mut [u16]) {
+            put_256(
+                avx!(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0)),
+                s,
+                true,
+            )
+        }
+        #[inline(always)]
+        fn stream_bf16(self, v: F32x16, s: &mut [u16]) {
+            put_256(self.bf16_bits(v), s, true)
+        }
+        #[inline(always)]
+        fn store_bf16(self, v: F32x16, s: &mut [u16]) {
+            put_256(self.bf16_bits(v), s, false)
+        }
+        #[inline(always)]
+        fn store_fence(self) {
+            // SAFETY: `sfence` (SSE) only orders stores.
+            unsafe { _mm_sfence() }
         }
     };
 }
@@ -263,12 +328,13 @@ impl Simd for Avx512 {
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
+}
+
+impl Avx512 {
+    /// Sixteen lanes rounded to bf16 bits (integer arithmetic).
     #[inline(always)]
-    fn store_bf16(self, v: F32x16, s: &mut [u16]) {
-        let s = &mut s[..16];
-        let r = bf16_round_avx512(v.0);
-        // SAFETY: `s` holds sixteen writable elements (32 bytes), and AVX-512F is available.
-        unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, r) }
+    fn bf16_bits(self, v: F32x16) -> __m256i {
+        bf16_round_avx512(v.0)
     }
 }
 
@@ -288,9 +354,13 @@ impl Simd for Avx512Bf16 {
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
+}
+
+impl Avx512Bf16 {
+    /// Sixteen lanes rounded to bf16 bits, with `vcvtneps2bf16` where that gives the same
+    /// bits as the integer path.
     #[inline(always)]
-    fn store_bf16(self, v: F32x16, s: &mut [u16]) {
-        let s = &mut s[..16];
+    fn bf16_bits(self, v: F32x16) -> __m256i {
         // `vcvtneps2bf16` rounds to nearest even like the integer path, but reads subnormal
         // inputs as zero and keeps a NaN's sign and payload (quietened). Lanes holding either
         // are rare (none inside a flushed step but NaN), so a vector with any of them takes
@@ -304,14 +374,12 @@ impl Simd for Avx512Bf16 {
             );
             sub | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v.0, v.0)
         });
-        let r = if special == 0 {
+        if special == 0 {
             // SAFETY: `__m256bh` and `__m256i` are both 256 bits of plain data.
             avx!(unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v.0)) })
         } else {
             bf16_round_avx512(v.0)
-        };
-        // SAFETY: `s` holds sixteen writable elements (32 bytes), and AVX-512F is available.
-        unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, r) }
+        }
     }
 }
 

@@ -69,7 +69,28 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
     grads: &[T],
     state: [&mut [T]; B],
 ) {
-    simd.dispatch(LaneLoop {
+    for_each_lane_ahead::<T, B, O, PREFETCH_AHEAD>(simd, op, params, grads, state)
+}
+
+/// How far ahead, in elements, the fused loops prefetch every array (see [`lane_loop`]).
+pub const PREFETCH_AHEAD: usize = 1024;
+
+/// [`for_each_lane`] prefetching `AHEAD` elements ahead in every array, or not at all with
+/// `AHEAD = 0` (the roofline tries both: [`crate::roofline::Strategy`]).
+#[inline(always)]
+pub(crate) fn for_each_lane_ahead<
+    T: Float,
+    const B: usize,
+    O: ElementOp<T, B>,
+    const AHEAD: usize,
+>(
+    simd: SimdLevel,
+    op: &O,
+    params: &mut [T],
+    grads: &[T],
+    state: [&mut [T]; B],
+) {
+    simd.dispatch(LaneLoop::<T, B, O, AHEAD> {
         op,
         params,
         grads,
@@ -78,24 +99,33 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
 }
 
 /// [`lane_loop`] as a kernel object: on the widest lanes of the token it is given.
-struct LaneLoop<'a, T, const B: usize, O> {
+struct LaneLoop<'a, T, const B: usize, O, const AHEAD: usize> {
     op: &'a O,
     params: &'a mut [T],
     grads: &'a [T],
     state: [&'a mut [T]; B],
 }
 
-impl<T: Float, const B: usize, O: ElementOp<T, B>> WithSimd for LaneLoop<'_, T, B, O> {
+impl<T: Float, const B: usize, O: ElementOp<T, B>, const AHEAD: usize> WithSimd
+    for LaneLoop<'_, T, B, O, AHEAD>
+{
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        lane_loop::<T, T::Wide<S>, B, O>(self.op, self.params, self.grads, self.state)
+        lane_loop::<T, T::Wide<S>, B, O, AHEAD>(self.op, self.params, self.grads, self.state)
     }
 }
 
-/// The fused loop over vectors of type `V`, then scalars for the tail.
+/// The fused loop over vectors of type `V`, then scalars for the tail; prefetching `AHEAD`
+/// elements ahead in every array (none for 0).
 #[inline(always)]
-fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
+fn lane_loop<
+    T: Float,
+    V: Lane<Elem = T>,
+    const B: usize,
+    O: ElementOp<T, B>,
+    const AHEAD: usize,
+>(
     op: &O,
     params: &mut [T],
     grads: &[T],
@@ -114,15 +144,15 @@ fn lane_loop<T: Float, V: Lane<Elem = T>, const B: usize, O: ElementOp<T, B>>(
     // `w <= body - i` rather than `i + w <= body`: the subtraction cannot wrap (i <= body),
     // so the compiler can prove `i..i + w` in range and drop the per-vector bounds check (it
     // does in every AVX2 loop but SGD's, where one predicted compare remains).
-    // Software prefetch, 1024 elements (4 KiB of f32) ahead in every array: measured on the
-    // Intel Xeon guest, Adam at 32M on 2 threads went from 21.5 to 18.9 ms (89% -> 98% of the
-    // roofline, which runs through this loop too and got faster itself, 19.4 -> 18.5 ms), with
-    // the in-cache adapter step unchanged (6.2 µs). The hardware prefetcher alone does not keep
-    // five streams of a divider-bound loop fed.
-    const AHEAD: usize = 1024;
+    // Software prefetch, `PREFETCH_AHEAD` = 1024 elements (4 KiB of f32) ahead in every array:
+    // measured on the Intel Xeon guest, Adam at 32M on 2 threads went from 21.5 to 18.9 ms
+    // (89% -> 98% of the roofline, which got faster itself, 19.4 -> 18.5 ms), with the
+    // in-cache adapter step unchanged (6.2 µs). The hardware prefetcher alone does not keep
+    // five streams of a divider-bound loop fed. A loop with trivial arithmetic does not need
+    // it (on one thread it runs 2-6% faster without), so the roofline tries both.
     while w <= body - i {
         #[cfg(target_arch = "x86_64")]
-        if AHEAD < body - i {
+        if AHEAD > 0 && AHEAD < body - i {
             // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i + AHEAD < body`,
             // so every address is inside its slice (`add` stays in bounds).
             unsafe {
@@ -225,6 +255,12 @@ impl<T: Float> Pass<T> for Slices<'_, '_, T> {
 /// exactly what [`lane_loop`] computes on the widened gradients: the same op on the same
 /// lanes, so the same bits.
 ///
+/// A streamed copy ([`ParamStream::vector_start`]) is written with non-temporal stores: no
+/// read for ownership of its lines (2 of the 22 bytes per element a bf16-state step moves
+/// otherwise) and no eviction of the lines the pass still reads. Those stores need the copy
+/// aligned to a vector's size, so the elements before its first such boundary (at most one
+/// vector's worth) run as scalars, which give the same bits as the vectors.
+///
 /// # Panics
 /// If the slices differ in length (the step driver never passes such slices).
 #[inline(always)]
@@ -244,48 +280,89 @@ pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
     let n = params.len();
     assert!(grads.len() == n && state.iter().all(|s| s.len() == n));
     let w = <S::F32 as Lane>::WIDTH;
-    let body = n - n % w;
-    let (g_body, g_tail) = grads.split_at(body);
-    let parts = state.map(|s| s.split_at_mut(body));
+    // Scalars in [0, head), vectors in [head, end), scalars in [end, n).
+    let head = params.vector_start(w).min(n);
+    let end = head + (n - head) / w * w;
+    let body = end - head;
+    let (g_head, g_rest) = grads.split_at(head);
+    let (g_body, g_tail) = g_rest.split_at(body);
+    let mut parts = state.map(|s| {
+        let (h, rest) = s.split_at_mut(head);
+        let (b, t) = rest.split_at_mut(body);
+        (h, b, t)
+    });
+    mixed_scalars(
+        op,
+        &mut params,
+        0,
+        g_head,
+        parts.each_mut().map(|p| &mut *p.0),
+    );
     let mut i = 0;
-    // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one).
-    const AHEAD: usize = 1024;
+    // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one);
+    // the parameter stream leaves out a streamed copy, whose lines must not be cached.
+    const AHEAD: usize = PREFETCH_AHEAD;
     while w <= body - i {
         #[cfg(target_arch = "x86_64")]
         if AHEAD < body - i {
-            params.prefetch(i + AHEAD);
+            params.prefetch(head + i + AHEAD);
             // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i + AHEAD < body`,
             // so every address is inside its slice (`add` stays in bounds).
             unsafe {
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
                 _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(i + AHEAD) as *const i8);
                 for part in &parts {
-                    _mm_prefetch::<_MM_HINT_T0>(part.0.as_ptr().add(i + AHEAD) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(part.1.as_ptr().add(i + AHEAD) as *const i8);
                 }
             }
         }
-        let p = params.load(simd, i);
+        let p = params.load(simd, head + i);
         let g = G::load(simd, &g_body[i..i + w]);
         // A plain loop, not `array::from_fn`: a closure is compiled without the token's target
         // features, so the conversion intrinsics inside it were not inlined (measured: bf16
         // state 30% slower than f32 state).
         let mut s = [<S::F32 as Lane>::splat(0.0); B];
         for (k, v) in s.iter_mut().enumerate() {
-            *v = M::load(simd, &parts[k].0[i..i + w]);
+            *v = M::load(simd, &parts[k].1[i..i + w]);
         }
         let p = op.apply(p, g, &mut s);
-        params.store(simd, i, p);
+        params.store(simd, head + i, p);
         for (k, v) in s.iter().enumerate() {
-            M::store(simd, *v, &mut parts[k].0[i..i + w]);
+            M::store(simd, *v, &mut parts[k].1[i..i + w]);
         }
         i += w;
     }
-    for (j, g) in g_tail.iter().enumerate() {
-        let mut s: [f32; B] = std::array::from_fn(|k| parts[k].1[j].to_f32());
-        let p = op.apply(params.load_one(body + j), g.to_f32(), &mut s);
-        params.store_one(body + j, p);
+    params.finish(simd);
+    mixed_scalars(
+        op,
+        &mut params,
+        end,
+        g_tail,
+        parts.each_mut().map(|p| &mut *p.2),
+    );
+}
+
+/// The scalar form of [`mixed_lane_loop`]'s body, for its head and tail: elements
+/// `offset..offset + grads.len()` of `params`, with `grads` and `state` starting at `offset`.
+#[inline(always)]
+fn mixed_scalars<PS, G, M, const B: usize, O>(
+    op: &O,
+    params: &mut PS,
+    offset: usize,
+    grads: &[G],
+    state: [&mut [M]; B],
+) where
+    PS: ParamStream,
+    G: Storage,
+    M: Storage,
+    O: ElementOp<f32, B>,
+{
+    for (j, g) in grads.iter().enumerate() {
+        let mut s: [f32; B] = std::array::from_fn(|k| state[k][j].to_f32());
+        let p = op.apply(params.load_one(offset + j), g.to_f32(), &mut s);
+        params.store_one(offset + j, p);
         for (k, v) in s.iter().enumerate() {
-            parts[k].1[j] = M::from_f32(*v);
+            state[k][j] = M::from_f32(*v);
         }
     }
 }

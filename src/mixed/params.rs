@@ -156,6 +156,20 @@ pub(crate) trait ParamStream: Send {
     fn store_one(&mut self, i: usize, v: f32);
     /// Hints the cache to fetch element `i` (which is in bounds).
     fn prefetch(&self, i: usize);
+    /// How many leading elements the loop runs as scalars before its first vector of `width`
+    /// lanes: 0, or up to the first vector-aligned element of a streamed copy (streaming
+    /// stores need aligned addresses). The scalars give the same bits as the vectors.
+    #[inline(always)]
+    fn vector_start(&self, width: usize) -> usize {
+        let _ = width;
+        0
+    }
+    /// Called once after the vectors: fences streamed (weakly ordered) stores before the pool
+    /// hands the piece back to other threads.
+    #[inline(always)]
+    fn finish<S: Simd>(&mut self, simd: S) {
+        let _ = simd;
+    }
 }
 
 #[inline(always)]
@@ -184,13 +198,27 @@ fn check_len(what: &str, a: usize, b: usize) -> Result<()> {
 pub(crate) struct MasterCopy<'a, H> {
     params: &'a mut [f32],
     copy: &'a mut [H],
+    /// Whether the copy is written with streaming (non-temporal) stores
+    /// ([`crate::mixed::STREAM_COPY_MIN_ELEMS`]).
+    stream: bool,
 }
 
 impl<'a, H: Storage> MasterCopy<'a, H> {
     /// The master parameters and their copy, as long.
     pub(crate) fn new(params: &'a mut [f32], copy: &'a mut [H]) -> Result<Self> {
         check_len("a parameter copy", params.len(), copy.len())?;
-        Ok(MasterCopy { params, copy })
+        Ok(MasterCopy {
+            params,
+            copy,
+            stream: false,
+        })
+    }
+
+    /// Writes the copy with streaming stores when `stream` is true: no read for ownership of
+    /// its lines, no eviction of the lines the pass still reads. The same bits either way.
+    pub(crate) fn streamed(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
     }
 }
 
@@ -207,7 +235,11 @@ impl<H: Storage> ParamStream for MasterCopy<'_, H> {
     fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
         let w = <S::F32 as Lane>::WIDTH;
         v.store(&mut self.params[i..i + w]);
-        H::store(simd, v, &mut self.copy[i..i + w]);
+        if self.stream {
+            H::stream(simd, v, &mut self.copy[i..i + w]);
+        } else {
+            H::store(simd, v, &mut self.copy[i..i + w]);
+        }
     }
     #[inline(always)]
     fn load_one(&self, i: usize) -> f32 {
@@ -221,7 +253,28 @@ impl<H: Storage> ParamStream for MasterCopy<'_, H> {
     #[inline(always)]
     fn prefetch(&self, i: usize) {
         prefetch(self.params, i);
-        prefetch(self.copy, i);
+        // A streamed copy's lines must not be brought into the cache.
+        if !self.stream {
+            prefetch(self.copy, i);
+        }
+    }
+    #[inline(always)]
+    fn vector_start(&self, width: usize) -> usize {
+        if self.stream {
+            let n = self.copy.len();
+            self.copy
+                .as_ptr()
+                .align_offset(width * std::mem::size_of::<H>())
+                .min(n)
+        } else {
+            0
+        }
+    }
+    #[inline(always)]
+    fn finish<S: Simd>(&mut self, simd: S) {
+        if self.stream {
+            simd.store_fence();
+        }
     }
 }
 

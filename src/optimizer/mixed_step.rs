@@ -52,13 +52,17 @@ impl<C: Copy> WorkItem<f32, C> {
     /// # Safety
     /// As [`WorkItem::run_stream`]; besides, the parameter pointer must point to `len` f32s
     /// and the copy pointer to `len` elements of `H`, not aliased either.
-    unsafe fn run_mixed<A: Algorithm<Coeffs = C>, G: Storage, M: Storage, H: Storage>(&self) {
+    unsafe fn run_mixed<A: Algorithm<Coeffs = C>, G: Storage, M: Storage, H: Storage>(
+        &self,
+        stream_copy: bool,
+    ) {
         // SAFETY: guaranteed by the caller (see above).
         let params = unsafe { std::slice::from_raw_parts_mut(self.params as *mut f32, self.len) };
         // SAFETY: as above.
         let copy = unsafe { std::slice::from_raw_parts_mut(self.copy as *mut H, self.len) };
-        let params =
-            MasterCopy::new(params, copy).expect("the plan gives the copy the piece's length");
+        let params = MasterCopy::new(params, copy)
+            .expect("the plan gives the copy the piece's length")
+            .streamed(stream_copy);
         // SAFETY: as above.
         unsafe { self.run_stream::<A, _, G, M>(params, false) }
     }
@@ -104,6 +108,16 @@ impl<A: Algorithm> Optimizer<f32, A> {
             g.half_buffers.clear();
         }
         Ok(())
+    }
+
+    /// From how many elements (summed over the groups) [`Optimizer::step_mixed`] writes the
+    /// half-precision copy with streaming (non-temporal) stores, which skip reading each copy
+    /// line before writing it and leave the caches to the arrays the step reads; smaller
+    /// steps store it ordinarily, so it is still cached for the forward pass that reads it.
+    /// The default is [`STREAM_COPY_MIN_ELEMS`]; `0` always streams, `usize::MAX` never does.
+    /// Results are bitwise the same either way.
+    pub fn set_stream_copy_threshold(&mut self, elems: usize) {
+        self.stream_copy_threshold = elems;
     }
 
     /// The precision of the state buffers.
@@ -223,15 +237,17 @@ impl<A: Algorithm> Optimizer<f32, A> {
         self.plan_with(grad_factor, streams);
         let work = std::mem::take(&mut self.work);
         let half_state = self.state_precision == StatePrecision::Bf16;
+        let elems: usize = self.groups.iter().map(|g| g.len).sum();
+        let stream_copy = elems >= self.stream_copy_threshold;
         exec.for_each(&work, |item| {
             // SAFETY: `plan_with` built every item from disjoint ranges of the arena, the
             // state buffers (bf16 ones under `StatePrecision::Bf16`), `grads` (of `G`) and
             // `copy` (of `H`), and all of them stay borrowed here until every item has run.
             unsafe {
                 if half_state {
-                    item.run_mixed::<A, G, bf16, H>()
+                    item.run_mixed::<A, G, bf16, H>(stream_copy)
                 } else {
-                    item.run_mixed::<A, G, f32, H>()
+                    item.run_mixed::<A, G, f32, H>(stream_copy)
                 }
             }
         });

@@ -85,6 +85,8 @@ pub struct Optimizer<T: Float, A: Algorithm> {
     parallelism: Parallelism,
     subnormals: Subnormals,
     parallel_threshold: usize,
+    /// From this many elements `step_mixed` streams the half copy (`mixed_step.rs`).
+    stream_copy_threshold: usize,
     simd: SimdLevel,
     work: Vec<WorkItem<T, A::Coeffs>>,
     pre_hooks: Vec<(HookHandle, StepHook)>,
@@ -147,6 +149,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             parallelism: Parallelism::default(),
             subnormals: Subnormals::default(),
             parallel_threshold: PARALLEL_THRESHOLD,
+            stream_copy_threshold: crate::mixed::STREAM_COPY_MIN_ELEMS,
             simd: SimdLevel::default(),
             work: Vec::new(),
             pre_hooks: Vec::new(),

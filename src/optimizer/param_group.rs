@@ -32,7 +32,7 @@ use crate::hyper::{HyperValue, Hyperparams};
 ///     c.amsgrad = true;
 /// });
 /// let biases = ParamGroup::new([bias]).with("weight_decay", 0.0); // by torch's name
-/// let opt = Adam::new(&arena, [weights, biases.into()], AdamConfig { lr: 1e-2, ..Default::default() })?;
+/// let opt = Adam::new(&arena, [weights, biases.into()], AdamConfig::new().with_lr(1e-2))?;
 /// assert_eq!(opt.group_config(0)?.lr, 1e-3);
 /// assert_eq!(opt.lr(1)?, 1e-2);
 /// # Ok::<(), optarena::Error>(())
