@@ -67,7 +67,7 @@ fn configs() -> Vec<LbfgsConfig> {
     let sw = LineSearch::StrongWolfe;
     vec![
         LbfgsConfig::default(),
-        LbfgsConfig::default().with_line_search_fn(sw.clone()),
+        LbfgsConfig::default().with_line_search_fn(sw),
         LbfgsConfig::default()
             .with_history_size(3)
             .with_max_iter(7)

@@ -72,7 +72,7 @@ pub fn for_each_lane<T: Float, const B: usize, O: ElementOp<T, B>>(
     for_each_lane_ahead::<T, B, O, PREFETCH_AHEAD>(simd, op, params, grads, state)
 }
 
-/// How far ahead, in elements, the fused loops prefetch every array (see [`lane_loop`]).
+/// How far ahead, in elements, the fused loops prefetch every array (see `lane_loop`).
 pub const PREFETCH_AHEAD: usize = 1024;
 
 /// [`for_each_lane`] prefetching `AHEAD` elements ahead in every array, or not at all with

@@ -49,7 +49,7 @@ pub struct KernelArgs<C> {
     /// torch bit for bit.
     pub grad_scale: f64,
     /// The widest instruction set the kernel may use (the optimizer's
-    /// [`Optimizer::set_simd_level`]); every level gives the same bits.
+    /// [`crate::Optimizer::set_simd_level`]); every level gives the same bits.
     pub simd: SimdLevel,
 }
 
@@ -62,7 +62,7 @@ pub trait Algorithm: Send + Sync + 'static {
     /// Whether the update depends on subnormal values beyond their size, so that flushing
     /// them could change it by more than their magnitude (Rprop's sign of `grad · prev`, which
     /// is zero when the product flushes). Such an algorithm always steps with
-    /// [`Subnormals::Preserve`], whatever [`Optimizer::set_subnormals`] says.
+    /// [`crate::Subnormals::Preserve`], whatever [`crate::Optimizer::set_subnormals`] says.
     const NEEDS_SUBNORMALS: bool = false;
     /// The hyperparameters of one group.
     type Config: Hyperparams + serde::Serialize + serde::de::DeserializeOwned;
@@ -107,12 +107,12 @@ pub trait Algorithm: Send + Sync + 'static {
     );
 
     /// Whether [`Algorithm::fused_pass`] is implemented, so that the optimizer can step in
-    /// mixed precision ([`Optimizer::step_mixed`]): every elementwise algorithm, not the
+    /// mixed precision ([`crate::Optimizer::step_mixed`]): every elementwise algorithm, not the
     /// per-parameter ones (Adafactor, Muon) nor L-BFGS.
     const MIXED_PRECISION: bool = false;
 
     /// The fused update of [`Algorithm::fused`] over any [`Pass`]: the same op over
-    /// half-precision streams ([`crate::mixed::MixedPass`]). Only called when
+    /// half-precision streams (`crate::mixed::MixedPass`). Only called when
     /// [`Algorithm::MIXED_PRECISION`] is set; the default is never called.
     fn fused_pass<T: Float, P: Pass<T>>(args: &KernelArgs<Self::Coeffs>, pass: P) {
         let _ = (args, pass);
@@ -122,7 +122,7 @@ pub trait Algorithm: Send + Sync + 'static {
     /// The fused update over f32 lanes in the order of torch's compiled fused CPU kernel
     /// (`fused=True`), where that differs from [`Algorithm::fused_pass`]: SGD, Adam, AdamW
     /// and Adagrad, whose ATen kernels fuse multiply-adds ([`crate::kernels::torch_fused`]).
-    /// [`Optimizer::step_half`] steps half-precision parameters with it, as torch steps bf16
+    /// [`crate::Optimizer::step_half`] steps half-precision parameters with it, as torch steps bf16
     /// parameters. The default is [`Algorithm::fused_pass`].
     fn torch_fused_pass<P: Pass<f32>>(args: &KernelArgs<Self::Coeffs>, pass: P) {
         Self::fused_pass::<f32, P>(args, pass)

@@ -114,7 +114,7 @@ impl<A: Algorithm> Optimizer<f32, A> {
     /// half-precision copy with streaming (non-temporal) stores, which skip reading each copy
     /// line before writing it and leave the caches to the arrays the step reads; smaller
     /// steps store it ordinarily, so it is still cached for the forward pass that reads it.
-    /// The default is [`STREAM_COPY_MIN_ELEMS`]; `0` always streams, `usize::MAX` never does.
+    /// The default is [`crate::mixed::STREAM_COPY_MIN_ELEMS`]; `0` always streams, `usize::MAX` never does.
     /// Results are bitwise the same either way.
     pub fn set_stream_copy_threshold(&mut self, elems: usize) {
         self.stream_copy_threshold = elems;

@@ -21,7 +21,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     /// The state buffer `buffer` (torch's name, e.g. `"exp_avg"`, ASGD's `"ax"`, Adafactor's
     /// shaped `"row_var"`) of parameter `param`, or `None` if it has no state yet. Row-major;
     /// a shaped buffer is as long as [`Algorithm::aux_len`] says. `None` for every buffer of an
-    /// optimizer with [`StatePrecision::Bf16`] state: see [`Optimizer::buffer_bf16`].
+    /// optimizer with [`crate::mixed::StatePrecision::Bf16`] state: see [`Optimizer::buffer_bf16`].
     pub fn buffer(&self, param: Param<T>, buffer: &str) -> Option<&[T]> {
         let i = param.index();
         let (g, j) = self.locate(i)?;
