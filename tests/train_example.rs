@@ -58,8 +58,8 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     assert!(!summary.stopped);
     assert_eq!(
         summary.results.len(),
-        6,
-        "four MLP runs, logistic regression, and AdamW again in mixed precision"
+        7,
+        "four MLP runs, logistic regression, and AdamW again in modes 2 and 3"
     );
     for r in &summary.results {
         let first = &r.history[0];
@@ -169,8 +169,8 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     let csv = std::fs::read_to_string(full.join("history.csv")).unwrap();
     assert_eq!(
         csv.lines().count(),
-        1 + 6 * 6,
-        "header + 6 runs x epochs 0..=5"
+        1 + 7 * 6,
+        "header + 7 runs x epochs 0..=5"
     );
     // Mode 2 (f32 master weights, bf16 gradients and weight copy) next to its f32 twin: the
     // same optimizer, schedule and initialisation, and nearly the same accuracy; its bf16
@@ -203,6 +203,33 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
         .tensors
         .iter()
         .any(|t| t.name == "half.copy.fc1.weight" && t.dtype == safetensors::Dtype::BF16));
+    // Mode 3 (bf16 weights and moments, stochastic rounding, no master copy): it learns (checked
+    // above for every run), its weights are the bf16 copy (the arena mirrors them exactly), and
+    // its checkpoint holds them and the moments as BF16 tensors.
+    let sr = &summary.results[6];
+    assert_eq!(sr.spec.id, "adamw-bf16-sr");
+    assert_eq!(sr.spec.precision, Precision::Bf16Sr);
+    assert_eq!(sr.spec.opt.describe(), adamw.spec.opt.describe());
+    assert!(md.contains("MLP AdamW bf16 SR") && md.contains("mode 3"));
+    let ck = load(&full, &sr.spec);
+    let copy = ck.copy.expect("the bf16 weights are in the checkpoint");
+    let widened: Vec<u32> = copy.iter().map(|&b| (b as u32) << 16).collect();
+    assert_eq!(
+        widened, ck.params,
+        "the arena mirrors the bf16 weights exactly"
+    );
+    let info =
+        optarena::checkpoint::training::inspect_training(checkpoint_path(&full, "adamw-bf16-sr"))
+            .unwrap();
+    let bf16_tensors = info
+        .tensors
+        .iter()
+        .filter(|t| t.dtype == safetensors::Dtype::BF16)
+        .count();
+    assert!(
+        bf16_tensors > 2 * 4,
+        "weights and both moments of every parameter in BF16, found {bf16_tensors}"
+    );
 
     // 2. Interrupted after epoch 2: checkpoints, no report yet, no temporary files left.
     let stopped = runner::run(&args(

@@ -15,8 +15,8 @@ use optarena::schedule::{
 };
 use optarena::{
     Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams, HalfBuffer,
-    Lbfgs, LbfgsConfig, Optimizer, Parallelism, ParamGroup, RAdam, RAdamConfig, Sgd, SgdConfig,
-    SimdLevel, StepOptions,
+    Lbfgs, LbfgsConfig, Optimizer, Parallelism, ParamGroup, ParamRounding, RAdam, RAdamConfig, Sgd,
+    SgdConfig, SimdLevel, StatePrecision, StepOptions,
 };
 
 use crate::model::Mlp;
@@ -66,9 +66,9 @@ pub trait Stepper {
 
 /// The precision a run trains in. Every mode starts from the same f32 initialisation.
 ///
-/// To add a mode (mode 3, bf16 parameters with stochastic rounding, is next): a variant here,
-/// its [`Precision::adamw_id`] / [`Precision::adamw_label`] / [`Precision::describe`], its state in
-/// [`FirstOrder`] (built in [`FirstOrder::new`]) and its arm in [`FirstOrder`]'s `step`.
+/// A mode is a variant here, its [`Precision::adamw_id`] / [`Precision::adamw_label`] /
+/// [`Precision::describe`], its state in [`FirstOrder`] (built in [`FirstOrder::new`]) and its
+/// arm in [`FirstOrder`]'s `step`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     /// f32 parameters, gradients and state.
@@ -78,7 +78,17 @@ pub enum Precision {
     /// backward's output); `step_mixed` reads the bf16 gradients and writes the updated bf16
     /// copy in the same pass.
     Mixed,
+    /// Mode 3 (torchao's `bf16_stochastic_round`): the weights exist only in bf16 (no master
+    /// copy), the forward and backward run on them, the gradients are rounded to bf16, and
+    /// `step_half` updates the bf16 weights with stochastic rounding (counter-based bits keyed
+    /// by seed, step and element) and bf16 moments.
+    #[value(name = "bf16-sr")]
+    Bf16Sr,
 }
+
+/// The seed of mode 3's stochastic rounding; the step number comes from the optimizer's state,
+/// so a resumed run draws the same bits as an unbroken one.
+const SR_SEED: u64 = 0x0A7E_5EED;
 
 impl Precision {
     /// Id (checkpoint file name) of the MLP AdamW run in this mode.
@@ -86,6 +96,7 @@ impl Precision {
         match self {
             Precision::F32 => "adamw",
             Precision::Mixed => "adamw-mixed",
+            Precision::Bf16Sr => "adamw-bf16-sr",
         }
     }
 
@@ -94,6 +105,7 @@ impl Precision {
         match self {
             Precision::F32 => "MLP AdamW",
             Precision::Mixed => "MLP AdamW mixed bf16",
+            Precision::Bf16Sr => "MLP AdamW bf16 SR",
         }
     }
 
@@ -106,6 +118,12 @@ impl Precision {
                  bf16 weights, rounded to nearest even), bf16 weight copy written by the step \
                  (its opt µs/step includes the emulation's copies: the bf16 weights widened \
                  into the arena and the master weights put back, the gradients rounded)"
+            }
+            Precision::Bf16Sr => {
+                "mode 3: bf16 weights and moments only (no f32 master copy), bf16 gradients (f32 \
+                 backward on the bf16 weights, rounded to nearest even), stochastic rounding of \
+                 the updated weights (`step_half`, `ParamRounding::Stochastic`); its opt µs/step \
+                 includes rounding the gradients and widening the weights for the next forward"
             }
         }
     }
@@ -120,6 +138,9 @@ struct Mixed {
     /// The f32 master weights, set aside while the arena holds the bf16 weights for a
     /// forward and backward.
     master: Vec<f32>,
+    /// Mode 3: `copy` is the weights themselves, stepped by `step_half` with stochastic
+    /// rounding (the arena then only mirrors them, widened, for the forward pass).
+    stochastic: bool,
 }
 
 impl Mixed {
@@ -170,12 +191,19 @@ impl<A: Algorithm> FirstOrder<A> {
     ) -> Self {
         let mixed = match p {
             Precision::F32 => None,
-            Precision::Mixed => Some(Mixed {
+            Precision::Mixed | Precision::Bf16Sr => Some(Mixed {
                 grads: HalfBuffer::gradients(arena),
                 copy: HalfBuffer::copy_of(arena),
                 master: Vec::with_capacity(arena.len()),
+                stochastic: p == Precision::Bf16Sr,
             }),
         };
+        let mut opt = opt;
+        if p == Precision::Bf16Sr {
+            // torchao keeps the moments in the parameters' dtype.
+            opt.set_state_precision(StatePrecision::Bf16)
+                .expect("AdamW has a mixed-precision kernel and no state yet");
+        }
         FirstOrder { opt, clip, mixed }
     }
 }
@@ -208,7 +236,26 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
             clip: self.clip,
             ..StepOptions::default()
         };
-        self.opt.step_mixed(arena, &m.grads, &mut m.copy, options)?;
+        if m.stochastic {
+            // Mode 3: the bf16 weights are the parameters; the step number keys the random
+            // bits (the optimizer's own count, so a resumed run draws what an unbroken one does).
+            let step = arena
+                .handles()
+                .filter_map(|p| self.opt.step_count(p))
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let rounding = ParamRounding::Stochastic {
+                seed: SR_SEED,
+                step,
+            };
+            self.opt
+                .step_half(&mut m.copy, &m.grads, rounding, options)?;
+            // The arena mirrors the bf16 weights (widened, exact) for code that reads it.
+            widen(SimdLevel::Best, m.copy.as_slice(), arena.params_mut())?;
+        } else {
+            self.opt.step_mixed(arena, &m.grads, &mut m.copy, options)?;
+        }
         Ok(loss)
     }
 

@@ -179,7 +179,7 @@ fn plot(path: &Path, results: &[RunResult]) -> PlotResult {
     let (title, body) = root.split_vertically(40);
     title.draw(&Text::new(
         "Handwritten digits (UCI, 8x8): one MLP initialisation under four optimizers \
-         (warmup + cosine, clip 1.0), AdamW also in mixed precision (thin line), and \
+         (warmup + cosine, clip 1.0), AdamW also in bf16 modes 2 and 3 (thin lines), and \
          logistic regression by L-BFGS",
         (20, 12),
         ("sans-serif", 20).into_font(),

@@ -65,8 +65,9 @@ pub struct Args {
     pub lbfgs_max_iter: Option<usize>,
     /// Precision modes: `f32` runs every optimizer; every other mode runs the MLP AdamW run
     /// again from the same initialisation in that mode (`mixed`: f32 master weights, bf16
-    /// gradients and weight copy, `Optimizer::step_mixed`), shown next to its f32 twin.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Precision::F32, Precision::Mixed])]
+    /// gradients and weight copy, `Optimizer::step_mixed`; `bf16-sr`: bf16 weights and moments
+    /// only, stochastic rounding, `Optimizer::step_half`), shown next to its f32 twin.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Precision::F32, Precision::Mixed, Precision::Bf16Sr])]
     pub precision: Vec<Precision>,
 }
 
