@@ -753,6 +753,7 @@ def half_section(args, binary):
             t = med(results[(opt, label)])
             lines.append(f"| {opt} | {label} | {traffic} | {t * 1e3:.2f} | "
                          f"{tf / t:.2f}x | {tb / t:.2f}x |")
+    return lines
 
 
 DEEPSPEED_HEADING = "## Against DeepSpeed's CPU Adam: f32 and mode 2"
