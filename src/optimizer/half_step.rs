@@ -9,9 +9,8 @@ use std::any::TypeId;
 
 use half::bf16;
 
-use super::{Algorithm, MixedStreams, Optimizer, StepOptions, StepOutcome, StepReport};
+use super::{Algorithm, MixedStreams, Optimizer, StepOptions, StepReport};
 use crate::error::{Error, Result};
-use crate::hyper::Hyperparams;
 use crate::mixed::{HalfBuffer, Nearest, ParamRounding, StatePrecision, Stochastic, Storage};
 use crate::parallel::Exec;
 
@@ -73,32 +72,11 @@ impl<A: Algorithm> Optimizer<f32, A> {
                 P::DTYPE
             )));
         }
-        options.check_grad_scale()?;
-        if options.skip_non_finite && self.half_grads_non_finite(grads) {
-            return Ok(StepReport {
-                outcome: StepOutcome::SkippedNonFinite,
-                total_norm: None,
-                grad_factor: 0.0,
-            });
-        }
-        self.run_hooks(true);
-        for g in &self.groups {
-            g.config.validate()?;
-        }
-        options.check_max_norm()?;
-        let elems: usize = self.groups.iter().map(|g| g.len).sum();
-        let parallelism = self.parallelism.clone();
-        let subnormals = self.subnormals();
-        let (grad_factor, total) =
-            parallelism.run(elems, self.parallel_threshold, subnormals, |exec| {
-                self.run_step_half(params, grads, rounding, options, exec)
-            })?;
-        self.run_hooks(false);
-        Ok(StepReport {
-            outcome: StepOutcome::Applied,
-            total_norm: total,
-            grad_factor,
-        })
+        self.drive_step(
+            options,
+            options.skip_non_finite && self.half_grads_non_finite(grads),
+            |opt, exec| opt.run_step_half(params, grads, rounding, options, exec),
+        )
     }
 
     /// The numeric part of [`Optimizer::step_half`].

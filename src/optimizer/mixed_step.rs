@@ -5,13 +5,10 @@
 
 use half::bf16;
 
-use super::{
-    Algorithm, MixedStreams, Optimizer, StepOptions, StepOutcome, StepReport, WorkItem, MAX_BUFFERS,
-};
+use super::{Algorithm, MixedStreams, Optimizer, StepOptions, StepReport, WorkItem, MAX_BUFFERS};
 use crate::arena::{Arena, Param};
 use crate::clip::partial_half;
 use crate::error::{Error, Result};
-use crate::hyper::Hyperparams;
 use crate::mixed::{HalfBuffer, MasterCopy, MixedPass, ParamStream, StatePrecision, Storage};
 use crate::parallel::Exec;
 
@@ -176,32 +173,11 @@ impl<A: Algorithm> Optimizer<f32, A> {
                 "a half-precision gradient or copy buffer was built for another arena".into(),
             ));
         }
-        options.check_grad_scale()?;
-        if options.skip_non_finite && self.half_grads_non_finite(grads) {
-            return Ok(StepReport {
-                outcome: StepOutcome::SkippedNonFinite,
-                total_norm: None,
-                grad_factor: 0.0,
-            });
-        }
-        self.run_hooks(true);
-        for g in &self.groups {
-            g.config.validate()?;
-        }
-        options.check_max_norm()?;
-        let elems: usize = self.groups.iter().map(|g| g.len).sum();
-        let parallelism = self.parallelism.clone();
-        let subnormals = self.subnormals();
-        let (grad_factor, total) =
-            parallelism.run(elems, self.parallel_threshold, subnormals, |exec| {
-                self.run_step_mixed(arena, grads, copy, options, exec)
-            })?;
-        self.run_hooks(false);
-        Ok(StepReport {
-            outcome: StepOutcome::Applied,
-            total_norm: total,
-            grad_factor,
-        })
+        self.drive_step(
+            options,
+            options.skip_non_finite && self.half_grads_non_finite(grads),
+            |opt, exec| opt.run_step_mixed(arena, grads, copy, options, exec),
+        )
     }
 
     /// True when a present half gradient of any group's parameter is NaN or infinite.

@@ -205,8 +205,27 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     ) -> Result<StepReport> {
         self.check_arena(arena)?;
         self.check_full_state("step")?;
+        self.drive_step(
+            options,
+            options.skip_non_finite && self.has_non_finite_grad(arena),
+            |opt, exec| opt.run_step(arena, options, exec),
+        )
+    }
+
+    /// The frame every step entry point shares (`step_with_options`, `step_mixed`,
+    /// `step_half`): the grad-scale check, the non-finite skip (`skip`: the options ask for it
+    /// and a present gradient is NaN or infinite), the pre-step hooks, the configs' and the max norm's
+    /// validation, one [`Parallelism::run`] region for the numeric part `run` (which returns
+    /// the factor the gradients were multiplied by and the total norm, if clipped), and the
+    /// post-step hooks.
+    pub(super) fn drive_step(
+        &mut self,
+        options: StepOptions,
+        skip: bool,
+        run: impl FnOnce(&mut Self, Exec) -> Result<(f64, Option<f64>)> + Send,
+    ) -> Result<StepReport> {
         options.check_grad_scale()?;
-        if options.skip_non_finite && self.has_non_finite_grad(arena) {
+        if skip {
             return Ok(StepReport {
                 outcome: StepOutcome::SkippedNonFinite,
                 total_norm: None,
@@ -225,7 +244,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         let subnormals = self.subnormals();
         let (grad_factor, total) =
             parallelism.run(elems, self.parallel_threshold, subnormals, |exec| {
-                self.run_step(arena, options, exec)
+                run(self, exec)
             })?;
         self.run_hooks(false);
         Ok(StepReport {
