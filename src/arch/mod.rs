@@ -159,12 +159,57 @@ impl SimdLevel {
     }
 }
 
-pub(crate) use token::{Simd, WithSimd};
+pub(crate) use token::{PairHash, Simd, WithSimd};
+
+/// Chris Wellons' `lowbias32` integer hash (hash-prospector): a bijection of `u32` with
+/// near-ideal avalanche and two multiplications, so it vectorises to 32-bit multiply lanes.
+/// The scalar definition the tokens' vector forms follow.
+#[inline(always)]
+pub(crate) const fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7FEB_352D);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846C_A68B);
+    x ^ (x >> 16)
+}
+
+/// Stochastic rounding of `x` to bf16 bits with the random bits `r` (below 2^16): the f32
+/// bits plus `r`, truncated (torchao's `_bf16_stochastic_round`); a NaN becomes `0x7FC0`.
+#[inline(always)]
+pub(crate) fn bf16_bits_stochastic(x: f32, r: u32) -> u16 {
+    // `bits + r` cannot wrap: the largest non-NaN pattern is -infinity's 0xFF80_0000.
+    let rounded = (x.to_bits().wrapping_add(r) >> 16) as u16;
+    if x.is_nan() {
+        0x7FC0
+    } else {
+        rounded
+    }
+}
 
 /// The traits of the token layer. Public items of a private module: the crate can use them in
 /// the sealed part of [`crate::Float`] without exporting them.
 mod token {
     use crate::float::Lane;
+
+    /// The counter-based random bits of a lane group rounded stochastically
+    /// ([`Simd::store_bf16_stochastic`]): lanes `2j` and `2j + 1` share the 32-bit hash
+    /// `lowbias32((first + j) ^ k0) ^ k1`, the even lane taking its low half.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct PairHash {
+        /// The counter of the group's first pair.
+        pub first: u32,
+        /// The key's two words.
+        pub k0: u32,
+        pub k1: u32,
+    }
+
+    impl PairHash {
+        /// The 32 random bits of the group's pair `j`.
+        #[inline(always)]
+        pub(crate) fn hash(self, j: u32) -> u32 {
+            super::lowbias32(self.first.wrapping_add(j) ^ self.k0) ^ self.k1
+        }
+    }
 
     /// Proof that the CPU has an instruction set, and that set's lane types.
     ///
@@ -212,6 +257,21 @@ mod token {
         /// (`sfence`), so that whoever synchronises with this thread afterwards sees them.
         #[inline(always)]
         fn store_fence(self) {}
+        /// Rounds `v` to bf16 stochastically into the front of `s`: lane `i` becomes
+        /// [`bf16_bits_stochastic`]`(v_i, r_i)`, with `r_i` the low half of
+        /// `hash.hash(i / 2)` for an even `i` and its high half for an odd one. The tokens
+        /// hash half as many lanes as they round, in 32-bit integer vectors.
+        #[inline(always)]
+        fn store_bf16_stochastic(self, v: Self::F32, hash: PairHash, s: &mut [u16]) {
+            let w = <Self::F32 as Lane>::WIDTH;
+            let mut lanes = [0.0f32; 16];
+            v.store(&mut lanes[..w]);
+            for (i, (o, &x)) in s[..w].iter_mut().zip(&lanes[..w]).enumerate() {
+                let h = hash.hash(i as u32 / 2);
+                let r = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
+                *o = super::bf16_bits_stochastic(x, r);
+            }
+        }
     }
 
     /// A kernel written once for every instruction set (pulp's `WithSimd`).

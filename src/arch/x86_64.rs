@@ -25,7 +25,7 @@
 use std::arch::x86_64::*;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::{Simd, WithSimd};
+use super::{PairHash, Simd, WithSimd};
 use crate::float::Lane;
 
 /// Evaluates AVX / AVX-512 intrinsics.
@@ -161,6 +161,69 @@ fn bf16_round_avx512(v: __m512) -> __m256i {
     })
 }
 
+/// [`super::lowbias32`] on four 32-bit lanes (SSE4.1's `pmulld`).
+#[inline(always)]
+fn lowbias32_128(x: __m128i) -> __m128i {
+    avx!({
+        let x = _mm_xor_si128(x, _mm_srli_epi32::<16>(x));
+        let x = _mm_mullo_epi32(x, _mm_set1_epi32(0x7FEB_352D));
+        let x = _mm_xor_si128(x, _mm_srli_epi32::<15>(x));
+        let x = _mm_mullo_epi32(x, _mm_set1_epi32(0x846C_A68B_u32 as i32));
+        _mm_xor_si128(x, _mm_srli_epi32::<16>(x))
+    })
+}
+
+/// [`super::lowbias32`] on eight 32-bit lanes.
+#[inline(always)]
+fn lowbias32_256(x: __m256i) -> __m256i {
+    avx!({
+        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
+        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB_352D));
+        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
+        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846C_A68B_u32 as i32));
+        _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
+    })
+}
+
+/// Stochastic rounding of eight f32 lanes to bf16 ([`Simd::store_bf16_stochastic`]): four
+/// pair hashes, whose 16-bit halves widen in lane order (x86 is little-endian, so a pair's
+/// low half lands in its even lane).
+#[inline(always)]
+fn bf16_stochastic_avx2(v: __m256, hash: PairHash) -> __m128i {
+    avx!({
+        let pairs = _mm_add_epi32(
+            _mm_set1_epi32(hash.first as i32),
+            _mm_setr_epi32(0, 1, 2, 3),
+        );
+        let h = lowbias32_128(_mm_xor_si128(pairs, _mm_set1_epi32(hash.k0 as i32)));
+        let h = _mm_xor_si128(h, _mm_set1_epi32(hash.k1 as i32));
+        let r = _mm256_cvtepu16_epi32(h);
+        let b = _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_castps_si256(v), r));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), nan);
+        let packed = _mm256_packus_epi32(b, b);
+        _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
+    })
+}
+
+/// Stochastic rounding of sixteen f32 lanes to bf16, as [`bf16_stochastic_avx2`]: eight pair
+/// hashes in an AVX2 vector.
+#[inline(always)]
+fn bf16_stochastic_avx512(v: __m512, hash: PairHash) -> __m256i {
+    avx!({
+        let pairs = _mm256_add_epi32(
+            _mm256_set1_epi32(hash.first as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        let h = lowbias32_256(_mm256_xor_si256(pairs, _mm256_set1_epi32(hash.k0 as i32)));
+        let h = _mm256_xor_si256(h, _mm256_set1_epi32(hash.k1 as i32));
+        let r = _mm512_cvtepu16_epi32(h);
+        let b = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_castps_si512(v), r));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, b, _mm512_set1_epi32(0x7FC0)))
+    })
+}
+
 /// Writes `r` to the first 16 bytes of `s`: non-temporal when `stream` and `s` is 16-byte
 /// aligned (as `movntdq` requires), else an ordinary store.
 #[inline(always)]
@@ -209,6 +272,10 @@ macro_rules! avx2_half {
         #[inline(always)]
         fn stream_bf16(self, v: F32x8, s: &mut [u16]) {
             put_128(bf16_round_avx2(v.0), s, true)
+        }
+        #[inline(always)]
+        fn store_bf16_stochastic(self, v: F32x8, hash: PairHash, s: &mut [u16]) {
+            put_128(bf16_stochastic_avx2(v.0, hash), s, false)
         }
         #[inline(always)]
         fn load_f16(self, s: &[u16]) -> F32x8 {
@@ -285,6 +352,10 @@ macro_rules! avx512_half_common {
         #[inline(always)]
         fn store_bf16(self, v: F32x16, s: &mut [u16]) {
             put_256(self.bf16_bits(v), s, false)
+        }
+        #[inline(always)]
+        fn store_bf16_stochastic(self, v: F32x16, hash: PairHash, s: &mut [u16]) {
+            put_256(bf16_stochastic_avx512(v.0, hash), s, false)
         }
         #[inline(always)]
         fn store_fence(self) {
@@ -365,14 +436,17 @@ impl Avx512Bf16 {
         // inputs as zero and keeps a NaN's sign and payload (quietened). Lanes holding either
         // are rare (none inside a flushed step but NaN), so a vector with any of them takes
         // the integer path whole; the others keep the one-instruction conversion.
+        // Subnormal or NaN: a non-zero mantissa under an exponent field of 0 or 255. Adding 1
+        // to the exponent field clears bits 24-30 exactly for those two (255 carries out), so
+        // two mask tests find them in integer arithmetic (`vfpclassps` would read subnormals
+        // as zero under a flushed step's DAZ).
         let special = avx!({
-            let abs = _mm512_and_si512(_mm512_castps_si512(v.0), _mm512_set1_epi32(0x7FFF_FFFF));
-            // |x| - 1 <= 0x7F_FFFE (unsigned) exactly when x is subnormal.
-            let sub = _mm512_cmple_epu32_mask(
-                _mm512_sub_epi32(abs, _mm512_set1_epi32(1)),
-                _mm512_set1_epi32(0x007F_FFFE),
+            let b = _mm512_castps_si512(v.0);
+            let edge = _mm512_testn_epi32_mask(
+                _mm512_add_epi32(b, _mm512_set1_epi32(0x0080_0000)),
+                _mm512_set1_epi32(0x7F00_0000),
             );
-            sub | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v.0, v.0)
+            _mm512_mask_test_epi32_mask(edge, b, _mm512_set1_epi32(0x007F_FFFF))
         });
         if special == 0 {
             // SAFETY: `__m256bh` and `__m256i` are both 256 bits of plain data.

@@ -8,7 +8,7 @@ use half::bf16;
 
 use super::sealed::Sealed;
 use super::{bits_mut, Storage};
-use crate::arch::Simd;
+use crate::arch::{bf16_bits_stochastic, lowbias32, PairHash, Simd};
 use crate::error::{Error, Result};
 use crate::float::Lane;
 
@@ -47,17 +47,6 @@ const fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Chris Wellons' `lowbias32` integer hash (hash-prospector): a bijection of `u32` with
-/// near-ideal avalanche, two multiplications, so it vectorises to `vpmulld` lanes.
-#[inline(always)]
-const fn lowbias32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7FEB_352D);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846C_A68B);
-    x ^ (x >> 16)
-}
-
 /// The per-step key of stochastic rounding: two 32-bit words from `(seed, step)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SrKey {
@@ -76,26 +65,48 @@ impl SrKey {
         }
     }
 
-    /// The 16 random bits of arena element `index`.
+    /// The 16 random bits of arena element `index`: one half of its pair's 32-bit hash.
     #[inline(always)]
     pub(crate) fn bits(self, index: u64) -> u32 {
-        self.with_high_word((index >> 32) as u32)
-            .bits_lo(index as u32)
-    }
-
-    /// The key for indices whose high 32 bits are `hi` (folded into `k1`).
-    #[inline(always)]
-    fn with_high_word(self, hi: u32) -> Self {
-        SrKey {
-            k0: self.k0,
-            k1: self.k1 ^ hi,
+        let h = self.pair_bits(index >> 1);
+        if index & 1 == 0 {
+            h & 0xFFFF
+        } else {
+            h >> 16
         }
     }
 
-    /// The 16 random bits of the index with low word `lo` (the high word is in the key).
+    /// The 32 random bits of pair `pair` (arena elements `2·pair` and `2·pair + 1`).
     #[inline(always)]
-    fn bits_lo(self, lo: u32) -> u32 {
-        lowbias32(lowbias32(lo ^ self.k0) ^ self.k1) >> 16
+    fn pair_bits(self, pair: u64) -> u32 {
+        self.with_high_word((pair >> 32) as u32)
+            .pair_bits_lo(pair as u32)
+    }
+
+    /// The key for pairs whose high 32 bits are `hi` (hashed into `k0`; `lowbias32(0) = 0`,
+    /// so below 2^32 pairs the key is unchanged).
+    #[inline(always)]
+    fn with_high_word(self, hi: u32) -> Self {
+        SrKey {
+            k0: self.k0 ^ lowbias32(hi),
+            k1: self.k1,
+        }
+    }
+
+    /// The 32 random bits of the pair with low word `lo` (the high word is in the key).
+    #[inline(always)]
+    fn pair_bits_lo(self, lo: u32) -> u32 {
+        self.pair_hash(lo).hash(0)
+    }
+
+    /// The hashes of the pairs from low word `lo` on, for a token's vector rounding.
+    #[inline(always)]
+    fn pair_hash(self, lo: u32) -> PairHash {
+        PairHash {
+            first: lo,
+            k0: self.k0,
+            k1: self.k1,
+        }
     }
 }
 
@@ -105,14 +116,19 @@ impl SrKey {
 /// ```text
 /// k        = splitmix64(seed ^ splitmix64(step))         (SplitMix64, as SCHEMA.md's hashed)
 /// k0, k1   = low and high 32 bits of k
-/// h        = lowbias32(lowbias32(index_lo ^ k0) ^ k1 ^ index_hi)
-/// bits     = h >> 16
+/// pair     = index >> 1                                   (elements 2j and 2j + 1 share a hash)
+/// h        = lowbias32(pair_lo ^ k0 ^ lowbias32(pair_hi)) ^ k1
+/// bits     = h & 0xFFFF for an even index, h >> 16 for an odd one
 /// ```
 ///
 /// with `lowbias32(x)`: `x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
-/// x ^= x >> 16` (wrapping `u32`), `index_lo`/`index_hi` the low and high 32 bits of the
-/// element's position in the arena. A pure function of its arguments: which thread or SIMD
-/// lane rounds an element does not matter.
+/// x ^= x >> 16` (wrapping `u32`), `pair_lo`/`pair_hi` the low and high 32 bits of the pair's
+/// number. One round of a hash with near-ideal avalanche feeds two elements (both halves of
+/// its output are well mixed), so the vector loop hashes half as many lanes, a quarter of the
+/// multiplies of the two rounds per element this generator had before (which had taken a
+/// quarter of mode 3's step on the AVX-512 Xeon of BENCHMARKS.md). Pairs `2^32` apart may
+/// share bits, harmless for rounding. A pure function of its arguments: which thread or
+/// SIMD lane rounds an element does not matter.
 pub fn stochastic_bits(seed: u64, step: u64, index: u64) -> u16 {
     SrKey::new(seed, step).bits(index) as u16
 }
@@ -130,14 +146,7 @@ pub fn bf16_stochastic_round(x: f32, r: u16) -> bf16 {
 
 #[inline(always)]
 fn sr_bits(x: f32, r: u32) -> u16 {
-    let b = x.to_bits();
-    // `b + r` cannot wrap: the largest non-NaN pattern is -infinity's 0xFF80_0000.
-    let rounded = (b.wrapping_add(r) >> 16) as u16;
-    if x.is_nan() {
-        0x7FC0
-    } else {
-        rounded
-    }
+    bf16_bits_stochastic(x, r)
 }
 
 /// Where a fused mixed-precision pass reads the parameters and how it writes them back: the
@@ -352,27 +361,32 @@ impl ParamStream for Stochastic<'_> {
         bf16::load(simd, &self.params[i..i + <S::F32 as Lane>::WIDTH])
     }
     #[inline(always)]
-    fn store<S: Simd>(&mut self, _: S, i: usize, v: S::F32) {
+    fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
         let w = <S::F32 as Lane>::WIDTH;
-        let mut lanes = [0.0f32; MAX_WIDTH];
-        v.store(&mut lanes[..w]);
         let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
         let at = self.base + i as u64;
-        let lo = at as u32;
-        if lo.checked_add(w as u32 - 1).is_some() {
-            // The group does not cross a multiple of 2^32, so every element's index has the
-            // same high word: fold it into the key and hash 32-bit lanes. A fixed-width loop
-            // of integer operations: compiled inside the token's `#[target_feature]`
-            // function, LLVM turns it into vector multiplies and blends.
-            let key = self.key.with_high_word((at >> 32) as u32);
-            for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
-                *o = sr_bits(x, key.bits_lo(lo.wrapping_add(k as u32)));
-            }
+        let pair = at >> 1;
+        let lo = pair as u32;
+        // `vector_start` puts every lane group on an even arena position, so it covers whole
+        // pairs, whose numbers share their high word unless the group crosses a multiple of
+        // 2^32 pairs: fold that word into the key and let the token hash the pairs in vectors.
+        if at & 1 == 0 && lo.checked_add(w as u32 / 2 - 1).is_some() {
+            let key = self.key.with_high_word((pair >> 32) as u32);
+            simd.store_bf16_stochastic(v, key.pair_hash(lo), out);
         } else {
+            let mut lanes = [0.0f32; MAX_WIDTH];
+            v.store(&mut lanes[..w]);
             for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
                 *o = sr_bits(x, self.key.bits(at + k as u64));
             }
         }
+    }
+    /// One scalar first when the piece starts at an odd arena position, so that every lane
+    /// group starts a pair of elements (the two share one hash).
+    #[inline(always)]
+    fn vector_start(&self, width: usize) -> usize {
+        let _ = width;
+        (self.base & 1) as usize
     }
     #[inline(always)]
     fn load_one(&self, i: usize) -> f32 {
@@ -385,5 +399,78 @@ impl ParamStream for Stochastic<'_> {
     #[inline(always)]
     fn prefetch(&self, i: usize) {
         prefetch(self.params, i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::{SimdLevel, WithSimd};
+
+    /// Rounds `values` as the lane loop's vector body does (every whole lane group from
+    /// `vector_start`), the rest element by element.
+    struct RoundAll<'a> {
+        values: &'a [f32],
+        out: &'a mut [bf16],
+        seed: u64,
+        step: u64,
+        base: u64,
+    }
+
+    impl WithSimd for RoundAll<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            let w = <S::F32 as Lane>::WIDTH;
+            let n = self.values.len();
+            let mut stream = Stochastic::new(self.out, self.seed, self.step, self.base);
+            let head = stream.vector_start(w).min(n);
+            for i in 0..head {
+                stream.store_one(i, self.values[i]);
+            }
+            let mut i = head;
+            while i + w <= n {
+                stream.store(simd, i, <S::F32 as Lane>::load(&self.values[i..]));
+                i += w;
+            }
+            for j in i..n {
+                stream.store_one(j, self.values[j]);
+            }
+        }
+    }
+
+    /// Every level's vector store gives each element the bits of [`stochastic_bits`], for
+    /// even and odd bases and for groups whose pair numbers cross a multiple of 2^32.
+    #[test]
+    fn vector_stochastic_store_matches_the_documented_bits() {
+        let values: Vec<f32> = (0..203)
+            .map(|k| match k % 7 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -1e-40,
+                _ => (k as f32 * 0.377).sin() * 1.0e3,
+            })
+            .collect();
+        let crossing = (1u64 << 33) - 70;
+        for base in [0u64, 1, 2, 17, crossing, crossing + 1, u64::MAX - 500] {
+            for level in SimdLevel::ALL.into_iter().filter(|l| l.is_available()) {
+                let mut out = vec![bf16::ZERO; values.len()];
+                level.dispatch_half(RoundAll {
+                    values: &values,
+                    out: &mut out,
+                    seed: 7,
+                    step: 11,
+                    base,
+                });
+                for (k, (&x, o)) in values.iter().zip(&out).enumerate() {
+                    let want = bf16_stochastic_round(x, stochastic_bits(7, 11, base + k as u64));
+                    assert_eq!(
+                        o.to_bits(),
+                        want.to_bits(),
+                        "{level:?} base {base} element {k}"
+                    );
+                }
+            }
+        }
     }
 }
