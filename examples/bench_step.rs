@@ -12,6 +12,7 @@
 //! cargo run --release --example bench_step -- adam flat 85002 2 500 --grads realistic --idle-us 1000
 //! cargo run --release --example bench_step -- adamw_mixed flat 33554432 2 20
 //! cargo run --release --example bench_step -- adamw_sr flat 33554432 2 20
+//! cargo run --release --example bench_step -- roofline_bf16 flat 33554432 2 20
 //! ```
 //! Arguments: optimizer (`sgd`, `sgd_momentum`, `adam`, `adamw`, `radam`, `nadam`, `adamax`,
 //! `adagrad`, `adadelta`, `rmsprop`, `rprop`, `asgd`, `adafactor`, `muon`, the mixed-precision steps `adam_mixed` / `adamw_mixed` (f32
@@ -21,7 +22,10 @@
 //! gradients and moments, rounded to nearest, as torch's `fused=True` on bf16) and `adamw_sr`
 //! / `adamw_sr_f32state` (mode 3: stochastic rounding of the bf16 parameters, bf16 or f32
 //! moments), `roofline2`
-//! ... `roofline5` (the roofline kernel reading that many arrays), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
+//! ... `roofline5` (the roofline kernel reading that many arrays), `roofline_bf16` /
+//! `roofline_mixed_bf16state` / `roofline_mixed` (the mixed-precision roofline moving the
+//! traffic of modes 1 and 3, of mode 2 with bf16 moments, of mode 2: 14, 20, 28 bytes per
+//! element), or `clip_adamw` for clip_grad_norm fused into an AdamW step), layout (`flat`,
 //! `gpt2`, `gpt2_grouped`, `adapter`, `gpt2_hidden`), elements (for `flat`; for `gpt2_hidden`
 //! the model width, `0` for GPT-2 small's 768), threads, timed steps.
 //!
@@ -62,7 +66,7 @@ use std::time::{Duration, Instant};
 use half::bf16;
 use optarena::mixed::{narrow, HalfBuffer, ParamRounding, StatePrecision};
 use optarena::optim::*;
-use optarena::roofline::Roofline;
+use optarena::roofline::{HalfRoofline, HalfTraffic, Roofline};
 use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel, StepOptions};
 
 #[path = "../benches/benchmarks/gpt2_layout.rs"]
@@ -300,6 +304,15 @@ fn main() {
     // Runs over all groups: how fragmented the groups are.
     let mut runs = 0;
     let mut step: Box<dyn FnMut()> = match name {
+        "roofline_bf16" | "roofline_mixed_bf16state" | "roofline_mixed" => {
+            let traffic = match name {
+                "roofline_bf16" => HalfTraffic::Bf16,
+                "roofline_mixed_bf16state" => HalfTraffic::MasterBf16Moments,
+                _ => HalfTraffic::Master,
+            };
+            let mut roof = HalfRoofline::new(total, traffic);
+            Box::new(move || roof.run(&par))
+        }
         "roofline2" | "roofline3" | "roofline4" | "roofline5" => {
             let reads = name["roofline".len()..].parse().unwrap();
             let mut roof = Roofline::<f32>::new(total, reads).unwrap();

@@ -644,7 +644,11 @@ def mixed_section(args, binary):
             for name, label in [(opt, "optarena f32"),
                                 (f"{opt}_mixed", "optarena mode 2 (bf16 grads, bf16 copy)"),
                                 (f"{opt}_mixed_bf16state",
-                                 "optarena mode 2 + bf16 moments")]:
+                                 "optarena mode 2 + bf16 moments"),
+                                ("roofline4", "roofline (f32 traffic)"),
+                                ("roofline_mixed", "roofline (mode 2 traffic)"),
+                                ("roofline_mixed_bf16state",
+                                 "roofline (mode 2 + bf16 moments traffic)")]:
                 results.setdefault((opt, label), []).append(
                     optarena_time(binary, name, "flat", n, threads, steps)[0])
     # Bytes moved per element by the algorithm (reads + writes; a write-only array costs its
@@ -655,7 +659,14 @@ def mixed_section(args, binary):
         "optarena f32": "28",
         "optarena mode 2 (bf16 grads, bf16 copy)": "28 (g 2 instead of 4; + write copy 2; + 2 RFO)",
         "optarena mode 2 + bf16 moments": "20 (m, v 2 + 2 each way; + 2 RFO)",
+        "roofline (f32 traffic)": "28",
+        "roofline (mode 2 traffic)": "28 (copy streamed)",
+        "roofline (mode 2 + bf16 moments traffic)": "20 (copy streamed)",
     }
+    # Each optarena row's own roofline (the same bytes with trivial arithmetic).
+    roof_of = {"optarena f32": "roofline (f32 traffic)",
+               "optarena mode 2 (bf16 grads, bf16 copy)": "roofline (mode 2 traffic)",
+               "optarena mode 2 + bf16 moments": "roofline (mode 2 + bf16 moments traffic)"}
     med = statistics.median
     lines = [MIXED_HEADING, "",
              f"One Adam / AdamW step (default hyperparameters) over {n / 1e6:.1f}M elements, "
@@ -665,18 +676,23 @@ def mixed_section(args, binary):
              f"pass; its f32 results are bitwise those of the f32 step on the widened gradients. "
              f"The torch peer of mode 2 is its fused f32 step plus a separate "
              f"`bf16_params.copy_(params)`; of mode 2 with bf16 moments, its fused f32 step "
-             f"(issue 15's targets: 1.3x and 1.6x).", "",
+             f"(issue 15's targets: 1.3x and 1.6x). The roofline rows move each row's bytes with "
+             f"trivial arithmetic (`optarena::roofline`: `Roofline` for f32, `HalfRoofline` "
+             f"through the mixed steps' own lane loop, bf16 conversions included); the last "
+             f"column is the roofline's time over the row's.", "",
              *provenance(), "",
              "| optimizer | implementation | bytes / element | median step (ms) | "
-             "vs torch fused f32 | vs torch fused f32 + copy |",
-             "|---|---|---|---|---|---|"]
+             "vs torch fused f32 | vs torch fused f32 + copy | fraction of its roofline |",
+             "|---|---|---|---|---|---|---|"]
     for opt in ["adam", "adamw"]:
         tf = med(results[(opt, "torch fused f32")])
         tc = med(results[(opt, "torch fused f32 + bf16 copy_")])
         for label in traffic:
             t = med(results[(opt, label)])
+            frac = (f"{med(results[(opt, roof_of[label])]) / t:.0%}" if label in roof_of
+                    else "")
             lines.append(f"| {opt} | {label} | {traffic[label]} | {t * 1e3:.2f} | "
-                         f"{tf / t:.2f}x | {tc / t:.2f}x |")
+                         f"{tf / t:.2f}x | {tc / t:.2f}x | {frac} |")
     return lines
 
 
@@ -711,13 +727,15 @@ def half_section(args, binary):
     rows = {  # label -> (optarena bench_step name or None for torch, bytes / element)
         "adam": [("torch fused f32", None, "28 (read p g m v 16, write p m v 12)"),
                  ("torch fused bf16", None, "14 (read 8, write 6)"),
-                 ("optarena mode 1 (bf16, nearest)", "adam_bf16", "14")],
+                 ("optarena mode 1 (bf16, nearest)", "adam_bf16", "14"),
+                 ("roofline (bf16 traffic)", "roofline_bf16", "14")],
         "adamw": [("torch fused f32", None, "28 (read p g m v 16, write p m v 12)"),
                   ("torch fused bf16", None, "14 (read 8, write 6)"),
                   ("optarena mode 1 (bf16, nearest)", "adamw_bf16", "14"),
                   ("optarena mode 3 (stochastic, bf16 moments)", "adamw_sr", "14"),
                   ("optarena mode 3 (stochastic, f32 moments)", "adamw_sr_f32state",
-                   "22 (m, v 4 + 4 each way)")],
+                   "22 (m, v 4 + 4 each way)"),
+                  ("roofline (bf16 traffic)", "roofline_bf16", "14")],
     }
     for rnd in range(args.rounds):
         print(f"bf16 modes 1 and 3, round {rnd + 1}/{args.rounds}", file=sys.stderr)
@@ -741,18 +759,23 @@ def half_section(args, binary):
              f"parameters, bit for bit (tests/bf16_fused.rs); its peer is that torch step "
              f"(issue 15's target: 1.8x). Mode 3 rounds the parameters stochastically "
              f"(torchao's `bf16_stochastic_round`, counter-based bits); its peer is torch's "
-             f"fused f32 AdamW (target: 1.9x with bf16 moments).", "",
+             f"fused f32 AdamW (target: 1.9x with bf16 moments). The roofline row moves the "
+             f"14 bytes per element of modes 1 and 3 with trivial arithmetic through the same "
+             f"lane loop (`optarena::roofline::HalfRoofline`, bf16 conversions included); the "
+             f"last column is its time over the row's.", "",
              *provenance(), "",
              "| optimizer | implementation | bytes / element | median step (ms) | "
-             "vs torch fused f32 | vs torch fused bf16 |",
-             "|---|---|---|---|---|---|"]
+             "vs torch fused f32 | vs torch fused bf16 | fraction of the bf16 roofline |",
+             "|---|---|---|---|---|---|---|"]
     for opt, cases in rows.items():
         tf = med(results[(opt, "torch fused f32")])
         tb = med(results[(opt, "torch fused bf16")])
+        roof = med(results[(opt, "roofline (bf16 traffic)")])
         for label, _, traffic in cases:
             t = med(results[(opt, label)])
+            frac = f"{roof / t:.0%}" if label.startswith("optarena") and traffic == "14" else ""
             lines.append(f"| {opt} | {label} | {traffic} | {t * 1e3:.2f} | "
-                         f"{tf / t:.2f}x | {tb / t:.2f}x |")
+                         f"{tf / t:.2f}x | {tb / t:.2f}x | {frac} |")
     return lines
 
 

@@ -34,8 +34,10 @@ use rayon::prelude::*;
 use crate::arch::SimdLevel;
 use crate::buffer::{AlignedBuf, Role};
 use crate::float::{Float, Lane};
-use crate::kernels::{for_each_lane_ahead, ElementOp, PREFETCH_AHEAD};
+use crate::kernels::{for_each_lane_ahead, ElementOp, Pass, PREFETCH_AHEAD};
+use crate::mixed::{MasterCopy, MixedPass, Nearest};
 use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
+use half::bf16;
 
 /// How a roofline pass walks the arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +263,207 @@ impl<T: Float> Roofline<T> {
     }
 }
 
+/// The memory traffic of a mixed-precision step ([`crate::mixed`]) that a [`HalfRoofline`]
+/// moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfTraffic {
+    /// Modes 1 and 3 of Adam/AdamW (`Optimizer::step_half`, bf16 moments): bf16 parameters,
+    /// gradients and two moments; read 4, write 3: 14 bytes per element.
+    Bf16,
+    /// Mode 2 of Adam/AdamW (`Optimizer::step_mixed`) with bf16 moments: f32 master
+    /// parameters read and written, bf16 gradients read, two bf16 moments read and written,
+    /// and the bf16 parameter copy written with streaming stores: 20 bytes per element.
+    MasterBf16Moments,
+    /// Mode 2 with f32 moments: as [`HalfTraffic::MasterBf16Moments`] with f32 moments:
+    /// 28 bytes per element.
+    Master,
+}
+
+impl HalfTraffic {
+    /// Bytes one element moves (reads plus writes; the streamed copy has no read for
+    /// ownership).
+    pub fn bytes_per_element(self) -> usize {
+        match self {
+            HalfTraffic::Bf16 => 14,
+            HalfTraffic::MasterBf16Moments => 20,
+            HalfTraffic::Master => 28,
+        }
+    }
+}
+
+/// The roofline of the mixed-precision steps: the arrays of a [`HalfTraffic`], walked by the
+/// steps' own mixed lane loop (bf16 widened exactly and rounded to nearest, the streamed copy,
+/// [`CHUNK`]-element pieces on the pool) with the trivial update `p += c·g`, `s_k += c·g`.
+/// Converting bf16 is part of any such step, so it is part of this bound; what it leaves out
+/// is the optimizer's arithmetic. A step near its time is limited by memory bandwidth (and
+/// the conversions) alone.
+pub struct HalfRoofline {
+    traffic: HalfTraffic,
+    master: AlignedBuf<f32>,
+    params: AlignedBuf<bf16>,
+    grads: AlignedBuf<bf16>,
+    moments16: [AlignedBuf<bf16>; 2],
+    moments32: [AlignedBuf<f32>; 2],
+}
+
+impl HalfRoofline {
+    /// `len` elements per array.
+    pub fn new(len: usize, traffic: HalfTraffic) -> Self {
+        let half = |role, n| AlignedBuf::filled(role, n, bf16::from_f32(0.25));
+        let full = |role, n| AlignedBuf::filled(role, n, 0.25f32);
+        let (master, moments16, moments32) = match traffic {
+            HalfTraffic::Bf16 => (
+                AlignedBuf::empty(),
+                [half(Role::State(0), len), half(Role::State(1), len)],
+                [AlignedBuf::empty(), AlignedBuf::empty()],
+            ),
+            HalfTraffic::MasterBf16Moments => (
+                full(Role::Params, len),
+                [half(Role::State(0), len), half(Role::State(1), len)],
+                [AlignedBuf::empty(), AlignedBuf::empty()],
+            ),
+            HalfTraffic::Master => (
+                full(Role::Params, len),
+                [AlignedBuf::empty(), AlignedBuf::empty()],
+                [full(Role::State(0), len), full(Role::State(1), len)],
+            ),
+        };
+        HalfRoofline {
+            traffic,
+            master,
+            params: half(Role::Params, len),
+            grads: half(Role::Grads, len),
+            moments16,
+            moments32,
+        }
+    }
+
+    /// Elements per array.
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// True when the arrays are empty.
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// Bytes one pass reads and writes.
+    pub fn bytes_moved(&self) -> usize {
+        self.traffic.bytes_per_element() * self.len()
+    }
+
+    /// One pass, in [`CHUNK`]-element pieces spread over `parallelism` as a step's are.
+    pub fn run(&mut self, parallelism: &Parallelism) {
+        // A step a bf16 value can show (0.25 + 0.125·0.25 is exact), so a test can see it.
+        let op = Axpy { c: 0.125f32 };
+        let n = self.len();
+        let simd = SimdLevel::Best;
+        let grads = self.grads.chunks(CHUNK);
+        let mut pieces: Vec<_> = match self.traffic {
+            HalfTraffic::Bf16 => {
+                let [m, v] = &mut self.moments16;
+                let state = m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK));
+                self.params
+                    .chunks_mut(CHUNK)
+                    .zip(grads)
+                    .zip(state)
+                    .map(|((p, g), (m, v))| HalfPiece::Bf16 { p, g, m, v })
+                    .collect()
+            }
+            HalfTraffic::MasterBf16Moments => {
+                let [m, v] = &mut self.moments16;
+                let state = m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK));
+                self.master
+                    .chunks_mut(CHUNK)
+                    .zip(self.params.chunks_mut(CHUNK))
+                    .zip(grads)
+                    .zip(state)
+                    .map(|(((p, copy), g), (m, v))| HalfPiece::MasterBf16 { p, copy, g, m, v })
+                    .collect()
+            }
+            HalfTraffic::Master => {
+                let [m, v] = &mut self.moments32;
+                let state = m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK));
+                self.master
+                    .chunks_mut(CHUNK)
+                    .zip(self.params.chunks_mut(CHUNK))
+                    .zip(grads)
+                    .zip(state)
+                    .map(|(((p, copy), g), (m, v))| HalfPiece::Master { p, copy, g, m, v })
+                    .collect()
+            }
+        };
+        let each = |piece: &mut HalfPiece<'_>| piece.run(simd, &op);
+        let parallel = pieces.len() > 1 && n >= PARALLEL_THRESHOLD;
+        match parallelism {
+            Parallelism::Global if parallel => pieces.par_iter_mut().for_each(each),
+            Parallelism::Pool(pool) if parallel => {
+                pool.install(|| pieces.par_iter_mut().for_each(each))
+            }
+            _ => pieces.iter_mut().for_each(each),
+        }
+    }
+
+    /// The bf16 parameters (the copy, for the master-weight traffics).
+    pub fn params(&self) -> &[bf16] {
+        &self.params
+    }
+}
+
+/// One chunk of a [`HalfRoofline`]'s arrays.
+enum HalfPiece<'a> {
+    Bf16 {
+        p: &'a mut [bf16],
+        g: &'a [bf16],
+        m: &'a mut [bf16],
+        v: &'a mut [bf16],
+    },
+    MasterBf16 {
+        p: &'a mut [f32],
+        copy: &'a mut [bf16],
+        g: &'a [bf16],
+        m: &'a mut [bf16],
+        v: &'a mut [bf16],
+    },
+    Master {
+        p: &'a mut [f32],
+        copy: &'a mut [bf16],
+        g: &'a [bf16],
+        m: &'a mut [f32],
+        v: &'a mut [f32],
+    },
+}
+
+impl HalfPiece<'_> {
+    fn run(&mut self, simd: SimdLevel, op: &Axpy<f32>) {
+        // Every slice of a piece has the piece's length (the arrays are equally long and
+        // chunked alike), so `MixedPass::new` cannot fail.
+        let done = match self {
+            HalfPiece::Bf16 { p, g, m, v } => {
+                let mut bufs = [&mut **m, &mut **v];
+                MixedPass::new(simd, Nearest::new(&mut **p), g, &mut bufs)
+                    .map(|pass| pass.run::<2, _>(op))
+            }
+            HalfPiece::MasterBf16 { p, copy, g, m, v } => {
+                let mut bufs = [&mut **m, &mut **v];
+                MasterCopy::new(&mut **p, &mut **copy).and_then(|params| {
+                    MixedPass::new(simd, params.streamed(true), g, &mut bufs)
+                        .map(|pass| pass.run::<2, _>(op))
+                })
+            }
+            HalfPiece::Master { p, copy, g, m, v } => {
+                let mut bufs = [&mut **m, &mut **v];
+                MasterCopy::new(&mut **p, &mut **copy).and_then(|params| {
+                    MixedPass::new(simd, params.streamed(true), g, &mut bufs)
+                        .map(|pass| pass.run::<2, _>(op))
+                })
+            }
+        };
+        debug_assert!(done.is_ok(), "equal chunks");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +492,38 @@ mod tests {
         assert_eq!(r.timings()[0].0, best);
         assert!(Roofline::<f32>::new(10, 6).is_none());
         assert!(Roofline::<f32>::new(10, 1).is_none());
+    }
+
+    #[test]
+    fn a_half_pass_updates_every_written_array_once() {
+        let d = 0.125 * 0.25;
+        for traffic in [
+            HalfTraffic::Bf16,
+            HalfTraffic::MasterBf16Moments,
+            HalfTraffic::Master,
+        ] {
+            for par in [Parallelism::Sequential, Parallelism::Global] {
+                let n = 3 * CHUNK + 1001;
+                let mut r = HalfRoofline::new(n, traffic);
+                r.run(&par);
+                let want = bf16::from_f32(0.25 + d);
+                assert!(r.params().iter().all(|&x| x == want), "{traffic:?}");
+                assert!(r.grads.iter().all(|&x| x == bf16::from_f32(0.25)));
+                match traffic {
+                    HalfTraffic::Bf16 => {
+                        assert!(r.moments16.iter().all(|m| m.iter().all(|&x| x == want)))
+                    }
+                    HalfTraffic::MasterBf16Moments => {
+                        assert!(r.master.iter().all(|&x| x == 0.25 + d));
+                        assert!(r.moments16.iter().all(|m| m.iter().all(|&x| x == want)))
+                    }
+                    HalfTraffic::Master => {
+                        assert!(r.master.iter().all(|&x| x == 0.25 + d));
+                        assert!(r.moments32.iter().all(|m| m.iter().all(|&x| x == 0.25 + d)))
+                    }
+                }
+                assert_eq!(r.bytes_moved(), traffic.bytes_per_element() * n);
+            }
+        }
     }
 }
