@@ -442,19 +442,19 @@ impl HalfPiece<'_> {
         let done = match self {
             HalfPiece::Bf16 { p, g, m, v } => {
                 let mut bufs = [&mut **m, &mut **v];
-                MixedPass::new(simd, Nearest::new(&mut **p), g, &mut bufs)
+                MixedPass::new(simd, Nearest::new(p), g, &mut bufs)
                     .map(|pass| pass.run::<2, _>(op))
             }
             HalfPiece::MasterBf16 { p, copy, g, m, v } => {
                 let mut bufs = [&mut **m, &mut **v];
-                MasterCopy::new(&mut **p, &mut **copy).and_then(|params| {
+                MasterCopy::new(p, copy).and_then(|params| {
                     MixedPass::new(simd, params.streamed(true), g, &mut bufs)
                         .map(|pass| pass.run::<2, _>(op))
                 })
             }
             HalfPiece::Master { p, copy, g, m, v } => {
                 let mut bufs = [&mut **m, &mut **v];
-                MasterCopy::new(&mut **p, &mut **copy).and_then(|params| {
+                MasterCopy::new(p, copy).and_then(|params| {
                     MixedPass::new(simd, params.streamed(true), g, &mut bufs)
                         .map(|pass| pass.run::<2, _>(op))
                 })
