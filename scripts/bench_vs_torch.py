@@ -871,8 +871,9 @@ class DeepSpeedCase:
 def deepspeed_section(args, binary):
     """Adam and AdamW at 32M elements and on GPT-2 small's layout: torch fused f32 (alone and
     with a bf16 `copy_`), DeepSpeed's CPU Adam at each of its precision settings, optarena's f32
-    step and its mode 2 (with f32 and with bf16 moments), and the roofline of the f32 step's
-    traffic, every case once per round, rounds interleaved. Returns the section's Markdown
+    step, its mode 2 (with f32 and with bf16 moments), mode 1 and (AdamW) mode 3, each beside
+    DeepSpeed at the same precision, and the roofline of the f32 step's traffic, every case
+    once per round, rounds interleaved. Returns the section's Markdown
     lines (or a note saying why DeepSpeed could not run)."""
     cls, why = deepspeed_cpu_adam()
     threads = args.threads
@@ -891,12 +892,28 @@ def deepspeed_section(args, binary):
         "DeepSpeed f32": "28",
         "DeepSpeed f32 + bf16 copy_": "34 + 2 RFO",
         "DeepSpeed bf16 params, f32 state": "20 (p, g 2; m, v 4)",
-        "DeepSpeed bf16 params and state": "12",
+        "DeepSpeed bf16 params and state": "14 (read 8, write 6)",
         "optarena f32": "28",
         "optarena mode 2 (bf16 grads, bf16 copy)": "28 (g 2; copy 2, streamed: no RFO)",
         "optarena mode 2 + bf16 moments": "20 (g, m, v 2; copy 2, streamed)",
+        "optarena mode 1 (bf16, nearest)": "14",
+        "optarena mode 3 (stochastic, bf16 moments)": "14",
+        "optarena mode 3 (stochastic, f32 moments)": "22 (p, g 2; m, v 4)",
         "roofline (f32 traffic)": "28",
     }
+    # optarena's rows and bench_step names, and the DeepSpeed setting at the same precision
+    # (for mode 2 + bf16 moments, which DeepSpeed cannot do, its nearest: all bf16).
+    ours = [("optarena f32", "{opt}", "DeepSpeed f32"),
+            ("optarena mode 2 (bf16 grads, bf16 copy)", "{opt}_mixed",
+             "DeepSpeed f32 + bf16 copy_"),
+            ("optarena mode 2 + bf16 moments", "{opt}_mixed_bf16state",
+             "DeepSpeed bf16 params and state"),
+            ("optarena mode 1 (bf16, nearest)", "{opt}_bf16", "DeepSpeed bf16 params and state"),
+            ("optarena mode 3 (stochastic, bf16 moments)", "adamw_sr",
+             "DeepSpeed bf16 params and state"),
+            ("optarena mode 3 (stochastic, f32 moments)", "adamw_sr_f32state",
+             "DeepSpeed bf16 params, f32 state")]
+    peer = {impl: ds_impl for impl, _, ds_impl in ours}
     results = {}  # (layout label, opt, impl) -> list of medians
     for rnd in range(args.rounds):
         print(f"deepspeed, round {rnd + 1}/{args.rounds}", file=sys.stderr)
@@ -914,10 +931,11 @@ def deepspeed_section(args, binary):
                     case = DeepSpeedCase(opt, precision, layout, n)
                     put(f"DeepSpeed {precision}", case.time(steps)[0])
                     del case
-                for name, impl in [(opt, "optarena f32"),
-                                   (f"{opt}_mixed", "optarena mode 2 (bf16 grads, bf16 copy)"),
-                                   (f"{opt}_mixed_bf16state", "optarena mode 2 + bf16 moments")]:
-                    put(impl, optarena_time(binary, name, layout, n, threads, steps)[0])
+                for impl, name, _ in ours:
+                    if name.startswith("adamw_sr") and opt != "adamw":
+                        continue  # mode 3 is timed for AdamW only
+                    put(impl, optarena_time(binary, name.format(opt=opt), layout, n, threads,
+                                            steps)[0])
             results.setdefault((label, None, "roofline"), []).append(
                 optarena_time(binary, "roofline4", layout, n, threads, steps)[0])
     med = statistics.median
@@ -932,6 +950,10 @@ def deepspeed_section(args, binary):
              "`copy_` to bf16; it cannot keep bf16 moments beside f32 master weights "
              "(`fp32_optimizer_states=False` means the parameters' dtype), so its lowest-traffic "
              "setting, bf16 parameters and state with no master copy, is listed as the nearest. "
+             "That setting is also the peer of optarena's modes 1 and 3 (bf16 parameters and "
+             "moments, no master copy), and its bf16 parameters with f32 state the peer of mode "
+             "3 with f32 moments: the column \"vs DeepSpeed, same precision\" pairs each "
+             "optarena row with its DeepSpeed setting. "
              "The roofline is `optarena::roofline` moving the f32 step's traffic.", "",
              *provenance(),
              f"- {threads} threads; {rounds_text(args.rounds)}, every case of a layout once per "
@@ -940,8 +962,9 @@ def deepspeed_section(args, binary):
     if cls is None:
         lines += [f"DeepSpeed could not run here: {why}", ""]
     lines += ["| layout | optimizer | implementation | bytes / element | median step (ms) | "
-              "vs torch fused f32 | vs DeepSpeed f32 | fraction of the roofline |",
-              "|---|---|---|---|---|---|---|---|"]
+              "vs torch fused f32 | vs DeepSpeed f32 | vs DeepSpeed, same precision | "
+              "fraction of the roofline |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for label, layout, n, steps in layouts:
         roof = med(results[(label, None, "roofline")])
         for opt in opts:
@@ -956,8 +979,10 @@ def deepspeed_section(args, binary):
                 f32_traffic = impl in ("torch fused f32", "DeepSpeed f32", "optarena f32",
                                        "roofline (f32 traffic)")
                 frac = f"{roof / t:.0%}" if f32_traffic else ""
+                same = results.get((label, opt, peer.get(impl)))
+                vs_same = f"{med(same) / t:.2f}x" if same else ""
                 lines.append(f"| {label} | {opt} | {impl} | {traffic[impl]} | {t * 1e3:.2f} | "
-                             f"{tf / t:.2f}x | {vs_ds} | {frac} |")
+                             f"{tf / t:.2f}x | {vs_ds} | {vs_same} | {frac} |")
     return lines
 
 
