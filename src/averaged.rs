@@ -99,12 +99,12 @@ impl AverageFn {
 /// 4. restore the momenta, and `swa.swap_into(&mut arena)?` again if training continues.
 ///
 /// ```
-/// use optarena::{AveragedModel, ArenaBuilder, ParamGroup, Sgd, SgdConfig};
+/// use optarena::{AveragedModel, ArenaBuilder, ParamGroup, SGD, SGDConfig};
 ///
 /// let mut b = ArenaBuilder::<f32>::new();
 /// let w = b.param("w", &[2], &[1.0, 2.0])?;
 /// let mut arena = b.build();
-/// let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default().with_lr(0.5))?;
+/// let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default().with_lr(0.5))?;
 /// let mut swa = AveragedModel::new(&arena);                  // torch: AveragedModel(model)
 /// for epoch in 0..4 {
 ///     arena.grad_mut(w).copy_from_slice(&[1.0, -1.0]);

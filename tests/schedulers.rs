@@ -12,7 +12,7 @@ use common::*;
 use optarena::schedule::*;
 use optarena::{
     Algorithm, ArenaBuilder, Error, GroupHyperparams, HyperValue, Hyperparams, LrScheduler,
-    MatchBy, Optimizer, ParamGroup, Sgd, SgdConfig,
+    MatchBy, Optimizer, ParamGroup, SGDConfig, SGD,
 };
 use serde_json::{json, Value};
 
@@ -130,7 +130,7 @@ fn torch_traces_betas_step_epoch_and_fractional_epochs() {
         let name = case["name"].as_str().unwrap();
         let defaults = &case["opt_defaults"];
         let mut opt = match case["optimizer"].as_str().unwrap() {
-            "SGD" => make_opt::<optarena::SgdAlgorithm>(&case_lrs(&case), defaults),
+            "SGD" => make_opt::<optarena::SGDAlgorithm>(&case_lrs(&case), defaults),
             "Adam" => make_opt::<optarena::AdamAlgorithm>(&case_lrs(&case), defaults),
             "AdamW" => make_opt::<optarena::AdamWAlgorithm>(&case_lrs(&case), defaults),
             "RAdam" => make_opt::<optarena::RAdamAlgorithm>(&case_lrs(&case), defaults),
@@ -265,7 +265,7 @@ fn save_load_continue_with_betas_and_fractional_epochs() {
         let defaults = &case["opt_defaults"];
         let key = case["momentum_key"].as_str().unwrap();
         let new_opt = || match case["optimizer"].as_str().unwrap() {
-            "SGD" => make_opt::<optarena::SgdAlgorithm>(&case_lrs(&case), defaults),
+            "SGD" => make_opt::<optarena::SGDAlgorithm>(&case_lrs(&case), defaults),
             "Adam" => make_opt::<optarena::AdamAlgorithm>(&case_lrs(&case), defaults),
             "AdamW" => make_opt::<optarena::AdamWAlgorithm>(&case_lrs(&case), defaults),
             _ => make_opt::<optarena::RAdamAlgorithm>(&case_lrs(&case), defaults),
@@ -354,7 +354,7 @@ fn state_dict_json_names_torch_fields_and_round_trips() {
 fn load_state_dict_restores_the_lr_pytorch_29697() {
     // torch's example: SGD(lr=0.1), StepLR(step_size=2), 5 epochs, then a new optimizer and
     // scheduler loading only the scheduler's state.
-    let run = |opt: &mut Sgd<f64>, s: &mut StepLR, n: usize| {
+    let run = |opt: &mut SGD<f64>, s: &mut StepLR, n: usize| {
         (0..n)
             .map(|_| {
                 let lr = opt.group_lr(0).unwrap();
@@ -812,7 +812,7 @@ fn msg<T: std::fmt::Debug>(r: optarena::Result<T>) -> String {
     r.expect_err("expected an error").to_string()
 }
 
-fn opt2() -> Sgd<f64> {
+fn opt2() -> SGD<f64> {
     scheduler_sgd(&[0.1, 0.01], 0.9)
 }
 
@@ -1012,10 +1012,10 @@ fn torch_messages_for_invalid_configurations() {
         msg(ChainedScheduler::new(o, vec![])),
         "ChainedScheduler expects at least one scheduler to be chained, but got no scheduler."
     );
-    let exp = |o: &mut Sgd<f64>| -> Box<dyn LrScheduler> {
+    let exp = |o: &mut SGD<f64>| -> Box<dyn LrScheduler> {
         Box::new(ExponentialLR::new(o, ExponentialLRConfig::new(0.9)).unwrap())
     };
-    let plateau = |o: &mut Sgd<f64>| -> Box<dyn LrScheduler> {
+    let plateau = |o: &mut SGD<f64>| -> Box<dyn LrScheduler> {
         Box::new(ReduceLROnPlateau::new(o, ReduceLROnPlateauConfig::default()).unwrap())
     };
     let kids = vec![exp(o), plateau(o)];
@@ -1085,9 +1085,9 @@ fn reduce_lr_on_plateau_after_a_group_is_added() {
         .map(|i| b.zeros(&format!("p{i}"), &[2]).unwrap())
         .collect();
     let arena = b.build();
-    let cfg = optarena::SgdConfig::default().with_lr(1.0);
+    let cfg = optarena::SGDConfig::default().with_lr(1.0);
     let new_opt = || {
-        Sgd::<f64>::new(
+        SGD::<f64>::new(
             &arena,
             [ParamGroup::new([p[0]]), ParamGroup::new([p[1]])],
             cfg.clone(),
@@ -1264,13 +1264,13 @@ fn schedulers_follow_add_param_group_as_torch() {
             .map(|i| b.param(&format!("p{i}"), &[2], &[1.0, -1.0]).unwrap())
             .collect();
         let arena = b.build();
-        let mut opt = Sgd::new(
+        let mut opt = SGD::new(
             &arena,
             [
                 ParamGroup::new([h[0]]).with("lr", 0.1),
                 ParamGroup::new([h[1]]).with("lr", 0.01),
             ],
-            SgdConfig::default().with_momentum(0.9),
+            SGDConfig::default().with_momentum(0.9),
         )
         .unwrap();
         let mut sched = build(
@@ -1350,13 +1350,13 @@ fn schedulers_follow_add_param_group_as_torch() {
                 // The state saved after the add loads into a scheduler on an optimizer with the
                 // same three groups and continues the same way.
                 let saved = sched.state_dict().unwrap();
-                let mut opt2 = Sgd::new(
+                let mut opt2 = SGD::new(
                     &arena,
                     [
                         ParamGroup::new([h[0]]).with("lr", 0.1),
                         ParamGroup::new([h[1]]).with("lr", 0.01),
                     ],
-                    SgdConfig::default().with_momentum(0.9),
+                    SGDConfig::default().with_momentum(0.9),
                 )
                 .unwrap();
                 let mut s2 = build(

@@ -180,7 +180,7 @@ pub fn runs(settings: &Settings, train_len: usize, precision: &[Precision]) -> V
         run(
             "sgd",
             "MLP SGD+momentum",
-            OptKind::SgdMomentum {
+            OptKind::SGDMomentum {
                 lr: 0.05,
                 momentum: 0.9,
                 weight_decay: 5e-4,
@@ -203,7 +203,7 @@ pub fn runs(settings: &Settings, train_len: usize, precision: &[Precision]) -> V
             batching: Batching::FullBatch {
                 steps: settings.full_batch_steps,
             },
-            opt: OptKind::Lbfgs {
+            opt: OptKind::LBFGS {
                 lr: 1.0,
                 max_iter: settings.lbfgs_max_iter,
                 history_size: 10,

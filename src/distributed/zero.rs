@@ -53,7 +53,7 @@ use crate::subnormals::Subnormals;
 ///
 /// ```compile_fail
 /// use optarena::distributed::{ShardedOptimizer, SingleProcess};
-/// let _ = ShardedOptimizer::<SingleProcess, f32, optarena::Lbfgs<f32>>::new;
+/// let _ = ShardedOptimizer::<SingleProcess, f32, optarena::LBFGS<f32>>::new;
 /// ```
 ///
 /// The arena's gradients are read, not rewritten (a parameter that only other ranks gave a

@@ -2,7 +2,7 @@
 //! messages.
 //!
 //! A load reads a saved description (a [`StateDict`](crate::StateDict), a binary checkpoint's
-//! metadata, an [`LbfgsStateDict`](crate::LbfgsStateDict)) and
+//! metadata, an [`LBFGSStateDict`](crate::LBFGSStateDict)) and
 //! 1. checks its header: format version, optimizer kind, dtype field ([`check_header`],
 //!    [`check_kind`]);
 //! 2. checks the number of groups ([`check_group_count`]);
@@ -15,7 +15,7 @@
 //! The JSON `load_state_dict` and the binary checkpoint load of an elementwise
 //! [`Optimizer`](super::Optimizer) share step 4 too ([`Optimizer::stage_load`](super::Optimizer)
 //! and `commit_staged`, in `checkpoint_access.rs`); L-BFGS stages its own flat vectors and
-//! history (`LbfgsLoad`), checked by the same functions. On any error nothing has changed.
+//! history (`LBFGSLoad`), checked by the same functions. On any error nothing has changed.
 
 use std::collections::BTreeMap;
 
