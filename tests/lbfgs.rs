@@ -413,16 +413,22 @@ fn set_hyper_validates_and_changes_nothing_on_error() {
     assert_eq!(opt.config(), &before);
     // Through the scheduler interface.
     assert_eq!(opt.num_groups(), 1);
-    opt.set_group_lr(0, 0.25).unwrap();
-    assert_eq!(opt.group_lr(0).unwrap(), 0.25);
+    // The trait's names are the other optimizers' (`set_lr(group, lr)`, `lr(group)`); LBFGS's
+    // own take no group, so the trait's are called by path.
+    GroupHyperparams::set_lr(&mut opt, 0, 0.25).unwrap();
+    assert_eq!(GroupHyperparams::lr(&opt, 0).unwrap(), 0.25);
     assert_eq!(opt.lr(), 0.25);
     let e = opt.group_hyper(1, "lr").unwrap_err();
     assert!(
         matches!(e, Error::NoSuchGroup { index: 1, count: 1 }),
         "{e:?}"
     );
-    assert!(opt.set_group_lr(0, f64::NAN).is_err());
+    assert!(GroupHyperparams::set_lr(&mut opt, 0, f64::NAN).is_err());
+    assert!(GroupHyperparams::set_lr(&mut opt, 1, 0.5).is_err());
+    assert!(opt.set_lr(f64::NAN).is_err());
     assert_eq!(opt.lr(), 0.25);
+    opt.set_lr(0.5).unwrap();
+    assert_eq!(GroupHyperparams::lr(&opt, 0).unwrap(), 0.5);
 }
 
 #[test]

@@ -902,19 +902,33 @@ fn old_spellings_alias_torch_names() {
     assert!(same::<optarena::Lbfgs<f32>, optarena::LBFGS<f32>>());
     assert!(same::<optarena::LbfgsConfig, optarena::LBFGSConfig>());
     assert!(same::<optarena::LbfgsState<f64>, optarena::LBFGSState<f64>>());
-    assert!(same::<optarena::LbfgsStateDict<f64>, optarena::LBFGSStateDict<f64>>());
+    assert!(same::<
+        optarena::LbfgsStateDict<f64>,
+        optarena::LBFGSStateDict<f64>,
+    >());
     assert!(same::<kernels::sgd::SgdCoeffs, kernels::sgd::SGDCoeffs>());
     assert!(same::<kernels::asgd::AsgdCoeffs, kernels::asgd::ASGDCoeffs>());
-    assert!(same::<kernels::nadam::NadamCoeffs, kernels::nadam::NAdamCoeffs>());
-    assert!(same::<kernels::radam::RadamCoeffs, kernels::radam::RAdamCoeffs>());
-    assert!(same::<kernels::rmsprop::RmspropCoeffs, kernels::rmsprop::RMSpropCoeffs>());
+    assert!(same::<
+        kernels::nadam::NadamCoeffs,
+        kernels::nadam::NAdamCoeffs,
+    >());
+    assert!(same::<
+        kernels::radam::RadamCoeffs,
+        kernels::radam::RAdamCoeffs,
+    >());
+    assert!(same::<
+        kernels::rmsprop::RmspropCoeffs,
+        kernels::rmsprop::RMSpropCoeffs,
+    >());
 
     // A loop written with the old names, against the same loop with torch's.
     let run = |old: bool| {
         let mut b = ArenaBuilder::<f32>::new();
         let w = b.param("w", &[3], &[1.0, -2.0, 0.5]).unwrap();
         let mut arena = b.build();
-        let config = optarena::SgdConfig::default().with_lr(0.1).with_momentum(0.9);
+        let config = optarena::SgdConfig::default()
+            .with_lr(0.1)
+            .with_momentum(0.9);
         let mut opt = if old {
             optarena::Sgd::new(&arena, [ParamGroup::all()], config).unwrap()
         } else {

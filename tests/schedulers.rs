@@ -30,9 +30,7 @@ fn momentum_of(opt: &dyn GroupHyperparams, g: usize, key: &str) -> f64 {
 }
 
 fn lrs(opt: &dyn GroupHyperparams) -> Vec<f64> {
-    (0..opt.num_groups())
-        .map(|g| opt.group_lr(g).unwrap())
-        .collect()
+    (0..opt.num_groups()).map(|g| opt.lr(g).unwrap()).collect()
 }
 
 fn bits(v: &[f64]) -> Vec<u64> {
@@ -145,7 +143,7 @@ fn torch_traces_betas_step_epoch_and_fractional_epochs() {
                     case["lrs"][i][g].as_f64().unwrap(),
                     case["momentums"][i][g].as_f64().unwrap(),
                 );
-                let (lr, m) = (opt.group_lr(g).unwrap(), momentum_of(opt, g, key));
+                let (lr, m) = (opt.lr(g).unwrap(), momentum_of(opt, g, key));
                 assert!(
                     sched_close(lr, want_lr) && sched_close(m, want_m),
                     "{name}: after action {i}, group {g}: lr {lr:e} vs torch {want_lr:e}, \
@@ -357,7 +355,7 @@ fn load_state_dict_restores_the_lr_pytorch_29697() {
     let run = |opt: &mut SGD<f64>, s: &mut StepLR, n: usize| {
         (0..n)
             .map(|_| {
-                let lr = opt.group_lr(0).unwrap();
+                let lr = opt.lr(0).unwrap();
                 s.step(opt).unwrap();
                 lr
             })
@@ -397,15 +395,15 @@ fn load_state_dict_restores_the_lr_pytorch_29697() {
     // torch: the constructor multiplies the loaded 0.05 by 0.5 again and load_state_dict
     // leaves 0.025 in place.
     let mut s2 = ConstantLR::new(&mut opt2, cfg).unwrap();
-    assert_eq!(opt2.group_lr(0).unwrap(), 0.025);
+    assert_eq!(opt2.lr(0).unwrap(), 0.025);
     s2.load_state_dict_json(&mut opt2, &saved).unwrap();
-    assert_eq!(opt2.group_lr(0).unwrap(), 0.05);
+    assert_eq!(opt2.lr(0).unwrap(), 0.05);
     for _ in 0..3 {
         s.step(&mut opt).unwrap();
         s2.step(&mut opt2).unwrap();
-        assert_eq!(opt.group_lr(0).unwrap(), opt2.group_lr(0).unwrap());
+        assert_eq!(opt.lr(0).unwrap(), opt2.lr(0).unwrap());
     }
-    assert_eq!(opt2.group_lr(0).unwrap(), 0.1);
+    assert_eq!(opt2.lr(0).unwrap(), 0.1);
     // ... and the groups' initial_lr is the saved base, for schedulers attached later.
     assert_eq!(opt2.group_initial_lr(0).unwrap(), Some(0.1));
 }
@@ -1286,7 +1284,7 @@ fn schedulers_follow_add_param_group_as_torch() {
                     want[g].as_f64().unwrap(),
                     case["momentums"][i][g].as_f64().unwrap(),
                 );
-                let (lr, m) = (opt.group_lr(g).unwrap(), momentum_of(opt, g, "momentum"));
+                let (lr, m) = (opt.lr(g).unwrap(), momentum_of(opt, g, "momentum"));
                 assert!(
                     sched_close(lr, want_lr) && sched_close(m, want_m),
                     "{name}: record {i}, group {g}: lr {lr:e} vs torch {want_lr:e}, momentum \

@@ -172,7 +172,7 @@ impl Run {
             (0..o.num_groups())
                 .map(|g| {
                     (
-                        o.group_lr(g).unwrap().to_bits(),
+                        o.lr(g).unwrap().to_bits(),
                         o.group_initial_lr(g).unwrap().map(f64::to_bits),
                     )
                 })

@@ -654,7 +654,7 @@ fn train_one(
             });
         history.push(EpochStats {
             epoch: 0,
-            lr: opt.groups().group_lr(0).map_err(err(&ctx("lr")))?,
+            lr: opt.groups().lr(0).map_err(err(&ctx("lr")))?,
             batch_loss: None,
             train_loss,
             train_acc,
@@ -685,7 +685,7 @@ fn train_one(
             Batching::FullBatch { steps } => Box::new(std::iter::repeat_n(&order[..], steps)),
         };
         for batch in batches {
-            lr = opt.groups().group_lr(0).map_err(err(&ctx("lr")))?;
+            lr = opt.groups().lr(0).map_err(err(&ctx("lr")))?;
             let mut closure_time = Duration::ZERO;
             let mut closure = |arena: &mut optarena::Arena<f32>| {
                 let t = Instant::now();

@@ -977,7 +977,7 @@ pub const SWALR_TAG: &[u8] = b"SWALR:";
 /// scheduler nor the optimizer; what loads saves and loads back to the same state and steps.
 fn swalr_decode(data: &[u8]) {
     use optarena::schedule::{SWALRConfig, SWALR};
-    use optarena::{GroupHyperparams, LrScheduler};
+    use optarena::LrScheduler;
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -986,7 +986,7 @@ fn swalr_decode(data: &[u8]) {
     let mut s = SWALR::new(&mut opt, SWALRConfig::new(0.05)).expect("a valid SWALR");
     let lrs = |o: &Optimizer<f64, SGDAlgorithm>| -> Vec<u64> {
         (0..o.num_groups())
-            .map(|g| o.group_lr(g).unwrap().to_bits())
+            .map(|g| o.lr(g).unwrap().to_bits())
             .collect()
     };
     let before = (s.state_dict_json().unwrap(), lrs(&opt));

@@ -464,7 +464,8 @@ impl<T: Float> SparseAdam<T> {
     }
 
     /// Sets the learning rate of group `g` (0 or more: see
-    /// [`SparseAdamConfig::check_group`]).
+    /// [`SparseAdamConfig::check_group`]), as [`Optimizer::set_lr`](crate::Optimizer::set_lr)
+    /// and, for code generic over optimizers, [`GroupHyperparams::set_lr`].
     pub fn set_lr(&mut self, g: usize, lr: f64) -> Result<()> {
         self.set_hyper(g, "lr", lr)
     }

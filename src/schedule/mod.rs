@@ -16,7 +16,7 @@
 //!
 //! ```
 //! use optarena::schedule::{LrScheduler, StepLR, StepLRConfig};
-//! use optarena::{ArenaBuilder, GroupHyperparams, ParamGroup, SGD, SGDConfig};
+//! use optarena::{ArenaBuilder, ParamGroup, SGD, SGDConfig};
 //!
 //! let mut b = ArenaBuilder::<f32>::new();
 //! b.zeros("w", &[4])?;
@@ -26,7 +26,7 @@
 //! let mut sched = StepLR::new(&mut opt, StepLRConfig { gamma: 0.5, ..StepLRConfig::new(2) })?;
 //! let mut lrs = Vec::new();
 //! for _epoch in 0..5 {
-//!     lrs.push(opt.group_lr(0)?);
+//!     lrs.push(opt.lr(0)?);
 //!     // ... opt.step(&mut arena)? ...
 //!     sched.step(&mut opt)?;
 //! }

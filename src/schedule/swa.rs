@@ -168,7 +168,7 @@ impl LeafState for SwaState {
 ///
 /// ```
 /// use optarena::schedule::{LinearLR, LinearLRConfig, LrScheduler, SWALR, SWALRConfig};
-/// use optarena::{ArenaBuilder, GroupHyperparams, ParamGroup, SGD, SGDConfig};
+/// use optarena::{ArenaBuilder, ParamGroup, SGD, SGDConfig};
 ///
 /// let mut b = ArenaBuilder::<f32>::new();
 /// b.zeros("w", &[4])?;
@@ -180,11 +180,11 @@ impl LeafState for SwaState {
 /// for _ in 0..3 {
 ///     warmup.step(&mut opt)?;
 /// }
-/// assert!((opt.group_lr(0)? - 0.1).abs() < 1e-12);
+/// assert!((opt.lr(0)? - 0.1).abs() < 1e-12);
 /// for _ in 0..3 {
 ///     swa.step(&mut opt)?;
 /// }
-/// assert!((opt.group_lr(0)? - 0.05).abs() < 1e-12);
+/// assert!((opt.lr(0)? - 0.05).abs() < 1e-12);
 /// # Ok::<(), optarena::Error>(())
 /// ```
 #[derive(Debug)]

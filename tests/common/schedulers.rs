@@ -176,7 +176,7 @@ pub fn run_scheduler_case(case: &Value) -> Outcome {
     for (e, want) in lrs.iter().enumerate() {
         for (g, w) in want.as_array().unwrap().iter().enumerate() {
             let w = w.as_f64().unwrap();
-            let got = opt.group_lr(g).unwrap();
+            let got = opt.lr(g).unwrap();
             if !sched_close(got, w) {
                 return Outcome::Fail(format!(
                     "{name}: epoch {e}, group {g}: lr optarena {got:e}, torch {w:e}"

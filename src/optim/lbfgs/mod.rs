@@ -509,7 +509,14 @@ impl<T: Float> LBFGS<T> {
         self.config.lr
     }
 
-    /// Sets the learning rate.
+    /// Sets the learning rate, checking it; on error nothing changes.
+    ///
+    /// It takes no group index, unlike [`Optimizer::set_lr`](crate::Optimizer::set_lr)`(group,
+    /// lr)`: LBFGS has exactly one param group, as torch's (whose constructor raises
+    /// "LBFGS doesn't support per-parameter options (parameter groups)"), so an index could
+    /// only be 0. Schedulers and other code generic over optimizers reach it as group 0
+    /// through [`GroupHyperparams::set_lr`], which must be called by path here
+    /// (`GroupHyperparams::set_lr(&mut opt, 0, lr)`) because this method shadows it.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.set_hyper("lr", lr)
     }
