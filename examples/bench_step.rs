@@ -333,7 +333,7 @@ fn main() {
                 }};
             }
             match name {
-                "sgd_momentum" => run!(Sgd::new(&a, g(), SgdConfig::default().with_momentum(0.9))),
+                "sgd_momentum" => run!(SGD::new(&a, g(), SGDConfig::default().with_momentum(0.9))),
                 "adam" => run!(Adam::new(&a, g(), AdamConfig::default())),
                 "adamw" => run!(AdamW::new(&a, g(), AdamWConfig::default())),
                 "radam" => run!(RAdam::new(&a, g(), RAdamConfig::default())),
@@ -343,8 +343,8 @@ fn main() {
                 "adadelta" => run!(Adadelta::new(&a, g(), AdadeltaConfig::default())),
                 "rmsprop" => run!(RMSprop::new(&a, g(), RMSpropConfig::default())),
                 "rprop" => run!(Rprop::new(&a, g(), RpropConfig::default())),
-                "asgd" => run!(Asgd::new(&a, g(), AsgdConfig::default())),
-                "sgd" => run!(Sgd::new(&a, g(), SgdConfig::default().with_lr(1e-3))),
+                "asgd" => run!(ASGD::new(&a, g(), ASGDConfig::default())),
+                "sgd" => run!(SGD::new(&a, g(), SGDConfig::default().with_lr(1e-3))),
                 "adafactor" => run!(Adafactor::new(&a, g(), AdafactorConfig::default())),
                 "muon" => run!(Muon::new(&a, g(), MuonConfig::default())),
                 "adam_mixed" | "adamw_mixed" | "adam_mixed_bf16state" | "adamw_mixed_bf16state" => {

@@ -35,7 +35,7 @@ use clap::Parser;
 use ndarray::linalg::general_mat_vec_mul;
 use ndarray::{Array1, ArrayView1, ArrayView2, ArrayViewMut2};
 use optarena::{
-    AdamW, AdamWConfig, Arena, ArenaBuilder, Parallelism, Param, ParamGroup, Sgd, SgdConfig,
+    AdamW, AdamWConfig, Arena, ArenaBuilder, Parallelism, Param, ParamGroup, SGDConfig, SGD,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -413,7 +413,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let w = b.zeros("big", &[n])?;
             let mut big = b.build();
             big.grad_mut(w).fill(1.0);
-            let mut control = Sgd::new(&big, [ParamGroup::all()], SgdConfig::default())?
+            let mut control = SGD::new(&big, [ParamGroup::all()], SGDConfig::default())?
                 .with_parallelism(Parallelism::Global);
             control.step(&mut big)?;
             println!(

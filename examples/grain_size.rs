@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use optarena::{
-    Adam, AdamConfig, Arena, ArenaBuilder, ClipNorm, Optimizer, Parallelism, ParamGroup, Sgd,
-    SgdConfig,
+    Adam, AdamConfig, Arena, ArenaBuilder, ClipNorm, Optimizer, Parallelism, ParamGroup, SGDConfig,
+    SGD,
 };
 
 #[derive(Parser)]
@@ -201,8 +201,8 @@ fn main() {
         let adam = Adam::new(&a, [ParamGroup::all()], AdamConfig::default()).expect("Adam");
         row("Adam", n, measure(adam, &mut a, &pool, idle_rounds, &args));
         let mut a = arena(n);
-        let config = SgdConfig::default().with_momentum(0.9);
-        let sgd = Sgd::new(&a, [ParamGroup::all()], config).expect("SGD");
+        let config = SGDConfig::default().with_momentum(0.9);
+        let sgd = SGD::new(&a, [ParamGroup::all()], config).expect("SGD");
         row(
             "SGD-momentum",
             n,

@@ -80,7 +80,7 @@ fn main() {
         "adagrad" => (3, opt!(Adagrad::new(&a, g(), AdagradConfig::default()))),
         "sgd_momentum" => (
             3,
-            opt!(Sgd::new(&a, g(), SgdConfig::default().with_momentum(0.9))),
+            opt!(SGD::new(&a, g(), SGDConfig::default().with_momentum(0.9))),
         ),
         other => panic!("unknown optimizer {other}"),
     };

@@ -8,21 +8,21 @@ use optarena::schedule::{
     CosineAnnealingLR, CosineAnnealingLRConfig, LinearLR, LinearLRConfig, LrScheduler, OneCycleLR,
     OneCycleLRConfig, SequentialLR, SequentialLRConfig, StepLR, StepLRConfig,
 };
-use optarena::{ArenaBuilder, ParamGroup, Sgd, SgdConfig};
+use optarena::{ArenaBuilder, ParamGroup, SGDConfig, SGD};
 
 const GROUPS: usize = 8;
 const STEPS: usize = 200_000;
 
-fn optimizer() -> Sgd<f32> {
+fn optimizer() -> SGD<f32> {
     let mut b = ArenaBuilder::<f32>::new();
     let handles: Vec<_> = (0..GROUPS)
         .map(|i| b.zeros(&format!("p{i}"), &[4]).unwrap())
         .collect();
     let arena = b.build();
-    let mut config = SgdConfig::default();
+    let mut config = SGDConfig::default();
     config.lr = 0.1;
     config.momentum = 0.9;
-    Sgd::new(
+    SGD::new(
         &arena,
         handles.iter().map(|h| ParamGroup::new([*h])),
         config,
@@ -31,7 +31,7 @@ fn optimizer() -> Sgd<f32> {
 }
 
 /// Median over 5 rounds of the time per `step`, in nanoseconds.
-fn time(name: &str, make: impl Fn(&mut Sgd<f32>) -> Box<dyn LrScheduler>) {
+fn time(name: &str, make: impl Fn(&mut SGD<f32>) -> Box<dyn LrScheduler>) {
     let mut rounds = Vec::new();
     for _ in 0..5 {
         let mut opt = optimizer();

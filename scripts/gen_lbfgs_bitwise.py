@@ -20,7 +20,7 @@ inputs). `_cubic_interpolate`'s single `sqrt` is therefore replaced by a correct
 The closures compute loss and gradient with explicit scalar-tensor operations (no autograd)
 that optarena's tests repeat operation for operation:
   * poly:       f = ((x*x - 3)*x + 1)*x,   g = (4*x*x - 6)*x + 1          (n = 1)
-  * rosenbrock: the loop of `LbfgsProblem::Rosenbrock::eval` in tests/common/mod.rs
+  * rosenbrock: the loop of `LBFGSProblem::Rosenbrock::eval` in tests/common/mod.rs
 """
 
 import inspect

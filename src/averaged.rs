@@ -13,6 +13,7 @@ use crate::buffer::Role;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::kernels::average;
+use crate::optimizer::load::match_model;
 use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
 use crate::subnormals::Subnormals;
 
@@ -99,12 +100,12 @@ impl AverageFn {
 /// 4. restore the momenta, and `swa.swap_into(&mut arena)?` again if training continues.
 ///
 /// ```
-/// use optarena::{AveragedModel, ArenaBuilder, ParamGroup, Sgd, SgdConfig};
+/// use optarena::{AveragedModel, ArenaBuilder, ParamGroup, SGD, SGDConfig};
 ///
 /// let mut b = ArenaBuilder::<f32>::new();
 /// let w = b.param("w", &[2], &[1.0, 2.0])?;
 /// let mut arena = b.build();
-/// let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default().with_lr(0.5))?;
+/// let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default().with_lr(0.5))?;
 /// let mut swa = AveragedModel::new(&arena);                  // torch: AveragedModel(model)
 /// for epoch in 0..4 {
 ///     arena.grad_mut(w).copy_from_slice(&[1.0, -1.0]);
@@ -435,32 +436,29 @@ impl<T: Float> AveragedModel<T> {
             )));
         }
         state.avg.check().map_err(|e| bad(e.to_string()))?;
-        for info in &self.layout {
-            match state.averaged.get(&info.name) {
-                None => return Err(bad(format!("no values for parameter `{}`", info.name))),
-                Some(v) if v.len() != info.len => {
-                    return Err(bad(format!(
-                        "parameter `{}` has shape {:?} ({} values), the state has {} values",
-                        info.name,
-                        info.shape,
-                        info.len,
-                        v.len()
-                    )))
-                }
-                Some(_) => {}
+        // Every parameter of this model by name, once, and nothing else (the load pipeline's
+        // rule for a whole model's values); then each one's length.
+        let saved = state.averaged.keys().map(|k| (k.as_str(), None));
+        let matched =
+            match_model(&self.layout, saved, "the state", "this model").map_err(|e| match e {
+                Error::StateDict(m) => bad(m),
+                e => e,
+            })?;
+        for (values, &i) in state.averaged.values().zip(&matched) {
+            let info = &self.layout[i];
+            if values.len() != info.len {
+                return Err(bad(format!(
+                    "parameter `{}` has shape {:?} ({} values), the state has {} values",
+                    info.name,
+                    info.shape,
+                    info.len,
+                    values.len()
+                )));
             }
         }
-        if let Some(extra) = state
-            .averaged
-            .keys()
-            .find(|k| !self.layout.iter().any(|i| &i.name == *k))
-        {
-            return Err(bad(format!(
-                "the state has values for `{extra}`, which this model does not have"
-            )));
-        }
-        for info in &self.layout {
-            self.averaged[info.range()].copy_from_slice(&state.averaged[&info.name]);
+        // Everything checked: copy in place (no staged copy of the whole model).
+        for (values, i) in state.averaged.values().zip(matched) {
+            self.averaged[self.layout[i].range()].copy_from_slice(values);
         }
         self.avg = state.avg;
         self.n_averaged = state.n_averaged;

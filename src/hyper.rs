@@ -409,15 +409,40 @@ pub trait GroupHyperparams {
     /// Sets one hyperparameter of group `group`, checking it; on error nothing changes.
     fn set_group_hyper(&mut self, group: usize, name: &str, value: HyperValue) -> Result<()>;
 
-    /// The learning rate of group `group`.
-    fn group_lr(&self, group: usize) -> Result<f64> {
+    /// The learning rate of group `group`: the same name and meaning as the inherent
+    /// `lr(group)` of [`Optimizer`](crate::Optimizer), [`SparseAdam`](crate::SparseAdam) and
+    /// [`ShardedOptimizer`](crate::distributed::ShardedOptimizer), for code generic over
+    /// optimizers (schedulers, hooks). [`LBFGS`](crate::LBFGS)'s inherent `lr()` takes no
+    /// group (it has one, as torch's): call this one as `GroupHyperparams::lr(&opt, 0)`.
+    fn lr(&self, group: usize) -> Result<f64> {
         f64::from_value("lr", &self.group_hyper(group, "lr")?)
     }
-    /// Sets the learning rate of group `group`, for code generic over optimizers (schedulers,
-    /// hooks); on a concrete optimizer, its inherent `set_lr(group, lr)` does the same without
-    /// this trait in scope.
-    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+    /// Sets the learning rate of group `group`, checking it; on error nothing changes. The
+    /// one lr setter: the same name and meaning as the inherent `set_lr(group, lr)` of
+    /// [`Optimizer`](crate::Optimizer), [`SparseAdam`](crate::SparseAdam) and
+    /// [`ShardedOptimizer`](crate::distributed::ShardedOptimizer), which need no trait in
+    /// scope; this method serves code generic over optimizers (schedulers, hooks).
+    /// `set_group_hyper(group, "lr", ..)` (and each optimizer's `set_hyper`) is the by-name
+    /// access for any hyperparameter. [`LBFGS`](crate::LBFGS)'s inherent `set_lr(lr)` takes
+    /// no group (it has one, as torch's): call this one as
+    /// `GroupHyperparams::set_lr(&mut opt, 0, lr)`.
+    fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
         self.set_group_hyper(group, "lr", HyperValue::Number(lr))
+    }
+    /// The name of [`lr`](GroupHyperparams::lr) before it matched the optimizers' own.
+    #[deprecated(since = "0.2.0", note = "use `lr(group)`, the optimizers' own name")]
+    #[doc(hidden)]
+    fn group_lr(&self, group: usize) -> Result<f64> {
+        self.lr(group)
+    }
+    /// The name of [`set_lr`](GroupHyperparams::set_lr) before it matched the optimizers' own.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `set_lr(group, lr)`, the optimizers' own name"
+    )]
+    #[doc(hidden)]
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        self.set_lr(group, lr)
     }
 
     /// torch's `group["initial_lr"]`: the learning rate the first LR scheduler attached to the

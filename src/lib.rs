@@ -123,3 +123,15 @@ pub struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/checkpoints.md")]
 pub struct CheckpointDocDoctests;
+
+/// A deprecated alias for a type renamed to torch's spelling (README's "Naming"): downstream
+/// code that names the old type still builds, with a deprecation warning naming the new one.
+/// The aliases are hidden from the documentation.
+macro_rules! renamed {
+    ($($(#[$attr:meta])* $old:ident $(<$t:ident>)? => $new:ident;)*) => {$(
+        $(#[$attr])*
+        #[doc(hidden)]
+        pub type $old $(<$t>)? = $new $(<$t>)?;
+    )*};
+}
+pub(crate) use renamed;

@@ -304,7 +304,7 @@ fn bad_states_are_refused_and_change_nothing() {
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let edits: Vec<(&str, Edit)> = vec![
         (
-            "no values for parameter `p1`",
+            "the state does not store parameter `p1`",
             Box::new(|v| {
                 v["averaged"].as_object_mut().unwrap().remove("p1");
             }),

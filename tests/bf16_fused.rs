@@ -426,8 +426,8 @@ macro_rules! half_test {
 
 half_test!(
     half_sgd,
-    SgdAlgorithm,
-    SgdConfig,
+    SGDAlgorithm,
+    SGDConfig,
     [
         &[("lr", Number(0.05))],
         &[
@@ -504,8 +504,8 @@ half_test!(
 );
 half_test!(
     half_asgd,
-    AsgdAlgorithm,
-    AsgdConfig,
+    ASGDAlgorithm,
+    ASGDConfig,
     [&[("t0", Number(1.0)), ("weight_decay", Number(0.01))]]
 );
 
@@ -559,8 +559,8 @@ fn f16_parameters_round_to_nearest() {
         }
     }
     run::<AdamAlgorithm>(&configs::<AdamConfig>(&[&[("lr", Number(0.01))]])[0]);
-    run::<SgdAlgorithm>(
-        &configs::<SgdConfig>(&[&[("lr", Number(0.05)), ("momentum", Number(0.9))]])[0],
+    run::<SGDAlgorithm>(
+        &configs::<SGDConfig>(&[&[("lr", Number(0.05)), ("momentum", Number(0.9))]])[0],
     );
 }
 
@@ -665,9 +665,9 @@ fn stochastic_step_is_unbiased_through_the_kernel() {
     for level in levels() {
         for (i, frac) in [0x0400u32, 0x5555, 0x8000, 0xF000].into_iter().enumerate() {
             let x = f32::from_bits(0x3F40_0000 | frac);
-            let config = configs::<SgdConfig>(&[&[("lr", optarena::HyperValue::Number(1.0))]]);
+            let config = configs::<SGDConfig>(&[&[("lr", optarena::HyperValue::Number(1.0))]]);
             let mut opt =
-                Optimizer::<f32, SgdAlgorithm>::new(&arena, [ParamGroup::all()], config[0].clone())
+                Optimizer::<f32, SGDAlgorithm>::new(&arena, [ParamGroup::all()], config[0].clone())
                     .unwrap();
             opt.set_simd_level(level);
             let mut params = HalfBuffer::<bf16>::copy_of(&arena);
@@ -702,11 +702,11 @@ fn stochastic_rounding_tracks_small_updates_where_nearest_stalls() {
     let p = b.param_with("w", &[n], |_| 1.0).unwrap();
     let arena = b.build();
     let lr = 1e-4;
-    let config = configs::<SgdConfig>(&[&[("lr", optarena::HyperValue::Number(lr))]]);
+    let config = configs::<SGDConfig>(&[&[("lr", optarena::HyperValue::Number(lr))]]);
     let mut results = Vec::new();
     for stochastic in [false, true] {
         let mut opt =
-            Optimizer::<f32, SgdAlgorithm>::new(&arena, [ParamGroup::all()], config[0].clone())
+            Optimizer::<f32, SGDAlgorithm>::new(&arena, [ParamGroup::all()], config[0].clone())
                 .unwrap();
         let mut params = HalfBuffer::<bf16>::copy_of(&arena);
         let mut grads = HalfBuffer::<bf16>::gradients(&arena);

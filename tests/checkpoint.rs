@@ -157,8 +157,8 @@ macro_rules! round_trip_tests {
 }
 
 round_trip_tests! {
-    sgd_momentum: SgdAlgorithm, SgdConfig::default().with_lr(0.05).with_momentum(0.9), ["lr" => 0.01];
-    sgd_plain: SgdAlgorithm, SgdConfig::default().with_lr(0.05), [];
+    sgd_momentum: SGDAlgorithm, SGDConfig::default().with_lr(0.05).with_momentum(0.9), ["lr" => 0.01];
+    sgd_plain: SGDAlgorithm, SGDConfig::default().with_lr(0.05), [];
     adam: AdamAlgorithm, AdamConfig::default().with_lr(0.01), ["amsgrad" => true];
     adamw: AdamWAlgorithm, AdamWConfig::default(), ["weight_decay" => 0.1];
     radam: RAdamAlgorithm, RAdamConfig::default(), [];
@@ -168,7 +168,7 @@ round_trip_tests! {
     adadelta: AdadeltaAlgorithm, AdadeltaConfig::default(), [];
     rmsprop: RMSpropAlgorithm, RMSpropConfig::default().with_momentum(0.5).with_centered(true), [];
     rprop: RpropAlgorithm, RpropConfig::default(), [];
-    asgd: AsgdAlgorithm, AsgdConfig::default().with_t0(2.0), [];
+    asgd: ASGDAlgorithm, ASGDConfig::default().with_t0(2.0), [];
     adafactor: AdafactorAlgorithm, AdafactorConfig::default().with_lr(0.01).with_weight_decay(0.01), ["lr" => 0.02];
 }
 
@@ -610,7 +610,7 @@ fn another_arena_or_shape_is_refused() {
         ParamGroup::new(h[..2].iter().copied()),
         ParamGroup::new([h[2]]),
     ];
-    let mut sgd = Sgd::<f32>::new(&arena, g, SgdConfig::default()).unwrap();
+    let mut sgd = SGD::<f32>::new(&arena, g, SGDConfig::default()).unwrap();
     let e = checkpoint::read(
         &mut &bytes[..],
         bytes.len() as u64,
@@ -1006,8 +1006,8 @@ fn state_saved_between_a_buffer_adding_change_and_the_next_step_loads() {
         ("momentum", HyperValue::Number(0.5)),
     );
     case::<AdamAlgorithm>(AdamConfig::default(), ("amsgrad", HyperValue::Bool(true)));
-    case::<SgdAlgorithm>(
-        SgdConfig::default().with_lr(0.01),
+    case::<SGDAlgorithm>(
+        SGDConfig::default().with_lr(0.01),
         ("momentum", HyperValue::Number(0.9)),
     );
 }
@@ -1018,8 +1018,8 @@ fn state_saved_between_a_buffer_adding_change_and_the_next_step_loads() {
 #[test]
 fn non_finite_scalar_state_round_trips() {
     let (mut arena, h) = build_arena::<f64>(&shapes(), 3, &[]);
-    let cfg = AsgdConfig::default().with_lr(1e300);
-    let mut opt = Asgd::<f64>::new(&arena, groups(&h, &[]), cfg).unwrap();
+    let cfg = ASGDConfig::default().with_lr(1e300);
+    let mut opt = ASGD::<f64>::new(&arena, groups(&h, &[]), cfg).unwrap();
     write_grads(&mut arena, 1, &[]);
     opt.step(&mut arena).unwrap();
     let eta = opt.state_dict().state[0].scalars["eta"];
@@ -1048,8 +1048,8 @@ fn non_finite_scalar_state_round_trips() {
 #[test]
 fn infinite_hyperparameter_round_trips() {
     let (mut arena, h) = build_arena::<f32>(&shapes(), 3, &[]);
-    let cfg = AsgdConfig::default().with_t0(f64::INFINITY);
-    let mut opt = Asgd::<f32>::new(
+    let cfg = ASGDConfig::default().with_t0(f64::INFINITY);
+    let mut opt = ASGD::<f32>::new(
         &arena,
         groups(&h, &[("lambd", HyperValue::Number(0.5))]),
         cfg,
@@ -1060,13 +1060,13 @@ fn infinite_hyperparameter_round_trips() {
     let before = state_of(&opt);
     assert!(before.contains("\"t0\":\"Infinity\""), "{before:.300}");
     let (mut a2, h2) = build_arena::<f32>(&shapes(), 4, &[]);
-    let mut o2 = Asgd::<f32>::new(&a2, groups(&h2, &[]), AsgdConfig::default()).unwrap();
+    let mut o2 = ASGD::<f32>::new(&a2, groups(&h2, &[]), ASGDConfig::default()).unwrap();
     o2.load_state_dict_json(&before, MatchBy::Position).unwrap();
     assert_eq!(state_of(&o2), before);
     assert_eq!(o2.group_config(0).unwrap().t0, f64::INFINITY);
     let mut bytes = Vec::new();
     checkpoint::write(&mut bytes, &opt, Some(&arena)).unwrap();
-    let mut o3 = Asgd::<f32>::new(&a2, groups(&h2, &[]), AsgdConfig::default()).unwrap();
+    let mut o3 = ASGD::<f32>::new(&a2, groups(&h2, &[]), ASGDConfig::default()).unwrap();
     checkpoint::read(
         &mut &bytes[..],
         bytes.len() as u64,

@@ -256,7 +256,7 @@ fn torch_f16_sgd_loads_into_f32_state_and_into_bf16_state_as_torch_casts() {
     };
     // f16 -> f32: exact, for the state and the parameters.
     let (mut arena, ps) = model(case);
-    let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default()).unwrap();
+    let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default()).unwrap();
     opt.load_checkpoint(&path, Some(&mut arena), MatchBy::Name)
         .unwrap();
     for (i, (p, name)) in ps.iter().zip(names(case)).enumerate() {
@@ -270,7 +270,7 @@ fn torch_f16_sgd_loads_into_f32_state_and_into_bf16_state_as_torch_casts() {
     }
     // f16 -> bf16 state: torch's `.to(torch.bfloat16)`.
     let (mut arena, ps) = model(case);
-    let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default()).unwrap();
+    let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default()).unwrap();
     opt.set_state_precision(StatePrecision::Bf16).unwrap();
     opt.load_checkpoint(&path, Some(&mut arena), MatchBy::Name)
         .unwrap();

@@ -729,7 +729,7 @@ fn sparse_adam_mismatches_and_forgeries_name_what_is_wrong() {
     type Edit = Box<dyn Fn(&mut Json, &mut Table)>;
     let cases: Vec<(&str, Edit)> = vec![
         (
-            "saved by Adam, not by SparseAdam",
+            "saved by the Adam optimizer, this is SparseAdam",
             Box::new(|m, _| m["optimizer"] = "Adam".into()),
         ),
         (
@@ -743,25 +743,25 @@ fn sparse_adam_mismatches_and_forgeries_name_what_is_wrong() {
             }),
         ),
         (
-            "the checkpoint has 1 param groups, the optimizer 2",
+            "it has 1 parameter groups, the optimizer has 2",
             Box::new(|m, _| {
                 m["param_groups"].as_array_mut().unwrap().pop();
             }),
         ),
         (
-            "parameter `vec` is not in the optimizer's group 0",
+            "group 0 has no parameter named `vec`",
             Box::new(|m, _| m["param_groups"][0]["params"][0]["name"] = "vec".into()),
         ),
         (
-            "`emb` has shape [12] in the checkpoint and [6, 2]",
+            "parameter `emb` has shape [12] in the saved state and `emb` has shape [6, 2]",
             Box::new(|m, _| m["param_groups"][0]["params"][0]["shape"] = serde_json::json!([12])),
         ),
         (
-            "state for parameter number 7, which no group lists",
+            "state for parameter number 7 which no group lists",
             Box::new(|m, _| m["state"][0]["index"] = 7.into()),
         ),
         (
-            "has state but no step",
+            "parameter `emb` has no step count",
             Box::new(|m, _| {
                 m["state"][0].as_object_mut().unwrap().remove("step");
             }),
@@ -775,7 +775,7 @@ fn sparse_adam_mismatches_and_forgeries_name_what_is_wrong() {
             Box::new(|m, _| m["state"][0]["scalars"] = serde_json::json!({"mu_product": 1.0})),
         ),
         (
-            "has state twice",
+            "parameter `emb` has two saved states",
             Box::new(|m, _| {
                 let s = m["state"][0].clone();
                 m["state"].as_array_mut().unwrap().push(s);
@@ -812,7 +812,10 @@ fn sparse_adam_mismatches_and_forgeries_name_what_is_wrong() {
     let e = checkpoint::sparse_adam::read(&mut &bytes[..], bytes.len() as u64, &mut one, None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("2 param groups, the optimizer 1"), "{e}");
+    assert!(
+        e.contains("it has 2 parameter groups, the optimizer has 1"),
+        "{e}"
+    );
     assert_eq!(spa_observe(&one, &a), before);
     // Another arena.
     let (mut other, ..) = table::<f32>(6, 2, &[0, 1]);
@@ -832,7 +835,8 @@ fn sparse_adam_mismatches_and_forgeries_name_what_is_wrong() {
     m.update_parameters(&a).unwrap();
     let mut avg = Vec::new();
     checkpoint::averaged::write(&mut avg, &m).unwrap();
-    assert!(spa_load_fails(&avg, &mut a, &mut opt).contains("saved by AveragedModel"));
+    assert!(spa_load_fails(&avg, &mut a, &mut opt)
+        .contains("saved by the AveragedModel optimizer, this is SparseAdam"));
 }
 
 #[test]

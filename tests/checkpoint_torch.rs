@@ -134,8 +134,8 @@ fn torch_made_checkpoints_resume_on_torchs_trajectory() {
         ) {
             ("Adam", "float32") => resume::<f32, optarena::AdamAlgorithm>(case),
             ("Adam", "float64") => resume::<f64, optarena::AdamAlgorithm>(case),
-            ("SGD", "float32") => resume::<f32, optarena::SgdAlgorithm>(case),
-            ("SGD", "float64") => resume::<f64, optarena::SgdAlgorithm>(case),
+            ("SGD", "float32") => resume::<f32, optarena::SGDAlgorithm>(case),
+            ("SGD", "float64") => resume::<f64, optarena::SGDAlgorithm>(case),
             ("Muon", "float32") => resume::<f32, optarena::MuonAlgorithm>(case),
             other => panic!("no runner for {other:?}"),
         };

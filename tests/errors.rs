@@ -7,13 +7,13 @@ use std::io::ErrorKind;
 use optarena::checkpoint::{self, TrainingCheckpoint};
 use optarena::clip::{clip_grad_norm_all, ClipNorm};
 use optarena::schedule::{LrScheduler, StepLR, StepLRConfig};
-use optarena::{ArenaBuilder, Error, MatchBy, ParamGroup, Sgd, SgdConfig};
+use optarena::{ArenaBuilder, Error, MatchBy, ParamGroup, SGDConfig, SGD};
 
-fn sgd() -> (optarena::Arena<f32>, Sgd<f32>) {
+fn sgd() -> (optarena::Arena<f32>, SGD<f32>) {
     let mut b = ArenaBuilder::<f32>::new();
     b.param("w", &[3], &[1.0, -2.0, 0.5]).unwrap();
     let arena = b.build();
-    let opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::new().with_lr(0.1)).unwrap();
+    let opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::new().with_lr(0.1)).unwrap();
     (arena, opt)
 }
 

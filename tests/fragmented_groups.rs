@@ -256,15 +256,15 @@ fn wd0() -> (&'static str, HyperValue) {
 fn interleaved_groups_match_contiguous_ones_bit_for_bit() {
     same_as_contiguous::<f32, AdamWAlgorithm>(AdamWConfig::default(), &[wd0(), lr(3e-3)]);
     same_as_contiguous::<f64, AdamWAlgorithm>(AdamWConfig::default().with_amsgrad(true), &[wd0()]);
-    same_as_contiguous::<f32, SgdAlgorithm>(
-        SgdConfig::default()
+    same_as_contiguous::<f32, SGDAlgorithm>(
+        SGDConfig::default()
             .with_lr(0.1)
             .with_momentum(0.9)
             .with_nesterov(true)
             .with_weight_decay(0.01),
         &[wd0()],
     );
-    same_as_contiguous::<f32, AsgdAlgorithm>(AsgdConfig::default(), &[lr(0.02)]);
+    same_as_contiguous::<f32, ASGDAlgorithm>(ASGDConfig::default(), &[lr(0.02)]);
     same_as_contiguous::<f32, NAdamAlgorithm>(NAdamConfig::default(), &[lr(0.01)]);
     same_as_contiguous::<f32, RpropAlgorithm>(RpropConfig::default(), &[lr(0.02)]);
     same_as_contiguous::<f32, AdagradAlgorithm>(AdagradConfig::default(), &[lr(0.02)]);
@@ -436,10 +436,10 @@ fn zero_grad_and_non_finite_checks_cover_every_run() {
         .map(|(n, _)| n)
         .filter(|n| n.ends_with(".bias"))
         .collect();
-    let mut opt = Sgd::new(
+    let mut opt = SGD::new(
         &arena,
         [ParamGroup::named(biases.clone())],
-        SgdConfig::default(),
+        SGDConfig::default(),
     )
     .unwrap();
     assert_eq!(opt.group_params(0).unwrap(), &[1..2, 4..5, 7..8, 10..11]);

@@ -104,18 +104,18 @@ fn write_seeds() {
             $(seeds::<f32, $a>($k, 0); seeds::<f64, $a>($k, 1);)*
         };
     }
-    all!(0: SgdAlgorithm, 1: AdamAlgorithm, 2: AdamWAlgorithm, 3: RAdamAlgorithm,
+    all!(0: SGDAlgorithm, 1: AdamAlgorithm, 2: AdamWAlgorithm, 3: RAdamAlgorithm,
          4: NAdamAlgorithm, 5: AdamaxAlgorithm, 6: AdagradAlgorithm, 7: AdadeltaAlgorithm,
-         8: RMSpropAlgorithm, 9: RpropAlgorithm, 10: AsgdAlgorithm, 11: AdafactorAlgorithm,
+         8: RMSpropAlgorithm, 9: RpropAlgorithm, 10: ASGDAlgorithm, 11: AdafactorAlgorithm,
          12: MuonAlgorithm);
     // L-BFGS (number 13 in `decode` and `api`): a JSON state dict after two steps, and a
     // sequence of steps, saves, a failing closure, loads and a hyperparameter change.
     fn lbfgs_seeds<T: Float>(wide: u8) {
         let mut arena = fuzz_bodies::standard_arena::<T>();
-        let mut opt = Lbfgs::new(
+        let mut opt = LBFGS::new(
             &arena,
             [optarena::ParamGroup::all()],
-            LbfgsConfig::default(),
+            LBFGSConfig::default(),
         )
         .unwrap();
         let coeffs = [T::ONE, T::from_f64(0.5)];
@@ -166,7 +166,7 @@ fn write_swa_seeds() {
     use optarena::schedule::{AnnealStrategy, SWALRConfig, SWALR};
     use optarena::LrScheduler;
     let arena = fuzz_bodies::standard_arena::<f64>();
-    let mut opt = fuzz_bodies::standard_optimizer::<f64, optarena::optim::SgdAlgorithm>(&arena);
+    let mut opt = fuzz_bodies::standard_optimizer::<f64, optarena::optim::SGDAlgorithm>(&arena);
     let mut s = SWALR::new(
         &mut opt,
         SWALRConfig {

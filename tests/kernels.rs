@@ -130,8 +130,8 @@ macro_rules! kernel_test {
 
 kernel_test!(
     sgd,
-    SgdAlgorithm,
-    SgdConfig,
+    SGDAlgorithm,
+    SGDConfig,
     [
         &[],
         &[("momentum", Number(0.9)), ("weight_decay", Number(0.01))],
@@ -280,8 +280,8 @@ kernel_test!(
 
 kernel_test!(
     asgd,
-    AsgdAlgorithm,
-    AsgdConfig,
+    ASGDAlgorithm,
+    ASGDConfig,
     [
         &[],
         &[("t0", Number(3.0)), ("lambd", Number(0.01))],

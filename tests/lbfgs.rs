@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::{LbfgsProblem, Rng};
+use common::{LBFGSProblem, Rng};
 use optarena::kernels::lbfgs as k;
 use optarena::{
-    Arena, ArenaBuilder, Error, Float, GroupHyperparams, HyperValue, Lbfgs, LbfgsConfig,
-    LbfgsStateDict, LineSearch, MatchBy, Param, ParamGroup, SimdLevel,
+    Arena, ArenaBuilder, Error, Float, GroupHyperparams, HyperValue, LBFGSConfig, LBFGSStateDict,
+    LineSearch, MatchBy, Param, ParamGroup, SimdLevel, LBFGS,
 };
 
 /// Rosenbrock over 52 elements split into `a` [5, 5], `b` [12], `c` [15]: vector bodies and
@@ -52,7 +52,7 @@ fn rosenbrock<T: Float>(a: &mut Arena<T>) -> T {
         x.extend_from_slice(a.value_by_name(name).unwrap());
     }
     let mut g = vec![T::ZERO; N];
-    let f = LbfgsProblem::Rosenbrock.eval(&x, &mut g);
+    let f = LBFGSProblem::Rosenbrock.eval(&x, &mut g);
     let mut at = 0;
     for (name, _) in SHAPES {
         let dst = a.grad_by_name_mut(name).unwrap();
@@ -63,21 +63,21 @@ fn rosenbrock<T: Float>(a: &mut Arena<T>) -> T {
     f
 }
 
-fn configs() -> Vec<LbfgsConfig> {
+fn configs() -> Vec<LBFGSConfig> {
     let sw = LineSearch::StrongWolfe;
     vec![
-        LbfgsConfig::default(),
-        LbfgsConfig::default().with_line_search_fn(sw),
-        LbfgsConfig::default()
+        LBFGSConfig::default(),
+        LBFGSConfig::default().with_line_search_fn(sw),
+        LBFGSConfig::default()
             .with_history_size(3)
             .with_max_iter(7)
             .with_lr(0.5),
-        LbfgsConfig::default()
+        LBFGSConfig::default()
             .with_history_size(2)
             .with_max_iter(10)
             .with_tolerance_change(1e-12)
             .with_line_search_fn(sw),
-        LbfgsConfig::default()
+        LBFGSConfig::default()
             .with_max_iter(4)
             .with_max_eval(Some(6))
             .with_maximize(false),
@@ -91,19 +91,19 @@ fn bits<T: Float>(a: &Arena<T>) -> Vec<u64> {
 fn save_load_continue<T: Float>() {
     for config in configs() {
         let mut a1 = arena::<T>();
-        let mut opt1 = Lbfgs::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
+        let mut opt1 = LBFGS::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
         for _ in 0..3 {
             opt1.step(&mut a1, rosenbrock).unwrap();
         }
         let json = opt1.state_dict_json().unwrap();
         // The JSON round trip is exact.
-        let parsed: LbfgsStateDict<T> = serde_json::from_str(&json).unwrap();
+        let parsed: LBFGSStateDict<T> = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed, opt1.state_dict(), "{config:?}");
 
         // A fresh arena and optimizer, loaded from the checkpoint.
         let mut a2 = arena::<T>();
         a2.params_mut().copy_from_slice(a1.params());
-        let mut opt2 = Lbfgs::new(&a2, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+        let mut opt2 = LBFGS::new(&a2, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
         opt2.load_state_dict_json(&json, MatchBy::Position).unwrap();
         assert_eq!(opt2.config(), opt1.config());
         assert_eq!(opt2.state_dict(), opt1.state_dict());
@@ -139,8 +139,8 @@ fn save_load_continue_is_bitwise_f64() {
 #[test]
 fn state_dict_holds_torchs_state() {
     let mut a = arena::<f64>();
-    let config = LbfgsConfig::default().with_history_size(3).with_max_iter(7);
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
+    let config = LBFGSConfig::default().with_history_size(3).with_max_iter(7);
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], config).unwrap();
     assert!(
         opt.state_dict().state.is_none(),
         "no state before the first step"
@@ -192,8 +192,8 @@ fn state_dict_holds_torchs_state() {
 #[test]
 fn early_return_counts_the_evaluation_only() {
     let mut a = arena::<f32>();
-    let config = LbfgsConfig::default().with_tolerance_grad(1e9);
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
+    let config = LBFGSConfig::default().with_tolerance_grad(1e9);
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], config).unwrap();
     let before = bits(&a);
     let loss = opt.step(&mut a, rosenbrock).unwrap();
     assert_eq!(loss, rosenbrock(&mut arena::<f32>()));
@@ -208,8 +208,8 @@ fn failing_closure_changes_nothing<T: Float>() {
         for fail_at in [1, 2, 5, 9] {
             let mut a = arena::<T>();
             let mut twin_a = arena::<T>();
-            let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone()).unwrap();
-            let mut twin = Lbfgs::new(&twin_a, [ParamGroup::all()], config.clone()).unwrap();
+            let mut opt = LBFGS::new(&a, [ParamGroup::all()], config.clone()).unwrap();
+            let mut twin = LBFGS::new(&twin_a, [ParamGroup::all()], config.clone()).unwrap();
             for _ in 0..2 {
                 opt.step(&mut a, rosenbrock).unwrap();
                 twin.step(&mut twin_a, rosenbrock).unwrap();
@@ -268,9 +268,9 @@ fn maximize_matches_minimizing<T: Float>() {
     for config in configs() {
         let mut a1 = arena::<T>();
         let mut a2 = arena::<T>();
-        let mut min = Lbfgs::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
+        let mut min = LBFGS::new(&a1, [ParamGroup::all()], config.clone()).unwrap();
         let max_config = config.clone().with_maximize(true);
-        let mut max = Lbfgs::new(&a2, [ParamGroup::all()], max_config).unwrap();
+        let mut max = LBFGS::new(&a2, [ParamGroup::all()], max_config).unwrap();
         for _ in 0..4 {
             let l1 = min.step(&mut a1, rosenbrock).unwrap();
             // Maximize -f: the closure reports -f and -grad f.
@@ -304,7 +304,7 @@ fn maximizing_minus_f_is_minimizing_f() {
 fn converges_on_rosenbrock() {
     for config in configs() {
         let mut a = arena::<f64>();
-        let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone()).unwrap();
+        let mut opt = LBFGS::new(&a, [ParamGroup::all()], config.clone()).unwrap();
         for _ in 0..200 {
             opt.step(&mut a, rosenbrock).unwrap();
         }
@@ -318,7 +318,7 @@ fn a_parameter_without_gradient_counts_as_zero() {
     let mut a = arena::<f64>();
     let b = a.find("b").unwrap();
     let before = a.value(b).to_vec();
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     for _ in 0..3 {
         opt.step(&mut a, |a| {
             let f = rosenbrock(a);
@@ -334,12 +334,12 @@ fn a_parameter_without_gradient_counts_as_zero() {
 #[test]
 fn validation_messages() {
     let a = arena::<f32>();
-    let new = |c: LbfgsConfig| {
-        Lbfgs::new(&a, [ParamGroup::all()], c)
+    let new = |c: LBFGSConfig| {
+        LBFGS::new(&a, [ParamGroup::all()], c)
             .unwrap_err()
             .to_string()
     };
-    let with = |name: &str, v: HyperValue| new(LbfgsConfig::default().with(name, v).unwrap());
+    let with = |name: &str, v: HyperValue| new(LBFGSConfig::default().with(name, v).unwrap());
     assert_eq!(with("lr", (-1.0).into()), "Invalid learning rate: -1.0");
     assert_eq!(with("lr", f64::NAN.into()), "Invalid learning rate: NaN");
     assert!(with("lr", f64::INFINITY.into()).starts_with("Invalid lr value"));
@@ -354,44 +354,44 @@ fn validation_messages() {
     // A line search by name is checked when it is set (torch raises the same error at the
     // first step).
     assert_eq!(
-        LbfgsConfig::default()
+        LBFGSConfig::default()
             .with("line_search_fn", HyperValue::Str("backtracking".into()))
             .unwrap_err()
             .to_string(),
         "only 'strong_wolfe' is supported"
     );
     assert_eq!(
-        LbfgsConfig::default()
+        LBFGSConfig::default()
             .with("line_search_fn", HyperValue::Str("strong_wolfe".into()))
             .unwrap()
             .line_search_fn,
         LineSearch::StrongWolfe
     );
     assert!(with("history_size", 0usize.into()).starts_with("Invalid history_size value: 0"));
-    let e = new(LbfgsConfig::default()
+    let e = new(LBFGSConfig::default()
         .with_max_eval(Some(0))
         .with_line_search_fn(LineSearch::StrongWolfe));
     assert!(e.starts_with("Invalid max_eval value: 0"), "{e}");
     // max_eval 0 without a line search is what torch runs: one iteration and its
     // re-evaluation (checked with torch 2.15: func_evals 2, n_iter 1).
     let mut a = arena::<f32>();
-    let mut opt = Lbfgs::new(
+    let mut opt = LBFGS::new(
         &a,
         [ParamGroup::all()],
-        LbfgsConfig::default().with_max_eval(Some(0)),
+        LBFGSConfig::default().with_max_eval(Some(0)),
     )
     .unwrap();
     opt.step(&mut a, rosenbrock).unwrap();
     assert_eq!((opt.func_evals(), opt.n_iter()), (2, 1));
     // Kinds are checked when set.
-    let e = LbfgsConfig::default()
+    let e = LBFGSConfig::default()
         .with("max_eval", HyperValue::Number(2.5))
         .unwrap_err();
     assert!(e.to_string().contains("max_eval"), "{e}");
-    assert!(LbfgsConfig::default()
+    assert!(LBFGSConfig::default()
         .with("max_eval", HyperValue::None)
         .is_ok());
-    let e = LbfgsConfig::default()
+    let e = LBFGSConfig::default()
         .with("betas", (0.9, 0.99))
         .unwrap_err();
     assert!(
@@ -404,7 +404,7 @@ fn validation_messages() {
 #[test]
 fn set_hyper_validates_and_changes_nothing_on_error() {
     let a = arena::<f32>();
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     let before = opt.config().clone();
     assert!(opt.set_hyper("lr", -0.5).is_err());
     assert!(opt
@@ -413,21 +413,27 @@ fn set_hyper_validates_and_changes_nothing_on_error() {
     assert_eq!(opt.config(), &before);
     // Through the scheduler interface.
     assert_eq!(opt.num_groups(), 1);
-    opt.set_group_lr(0, 0.25).unwrap();
-    assert_eq!(opt.group_lr(0).unwrap(), 0.25);
+    // The trait's names are the other optimizers' (`set_lr(group, lr)`, `lr(group)`); LBFGS's
+    // own take no group, so the trait's are called by path.
+    GroupHyperparams::set_lr(&mut opt, 0, 0.25).unwrap();
+    assert_eq!(GroupHyperparams::lr(&opt, 0).unwrap(), 0.25);
     assert_eq!(opt.lr(), 0.25);
     let e = opt.group_hyper(1, "lr").unwrap_err();
     assert!(
         matches!(e, Error::NoSuchGroup { index: 1, count: 1 }),
         "{e:?}"
     );
-    assert!(opt.set_group_lr(0, f64::NAN).is_err());
+    assert!(GroupHyperparams::set_lr(&mut opt, 0, f64::NAN).is_err());
+    assert!(GroupHyperparams::set_lr(&mut opt, 1, 0.5).is_err());
+    assert!(opt.set_lr(f64::NAN).is_err());
     assert_eq!(opt.lr(), 0.25);
+    opt.set_lr(0.5).unwrap();
+    assert_eq!(GroupHyperparams::lr(&opt, 0).unwrap(), 0.5);
 }
 
 #[test]
 fn defaults_are_torchs() {
-    let c = LbfgsConfig::default();
+    let c = LBFGSConfig::default();
     assert_eq!(c.lr, 1.0);
     assert_eq!(c.max_iter, 20);
     assert_eq!(c.max_eval, None);
@@ -438,23 +444,23 @@ fn defaults_are_torchs() {
     assert!(!c.maximize);
     assert_eq!(c.effective_max_eval(), 25);
     let a = arena::<f32>();
-    let opt = Lbfgs::new(&a, [ParamGroup::all()], c).unwrap();
+    let opt = LBFGS::new(&a, [ParamGroup::all()], c).unwrap();
     // torch fills in max_eval = max_iter * 5 // 4 in the constructor.
     assert_eq!(opt.config().max_eval, Some(25));
     assert_eq!(opt.hyper("max_eval").unwrap(), HyperValue::Number(25.0));
-    let c = LbfgsConfig::default().with_max_iter(7);
+    let c = LBFGSConfig::default().with_max_iter(7);
     assert_eq!(
-        Lbfgs::new(&a, [ParamGroup::all()], c)
+        LBFGS::new(&a, [ParamGroup::all()], c)
             .unwrap()
             .config()
             .max_eval,
         Some(8)
     );
     // ... from the defaults' max_iter, before the group's overrides (as torch does).
-    let opt = Lbfgs::new(
+    let opt = LBFGS::new(
         &a,
         [ParamGroup::all().with("max_iter", 100usize).with("lr", 0.5)],
-        LbfgsConfig::default(),
+        LBFGSConfig::default(),
     )
     .unwrap();
     assert_eq!(opt.config().max_iter, 100);
@@ -465,10 +471,10 @@ fn defaults_are_torchs() {
 #[test]
 fn exactly_one_param_group() {
     let (a, h) = arena_from::<f32>(&x0::<f32>(), &[0, 1, 2]);
-    let e = Lbfgs::new(
+    let e = LBFGS::new(
         &a,
         [ParamGroup::new([h[0]]), ParamGroup::new([h[1], h[2]])],
-        LbfgsConfig::default(),
+        LBFGSConfig::default(),
     )
     .unwrap_err();
     assert_eq!(
@@ -476,14 +482,14 @@ fn exactly_one_param_group() {
         "LBFGS doesn't support per-parameter options (parameter groups)"
     );
     let none: [ParamGroup<f32>; 0] = [];
-    let e = Lbfgs::new(&a, none, LbfgsConfig::default()).unwrap_err();
+    let e = LBFGS::new(&a, none, LBFGSConfig::default()).unwrap_err();
     assert!(matches!(e, Error::EmptyParamList), "{e:?}");
     // A group with a gap is fine: its runs are listed.
-    let opt = Lbfgs::new(&a, [ParamGroup::new([h[2], h[0]])], LbfgsConfig::default()).unwrap();
+    let opt = LBFGS::new(&a, [ParamGroup::new([h[2], h[0]])], LBFGSConfig::default()).unwrap();
     assert_eq!(opt.params(), &[0..1, 2..3]);
     // A sub-range of the arena is fine; the rest is left alone.
     let mut a = a;
-    let mut opt = Lbfgs::new(&a, [ParamGroup::new([h[1], h[2]])], LbfgsConfig::default()).unwrap();
+    let mut opt = LBFGS::new(&a, [ParamGroup::new([h[1], h[2]])], LBFGSConfig::default()).unwrap();
     assert_eq!(opt.params(), std::slice::from_ref(&(1..3)));
     let before = a.value(h[0]).to_vec();
     opt.step(&mut a, rosenbrock).unwrap();
@@ -500,7 +506,7 @@ fn exactly_one_param_group() {
 #[test]
 fn a_closure_that_replaces_the_arena_is_an_error() {
     let mut a = arena::<f64>();
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     let mut spare = Some(arena::<f64>());
     let e = opt
         .step(&mut a, |a| {
@@ -516,11 +522,11 @@ fn a_closure_that_replaces_the_arena_is_an_error() {
 #[test]
 fn load_by_name_into_a_reordered_arena() {
     let mut a1 = arena::<f64>();
-    let mut opt1 = Lbfgs::new(&a1, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt1 = LBFGS::new(&a1, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     opt1.step(&mut a1, rosenbrock).unwrap();
     let saved = opt1.state_dict();
     let (a2, _) = arena_from::<f64>(&x0::<f64>(), &[2, 0, 1]);
-    let mut opt2 = Lbfgs::new(&a2, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt2 = LBFGS::new(&a2, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     let e = opt2.load_state_dict(&saved, MatchBy::Position).unwrap_err();
     assert!(e.to_string().contains("has shape"), "{e}");
     opt2.load_state_dict(&saved, MatchBy::Name).unwrap();
@@ -542,13 +548,13 @@ fn load_by_name_into_a_reordered_arena() {
 #[test]
 fn bad_state_dicts_are_named_and_change_nothing() {
     let mut a = arena::<f32>();
-    let config = LbfgsConfig::default().with_history_size(4);
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config).unwrap();
+    let config = LBFGSConfig::default().with_history_size(4);
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], config).unwrap();
     opt.step(&mut a, rosenbrock).unwrap();
     opt.step(&mut a, rosenbrock).unwrap();
     let good = opt.state_dict();
     let before = opt.state_dict_json().unwrap();
-    let check = |opt: &mut Lbfgs<f32>, sd: LbfgsStateDict<f32>, want: &str| {
+    let check = |opt: &mut LBFGS<f32>, sd: LBFGSStateDict<f32>, want: &str| {
         let e = opt
             .load_state_dict(&sd, MatchBy::Position)
             .unwrap_err()
@@ -608,7 +614,7 @@ fn bad_state_dicts_are_named_and_change_nothing() {
     // The good one still loads, also into f64.
     opt.load_state_dict(&good, MatchBy::Position).unwrap();
     let a64 = arena::<f64>();
-    let mut opt64 = Lbfgs::new(&a64, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt64 = LBFGS::new(&a64, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     opt64.load_state_dict(&good, MatchBy::Position).unwrap();
     assert_eq!(opt64.n_iter(), opt.n_iter());
     assert_eq!(opt64.history_len(), opt.history_len());
@@ -619,7 +625,7 @@ fn zero_elements_just_evaluate() {
     let mut b = ArenaBuilder::<f32>::new();
     b.zeros("empty", &[0]).unwrap();
     let mut a = b.build();
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     assert_eq!(opt.step(&mut a, |_| 3.5).unwrap(), 3.5);
     assert_eq!(opt.func_evals(), 0);
 }
@@ -629,7 +635,7 @@ fn zero_elements_just_evaluate() {
 /// and counter must equal torch's bit for bit, in f32 and f64, with and without the line
 /// search. This pins torch's mix of Python floats and 0-dim tensors in the line search.
 fn replay_bitwise<T: Float>(case: &serde_json::Value) -> Result<(), String> {
-    let mut config = LbfgsConfig::default();
+    let mut config = LBFGSConfig::default();
     for (key, v) in case["config"].as_object().unwrap() {
         config = config
             .with(key, common::hyper_value(v))
@@ -647,7 +653,7 @@ fn replay_bitwise<T: Float>(case: &serde_json::Value) -> Result<(), String> {
     let mut b = ArenaBuilder::<T>::new();
     let x = b.param("x", &[n], &x0).unwrap();
     let mut arena = b.build();
-    let mut opt = Lbfgs::new(&arena, [ParamGroup::all()], config).unwrap();
+    let mut opt = LBFGS::new(&arena, [ParamGroup::all()], config).unwrap();
     let mut g = vec![T::ZERO; n];
     for (s, r) in case["recs"].as_array().unwrap().iter().enumerate() {
         let loss = opt
@@ -659,7 +665,7 @@ fn replay_bitwise<T: Float>(case: &serde_json::Value) -> Result<(), String> {
                     g[0] = (c(4.0) * xx * xx - c(6.0)) * xx + T::ONE;
                     ((xx * xx - c(3.0)) * xx + T::ONE) * xx
                 } else {
-                    LbfgsProblem::Rosenbrock.eval(xv, &mut g)
+                    LBFGSProblem::Rosenbrock.eval(xv, &mut g)
                 };
                 if maximize {
                     f = -f;
@@ -879,7 +885,7 @@ fn runs_agree_across_levels() {
     for config in configs() {
         let run = |level: SimdLevel| {
             let mut a = arena::<f64>();
-            let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone())
+            let mut opt = LBFGS::new(&a, [ParamGroup::all()], config.clone())
                 .unwrap()
                 .with_simd_level(level);
             for _ in 0..3 {
@@ -923,16 +929,16 @@ fn abs_max_propagates_nan_at<T: Float>(level: SimdLevel) {
 #[test]
 fn json_state_casts_across_dtypes() {
     let mut a64 = arena::<f64>();
-    let mut opt64 = Lbfgs::new(&a64, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut opt64 = LBFGS::new(&a64, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     opt64
         .step(&mut a64, &mut |a: &mut Arena<f64>| rosenbrock(a))
         .unwrap();
     let a32 = arena::<f32>();
-    let mut from_json = Lbfgs::new(&a32, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut from_json = LBFGS::new(&a32, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     from_json
         .load_state_dict_json(&opt64.state_dict_json().unwrap(), MatchBy::Name)
         .unwrap();
-    let mut typed = Lbfgs::new(&a32, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut typed = LBFGS::new(&a32, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     typed
         .load_state_dict(&opt64.state_dict(), MatchBy::Name)
         .unwrap();
@@ -941,7 +947,7 @@ fn json_state_casts_across_dtypes() {
         typed.state_dict_json().unwrap()
     );
     let b64 = arena::<f64>();
-    let mut back = Lbfgs::new(&b64, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut back = LBFGS::new(&b64, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     back.load_state_dict_json(&from_json.state_dict_json().unwrap(), MatchBy::Name)
         .unwrap();
     assert_eq!(back.state_dict().dtype, "float64");
@@ -958,9 +964,9 @@ fn a_fragmented_group_follows_the_contiguous_path() {
         let (mut gap, hg) = arena_from::<f64>(&x0::<f64>(), &[0, 1, 2]);
         let (mut one, ho) = arena_from::<f64>(&x0::<f64>(), &[0, 2, 1]);
         let mut opt_gap =
-            Lbfgs::new(&gap, [ParamGroup::new([hg[0], hg[2]])], config.clone()).unwrap();
+            LBFGS::new(&gap, [ParamGroup::new([hg[0], hg[2]])], config.clone()).unwrap();
         let mut opt_one =
-            Lbfgs::new(&one, [ParamGroup::new([ho[0], ho[2]])], config.clone()).unwrap();
+            LBFGS::new(&one, [ParamGroup::new([ho[0], ho[2]])], config.clone()).unwrap();
         assert_eq!(opt_gap.params(), &[0..1, 2..3]);
         assert_eq!(opt_one.params(), std::slice::from_ref(&(0..2)));
         let b_before = gap.value(hg[1]).to_vec();
@@ -1016,7 +1022,7 @@ fn a_fragmented_group_follows_the_contiguous_path() {
         // Each layout's state loads into the other by name and continues identically.
         let json = opt_gap.state_dict_json().unwrap();
         let mut opt_one2 =
-            Lbfgs::new(&one, [ParamGroup::new([ho[2], ho[0]])], config.clone()).unwrap();
+            LBFGS::new(&one, [ParamGroup::new([ho[2], ho[0]])], config.clone()).unwrap();
         opt_one2.load_state_dict_json(&json, MatchBy::Name).unwrap();
         let l1 = opt_gap.step(&mut gap, rosenbrock).unwrap();
         let l2 = opt_one2.step(&mut one, rosenbrock).unwrap();
@@ -1029,14 +1035,14 @@ fn a_fragmented_group_follows_the_contiguous_path() {
 /// typed enum in Rust; a saved unknown name is torch's error, and the load changes nothing.
 #[test]
 fn line_search_is_an_enum_with_torchs_names() {
-    let config = LbfgsConfig::default().with_line_search_fn(LineSearch::StrongWolfe);
+    let config = LBFGSConfig::default().with_line_search_fn(LineSearch::StrongWolfe);
     let json = serde_json::to_value(&config).unwrap();
     assert_eq!(json["line_search_fn"], "strong_wolfe");
-    let back: LbfgsConfig = serde_json::from_value(json).unwrap();
+    let back: LBFGSConfig = serde_json::from_value(json).unwrap();
     assert_eq!(back, config);
-    let none = serde_json::to_value(LbfgsConfig::default()).unwrap();
+    let none = serde_json::to_value(LBFGSConfig::default()).unwrap();
     assert!(none["line_search_fn"].is_null());
-    let e = serde_json::from_value::<LbfgsConfig>(serde_json::json!({"line_search_fn": "x"}))
+    let e = serde_json::from_value::<LBFGSConfig>(serde_json::json!({"line_search_fn": "x"}))
         .unwrap_err();
     assert!(
         e.to_string().contains("only 'strong_wolfe' is supported"),
@@ -1047,21 +1053,21 @@ fn line_search_is_an_enum_with_torchs_names() {
 
     // Through a state dict: saved as torch's string, loaded back as the enum.
     let mut a = arena::<f64>();
-    let mut opt = Lbfgs::new(&a, [ParamGroup::all()], config.clone()).unwrap();
+    let mut opt = LBFGS::new(&a, [ParamGroup::all()], config.clone()).unwrap();
     opt.step(&mut a, rosenbrock).unwrap();
     let sd = serde_json::to_value(opt.state_dict()).unwrap();
     assert_eq!(
         sd["param_groups"][0]["hyperparams"]["line_search_fn"],
         "strong_wolfe"
     );
-    let mut fresh = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut fresh = LBFGS::new(&a, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     fresh
         .load_state_dict_json(&sd.to_string(), MatchBy::Name)
         .unwrap();
     assert_eq!(fresh.config().line_search_fn, LineSearch::StrongWolfe);
     let mut bad = sd.clone();
     bad["param_groups"][0]["hyperparams"]["line_search_fn"] = "backtracking".into();
-    let mut target = Lbfgs::new(&a, [ParamGroup::all()], LbfgsConfig::default()).unwrap();
+    let mut target = LBFGS::new(&a, [ParamGroup::all()], LBFGSConfig::default()).unwrap();
     let before = target.state_dict();
     let e = target
         .load_state_dict_json(&bad.to_string(), MatchBy::Name)
@@ -1072,11 +1078,11 @@ fn line_search_is_an_enum_with_torchs_names() {
     );
     assert_eq!(target.state_dict(), before);
     // A typed override for L-BFGS's one group.
-    let typed = ParamGroup::all().configure(|c: &mut LbfgsConfig| {
+    let typed = ParamGroup::all().configure(|c: &mut LBFGSConfig| {
         c.line_search_fn = LineSearch::StrongWolfe;
         c.history_size = 7;
     });
-    let opt = Lbfgs::new(&a, [typed], LbfgsConfig::default()).unwrap();
+    let opt = LBFGS::new(&a, [typed], LBFGSConfig::default()).unwrap();
     assert_eq!(opt.config().line_search_fn, LineSearch::StrongWolfe);
     assert_eq!(opt.config().history_size, 7);
 }

@@ -413,8 +413,8 @@ macro_rules! mode2_test {
 
 mode2_test!(
     mode2_sgd,
-    SgdAlgorithm,
-    SgdConfig,
+    SGDAlgorithm,
+    SGDConfig,
     [
         &[],
         &[("momentum", Number(0.9)), ("weight_decay", Number(0.01))],
@@ -495,8 +495,8 @@ mode2_test!(
 );
 mode2_test!(
     mode2_asgd,
-    AsgdAlgorithm,
-    AsgdConfig,
+    ASGDAlgorithm,
+    ASGDConfig,
     [&[("t0", Number(1.0)), ("weight_decay", Number(0.01))]]
 );
 
@@ -585,7 +585,7 @@ fn bf16_state_adam_adamw_sgd_adagrad_rmsprop() {
     use optarena::HyperValue::*;
     check_bf16_state::<AdamAlgorithm>(&configs::<AdamConfig>(&[&[]])[0]);
     check_bf16_state::<AdamWAlgorithm>(&configs::<AdamWConfig>(&[&[("amsgrad", Bool(true))]])[0]);
-    check_bf16_state::<SgdAlgorithm>(&configs::<SgdConfig>(&[&[("momentum", Number(0.9))]])[0]);
+    check_bf16_state::<SGDAlgorithm>(&configs::<SGDConfig>(&[&[("momentum", Number(0.9))]])[0]);
     check_bf16_state::<AdagradAlgorithm>(
         &configs::<AdagradConfig>(&[&[("initial_accumulator_value", Number(0.1))]])[0],
     );

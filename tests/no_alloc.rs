@@ -111,8 +111,8 @@ fn steps_allocate_nothing_in<A: Algorithm>(config: A::Config, interleaved: bool)
 
 #[test]
 fn a_step_allocates_nothing_once_state_exists() {
-    steps_allocate_nothing::<SgdAlgorithm>(
-        SgdConfig::default().with_momentum(0.9).with_nesterov(true),
+    steps_allocate_nothing::<SGDAlgorithm>(
+        SGDConfig::default().with_momentum(0.9).with_nesterov(true),
     );
     steps_allocate_nothing::<AdamAlgorithm>(AdamConfig::default().with_amsgrad(true));
     steps_allocate_nothing::<AdamWAlgorithm>(AdamWConfig::default());
@@ -127,7 +127,7 @@ fn a_step_allocates_nothing_once_state_exists() {
             .with_momentum(0.9),
     );
     steps_allocate_nothing::<RpropAlgorithm>(RpropConfig::default());
-    steps_allocate_nothing::<AsgdAlgorithm>(AsgdConfig::default());
+    steps_allocate_nothing::<ASGDAlgorithm>(ASGDConfig::default());
     steps_allocate_nothing::<AdafactorAlgorithm>(
         AdafactorConfig::default().with_weight_decay(0.01),
     );

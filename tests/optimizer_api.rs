@@ -227,7 +227,7 @@ macro_rules! api_tests {
     };
 }
 
-api_tests!(sgd, SgdAlgorithm, SgdConfig,
+api_tests!(sgd, SGDAlgorithm, SGDConfig,
     [("lr", 0.01), ("momentum", 0.9), ("weight_decay", 0.01), ("nesterov", true)],
     group2: [("lr", 0.003), ("weight_decay", 0.0)]);
 api_tests!(adam, AdamAlgorithm, AdamConfig,
@@ -257,7 +257,7 @@ api_tests!(rmsprop, RMSpropAlgorithm, RMSpropConfig,
 api_tests!(rprop, RpropAlgorithm, RpropConfig,
     [("lr", 0.02), ("etas", (0.4, 1.3)), ("step_sizes", (1e-4, 0.5))],
     group2: [("lr", 0.001), ("maximize", true)]);
-api_tests!(asgd, AsgdAlgorithm, AsgdConfig,
+api_tests!(asgd, ASGDAlgorithm, ASGDConfig,
     [("lr", 0.05), ("t0", 2.0), ("lambd", 0.01), ("weight_decay", 0.01)],
     group2: [("t0", 1e6), ("alpha", 0.5)]);
 api_tests!(adafactor, AdafactorAlgorithm, AdafactorConfig,
@@ -271,8 +271,8 @@ api_tests!(adafactor, AdafactorAlgorithm, AdafactorConfig,
 #[test]
 fn asgd_averaged_is_the_running_mean_of_the_iterates() {
     let (mut arena, h) = build_arena::<f64>(&shapes(), 21, &[]);
-    let config = AsgdConfig::default().with_lr(0.05).with_t0(3.0);
-    let mut opt = Asgd::new(&arena, groups(&h, &[]), config.clone()).unwrap();
+    let config = ASGDConfig::default().with_lr(0.05).with_t0(3.0);
+    let mut opt = ASGD::new(&arena, groups(&h, &[]), config.clone()).unwrap();
     assert!(
         opt.averaged(h[0]).is_none(),
         "no average before the first step"
@@ -316,8 +316,8 @@ fn asgd_averaged_is_the_running_mean_of_the_iterates() {
 fn asgd_eta_starts_at_lr_rounded_to_f32() {
     let (mut arena, h) = build_arena::<f64>(&shapes(), 22, &[]);
     // lambd = 0: eta stays at lr, read back from float32.
-    let config = AsgdConfig::default().with_lr(0.1).with_lambd(0.0);
-    let mut opt = Asgd::new(&arena, groups(&h, &[]), config).unwrap();
+    let config = ASGDConfig::default().with_lr(0.1).with_lambd(0.0);
+    let mut opt = ASGD::new(&arena, groups(&h, &[]), config).unwrap();
     let before = arena.value(h[1]).to_vec();
     write_grads(&mut arena, 1, &[]);
     let g = arena.grad(h[1]).unwrap().to_vec();
@@ -454,7 +454,7 @@ fn dropping_a_buffer_keeps_the_state_dict_consistent() {
 #[test]
 fn sgd_momentum_switched_on_starts_at_the_gradient() {
     let (mut arena, h) = build_arena::<f32>(&shapes(), 34, &[]);
-    let mut opt = Sgd::new(&arena, groups(&h, &[]), SgdConfig::default()).unwrap();
+    let mut opt = SGD::new(&arena, groups(&h, &[]), SGDConfig::default()).unwrap();
     write_grads(&mut arena, 1, &[]);
     opt.step(&mut arena).unwrap();
     opt.set_hyper(0, "momentum", 0.9).unwrap();
@@ -752,8 +752,8 @@ fn config_builders_match_by_name_setters() {
         (typed.lr, typed.betas, typed.eps),
         (0.01, (0.8, 0.95), 1e-8)
     );
-    assert_eq!(SgdConfig::new(), SgdConfig::default());
-    let sgd = SgdConfig::new().with_momentum(0.9).with_nesterov(true);
+    assert_eq!(SGDConfig::new(), SGDConfig::default());
+    let sgd = SGDConfig::new().with_momentum(0.9).with_nesterov(true);
     assert_eq!(
         (sgd.lr, sgd.momentum, sgd.nesterov, sgd.dampening),
         (1e-3, 0.9, true, 0.0)
@@ -880,4 +880,67 @@ fn step_options_compose() {
         assert!(r1.total_norm.unwrap() > 0.0);
     }
     assert_eq!(snapshot(&a1), snapshot(&a2));
+}
+
+/// The spellings of earlier releases (README's "Naming") are aliases of torch's names, at the
+/// paths where they were: code written against them builds and steps the same optimizer.
+#[test]
+#[allow(deprecated)]
+fn old_spellings_alias_torch_names() {
+    use optarena::kernels;
+    use std::any::TypeId;
+    fn same<A: 'static, B: 'static>() -> bool {
+        TypeId::of::<A>() == TypeId::of::<B>()
+    }
+    assert!(same::<optarena::Sgd<f32>, optarena::SGD<f32>>());
+    assert!(same::<optarena::SgdConfig, optarena::SGDConfig>());
+    assert!(same::<optarena::SgdAlgorithm, optarena::SGDAlgorithm>());
+    assert!(same::<optarena::Asgd<f64>, optarena::ASGD<f64>>());
+    assert!(same::<optarena::AsgdConfig, optarena::ASGDConfig>());
+    assert!(same::<optarena::AsgdAlgorithm, optarena::ASGDAlgorithm>());
+    assert!(same::<optarena::AsgdScalars, optarena::ASGDScalars>());
+    assert!(same::<optarena::Lbfgs<f32>, optarena::LBFGS<f32>>());
+    assert!(same::<optarena::LbfgsConfig, optarena::LBFGSConfig>());
+    assert!(same::<optarena::LbfgsState<f64>, optarena::LBFGSState<f64>>());
+    assert!(same::<
+        optarena::LbfgsStateDict<f64>,
+        optarena::LBFGSStateDict<f64>,
+    >());
+    assert!(same::<kernels::sgd::SgdCoeffs, kernels::sgd::SGDCoeffs>());
+    assert!(same::<kernels::asgd::AsgdCoeffs, kernels::asgd::ASGDCoeffs>());
+    assert!(same::<
+        kernels::nadam::NadamCoeffs,
+        kernels::nadam::NAdamCoeffs,
+    >());
+    assert!(same::<
+        kernels::radam::RadamCoeffs,
+        kernels::radam::RAdamCoeffs,
+    >());
+    assert!(same::<
+        kernels::rmsprop::RmspropCoeffs,
+        kernels::rmsprop::RMSpropCoeffs,
+    >());
+
+    // A loop written with the old names, against the same loop with torch's.
+    let run = |old: bool| {
+        let mut b = ArenaBuilder::<f32>::new();
+        let w = b.param("w", &[3], &[1.0, -2.0, 0.5]).unwrap();
+        let mut arena = b.build();
+        let config = optarena::SgdConfig::default()
+            .with_lr(0.1)
+            .with_momentum(0.9);
+        let mut opt = if old {
+            optarena::Sgd::new(&arena, [ParamGroup::all()], config).unwrap()
+        } else {
+            optarena::SGD::new(&arena, [ParamGroup::all()], config).unwrap()
+        };
+        for _ in 0..3 {
+            arena.grad_mut(w).copy_from_slice(&[0.5, 0.25, -1.0]);
+            opt.step(&mut arena).unwrap();
+        }
+        arena.value(w).to_vec()
+    };
+    let (old, new) = (run(true), run(false));
+    assert_eq!(old, new);
+    assert_ne!(new, vec![1.0, -2.0, 0.5], "the steps moved the weights");
 }

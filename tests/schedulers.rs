@@ -12,7 +12,7 @@ use common::*;
 use optarena::schedule::*;
 use optarena::{
     Algorithm, ArenaBuilder, Error, GroupHyperparams, HyperValue, Hyperparams, LrScheduler,
-    MatchBy, Optimizer, ParamGroup, Sgd, SgdConfig,
+    MatchBy, Optimizer, ParamGroup, SGDConfig, SGD,
 };
 use serde_json::{json, Value};
 
@@ -30,9 +30,7 @@ fn momentum_of(opt: &dyn GroupHyperparams, g: usize, key: &str) -> f64 {
 }
 
 fn lrs(opt: &dyn GroupHyperparams) -> Vec<f64> {
-    (0..opt.num_groups())
-        .map(|g| opt.group_lr(g).unwrap())
-        .collect()
+    (0..opt.num_groups()).map(|g| opt.lr(g).unwrap()).collect()
 }
 
 fn bits(v: &[f64]) -> Vec<u64> {
@@ -130,7 +128,7 @@ fn torch_traces_betas_step_epoch_and_fractional_epochs() {
         let name = case["name"].as_str().unwrap();
         let defaults = &case["opt_defaults"];
         let mut opt = match case["optimizer"].as_str().unwrap() {
-            "SGD" => make_opt::<optarena::SgdAlgorithm>(&case_lrs(&case), defaults),
+            "SGD" => make_opt::<optarena::SGDAlgorithm>(&case_lrs(&case), defaults),
             "Adam" => make_opt::<optarena::AdamAlgorithm>(&case_lrs(&case), defaults),
             "AdamW" => make_opt::<optarena::AdamWAlgorithm>(&case_lrs(&case), defaults),
             "RAdam" => make_opt::<optarena::RAdamAlgorithm>(&case_lrs(&case), defaults),
@@ -145,7 +143,7 @@ fn torch_traces_betas_step_epoch_and_fractional_epochs() {
                     case["lrs"][i][g].as_f64().unwrap(),
                     case["momentums"][i][g].as_f64().unwrap(),
                 );
-                let (lr, m) = (opt.group_lr(g).unwrap(), momentum_of(opt, g, key));
+                let (lr, m) = (opt.lr(g).unwrap(), momentum_of(opt, g, key));
                 assert!(
                     sched_close(lr, want_lr) && sched_close(m, want_m),
                     "{name}: after action {i}, group {g}: lr {lr:e} vs torch {want_lr:e}, \
@@ -265,7 +263,7 @@ fn save_load_continue_with_betas_and_fractional_epochs() {
         let defaults = &case["opt_defaults"];
         let key = case["momentum_key"].as_str().unwrap();
         let new_opt = || match case["optimizer"].as_str().unwrap() {
-            "SGD" => make_opt::<optarena::SgdAlgorithm>(&case_lrs(&case), defaults),
+            "SGD" => make_opt::<optarena::SGDAlgorithm>(&case_lrs(&case), defaults),
             "Adam" => make_opt::<optarena::AdamAlgorithm>(&case_lrs(&case), defaults),
             "AdamW" => make_opt::<optarena::AdamWAlgorithm>(&case_lrs(&case), defaults),
             _ => make_opt::<optarena::RAdamAlgorithm>(&case_lrs(&case), defaults),
@@ -354,10 +352,10 @@ fn state_dict_json_names_torch_fields_and_round_trips() {
 fn load_state_dict_restores_the_lr_pytorch_29697() {
     // torch's example: SGD(lr=0.1), StepLR(step_size=2), 5 epochs, then a new optimizer and
     // scheduler loading only the scheduler's state.
-    let run = |opt: &mut Sgd<f64>, s: &mut StepLR, n: usize| {
+    let run = |opt: &mut SGD<f64>, s: &mut StepLR, n: usize| {
         (0..n)
             .map(|_| {
-                let lr = opt.group_lr(0).unwrap();
+                let lr = opt.lr(0).unwrap();
                 s.step(opt).unwrap();
                 lr
             })
@@ -397,15 +395,15 @@ fn load_state_dict_restores_the_lr_pytorch_29697() {
     // torch: the constructor multiplies the loaded 0.05 by 0.5 again and load_state_dict
     // leaves 0.025 in place.
     let mut s2 = ConstantLR::new(&mut opt2, cfg).unwrap();
-    assert_eq!(opt2.group_lr(0).unwrap(), 0.025);
+    assert_eq!(opt2.lr(0).unwrap(), 0.025);
     s2.load_state_dict_json(&mut opt2, &saved).unwrap();
-    assert_eq!(opt2.group_lr(0).unwrap(), 0.05);
+    assert_eq!(opt2.lr(0).unwrap(), 0.05);
     for _ in 0..3 {
         s.step(&mut opt).unwrap();
         s2.step(&mut opt2).unwrap();
-        assert_eq!(opt.group_lr(0).unwrap(), opt2.group_lr(0).unwrap());
+        assert_eq!(opt.lr(0).unwrap(), opt2.lr(0).unwrap());
     }
-    assert_eq!(opt2.group_lr(0).unwrap(), 0.1);
+    assert_eq!(opt2.lr(0).unwrap(), 0.1);
     // ... and the groups' initial_lr is the saved base, for schedulers attached later.
     assert_eq!(opt2.group_initial_lr(0).unwrap(), Some(0.1));
 }
@@ -812,7 +810,7 @@ fn msg<T: std::fmt::Debug>(r: optarena::Result<T>) -> String {
     r.expect_err("expected an error").to_string()
 }
 
-fn opt2() -> Sgd<f64> {
+fn opt2() -> SGD<f64> {
     scheduler_sgd(&[0.1, 0.01], 0.9)
 }
 
@@ -1012,10 +1010,10 @@ fn torch_messages_for_invalid_configurations() {
         msg(ChainedScheduler::new(o, vec![])),
         "ChainedScheduler expects at least one scheduler to be chained, but got no scheduler."
     );
-    let exp = |o: &mut Sgd<f64>| -> Box<dyn LrScheduler> {
+    let exp = |o: &mut SGD<f64>| -> Box<dyn LrScheduler> {
         Box::new(ExponentialLR::new(o, ExponentialLRConfig::new(0.9)).unwrap())
     };
-    let plateau = |o: &mut Sgd<f64>| -> Box<dyn LrScheduler> {
+    let plateau = |o: &mut SGD<f64>| -> Box<dyn LrScheduler> {
         Box::new(ReduceLROnPlateau::new(o, ReduceLROnPlateauConfig::default()).unwrap())
     };
     let kids = vec![exp(o), plateau(o)];
@@ -1085,9 +1083,9 @@ fn reduce_lr_on_plateau_after_a_group_is_added() {
         .map(|i| b.zeros(&format!("p{i}"), &[2]).unwrap())
         .collect();
     let arena = b.build();
-    let cfg = optarena::SgdConfig::default().with_lr(1.0);
+    let cfg = optarena::SGDConfig::default().with_lr(1.0);
     let new_opt = || {
-        Sgd::<f64>::new(
+        SGD::<f64>::new(
             &arena,
             [ParamGroup::new([p[0]]), ParamGroup::new([p[1]])],
             cfg.clone(),
@@ -1264,13 +1262,13 @@ fn schedulers_follow_add_param_group_as_torch() {
             .map(|i| b.param(&format!("p{i}"), &[2], &[1.0, -1.0]).unwrap())
             .collect();
         let arena = b.build();
-        let mut opt = Sgd::new(
+        let mut opt = SGD::new(
             &arena,
             [
                 ParamGroup::new([h[0]]).with("lr", 0.1),
                 ParamGroup::new([h[1]]).with("lr", 0.01),
             ],
-            SgdConfig::default().with_momentum(0.9),
+            SGDConfig::default().with_momentum(0.9),
         )
         .unwrap();
         let mut sched = build(
@@ -1286,7 +1284,7 @@ fn schedulers_follow_add_param_group_as_torch() {
                     want[g].as_f64().unwrap(),
                     case["momentums"][i][g].as_f64().unwrap(),
                 );
-                let (lr, m) = (opt.group_lr(g).unwrap(), momentum_of(opt, g, "momentum"));
+                let (lr, m) = (opt.lr(g).unwrap(), momentum_of(opt, g, "momentum"));
                 assert!(
                     sched_close(lr, want_lr) && sched_close(m, want_m),
                     "{name}: record {i}, group {g}: lr {lr:e} vs torch {want_lr:e}, momentum \
@@ -1350,13 +1348,13 @@ fn schedulers_follow_add_param_group_as_torch() {
                 // The state saved after the add loads into a scheduler on an optimizer with the
                 // same three groups and continues the same way.
                 let saved = sched.state_dict().unwrap();
-                let mut opt2 = Sgd::new(
+                let mut opt2 = SGD::new(
                     &arena,
                     [
                         ParamGroup::new([h[0]]).with("lr", 0.1),
                         ParamGroup::new([h[1]]).with("lr", 0.01),
                     ],
-                    SgdConfig::default().with_momentum(0.9),
+                    SGDConfig::default().with_momentum(0.9),
                 )
                 .unwrap();
                 let mut s2 = build(

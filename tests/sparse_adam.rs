@@ -287,7 +287,7 @@ fn save_load_continue_bitwise_and_bad_states_change_nothing() {
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let edits: Vec<(&str, Edit)> = vec![
         (
-            "saved by Adam",
+            "saved by the Adam optimizer, this is SparseAdam",
             Box::new(|s| s["optimizer"] = "Adam".into()),
         ),
         (
@@ -295,15 +295,15 @@ fn save_load_continue_bitwise_and_bad_states_change_nothing() {
             Box::new(|s| s["param_groups"][0]["hyperparams"]["lr"] = (-1.0).into()),
         ),
         (
-            "exp_avg has 3 values",
+            "buffer `exp_avg` of parameter `emb` has 3 values, the parameter has 150",
             Box::new(|s| s["state"][0]["buffers"]["exp_avg"] = serde_json::json!([1, 2, 3])),
         ),
         (
-            "saved parameter `x`",
+            "group 0 has no parameter named `x`",
             Box::new(|s| s["param_groups"][0]["params"][0]["name"] = "x".into()),
         ),
         (
-            "1 param groups",
+            "it has 1 parameter groups, the optimizer has 2",
             Box::new(|s| {
                 s["param_groups"].as_array_mut().unwrap().pop();
             }),
@@ -339,6 +339,51 @@ fn save_load_continue_bitwise_and_bad_states_change_nothing() {
         opt.state_dict_json().unwrap(),
         o2.state_dict_json().unwrap()
     );
+}
+
+/// The JSON load pairs each group's parameters by name, as the binary checkpoint load does:
+/// a model that registered them in another order (and lists them in another order in the
+/// group) loads each parameter's own state and continues bit for bit.
+#[test]
+fn json_load_matches_parameters_by_name_in_any_order() {
+    let (mut a, e, v) = table::<f64>(12, 5);
+    let mut opt = SparseAdam::new(&a, [(vec![e, v], SparseAdamConfig::default())]).unwrap();
+    let mut rng = Rng(5);
+    let step = |opt: &mut SparseAdam<f64>, a: &mut Arena<f64>, e, v, rng: &mut Rng| {
+        let (ge, gv) = (rng.vec::<f64>(10, 1.0), rng.vec::<f64>(1, 1.0));
+        let grads = [
+            SparseGrad::new(e, &[3, 7], &ge),
+            SparseGrad::new(v, &[2], &gv),
+        ];
+        opt.step_sparse(a, &grads).unwrap();
+    };
+    step(&mut opt, &mut a, e, v, &mut rng);
+    // `vec` only once, so the two parameters' steps differ.
+    opt.step_sparse(&mut a, &[SparseGrad::new(e, &[1], &rng.vec::<f64>(5, 1.0))])
+        .unwrap();
+    let json = opt.state_dict_json().unwrap();
+
+    // The same model registered the other way round, the group listing `vec` first.
+    let mut b = ArenaBuilder::<f64>::new();
+    let v2 = b.param("vec", &[5], a.value(v)).unwrap();
+    let e2 = b.param("emb", &[12, 5], a.value(e)).unwrap();
+    let mut a2 = b.build();
+    let mut o2 = SparseAdam::new(&a2, [(vec![v2, e2], SparseAdamConfig::default())]).unwrap();
+    o2.load_state_dict_json(&json).unwrap();
+    assert_eq!(o2.step_count(e2), opt.step_count(e));
+    assert_eq!(o2.step_count(v2), opt.step_count(v));
+    assert_ne!(o2.step_count(e2), o2.step_count(v2));
+    for (p, p2) in [(e, e2), (v, v2)] {
+        let (m, s) = opt.state(&a, p).unwrap();
+        let (m2, s2) = o2.state(&a2, p2).unwrap();
+        assert_eq!((bits(m), bits(s)), (bits(m2), bits(s2)));
+    }
+    let mut rng2 = Rng(9);
+    let mut rng3 = Rng(9);
+    step(&mut opt, &mut a, e, v, &mut rng2);
+    step(&mut o2, &mut a2, e2, v2, &mut rng3);
+    assert_eq!(bits(a.value(e)), bits(a2.value(e2)));
+    assert_eq!(bits(a.value(v)), bits(a2.value(v2)));
 }
 
 #[test]

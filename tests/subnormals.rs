@@ -154,7 +154,7 @@ macro_rules! subnormal_tests {
 }
 
 subnormal_tests! {
-    sgd: SgdAlgorithm => [
+    sgd: SGDAlgorithm => [
         &[("momentum", 0.9.into()), ("nesterov", true.into()), ("weight_decay", 0.1.into())],
     ];
     adam: AdamAlgorithm => [&[("amsgrad", true.into()), ("weight_decay", 0.1.into())]];
@@ -166,7 +166,7 @@ subnormal_tests! {
     adadelta: AdadeltaAlgorithm => [];
     rmsprop: RMSpropAlgorithm => [&[("centered", true.into()), ("momentum", 0.9.into())]];
     rprop: RpropAlgorithm => [];
-    asgd: AsgdAlgorithm => [];
+    asgd: ASGDAlgorithm => [];
     adafactor: AdafactorAlgorithm => [];
 }
 

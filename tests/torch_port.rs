@@ -206,8 +206,8 @@ impl Run {
     fn step(&mut self, t: usize, halve_at: usize, add_at: usize) -> Vec<f64> {
         if t == halve_at {
             for g in 0..self.opt.num_groups() {
-                let lr = self.opt.group_lr(g).unwrap();
-                self.opt.set_group_lr(g, lr * 0.5).unwrap();
+                let lr = self.opt.lr(g).unwrap();
+                self.opt.set_lr(g, lr * 0.5).unwrap();
             }
         }
         if t == add_at {
@@ -228,9 +228,7 @@ impl Run {
 }
 
 fn lrs(opt: &dyn GroupHyperparams) -> Vec<f64> {
-    (0..opt.num_groups())
-        .map(|g| opt.group_lr(g).unwrap())
-        .collect()
+    (0..opt.num_groups()).map(|g| opt.lr(g).unwrap()).collect()
 }
 
 fn check_lrs(t: usize, got: &[f64], want: &Value) {

@@ -130,7 +130,7 @@ fn smoke_run_learns_writes_files_and_resumes_bitwise() {
     // The logistic regression: full-batch L-BFGS with the strong Wolfe line search, no
     // scheduler.
     let logreg = &summary.results[4];
-    assert!(matches!(logreg.spec.opt, OptKind::Lbfgs { .. }));
+    assert!(matches!(logreg.spec.opt, OptKind::LBFGS { .. }));
     assert!(logreg.history.iter().all(|h| h.lr == 1.0));
     let ck = load(&full, &logreg.spec);
     assert!(ck.scheduler.is_none());

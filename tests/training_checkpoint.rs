@@ -45,7 +45,7 @@ struct Run {
     arena: Arena<f32>,
     h: Vec<Param<f32>>,
     adamw: AdamW<f32>,
-    sgd: Sgd<f32>,
+    sgd: SGD<f32>,
     warm_cos: SequentialLR,
     step_lr: StepLR,
     scaler: GradScaler,
@@ -65,10 +65,10 @@ impl Run {
             AdamWConfig::default().with_lr(0.01),
         )
         .unwrap();
-        let mut sgd = Sgd::new(
+        let mut sgd = SGD::new(
             &arena,
             [ParamGroup::new([h[4], h[5]])],
-            SgdConfig::default().with_lr(0.05).with_momentum(0.9),
+            SGDConfig::default().with_lr(0.05).with_momentum(0.9),
         )
         .unwrap();
         let warm = LinearLR::new(
@@ -172,7 +172,7 @@ impl Run {
             (0..o.num_groups())
                 .map(|g| {
                     (
-                        o.group_lr(g).unwrap().to_bits(),
+                        o.lr(g).unwrap().to_bits(),
                         o.group_initial_lr(g).unwrap().map(f64::to_bits),
                     )
                 })
@@ -646,10 +646,10 @@ fn lbfgs_resumes_bitwise_from_a_training_checkpoint() {
     let path = dir.join("run.safetensors");
     let build = |reverse: bool| {
         let (arena, _) = build_arena::<f64>(&shapes(), 3, if reverse { &[6] } else { &[] });
-        let opt = Lbfgs::new(
+        let opt = LBFGS::new(
             &arena,
             [ParamGroup::all()],
-            LbfgsConfig::default()
+            LBFGSConfig::default()
                 .with_max_iter(4)
                 .with_history_size(5)
                 .with_line_search_fn(LineSearch::StrongWolfe),
@@ -689,7 +689,7 @@ fn lbfgs_resumes_bitwise_from_a_training_checkpoint() {
     // on within rounding of the unbroken one, not bit for bit).
     let (mut d, mut od) = build(true);
     // The wrong kind under the saved name is refused before anything changes.
-    let mut sgd = Sgd::new(&d, [ParamGroup::all()], SgdConfig::default()).unwrap();
+    let mut sgd = SGD::new(&d, [ParamGroup::all()], SGDConfig::default()).unwrap();
     let before = d.params().to_vec();
     let e = TrainingRestore::new(&mut d)
         .optimizer("lbfgs", &mut sgd)

@@ -388,8 +388,8 @@ fn hooks_run_around_applied_steps_and_can_be_removed() {
     let l1 = log.clone();
     let pre = opt.register_step_pre_hook(move |groups: &mut dyn GroupHyperparams| {
         // Halve group 0's lr before each step, as a scheduler would.
-        let lr = groups.group_lr(0).unwrap();
-        groups.set_group_lr(0, lr / 2.0).unwrap();
+        let lr = groups.lr(0).unwrap();
+        groups.set_lr(0, lr / 2.0).unwrap();
         l1.lock().unwrap().push(format!("pre {}", lr / 2.0));
     });
     let l2 = log.clone();

@@ -29,11 +29,11 @@ fn adam_with(name: &str, v: impl Into<HyperValue>) -> String {
 
 fn sgd_with(pairs: &[(&str, HyperValue)]) -> String {
     let (arena, _) = arena();
-    let mut c = SgdConfig::default();
+    let mut c = SGDConfig::default();
     for (k, v) in pairs {
         c = c.with(k, v.clone()).unwrap();
     }
-    msg(Sgd::new(&arena, [ParamGroup::all()], c))
+    msg(SGD::new(&arena, [ParamGroup::all()], c))
 }
 
 #[test]
@@ -131,7 +131,7 @@ fn parameter_in_two_groups_or_twice_in_one() {
         e.contains("duplicate parameters") && e.contains("`a`"),
         "{e}"
     );
-    let mut opt = Sgd::new(&arena, [ParamGroup::new([h[0]])], SgdConfig::default()).unwrap();
+    let mut opt = SGD::new(&arena, [ParamGroup::new([h[0]])], SGDConfig::default()).unwrap();
     let e = msg(opt.add_param_group(&arena, ParamGroup::new([h[0]])));
     assert!(e.contains("more than one parameter group"), "{e}");
 }
@@ -188,7 +188,7 @@ fn unknown_hyperparameter_names() {
     assert!(e.contains("no hyperparameter `nesterov`"), "{e}");
     let e = msg(AdamConfig::default().with("lr", true));
     assert!(e.contains("`lr` expects a number"), "{e}");
-    let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default()).unwrap();
+    let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default()).unwrap();
     let e = msg(opt.set_hyper(0, "betas", (0.9, 0.99)));
     assert!(e.contains("SGD has no hyperparameter `betas`"), "{e}");
     let e = msg(opt.set_hyper(3, "lr", 0.1));
@@ -262,7 +262,7 @@ fn defaults_are_torchs() {
     assert!(!a.amsgrad && !a.maximize && !a.decoupled_weight_decay);
     let w = AdamWConfig::default();
     assert_eq!((w.weight_decay, w.decoupled_weight_decay), (1e-2, true));
-    let s = SgdConfig::default();
+    let s = SGDConfig::default();
     assert_eq!(
         (s.lr, s.momentum, s.dampening, s.weight_decay, s.nesterov),
         (1e-3, 0.0, 0.0, 0.0, false)
@@ -596,7 +596,7 @@ fn rprop_with(name: &str, v: impl Into<HyperValue>) -> String {
 }
 
 fn asgd_with(name: &str, v: impl Into<HyperValue>) -> String {
-    new_with::<AsgdAlgorithm>(AsgdConfig::default().with(name, v))
+    new_with::<ASGDAlgorithm>(ASGDConfig::default().with(name, v))
 }
 
 #[test]
@@ -681,10 +681,10 @@ fn asgd_torch_messages() {
     }
     // t0 = inf: never average; allowed.
     let (arena, _) = arena();
-    Asgd::new(
+    ASGD::new(
         &arena,
         [ParamGroup::all()],
-        AsgdConfig::default().with_t0(f64::INFINITY),
+        ASGDConfig::default().with_t0(f64::INFINITY),
     )
     .unwrap();
 }
@@ -703,7 +703,7 @@ fn rmsprop_rprop_asgd_defaults_are_torchs() {
         (1e-2, (0.5, 1.2), (1e-6, 50.0))
     );
     assert!(!p.maximize);
-    let a = AsgdConfig::default();
+    let a = ASGDConfig::default();
     assert_eq!(
         (a.lr, a.lambd, a.alpha, a.t0, a.weight_decay),
         (1e-2, 1e-4, 0.75, 1e6, 0.0)
@@ -732,7 +732,7 @@ fn rmsprop_buffers_follow_momentum_and_centered() {
         RpropAlgorithm::buffers(&RpropConfig::default()),
         ["prev", "step_size"]
     );
-    assert_eq!(AsgdAlgorithm::buffers(&AsgdConfig::default()), ["ax"]);
+    assert_eq!(ASGDAlgorithm::buffers(&ASGDConfig::default()), ["ax"]);
 }
 
 fn adafactor_with(name: &str, v: impl Into<HyperValue>) -> String {

@@ -30,11 +30,11 @@ impl<T: Float, A: optarena::Algorithm> Step<T> for optarena::Optimizer<T, A> {
     }
 }
 
-impl<T: Float> Step<T> for Lbfgs<T> {
+impl<T: Float> Step<T> for LBFGS<T> {
     /// One L-BFGS iteration on `f(p) = ½‖p − 1‖²`: the closure writes `g = p − 1` (one
     /// pass) and the step runs the two-loop recursion over its history.
     fn step(&mut self, arena: &mut Arena<T>) {
-        Lbfgs::step(self, arena, |a| {
+        LBFGS::step(self, arena, |a| {
             let (p, g) = a.params_and_grads_mut();
             for (g, &p) in g.iter_mut().zip(p.iter()) {
                 *g = p - T::ONE;
@@ -76,8 +76,8 @@ pub fn optimizer<T: Float>(name: &str, arena: &Arena<T>, par: Parallelism) -> Bo
         };
     }
     match name {
-        "sgd" => make!(Sgd, SgdConfig::default().with_lr(1e-3)),
-        "sgd_momentum" => make!(Sgd, SgdConfig::default().with_lr(1e-3).with_momentum(0.9)),
+        "sgd" => make!(SGD, SGDConfig::default().with_lr(1e-3)),
+        "sgd_momentum" => make!(SGD, SGDConfig::default().with_lr(1e-3).with_momentum(0.9)),
         "adam" => make!(Adam, AdamConfig::default()),
         "adamw" => make!(AdamW, AdamWConfig::default()),
         "radam" => make!(RAdam, RAdamConfig::default()),
@@ -87,10 +87,10 @@ pub fn optimizer<T: Float>(name: &str, arena: &Arena<T>, par: Parallelism) -> Bo
         "adadelta" => make!(Adadelta, AdadeltaConfig::default()),
         "rmsprop" => make!(RMSprop, RMSpropConfig::default()),
         "rprop" => make!(Rprop, RpropConfig::default()),
-        "asgd" => make!(Asgd, AsgdConfig::default()),
+        "asgd" => make!(ASGD, ASGDConfig::default()),
         "adafactor" => make!(Adafactor, AdafactorConfig::default()),
         // L-BFGS runs on the calling thread (its reductions are sequential, as torch's).
-        "lbfgs" => Box::new(Lbfgs::new(arena, g, LbfgsConfig::default().with_max_iter(1)).unwrap()),
+        "lbfgs" => Box::new(LBFGS::new(arena, g, LBFGSConfig::default().with_max_iter(1)).unwrap()),
         other => panic!("no optimizer {other} in the benchmarks"),
     }
 }

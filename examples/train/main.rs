@@ -26,7 +26,7 @@
 //! rayon pool of `--threads` threads (bitwise the same for any count); its learning rate comes
 //! from optarena's schedulers, `SequentialLR` of a `LinearLR` warmup and a
 //! `CosineAnnealingLR`, stepped after every optimizer step. The logistic regression
-//! (L2-regularized as scikit-learn's default) takes one full-batch `Lbfgs::step(closure)` per
+//! (L2-regularized as scikit-learn's default) takes one full-batch `LBFGS::step(closure)` per
 //! epoch with the strong Wolfe line search.
 
 mod data;

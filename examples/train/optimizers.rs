@@ -2,7 +2,7 @@
 //!
 //! [`Stepper::step`] takes a closure that zeroes the gradients, runs forward and backward and
 //! returns the loss — torch's `optimizer.step(closure)` shape. First-order optimizers call it
-//! once and then step; L-BFGS ([`optarena::Lbfgs`]) calls it as often as its strong Wolfe line
+//! once and then step; L-BFGS ([`optarena::LBFGS`]) calls it as often as its strong Wolfe line
 //! search needs. The schedules are optarena's LR schedulers ([`optarena::schedule`]), which
 //! act on either kind through [`GroupHyperparams`], as torch's act on `param_groups`.
 
@@ -15,8 +15,8 @@ use optarena::schedule::{
 };
 use optarena::{
     Adam, AdamConfig, AdamW, AdamWConfig, Algorithm, Arena, ClipNorm, GroupHyperparams, HalfBuffer,
-    Lbfgs, LbfgsConfig, Optimizer, Parallelism, ParamGroup, ParamRounding, RAdam, RAdamConfig, Sgd,
-    SgdConfig, SimdLevel, StatePrecision, StepOptions,
+    LBFGSConfig, Optimizer, Parallelism, ParamGroup, ParamRounding, RAdam, RAdamConfig, SGDConfig,
+    SimdLevel, StatePrecision, StepOptions, LBFGS, SGD,
 };
 
 use crate::model::Mlp;
@@ -282,7 +282,7 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
 
 /// L-BFGS over the model's parameters as one flat group (torch's `LBFGS` takes one group).
 pub struct QuasiNewton {
-    opt: Lbfgs<f32>,
+    opt: LBFGS<f32>,
 }
 
 impl Stepper for QuasiNewton {
@@ -317,9 +317,11 @@ impl Stepper for QuasiNewton {
 
 /// Which optimizer a run uses, with its hyperparameters.
 #[derive(Clone, Copy, Debug)]
+// `LBFGS` is torch's spelling, kept verbatim as the crate's types do (README's "Naming").
+#[allow(clippy::upper_case_acronyms)]
 pub enum OptKind {
     /// `SGD(lr, momentum, nesterov=True, weight_decay on weights)`.
-    SgdMomentum {
+    SGDMomentum {
         /// Peak learning rate.
         lr: f64,
         /// Momentum factor.
@@ -346,7 +348,7 @@ pub enum OptKind {
     },
     /// `LBFGS(params, lr, max_iter, history_size, line_search_fn="strong_wolfe")`, over all
     /// parameters as one group.
-    Lbfgs {
+    LBFGS {
         /// Step length tried first by the line search.
         lr: f64,
         /// Most iterations per `step(closure)`.
@@ -360,18 +362,18 @@ impl OptKind {
     /// The peak (base) learning rate.
     pub fn lr(&self) -> f64 {
         match *self {
-            OptKind::SgdMomentum { lr, .. }
+            OptKind::SGDMomentum { lr, .. }
             | OptKind::Adam { lr }
             | OptKind::AdamW { lr, .. }
             | OptKind::RAdam { lr }
-            | OptKind::Lbfgs { lr, .. } => lr,
+            | OptKind::LBFGS { lr, .. } => lr,
         }
     }
 
     /// A human-readable description, for the results table.
     pub fn describe(&self) -> String {
         match *self {
-            OptKind::SgdMomentum {
+            OptKind::SGDMomentum {
                 lr,
                 momentum,
                 weight_decay,
@@ -379,7 +381,7 @@ impl OptKind {
             OptKind::Adam { lr } => format!("Adam lr={lr}"),
             OptKind::AdamW { lr, weight_decay } => format!("AdamW lr={lr} wd={weight_decay}"),
             OptKind::RAdam { lr } => format!("RAdam lr={lr}"),
-            OptKind::Lbfgs {
+            OptKind::LBFGS {
                 lr,
                 max_iter,
                 history_size,
@@ -403,15 +405,15 @@ impl OptKind {
         let weights = || ParamGroup::new(model.weights.iter().copied());
         let biases = || ParamGroup::new(model.biases.iter().copied()).with("weight_decay", 0.0);
         Ok(match *self {
-            OptKind::SgdMomentum {
+            OptKind::SGDMomentum {
                 lr,
                 momentum,
                 weight_decay,
             } => boxed(
-                Sgd::new(
+                SGD::new(
                     arena,
                     [weights(), biases()],
-                    SgdConfig::default()
+                    SGDConfig::default()
                         .with_lr(lr)
                         .with_momentum(momentum)
                         .with_nesterov(true)
@@ -457,7 +459,7 @@ impl OptKind {
                 arena,
                 precision,
             ),
-            OptKind::Lbfgs {
+            OptKind::LBFGS {
                 lr,
                 max_iter,
                 history_size,
@@ -475,10 +477,10 @@ impl OptKind {
                     ));
                 }
                 Box::new(QuasiNewton {
-                    opt: Lbfgs::new(
+                    opt: LBFGS::new(
                         arena,
                         [ParamGroup::all()],
-                        LbfgsConfig::default()
+                        LBFGSConfig::default()
                             .with_lr(lr)
                             .with_max_iter(max_iter)
                             .with_history_size(history_size)

@@ -180,7 +180,7 @@ pub fn runs(settings: &Settings, train_len: usize, precision: &[Precision]) -> V
         run(
             "sgd",
             "MLP SGD+momentum",
-            OptKind::SgdMomentum {
+            OptKind::SGDMomentum {
                 lr: 0.05,
                 momentum: 0.9,
                 weight_decay: 5e-4,
@@ -203,7 +203,7 @@ pub fn runs(settings: &Settings, train_len: usize, precision: &[Precision]) -> V
             batching: Batching::FullBatch {
                 steps: settings.full_batch_steps,
             },
-            opt: OptKind::Lbfgs {
+            opt: OptKind::LBFGS {
                 lr: 1.0,
                 max_iter: settings.lbfgs_max_iter,
                 history_size: 10,
@@ -654,7 +654,7 @@ fn train_one(
             });
         history.push(EpochStats {
             epoch: 0,
-            lr: opt.groups().group_lr(0).map_err(err(&ctx("lr")))?,
+            lr: opt.groups().lr(0).map_err(err(&ctx("lr")))?,
             batch_loss: None,
             train_loss,
             train_acc,
@@ -685,7 +685,7 @@ fn train_one(
             Batching::FullBatch { steps } => Box::new(std::iter::repeat_n(&order[..], steps)),
         };
         for batch in batches {
-            lr = opt.groups().group_lr(0).map_err(err(&ctx("lr")))?;
+            lr = opt.groups().lr(0).map_err(err(&ctx("lr")))?;
             let mut closure_time = Duration::ZERO;
             let mut closure = |arena: &mut optarena::Arena<f32>| {
                 let t = Instant::now();

@@ -119,7 +119,7 @@ pub const ALGORITHMS: usize = 13;
 macro_rules! dispatch {
     ($k:expr, $f64:expr, $func:ident ( $($arg:expr),* )) => {
         match ($k % ALGORITHMS, $f64) {
-            (0, false) => $func::<f32, SgdAlgorithm>($($arg),*),
+            (0, false) => $func::<f32, SGDAlgorithm>($($arg),*),
             (1, false) => $func::<f32, AdamAlgorithm>($($arg),*),
             (2, false) => $func::<f32, AdamWAlgorithm>($($arg),*),
             (3, false) => $func::<f32, RAdamAlgorithm>($($arg),*),
@@ -129,12 +129,12 @@ macro_rules! dispatch {
             (7, false) => $func::<f32, AdadeltaAlgorithm>($($arg),*),
             (8, false) => $func::<f32, RMSpropAlgorithm>($($arg),*),
             (9, false) => $func::<f32, RpropAlgorithm>($($arg),*),
-            (10, false) => $func::<f32, AsgdAlgorithm>($($arg),*),
+            (10, false) => $func::<f32, ASGDAlgorithm>($($arg),*),
             (11, false) => $func::<f32, AdafactorAlgorithm>($($arg),*),
             (11, true) => $func::<f64, AdafactorAlgorithm>($($arg),*),
             (12, false) => $func::<f32, MuonAlgorithm>($($arg),*),
             (12, true) => $func::<f64, MuonAlgorithm>($($arg),*),
-            (0, true) => $func::<f64, SgdAlgorithm>($($arg),*),
+            (0, true) => $func::<f64, SGDAlgorithm>($($arg),*),
             (1, true) => $func::<f64, AdamAlgorithm>($($arg),*),
             (2, true) => $func::<f64, AdamWAlgorithm>($($arg),*),
             (3, true) => $func::<f64, RAdamAlgorithm>($($arg),*),
@@ -144,7 +144,7 @@ macro_rules! dispatch {
             (7, true) => $func::<f64, AdadeltaAlgorithm>($($arg),*),
             (8, true) => $func::<f64, RMSpropAlgorithm>($($arg),*),
             (9, true) => $func::<f64, RpropAlgorithm>($($arg),*),
-            _ => $func::<f64, AsgdAlgorithm>($($arg),*),
+            _ => $func::<f64, ASGDAlgorithm>($($arg),*),
         }
     };
 }
@@ -798,7 +798,7 @@ fn api_case<T: Float, A: Algorithm>(input: &mut Input<'_>) {
 // L-BFGS in targets 1 and 3: its own type, with closures
 
 /// Everything observable of an L-BFGS run: its state dict as JSON and the arena's values.
-fn lbfgs_observe<T: Float>(opt: &Lbfgs<T>, arena: &Arena<T>) -> (String, Vec<u64>) {
+fn lbfgs_observe<T: Float>(opt: &LBFGS<T>, arena: &Arena<T>) -> (String, Vec<u64>) {
     snapshot(opt.state_dict_json(), arena)
 }
 
@@ -817,14 +817,14 @@ pub fn quadratic<T: Float>(arena: &mut Arena<T>, coeffs: &[T], a: T) -> T {
 
 /// An L-BFGS over the standard arena with a config from the input, or `None` if the config
 /// is refused (which it must be exactly when it does not validate).
-fn lbfgs_from<T: Float>(input: &mut Input<'_>, arena: &Arena<T>) -> Option<Lbfgs<T>> {
-    let mut config: LbfgsConfig = config_from(input);
+fn lbfgs_from<T: Float>(input: &mut Input<'_>, arena: &Arena<T>) -> Option<LBFGS<T>> {
+    let mut config: LBFGSConfig = config_from(input);
     // A step may run `max_iter` iterations and `max_eval` closure calls, as in torch; the
     // fuzzer found 48-byte inputs asking for billions (minutes per input). Cap them so each
     // input stays fast; every other value is kept.
     config.max_iter = config.max_iter.min(40);
     config.max_eval = config.max_eval.map(|e| e.min(50));
-    let res = Lbfgs::new(arena, [ParamGroup::all()], config.clone());
+    let res = LBFGS::new(arena, [ParamGroup::all()], config.clone());
     assert_eq!(
         res.is_ok(),
         config.validate().is_ok(),
@@ -944,9 +944,9 @@ fn lbfgs_api_case<T: Float>(input: &mut Input<'_>) {
                 opt.load_state_dict_json(&json, by)
             }
             6 => {
-                let names = <LbfgsConfig as Hyperparams>::NAMES;
+                let names = <LBFGSConfig as Hyperparams>::NAMES;
                 let name = names[input.below(names.len())];
-                let like = LbfgsConfig::default().get(name).expect("listed");
+                let like = LBFGSConfig::default().get(name).expect("listed");
                 let value = hyper_like(input, &like);
                 opt.set_hyper(name, value)
             }
@@ -977,16 +977,16 @@ pub const SWALR_TAG: &[u8] = b"SWALR:";
 /// scheduler nor the optimizer; what loads saves and loads back to the same state and steps.
 fn swalr_decode(data: &[u8]) {
     use optarena::schedule::{SWALRConfig, SWALR};
-    use optarena::{GroupHyperparams, LrScheduler};
+    use optarena::LrScheduler;
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     let arena = standard_arena::<f64>();
-    let mut opt = standard_optimizer::<f64, SgdAlgorithm>(&arena);
+    let mut opt = standard_optimizer::<f64, SGDAlgorithm>(&arena);
     let mut s = SWALR::new(&mut opt, SWALRConfig::new(0.05)).expect("a valid SWALR");
-    let lrs = |o: &Optimizer<f64, SgdAlgorithm>| -> Vec<u64> {
+    let lrs = |o: &Optimizer<f64, SGDAlgorithm>| -> Vec<u64> {
         (0..o.num_groups())
-            .map(|g| o.group_lr(g).unwrap().to_bits())
+            .map(|g| o.lr(g).unwrap().to_bits())
             .collect()
     };
     let before = (s.state_dict_json().unwrap(), lrs(&opt));

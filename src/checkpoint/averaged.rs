@@ -62,6 +62,7 @@ use crate::buffer::Role;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::HyperValue;
+use crate::optimizer::load::match_model;
 use crate::state::{GroupDict, ParamRef};
 
 /// The metadata's `optimizer` field for an averaged model.
@@ -233,43 +234,26 @@ pub fn read<T: Float, R: Read + ?Sized>(
             describe(m.avg_fn())
         )));
     }
+    // Every parameter of the model by name, once, with its shape, and nothing else: the load
+    // pipeline's rule for a whole model's values (crate::optimizer::load::match_model).
     let layout = m.layout();
-    let mut expected = BTreeMap::new();
-    for p in &group.params {
-        let info = layout.iter().find(|i| i.name == p.name).ok_or_else(|| {
-            state_error(format!(
-                "the checkpoint stores parameter `{}`, which this model does not have",
-                p.name
-            ))
-        })?;
-        if info.shape != p.shape {
-            return Err(state_error(format!(
-                "parameter `{}` has shape {:?} in the checkpoint and {:?} in this model",
-                p.name, p.shape, info.shape
-            )));
-        }
-        let e = Expected {
-            shape: p.shape.clone(),
-            into: Into::Values {
-                buf: 0,
-                range: info.range(),
-            },
-        };
-        if expected.insert(module_tensor(&p.name), e).is_some() {
-            return Err(Error::Checkpoint(format!(
-                "parameter `{}` is stored twice",
-                p.name
-            )));
-        }
-    }
-    if let Some(missing) = layout
+    let saved = group
+        .params
         .iter()
-        .find(|i| !expected.contains_key(&module_tensor(&i.name)))
-    {
-        return Err(state_error(format!(
-            "the checkpoint does not store parameter `{}`",
-            missing.name
-        )));
+        .map(|p| (p.name.as_str(), Some(p.shape.as_slice())));
+    let matched =
+        match_model(layout, saved, "the checkpoint", "this model").map_err(|e| match e {
+            Error::StateDict(msg) => state_error(msg),
+            e => e,
+        })?;
+    let mut expected = BTreeMap::new();
+    for (p, i) in group.params.iter().zip(matched) {
+        let into = Into::Values {
+            buf: 0,
+            range: layout[i].range(),
+        };
+        let shape = p.shape.clone();
+        expected.insert(module_tensor(&p.name), Expected { shape, into });
     }
     expected.insert(
         N_AVERAGED_TENSOR.to_string(),

@@ -427,8 +427,12 @@ pub(crate) fn stage_optimizer<T: Float, A: Algorithm>(
     meta: &CheckpointMeta,
     by: MatchBy,
 ) -> Result<crate::optimizer::Staged<T, A>> {
-    let saved: Vec<SavedState<'_>> = meta
-        .state
+    opt.stage_load(&meta.optimizer, &meta.param_groups, &saved_states(meta), by)
+}
+
+/// A checkpoint's per-parameter states as the load pipeline reads them.
+pub(crate) fn saved_states(meta: &CheckpointMeta) -> Vec<SavedState<'_>> {
+    meta.state
         .iter()
         .map(|s| SavedState {
             index: s.index,
@@ -436,47 +440,30 @@ pub(crate) fn stage_optimizer<T: Float, A: Algorithm>(
             scalars: &s.scalars,
             buffers: &s.buffers,
         })
-        .collect();
-    opt.stage_load(&meta.optimizer, &meta.param_groups, &saved, by)
+        .collect()
 }
 
 /// A stored parameter's tensor name, shape and element range in the arena.
 pub(crate) type PlannedParam = (String, Vec<usize>, std::ops::Range<usize>);
 
 /// Matches stored parameter values to the arena's `layout` by name: every parameter of the
-/// arena must be stored once, with its shape (torch's strict `load_state_dict` of a model).
-/// Returns each tensor's name, shape and element range in the arena.
+/// arena must be stored once, with its shape (torch's strict `load_state_dict` of a model; the
+/// load pipeline's [`match_model`](crate::optimizer::load::match_model)). Returns each
+/// tensor's name, shape and element range in the arena.
 pub(crate) fn plan_params(
     layout: &[crate::arena::ParamInfo],
     stored: &[crate::arena::ParamInfo],
 ) -> Result<Vec<PlannedParam>> {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut out = Vec::with_capacity(stored.len());
-    for p in stored {
-        if !seen.insert(p.name.as_str()) {
-            return Err(bad(format!("parameter `{}` is stored twice", p.name)));
-        }
-        let info = layout.iter().find(|i| i.name == p.name).ok_or_else(|| {
-            Error::StateDict(format!(
-                "the checkpoint stores parameter `{}`, which the arena does not have",
-                p.name
-            ))
-        })?;
-        if info.shape != p.shape {
-            return Err(Error::StateDict(format!(
-                "parameter `{}` has shape {:?} in the checkpoint and {:?} in the arena",
-                p.name, p.shape, info.shape
-            )));
-        }
-        out.push((param_tensor(&p.name), p.shape.clone(), info.range()));
-    }
-    if let Some(missing) = layout.iter().find(|i| !seen.contains(i.name.as_str())) {
-        return Err(Error::StateDict(format!(
-            "the checkpoint does not store parameter `{}`",
-            missing.name
-        )));
-    }
-    Ok(out)
+    let saved = stored
+        .iter()
+        .map(|p| (p.name.as_str(), Some(p.shape.as_slice())));
+    let matched =
+        crate::optimizer::load::match_model(layout, saved, "the checkpoint", "the arena")?;
+    Ok(stored
+        .iter()
+        .zip(matched)
+        .map(|(p, i)| (param_tensor(&p.name), p.shape.clone(), layout[i].range()))
+        .collect())
 }
 
 /// Checks the file's tensor table against `expected` (every tensor announced, with its shape

@@ -31,7 +31,7 @@
 //! casts state. With `params`, the file must hold the values of every parameter of the arena
 //! (saved with the arena), which are restored too. On any error nothing has changed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -41,19 +41,16 @@ use super::format::{
     FORMAT_VERSION,
 };
 use super::tensors::{open, read_tensors, write_tensors, Expected, Into, Out};
+use super::{plan_params, saved_states, zeroed};
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::optim::{SparseAdam, SparseAdamConfig};
+use crate::optim::SparseAdam;
 
 /// The metadata's `optimizer` field.
 pub const KIND: &str = "SparseAdam";
 /// The state buffers, in file order (torch's keys).
-pub const BUFFERS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
-
-fn state_error(msg: String) -> Error {
-    Error::StateDict(format!("SparseAdam: {msg}"))
-}
+pub const BUFFERS: [&str; 2] = crate::optim::sparse_adam::BUFFERS;
 
 fn other_arena() -> Error {
     Error::ArenaMismatch("this SparseAdam optimizer was built for another arena".to_string())
@@ -149,88 +146,13 @@ pub fn read<T: Float, R: Read + ?Sized>(
     let header = read_header(r, file_len)?;
     let meta = &header.meta;
     FileDtype::from_name(&meta.dtype)?;
-    if meta.optimizer != KIND {
-        return Err(state_error(format!(
-            "the checkpoint was saved by {}, not by SparseAdam",
-            meta.optimizer
-        )));
-    }
-    let groups: Vec<&[usize]> = opt.group_params().collect();
-    if meta.param_groups.len() != groups.len() {
-        return Err(state_error(format!(
-            "the checkpoint has {} param groups, the optimizer {}",
-            meta.param_groups.len(),
-            groups.len()
-        )));
-    }
-    // Each group's options; saved parameter number -> arena position, by name.
-    let mut configs: Vec<SparseAdamConfig> = Vec::with_capacity(groups.len());
-    let mut map: BTreeMap<usize, usize> = BTreeMap::new();
-    for (gi, (saved, mine)) in meta.param_groups.iter().zip(&groups).enumerate() {
-        configs.push(SparseAdamConfig::from_hyperparams(&saved.hyperparams)?);
-        if saved.params.len() != mine.len() {
-            return Err(state_error(format!(
-                "group {gi} has {} parameters in the checkpoint, {} in the optimizer",
-                saved.params.len(),
-                mine.len()
-            )));
-        }
-        let mut names = BTreeSet::new();
-        for p in &saved.params {
-            let Some(&i) = mine.iter().find(|&&i| layout[i].name == p.name) else {
-                return Err(state_error(format!(
-                    "group {gi}: the checkpoint's parameter `{}` is not in the optimizer's group \
-                     {gi}",
-                    p.name
-                )));
-            };
-            if layout[i].shape != p.shape {
-                return Err(state_error(format!(
-                    "parameter `{}` has shape {:?} in the checkpoint and {:?} here",
-                    p.name, p.shape, layout[i].shape
-                )));
-            }
-            if !names.insert(p.name.as_str()) || map.insert(p.index, i).is_some() {
-                return Err(Error::Checkpoint(format!(
-                    "parameter `{}` (number {}) is listed twice",
-                    p.name, p.index
-                )));
-            }
-        }
-    }
-    let mut steps = vec![None; layout.len()];
+    // The load pipeline's checks, as the JSON load makes them (crate::optimizer::load).
+    let mut staged = opt.stage_load(&meta.optimizer, &meta.param_groups, &saved_states(meta))?;
     let mut expected = BTreeMap::new();
-    for s in &meta.state {
-        let Some(&i) = map.get(&s.index) else {
-            return Err(state_error(format!(
-                "state for parameter number {}, which no group lists",
-                s.index
-            )));
-        };
-        let name = &layout[i].name;
-        let Some(step) = s.step else {
-            return Err(state_error(format!(
-                "parameter `{name}` has state but no step"
-            )));
-        };
-        if steps[i].replace(step).is_some() {
-            return Err(state_error(format!("parameter `{name}` has state twice")));
-        }
-        if !s.scalars.is_empty() {
-            return Err(state_error(format!(
-                "parameter `{name}` has scalars {:?}; SparseAdam keeps none besides step",
-                s.scalars.keys().collect::<Vec<_>>()
-            )));
-        }
-        if s.buffers != BUFFERS {
-            return Err(state_error(format!(
-                "parameter `{name}` has buffers {:?}; expected exp_avg, exp_avg_sq",
-                s.buffers
-            )));
-        }
+    for (index, i) in staged.slots() {
         for (buf, b) in BUFFERS.iter().enumerate() {
             expected.insert(
-                state_tensor(s.index, b),
+                state_tensor(index, b),
                 Expected {
                     shape: layout[i].shape.clone(),
                     into: Into::Values {
@@ -244,52 +166,11 @@ pub fn read<T: Float, R: Read + ?Sized>(
     let mut staged_params: Option<Vec<T>> = None;
     match (&meta.params, &params) {
         (Some(stored), Some(arena)) => {
-            let mut seen = BTreeSet::new();
-            for p in stored {
-                if !seen.insert(p.name.as_str()) {
-                    return Err(Error::Checkpoint(format!(
-                        "parameter `{}` is stored twice",
-                        p.name
-                    )));
-                }
-                let info = arena
-                    .infos()
-                    .iter()
-                    .find(|i| i.name == p.name)
-                    .ok_or_else(|| {
-                        Error::StateDict(format!(
-                            "the checkpoint stores parameter `{}`, which the arena does not have",
-                            p.name
-                        ))
-                    })?;
-                if info.shape != p.shape {
-                    return Err(Error::StateDict(format!(
-                        "parameter `{}` has shape {:?} in the checkpoint and {:?} in the arena",
-                        p.name, p.shape, info.shape
-                    )));
-                }
-                expected.insert(
-                    param_tensor(&p.name),
-                    Expected {
-                        shape: p.shape.clone(),
-                        into: Into::Values {
-                            buf: 2,
-                            range: info.range(),
-                        },
-                    },
-                );
+            for (name, shape, range) in plan_params(layout, stored)? {
+                let into = Into::Values { buf: 2, range };
+                expected.insert(name, Expected { shape, into });
             }
-            if let Some(missing) = arena
-                .infos()
-                .iter()
-                .find(|i| !seen.contains(i.name.as_str()))
-            {
-                return Err(Error::StateDict(format!(
-                    "the checkpoint does not store parameter `{}`",
-                    missing.name
-                )));
-            }
-            staged_params = Some(vec![T::ZERO; arena.len()]);
+            staged_params = Some(zeroed(arena.len()));
         }
         (None, Some(_)) => {
             return Err(Error::StateDict(
@@ -313,16 +194,15 @@ pub fn read<T: Float, R: Read + ?Sized>(
         }
         (None, None) => {}
     }
-    let (mut m, mut v) = opt.staging_buffers();
     let mut values = staged_params.unwrap_or_default();
     read_tensors(
         r,
         &header,
         expected,
-        &mut [&mut m, &mut v, &mut values],
+        &mut [&mut staged.exp_avg, &mut staged.exp_avg_sq, &mut values],
         &mut [],
     )?;
-    opt.commit_loaded(configs, steps, m, v);
+    opt.commit_staged(staged);
     if let Some(arena) = params {
         // Staged above with the arena's length.
         arena.params_mut().copy_from_slice(&values);

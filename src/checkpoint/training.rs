@@ -89,7 +89,7 @@
 //! - Schedulers get their state only (torch's `load_state_dict`), not the lr it last set: the
 //!   optimizers come from the same file, with the lrs they had when it was saved, including an
 //!   lr set by hand after the scheduler stepped. The groups' `initial_lr` are restored too.
-//! - L-BFGS ([`Lbfgs`]) has no binary checkpoint: its state (flat vectors and the history) is
+//! - L-BFGS ([`LBFGS`]) has no binary checkpoint: its state (flat vectors and the history) is
 //!   saved as its JSON state dict inside the metadata (`OptimizerEntry::state_dict`), checked
 //!   and converted before anything changes, like the others. The metadata is limited to
 //!   100 MB (safetensors' header limit), about two million saved values.
@@ -111,7 +111,7 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::GroupHyperparams;
 use crate::mixed::{HalfBuffer, Storage};
-use crate::optim::lbfgs::{Lbfgs, LbfgsStateDict};
+use crate::optim::lbfgs::{LBFGSStateDict, LBFGS};
 use crate::optimizer::{Algorithm, Optimizer};
 use crate::scaler::GradScaler;
 use crate::schedule::LrScheduler;
@@ -241,7 +241,7 @@ mod sealed {
 
 use sealed::{AnyStaged, Sealed};
 
-/// An optimizer a training checkpoint can hold: every [`Optimizer`] (`Adam`, `AdamW`, `Sgd`,
+/// An optimizer a training checkpoint can hold: every [`Optimizer`] (`Adam`, `AdamW`, `SGD`,
 /// `Muon`, ...). Sealed: its methods are the binary checkpoint's.
 pub trait TrainingOptimizer<T: Float>: Sealed<T> + GroupHyperparams {
     /// torch's class name (`"AdamW"`).
@@ -304,17 +304,17 @@ impl<T: Float, A: Algorithm> Sealed<T> for Optimizer<T, A> {
 }
 
 /// L-BFGS: its state (flat vectors and a history over the group's parameters) is saved as its
-/// JSON state dict ([`Lbfgs::state_dict`]) in the metadata, and matched by parameter name on
-/// load, as [`Lbfgs::load_state_dict`] does; no tensors.
-impl<T: Float> TrainingOptimizer<T> for Lbfgs<T> {
+/// JSON state dict ([`LBFGS::state_dict`]) in the metadata, and matched by parameter name on
+/// load, as [`LBFGS::load_state_dict`] does; no tensors.
+impl<T: Float> TrainingOptimizer<T> for LBFGS<T> {
     fn kind(&self) -> &'static str {
         "LBFGS"
     }
 }
 
-impl<T: Float> Sealed<T> for Lbfgs<T> {
+impl<T: Float> Sealed<T> for LBFGS<T> {
     fn arena_identity(&self) -> u64 {
-        Lbfgs::arena_identity(self)
+        LBFGS::arena_identity(self)
     }
     fn state_tensors(&self) -> Result<(CheckpointMeta, sealed::StateTensors<'_>)> {
         let sd = self.state_dict();
@@ -346,11 +346,11 @@ impl<T: Float> Sealed<T> for Lbfgs<T> {
         }
         let dtype = v.get("dtype").and_then(Value::as_str).unwrap_or_default();
         let load = if dtype == <f64 as Float>::DTYPE {
-            let sd: LbfgsStateDict<f64> = serde_json::from_value(v.clone())
+            let sd: LBFGSStateDict<f64> = serde_json::from_value(v.clone())
                 .map_err(|e| Error::StateDict(format!("LBFGS state dict: {e}")))?;
             self.prepare_load(&sd, MatchBy::Name)?
         } else {
-            let sd: LbfgsStateDict<f32> = serde_json::from_value(v.clone())
+            let sd: LBFGSStateDict<f32> = serde_json::from_value(v.clone())
                 .map_err(|e| Error::StateDict(format!("LBFGS state dict: {e}")))?;
             self.prepare_load(&sd, MatchBy::Name)?
         };
@@ -369,7 +369,7 @@ impl<T: Float> Sealed<T> for Lbfgs<T> {
     }
     fn commit(&mut self, staged: AnyStaged) {
         let load = staged
-            .downcast::<crate::optim::lbfgs::LbfgsLoad<T>>()
+            .downcast::<crate::optim::lbfgs::LBFGSLoad<T>>()
             .expect("staged by this optimizer");
         self.commit_load(*load);
     }

@@ -39,7 +39,7 @@ use crate::scaler::StepWithOptions;
 /// as zeros); one that no rank gave a gradient keeps none and the step skips it, as torch's
 /// does. The presence flags cost one small all-reduce per step.
 ///
-/// L-BFGS (`Lbfgs`, not an [`Optimizer`]) cannot be wrapped: its line search re-evaluates the
+/// L-BFGS (`LBFGS`, not an [`Optimizer`]) cannot be wrapped: its line search re-evaluates the
 /// loss, which needs a collective of its own per evaluation.
 pub struct DataParallel<C: Communicator, T: Float + CommElem> {
     comm: C,

@@ -53,7 +53,7 @@ use crate::subnormals::Subnormals;
 ///
 /// ```compile_fail
 /// use optarena::distributed::{ShardedOptimizer, SingleProcess};
-/// let _ = ShardedOptimizer::<SingleProcess, f32, optarena::Lbfgs<f32>>::new;
+/// let _ = ShardedOptimizer::<SingleProcess, f32, optarena::LBFGS<f32>>::new;
 /// ```
 ///
 /// The arena's gradients are read, not rewritten (a parameter that only other ranks gave a
@@ -222,7 +222,8 @@ impl<C: Communicator, T: Float + CommElem, A: Algorithm> ShardedOptimizer<C, T, 
         self.inner.lr(index)
     }
 
-    /// Sets group `index`'s learning rate (on every rank alike).
+    /// Sets group `index`'s learning rate (on every rank alike), as [`Optimizer::set_lr`] and,
+    /// for code generic over optimizers, [`GroupHyperparams::set_lr`].
     pub fn set_lr(&mut self, index: usize, lr: f64) -> Result<()> {
         self.inner.set_lr(index, lr)
     }

@@ -8,7 +8,7 @@ use crate::float::{Float, Lane};
 /// Per-step scalars of ASGD, computed once per run from the parameter's `eta` and `mu` before
 /// they advance (as torch reads them).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AsgdCoeffs {
+pub struct ASGDCoeffs {
     /// `eta.item()`: the step's learning rate, an f32 value widened to f64.
     pub eta: f64,
     /// `1 - lambd * eta.item()`, computed in f64 (a Python float).
@@ -21,7 +21,7 @@ pub struct AsgdCoeffs {
     pub maximize: bool,
 }
 
-impl AsgdCoeffs {
+impl ASGDCoeffs {
     /// torch's `mu.item() != 1`: average (`ax += mu (θ − ax)`) instead of copying.
     pub fn averages(&self) -> bool {
         self.mu != 1.0
@@ -57,7 +57,7 @@ impl<T: Float> ElementOp<T, 1> for Op<T> {
 /// Fused ASGD over one piece: `bufs` is `[ax]`.
 pub fn fused<T: Float>(
     simd: SimdLevel,
-    c: &AsgdCoeffs,
+    c: &ASGDCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -68,7 +68,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(c: &AsgdCoeffs, grad_scale: f64, pass: P) {
+pub fn run<T: Float, P: Pass<T>>(c: &ASGDCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
         decay: T::from_f64(c.decay),
@@ -84,7 +84,7 @@ pub fn run<T: Float, P: Pass<T>>(c: &AsgdCoeffs, grad_scale: f64, pass: P) {
 
 /// torch's `_single_tensor_asgd` (not capturable), one pass per tensor operation.
 pub fn reference<T: Float>(
-    c: &AsgdCoeffs,
+    c: &ASGDCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -105,4 +105,9 @@ pub fn reference<T: Float>(
     } else {
         ax.copy_from_slice(p);
     }
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `ASGDCoeffs`, torch's spelling")]
+    AsgdCoeffs => ASGDCoeffs;
 }

@@ -104,6 +104,6 @@ macro_rules! moments_of {
 
 moments_of!(
     super::adam::AdamCoeffs,
-    super::radam::RadamCoeffs,
-    super::nadam::NadamCoeffs
+    super::radam::RAdamCoeffs,
+    super::nadam::NAdamCoeffs
 );

@@ -22,7 +22,7 @@ use crate::float::{Float, Lane};
 
 /// Per-step scalars of NAdam, computed once per run in f64 as torch does.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct NadamCoeffs {
+pub struct NAdamCoeffs {
     /// Learning rate.
     pub lr: f64,
     /// `beta1`.
@@ -45,7 +45,7 @@ pub struct NadamCoeffs {
     pub exp_avg_value: f64,
 }
 
-impl NadamCoeffs {
+impl NAdamCoeffs {
     /// torch's momentum cache `mu_t = beta1 (1 - 0.5 · 0.96^(t · momentum_decay))` (f64).
     pub fn mu(beta1: f64, momentum_decay: f64, step: f64) -> f64 {
         beta1 * (1.0 - 0.5 * 0.96f64.powf(step * momentum_decay))
@@ -71,7 +71,7 @@ impl NadamCoeffs {
         // torch: `mu_product_next = _get_value(mu_product) * mu_next`, a Python float.
         let mu_product = mu_product as f64;
         let mu_product_next = mu_product * mu_next;
-        NadamCoeffs {
+        NAdamCoeffs {
             lr,
             beta1,
             beta2,
@@ -115,7 +115,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 /// Fused NAdam over one piece: `bufs` is `[exp_avg, exp_avg_sq]`.
 pub fn fused<T: Float>(
     simd: SimdLevel,
-    c: &NadamCoeffs,
+    c: &NAdamCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -126,7 +126,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(c: &NadamCoeffs, grad_scale: f64, pass: P) {
+pub fn run<T: Float, P: Pass<T>>(c: &NAdamCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         moments: c.moments(grad_scale),
         inv_bc2: T::from_f64(c.inv_bias_correction2()),
@@ -143,7 +143,7 @@ pub fn run<T: Float, P: Pass<T>>(c: &NadamCoeffs, grad_scale: f64, pass: P) {
 /// torch's `_single_tensor_nadam`, one pass per tensor operation (with the reciprocals
 /// described in the module docs).
 pub fn reference<T: Float>(
-    c: &NadamCoeffs,
+    c: &NAdamCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -166,4 +166,9 @@ pub fn reference<T: Float>(
         .collect();
     passes::addcmul(p, &grad, &inv_denom, T::from_f64(c.grad_value));
     passes::addcmul(p, m, &inv_denom, T::from_f64(c.exp_avg_value));
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `NAdamCoeffs`, torch's spelling")]
+    NadamCoeffs => NAdamCoeffs;
 }

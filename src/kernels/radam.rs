@@ -23,7 +23,7 @@ use crate::float::{Float, Lane};
 
 /// Per-step scalars of RAdam, computed once per run in f64 as torch does.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RadamCoeffs {
+pub struct RAdamCoeffs {
     /// Learning rate.
     pub lr: f64,
     /// `beta1`.
@@ -46,7 +46,7 @@ pub struct RadamCoeffs {
     pub rect: Option<f64>,
 }
 
-impl RadamCoeffs {
+impl RAdamCoeffs {
     /// The scalars of step number `step` (1-based), with torch's formulas.
     pub fn new(
         lr: f64,
@@ -66,7 +66,7 @@ impl RadamCoeffs {
             ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
                 .powf(0.5)
         });
-        RadamCoeffs {
+        RAdamCoeffs {
             lr,
             beta1,
             beta2,
@@ -116,7 +116,7 @@ impl<T: Float> ElementOp<T, 2> for Op<T> {
 /// Fused RAdam over one piece: `bufs` is `[exp_avg, exp_avg_sq]`.
 pub fn fused<T: Float>(
     simd: SimdLevel,
-    c: &RadamCoeffs,
+    c: &RAdamCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -127,7 +127,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(c: &RadamCoeffs, grad_scale: f64, pass: P) {
+pub fn run<T: Float, P: Pass<T>>(c: &RAdamCoeffs, grad_scale: f64, pass: P) {
     let op = Op {
         moments: c.moments(grad_scale),
         eps: T::from_f64(c.eps),
@@ -143,7 +143,7 @@ pub fn run<T: Float, P: Pass<T>>(c: &RadamCoeffs, grad_scale: f64, pass: P) {
 /// torch's `_single_tensor_radam`, one pass per tensor operation, with the per-step scalars
 /// folded into one factor (see the module docs).
 pub fn reference<T: Float>(
-    c: &RadamCoeffs,
+    c: &RAdamCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -164,4 +164,9 @@ pub fn reference<T: Float>(
         }
     }
     passes::add_scaled(p, &update, -T::ONE);
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `RAdamCoeffs`, torch's spelling")]
+    RadamCoeffs => RAdamCoeffs;
 }

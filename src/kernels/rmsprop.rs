@@ -8,7 +8,7 @@ use crate::float::{Float, Lane};
 /// Per-step scalars of RMSprop (f64, as torch's Python floats). RMSprop's update does not
 /// depend on the step number.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RmspropCoeffs {
+pub struct RMSpropCoeffs {
     /// Learning rate.
     pub lr: f64,
     /// Smoothing constant of the square (and gradient) averages.
@@ -25,7 +25,7 @@ pub struct RmspropCoeffs {
     pub maximize: bool,
 }
 
-impl RmspropCoeffs {
+impl RMSpropCoeffs {
     /// Whether the `momentum_buffer` is kept and used (torch: `momentum > 0`).
     pub fn uses_momentum(&self) -> bool {
         self.momentum > 0.0
@@ -128,7 +128,7 @@ impl<T: Float> ElementOp<T, 3> for CenteredMomentum<T> {
     }
 }
 
-fn op<T: Float>(c: &RmspropCoeffs, grad_scale: f64) -> Op<T> {
+fn op<T: Float>(c: &RMSpropCoeffs, grad_scale: f64) -> Op<T> {
     let w = T::from_f64(1.0 - c.alpha);
     Op {
         prologue: Prologue::new(grad_scale, c.maximize, c.weight_decay),
@@ -145,7 +145,7 @@ fn op<T: Float>(c: &RmspropCoeffs, grad_scale: f64) -> Op<T> {
 /// `momentum > 0`, then `grad_avg` when centered.
 pub fn fused<T: Float>(
     simd: SimdLevel,
-    c: &RmspropCoeffs,
+    c: &RMSpropCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -156,7 +156,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(c: &RmspropCoeffs, grad_scale: f64, pass: P) {
+pub fn run<T: Float, P: Pass<T>>(c: &RMSpropCoeffs, grad_scale: f64, pass: P) {
     let op = op::<T>(c, grad_scale);
     match (pass.buffers(), c.uses_momentum(), c.centered) {
         (1, false, false) => pass.run::<1, _>(&Plain(op)),
@@ -169,7 +169,7 @@ pub fn run<T: Float, P: Pass<T>>(c: &RmspropCoeffs, grad_scale: f64, pass: P) {
 
 /// torch's `_single_tensor_rmsprop`, one pass per tensor operation.
 pub fn reference<T: Float>(
-    c: &RmspropCoeffs,
+    c: &RMSpropCoeffs,
     grad_scale: f64,
     p: &mut [T],
     g: &[T],
@@ -216,4 +216,9 @@ pub fn reference<T: Float>(
         // param.addcdiv_(grad, avg, value=-lr)
         None => passes::addcdiv(p, &grad, &avg, T::from_f64(-c.lr)),
     }
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `RMSpropCoeffs`, torch's spelling")]
+    RmspropCoeffs => RMSpropCoeffs;
 }

@@ -7,7 +7,7 @@ use crate::float::{Float, Lane};
 
 /// Per-step scalars of SGD (f64, as torch's Python floats).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SgdCoeffs {
+pub struct SGDCoeffs {
     /// Learning rate.
     pub lr: f64,
     /// Momentum factor (0 disables the buffer).
@@ -58,7 +58,7 @@ impl<T: Float> ElementOp<T, 1> for Op<T> {
     }
 }
 
-fn op<T: Float>(c: &SgdCoeffs, fresh: bool, grad_scale: f64) -> Op<T> {
+fn op<T: Float>(c: &SGDCoeffs, fresh: bool, grad_scale: f64) -> Op<T> {
     Op {
         neg_lr: T::from_f64(-c.lr),
         momentum: T::from_f64(c.momentum),
@@ -72,7 +72,7 @@ fn op<T: Float>(c: &SgdCoeffs, fresh: bool, grad_scale: f64) -> Op<T> {
 /// Fused SGD over one piece. `bufs` is empty (no momentum) or holds `momentum_buffer`.
 pub fn fused<T: Float>(
     simd: SimdLevel,
-    c: &SgdCoeffs,
+    c: &SGDCoeffs,
     fresh: bool,
     grad_scale: f64,
     p: &mut [T],
@@ -84,7 +84,7 @@ pub fn fused<T: Float>(
 
 /// The fused kernel of [`fused`] over any [`Pass`]: the f32/f64 slices of a plain step, or
 /// the half-precision streams of a mixed-precision one ([`crate::mixed`]).
-pub fn run<T: Float, P: Pass<T>>(c: &SgdCoeffs, fresh: bool, grad_scale: f64, pass: P) {
+pub fn run<T: Float, P: Pass<T>>(c: &SGDCoeffs, fresh: bool, grad_scale: f64, pass: P) {
     let op = op::<T>(c, fresh, grad_scale);
     match pass.buffers() {
         0 => pass.run::<0, _>(&op),
@@ -95,7 +95,7 @@ pub fn run<T: Float, P: Pass<T>>(c: &SgdCoeffs, fresh: bool, grad_scale: f64, pa
 
 /// torch's `_single_tensor_sgd`, one pass per tensor operation.
 pub fn reference<T: Float>(
-    c: &SgdCoeffs,
+    c: &SGDCoeffs,
     fresh: bool,
     grad_scale: f64,
     p: &mut [T],
@@ -117,4 +117,9 @@ pub fn reference<T: Float>(
         }
     }
     passes::add_scaled(p, &grad, T::from_f64(-c.lr));
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `SGDCoeffs`, torch's spelling")]
+    SgdCoeffs => SGDCoeffs;
 }

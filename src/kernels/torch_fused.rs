@@ -25,7 +25,7 @@
 
 use super::adagrad::AdagradCoeffs;
 use super::adam::AdamCoeffs;
-use super::sgd::SgdCoeffs;
+use super::sgd::SGDCoeffs;
 use super::{ElementOp, Pass};
 use crate::float::Lane;
 
@@ -50,7 +50,7 @@ impl Grad {
     }
 }
 
-struct SgdOp {
+struct SGDOp {
     grad: Grad,
     neg_lr: f32,
     momentum: f32,
@@ -59,7 +59,7 @@ struct SgdOp {
     fresh: bool,
 }
 
-impl ElementOp<f32, 0> for SgdOp {
+impl ElementOp<f32, 0> for SGDOp {
     #[inline(always)]
     fn apply<V: Lane<Elem = f32>>(&self, p: V, g: V, _: &mut [V; 0]) -> V {
         let g = self.grad.apply(p, g);
@@ -67,7 +67,7 @@ impl ElementOp<f32, 0> for SgdOp {
     }
 }
 
-impl ElementOp<f32, 1> for SgdOp {
+impl ElementOp<f32, 1> for SGDOp {
     #[inline(always)]
     fn apply<V: Lane<Elem = f32>>(&self, p: V, g: V, s: &mut [V; 1]) -> V {
         let g = self.grad.apply(p, g);
@@ -87,8 +87,8 @@ impl ElementOp<f32, 1> for SgdOp {
 }
 
 /// torch's fused SGD over `pass`.
-pub fn sgd<P: Pass<f32>>(c: &SgdCoeffs, fresh: bool, grad_scale: f64, pass: P) {
-    let op = SgdOp {
+pub fn sgd<P: Pass<f32>>(c: &SGDCoeffs, fresh: bool, grad_scale: f64, pass: P) {
+    let op = SGDOp {
         grad: Grad {
             scale: grad_scale as f32,
             maximize: c.maximize,

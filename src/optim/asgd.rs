@@ -4,13 +4,13 @@ use crate::arena::Param;
 use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
-use crate::kernels::asgd::{self as kernel, AsgdCoeffs};
+use crate::kernels::asgd::{self as kernel, ASGDCoeffs};
 use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer, ParamScalars};
 
 hyperparams! {
-    /// Hyperparameters of [`Asgd`], with torch's names and defaults.
-    pub struct AsgdConfig for "ASGD" {
+    /// Hyperparameters of [`ASGD`], with torch's names and defaults.
+    pub struct ASGDConfig for "ASGD" {
         /// Learning rate.
         lr: f64 = 1e-2,
         /// Decay term: both the weight shrinkage `1 − λη` and the learning-rate decay.
@@ -26,7 +26,7 @@ hyperparams! {
     }
 }
 
-impl AsgdConfig {
+impl ASGDConfig {
     fn check(&self) -> Result<()> {
         // torch's order: lr, lambd, alpha, weight_decay.
         check::lr(self.lr)?;
@@ -48,14 +48,14 @@ impl AsgdConfig {
 /// ASGD's per-parameter scalars: torch keeps `eta` and `mu` as float32 0-dim tensors, so both
 /// always hold f32 values here too (widened to f64).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct AsgdScalars {
+pub struct ASGDScalars {
     /// The learning rate of the parameter's next step.
     pub eta: f64,
     /// The averaging weight of the parameter's next step (1 until `t0` steps have passed).
     pub mu: f64,
 }
 
-impl ParamScalars for AsgdScalars {
+impl ParamScalars for ASGDScalars {
     const NAMES: &'static [&'static str] = &["eta", "mu"];
 
     fn values(&self) -> Vec<f64> {
@@ -64,7 +64,7 @@ impl ParamScalars for AsgdScalars {
 
     /// Rounds to f32, as loading into torch's float32 state tensors does.
     fn from_values(values: &[f64]) -> Self {
-        AsgdScalars {
+        ASGDScalars {
             eta: f32_value(values.first().copied().unwrap_or(f64::NAN)),
             mu: f32_value(values.get(1).copied().unwrap_or(f64::NAN)),
         }
@@ -76,14 +76,14 @@ fn f32_value(x: f64) -> f64 {
     x as f32 as f64
 }
 
-/// The ASGD algorithm (see [`Asgd`]).
+/// The ASGD algorithm (see [`ASGD`]).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct AsgdAlgorithm;
+pub struct ASGDAlgorithm;
 
 /// Averaged SGD (torch's `ASGD`): SGD with a decaying learning rate that also keeps `ax`, a
 /// running (Polyak–Ruppert) average of the iterates. The average, not the last iterate, is the
-/// estimate with the optimal convergence rate: read it with [`Asgd::averaged`]. Each
-/// parameter's `eta` and `mu` ([`AsgdScalars`]) are read with [`Optimizer::scalars`].
+/// estimate with the optimal convergence rate: read it with [`ASGD::averaged`]. Each
+/// parameter's `eta` and `mu` ([`ASGDScalars`]) are read with [`Optimizer::scalars`].
 ///
 /// With `g` the gradient (negated when `maximize`), step `t`, and the parameter's `η` and `μ`
 /// (starting at `lr` and 1):
@@ -107,13 +107,13 @@ pub struct AsgdAlgorithm;
 /// Stochastic Gradient Descent" (COMPSTAT 2010). State: `step`, `eta`, `mu`, `ax`.
 ///
 /// ```
-/// use optarena::{ArenaBuilder, Asgd, AsgdConfig, ParamGroup};
+/// use optarena::{ArenaBuilder, ASGD, ASGDConfig, ParamGroup};
 ///
 /// let mut b = ArenaBuilder::<f64>::new();
 /// let w = b.param("w", &[2], &[1.0, -1.0])?;
 /// let mut arena = b.build();
-/// let config = AsgdConfig::default().with_lr(0.1).with_t0(10.0);
-/// let mut opt = Asgd::new(&arena, [ParamGroup::all()], config)?;
+/// let config = ASGDConfig::default().with_lr(0.1).with_t0(10.0);
+/// let mut opt = ASGD::new(&arena, [ParamGroup::all()], config)?;
 /// assert!(opt.averaged(w).is_none(), "no average before the first step");
 /// for _ in 0..100 {
 ///     // loss = ½‖w‖²: the gradient is w itself.
@@ -127,9 +127,9 @@ pub struct AsgdAlgorithm;
 /// assert!(average[0].abs() < 1.0);
 /// # Ok::<(), optarena::Error>(())
 /// ```
-pub type Asgd<T> = Optimizer<T, AsgdAlgorithm>;
+pub type ASGD<T> = Optimizer<T, ASGDAlgorithm>;
 
-impl<T: Float> Optimizer<T, AsgdAlgorithm> {
+impl<T: Float> Optimizer<T, ASGDAlgorithm> {
     /// The averaged value of `param` (torch's `optimizer.state[p]["ax"]`): the reason to use
     /// ASGD. `None` before the parameter's first step (or if it is not in this optimizer).
     ///
@@ -140,19 +140,19 @@ impl<T: Float> Optimizer<T, AsgdAlgorithm> {
     }
 }
 
-impl Algorithm for AsgdAlgorithm {
+impl Algorithm for ASGDAlgorithm {
     const NAME: &'static str = "ASGD";
-    type Config = AsgdConfig;
-    type Scalars = AsgdScalars;
-    type Coeffs = AsgdCoeffs;
+    type Config = ASGDConfig;
+    type Scalars = ASGDScalars;
+    type Coeffs = ASGDCoeffs;
 
-    fn buffers(_: &AsgdConfig) -> &'static [&'static str] {
+    fn buffers(_: &ASGDConfig) -> &'static [&'static str] {
         &["ax"]
     }
 
     /// torch: `eta = torch.as_tensor(lr, dtype=float32)`, `mu = torch.ones(())`.
-    fn init_scalars(c: &AsgdConfig) -> AsgdScalars {
-        AsgdScalars {
+    fn init_scalars(c: &ASGDConfig) -> ASGDScalars {
+        ASGDScalars {
             eta: f32_value(c.lr),
             mu: 1.0,
         }
@@ -160,8 +160,8 @@ impl Algorithm for AsgdAlgorithm {
 
     /// The step uses the `eta` and `mu` left by the previous step; then both advance from the
     /// new step count, in f64 Python arithmetic, stored as f32.
-    fn prepare(c: &AsgdConfig, step: u64, s: &mut AsgdScalars) -> AsgdCoeffs {
-        let coeffs = AsgdCoeffs {
+    fn prepare(c: &ASGDConfig, step: u64, s: &mut ASGDScalars) -> ASGDCoeffs {
+        let coeffs = ASGDCoeffs {
             eta: s.eta,
             decay: 1.0 - c.lambd * s.eta,
             mu: s.mu,
@@ -177,17 +177,28 @@ impl Algorithm for AsgdAlgorithm {
         coeffs
     }
 
-    fn fused<T: Float>(a: &KernelArgs<AsgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn fused<T: Float>(a: &KernelArgs<ASGDCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     const MIXED_PRECISION: bool = true;
 
-    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<AsgdCoeffs>, pass: P) {
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<ASGDCoeffs>, pass: P) {
         kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
-    fn reference<T: Float>(a: &KernelArgs<AsgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn reference<T: Float>(a: &KernelArgs<ASGDCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::reference(&a.coeffs, a.grad_scale, p, g, b)
     }
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `ASGD`, torch's spelling")]
+    Asgd<T> => ASGD;
+    #[deprecated(since = "0.2.0", note = "renamed to `ASGDConfig`, torch's spelling")]
+    AsgdConfig => ASGDConfig;
+    #[deprecated(since = "0.2.0", note = "renamed to `ASGDAlgorithm`, torch's spelling")]
+    AsgdAlgorithm => ASGDAlgorithm;
+    #[deprecated(since = "0.2.0", note = "renamed to `ASGDScalars`, torch's spelling")]
+    AsgdScalars => ASGDScalars;
 }

@@ -21,12 +21,21 @@ pub use adafactor::{Adafactor, AdafactorAlgorithm, AdafactorConfig};
 pub use adagrad::{Adagrad, AdagradAlgorithm, AdagradConfig};
 pub use adam::{Adam, AdamAlgorithm, AdamConfig, AdamW, AdamWAlgorithm, AdamWConfig};
 pub use adamax::{Adamax, AdamaxAlgorithm, AdamaxConfig};
-pub use asgd::{Asgd, AsgdAlgorithm, AsgdConfig, AsgdScalars};
-pub use lbfgs::{Lbfgs, LbfgsConfig, LbfgsState, LbfgsStateDict, LineSearch};
+pub use asgd::{ASGDAlgorithm, ASGDConfig, ASGDScalars, ASGD};
+pub use lbfgs::{LBFGSConfig, LBFGSState, LBFGSStateDict, LineSearch, LBFGS};
 pub use muon::{Muon, MuonAlgorithm, MuonConfig, NsPrecision};
 pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig, NAdamScalars};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RMSprop, RMSpropAlgorithm, RMSpropConfig};
 pub use rprop::{Rprop, RpropAlgorithm, RpropConfig};
-pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};
+pub use sgd::{SGDAlgorithm, SGDConfig, SGD};
 pub use sparse_adam::{SparseAdam, SparseAdamConfig, SparseGrad};
+
+// The names before torch's spelling (README's "Naming"), kept where they were so downstream code
+// still builds, with a deprecation warning.
+#[allow(deprecated)]
+pub use asgd::{Asgd, AsgdAlgorithm, AsgdConfig, AsgdScalars};
+#[allow(deprecated)]
+pub use lbfgs::{Lbfgs, LbfgsConfig, LbfgsState, LbfgsStateDict};
+#[allow(deprecated)]
+pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};

@@ -3,7 +3,7 @@
 use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
-use crate::kernels::nadam::{self as kernel, NadamCoeffs};
+use crate::kernels::nadam::{self as kernel, NAdamCoeffs};
 use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer, ParamScalars};
 
@@ -104,18 +104,18 @@ impl Algorithm for NAdamAlgorithm {
     const NAME: &'static str = "NAdam";
     type Config = NAdamConfig;
     type Scalars = NAdamScalars;
-    type Coeffs = NadamCoeffs;
+    type Coeffs = NAdamCoeffs;
 
     fn buffers(_: &NAdamConfig) -> &'static [&'static str] {
         &["exp_avg", "exp_avg_sq"]
     }
 
-    fn prepare(c: &NAdamConfig, step: u64, s: &mut NAdamScalars) -> NadamCoeffs {
+    fn prepare(c: &NAdamConfig, step: u64, s: &mut NAdamScalars) -> NAdamCoeffs {
         // torch: `mu_product *= mu` on a float32 0-dim tensor: the Python float `mu` is
         // rounded to f32 and the product rounded to f32.
-        let mu = NadamCoeffs::mu(c.betas.0, c.momentum_decay, step as f64);
+        let mu = NAdamCoeffs::mu(c.betas.0, c.momentum_decay, step as f64);
         s.mu_product *= mu as f32;
-        NadamCoeffs::new(
+        NAdamCoeffs::new(
             c.lr,
             c.betas,
             c.eps,
@@ -128,17 +128,17 @@ impl Algorithm for NAdamAlgorithm {
         )
     }
 
-    fn fused<T: Float>(a: &KernelArgs<NadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn fused<T: Float>(a: &KernelArgs<NAdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     const MIXED_PRECISION: bool = true;
 
-    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<NadamCoeffs>, pass: P) {
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<NAdamCoeffs>, pass: P) {
         kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
-    fn reference<T: Float>(a: &KernelArgs<NadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn reference<T: Float>(a: &KernelArgs<NAdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::reference(&a.coeffs, a.grad_scale, p, g, b)
     }
 }

@@ -3,7 +3,7 @@
 use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
-use crate::kernels::radam::{self as kernel, RadamCoeffs};
+use crate::kernels::radam::{self as kernel, RAdamCoeffs};
 use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer};
 
@@ -63,14 +63,14 @@ impl Algorithm for RAdamAlgorithm {
     const NAME: &'static str = "RAdam";
     type Config = RAdamConfig;
     type Scalars = ();
-    type Coeffs = RadamCoeffs;
+    type Coeffs = RAdamCoeffs;
 
     fn buffers(_: &RAdamConfig) -> &'static [&'static str] {
         &["exp_avg", "exp_avg_sq"]
     }
 
-    fn prepare(c: &RAdamConfig, step: u64, _: &mut ()) -> RadamCoeffs {
-        RadamCoeffs::new(
+    fn prepare(c: &RAdamConfig, step: u64, _: &mut ()) -> RAdamCoeffs {
+        RAdamCoeffs::new(
             c.lr,
             c.betas,
             c.eps,
@@ -81,17 +81,17 @@ impl Algorithm for RAdamAlgorithm {
         )
     }
 
-    fn fused<T: Float>(a: &KernelArgs<RadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn fused<T: Float>(a: &KernelArgs<RAdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     const MIXED_PRECISION: bool = true;
 
-    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<RadamCoeffs>, pass: P) {
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<RAdamCoeffs>, pass: P) {
         kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
-    fn reference<T: Float>(a: &KernelArgs<RadamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn reference<T: Float>(a: &KernelArgs<RAdamCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::reference(&a.coeffs, a.grad_scale, p, g, b)
     }
 }

@@ -3,7 +3,7 @@
 use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
-use crate::kernels::rmsprop::{self as kernel, RmspropCoeffs};
+use crate::kernels::rmsprop::{self as kernel, RMSpropCoeffs};
 use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer};
 
@@ -77,7 +77,7 @@ impl Algorithm for RMSpropAlgorithm {
     const NAME: &'static str = "RMSprop";
     type Config = RMSpropConfig;
     type Scalars = ();
-    type Coeffs = RmspropCoeffs;
+    type Coeffs = RMSpropCoeffs;
 
     fn buffers(c: &RMSpropConfig) -> &'static [&'static str] {
         match (c.momentum > 0.0, c.centered) {
@@ -88,8 +88,8 @@ impl Algorithm for RMSpropAlgorithm {
         }
     }
 
-    fn prepare(c: &RMSpropConfig, _step: u64, _: &mut ()) -> RmspropCoeffs {
-        RmspropCoeffs {
+    fn prepare(c: &RMSpropConfig, _step: u64, _: &mut ()) -> RMSpropCoeffs {
+        RMSpropCoeffs {
             lr: c.lr,
             alpha: c.alpha,
             eps: c.eps,
@@ -100,18 +100,18 @@ impl Algorithm for RMSpropAlgorithm {
         }
     }
 
-    fn fused<T: Float>(a: &KernelArgs<RmspropCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn fused<T: Float>(a: &KernelArgs<RMSpropCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.grad_scale, p, g, b)
     }
 
     const MIXED_PRECISION: bool = true;
 
-    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<RmspropCoeffs>, pass: P) {
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<RMSpropCoeffs>, pass: P) {
         kernel::run(&a.coeffs, a.grad_scale, pass)
     }
 
     fn reference<T: Float>(
-        a: &KernelArgs<RmspropCoeffs>,
+        a: &KernelArgs<RMSpropCoeffs>,
         p: &mut [T],
         g: &[T],
         b: &mut [&mut [T]],

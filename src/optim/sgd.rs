@@ -3,13 +3,13 @@
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{check, hyperparams};
-use crate::kernels::sgd::{self as kernel, SgdCoeffs};
+use crate::kernels::sgd::{self as kernel, SGDCoeffs};
 use crate::kernels::Pass;
 use crate::optimizer::{Algorithm, KernelArgs, Optimizer};
 
 hyperparams! {
-    /// Hyperparameters of [`Sgd`], with torch's names and defaults.
-    pub struct SgdConfig for "SGD" {
+    /// Hyperparameters of [`SGD`], with torch's names and defaults.
+    pub struct SGDConfig for "SGD" {
         /// Learning rate (torch's default since 2.x: `1e-3`).
         lr: f64 = 1e-3,
         /// Momentum factor.
@@ -25,7 +25,7 @@ hyperparams! {
     }
 }
 
-impl SgdConfig {
+impl SGDConfig {
     fn check(&self) -> Result<()> {
         check::lr(self.lr)?;
         check::momentum(self.momentum)?;
@@ -43,9 +43,9 @@ impl SgdConfig {
     }
 }
 
-/// The SGD algorithm (see [`Sgd`]).
+/// The SGD algorithm (see [`SGD`]).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SgdAlgorithm;
+pub struct SGDAlgorithm;
 
 /// Stochastic gradient descent, optionally with momentum (torch's `SGD`).
 ///
@@ -63,16 +63,16 @@ pub struct SgdAlgorithm;
 /// Momentum as in Sutskever et al., "On the importance of initialization and momentum in deep
 /// learning" (ICML 2013); Nesterov's variant from Nesterov (1983). State: `momentum_buffer`
 /// when `momentum ≠ 0`; SGD keeps no step count.
-pub type Sgd<T> = Optimizer<T, SgdAlgorithm>;
+pub type SGD<T> = Optimizer<T, SGDAlgorithm>;
 
-impl Algorithm for SgdAlgorithm {
+impl Algorithm for SGDAlgorithm {
     const NAME: &'static str = "SGD";
     const TRACKS_STEP: bool = false;
-    type Config = SgdConfig;
+    type Config = SGDConfig;
     type Scalars = ();
-    type Coeffs = SgdCoeffs;
+    type Coeffs = SGDCoeffs;
 
-    fn buffers(config: &SgdConfig) -> &'static [&'static str] {
+    fn buffers(config: &SGDConfig) -> &'static [&'static str] {
         if config.momentum != 0.0 {
             &["momentum_buffer"]
         } else {
@@ -80,8 +80,8 @@ impl Algorithm for SgdAlgorithm {
         }
     }
 
-    fn prepare(c: &SgdConfig, _step: u64, _: &mut ()) -> SgdCoeffs {
-        SgdCoeffs {
+    fn prepare(c: &SGDConfig, _step: u64, _: &mut ()) -> SGDCoeffs {
+        SGDCoeffs {
             lr: c.lr,
             momentum: c.momentum,
             dampening: c.dampening,
@@ -91,21 +91,30 @@ impl Algorithm for SgdAlgorithm {
         }
     }
 
-    fn fused<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn fused<T: Float>(a: &KernelArgs<SGDCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::fused(a.simd, &a.coeffs, a.fresh, a.grad_scale, p, g, b)
     }
 
     const MIXED_PRECISION: bool = true;
 
-    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<SgdCoeffs>, pass: P) {
+    fn fused_pass<T: Float, P: Pass<T>>(a: &KernelArgs<SGDCoeffs>, pass: P) {
         kernel::run(&a.coeffs, a.fresh, a.grad_scale, pass)
     }
 
-    fn torch_fused_pass<P: Pass<f32>>(a: &KernelArgs<SgdCoeffs>, pass: P) {
+    fn torch_fused_pass<P: Pass<f32>>(a: &KernelArgs<SGDCoeffs>, pass: P) {
         crate::kernels::torch_fused::sgd(&a.coeffs, a.fresh, a.grad_scale, pass)
     }
 
-    fn reference<T: Float>(a: &KernelArgs<SgdCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
+    fn reference<T: Float>(a: &KernelArgs<SGDCoeffs>, p: &mut [T], g: &[T], b: &mut [&mut [T]]) {
         kernel::reference(&a.coeffs, a.fresh, a.grad_scale, p, g, b)
     }
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `SGD`, torch's spelling")]
+    Sgd<T> => SGD;
+    #[deprecated(since = "0.2.0", note = "renamed to `SGDConfig`, torch's spelling")]
+    SgdConfig => SGDConfig;
+    #[deprecated(since = "0.2.0", note = "renamed to `SGDAlgorithm`, torch's spelling")]
+    SgdAlgorithm => SGDAlgorithm;
 }

@@ -12,7 +12,15 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::hyper::{unknown, GroupHyperparams, HyperField, HyperValue, Hyperparams};
 use crate::kernels::sparse_adam::{row_fused, row_reference, SparseAdamCoeffs};
-use crate::state::{GroupDict, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
+use crate::optimizer::load::{
+    check_buffer_len, check_header, check_kind, match_groups, saved_step, stage_once, state_target,
+    with_saved_states,
+};
+use crate::optimizer::SavedState;
+use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, StateDict, STATE_DICT_FORMAT};
+
+/// SparseAdam's state buffers, torch's keys, in saved order.
+pub(crate) const BUFFERS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 use crate::subnormals::Subnormals;
 
 fn default_lr() -> f64 {
@@ -464,7 +472,8 @@ impl<T: Float> SparseAdam<T> {
     }
 
     /// Sets the learning rate of group `g` (0 or more: see
-    /// [`SparseAdamConfig::check_group`]).
+    /// [`SparseAdamConfig::check_group`]), as [`Optimizer::set_lr`](crate::Optimizer::set_lr)
+    /// and, for code generic over optimizers, [`GroupHyperparams::set_lr`].
     pub fn set_lr(&mut self, g: usize, lr: f64) -> Result<()> {
         self.set_hyper(g, "lr", lr)
     }
@@ -721,35 +730,77 @@ impl<T: Float> SparseAdam<T> {
         )
     }
 
-    /// The parameters (arena positions) of each group.
-    pub(crate) fn group_params(&self) -> impl Iterator<Item = &[usize]> {
-        self.groups.iter().map(|g| g.params.as_slice())
+    /// Checks saved groups and states against this optimizer (the [load
+    /// pipeline](crate::optimizer::load): kind, group count, each group's options from the
+    /// saved ones, parameters paired by name within each group with their shapes, one state
+    /// per listed parameter with its step and exactly `exp_avg` and `exp_avg_sq`) and stages
+    /// zeroed state buffers for the values. The JSON and the binary load both go through it;
+    /// nothing changes until [`commit_staged`](Self::commit_staged).
+    pub(crate) fn stage_load(
+        &self,
+        optimizer: &str,
+        saved_groups: &[GroupDict],
+        saved_states: &[SavedState<'_>],
+    ) -> Result<SparseStaged<T>> {
+        check_kind(optimizer, "SparseAdam")?;
+        let ours: Vec<(&SparseAdamConfig, &[usize])> = self
+            .groups
+            .iter()
+            .map(|g| (&g.config, g.params.as_slice()))
+            .collect();
+        // Parameters are always matched by name: the groups hold the same parameters, in any
+        // order.
+        let (configs, target) = match_groups(
+            saved_groups,
+            &ours,
+            &self.layout,
+            MatchBy::Name,
+            |_, _, h| SparseAdamConfig::from_hyperparams(h),
+        )?;
+        let mut steps = vec![None; self.steps.len()];
+        let mut slots = BTreeMap::new();
+        for ps in saved_states {
+            let (gi, j) = state_target(&target, ps.index)?;
+            let i = self.groups[gi].params[j];
+            let name = &self.layout[i].name;
+            let step = saved_step(name, ps.step)?;
+            if !ps.scalars.is_empty() {
+                return Err(Error::StateDict(format!(
+                    "parameter `{name}` has scalars {:?}; SparseAdam keeps none besides step",
+                    ps.scalars.keys().collect::<Vec<_>>()
+                )));
+            }
+            if *ps.buffers != BUFFERS {
+                return Err(Error::StateDict(format!(
+                    "parameter `{name}` has buffers {:?}; expected exp_avg, exp_avg_sq",
+                    ps.buffers
+                )));
+            }
+            stage_once(&mut steps[i], name, step)?;
+            slots.insert(ps.index, i);
+        }
+        Ok(SparseStaged {
+            arena_id: self.arena_id,
+            configs,
+            steps,
+            exp_avg: AlignedBuf::filled(Role::State(0), self.exp_avg.len(), T::ZERO),
+            exp_avg_sq: AlignedBuf::filled(Role::State(1), self.exp_avg_sq.len(), T::ZERO),
+            slots,
+        })
     }
 
-    /// State buffers shaped and placed as this optimizer's (zeros), to stage a load into.
-    pub(crate) fn staging_buffers(&self) -> (AlignedBuf<T>, AlignedBuf<T>) {
-        (
-            AlignedBuf::filled(Role::State(0), self.exp_avg.len(), T::ZERO),
-            AlignedBuf::filled(Role::State(1), self.exp_avg_sq.len(), T::ZERO),
-        )
-    }
-
-    /// Puts a checked, staged state in place (O(1) for the buffers).
-    pub(crate) fn commit_loaded(
-        &mut self,
-        configs: Vec<SparseAdamConfig>,
-        steps: Vec<Option<u64>>,
-        exp_avg: AlignedBuf<T>,
-        exp_avg_sq: AlignedBuf<T>,
-    ) {
-        debug_assert_eq!(configs.len(), self.groups.len());
-        debug_assert_eq!(steps.len(), self.steps.len());
-        for (g, c) in self.groups.iter_mut().zip(configs) {
+    /// Puts a staged load in place (O(1) for the buffers). Cannot fail.
+    pub(crate) fn commit_staged(&mut self, staged: SparseStaged<T>) {
+        assert_eq!(
+            staged.arena_id, self.arena_id,
+            "a staged load is committed to the optimizer that staged it"
+        );
+        for (g, c) in self.groups.iter_mut().zip(staged.configs) {
             g.config = c;
         }
-        self.steps = steps;
-        self.exp_avg = exp_avg;
-        self.exp_avg_sq = exp_avg_sq;
+        self.steps = staged.steps;
+        self.exp_avg = staged.exp_avg;
+        self.exp_avg_sq = staged.exp_avg_sq;
     }
 
     /// [`state_dict`](Self::state_dict) as JSON.
@@ -758,94 +809,19 @@ impl<T: Float> SparseAdam<T> {
     }
 
     /// Loads a state saved by [`state_dict`](Self::state_dict), matching parameters by name
-    /// (the groups must hold the same parameters, by name and shape, in the same order). Every
+    /// (the groups must hold the same parameters, by name and shape, in any order). Every
     /// value is checked first; on an error nothing changes.
     pub fn load_state_dict(&mut self, sd: &StateDict<T>) -> Result<()> {
-        let bad = |m: String| Err(Error::StateDict(format!("SparseAdam: {m}")));
-        if sd.format != STATE_DICT_FORMAT {
-            return bad(format!("state format {} is not supported", sd.format));
-        }
-        if sd.optimizer != "SparseAdam" {
-            return bad(format!("it was saved by {}", sd.optimizer));
-        }
-        if sd.dtype != T::DTYPE {
-            return bad(format!("saved as {}, this is {}", sd.dtype, T::DTYPE));
-        }
-        if sd.param_groups.len() != self.groups.len() {
-            return bad(format!(
-                "the state has {} param groups, the optimizer {}",
-                sd.param_groups.len(),
-                self.groups.len()
-            ));
-        }
-        let mut configs = Vec::new();
-        // Saved parameter number -> this optimizer's arena index.
-        let mut map = BTreeMap::new();
-        for (gi, (sg, g)) in sd.param_groups.iter().zip(&self.groups).enumerate() {
-            configs.push(SparseAdamConfig::from_hyperparams(&sg.hyperparams)?);
-            if sg.params.len() != g.params.len() {
-                return bad(format!(
-                    "group {gi} has {} parameters in the state, {} in the optimizer",
-                    sg.params.len(),
-                    g.params.len()
-                ));
-            }
-            for (r, &i) in sg.params.iter().zip(&g.params) {
-                let info = &self.layout[i];
-                if r.name != info.name || r.shape != info.shape {
-                    return bad(format!(
-                        "group {gi}: saved parameter `{}` {:?} is `{}` {:?} here",
-                        r.name, r.shape, info.name, info.shape
-                    ));
-                }
-                map.insert(r.index, i);
-            }
-        }
-        let mut new_steps = vec![None; self.steps.len()];
+        check_header(sd.format, &sd.optimizer, &sd.dtype, "SparseAdam", T::DTYPE)?;
+        let mut staged = with_saved_states(&sd.state, |states| {
+            self.stage_load(&sd.optimizer, &sd.param_groups, states)
+        })?;
         for ps in &sd.state {
-            let Some(&i) = map.get(&ps.index) else {
-                return bad(format!("state for unknown parameter number {}", ps.index));
-            };
-            let name = &self.layout[i].name;
-            let Some(step) = ps.step else {
-                return bad(format!("parameter `{name}` has state but no step"));
-            };
-            if new_steps[i].is_some() {
-                return bad(format!("parameter `{name}` has state twice"));
+            for (name, values) in &ps.buffers {
+                staged.fill(&self.layout, ps.index, name, values)?;
             }
-            if !ps.scalars.is_empty() {
-                return bad(format!("parameter `{name}`: unexpected scalars"));
-            }
-            let keys: Vec<&String> = ps.buffers.keys().collect();
-            if keys != ["exp_avg", "exp_avg_sq"] {
-                return bad(format!(
-                    "parameter `{name}` has buffers {keys:?}; expected exp_avg, exp_avg_sq"
-                ));
-            }
-            for (k, b) in &ps.buffers {
-                if b.len() != self.layout[i].len {
-                    return bad(format!(
-                        "parameter `{name}`: {k} has {} values, the parameter {}",
-                        b.len(),
-                        self.layout[i].len
-                    ));
-                }
-            }
-            new_steps[i] = Some(step);
         }
-        // Everything checked: apply.
-        for (g, c) in self.groups.iter_mut().zip(configs) {
-            g.config = c;
-        }
-        self.exp_avg.fill(T::ZERO);
-        self.exp_avg_sq.fill(T::ZERO);
-        for ps in &sd.state {
-            let i = map[&ps.index];
-            let r = self.layout[i].range();
-            self.exp_avg[r.clone()].copy_from_slice(&ps.buffers["exp_avg"]);
-            self.exp_avg_sq[r].copy_from_slice(&ps.buffers["exp_avg_sq"]);
-        }
-        self.steps = new_steps;
+        self.commit_staged(staged);
         Ok(())
     }
 
@@ -887,6 +863,49 @@ impl<T: Float> GroupHyperparams for SparseAdam<T> {
             self.initial_lrs.resize(group + 1, None);
         }
         self.initial_lrs[group] = initial_lr;
+        Ok(())
+    }
+}
+
+/// A SparseAdam load being prepared ([`SparseAdam::stage_load`]): new configs and steps, and
+/// zeroed state buffers laid out as the optimizer's, waiting for the saved values.
+pub(crate) struct SparseStaged<T> {
+    arena_id: u64,
+    configs: Vec<SparseAdamConfig>,
+    steps: Vec<Option<u64>>,
+    /// The staged `exp_avg` (arena-shaped).
+    pub(crate) exp_avg: AlignedBuf<T>,
+    /// The staged `exp_avg_sq` (arena-shaped).
+    pub(crate) exp_avg_sq: AlignedBuf<T>,
+    /// Saved parameter number -> arena position, for each saved state.
+    slots: BTreeMap<usize, usize>,
+}
+
+impl<T: Float> SparseStaged<T> {
+    /// Every saved state: its parameter number and arena position.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.slots.iter().map(|(&n, &i)| (n, i))
+    }
+
+    /// Copies the saved values of buffer `name` of saved parameter `index` into place, after
+    /// checking their number. `layout` is the optimizer's.
+    fn fill(&mut self, layout: &[ParamInfo], index: usize, name: &str, values: &[T]) -> Result<()> {
+        let (Some(&i), Some(k)) = (
+            self.slots.get(&index),
+            BUFFERS.iter().position(|b| *b == name),
+        ) else {
+            return Err(Error::StateDict(format!(
+                "buffer `{name}` of parameter number {index} is not one this load expects"
+            )));
+        };
+        let info = &layout[i];
+        check_buffer_len(name, &info.name, values.len(), info.len)?;
+        let buf = if k == 0 {
+            &mut self.exp_avg
+        } else {
+            &mut self.exp_avg_sq
+        };
+        buf[info.range()].copy_from_slice(values);
         Ok(())
     }
 }

@@ -8,12 +8,15 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::load::{bad, check_group_count, check_kind, match_params, saved_config};
+use super::load::{
+    bad, check_buffer_len, check_kind, match_groups, saved_config, saved_step, stage_once,
+    state_target,
+};
 use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, ParamState};
 use crate::arena::{filled, AlignedBuf, ParamInfo};
 use crate::buffer::Role;
 use crate::checkpoint::dtype::{cast, float_values, float_values_mut, Values, ValuesMut};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::float::Float;
 use crate::hyper::Hyperparams;
 use crate::mixed::StatePrecision;
@@ -106,14 +109,7 @@ impl<T: Float, A: Algorithm> Staged<T, A> {
         let info = &layout[*param];
         let dst = match slot.clone() {
             Slot::Buffer(g, k, r) => {
-                if values.len() != r.len() {
-                    return bad(format!(
-                        "buffer `{name}` of parameter `{}` has {} values, the parameter has {}",
-                        info.name,
-                        values.len(),
-                        r.len()
-                    ));
-                }
+                check_buffer_len(name, &info.name, values.len(), r.len())?;
                 if self.precision == StatePrecision::Bf16 {
                     ValuesMut::Bf16(&mut self.half_buffers[g][k][r])
                 } else {
@@ -254,19 +250,13 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         by: MatchBy,
     ) -> Result<Staged<T, A>> {
         check_kind(optimizer, A::NAME)?;
-        check_group_count(saved_groups.len(), self.groups.len())?;
+        let ours: Vec<(&A::Config, &[usize])> = self
+            .groups
+            .iter()
+            .map(|g| (&g.config, g.params.as_slice()))
+            .collect();
         // Saved parameter number -> (group, position in group).
-        let mut target: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
-        let mut configs = Vec::with_capacity(self.groups.len());
-        for (gi, (sg, g)) in saved_groups.iter().zip(&self.groups).enumerate() {
-            configs.push(saved_config(gi, &g.config, &sg.hyperparams)?);
-            let matched = match_params(gi, &sg.params, &g.params, &self.layout, by)?;
-            for (pr, j) in sg.params.iter().zip(matched) {
-                if target.insert(pr.index, (gi, j)).is_some() {
-                    return bad(format!("parameter number {} appears twice", pr.index));
-                }
-            }
-        }
+        let (configs, target) = match_groups(saved_groups, &ours, &self.layout, by, saved_config)?;
         let mut states: Vec<Vec<Option<ParamState<A::Scalars>>>> = self
             .groups
             .iter()
@@ -274,17 +264,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
             .collect();
         let mut slots = BTreeMap::new();
         for ps in saved_states {
-            let &(gi, j) = target.get(&ps.index).ok_or_else(|| {
-                Error::StateDict(format!(
-                    "state for parameter number {} which no group lists",
-                    ps.index
-                ))
-            })?;
+            let (gi, j) = state_target(&target, ps.index)?;
             let g = &self.groups[gi];
             let info = &self.layout[g.params[j]];
-            if states[gi][j].is_some() {
-                return bad(format!("parameter `{}` has two saved states", info.name));
-            }
             let names = A::buffers(&configs[gi]);
             let aux_names = A::aux_buffers(&info.shape);
             // The leading `live` ordinary buffers: all, or fewer when a setting that adds
@@ -307,10 +289,10 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     A::NAME
                 ));
             }
-            let step = match (A::TRACKS_STEP, ps.step) {
-                (true, Some(s)) => s,
-                (false, _) => 0,
-                (true, None) => return bad(format!("parameter `{}` has no step count", info.name)),
+            let step = if A::TRACKS_STEP {
+                saved_step(&info.name, ps.step)?
+            } else {
+                0
             };
             let mut scalar_values = Vec::with_capacity(<A::Scalars as ParamScalars>::NAMES.len());
             for n in <A::Scalars as ParamScalars>::NAMES {
@@ -337,11 +319,15 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                     (Slot::Aux(gi, r), A::aux_shape(&info.shape, k), g.params[j]),
                 );
             }
-            states[gi][j] = Some(ParamState {
-                step,
-                scalars: A::Scalars::from_values(&scalar_values),
-                live_buffers: live as u8,
-            });
+            stage_once(
+                &mut states[gi][j],
+                &info.name,
+                ParamState {
+                    step,
+                    scalars: A::Scalars::from_values(&scalar_values),
+                    live_buffers: live as u8,
+                },
+            )?;
         }
         // Buffers only for groups that get state; each as long as the group. Fresh memory is
         // slow to touch the first time (a page fault per 4 KiB), so the buffers are allocated

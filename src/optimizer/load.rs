@@ -2,7 +2,7 @@
 //! messages.
 //!
 //! A load reads a saved description (a [`StateDict`](crate::StateDict), a binary checkpoint's
-//! metadata, an [`LbfgsStateDict`](crate::LbfgsStateDict)) and
+//! metadata, an [`LBFGSStateDict`](crate::LBFGSStateDict)) and
 //! 1. checks its header: format version, optimizer kind, dtype field ([`check_header`],
 //!    [`check_kind`]);
 //! 2. checks the number of groups ([`check_group_count`]);
@@ -12,17 +12,28 @@
 //! 4. stages only what it replaces (new state buffers, never a copy of the optimizer's groups),
 //!    fills the staged buffers, and commits by swapping, which cannot fail.
 //!
+//! Steps 2 and 3 over all groups are [`match_groups`]; a saved per-parameter state finds its
+//! target with [`state_target`] and [`stage_once`], its step with [`saved_step`], and a saved
+//! buffer's length is checked by [`check_buffer_len`].
+//!
 //! The JSON `load_state_dict` and the binary checkpoint load of an elementwise
 //! [`Optimizer`](super::Optimizer) share step 4 too ([`Optimizer::stage_load`](super::Optimizer)
-//! and `commit_staged`, in `checkpoint_access.rs`); L-BFGS stages its own flat vectors and
-//! history (`LbfgsLoad`), checked by the same functions. On any error nothing has changed.
+//! and `commit_staged`, in `checkpoint_access.rs`), as do [`SparseAdam`](crate::SparseAdam)'s
+//! two loads (`SparseAdam::stage_load` and `commit_staged`); L-BFGS stages its own flat vectors
+//! and history (`LBFGSLoad`), checked by the same functions. On any error nothing has changed.
+//!
+//! A whole model's saved values (a checkpoint's `params`, an
+//! [`AveragedModel`](crate::AveragedModel)'s averaged copy, in JSON or binary) are paired with
+//! the arena's parameters by name by [`match_model`], torch's strict `load_state_dict` of a
+//! model.
 
 use std::collections::BTreeMap;
 
+use super::SavedState;
 use crate::arena::ParamInfo;
 use crate::error::{Error, Result};
 use crate::hyper::{HyperValue, Hyperparams};
-use crate::state::{MatchBy, ParamRef, STATE_DICT_FORMAT};
+use crate::state::{GroupDict, MatchBy, ParamRef, ParamStateDict, STATE_DICT_FORMAT};
 
 /// A [`Error::StateDict`] with message `m`.
 pub(crate) fn bad<X>(m: String) -> Result<X> {
@@ -139,6 +150,142 @@ pub(crate) fn match_params(
             ));
         }
         out.push(j);
+    }
+    Ok(out)
+}
+
+/// Calls `f` with a JSON state dict's per-parameter states as the pipeline reads them (the
+/// binary load reads them from the checkpoint's metadata).
+pub(crate) fn with_saved_states<T, R>(
+    state: &[ParamStateDict<T>],
+    f: impl FnOnce(&[SavedState<'_>]) -> R,
+) -> R {
+    let names: Vec<Vec<String>> = state
+        .iter()
+        .map(|ps| ps.buffers.keys().cloned().collect())
+        .collect();
+    let states: Vec<SavedState<'_>> = state
+        .iter()
+        .zip(&names)
+        .map(|(ps, buffers)| SavedState {
+            index: ps.index,
+            step: ps.step,
+            scalars: &ps.scalars,
+            buffers,
+        })
+        .collect();
+    f(&states)
+}
+
+/// Saved parameter number -> (group, position in the group) it loads into.
+pub(crate) type Targets = BTreeMap<usize, (usize, usize)>;
+
+/// Steps 2 and 3 over every group: as many saved groups as `ours` (each group's current config
+/// and its parameters' arena positions), each group's config after the load (`config(gi,
+/// current, saved hyperparameters)`), and its saved parameters paired with its own
+/// ([`match_params`]). Returns the configs and, for each saved parameter number, the group and
+/// the position in that group it loads into; a number listed twice is an error.
+pub(crate) fn match_groups<C>(
+    saved: &[GroupDict],
+    ours: &[(&C, &[usize])],
+    layout: &[ParamInfo],
+    by: MatchBy,
+    mut config: impl FnMut(usize, &C, &BTreeMap<String, HyperValue>) -> Result<C>,
+) -> Result<(Vec<C>, Targets)> {
+    check_group_count(saved.len(), ours.len())?;
+    let mut target = BTreeMap::new();
+    let mut configs = Vec::with_capacity(ours.len());
+    for (gi, (sg, &(current, params))) in saved.iter().zip(ours).enumerate() {
+        configs.push(config(gi, current, &sg.hyperparams)?);
+        let matched = match_params(gi, &sg.params, params, layout, by)?;
+        for (pr, j) in sg.params.iter().zip(matched) {
+            if target.insert(pr.index, (gi, j)).is_some() {
+                return bad(format!("parameter number {} appears twice", pr.index));
+            }
+        }
+    }
+    Ok((configs, target))
+}
+
+/// The (group, position) that the saved state of parameter number `index` loads into
+/// ([`match_groups`]'s targets): a number no group lists is an error.
+pub(crate) fn state_target(targets: &Targets, index: usize) -> Result<(usize, usize)> {
+    targets.get(&index).copied().ok_or_else(|| {
+        Error::StateDict(format!(
+            "state for parameter number {index} which no group lists"
+        ))
+    })
+}
+
+/// Stages parameter `name`'s saved state in `slot`, which must still be empty: a parameter has
+/// at most one saved state.
+pub(crate) fn stage_once<X>(slot: &mut Option<X>, name: &str, state: X) -> Result<()> {
+    if slot.replace(state).is_some() {
+        return bad(format!("parameter `{name}` has two saved states"));
+    }
+    Ok(())
+}
+
+/// The step count of parameter `name`'s saved state, which an optimizer that counts steps
+/// needs.
+pub(crate) fn saved_step(name: &str, step: Option<u64>) -> Result<u64> {
+    step.ok_or_else(|| Error::StateDict(format!("parameter `{name}` has no step count")))
+}
+
+/// A saved buffer `buffer` of parameter `param` holds `got` values where the load keeps
+/// `want`.
+pub(crate) fn check_buffer_len(buffer: &str, param: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return bad(format!(
+            "buffer `{buffer}` of parameter `{param}` has {got} values, the parameter has {want}"
+        ));
+    }
+    Ok(())
+}
+
+/// Pairs a whole model's saved values with the parameters of `layout` by name, as torch's
+/// strict `load_state_dict` of a model: each saved name (with its shape, when the saved
+/// description has one) must be a parameter of `layout`, once, with that shape, and every
+/// parameter of `layout` must be saved. Returns, in saved order, each one's position in
+/// `layout`. The messages say where the values come from (`source`: "the checkpoint") and
+/// whose parameters they are (`owner`: "the arena", "this model").
+pub(crate) fn match_model<'s>(
+    layout: &[ParamInfo],
+    saved: impl IntoIterator<Item = (&'s str, Option<&'s [usize]>)>,
+    source: &str,
+    owner: &str,
+) -> Result<Vec<usize>> {
+    let by_name: BTreeMap<&str, usize> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, info)| (info.name.as_str(), i))
+        .collect();
+    let mut seen = vec![false; layout.len()];
+    let mut out = Vec::with_capacity(layout.len());
+    for (name, shape) in saved {
+        let &i = by_name.get(name).ok_or_else(|| {
+            Error::StateDict(format!(
+                "{source} stores parameter `{name}`, which {owner} does not have"
+            ))
+        })?;
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(Error::Checkpoint(format!(
+                "parameter `{name}` is stored twice"
+            )));
+        }
+        if let Some(shape) = shape.filter(|&s| s != layout[i].shape) {
+            return bad(format!(
+                "parameter `{name}` has shape {shape:?} in {source} and {:?} in {owner}",
+                layout[i].shape
+            ));
+        }
+        out.push(i);
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return bad(format!(
+            "{source} does not store parameter `{}`",
+            layout[i].name
+        ));
     }
     Ok(out)
 }

@@ -428,8 +428,8 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
 
     /// Sets the learning rate of group `index`: the one way to set an lr on an optimizer
     /// ([`Optimizer::set_hyper`] sets any hyperparameter by torch's name;
-    /// [`GroupHyperparams::set_group_lr`] is the same for code generic over optimizers, such
-    /// as schedulers and hooks).
+    /// [`GroupHyperparams::set_lr`], the same name and meaning, serves code generic over
+    /// optimizers, such as schedulers and hooks).
     pub fn set_lr(&mut self, index: usize, lr: f64) -> Result<()> {
         self.set_hyper(index, "lr", lr)
     }

@@ -39,12 +39,12 @@ use crate::hyper::{HyperValue, Hyperparams};
 /// ```
 ///
 /// ```compile_fail
-/// use optarena::{Adam, AdamConfig, ArenaBuilder, ParamGroup, SgdConfig};
+/// use optarena::{Adam, AdamConfig, ArenaBuilder, ParamGroup, SGDConfig};
 /// let mut b = ArenaBuilder::<f32>::new();
 /// let w = b.zeros("w", &[4]).unwrap();
 /// let arena = b.build();
 /// // SGD's config for an Adam optimizer: a type error, not a run-time one.
-/// let group = ParamGroup::new([w]).configure(|c: &mut SgdConfig| c.momentum = 0.9);
+/// let group = ParamGroup::new([w]).configure(|c: &mut SGDConfig| c.momentum = 0.9);
 /// let _ = Adam::new(&arena, [group], AdamConfig::default());
 /// ```
 pub struct ParamGroup<T, C = Untyped> {

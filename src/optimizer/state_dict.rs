@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use super::load::check_header;
-use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars, SavedState};
+use super::load::{check_header, with_saved_states};
+use super::{aux_ranges, Algorithm, Group, Optimizer, ParamScalars};
 use crate::arena::Param;
 use crate::error::Result;
 use crate::float::Float;
@@ -148,23 +148,9 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
         )?;
         // The one pipeline of every load: check and stage (only what the load replaces), fill
         // the staged buffers, then swap them in.
-        let names: Vec<Vec<String>> = saved
-            .state
-            .iter()
-            .map(|ps| ps.buffers.keys().cloned().collect())
-            .collect();
-        let states: Vec<SavedState<'_>> = saved
-            .state
-            .iter()
-            .zip(&names)
-            .map(|(ps, buffers)| SavedState {
-                index: ps.index,
-                step: ps.step,
-                scalars: &ps.scalars,
-                buffers,
-            })
-            .collect();
-        let mut staged = self.stage_load(&saved.optimizer, &saved.param_groups, &states, by)?;
+        let mut staged = with_saved_states(&saved.state, |states| {
+            self.stage_load(&saved.optimizer, &saved.param_groups, states, by)
+        })?;
         for ps in &saved.state {
             for (name, values) in &ps.buffers {
                 staged.fill(&self.layout, ps.index, name, values)?;

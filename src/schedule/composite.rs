@@ -264,7 +264,7 @@ impl SequentialLR {
                             ))
                         })?,
                 };
-                opt.set_group_lr(g, initial)?;
+                opt.set_lr(g, initial)?;
             }
             // "Undo" the step performed by other schedulers.
             s.raw_undo();

@@ -222,7 +222,7 @@ impl CyclicLR {
             let base_lrs = config.base_lr.format("base_lr", n)?;
             // optarena always builds fresh and replays `last_epoch` steps (module docs).
             for (g, &lr) in base_lrs.iter().enumerate() {
-                opt.set_group_lr(g, lr)?;
+                opt.set_lr(g, lr)?;
             }
             let max_lrs = config.max_lr.format("max_lr", n)?;
             finite("step_size_up", config.step_size_up)?;

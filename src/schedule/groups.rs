@@ -6,7 +6,7 @@ use crate::hyper::{GroupHyperparams, HyperField, HyperValue};
 
 /// Every group's `lr`.
 pub(crate) fn group_lrs(opt: &dyn GroupHyperparams) -> Result<Vec<f64>> {
-    (0..opt.num_groups()).map(|g| opt.group_lr(g)).collect()
+    (0..opt.num_groups()).map(|g| opt.lr(g)).collect()
 }
 
 /// Sets every group's `lr`, and `momentum` (or `betas.0` when `use_beta1`) if given.
@@ -17,7 +17,7 @@ pub(crate) fn apply(
 ) -> Result<()> {
     check_groups(opt, lrs.len())?;
     for (g, &lr) in lrs.iter().enumerate() {
-        opt.set_group_lr(g, lr)?;
+        opt.set_lr(g, lr)?;
         if let Some((m, use_beta1)) = momentum {
             set_momentum(opt, g, m[g], use_beta1)?;
         }

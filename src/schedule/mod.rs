@@ -16,17 +16,17 @@
 //!
 //! ```
 //! use optarena::schedule::{LrScheduler, StepLR, StepLRConfig};
-//! use optarena::{ArenaBuilder, GroupHyperparams, ParamGroup, Sgd, SgdConfig};
+//! use optarena::{ArenaBuilder, ParamGroup, SGD, SGDConfig};
 //!
 //! let mut b = ArenaBuilder::<f32>::new();
 //! b.zeros("w", &[4])?;
 //! let arena = b.build();
-//! let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default().with_lr(0.1))?;
+//! let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default().with_lr(0.1))?;
 //! // torch: StepLR(optimizer, step_size=2, gamma=0.5)
 //! let mut sched = StepLR::new(&mut opt, StepLRConfig { gamma: 0.5, ..StepLRConfig::new(2) })?;
 //! let mut lrs = Vec::new();
 //! for _epoch in 0..5 {
-//!     lrs.push(opt.group_lr(0)?);
+//!     lrs.push(opt.lr(0)?);
 //!     // ... opt.step(&mut arena)? ...
 //!     sched.step(&mut opt)?;
 //! }

@@ -249,10 +249,10 @@ impl ReduceLROnPlateau {
             }
         }
         for g in 0..n {
-            let old_lr = opt.group_lr(g)?;
+            let old_lr = opt.lr(g)?;
             let new_lr = py_max(old_lr * self.state.config.factor, self.state.min_lrs[g]);
             if old_lr - new_lr > self.state.config.eps {
-                opt.set_group_lr(g, new_lr)?;
+                opt.set_lr(g, new_lr)?;
             }
         }
         Ok(())

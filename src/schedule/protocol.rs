@@ -226,7 +226,7 @@ impl OptSnapshot {
             betas: Vec::new(),
         };
         for g in 0..n {
-            s.lrs.push(opt.group_lr(g)?);
+            s.lrs.push(opt.lr(g)?);
             s.initial.push(opt.group_initial_lr(g)?);
             if momentum {
                 s.momentum.push(opt.group_hyper(g, "momentum").ok());
@@ -239,7 +239,7 @@ impl OptSnapshot {
     fn restore(&self, opt: &mut dyn GroupHyperparams) {
         for g in 0..self.lrs.len().min(opt.num_groups()) {
             // These values were valid in this optimizer a moment ago: they set back.
-            let _ = opt.set_group_lr(g, self.lrs[g]);
+            let _ = opt.set_lr(g, self.lrs[g]);
             let _ = opt.set_group_initial_lr(g, self.initial[g]);
             if let Some(Some(m)) = self.momentum.get(g) {
                 let _ = opt.set_group_hyper(g, "momentum", m.clone());
@@ -324,14 +324,14 @@ pub(crate) fn attach(opt: &mut dyn GroupHyperparams, last_epoch: i64) -> Result<
         let initial = match (last_epoch, opt.group_initial_lr(g)?) {
             (_, Some(x)) => x,
             (-1, None) => {
-                let lr = opt.group_lr(g)?;
+                let lr = opt.lr(g)?;
                 opt.set_group_initial_lr(g, Some(lr))?;
                 lr
             }
             (_, None) => return Err(missing_initial_lr(g)),
         };
         if last_epoch >= 0 {
-            opt.set_group_lr(g, initial)?;
+            opt.set_lr(g, initial)?;
         }
         base.push(initial);
     }

@@ -168,23 +168,23 @@ impl LeafState for SwaState {
 ///
 /// ```
 /// use optarena::schedule::{LinearLR, LinearLRConfig, LrScheduler, SWALR, SWALRConfig};
-/// use optarena::{ArenaBuilder, GroupHyperparams, ParamGroup, Sgd, SgdConfig};
+/// use optarena::{ArenaBuilder, ParamGroup, SGD, SGDConfig};
 ///
 /// let mut b = ArenaBuilder::<f32>::new();
 /// b.zeros("w", &[4])?;
 /// let arena = b.build();
-/// let mut opt = Sgd::new(&arena, [ParamGroup::all()], SgdConfig::default().with_lr(0.1))?;
+/// let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default().with_lr(0.1))?;
 /// // torch's recipe: both built up front, the warm-up stepped until swa_start, then SWALR.
 /// let mut warmup = LinearLR::new(&mut opt, LinearLRConfig { total_iters: 2, ..Default::default() })?;
 /// let mut swa = SWALR::new(&mut opt, SWALRConfig { anneal_epochs: 2, ..SWALRConfig::new(0.05) })?;
 /// for _ in 0..3 {
 ///     warmup.step(&mut opt)?;
 /// }
-/// assert!((opt.group_lr(0)? - 0.1).abs() < 1e-12);
+/// assert!((opt.lr(0)? - 0.1).abs() < 1e-12);
 /// for _ in 0..3 {
 ///     swa.step(&mut opt)?;
 /// }
-/// assert!((opt.group_lr(0)? - 0.05).abs() < 1e-12);
+/// assert!((opt.lr(0)? - 0.05).abs() < 1e-12);
 /// # Ok::<(), optarena::Error>(())
 /// ```
 #[derive(Debug)]

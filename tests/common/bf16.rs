@@ -184,7 +184,7 @@ pub fn replay_case(case: &Value, parallelism: Parallelism, subnormals: Subnormal
         };
     }
     dispatch! {
-        "SGD" => SgdAlgorithm,
+        "SGD" => SGDAlgorithm,
         "Adam" => AdamAlgorithm,
         "AdamW" => AdamWAlgorithm,
         "RAdam" => RAdamAlgorithm,
@@ -194,6 +194,6 @@ pub fn replay_case(case: &Value, parallelism: Parallelism, subnormals: Subnormal
         "Adadelta" => AdadeltaAlgorithm,
         "RMSprop" => RMSpropAlgorithm,
         "Rprop" => RpropAlgorithm,
-        "ASGD" => AsgdAlgorithm,
+        "ASGD" => ASGDAlgorithm,
     }
 }

@@ -185,7 +185,7 @@ pub fn run_elementwise_case_in(
     }
     use optarena::optim::*;
     dispatch! {
-        "SGD" => SgdAlgorithm,
+        "SGD" => SGDAlgorithm,
         "Adam" => AdamAlgorithm,
         "AdamW" => AdamWAlgorithm,
         "RAdam" => RAdamAlgorithm,
@@ -195,7 +195,7 @@ pub fn run_elementwise_case_in(
         "Adadelta" => AdadeltaAlgorithm,
         "RMSprop" => RMSpropAlgorithm,
         "Rprop" => RpropAlgorithm,
-        "ASGD" => AsgdAlgorithm,
+        "ASGD" => ASGDAlgorithm,
         "Adafactor" => AdafactorAlgorithm,
         "Muon" => MuonAlgorithm,
     }

@@ -64,11 +64,13 @@ pub enum Outcome {
 
 /// The kind of a fixture file, recognised from its cases' fields (SCHEMA.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// `LBFGS` is torch's spelling, kept verbatim as the crate's types do (README's "Naming").
+#[allow(clippy::upper_case_acronyms)]
 pub enum Kind {
     /// Elementwise optimizer trajectories.
     Elementwise,
     /// LBFGS runs.
-    Lbfgs,
+    LBFGS,
     /// LR scheduler sequences.
     Scheduler,
     /// Gradient clipping.
@@ -90,7 +92,7 @@ pub fn kind_of(case: &Value) -> Kind {
     } else if case.get("scheduler").is_some() {
         Kind::Scheduler
     } else if case.get("function").is_some() {
-        Kind::Lbfgs
+        Kind::LBFGS
     } else if case.get("optimizer").is_some() && case.get("groups").is_some() {
         Kind::Elementwise
     } else if case.get("shapes").is_some()
@@ -190,7 +192,7 @@ pub fn shared_samples_dir() -> Option<PathBuf> {
 pub fn run_any(kind: Kind, case: &Value) -> Outcome {
     match kind {
         Kind::Elementwise => run_elementwise_case(case, Parallelism::Sequential),
-        Kind::Lbfgs => run_lbfgs_case(case),
+        Kind::LBFGS => run_lbfgs_case(case),
         Kind::Scheduler => run_scheduler_case(case),
         Kind::Clip => run_clip_case(case),
         Kind::Averaged => run_averaged_case(case, Parallelism::Sequential),

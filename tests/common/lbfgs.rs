@@ -5,7 +5,7 @@ use super::*;
 /// An LBFGS test problem of SCHEMA.md: `f` and its gradient, computed in `T` the way torch's
 /// autograd does (up to summation order).
 #[derive(Debug, Clone)]
-pub enum LbfgsProblem<T> {
+pub enum LBFGSProblem<T> {
     /// `sum 100 (x[i+1] - x[i]^2)^2 + (1 - x[i])^2`.
     Rosenbrock,
     /// `0.5 sum d x^2 - sum b x`.
@@ -17,7 +17,7 @@ pub enum LbfgsProblem<T> {
     },
 }
 
-impl<T: Float> LbfgsProblem<T> {
+impl<T: Float> LBFGSProblem<T> {
     /// The case's problem and `x0`.
     pub fn from_case(case: &Value) -> Result<(Self, Vec<T>), String> {
         let seed = case["seed"].as_u64().ok_or("seed")?;
@@ -28,10 +28,10 @@ impl<T: Float> LbfgsProblem<T> {
             .map(|&v| T::from_f64(v * x0_scale))
             .collect();
         let problem = match case["function"].as_str() {
-            Some("rosenbrock") => LbfgsProblem::Rosenbrock,
+            Some("rosenbrock") => LBFGSProblem::Rosenbrock,
             Some("quadratic") => {
                 let d_offset = case["d_offset"].as_f64().ok_or("d_offset")?;
-                LbfgsProblem::Quadratic {
+                LBFGSProblem::Quadratic {
                     d: hashed(seed, 1, n)
                         .iter()
                         .map(|&v| T::from_f64(v.abs() + d_offset))
@@ -48,7 +48,7 @@ impl<T: Float> LbfgsProblem<T> {
     pub fn eval(&self, x: &[T], g: &mut [T]) -> T {
         let two = T::from_f64(2.0);
         match self {
-            LbfgsProblem::Rosenbrock => {
+            LBFGSProblem::Rosenbrock => {
                 let hundred = T::from_f64(100.0);
                 g.fill(T::ZERO);
                 let mut f = T::ZERO;
@@ -62,7 +62,7 @@ impl<T: Float> LbfgsProblem<T> {
                 }
                 f
             }
-            LbfgsProblem::Quadratic { d, b } => {
+            LBFGSProblem::Quadratic { d, b } => {
                 let half = T::from_f64(0.5);
                 let mut s1 = T::ZERO;
                 let mut s2 = T::ZERO;
@@ -79,10 +79,10 @@ impl<T: Float> LbfgsProblem<T> {
 
 /// Replays one LBFGS case (SCHEMA.md's `lbfgs.json`) in element type `T`.
 pub fn run_lbfgs<T: Float>(case: &Value) -> Outcome {
-    use optarena::{Lbfgs, LbfgsConfig};
+    use optarena::{LBFGSConfig, LBFGS};
     let name = case["name"].as_str().unwrap_or("?");
     let dtype = case["dtype"].as_str().unwrap_or("?");
-    let mut config = LbfgsConfig::default();
+    let mut config = LBFGSConfig::default();
     if let Some(defaults) = case["defaults"].as_object() {
         for (k, v) in defaults {
             if IMPLEMENTATION_SWITCHES.contains(&k.as_str()) {
@@ -93,14 +93,14 @@ pub fn run_lbfgs<T: Float>(case: &Value) -> Outcome {
             }
         }
     }
-    let (problem, x0) = match LbfgsProblem::<T>::from_case(case) {
+    let (problem, x0) = match LBFGSProblem::<T>::from_case(case) {
         Ok(p) => p,
         Err(e) => return Outcome::Fail(format!("{name}: bad case: {e}")),
     };
     let mut b = ArenaBuilder::<T>::new();
     let x = b.param("x", &[x0.len()], &x0).unwrap();
     let mut arena = b.build();
-    let mut opt = match Lbfgs::new(&arena, [ParamGroup::all()], config) {
+    let mut opt = match LBFGS::new(&arena, [ParamGroup::all()], config) {
         Ok(o) => o,
         Err(e) => return Outcome::Fail(format!("{name}: construction failed: {e}")),
     };

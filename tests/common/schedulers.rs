@@ -127,7 +127,7 @@ pub fn build_scheduler(
 
 /// An SGD optimizer with one parameter per group, the given lrs, and `momentum`: the
 /// optimizer of SCHEMA.md's scheduler cases.
-pub fn scheduler_sgd(lrs: &[f64], momentum: f64) -> optarena::Sgd<f64> {
+pub fn scheduler_sgd(lrs: &[f64], momentum: f64) -> optarena::SGD<f64> {
     let mut b = ArenaBuilder::<f64>::new();
     let handles: Vec<_> = (0..lrs.len())
         .map(|i| b.param(&format!("p{i}"), &[3], &[1.0, -2.0, 0.5]).unwrap())
@@ -137,8 +137,8 @@ pub fn scheduler_sgd(lrs: &[f64], momentum: f64) -> optarena::Sgd<f64> {
         .iter()
         .zip(lrs)
         .map(|(h, &lr)| ParamGroup::new([*h]).with("lr", lr));
-    let config = optarena::SgdConfig::default().with_momentum(momentum);
-    optarena::Sgd::new(&arena, groups, config).unwrap()
+    let config = optarena::SGDConfig::default().with_momentum(momentum);
+    optarena::SGD::new(&arena, groups, config).unwrap()
 }
 
 /// Replays one `schedulers.json` case.
@@ -176,7 +176,7 @@ pub fn run_scheduler_case(case: &Value) -> Outcome {
     for (e, want) in lrs.iter().enumerate() {
         for (g, w) in want.as_array().unwrap().iter().enumerate() {
             let w = w.as_f64().unwrap();
-            let got = opt.group_lr(g).unwrap();
+            let got = opt.lr(g).unwrap();
             if !sched_close(got, w) {
                 return Outcome::Fail(format!(
                     "{name}: epoch {e}, group {g}: lr optarena {got:e}, torch {w:e}"

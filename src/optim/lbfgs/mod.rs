@@ -27,15 +27,15 @@ use line_search::{
     py_min, strong_wolfe, Evaluator,
     Num::{Py, Ten},
 };
-pub(crate) use state_dict::LbfgsLoad;
-pub use state_dict::{LbfgsState, LbfgsStateDict};
+pub(crate) use state_dict::LBFGSLoad;
+pub use state_dict::{LBFGSState, LBFGSStateDict};
 
 /// torch's name of the one line search it offers.
 pub const STRONG_WOLFE: &str = "strong_wolfe";
 
 /// L-BFGS's line search (torch's `line_search_fn`): none, or the strong Wolfe search.
 ///
-/// By name (state dicts, [`LbfgsConfig::with`], [`Lbfgs::set_hyper`], serde) it is torch's
+/// By name (state dicts, [`LBFGSConfig::with`], [`LBFGS::set_hyper`], serde) it is torch's
 /// value: `None` or the string `"strong_wolfe"`; any other name is torch's error "only
 /// 'strong_wolfe' is supported", raised when it is set (torch raises it at the first step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -114,14 +114,14 @@ const LINE_SEARCH_TOLERANCE_CHANGE: f64 = 1e-9;
 const MIN_CURVATURE: f64 = 1e-10;
 
 hyperparams! {
-    /// Hyperparameters of [`Lbfgs`], with torch's names and defaults.
-    pub struct LbfgsConfig for "LBFGS" {
+    /// Hyperparameters of [`LBFGS`], with torch's names and defaults.
+    pub struct LBFGSConfig for "LBFGS" {
         /// Learning rate: the step length tried first (the whole step without a line search).
         lr: f64 = 1.0,
-        /// Most iterations per [`Lbfgs::step`] call.
+        /// Most iterations per [`LBFGS::step`] call.
         max_iter: usize = 20,
-        /// Most closure evaluations per [`Lbfgs::step`] call. `None` means
-        /// `max_iter * 5 // 4`, which [`Lbfgs::new`] fills in, as torch's constructor does.
+        /// Most closure evaluations per [`LBFGS::step`] call. `None` means
+        /// `max_iter * 5 // 4`, which [`LBFGS::new`] fills in, as torch's constructor does.
         max_eval: Option<usize> = None,
         /// Stop when the largest gradient magnitude is at most this (first-order optimality).
         tolerance_grad: f64 = 1e-7,
@@ -142,7 +142,7 @@ fn invalid(msg: String) -> Result<()> {
     Err(Error::InvalidHyperparameter(msg))
 }
 
-impl LbfgsConfig {
+impl LBFGSConfig {
     fn check(&self) -> Result<()> {
         check::lr(self.lr)?;
         check::finite("lr", self.lr)?;
@@ -287,7 +287,7 @@ impl Flat {
 
 /// L-BFGS (torch's `LBFGS`), optionally with a strong Wolfe line search.
 ///
-/// Each [`Lbfgs::step`] runs up to `max_iter` iterations and calls the closure (which computes
+/// Each [`LBFGS::step`] runs up to `max_iter` iterations and calls the closure (which computes
 /// the loss and writes the gradients) as often as it needs, up to `max_eval` times. With
 /// `g` the flat gradient, `(y_i, s_i)` the stored pairs (oldest first, at most
 /// `history_size`) and `ρ_i = 1 / (y_i·s_i)`:
@@ -315,7 +315,7 @@ impl Flat {
 /// dtype, and its `tolerance_change` fixed at 1e-9 because `LBFGS.step` does not pass the
 /// group's). The counters (`func_evals`, `n_iter`) and the state (`d`, `t`, `old_dirs`,
 /// `old_stps`, `ro`, `H_diag`, `prev_flat_grad`, `prev_loss`, `al`) evolve as in torch and
-/// are saved by [`Lbfgs::state_dict`].
+/// are saved by [`LBFGS::state_dict`].
 ///
 /// Dot products and norms run on SIMD lanes in one fixed order, so a run is deterministic.
 /// Against torch, only MKL's own rounding remains: BLAS `dot` adds in another order (for more
@@ -339,7 +339,7 @@ impl Flat {
 /// # Maximize
 /// With `maximize = true` the loss and the gradients the closure reports are negated before
 /// L-BFGS sees them, so it minimizes `-f`: the parameters follow exactly the path of
-/// minimizing `-f`. [`Lbfgs::step`] still returns the closure's own (un-negated) first loss.
+/// minimizing `-f`. [`LBFGS::step`] still returns the closure's own (un-negated) first loss.
 /// torch 2.15 has the same keyword with the same meaning.
 ///
 /// # Where it differs from torch, on purpose
@@ -350,17 +350,17 @@ impl Flat {
 ///   (torch raises `IndexError`).
 /// - Where Python would raise `ZeroDivisionError` (cubic interpolation between two equal
 ///   Python-float steps), the line search continues with IEEE arithmetic.
-/// - A closure error in [`Lbfgs::try_step`] undoes the whole step (see there).
+/// - A closure error in [`LBFGS::try_step`] undoes the whole step (see there).
 ///
 /// ```
-/// use optarena::{ArenaBuilder, Lbfgs, LbfgsConfig, LineSearch, ParamGroup};
+/// use optarena::{ArenaBuilder, LBFGS, LBFGSConfig, LineSearch, ParamGroup};
 ///
 /// // Minimize the Rosenbrock function from (-1.2, 1).
 /// let mut b = ArenaBuilder::<f64>::new();
 /// let x = b.param("x", &[2], &[-1.2, 1.0])?;
 /// let mut arena = b.build();
-/// let config = LbfgsConfig::default().with_line_search_fn(LineSearch::StrongWolfe);
-/// let mut opt = Lbfgs::new(&arena, [ParamGroup::all()], config)?;
+/// let config = LBFGSConfig::default().with_line_search_fn(LineSearch::StrongWolfe);
+/// let mut opt = LBFGS::new(&arena, [ParamGroup::all()], config)?;
 /// for _ in 0..10 {
 ///     opt.step(&mut arena, |a| {
 ///         let (x0, x1) = (a.value(x)[0], a.value(x)[1]);
@@ -375,12 +375,12 @@ impl Flat {
 /// assert_eq!(opt.func_evals(), 52);
 /// # Ok::<(), optarena::Error>(())
 /// ```
-pub struct Lbfgs<T: Float> {
+pub struct LBFGS<T: Float> {
     arena_id: u64,
     layout: Vec<ParamInfo>,
     /// Where the group's parameters, the flat vector, lie in the arena.
     flat: Arc<Flat>,
-    config: LbfgsConfig,
+    config: LBFGSConfig,
     scalars: Scalars,
     /// torch's `d`, the search direction (length `n` once started).
     d: AlignedBuf<T>,
@@ -397,7 +397,7 @@ pub struct Lbfgs<T: Float> {
     initial_lr: Option<f64>,
 }
 
-impl<T: Float> std::fmt::Debug for Lbfgs<T> {
+impl<T: Float> std::fmt::Debug for LBFGS<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LBFGS")
             .field("dtype", &T::DTYPE)
@@ -410,7 +410,7 @@ impl<T: Float> std::fmt::Debug for Lbfgs<T> {
     }
 }
 
-impl<T: Float> Lbfgs<T> {
+impl<T: Float> LBFGS<T> {
     /// Builds L-BFGS over one param group of `arena` (torch's constructor).
     ///
     /// `max_eval = None` becomes `max_iter * 5 // 4` of `defaults` before the group's
@@ -419,14 +419,14 @@ impl<T: Float> Lbfgs<T> {
     /// (parameter groups)").
     pub fn new(
         arena: &Arena<T>,
-        groups: impl IntoIterator<Item = impl Into<ParamGroup<T, LbfgsConfig>>>,
-        mut defaults: LbfgsConfig,
+        groups: impl IntoIterator<Item = impl Into<ParamGroup<T, LBFGSConfig>>>,
+        mut defaults: LBFGSConfig,
     ) -> Result<Self> {
         defaults.validate()?;
         if defaults.max_eval.is_none() {
             defaults.max_eval = Some(default_max_eval(defaults.max_iter));
         }
-        let groups: Vec<ParamGroup<T, LbfgsConfig>> = groups.into_iter().map(Into::into).collect();
+        let groups: Vec<ParamGroup<T, LBFGSConfig>> = groups.into_iter().map(Into::into).collect();
         if groups.is_empty() {
             return Err(Error::EmptyParamList);
         }
@@ -445,7 +445,7 @@ impl<T: Float> Lbfgs<T> {
         }
         config.validate()?;
         let flat = Arc::new(Flat::new(arena, resolved.remove(0)));
-        Ok(Lbfgs {
+        Ok(LBFGS {
             arena_id: arena.id(),
             layout: arena.infos().to_vec(),
             flat,
@@ -471,19 +471,19 @@ impl<T: Float> Lbfgs<T> {
         self.simd = simd;
     }
 
-    /// Builder form of [`Lbfgs::set_simd_level`].
+    /// Builder form of [`LBFGS::set_simd_level`].
     pub fn with_simd_level(mut self, simd: SimdLevel) -> Self {
         self.simd = simd;
         self
     }
 
     /// The group's hyperparameters.
-    pub fn config(&self) -> &LbfgsConfig {
+    pub fn config(&self) -> &LBFGSConfig {
         &self.config
     }
 
     /// Replaces the hyperparameters, after checking them.
-    pub fn set_config(&mut self, config: LbfgsConfig) -> Result<()> {
+    pub fn set_config(&mut self, config: LBFGSConfig) -> Result<()> {
         config.validate()?;
         self.config = config;
         Ok(())
@@ -509,7 +509,14 @@ impl<T: Float> Lbfgs<T> {
         self.config.lr
     }
 
-    /// Sets the learning rate.
+    /// Sets the learning rate, checking it; on error nothing changes.
+    ///
+    /// It takes no group index, unlike [`Optimizer::set_lr`](crate::Optimizer::set_lr)`(group,
+    /// lr)`: LBFGS has exactly one param group, as torch's (whose constructor raises
+    /// "LBFGS doesn't support per-parameter options (parameter groups)"), so an index could
+    /// only be 0. Schedulers and other code generic over optimizers reach it as group 0
+    /// through [`GroupHyperparams::set_lr`], which must be called by path here
+    /// (`GroupHyperparams::set_lr(&mut opt, 0, lr)`) because this method shadows it.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.set_hyper("lr", lr)
     }
@@ -575,7 +582,7 @@ impl<T: Float> Lbfgs<T> {
         self.run(arena, |a: &mut Arena<T>| Ok(closure(a)), false)
     }
 
-    /// [`Lbfgs::step`] with a closure that can fail. On a closure error the step returns
+    /// [`LBFGS::step`] with a closure that can fail. On a closure error the step returns
     /// [`Error::Closure`] with its message, and everything is as before the step: the
     /// parameters get their values back and the optimizer's state (counters, history,
     /// direction) is restored. Gradients stay as the closure left them.
@@ -828,7 +835,7 @@ impl<T: Float> Lbfgs<T> {
     }
 }
 
-impl<T: Float> GroupHyperparams for Lbfgs<T> {
+impl<T: Float> GroupHyperparams for LBFGS<T> {
     fn num_groups(&self) -> usize {
         1
     }
@@ -869,4 +876,15 @@ impl<T: Float> GroupHyperparams for Lbfgs<T> {
         self.initial_lr = initial_lr;
         Ok(())
     }
+}
+
+crate::renamed! {
+    #[deprecated(since = "0.2.0", note = "renamed to `LBFGS`, torch's spelling")]
+    Lbfgs<T> => LBFGS;
+    #[deprecated(since = "0.2.0", note = "renamed to `LBFGSConfig`, torch's spelling")]
+    LbfgsConfig => LBFGSConfig;
+    #[deprecated(since = "0.2.0", note = "renamed to `LBFGSState`, torch's spelling")]
+    LbfgsState<T> => LBFGSState;
+    #[deprecated(since = "0.2.0", note = "renamed to `LBFGSStateDict`, torch's spelling")]
+    LbfgsStateDict<T> => LBFGSStateDict;
 }

@@ -1,8 +1,8 @@
-//! [`LbfgsStateDict`]: saving and loading torch's LBFGS state.
+//! [`LBFGSStateDict`]: saving and loading torch's LBFGS state.
 
 use serde::{Deserialize, Serialize};
 
-use super::{History, Lbfgs, LbfgsConfig, Scalars};
+use super::{History, LBFGSConfig, Scalars, LBFGS};
 use crate::arena::{filled, AlignedBuf};
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -10,7 +10,7 @@ use crate::hyper::Hyperparams;
 use crate::optimizer::load::{bad, check_group_count, check_header, match_params, saved_config};
 use crate::state::{GroupDict, MatchBy, ParamRef, STATE_DICT_FORMAT};
 
-impl<T: Float> Lbfgs<T> {
+impl<T: Float> LBFGS<T> {
     fn param_refs(&self) -> Vec<ParamRef> {
         self.flat
             .params
@@ -30,8 +30,8 @@ impl<T: Float> Lbfgs<T> {
 
     /// A serialisable snapshot: the group's hyperparameters and torch's whole LBFGS state
     /// (counters, direction, step, history, `H_diag`, previous gradient and loss, `al`).
-    pub fn state_dict(&self) -> LbfgsStateDict<T> {
-        let hyperparams = <LbfgsConfig as Hyperparams>::NAMES
+    pub fn state_dict(&self) -> LBFGSStateDict<T> {
+        let hyperparams = <LBFGSConfig as Hyperparams>::NAMES
             .iter()
             .map(|&n| {
                 let v = self.config.get(n).expect("every listed name is gettable");
@@ -42,7 +42,7 @@ impl<T: Float> Lbfgs<T> {
         let state = sc.present.then(|| {
             let started = sc.started;
             let h = &self.history;
-            LbfgsState {
+            LBFGSState {
                 func_evals: sc.func_evals,
                 n_iter: sc.n_iter,
                 d: started.then(|| self.d.to_vec()),
@@ -58,7 +58,7 @@ impl<T: Float> Lbfgs<T> {
                 al: self.al.clone(),
             }
         });
-        LbfgsStateDict {
+        LBFGSStateDict {
             format: STATE_DICT_FORMAT,
             optimizer: "LBFGS".into(),
             dtype: T::DTYPE.into(),
@@ -70,21 +70,21 @@ impl<T: Float> Lbfgs<T> {
         }
     }
 
-    /// [`Lbfgs::state_dict`] as JSON.
+    /// [`LBFGS::state_dict`] as JSON.
     pub fn state_dict_json(&self) -> Result<String> {
         Ok(serde_json::to_string(&self.state_dict())?)
     }
 
-    /// [`Lbfgs::load_state_dict`] from JSON written by [`Lbfgs::state_dict_json`].
+    /// [`LBFGS::load_state_dict`] from JSON written by [`LBFGS::state_dict_json`].
     ///
     /// Values saved in the other float type are read in that type and cast, as
-    /// [`Lbfgs::load_state_dict`] does.
+    /// [`LBFGS::load_state_dict`] does.
     pub fn load_state_dict_json(&mut self, json: &str, by: MatchBy) -> Result<()> {
         if crate::state::json_dtype(json)? == <f64 as Float>::DTYPE {
-            let sd: LbfgsStateDict<f64> = serde_json::from_str(json)?;
+            let sd: LBFGSStateDict<f64> = serde_json::from_str(json)?;
             self.load_state_dict(&sd, by)
         } else {
-            let sd: LbfgsStateDict<f32> = serde_json::from_str(json)?;
+            let sd: LBFGSStateDict<f32> = serde_json::from_str(json)?;
             self.load_state_dict(&sd, by)
         }
     }
@@ -115,7 +115,7 @@ impl<T: Float> Lbfgs<T> {
     /// arena's parameter order. A state saved in the other float type is converted.
     pub fn load_state_dict<U: Float>(
         &mut self,
-        saved: &LbfgsStateDict<U>,
+        saved: &LBFGSStateDict<U>,
         by: MatchBy,
     ) -> Result<()> {
         let load = self.prepare_load(saved, by)?;
@@ -128,8 +128,8 @@ impl<T: Float> Lbfgs<T> {
         self.arena_id
     }
 
-    /// Swaps a load prepared by [`Lbfgs::prepare_load`] in. Cannot fail.
-    pub(crate) fn commit_load(&mut self, load: LbfgsLoad<T>) {
+    /// Swaps a load prepared by [`LBFGS::prepare_load`] in. Cannot fail.
+    pub(crate) fn commit_load(&mut self, load: LBFGSLoad<T>) {
         self.config = load.config;
         match load.state {
             None => self.reset(),
@@ -145,13 +145,13 @@ impl<T: Float> Lbfgs<T> {
         }
     }
 
-    /// Checks a saved state against this optimizer (see [`Lbfgs::load_state_dict`]) and
+    /// Checks a saved state against this optimizer (see [`LBFGS::load_state_dict`]) and
     /// converts it, changing nothing.
     pub(crate) fn prepare_load<U: Float>(
         &self,
-        saved: &LbfgsStateDict<U>,
+        saved: &LBFGSStateDict<U>,
         by: MatchBy,
-    ) -> Result<LbfgsLoad<T>> {
+    ) -> Result<LBFGSLoad<T>> {
         check_header(
             saved.format,
             &saved.optimizer,
@@ -166,7 +166,7 @@ impl<T: Float> Lbfgs<T> {
         let n = self.flat.len;
 
         let Some(st) = &saved.state else {
-            return Ok(LbfgsLoad {
+            return Ok(LBFGSLoad {
                 config,
                 state: None,
             });
@@ -272,9 +272,9 @@ impl<T: Float> Lbfgs<T> {
                 .map(|a| a.map(|x| T::from_f64(x.to_f64())))
                 .collect()
         });
-        Ok(LbfgsLoad {
+        Ok(LBFGSLoad {
             config,
-            state: Some(LbfgsLoadState {
+            state: Some(LBFGSLoadState {
                 scalars,
                 d,
                 prev,
@@ -285,14 +285,14 @@ impl<T: Float> Lbfgs<T> {
     }
 }
 
-/// A checked, converted [`LbfgsStateDict`], waiting to be swapped in.
-pub(crate) struct LbfgsLoad<T: Float> {
-    config: LbfgsConfig,
+/// A checked, converted [`LBFGSStateDict`], waiting to be swapped in.
+pub(crate) struct LBFGSLoad<T: Float> {
+    config: LBFGSConfig,
     /// `None`: the saved optimizer had not stepped (the state is reset).
-    state: Option<LbfgsLoadState<T>>,
+    state: Option<LBFGSLoadState<T>>,
 }
 
-struct LbfgsLoadState<T: Float> {
+struct LBFGSLoadState<T: Float> {
     scalars: Scalars,
     d: AlignedBuf<T>,
     prev: AlignedBuf<T>,
@@ -300,11 +300,11 @@ struct LbfgsLoadState<T: Float> {
     al: Option<Vec<Option<T>>>,
 }
 
-/// A serialisable snapshot of an [`Lbfgs`] optimizer, laid out like torch's
+/// A serialisable snapshot of an [`LBFGS`] optimizer, laid out like torch's
 /// `LBFGS.state_dict()`: one param group and the state torch keeps under its first parameter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LbfgsStateDict<T> {
+pub struct LBFGSStateDict<T> {
     /// [`STATE_DICT_FORMAT`] at the time of saving.
     pub format: u32,
     /// `"LBFGS"`.
@@ -315,14 +315,14 @@ pub struct LbfgsStateDict<T> {
     pub param_groups: Vec<GroupDict>,
     /// torch's state; `None` before the first step.
     #[serde(default)]
-    pub state: Option<LbfgsState<T>>,
+    pub state: Option<LBFGSState<T>>,
 }
 
 /// torch's LBFGS state. Vectors are flat over the group's parameters in group order. The
 /// fields from `d` to `prev_loss` appear together once an iteration has run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LbfgsState<T> {
+pub struct LBFGSState<T> {
     /// Closure evaluations over all steps.
     pub func_evals: u64,
     /// Iterations over all steps.
