@@ -779,7 +779,7 @@ def half_section(args, binary):
     return lines
 
 
-DEEPSPEED_HEADING = "## Against DeepSpeed's CPU Adam: f32 and mode 2"
+DEEPSPEED_HEADING = "## Against DeepSpeed's CPU Adam: f32 and modes 1-3"
 
 
 @functools.lru_cache(maxsize=1)
