@@ -442,8 +442,7 @@ impl HalfPiece<'_> {
         let done = match self {
             HalfPiece::Bf16 { p, g, m, v } => {
                 let mut bufs = [&mut **m, &mut **v];
-                MixedPass::new(simd, Nearest::new(p), g, &mut bufs)
-                    .map(|pass| pass.run::<2, _>(op))
+                MixedPass::new(simd, Nearest::new(p), g, &mut bufs).map(|pass| pass.run::<2, _>(op))
             }
             HalfPiece::MasterBf16 { p, copy, g, m, v } => {
                 let mut bufs = [&mut **m, &mut **v];

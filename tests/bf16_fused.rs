@@ -590,7 +590,11 @@ fn stochastic_bits_follow_the_documented_hash() {
         let (k0, k1) = (k as u32, (k >> 32) as u32);
         let pair = index >> 1;
         let h = lowbias32(pair as u32 ^ k0 ^ lowbias32((pair >> 32) as u32)) ^ k1;
-        let half = if index.is_multiple_of(2) { h & 0xFFFF } else { h >> 16 };
+        let half = if index.is_multiple_of(2) {
+            h & 0xFFFF
+        } else {
+            h >> 16
+        };
         assert_eq!(stochastic_bits(seed, step, index), half as u16);
     }
     // Rounding: add the bits below the mantissa and truncate; infinities stay, NaN is quiet.

@@ -6,6 +6,8 @@
 //! search needs. The schedules are optarena's LR schedulers ([`optarena::schedule`]), which
 //! act on either kind through [`GroupHyperparams`], as torch's act on `param_groups`.
 
+use std::time::{Duration, Instant};
+
 use half::bf16;
 use optarena::checkpoint::TrainingOptimizer;
 use optarena::mixed::{narrow, widen};
@@ -55,6 +57,14 @@ pub trait Stepper {
     /// copy of [`Precision::Mixed`] (saved in the checkpoint too).
     fn forward_copy(&self) -> Option<&HalfBuffer<bf16>> {
         None
+    }
+
+    /// Time spent since the last call on this example's bf16 emulation inside `step` (the
+    /// bf16 weights widened into the arena for the f32 forward and the master weights put
+    /// back, the gradients rounded to bf16, mode 3's weights mirrored into the arena): work a
+    /// real bf16 model would not do, left out of the optimizer's µs per step.
+    fn take_emulation_time(&mut self) -> Duration {
+        Duration::ZERO
     }
 
     /// Closure evaluations and iterations so far, for optimizers that count them (L-BFGS's
@@ -116,14 +126,16 @@ impl Precision {
             Precision::Mixed => {
                 "mode 2: f32 master weights and state, bf16 gradients (f32 backward on the \
                  bf16 weights, rounded to nearest even), bf16 weight copy written by the step \
-                 (its opt µs/step includes the emulation's copies: the bf16 weights widened \
-                 into the arena and the master weights put back, the gradients rounded)"
+                 (its opt µs/step is the step alone: the emulation's copies, the bf16 weights \
+                 widened into the arena and the master weights put back, the gradients \
+                 rounded, are left out, as a bf16 model would not make them)"
             }
             Precision::Bf16Sr => {
                 "mode 3: bf16 weights and moments only (no f32 master copy), bf16 gradients (f32 \
                  backward on the bf16 weights, rounded to nearest even), stochastic rounding of \
                  the updated weights (`step_half`, `ParamRounding::Stochastic`); its opt µs/step \
-                 includes rounding the gradients and widening the weights for the next forward"
+                 is the step alone (rounding the gradients and widening the weights for the f32 \
+                 forward are the emulation's, left out)"
             }
         }
     }
@@ -138,6 +150,8 @@ struct Mixed {
     /// The f32 master weights, set aside while the arena holds the bf16 weights for a
     /// forward and backward.
     master: Vec<f32>,
+    /// Time spent on the emulation's copies since [`Stepper::take_emulation_time`] last took it.
+    emulation: Duration,
     /// Mode 3: `copy` is the weights themselves, stepped by `step_half` with stochastic
     /// rounding (the arena then only mirrors them, widened, for the forward pass).
     stochastic: bool,
@@ -146,17 +160,23 @@ struct Mixed {
 impl Mixed {
     /// Runs `f` with the arena's parameters replaced by the bf16 copy (widened, exact), then
     /// puts the f32 master weights back.
+    /// The copies are timed into `copies`.
     fn on_copy<R>(
         copy: &HalfBuffer<bf16>,
         master: &mut Vec<f32>,
         arena: &mut Arena<f32>,
+        copies: &mut Duration,
         f: impl FnOnce(&mut Arena<f32>) -> R,
     ) -> R {
+        let t = Instant::now();
         master.clear();
         master.extend_from_slice(arena.params());
         widen(SimdLevel::Best, copy.as_slice(), arena.params_mut()).expect("the arena's length");
+        *copies += t.elapsed();
         let r = f(arena);
+        let t = Instant::now();
         arena.params_mut().copy_from_slice(master);
+        *copies += t.elapsed();
         r
     }
 }
@@ -169,7 +189,10 @@ pub fn with_forward_weights<R>(
     f: impl FnOnce(&mut Arena<f32>) -> R,
 ) -> R {
     match opt.forward_copy() {
-        Some(copy) => Mixed::on_copy(copy, &mut Vec::new(), arena, f),
+        Some(copy) => {
+            let mut copies = Duration::ZERO;
+            Mixed::on_copy(copy, &mut Vec::new(), arena, &mut copies, f)
+        }
         None => f(arena),
     }
 }
@@ -195,6 +218,7 @@ impl<A: Algorithm> FirstOrder<A> {
                 grads: HalfBuffer::gradients(arena),
                 copy: HalfBuffer::copy_of(arena),
                 master: Vec::with_capacity(arena.len()),
+                emulation: Duration::ZERO,
                 stochastic: p == Precision::Bf16Sr,
             }),
         };
@@ -228,8 +252,12 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
             return Ok(loss);
         };
         // Forward and backward on the bf16 weights; the gradients rounded to bf16.
-        let loss = Mixed::on_copy(&m.copy, &mut m.master, arena, |a| closure(a));
+        let loss = Mixed::on_copy(&m.copy, &mut m.master, arena, &mut m.emulation, |a| {
+            closure(a)
+        });
+        let t = Instant::now();
         narrow(SimdLevel::Best, arena.grads(), m.grads.as_mut_slice())?;
+        m.emulation += t.elapsed();
         // One pass: bf16 gradients in (clip norm computed on them), f32 master weights and
         // state updated, bf16 copy out.
         let options = StepOptions {
@@ -252,7 +280,9 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
             self.opt
                 .step_half(&mut m.copy, &m.grads, rounding, options)?;
             // The arena mirrors the bf16 weights (widened, exact) for code that reads it.
+            let t = Instant::now();
             widen(SimdLevel::Best, m.copy.as_slice(), arena.params_mut())?;
+            m.emulation += t.elapsed();
         } else {
             self.opt.step_mixed(arena, &m.grads, &mut m.copy, options)?;
         }
@@ -261,6 +291,12 @@ impl<A: Algorithm> Stepper for FirstOrder<A> {
 
     fn forward_copy(&self) -> Option<&HalfBuffer<bf16>> {
         self.mixed.as_ref().map(|m| &m.copy)
+    }
+
+    fn take_emulation_time(&mut self) -> Duration {
+        self.mixed
+            .as_mut()
+            .map_or(Duration::ZERO, |m| std::mem::take(&mut m.emulation))
     }
 
     fn groups(&mut self) -> &mut dyn GroupHyperparams {

@@ -701,7 +701,9 @@ fn train_one(
             let loss = opt
                 .step(&mut arena, &mut closure)
                 .map_err(err(&ctx("step")))?;
-            opt_time += t.elapsed().saturating_sub(closure_time);
+            opt_time += t
+                .elapsed()
+                .saturating_sub(closure_time + opt.take_emulation_time());
             // torch's order: optimizer.step(), then scheduler.step(), once per batch.
             if let Some(s) = &mut sched {
                 s.step(opt.groups()).map_err(err(&ctx("scheduler step")))?;
