@@ -23,7 +23,7 @@
 //! let arena = b.build();
 //! let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default().with_lr(0.1))?;
 //! // torch: StepLR(optimizer, step_size=2, gamma=0.5)
-//! let mut sched = StepLR::new(&mut opt, StepLRConfig { gamma: 0.5, ..StepLRConfig::new(2) })?;
+//! let mut sched = StepLR::new(&mut opt, StepLRConfig::new(2).with_gamma(0.5))?;
 //! let mut lrs = Vec::new();
 //! for _epoch in 0..5 {
 //!     lrs.push(opt.lr(0)?);
