@@ -70,7 +70,8 @@ impl PerGroup {
 ///
 /// Every field of the struct must be listed: the macro also writes a private function that
 /// destructures the config without `..`, so a field added later without a builder is a
-/// compile error here rather than a missing setter downstream.
+/// compile error here rather than a missing setter downstream (rustc reports it as "pattern
+/// requires `..` due to inaccessible fields" at the macro).
 macro_rules! builders {
     ($config:ident { $($fields:tt)* }) => {
         impl $config {
