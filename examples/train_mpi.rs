@@ -94,28 +94,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let warmup = (total / 20).max(1);
     let linear = LinearLR::new(
         &mut opt,
-        LinearLRConfig {
-            start_factor: 1.0 / warmup as f64,
-            end_factor: 1.0,
-            total_iters: warmup,
-            last_epoch: -1,
-        },
+        LinearLRConfig::new()
+            .with_start_factor(1.0 / warmup as f64)
+            .with_end_factor(1.0)
+            .with_total_iters(warmup),
     )?;
     let cosine = CosineAnnealingLR::new(
         &mut opt,
-        CosineAnnealingLRConfig {
-            t_max: (total - warmup).max(1),
-            eta_min: 2e-5,
-            last_epoch: -1,
-        },
+        CosineAnnealingLRConfig::new((total - warmup).max(1)).with_eta_min(2e-5),
     )?;
     let mut sched = SequentialLR::new(
         &mut opt,
         vec![Box::new(linear), Box::new(cosine)],
-        SequentialLRConfig {
-            milestones: vec![warmup],
-            last_epoch: -1,
-        },
+        SequentialLRConfig::new(vec![warmup]),
     )?;
     let mut dp = DataParallel::new(comm, &arena, &opt)?;
     let options = StepOptions {

@@ -169,11 +169,9 @@ fn write_swa_seeds() {
     let mut opt = fuzz_bodies::standard_optimizer::<f64, optarena::optim::SGDAlgorithm>(&arena);
     let mut s = SWALR::new(
         &mut opt,
-        SWALRConfig {
-            anneal_epochs: 4,
-            anneal_strategy: AnnealStrategy::Linear,
-            ..SWALRConfig::new(vec![0.05, 0.002])
-        },
+        SWALRConfig::new(vec![0.05, 0.002])
+            .with_anneal_epochs(4)
+            .with_anneal_strategy(AnnealStrategy::Linear),
     )
     .unwrap();
     s.step(&mut opt).unwrap();

@@ -380,11 +380,7 @@ fn load_state_dict_restores_the_lr_pytorch_29697() {
 
     // The same with a ConstantLR, whose fresh constructor rescales the lr it finds.
     let mut opt = scheduler_sgd(&[0.1], 0.0);
-    let cfg = ConstantLRConfig {
-        factor: 0.5,
-        total_iters: 4,
-        last_epoch: -1,
-    };
+    let cfg = ConstantLRConfig::new().with_factor(0.5).with_total_iters(4);
     let mut s = ConstantLR::new(&mut opt, cfg.clone()).unwrap();
     s.step(&mut opt).unwrap();
     let saved_opt = opt.state_dict_json().unwrap();
@@ -460,14 +456,7 @@ fn constructor_last_epoch_means_steps_taken_pytorch_60265() {
     // torch requires initial_lr for last_epoch >= 0 (a KeyError); so does optarena, and the
     // failed constructor changes nothing.
     let mut opt = scheduler_sgd(&[0.1, 0.01], 0.9);
-    let e = StepLR::new(
-        &mut opt,
-        StepLRConfig {
-            last_epoch: 3,
-            ..StepLRConfig::new(2)
-        },
-    )
-    .unwrap_err();
+    let e = StepLR::new(&mut opt, StepLRConfig::new(2).with_last_epoch(3)).unwrap_err();
     assert!(
         e.to_string()
             .starts_with("param 'initial_lr' is not specified in param_groups[0] when resuming"),
@@ -476,23 +465,9 @@ fn constructor_last_epoch_means_steps_taken_pytorch_60265() {
     assert_eq!(lrs(&opt), [0.1, 0.01]);
     assert_eq!(opt.group_initial_lr(0).unwrap(), None);
     // CyclicLR and OneCycleLR take their bases from their options and need none.
-    let s = OneCycleLR::new(
-        &mut opt,
-        OneCycleLRConfig {
-            last_epoch: 4,
-            ..OneCycleLRConfig::new(0.1, 10)
-        },
-    )
-    .unwrap();
+    let s = OneCycleLR::new(&mut opt, OneCycleLRConfig::new(0.1, 10).with_last_epoch(4)).unwrap();
     assert_eq!(s.last_epoch(), Some(4));
-    let e = StepLR::new(
-        &mut opt,
-        StepLRConfig {
-            last_epoch: -2,
-            ..StepLRConfig::new(2)
-        },
-    )
-    .unwrap_err();
+    let e = StepLR::new(&mut opt, StepLRConfig::new(2).with_last_epoch(-2)).unwrap_err();
     assert!(e.to_string().starts_with("last_epoch must be -1"), "{e}");
 }
 
@@ -653,10 +628,7 @@ fn any_group_hyperparams_implementor_can_be_scheduled() {
     assert_eq!(opt.0, [1.0, 0.5]);
     CyclicLR::new(
         &mut opt,
-        CyclicLRConfig {
-            cycle_momentum: false,
-            ..CyclicLRConfig::new(0.1, 1.0)
-        },
+        CyclicLRConfig::new(0.1, 1.0).with_cycle_momentum(false),
     )
     .unwrap();
     // torch's initial step runs on base_lrs = the initial_lr set above (1.0, 0.5), and only then
@@ -678,10 +650,7 @@ fn closures_per_group_and_custom_scale_fn() {
     assert_eq!(lrs(&opt), [0.05, 0.02]);
 
     // A CyclicLR state saved with a custom scale function loads only into one that has one.
-    let cfg = CyclicLRConfig {
-        step_size_up: 2.0,
-        ..CyclicLRConfig::new(0.01, 0.1)
-    };
+    let cfg = CyclicLRConfig::new(0.01, 0.1).with_step_size_up(2.0);
     let mut c = CyclicLR::with_scale_fn(&mut opt, cfg.clone(), |x| 1.0 / x).unwrap();
     c.step(&mut opt).unwrap();
     let saved = c.state_dict().unwrap();
@@ -835,29 +804,20 @@ fn torch_messages_for_invalid_configurations() {
         "Expected 2 lr_lambdas, but got 1"
     );
     for factor in [1.5, -0.1, f64::NAN] {
-        let c = ConstantLRConfig {
-            factor,
-            ..Default::default()
-        };
+        let c = ConstantLRConfig::new().with_factor(factor);
         assert_eq!(
             msg(ConstantLR::new(o, c)),
             "Constant multiplicative factor expected to be between 0 and 1."
         );
     }
     for start_factor in [0.0, 1.5, f64::NAN] {
-        let c = LinearLRConfig {
-            start_factor,
-            ..Default::default()
-        };
+        let c = LinearLRConfig::new().with_start_factor(start_factor);
         assert_eq!(
             msg(LinearLR::new(o, c)),
             "Starting multiplicative factor expected to be greater than 0 and less or equal to 1."
         );
     }
-    let c = LinearLRConfig {
-        end_factor: -0.5,
-        ..Default::default()
-    };
+    let c = LinearLRConfig::new().with_end_factor(-0.5);
     assert_eq!(
         msg(LinearLR::new(o, c)),
         "Ending multiplicative factor expected to be between 0 and 1."
@@ -869,10 +829,7 @@ fn torch_messages_for_invalid_configurations() {
         )),
         "Expected positive integer T_0, but got 0"
     );
-    let c = CosineAnnealingWarmRestartsConfig {
-        t_mult: 0,
-        ..CosineAnnealingWarmRestartsConfig::new(3)
-    };
+    let c = CosineAnnealingWarmRestartsConfig::new(3).with_t_mult(0);
     assert_eq!(
         msg(CosineAnnealingWarmRestarts::new(o, c)),
         "Expected integer T_mult >= 1, but got 0"
@@ -895,19 +852,13 @@ fn torch_messages_for_invalid_configurations() {
         "base_lr must have the same length as optimizer.param_groups. base_lr has 3 values, \
          param_groups has 2."
     );
-    let c = CyclicLRConfig {
-        base_momentum: PerGroup::Each(vec![0.8]),
-        ..CyclicLRConfig::new(0.1, 1.0)
-    };
+    let c = CyclicLRConfig::new(0.1, 1.0).with_base_momentum(PerGroup::Each(vec![0.8]));
     assert_eq!(
         msg(CyclicLR::new(o, c)),
         "base_momentum must have the same length as optimizer.param_groups. base_momentum has \
          1 values, param_groups has 2."
     );
-    let c = CyclicLRConfig {
-        mode: "triangle".into(),
-        ..CyclicLRConfig::new(0.1, 1.0)
-    };
+    let c = CyclicLRConfig::new(0.1, 1.0).with_mode("triangle");
     assert_eq!(
         msg(CyclicLR::new(o, c.clone())),
         "mode is invalid and scale_fn is None"
@@ -1058,18 +1009,12 @@ fn optarena_rejects_what_torch_only_fails_on_later() {
     );
     let c = ExponentialLRConfig::new(f64::NAN);
     assert_eq!(msg(ExponentialLR::new(o, c)), "Invalid gamma value: NaN");
-    let c = CyclicLRConfig {
-        step_size_up: 0.0,
-        step_size_down: Some(0.0),
-        ..CyclicLRConfig::new(0.1, 1.0)
-    };
+    let c = CyclicLRConfig::new(0.1, 1.0)
+        .with_step_size_up(0.0)
+        .with_step_size_down(Some(0.0));
     assert_eq!(msg(CyclicLR::new(o, c)), "float division by zero");
     // ConstantLR(factor=0) divides by zero at total_iters, in torch too.
-    let c = ConstantLRConfig {
-        factor: 0.0,
-        total_iters: 2,
-        last_epoch: -1,
-    };
+    let c = ConstantLRConfig::new().with_factor(0.0).with_total_iters(2);
     let mut s = ConstantLR::new(o, c).unwrap();
     s.step(o).unwrap();
     assert_eq!(msg(s.step(o)), "float division by zero");
@@ -1092,10 +1037,10 @@ fn reduce_lr_on_plateau_after_a_group_is_added() {
         )
         .unwrap()
     };
-    let config = |min_lr: PerGroup| ReduceLROnPlateauConfig {
-        patience: 0,
-        min_lr,
-        ..Default::default()
+    let config = |min_lr: PerGroup| {
+        ReduceLROnPlateauConfig::new()
+            .with_patience(0)
+            .with_min_lr(min_lr)
     };
     // A list of min_lrs no longer fits: torch's RuntimeError.
     let mut opt = new_opt();
@@ -1145,13 +1090,7 @@ fn swalr_torch_messages_and_nothing_changes() {
          swa_lr has 3 values, param_groups has 2."
     );
     assert_eq!(
-        msg(SWALR::new(
-            o,
-            SWALRConfig {
-                anneal_epochs: -1,
-                ..SWALRConfig::new(0.05)
-            }
-        )),
+        msg(SWALR::new(o, SWALRConfig::new(0.05).with_anneal_epochs(-1))),
         "anneal_epochs must be equal or greater than 0, got -1"
     );
     assert_eq!(
@@ -1166,26 +1105,12 @@ fn swalr_torch_messages_and_nothing_changes() {
         "{e}"
     );
     // A negative swa_lr is refused by the optimizer's groups when it is reached.
-    let mut s = SWALR::new(
-        o,
-        SWALRConfig {
-            anneal_epochs: 0,
-            ..SWALRConfig::new(0.05)
-        },
-    )
-    .unwrap();
+    let mut s = SWALR::new(o, SWALRConfig::new(0.05).with_anneal_epochs(0)).unwrap();
     assert_eq!(lrs(o), [0.05, 0.05]);
     s.step(o).unwrap();
     assert_eq!(lrs(o), [0.05, 0.05]);
     let o2 = &mut opt2();
-    assert!(SWALR::new(
-        o2,
-        SWALRConfig {
-            anneal_epochs: 0,
-            ..SWALRConfig::new(-1.0)
-        }
-    )
-    .is_err());
+    assert!(SWALR::new(o2, SWALRConfig::new(-1.0).with_anneal_epochs(0)).is_err());
     assert_eq!(lrs(o2), before, "a failed constructor changed the lr");
     assert_eq!(o2.group_initial_lr(0).unwrap(), None);
 }
@@ -1195,11 +1120,9 @@ fn swalr_state_round_trips_and_bad_states_are_refused() {
     let o = &mut opt2();
     let mut s = SWALR::new(
         o,
-        SWALRConfig {
-            anneal_epochs: 5,
-            anneal_strategy: AnnealStrategy::Linear,
-            ..SWALRConfig::new(vec![0.05, 0.002])
-        },
+        SWALRConfig::new(vec![0.05, 0.002])
+            .with_anneal_epochs(5)
+            .with_anneal_strategy(AnnealStrategy::Linear),
     )
     .unwrap();
     for _ in 0..3 {
@@ -1379,5 +1302,237 @@ fn schedulers_follow_add_param_group_as_torch() {
     assert!(
         carried >= 10 && raised >= 10,
         "carried on {carried}, raised {raised}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// config builders: `new` + one `with_<field>` per option, torch's names on the wire
+// ---------------------------------------------------------------------------------------------
+
+/// Serialises `config`, checks the JSON is `expected` (torch's keyword names, unchanged by the
+/// builders), and that it reads back to the same config.
+fn wire<C>(config: &C, expected: Value)
+where
+    C: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let v = serde_json::to_value(config).unwrap();
+    assert_eq!(v, expected);
+    assert_eq!(&serde_json::from_value::<C>(v).unwrap(), config);
+}
+
+/// Every `with_<field>` of every scheduler config sets its field: each config is built with a
+/// value other than torch's default for every option, and its JSON names all of them.
+#[test]
+fn every_config_builder_sets_its_field_under_torchs_name() {
+    wire(
+        &StepLRConfig::new(3)
+            .with_step_size(4)
+            .with_gamma(0.5)
+            .with_last_epoch(2),
+        json!({"step_size": 4, "gamma": 0.5, "last_epoch": 2}),
+    );
+    wire(
+        &MultiStepLRConfig::new(vec![1])
+            .with_milestones(vec![2, 5])
+            .with_gamma(0.3)
+            .with_last_epoch(1),
+        json!({"milestones": [2, 5], "gamma": 0.3, "last_epoch": 1}),
+    );
+    wire(
+        &ConstantLRConfig::new()
+            .with_factor(0.5)
+            .with_total_iters(3)
+            .with_last_epoch(0),
+        json!({"factor": 0.5, "total_iters": 3, "last_epoch": 0}),
+    );
+    wire(
+        &LinearLRConfig::new()
+            .with_start_factor(0.25)
+            .with_end_factor(0.75)
+            .with_total_iters(7)
+            .with_last_epoch(2),
+        json!({"start_factor": 0.25, "end_factor": 0.75, "total_iters": 7, "last_epoch": 2}),
+    );
+    wire(
+        &ExponentialLRConfig::new(0.9)
+            .with_gamma(0.8)
+            .with_last_epoch(3),
+        json!({"gamma": 0.8, "last_epoch": 3}),
+    );
+    wire(
+        &PolynomialLRConfig::new()
+            .with_total_iters(9)
+            .with_power(2.0)
+            .with_last_epoch(1),
+        json!({"total_iters": 9, "power": 2.0, "last_epoch": 1}),
+    );
+    wire(
+        &CosineAnnealingLRConfig::new(10)
+            .with_t_max(12)
+            .with_eta_min(0.01)
+            .with_last_epoch(4),
+        json!({"T_max": 12, "eta_min": 0.01, "last_epoch": 4}),
+    );
+    wire(
+        &CosineAnnealingWarmRestartsConfig::new(5)
+            .with_t_0(6)
+            .with_t_mult(2)
+            .with_eta_min(0.001)
+            .with_last_epoch(3),
+        json!({"T_0": 6, "T_mult": 2, "eta_min": 0.001, "last_epoch": 3}),
+    );
+    wire(
+        &CyclicLRConfig::new(0.5, 2.0)
+            .with_base_lr(vec![0.01, 0.02])
+            .with_max_lr(0.1)
+            .with_step_size_up(3.0)
+            .with_step_size_down(Some(5.0))
+            .with_mode("exp_range")
+            .with_gamma(0.99)
+            .with_scale_mode("iterations")
+            .with_cycle_momentum(false)
+            .with_base_momentum(0.7)
+            .with_max_momentum(vec![0.95, 0.9])
+            .with_last_epoch(2),
+        json!({
+            "base_lr": [0.01, 0.02], "max_lr": 0.1, "step_size_up": 3.0, "step_size_down": 5.0,
+            "mode": "exp_range", "gamma": 0.99, "scale_mode": "iterations",
+            "cycle_momentum": false, "base_momentum": 0.7, "max_momentum": [0.95, 0.9],
+            "last_epoch": 2,
+        }),
+    );
+    wire(
+        &OneCycleLRConfig::new(1.0, 50)
+            .with_max_lr(vec![0.1, 0.2])
+            .with_total_steps(None)
+            .with_epochs(Some(4))
+            .with_steps_per_epoch(Some(25))
+            .with_pct_start(0.25)
+            .with_anneal_strategy("linear")
+            .with_cycle_momentum(false)
+            .with_base_momentum(0.8)
+            .with_max_momentum(0.9)
+            .with_div_factor(10.0)
+            .with_final_div_factor(100.0)
+            .with_three_phase(true)
+            .with_last_epoch(3),
+        json!({
+            "max_lr": [0.1, 0.2], "total_steps": null, "epochs": 4, "steps_per_epoch": 25,
+            "pct_start": 0.25, "anneal_strategy": "linear", "cycle_momentum": false,
+            "base_momentum": 0.8, "max_momentum": 0.9, "div_factor": 10.0,
+            "final_div_factor": 100.0, "three_phase": true, "last_epoch": 3,
+        }),
+    );
+    wire(
+        &ReduceLROnPlateauConfig::new()
+            .with_mode("max")
+            .with_factor(0.5)
+            .with_patience(2)
+            .with_threshold(0.01)
+            .with_threshold_mode("abs")
+            .with_cooldown(1)
+            .with_min_lr(vec![0.001, 0.0])
+            .with_eps(1e-6),
+        json!({
+            "mode": "max", "factor": 0.5, "patience": 2, "threshold": 0.01,
+            "threshold_mode": "abs", "cooldown": 1, "min_lr": [0.001, 0.0], "eps": 1e-6,
+        }),
+    );
+    wire(
+        &SequentialLRConfig::new(vec![1])
+            .with_milestones(vec![3, 8])
+            .with_last_epoch(5),
+        json!({"milestones": [3, 8], "last_epoch": 5}),
+    );
+    wire(
+        &SWALRConfig::new(1.0)
+            .with_swa_lr(vec![0.05, 0.002])
+            .with_anneal_epochs(4)
+            .with_anneal_strategy(AnnealStrategy::Linear)
+            .with_last_epoch(1),
+        json!({"swa_lr": [0.05, 0.002], "anneal_epochs": 4, "anneal_strategy": "linear",
+               "last_epoch": 1}),
+    );
+    wire(
+        &LambdaLRConfig::new().with_last_epoch(6),
+        json!({"last_epoch": 6}),
+    );
+}
+
+/// `new()` of the configs whose every option has a default is torch's defaults: the same as
+/// `Default` and as deserialising `{}`; `new(required...)` fills torch's defaults around the
+/// required arguments, as deserialising just those does.
+#[test]
+fn config_constructors_are_torchs_defaults() {
+    fn same<C>(config: C, json: Value)
+    where
+        C: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        assert_eq!(config, serde_json::from_value::<C>(json).unwrap());
+    }
+    same(ConstantLRConfig::new(), json!({}));
+    same(LinearLRConfig::new(), json!({}));
+    same(PolynomialLRConfig::new(), json!({}));
+    same(ReduceLROnPlateauConfig::new(), json!({}));
+    same(LambdaLRConfig::new(), json!({}));
+    assert_eq!(ConstantLRConfig::new(), ConstantLRConfig::default());
+    assert_eq!(LinearLRConfig::new(), LinearLRConfig::default());
+    assert_eq!(PolynomialLRConfig::new(), PolynomialLRConfig::default());
+    assert_eq!(
+        ReduceLROnPlateauConfig::new(),
+        ReduceLROnPlateauConfig::default()
+    );
+    assert_eq!(LambdaLRConfig::new(), LambdaLRConfig::default());
+    same(StepLRConfig::new(3), json!({"step_size": 3}));
+    same(
+        MultiStepLRConfig::new(vec![2, 4]),
+        json!({"milestones": [2, 4]}),
+    );
+    same(ExponentialLRConfig::new(0.9), json!({"gamma": 0.9}));
+    same(CosineAnnealingLRConfig::new(10), json!({"T_max": 10}));
+    same(CosineAnnealingWarmRestartsConfig::new(5), json!({"T_0": 5}));
+    same(
+        CyclicLRConfig::new(0.01, 0.1),
+        json!({"base_lr": 0.01, "max_lr": 0.1}),
+    );
+    same(
+        OneCycleLRConfig::new(0.1, 100),
+        json!({"max_lr": 0.1, "total_steps": 100}),
+    );
+    same(
+        OneCycleLRConfig::from_epochs(0.1, 4, 25),
+        json!({"max_lr": 0.1, "epochs": 4, "steps_per_epoch": 25}),
+    );
+    same(SequentialLRConfig::new(vec![3]), json!({"milestones": [3]}));
+    same(SWALRConfig::new(0.05), json!({"swa_lr": 0.05}));
+}
+
+/// torch: `OneCycleLR(opt, max_lr=0.1, epochs=4, steps_per_epoch=25)` runs the schedule of
+/// `total_steps=100`, bit for bit; `from_epochs` is that form.
+#[test]
+fn one_cycle_from_epochs_is_total_steps_epochs_times_steps() {
+    let run = |config: OneCycleLRConfig| {
+        let mut opt = scheduler_sgd(&[0.1, 0.05], 0.9);
+        let mut s = OneCycleLR::new(&mut opt, config).unwrap();
+        let mut trace = vec![lrs(&opt)];
+        // torch raises once `last_epoch` passes `total_steps` (its constructor took step 0).
+        for _ in 0..100 {
+            s.step(&mut opt).unwrap();
+            trace.push(lrs(&opt));
+        }
+        assert!(s.step(&mut opt).is_err(), "stepped past total_steps = 100");
+        trace.into_iter().flat_map(|v| bits(&v)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        run(OneCycleLRConfig::from_epochs(0.1, 4, 25)),
+        run(OneCycleLRConfig::new(0.1, 100))
+    );
+    let mut opt = scheduler_sgd(&[0.1], 0.9);
+    assert_eq!(
+        msg(OneCycleLR::new(
+            &mut opt,
+            OneCycleLRConfig::from_epochs(0.1, 0, 25)
+        )),
+        "Expected positive integer epochs, but got 0"
     );
 }

@@ -475,14 +475,7 @@ fn group_hyperparameters_by_torchs_names() {
     ));
     // A scheduler sets initial_lr once and moves every group's lr.
     opt.set_lr(0, 0.1).unwrap();
-    let mut s = StepLR::new(
-        &mut opt,
-        StepLRConfig {
-            gamma: 0.5,
-            ..StepLRConfig::new(1)
-        },
-    )
-    .unwrap();
+    let mut s = StepLR::new(&mut opt, StepLRConfig::new(1).with_gamma(0.5)).unwrap();
     assert_eq!(opt.group_initial_lr(1).unwrap(), Some(0.25));
     s.step(&mut opt).unwrap();
     assert_eq!((opt.lr(0).unwrap(), opt.lr(1).unwrap()), (0.05, 0.125));

@@ -166,19 +166,14 @@ impl Run {
         .unwrap();
         let warmup = LinearLR::new(
             &mut opt,
-            LinearLRConfig {
-                start_factor: 0.1,
-                total_iters: 4,
-                ..Default::default()
-            },
+            LinearLRConfig::new()
+                .with_start_factor(0.1)
+                .with_total_iters(4),
         )
         .unwrap();
         let cosine = CosineAnnealingLR::new(
             &mut opt,
-            CosineAnnealingLRConfig {
-                eta_min: 1e-4,
-                ..CosineAnnealingLRConfig::new(20)
-            },
+            CosineAnnealingLRConfig::new(20).with_eta_min(1e-4),
         )
         .unwrap();
         let sched = SequentialLR::new(

@@ -73,11 +73,9 @@ impl Run {
         .unwrap();
         let warm = LinearLR::new(
             &mut adamw,
-            LinearLRConfig {
-                start_factor: 0.1,
-                total_iters: 3,
-                ..Default::default()
-            },
+            LinearLRConfig::new()
+                .with_start_factor(0.1)
+                .with_total_iters(3),
         )
         .unwrap();
         let cos = CosineAnnealingLR::new(&mut adamw, CosineAnnealingLRConfig::new(20)).unwrap();
@@ -87,14 +85,7 @@ impl Run {
             SequentialLRConfig::new(vec![3]),
         )
         .unwrap();
-        let step_lr = StepLR::new(
-            &mut sgd,
-            StepLRConfig {
-                gamma: 0.5,
-                ..StepLRConfig::new(4)
-            },
-        )
-        .unwrap();
+        let step_lr = StepLR::new(&mut sgd, StepLRConfig::new(4).with_gamma(0.5)).unwrap();
         let scaler = GradScaler::new(1024.0, 2.0, 0.5, 3).unwrap();
         Run {
             arena,
@@ -480,10 +471,7 @@ fn a_scheduler_that_fails_to_load_puts_the_earlier_ones_back() {
     let path = dir.join("run.safetensors");
     let build = |custom: bool| {
         let mut r = Run::new(false);
-        let config = CyclicLRConfig {
-            step_size_up: 2.0,
-            ..CyclicLRConfig::new(0.01, 0.1)
-        };
+        let config = CyclicLRConfig::new(0.01, 0.1).with_step_size_up(2.0);
         let cyc = if custom {
             CyclicLR::with_scale_fn(&mut r.sgd, config, |x: f64| 1.0 / x).unwrap()
         } else {

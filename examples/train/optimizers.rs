@@ -587,19 +587,14 @@ impl LrSchedule {
         let t_max = steps(total)?.saturating_sub(warmup).max(1);
         let linear = LinearLR::new(
             opt,
-            LinearLRConfig {
-                start_factor: 1.0 / warmup as f64,
-                end_factor: 1.0,
-                total_iters: warmup,
-                last_epoch: -1,
-            },
+            LinearLRConfig::new()
+                .with_start_factor(1.0 / warmup as f64)
+                .with_end_factor(1.0)
+                .with_total_iters(warmup),
         )?;
         let cosine = CosineAnnealingLR::new(
             opt,
-            CosineAnnealingLRConfig {
-                eta_min,
-                ..CosineAnnealingLRConfig::new(t_max)
-            },
+            CosineAnnealingLRConfig::new(t_max).with_eta_min(eta_min),
         )?;
         let seq = SequentialLR::new(
             opt,

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::builders;
 use super::sealed::{Protocol, Snapshot};
 use super::{
     apply, bisect_right, check_groups, check_last_epoch, check_saved, group_lrs, invalid,
@@ -163,8 +164,12 @@ fn load_children(cls: &str, children: &mut [Box<dyn LrScheduler>], saved: &[Valu
 }
 
 /// Options of [`SequentialLR`], with torch's names.
+///
+/// Built with [`SequentialLRConfig::new`] and one `with_<field>` builder step per option; the
+/// struct is `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SequentialLRConfig {
     /// The epochs at which the next scheduler takes over (one fewer than the schedulers).
     pub milestones: Vec<i64>,
@@ -173,6 +178,11 @@ pub struct SequentialLRConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(SequentialLRConfig {
+    milestones: Vec<i64>,
+    last_epoch: i64,
+});
 
 impl SequentialLRConfig {
     /// torch's defaults with the required `milestones`.

@@ -4,6 +4,7 @@ use std::f64::consts::PI;
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::{
     apply, construct, div, finite, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState,
     Values,
@@ -19,8 +20,12 @@ fn one() -> i64 {
 }
 
 /// Options of [`CosineAnnealingLR`], with torch's names and defaults.
+///
+/// Built with [`CosineAnnealingLRConfig::new`] and one `with_<field>` builder step per option; the
+/// struct is `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CosineAnnealingLRConfig {
     /// Half period of the cosine, in epochs (required; must be positive).
     #[serde(rename = "T_max")]
@@ -33,6 +38,12 @@ pub struct CosineAnnealingLRConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(CosineAnnealingLRConfig {
+    t_max: i64,
+    eta_min: f64,
+    last_epoch: i64,
+});
 
 impl CosineAnnealingLRConfig {
     /// torch's defaults with the required `T_max`.
@@ -172,8 +183,13 @@ impl Leaf for CosineAnnealingLR {
 leaf_scheduler!(CosineAnnealingLR);
 
 /// Options of [`CosineAnnealingWarmRestarts`], with torch's names and defaults.
+///
+/// Built with [`CosineAnnealingWarmRestartsConfig::new`] and one `with_<field>` builder step per
+/// option; the struct is `#[non_exhaustive]`, so a torch option added later is not a breaking
+/// change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CosineAnnealingWarmRestartsConfig {
     /// Epochs until the first restart (required, positive).
     #[serde(rename = "T_0")]
@@ -189,6 +205,13 @@ pub struct CosineAnnealingWarmRestartsConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(CosineAnnealingWarmRestartsConfig {
+    t_0: i64,
+    t_mult: i64,
+    eta_min: f64,
+    last_epoch: i64,
+});
 
 impl CosineAnnealingWarmRestartsConfig {
     /// torch's defaults with the required `T_0`.

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::sealed::Protocol;
 use super::{
     attach, div, finite, invalid, leaf_scheduler, momentum_kind, py_pow, replay, set_momentum,
@@ -40,8 +41,12 @@ fn d_max_momentum() -> PerGroup {
 }
 
 /// Options of [`CyclicLR`], with torch's names and defaults.
+///
+/// Built with [`CyclicLRConfig::new`] and one `with_<field>` builder step per option; the struct is
+/// `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CyclicLRConfig {
     /// Lower lr boundary of the cycle, for all groups or per group (required).
     pub base_lr: PerGroup,
@@ -78,6 +83,20 @@ pub struct CyclicLRConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(CyclicLRConfig {
+    base_lr: impl Into<PerGroup>,
+    max_lr: impl Into<PerGroup>,
+    step_size_up: f64,
+    step_size_down: Option<f64>,
+    mode: impl Into<String>,
+    gamma: f64,
+    scale_mode: impl Into<String>,
+    cycle_momentum: bool,
+    base_momentum: impl Into<PerGroup>,
+    max_momentum: impl Into<PerGroup>,
+    last_epoch: i64,
+});
 
 impl CyclicLRConfig {
     /// torch's defaults with the required `base_lr` and `max_lr`.
@@ -375,10 +394,7 @@ mod tests {
     fn effective_scale_mode_follows_torch() {
         let c = super::CyclicLRConfig::new(0.1, 1.0);
         assert_eq!(c.effective_scale_mode(false), "cycle");
-        let c = super::CyclicLRConfig {
-            mode: "exp_range".into(),
-            ..c
-        };
+        let c = c.with_mode("exp_range");
         assert_eq!(c.effective_scale_mode(false), "iterations");
         assert_eq!(c.effective_scale_mode(true), "cycle");
     }

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::{construct, div, finite, group_lrs, leaf_scheduler, py_pow, BaseState, Leaf, Values};
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
@@ -17,8 +18,12 @@ fn one() -> f64 {
 }
 
 /// Options of [`ExponentialLR`], with torch's names.
+///
+/// Built with [`ExponentialLRConfig::new`] and one `with_<field>` builder step per option; the
+/// struct is `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ExponentialLRConfig {
     /// Multiplicative factor of the decay, every epoch (required).
     pub gamma: f64,
@@ -27,6 +32,11 @@ pub struct ExponentialLRConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(ExponentialLRConfig {
+    gamma: f64,
+    last_epoch: i64,
+});
 
 impl ExponentialLRConfig {
     /// torch's defaults with the required `gamma`.
@@ -110,8 +120,12 @@ impl Leaf for ExponentialLR {
 leaf_scheduler!(ExponentialLR);
 
 /// Options of [`PolynomialLR`], with torch's names and defaults.
+///
+/// Built with [`PolynomialLRConfig::new`] and one `with_<field>` builder step per option; the
+/// struct is `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PolynomialLRConfig {
     /// Number of epochs over which the lr decays to 0.
     #[serde(default = "five")]
@@ -125,6 +139,12 @@ pub struct PolynomialLRConfig {
     pub last_epoch: i64,
 }
 
+builders!(PolynomialLRConfig {
+    total_iters: i64,
+    power: f64,
+    last_epoch: i64,
+});
+
 impl Default for PolynomialLRConfig {
     fn default() -> Self {
         PolynomialLRConfig {
@@ -132,6 +152,13 @@ impl Default for PolynomialLRConfig {
             power: 1.0,
             last_epoch: -1,
         }
+    }
+}
+
+impl PolynomialLRConfig {
+    /// torch's defaults (the same as `Default::default()`): every option has one.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::{construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState, Values};
 use crate::error::{Error, Result};
 use crate::hyper::GroupHyperparams;
@@ -12,14 +13,20 @@ use crate::hyper::GroupHyperparams;
 pub type LrLambda = Box<dyn Fn(usize) -> f64 + Send>;
 
 /// Options of [`LambdaLR`] and [`MultiplicativeLR`] besides the functions.
+///
+/// Built with [`LambdaLRConfig::new`] and one `with_<field>` builder step per option; the struct is
+/// `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct LambdaLRConfig {
     /// torch's `last_epoch`: -1 for a fresh schedule, or the number of steps already taken
     /// (see the [module docs](super) for how optarena resumes).
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(LambdaLRConfig { last_epoch: i64 });
 
 fn minus_one() -> i64 {
     -1
@@ -28,6 +35,13 @@ fn minus_one() -> i64 {
 impl Default for LambdaLRConfig {
     fn default() -> Self {
         LambdaLRConfig { last_epoch: -1 }
+    }
+}
+
+impl LambdaLRConfig {
+    /// torch's defaults (the same as `Default::default()`): every option has one.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 

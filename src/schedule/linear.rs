@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::{construct, div, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, Values};
 use crate::error::Result;
 use crate::hyper::GroupHyperparams;
@@ -21,8 +22,12 @@ fn five() -> i64 {
 }
 
 /// Options of [`ConstantLR`], with torch's names and defaults.
+///
+/// Built with [`ConstantLRConfig::new`] and one `with_<field>` builder step per option; the struct
+/// is `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ConstantLRConfig {
     /// The factor the lr is multiplied by until `total_iters` (in `[0, 1]`).
     #[serde(default = "one_third")]
@@ -36,6 +41,12 @@ pub struct ConstantLRConfig {
     pub last_epoch: i64,
 }
 
+builders!(ConstantLRConfig {
+    factor: f64,
+    total_iters: i64,
+    last_epoch: i64,
+});
+
 impl Default for ConstantLRConfig {
     fn default() -> Self {
         ConstantLRConfig {
@@ -43,6 +54,13 @@ impl Default for ConstantLRConfig {
             total_iters: 5,
             last_epoch: -1,
         }
+    }
+}
+
+impl ConstantLRConfig {
+    /// torch's defaults (the same as `Default::default()`): every option has one.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 
@@ -140,8 +158,12 @@ impl Leaf for ConstantLR {
 leaf_scheduler!(ConstantLR);
 
 /// Options of [`LinearLR`], with torch's names and defaults.
+///
+/// Built with [`LinearLRConfig::new`] and one `with_<field>` builder step per option; the struct is
+/// `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct LinearLRConfig {
     /// The factor at epoch 0 (in `(0, 1]`).
     #[serde(default = "one_third")]
@@ -158,6 +180,13 @@ pub struct LinearLRConfig {
     pub last_epoch: i64,
 }
 
+builders!(LinearLRConfig {
+    start_factor: f64,
+    end_factor: f64,
+    total_iters: i64,
+    last_epoch: i64,
+});
+
 impl Default for LinearLRConfig {
     fn default() -> Self {
         LinearLRConfig {
@@ -166,6 +195,13 @@ impl Default for LinearLRConfig {
             total_iters: 5,
             last_epoch: -1,
         }
+    }
+}
+
+impl LinearLRConfig {
+    /// torch's defaults (the same as `Default::default()`): every option has one.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 

@@ -23,7 +23,7 @@
 //! let arena = b.build();
 //! let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default().with_lr(0.1))?;
 //! // torch: StepLR(optimizer, step_size=2, gamma=0.5)
-//! let mut sched = StepLR::new(&mut opt, StepLRConfig { gamma: 0.5, ..StepLRConfig::new(2) })?;
+//! let mut sched = StepLR::new(&mut opt, StepLRConfig::new(2).with_gamma(0.5))?;
 //! let mut lrs = Vec::new();
 //! for _epoch in 0..5 {
 //!     lrs.push(opt.lr(0)?);
@@ -50,6 +50,10 @@
 //!   (`_get_closed_form_lr`) only where torch uses them (an explicit epoch passed to
 //!   [`LrScheduler::step_epoch`], and `SequentialLR` at a milestone). Powers use `powf` like
 //!   Python's `**`, so the numbers are torch's to the last bit or within an ulp.
+//! - Each scheduler's options are a config struct with torch's keyword names (serialised under
+//!   them), built from torch's required arguments and defaults (`StepLRConfig::new(step_size)`,
+//!   `LinearLRConfig::new()`) and one `with_<field>` builder step per option
+//!   (`.with_gamma(0.5)`); the structs are `#[non_exhaustive]`, as the optimizers' configs are.
 //! - Options, defaults and `ValueError` messages are torch's. Invalid configurations return
 //!   [`Error::InvalidHyperparameter`]; nothing panics. Beyond torch, NaN and infinite options
 //!   are rejected, and configurations torch accepts but then fails on at the first step with

@@ -4,6 +4,7 @@ use std::f64::consts::PI;
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::cyclic::no_momentum;
 use super::sealed::Protocol;
 use super::{
@@ -39,8 +40,13 @@ fn d_final_div_factor() -> f64 {
 }
 
 /// Options of [`OneCycleLR`], with torch's names and defaults.
+///
+/// Built with [`OneCycleLRConfig::new`] (or [`OneCycleLRConfig::from_epochs`]) and one
+/// `with_<field>` builder step per option; the struct is `#[non_exhaustive]`, so a torch option
+/// added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct OneCycleLRConfig {
     /// Peak lr, for all groups or per group (required).
     pub max_lr: PerGroup,
@@ -83,6 +89,22 @@ pub struct OneCycleLRConfig {
     pub last_epoch: i64,
 }
 
+builders!(OneCycleLRConfig {
+    max_lr: impl Into<PerGroup>,
+    total_steps: Option<i64>,
+    epochs: Option<i64>,
+    steps_per_epoch: Option<i64>,
+    pct_start: f64,
+    anneal_strategy: impl Into<String>,
+    cycle_momentum: bool,
+    base_momentum: impl Into<PerGroup>,
+    max_momentum: impl Into<PerGroup>,
+    div_factor: f64,
+    final_div_factor: f64,
+    three_phase: bool,
+    last_epoch: i64,
+});
+
 impl OneCycleLRConfig {
     /// torch's defaults with the required `max_lr` and `total_steps`.
     pub fn new(max_lr: impl Into<PerGroup>, total_steps: i64) -> Self {
@@ -100,6 +122,18 @@ impl OneCycleLRConfig {
             final_div_factor: 1e4,
             three_phase: false,
             last_epoch: -1,
+        }
+    }
+
+    /// torch's defaults with the required `max_lr`, and the cycle's length given as `epochs`
+    /// and `steps_per_epoch` instead of `total_steps` (torch's other way to give it:
+    /// `OneCycleLR(opt, max_lr, epochs=e, steps_per_epoch=s)` runs `e * s` steps).
+    pub fn from_epochs(max_lr: impl Into<PerGroup>, epochs: i64, steps_per_epoch: i64) -> Self {
+        OneCycleLRConfig {
+            total_steps: None,
+            epochs: Some(epochs),
+            steps_per_epoch: Some(steps_per_epoch),
+            ..Self::new(max_lr, 0)
         }
     }
 

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::builders;
 use super::sealed::{Protocol, Snapshot};
 use super::{
     apply, check_saved, finite, float_or_inf, group_lrs, guarded, invalid, py_max, LrScheduler,
@@ -34,8 +35,12 @@ fn d_eps() -> f64 {
 }
 
 /// Options of [`ReduceLROnPlateau`], with torch's names and defaults.
+///
+/// Built with [`ReduceLROnPlateauConfig::new`] and one `with_<field>` builder step per option; the
+/// struct is `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ReduceLROnPlateauConfig {
     /// `"min"`: reduce when the metric stops decreasing; `"max"`: stops increasing.
     #[serde(default = "d_min")]
@@ -63,6 +68,17 @@ pub struct ReduceLROnPlateauConfig {
     pub eps: f64,
 }
 
+builders!(ReduceLROnPlateauConfig {
+    mode: impl Into<String>,
+    factor: f64,
+    patience: i64,
+    threshold: f64,
+    threshold_mode: impl Into<String>,
+    cooldown: i64,
+    min_lr: impl Into<PerGroup>,
+    eps: f64,
+});
+
 impl Default for ReduceLROnPlateauConfig {
     fn default() -> Self {
         ReduceLROnPlateauConfig {
@@ -75,6 +91,13 @@ impl Default for ReduceLROnPlateauConfig {
             min_lr: d_min_lr(),
             eps: 1e-8,
         }
+    }
+}
+
+impl ReduceLROnPlateauConfig {
+    /// torch's defaults (the same as `Default::default()`): every option has one.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::{
     bisect_right, construct, finite, group_lrs, invalid, leaf_scheduler, py_floordiv, py_mod,
     py_pow, BaseState, Leaf, Values,
@@ -19,8 +20,20 @@ fn gamma_default() -> f64 {
 }
 
 /// Options of [`StepLR`], with torch's names and defaults.
+///
+/// Built with [`StepLRConfig::new`] and one `with_<field>` builder step per option; the struct is
+/// `#[non_exhaustive]`, so a torch option added later is not a breaking change.
+///
+/// ```
+/// use optarena::schedule::StepLRConfig;
+///
+/// // torch: StepLR(optimizer, step_size=30, gamma=0.5)
+/// let config = StepLRConfig::new(30).with_gamma(0.5);
+/// assert_eq!((config.step_size, config.gamma, config.last_epoch), (30, 0.5, -1));
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct StepLRConfig {
     /// Period of the decay, in epochs (required; must be positive).
     pub step_size: i64,
@@ -32,6 +45,12 @@ pub struct StepLRConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(StepLRConfig {
+    step_size: i64,
+    gamma: f64,
+    last_epoch: i64,
+});
 
 impl StepLRConfig {
     /// torch's defaults with the required `step_size`.
@@ -126,8 +145,12 @@ impl Leaf for StepLR {
 leaf_scheduler!(StepLR);
 
 /// Options of [`MultiStepLR`], with torch's names and defaults.
+///
+/// Built with [`MultiStepLRConfig::new`] and one `with_<field>` builder step per option; the struct
+/// is `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct MultiStepLRConfig {
     /// Epochs at which the lr is decayed (required). A milestone listed `n` times decays by
     /// `gamma^n` (torch keeps a `Counter`).
@@ -140,6 +163,12 @@ pub struct MultiStepLRConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(MultiStepLRConfig {
+    milestones: Vec<i64>,
+    gamma: f64,
+    last_epoch: i64,
+});
 
 impl MultiStepLRConfig {
     /// torch's defaults with the required `milestones`.

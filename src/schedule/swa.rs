@@ -7,6 +7,7 @@ use std::f64::consts::PI;
 
 use serde::{Deserialize, Serialize};
 
+use super::builders;
 use super::{
     construct, group_lrs, invalid, leaf_scheduler, BaseState, Leaf, LeafState, PerGroup, Values,
 };
@@ -72,8 +73,12 @@ impl AnnealStrategy {
 }
 
 /// Options of [`SWALR`], with torch's names and defaults.
+///
+/// Built with [`SWALRConfig::new`] and one `with_<field>` builder step per option; the struct is
+/// `#[non_exhaustive]`, so a torch option added later is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SWALRConfig {
     /// The lr the schedule anneals to: one for every group, or one per group (required).
     pub swa_lr: PerGroup,
@@ -88,6 +93,13 @@ pub struct SWALRConfig {
     #[serde(default = "minus_one")]
     pub last_epoch: i64,
 }
+
+builders!(SWALRConfig {
+    swa_lr: impl Into<PerGroup>,
+    anneal_epochs: i64,
+    anneal_strategy: AnnealStrategy,
+    last_epoch: i64,
+});
 
 impl SWALRConfig {
     /// torch's defaults with the required `swa_lr`.
@@ -175,8 +187,8 @@ impl LeafState for SwaState {
 /// let arena = b.build();
 /// let mut opt = SGD::new(&arena, [ParamGroup::all()], SGDConfig::default().with_lr(0.1))?;
 /// // torch's recipe: both built up front, the warm-up stepped until swa_start, then SWALR.
-/// let mut warmup = LinearLR::new(&mut opt, LinearLRConfig { total_iters: 2, ..Default::default() })?;
-/// let mut swa = SWALR::new(&mut opt, SWALRConfig { anneal_epochs: 2, ..SWALRConfig::new(0.05) })?;
+/// let mut warmup = LinearLR::new(&mut opt, LinearLRConfig::new().with_total_iters(2))?;
+/// let mut swa = SWALR::new(&mut opt, SWALRConfig::new(0.05).with_anneal_epochs(2))?;
 /// for _ in 0..3 {
 ///     warmup.step(&mut opt)?;
 /// }
