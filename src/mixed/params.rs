@@ -141,12 +141,7 @@ pub fn stochastic_bits(seed: u64, step: u64, index: u64) -> u16 {
 /// NaN with only low payload bits into an infinity).
 #[inline(always)]
 pub fn bf16_stochastic_round(x: f32, r: u16) -> bf16 {
-    bf16::from_bits(sr_bits(x, r as u32))
-}
-
-#[inline(always)]
-fn sr_bits(x: f32, r: u32) -> u16 {
-    bf16_bits_stochastic(x, r)
+    bf16::from_bits(bf16_bits_stochastic(x, r as u32))
 }
 
 /// Where a fused mixed-precision pass reads the parameters and how it writes them back: the
@@ -377,7 +372,7 @@ impl ParamStream for Stochastic<'_> {
             let mut lanes = [0.0f32; MAX_WIDTH];
             v.store(&mut lanes[..w]);
             for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
-                *o = sr_bits(x, self.key.bits(at + k as u64));
+                *o = bf16_bits_stochastic(x, self.key.bits(at + k as u64));
             }
         }
     }
@@ -394,7 +389,8 @@ impl ParamStream for Stochastic<'_> {
     }
     #[inline(always)]
     fn store_one(&mut self, i: usize, v: f32) {
-        self.params[i] = bf16::from_bits(sr_bits(v, self.key.bits(self.base + i as u64)));
+        self.params[i] =
+            bf16::from_bits(bf16_bits_stochastic(v, self.key.bits(self.base + i as u64)));
     }
     #[inline(always)]
     fn prefetch(&self, i: usize) {
