@@ -29,6 +29,7 @@
 
 use std::time::Instant;
 
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::arch::SimdLevel;
@@ -37,7 +38,6 @@ use crate::float::{Float, Lane};
 use crate::kernels::{for_each_lane_ahead, ElementOp, Pass, PREFETCH_AHEAD};
 use crate::mixed::{MasterCopy, MixedPass, Nearest};
 use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
-use half::bf16;
 
 /// How a roofline pass walks the arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
