@@ -257,6 +257,28 @@ mod token {
         /// (`sfence`), so that whoever synchronises with this thread afterwards sees them.
         #[inline(always)]
         fn store_fence(self) {}
+        /// The hashes of the pairs `0..F32::WIDTH` of `hash` (two lane groups' worth) into
+        /// the front of `out`, for [`Simd::store_bf16_stochastic_hashed`].
+        #[inline(always)]
+        fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
+            let w = <Self::F32 as Lane>::WIDTH;
+            for (j, h) in out[..w].iter_mut().enumerate() {
+                *h = hash.hash(j as u32);
+            }
+        }
+        /// [`Simd::store_bf16_stochastic`] with the group's `F32::WIDTH / 2` pair hashes
+        /// given (`hashes`, from [`Simd::pair_hashes`]).
+        #[inline(always)]
+        fn store_bf16_stochastic_hashed(self, v: Self::F32, hashes: &[u32], s: &mut [u16]) {
+            let w = <Self::F32 as Lane>::WIDTH;
+            let mut lanes = [0.0f32; 16];
+            v.store(&mut lanes[..w]);
+            for (i, (o, &x)) in s[..w].iter_mut().zip(&lanes[..w]).enumerate() {
+                let h = hashes[i / 2];
+                let r = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
+                *o = super::bf16_bits_stochastic(x, r);
+            }
+        }
         /// Rounds `v` to bf16 stochastically into the front of `s`: lane `i` becomes
         /// [`bf16_bits_stochastic`]`(v_i, r_i)`, with `r_i` the low half of
         /// `hash.hash(i / 2)` for an even `i` and its high half for an odd one. The tokens

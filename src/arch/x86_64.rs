@@ -185,6 +185,44 @@ fn lowbias32_256(x: __m256i) -> __m256i {
     })
 }
 
+/// [`super::lowbias32`] on sixteen 32-bit lanes.
+#[inline(always)]
+fn lowbias32_512(x: __m512i) -> __m512i {
+    avx!({
+        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB_352D));
+        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
+        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846C_A68B_u32 as i32));
+        _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+    })
+}
+
+/// Eight f32 lanes rounded to bf16 bits with the random halves of four pair hashes `h`
+/// (x86 is little-endian, so widening the hashes' 16-bit halves in order gives a pair's low
+/// half to its even lane).
+#[inline(always)]
+fn bf16_stochastic_bits_avx2(v: __m256, h: __m128i) -> __m128i {
+    avx!({
+        let r = _mm256_cvtepu16_epi32(h);
+        let b = _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_castps_si256(v), r));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), nan);
+        let packed = _mm256_packus_epi32(b, b);
+        _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
+    })
+}
+
+/// Sixteen f32 lanes rounded to bf16 bits with the random halves of eight pair hashes `h`.
+#[inline(always)]
+fn bf16_stochastic_bits_avx512(v: __m512, h: __m256i) -> __m256i {
+    avx!({
+        let r = _mm512_cvtepu16_epi32(h);
+        let b = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_castps_si512(v), r));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, b, _mm512_set1_epi32(0x7FC0)))
+    })
+}
+
 /// Stochastic rounding of eight f32 lanes to bf16 ([`Simd::store_bf16_stochastic`]): four
 /// pair hashes, whose 16-bit halves widen in lane order (x86 is little-endian, so a pair's
 /// low half lands in its even lane).
@@ -196,13 +234,7 @@ fn bf16_stochastic_avx2(v: __m256, hash: PairHash) -> __m128i {
             _mm_setr_epi32(0, 1, 2, 3),
         );
         let h = lowbias32_128(_mm_xor_si128(pairs, _mm_set1_epi32(hash.k0 as i32)));
-        let h = _mm_xor_si128(h, _mm_set1_epi32(hash.k1 as i32));
-        let r = _mm256_cvtepu16_epi32(h);
-        let b = _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_castps_si256(v), r));
-        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-        let b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), nan);
-        let packed = _mm256_packus_epi32(b, b);
-        _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
+        bf16_stochastic_bits_avx2(v, _mm_xor_si128(h, _mm_set1_epi32(hash.k1 as i32)))
     })
 }
 
@@ -216,11 +248,7 @@ fn bf16_stochastic_avx512(v: __m512, hash: PairHash) -> __m256i {
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         );
         let h = lowbias32_256(_mm256_xor_si256(pairs, _mm256_set1_epi32(hash.k0 as i32)));
-        let h = _mm256_xor_si256(h, _mm256_set1_epi32(hash.k1 as i32));
-        let r = _mm512_cvtepu16_epi32(h);
-        let b = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_castps_si512(v), r));
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, b, _mm512_set1_epi32(0x7FC0)))
+        bf16_stochastic_bits_avx512(v, _mm256_xor_si256(h, _mm256_set1_epi32(hash.k1 as i32)))
     })
 }
 
@@ -276,6 +304,27 @@ macro_rules! avx2_half {
         #[inline(always)]
         fn store_bf16_stochastic(self, v: F32x8, hash: PairHash, s: &mut [u16]) {
             put_128(bf16_stochastic_avx2(v.0, hash), s, false)
+        }
+        #[inline(always)]
+        fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
+            let out = &mut out[..8];
+            let h = avx!({
+                let pairs = _mm256_add_epi32(
+                    _mm256_set1_epi32(hash.first as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                let h = lowbias32_256(_mm256_xor_si256(pairs, _mm256_set1_epi32(hash.k0 as i32)));
+                _mm256_xor_si256(h, _mm256_set1_epi32(hash.k1 as i32))
+            });
+            // SAFETY: `out` holds eight writable `u32` (32 bytes); unaligned stores are fine.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, h) }
+        }
+        #[inline(always)]
+        fn store_bf16_stochastic_hashed(self, v: F32x8, hashes: &[u32], s: &mut [u16]) {
+            let hashes = &hashes[..4];
+            // SAFETY: `hashes` holds four `u32` (16 bytes); unaligned loads are fine.
+            let h = avx!(_mm_loadu_si128(hashes.as_ptr() as *const __m128i));
+            put_128(bf16_stochastic_bits_avx2(v.0, h), s, false)
         }
         #[inline(always)]
         fn load_f16(self, s: &[u16]) -> F32x8 {
@@ -356,6 +405,28 @@ macro_rules! avx512_half_common {
         #[inline(always)]
         fn store_bf16_stochastic(self, v: F32x16, hash: PairHash, s: &mut [u16]) {
             put_256(bf16_stochastic_avx512(v.0, hash), s, false)
+        }
+        #[inline(always)]
+        fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
+            let out = &mut out[..16];
+            let h = avx!({
+                let pairs = _mm512_add_epi32(
+                    _mm512_set1_epi32(hash.first as i32),
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                );
+                let h = lowbias32_512(_mm512_xor_si512(pairs, _mm512_set1_epi32(hash.k0 as i32)));
+                _mm512_xor_si512(h, _mm512_set1_epi32(hash.k1 as i32))
+            });
+            // SAFETY: `out` holds sixteen writable `u32` (64 bytes); unaligned stores are
+            // fine, and AVX-512F is available (see `avx!`).
+            unsafe { _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, h) }
+        }
+        #[inline(always)]
+        fn store_bf16_stochastic_hashed(self, v: F32x16, hashes: &[u32], s: &mut [u16]) {
+            let hashes = &hashes[..8];
+            // SAFETY: `hashes` holds eight `u32` (32 bytes); unaligned loads are fine.
+            let h = avx!(_mm256_loadu_si256(hashes.as_ptr() as *const __m256i));
+            put_256(bf16_stochastic_bits_avx512(v.0, h), s, false)
         }
         #[inline(always)]
         fn store_fence(self) {

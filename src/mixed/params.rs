@@ -329,6 +329,11 @@ pub(crate) struct Stochastic<'a> {
     key: SrKey,
     /// Arena position of the piece's first element.
     base: u64,
+    /// The pair hashes of the next lane group, computed with the current one's (one vector
+    /// of hashes serves two groups), and the piece position that group starts at
+    /// (`usize::MAX`: none).
+    pending: [u32; MAX_WIDTH / 2],
+    pending_at: usize,
 }
 
 impl<'a> Stochastic<'a> {
@@ -339,6 +344,8 @@ impl<'a> Stochastic<'a> {
             params,
             key: SrKey::new(seed, step),
             base,
+            pending: [0; MAX_WIDTH / 2],
+            pending_at: usize::MAX,
         }
     }
 }
@@ -365,7 +372,20 @@ impl ParamStream for Stochastic<'_> {
         // `vector_start` puts every lane group on an even arena position, so it covers whole
         // pairs, whose numbers share their high word unless the group crosses a multiple of
         // 2^32 pairs: fold that word into the key and let the token hash the pairs in vectors.
-        if at & 1 == 0 && lo.checked_add(w as u32 / 2 - 1).is_some() {
+        if i == self.pending_at {
+            // The second group of a pair of groups: its hashes were computed with the first's.
+            self.pending_at = usize::MAX;
+            simd.store_bf16_stochastic_hashed(v, &self.pending[..w / 2], out);
+        } else if at & 1 == 0 && lo.checked_add(w as u32 - 1).is_some() {
+            // One vector of pair hashes for this group and the next (the lane loop stores the
+            // groups of a piece in order; a group that is not next recomputes its own).
+            let key = self.key.with_high_word((pair >> 32) as u32);
+            let mut hashes = [0u32; MAX_WIDTH];
+            simd.pair_hashes(key.pair_hash(lo), &mut hashes);
+            simd.store_bf16_stochastic_hashed(v, &hashes[..w / 2], out);
+            self.pending[..w / 2].copy_from_slice(&hashes[w / 2..w]);
+            self.pending_at = i + w;
+        } else if at & 1 == 0 && lo.checked_add(w as u32 / 2 - 1).is_some() {
             let key = self.key.with_high_word((pair >> 32) as u32);
             simd.store_bf16_stochastic(v, key.pair_hash(lo), out);
         } else {
