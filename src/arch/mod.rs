@@ -192,7 +192,7 @@ mod token {
     use crate::float::Lane;
 
     /// The counter-based random bits of a lane group rounded stochastically
-    /// ([`Simd::store_bf16_stochastic`]): lanes `2j` and `2j + 1` share the 32-bit hash
+    /// ([`Simd::store_bf16_stochastic_hashed`]): lanes `2j` and `2j + 1` share the 32-bit hash
     /// `lowbias32((first + j) ^ k0) ^ k1`, the even lane taking its low half.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct PairHash {
@@ -258,7 +258,8 @@ mod token {
         #[inline(always)]
         fn store_fence(self) {}
         /// The hashes of the pairs `0..F32::WIDTH` of `hash` (two lane groups' worth) into
-        /// the front of `out`, for [`Simd::store_bf16_stochastic_hashed`].
+        /// the front of `out`, for [`Simd::store_bf16_stochastic_hashed`]: 32-bit integer
+        /// vectors on the tokens.
         #[inline(always)]
         fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
             let w = <Self::F32 as Lane>::WIDTH;
@@ -266,8 +267,10 @@ mod token {
                 *h = hash.hash(j as u32);
             }
         }
-        /// [`Simd::store_bf16_stochastic`] with the group's `F32::WIDTH / 2` pair hashes
-        /// given (`hashes`, from [`Simd::pair_hashes`]).
+        /// Rounds `v` to bf16 stochastically into the front of `s`: lane `i` becomes
+        /// [`bf16_bits_stochastic`]`(v_i, r_i)`, with `r_i` the low half of `hashes[i / 2]`
+        /// for an even `i` and its high half for an odd one (`hashes`: the group's
+        /// `F32::WIDTH / 2` pair hashes, from [`Simd::pair_hashes`]).
         #[inline(always)]
         fn store_bf16_stochastic_hashed(self, v: Self::F32, hashes: &[u32], s: &mut [u16]) {
             let w = <Self::F32 as Lane>::WIDTH;
@@ -275,21 +278,6 @@ mod token {
             v.store(&mut lanes[..w]);
             for (i, (o, &x)) in s[..w].iter_mut().zip(&lanes[..w]).enumerate() {
                 let h = hashes[i / 2];
-                let r = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
-                *o = super::bf16_bits_stochastic(x, r);
-            }
-        }
-        /// Rounds `v` to bf16 stochastically into the front of `s`: lane `i` becomes
-        /// [`bf16_bits_stochastic`]`(v_i, r_i)`, with `r_i` the low half of
-        /// `hash.hash(i / 2)` for an even `i` and its high half for an odd one. The tokens
-        /// hash half as many lanes as they round, in 32-bit integer vectors.
-        #[inline(always)]
-        fn store_bf16_stochastic(self, v: Self::F32, hash: PairHash, s: &mut [u16]) {
-            let w = <Self::F32 as Lane>::WIDTH;
-            let mut lanes = [0.0f32; 16];
-            v.store(&mut lanes[..w]);
-            for (i, (o, &x)) in s[..w].iter_mut().zip(&lanes[..w]).enumerate() {
-                let h = hash.hash(i as u32 / 2);
                 let r = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
                 *o = super::bf16_bits_stochastic(x, r);
             }

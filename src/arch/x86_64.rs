@@ -161,18 +161,6 @@ fn bf16_round_avx512(v: __m512) -> __m256i {
     })
 }
 
-/// [`super::lowbias32`] on four 32-bit lanes (SSE4.1's `pmulld`).
-#[inline(always)]
-fn lowbias32_128(x: __m128i) -> __m128i {
-    avx!({
-        let x = _mm_xor_si128(x, _mm_srli_epi32::<16>(x));
-        let x = _mm_mullo_epi32(x, _mm_set1_epi32(0x7FEB_352D));
-        let x = _mm_xor_si128(x, _mm_srli_epi32::<15>(x));
-        let x = _mm_mullo_epi32(x, _mm_set1_epi32(0x846C_A68B_u32 as i32));
-        _mm_xor_si128(x, _mm_srli_epi32::<16>(x))
-    })
-}
-
 /// [`super::lowbias32`] on eight 32-bit lanes.
 #[inline(always)]
 fn lowbias32_256(x: __m256i) -> __m256i {
@@ -220,35 +208,6 @@ fn bf16_stochastic_bits_avx512(v: __m512, h: __m256i) -> __m256i {
         let b = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_castps_si512(v), r));
         let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
         _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, b, _mm512_set1_epi32(0x7FC0)))
-    })
-}
-
-/// Stochastic rounding of eight f32 lanes to bf16 ([`Simd::store_bf16_stochastic`]): four
-/// pair hashes, whose 16-bit halves widen in lane order (x86 is little-endian, so a pair's
-/// low half lands in its even lane).
-#[inline(always)]
-fn bf16_stochastic_avx2(v: __m256, hash: PairHash) -> __m128i {
-    avx!({
-        let pairs = _mm_add_epi32(
-            _mm_set1_epi32(hash.first as i32),
-            _mm_setr_epi32(0, 1, 2, 3),
-        );
-        let h = lowbias32_128(_mm_xor_si128(pairs, _mm_set1_epi32(hash.k0 as i32)));
-        bf16_stochastic_bits_avx2(v, _mm_xor_si128(h, _mm_set1_epi32(hash.k1 as i32)))
-    })
-}
-
-/// Stochastic rounding of sixteen f32 lanes to bf16, as [`bf16_stochastic_avx2`]: eight pair
-/// hashes in an AVX2 vector.
-#[inline(always)]
-fn bf16_stochastic_avx512(v: __m512, hash: PairHash) -> __m256i {
-    avx!({
-        let pairs = _mm256_add_epi32(
-            _mm256_set1_epi32(hash.first as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        );
-        let h = lowbias32_256(_mm256_xor_si256(pairs, _mm256_set1_epi32(hash.k0 as i32)));
-        bf16_stochastic_bits_avx512(v, _mm256_xor_si256(h, _mm256_set1_epi32(hash.k1 as i32)))
     })
 }
 
@@ -300,10 +259,6 @@ macro_rules! avx2_half {
         #[inline(always)]
         fn stream_bf16(self, v: F32x8, s: &mut [u16]) {
             put_128(bf16_round_avx2(v.0), s, true)
-        }
-        #[inline(always)]
-        fn store_bf16_stochastic(self, v: F32x8, hash: PairHash, s: &mut [u16]) {
-            put_128(bf16_stochastic_avx2(v.0, hash), s, false)
         }
         #[inline(always)]
         fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
@@ -401,10 +356,6 @@ macro_rules! avx512_half_common {
         #[inline(always)]
         fn store_bf16(self, v: F32x16, s: &mut [u16]) {
             put_256(self.bf16_bits(v), s, false)
-        }
-        #[inline(always)]
-        fn store_bf16_stochastic(self, v: F32x16, hash: PairHash, s: &mut [u16]) {
-            put_256(bf16_stochastic_avx512(v.0, hash), s, false)
         }
         #[inline(always)]
         fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {

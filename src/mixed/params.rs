@@ -370,8 +370,10 @@ impl ParamStream for Stochastic<'_> {
         let pair = at >> 1;
         let lo = pair as u32;
         // `vector_start` puts every lane group on an even arena position, so it covers whole
-        // pairs, whose numbers share their high word unless the group crosses a multiple of
-        // 2^32 pairs: fold that word into the key and let the token hash the pairs in vectors.
+        // pairs. While the pairs of this group and the next share their high word (they cross
+        // no multiple of 2^32 pairs), that word folds into the key and the token hashes both
+        // groups' pairs in one integer vector; elsewhere (an odd start, the crossing) each
+        // element takes the scalar generator, which gives the same bits.
         if i == self.pending_at {
             // The second group of a pair of groups: its hashes were computed with the first's.
             self.pending_at = usize::MAX;
@@ -385,9 +387,6 @@ impl ParamStream for Stochastic<'_> {
             simd.store_bf16_stochastic_hashed(v, &hashes[..w / 2], out);
             self.pending[..w / 2].copy_from_slice(&hashes[w / 2..w]);
             self.pending_at = i + w;
-        } else if at & 1 == 0 && lo.checked_add(w as u32 / 2 - 1).is_some() {
-            let key = self.key.with_high_word((pair >> 32) as u32);
-            simd.store_bf16_stochastic(v, key.pair_hash(lo), out);
         } else {
             let mut lanes = [0.0f32; MAX_WIDTH];
             v.store(&mut lanes[..w]);
