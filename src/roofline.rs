@@ -36,7 +36,7 @@ use crate::arch::SimdLevel;
 use crate::buffer::{AlignedBuf, Role};
 use crate::float::{Float, Lane};
 use crate::kernels::{for_each_lane_ahead, ElementOp, Pass, PREFETCH_AHEAD};
-use crate::mixed::{MasterCopy, MixedPass, Nearest};
+use crate::mixed::{MasterCopy, MixedPass, Nearest, Storage};
 use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
 
 /// How a roofline pass walks the arrays.
@@ -243,18 +243,10 @@ impl<T: Float> Roofline<T> {
                 s: std::array::from_fn(|k| state[k].next().expect("same length")),
             })
             .collect();
-        let each = |piece: &mut Piece<'_, T, B>| {
+        for_each_piece(parallelism, n, &mut pieces, |piece| {
             let s = piece.s.each_mut().map(|s| &mut **s);
             for_each_lane_ahead::<T, B, _, AHEAD>(simd, &op, piece.p, piece.g, s)
-        };
-        let parallel = pieces.len() > 1 && n >= PARALLEL_THRESHOLD;
-        match parallelism {
-            Parallelism::Global if parallel => pieces.par_iter_mut().for_each(each),
-            Parallelism::Pool(pool) if parallel => {
-                pool.install(|| pieces.par_iter_mut().for_each(each))
-            }
-            _ => pieces.iter_mut().for_each(each),
-        }
+        });
     }
 
     /// The parameter array (for checking that a pass did its work).
@@ -355,53 +347,20 @@ impl HalfRoofline {
 
     /// One pass, in [`CHUNK`]-element pieces spread over `parallelism` as a step's are.
     pub fn run(&mut self, parallelism: &Parallelism) {
-        // A step a bf16 value can show (0.25 + 0.125·0.25 is exact), so a test can see it.
-        let op = Axpy { c: 0.125f32 };
-        let n = self.len();
-        let simd = SimdLevel::Best;
-        let grads = self.grads.chunks(CHUNK);
-        let mut pieces: Vec<_> = match self.traffic {
-            HalfTraffic::Bf16 => {
-                let [m, v] = &mut self.moments16;
-                let state = m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK));
-                self.params
-                    .chunks_mut(CHUNK)
-                    .zip(grads)
-                    .zip(state)
-                    .map(|((p, g), (m, v))| HalfPiece::Bf16 { p, g, m, v })
-                    .collect()
-            }
+        let HalfRoofline {
+            traffic,
+            master,
+            params,
+            grads,
+            moments16,
+            moments32,
+        } = self;
+        match traffic {
+            HalfTraffic::Bf16 => half_pass(parallelism, None, params, grads, moments16),
             HalfTraffic::MasterBf16Moments => {
-                let [m, v] = &mut self.moments16;
-                let state = m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK));
-                self.master
-                    .chunks_mut(CHUNK)
-                    .zip(self.params.chunks_mut(CHUNK))
-                    .zip(grads)
-                    .zip(state)
-                    .map(|(((p, copy), g), (m, v))| HalfPiece::MasterBf16 { p, copy, g, m, v })
-                    .collect()
+                half_pass(parallelism, Some(master), params, grads, moments16)
             }
-            HalfTraffic::Master => {
-                let [m, v] = &mut self.moments32;
-                let state = m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK));
-                self.master
-                    .chunks_mut(CHUNK)
-                    .zip(self.params.chunks_mut(CHUNK))
-                    .zip(grads)
-                    .zip(state)
-                    .map(|(((p, copy), g), (m, v))| HalfPiece::Master { p, copy, g, m, v })
-                    .collect()
-            }
-        };
-        let each = |piece: &mut HalfPiece<'_>| piece.run(simd, &op);
-        let parallel = pieces.len() > 1 && n >= PARALLEL_THRESHOLD;
-        match parallelism {
-            Parallelism::Global if parallel => pieces.par_iter_mut().for_each(each),
-            Parallelism::Pool(pool) if parallel => {
-                pool.install(|| pieces.par_iter_mut().for_each(each))
-            }
-            _ => pieces.iter_mut().for_each(each),
+            HalfTraffic::Master => half_pass(parallelism, Some(master), params, grads, moments32),
         }
     }
 
@@ -411,55 +370,72 @@ impl HalfRoofline {
     }
 }
 
-/// One chunk of a [`HalfRoofline`]'s arrays.
-enum HalfPiece<'a> {
-    Bf16 {
-        p: &'a mut [bf16],
-        g: &'a [bf16],
-        m: &'a mut [bf16],
-        v: &'a mut [bf16],
-    },
-    MasterBf16 {
-        p: &'a mut [f32],
-        copy: &'a mut [bf16],
-        g: &'a [bf16],
-        m: &'a mut [bf16],
-        v: &'a mut [bf16],
-    },
-    Master {
-        p: &'a mut [f32],
-        copy: &'a mut [bf16],
-        g: &'a [bf16],
-        m: &'a mut [f32],
-        v: &'a mut [f32],
-    },
-}
-
-impl HalfPiece<'_> {
-    fn run(&mut self, simd: SimdLevel, op: &Axpy<f32>) {
+/// One [`HalfRoofline`] pass over its arrays: bf16 parameters rounded to nearest, or (with
+/// `master`) f32 master parameters and their streamed bf16 copy, and two moments in `M`.
+fn half_pass<M: Storage>(
+    parallelism: &Parallelism,
+    master: Option<&mut AlignedBuf<f32>>,
+    params: &mut [bf16],
+    grads: &[bf16],
+    [m, v]: &mut [AlignedBuf<M>; 2],
+) {
+    // A step a bf16 value can show (0.25 + 0.125·0.25 is exact), so a test can see it.
+    let op = Axpy { c: 0.125f32 };
+    let n = params.len();
+    let mut masters = master.map(|p| p.chunks_mut(CHUNK));
+    let mut pieces: Vec<_> = params
+        .chunks_mut(CHUNK)
+        .zip(grads.chunks(CHUNK))
+        .zip(m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK)))
+        .map(|((copy, g), (m, v))| HalfPiece {
+            master: masters.as_mut().and_then(Iterator::next),
+            copy,
+            g,
+            state: [m, v],
+        })
+        .collect();
+    for_each_piece(parallelism, n, &mut pieces, |piece| {
+        let simd = SimdLevel::Best;
+        let mut state = piece.state.each_mut().map(|s| &mut **s);
         // Every slice of a piece has the piece's length (the arrays are equally long and
-        // chunked alike), so `MixedPass::new` cannot fail.
-        let done = match self {
-            HalfPiece::Bf16 { p, g, m, v } => {
-                let mut bufs = [&mut **m, &mut **v];
-                MixedPass::new(simd, Nearest::new(p), g, &mut bufs).map(|pass| pass.run::<2, _>(op))
-            }
-            HalfPiece::MasterBf16 { p, copy, g, m, v } => {
-                let mut bufs = [&mut **m, &mut **v];
-                MasterCopy::new(p, copy).and_then(|params| {
-                    MixedPass::new(simd, params.streamed(true), g, &mut bufs)
-                        .map(|pass| pass.run::<2, _>(op))
-                })
-            }
-            HalfPiece::Master { p, copy, g, m, v } => {
-                let mut bufs = [&mut **m, &mut **v];
-                MasterCopy::new(p, copy).and_then(|params| {
-                    MixedPass::new(simd, params.streamed(true), g, &mut bufs)
-                        .map(|pass| pass.run::<2, _>(op))
-                })
-            }
+        // chunked alike), so the constructors cannot fail.
+        let done = match piece.master.as_deref_mut() {
+            None => MixedPass::new(simd, Nearest::new(piece.copy), piece.g, &mut state)
+                .map(|pass| pass.run::<2, _>(&op)),
+            Some(p) => MasterCopy::new(p, piece.copy).and_then(|params| {
+                MixedPass::new(simd, params.streamed(true), piece.g, &mut state)
+                    .map(|pass| pass.run::<2, _>(&op))
+            }),
         };
         debug_assert!(done.is_ok(), "equal chunks");
+    });
+}
+
+/// One chunk of a [`HalfRoofline`]'s arrays.
+struct HalfPiece<'a, M> {
+    /// The f32 master parameters, for the master-weight traffics.
+    master: Option<&'a mut [f32]>,
+    /// The bf16 parameters, or the master parameters' bf16 copy.
+    copy: &'a mut [bf16],
+    g: &'a [bf16],
+    state: [&'a mut [M]; 2],
+}
+
+/// Runs `each` on every piece: over the pool when there is more than one piece and the arrays
+/// hold `n >= PARALLEL_THRESHOLD` elements, as a step decides, else on the calling thread.
+fn for_each_piece<P: Send>(
+    parallelism: &Parallelism,
+    n: usize,
+    pieces: &mut [P],
+    each: impl Fn(&mut P) + Sync + Send,
+) {
+    let parallel = pieces.len() > 1 && n >= PARALLEL_THRESHOLD;
+    match parallelism {
+        Parallelism::Global if parallel => pieces.par_iter_mut().for_each(each),
+        Parallelism::Pool(pool) if parallel => {
+            pool.install(|| pieces.par_iter_mut().for_each(each))
+        }
+        _ => pieces.iter_mut().for_each(each),
     }
 }
 
