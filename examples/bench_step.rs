@@ -69,10 +69,13 @@ use optarena::optim::*;
 use optarena::roofline::{HalfRoofline, HalfTraffic, Roofline};
 use optarena::{Arena, ArenaBuilder, ClipNorm, Parallelism, ParamGroup, SimdLevel, StepOptions};
 
+#[path = "../benches/benchmarks/cpu_time.rs"]
+mod cpu_time;
 #[path = "../benches/benchmarks/gpt2_layout.rs"]
 mod gpt2_layout;
 #[path = "../benches/benchmarks/realistic.rs"]
 mod realistic;
+use cpu_time::thread_cpu_seconds;
 
 fn shapes(layout: &str, n: usize) -> Vec<(String, Vec<usize>)> {
     match layout {
@@ -432,24 +435,4 @@ fn main() {
         times[0],
         cpu[cpu.len() / 2]
     );
-}
-
-/// CPU time of the calling thread in seconds. With one thread (`Parallelism::Sequential`) the
-/// whole step runs on it, so on a machine shared with other jobs this is the step's time
-/// without the periods other processes held the core (`thread_cpu_median_s`).
-#[cfg(unix)]
-fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported
-    // on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-#[cfg(not(unix))]
-fn thread_cpu_seconds() -> f64 {
-    0.0
 }

@@ -20,6 +20,10 @@ use optarena::optim::*;
 use optarena::roofline::Roofline;
 use optarena::{ArenaBuilder, Parallelism, ParamGroup, SimdLevel};
 
+#[path = "../benches/benchmarks/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::thread_cpu_seconds;
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -126,24 +130,4 @@ fn main() {
         median(&mut tr),
         median(&mut ratio)
     );
-}
-
-/// CPU time of the calling thread in seconds.
-#[cfg(unix)]
-fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported
-    // on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-#[cfg(not(unix))]
-fn thread_cpu_seconds() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
