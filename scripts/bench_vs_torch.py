@@ -28,7 +28,13 @@ says why and times the rest.
 A "Muon" section times torch.optim.Muon against optarena's on GPT-2 small's hidden matrices.
 
 `--train-loop-only`, `--realistic-only` and `--muon-only` run just that section and write it into `--out`,
-replacing the section of the same name there and keeping the rest of the file. `--focus N` runs
+replacing the section of the same name there and keeping the rest of the file (`--main-only`: the
+f32 table at the top and its fraction of the roofline).
+
+optarena advises its large buffers onto transparent huge pages; torch's allocator does so only
+with `THP_MEM_ALLOC_ENABLE=1` in the environment. Every section says which was the case, and a
+`--*-only` run with it set writes its sections under headings of their own, beside the default's:
+    THP_MEM_ALLOC_ENABLE=1 ../venv/bin/python scripts/bench_vs_torch.py --mixed-only --rounds 3 `--focus N` runs
 only the 32M SGD-momentum, Adam and AdamW cases against torch fused and the roofline kernel for N
 rounds and prints per-round ratio medians (for ratios too close to call in the full table).
 """
@@ -55,6 +61,28 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_32M = 32 * 1024 * 1024
+
+# torch's CPU allocator puts allocations of 2 MiB and more on transparent huge pages only when
+# this is set (c10's `THP_MEM_ALLOC_ENABLE`); optarena advises its large buffers onto them always.
+TORCH_THP = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+
+
+def heading(text):
+    """A section heading; runs with torch on huge pages get their own sections."""
+    return text + (" (torch with THP_MEM_ALLOC_ENABLE=1)" if TORCH_THP else "")
+
+
+def pages():
+    """Which pages each side's large buffers live on in this run."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = re.search(r"\[(\w+)\]", f.read()).group(1)
+    except (OSError, AttributeError):
+        mode = "not available"
+    torch_side = ("torch's too (`THP_MEM_ALLOC_ENABLE=1` was set)" if TORCH_THP
+                  else "torch's allocator does not by default (`THP_MEM_ALLOC_ENABLE` unset)")
+    return (f"- Pages: optarena advises its large buffers onto transparent huge pages (this "
+            f"kernel's setting: `{mode}`); {torch_side}")
 GPT2_ELEMENTS = 124_439_808
 
 
@@ -223,7 +251,7 @@ def provenance():
     """The date, machine, torch version and command of this run, as list items: each section
     carries its own, since --train-loop-only and --realistic-only rewrite one section alone."""
     return [f"- Run on {datetime.date.today().isoformat()}: {machine()}; torch {torch.__version__}",
-            f"- Command: `{command_line()}`"]
+            f"- Command: `{command_line()}`", pages()]
 
 
 def rounds_text(rounds):
@@ -236,10 +264,10 @@ def build_example(name):
 
 
 MLP_ELEMENTS = 85_002  # the digits MLP of examples/train: 64->256->256->10, weights and biases
-REALISTIC_HEADING = "## Realistic gradients and an idle pool"
-MUON_HEADING = "## Muon"
-TRAIN_LOOP_HEADING = "## Optimizer steps in a training loop"
-LATENCY_HEADING = "## Fine-tuning latency against the divider floor, and where the pool pays"
+REALISTIC_HEADING = heading("## Realistic gradients and an idle pool")
+MUON_HEADING = heading("## Muon")
+TRAIN_LOOP_HEADING = heading("## Optimizer steps in a training loop")
+LATENCY_HEADING = heading("## Fine-tuning latency against the divider floor, and where the pool pays")
 
 
 def realistic_section(args, binary):
@@ -544,7 +572,7 @@ def muon_section(args, binary):
     return lines
 
 
-SPARSE_HEADING = "## SparseAdam on an embedding table"
+SPARSE_HEADING = heading("## SparseAdam on an embedding table")
 
 
 def torch_sparse_adam_time(rows, cols, touched, steps, seed=42):
@@ -604,7 +632,7 @@ def sparse_section(args, binary):
     return lines
 
 
-MIXED_HEADING = "## Mixed precision: f32 master weights, bf16 gradients in, bf16 copy out"
+MIXED_HEADING = heading("## Mixed precision: f32 master weights, bf16 gradients in, bf16 copy out")
 
 
 class TorchCopyCase(TorchCase):
@@ -696,7 +724,7 @@ def mixed_section(args, binary):
     return lines
 
 
-HALF_HEADING = "## bf16 parameters without master weights: modes 1 and 3"
+HALF_HEADING = heading("## bf16 parameters without master weights: modes 1 and 3")
 
 
 class TorchBf16Case(TorchCase):
@@ -779,7 +807,7 @@ def half_section(args, binary):
     return lines
 
 
-DEEPSPEED_HEADING = "## Against DeepSpeed's CPU Adam: f32 and modes 1-3"
+DEEPSPEED_HEADING = heading("## Against DeepSpeed's CPU Adam: f32 and modes 1-3")
 
 
 @functools.lru_cache(maxsize=1)
@@ -1073,6 +1101,9 @@ def main():
     ap.add_argument("--skip-gpt2", action="store_true",
                     help="leave GPT-2 small's layout out of the DeepSpeed section (its 20 cases "
                          "take about 4x the 32M ones)")
+    ap.add_argument("--main-only", action="store_true",
+                    help="only the f32 step table at the top of --out and its fraction of the "
+                         "roofline, written in place of their old versions")
     ap.add_argument("--sparse-only", action="store_true",
                     help="only the SparseAdam embedding-table section, written into --out in "
                          "place of its old version")
@@ -1113,7 +1144,45 @@ def main():
         return
 
     binary = build_example("bench_step")
+    if args.main_only:
+        if TORCH_THP:
+            sys.exit("--main-only rewrites the title table of --out; run it without "
+                     "THP_MEM_ALLOC_ENABLE (the other --*-only sections take it)")
+        lines = step_tables(args, binary)
+        at = lines.index(FRACTION_HEADING)
+        head, fraction = lines[:at - 1], lines[at:]
+        old = open(args.out).read().rstrip("\n").split("\n") if os.path.exists(args.out) else []
+        first = next((i for i, line in enumerate(old) if line.startswith("## ")), len(old))
+        with open(args.out, "w") as f:
+            f.write("\n".join(head + [""] + old[first:]).rstrip("\n") + "\n")
+        write_section(args.out, fraction)
+        print("\n".join(lines))
+        return
     train_binary = build_example("train")
+    lines = step_tables(args, binary)
+    lines += [""] + realistic_section(args, binary)
+    lines += [""] + train_loop_section(args, train_binary)
+    lines += [""] + latency_section(args)
+    if not args.skip_muon:
+        lines += [""] + muon_section(args, binary)
+    lines += [""] + sparse_section(args, build_example("sparse_adam_bench"))
+    lines += [""] + mixed_section(args, binary)
+    lines += [""] + half_section(args, binary)
+    lines += [""] + deepspeed_section(args, binary)
+    notes = notes_lines()
+    if notes:
+        lines += [""] + notes
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+FRACTION_HEADING = heading("## Fraction of the roofline")
+
+
+def step_tables(args, binary):
+    """The f32 step times against torch's fused, foreach and for-loop steps (the file's title
+    section) and their fraction of the roofline. Returns the Markdown lines of both."""
     # The same code built for this CPU (`-C target-cpu=native`), to compare with the default
     # build's run-time dispatch.
     native_env = dict(os.environ, RUSTFLAGS="-C target-cpu=native",
@@ -1176,7 +1245,7 @@ def main():
               f"(run-time AVX2 / AVX-512 dispatch)",
               f"- Threads: {args.threads} (adapter cases: 1); f32; {args.rounds} rounds, each "
               f"case timed by torch then optarena in turn so drift hits both",
-              f"- Command: `{command_line()}`",
+              f"- Command: `{command_line()}`", pages(),
               "- Numbers are medians over rounds of each round's median step time; the machine is "
               "shared and noisy, so read ratios, not absolutes.", "",
               "`optarena` is the default build (`cargo build --release`, SSE2 baseline with AVX2 "
@@ -1196,7 +1265,7 @@ def main():
             t = med(label, f"torch {impl}")
             lines.append(f"| {label} | torch {impl} | {t * 1e3:.3f} ms | "
                          f"{med(label, f'torch {impl}', 1) * 1e3:.3f} ms | {t / ours:.2f}x |")
-    lines += ["", "## Fraction of the roofline", "",
+    lines += ["", FRACTION_HEADING, "",
               "The roofline kernel (`optarena::roofline`) moves exactly an optimizer's memory "
               "traffic with trivial arithmetic (Adam/AdamW/RAdam: read 4 arrays, write 3; "
               "SGD-momentum: read 3, write 2), through the same allocation, SIMD lanes, chunks and "
@@ -1221,21 +1290,7 @@ def main():
             torch_cols = "(none) | "
         lines.append(f"| {label} | {ours * 1e3:.2f} ms | {torch_cols.split(' | ')[0]} | "
                      f"{r * 1e3:.2f} ms | {r / ours:.0%} | {torch_cols.split(' | ')[1]} |")
-    lines += [""] + realistic_section(args, binary)
-    lines += [""] + train_loop_section(args, train_binary)
-    lines += [""] + latency_section(args)
-    if not args.skip_muon:
-        lines += [""] + muon_section(args, binary)
-    lines += [""] + sparse_section(args, build_example("sparse_adam_bench"))
-    lines += [""] + mixed_section(args, binary)
-    lines += [""] + half_section(args, binary)
-    lines += [""] + deepspeed_section(args, binary)
-    notes = notes_lines()
-    if notes:
-        lines += [""] + notes
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":
