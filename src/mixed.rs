@@ -125,6 +125,13 @@ mod sealed {
         fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [Self]) {
             Self::store(simd, v, s)
         }
+        /// [`Sealed::store`] of two lane groups, `lo` then `hi`: the same bits as two calls.
+        #[inline(always)]
+        fn store_pair<S: Simd>(simd: S, lo: S::F32, hi: S::F32, s: &mut [Self]) {
+            let w = <S::F32 as crate::float::Lane>::WIDTH;
+            Self::store(simd, lo, &mut s[..w]);
+            Self::store(simd, hi, &mut s[w..2 * w]);
+        }
     }
 }
 
@@ -217,6 +224,10 @@ impl sealed::Sealed for bf16 {
     #[inline(always)]
     fn stream<S: Simd>(simd: S, v: S::F32, s: &mut [bf16]) {
         simd.stream_bf16(v, bits_mut(s))
+    }
+    #[inline(always)]
+    fn store_pair<S: Simd>(simd: S, lo: S::F32, hi: S::F32, s: &mut [bf16]) {
+        simd.store_bf16_pair(lo, hi, bits_mut(s))
     }
 }
 
@@ -325,12 +336,26 @@ impl<H: Storage> WithSimd for Narrow<'_, H> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let w = <S::F32 as Lane>::WIDTH;
+        let pairs = self.src.len() - self.src.len() % (2 * w);
         let body = self.src.len() - self.src.len() % w;
-        for (s, d) in self.src[..body]
-            .chunks_exact(w)
-            .zip(self.dst[..body].chunks_exact_mut(w))
+        for (s, d) in self.src[..pairs]
+            .chunks_exact(2 * w)
+            .zip(self.dst[..pairs].chunks_exact_mut(2 * w))
         {
-            H::store(simd, <S::F32 as Lane>::load(s), d);
+            let (lo, hi) = s.split_at(w);
+            H::store_pair(
+                simd,
+                <S::F32 as Lane>::load(lo),
+                <S::F32 as Lane>::load(hi),
+                d,
+            );
+        }
+        if pairs < body {
+            H::store(
+                simd,
+                <S::F32 as Lane>::load(&self.src[pairs..body]),
+                &mut self.dst[pairs..body],
+            );
         }
         for (s, d) in self.src[body..].iter().zip(&mut self.dst[body..]) {
             *d = H::from_f32(*s);

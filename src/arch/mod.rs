@@ -234,6 +234,14 @@ mod token {
         /// Rounds `v` to bf16 (nearest, ties to even; NaN becomes torch's quiet `0x7FC0`) into
         /// the front of `s`: bitwise [`crate::mixed::bf16_bits_from_f32`] on every lane.
         fn store_bf16(self, v: Self::F32, s: &mut [u16]);
+        /// [`Simd::store_bf16`] of two lane groups, `lo` then `hi`, into the front of `s`
+        /// (`2 · F32::WIDTH` elements): the same bits as two calls.
+        #[inline(always)]
+        fn store_bf16_pair(self, lo: Self::F32, hi: Self::F32, s: &mut [u16]) {
+            let w = <Self::F32 as Lane>::WIDTH;
+            self.store_bf16(lo, &mut s[..w]);
+            self.store_bf16(hi, &mut s[w..2 * w]);
+        }
         /// Widens `F32::WIDTH` f16 values (raw bits) from the front of `s`: exact.
         fn load_f16(self, s: &[u16]) -> Self::F32;
         /// Rounds `v` to f16 (nearest, ties to even, as `half::f16::from_f32` and F16C's

@@ -447,9 +447,45 @@ impl Simd for Avx512Bf16 {
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
+    #[inline(always)]
+    fn store_bf16_pair(self, lo: F32x16, hi: F32x16, s: &mut [u16]) {
+        let s = &mut s[..32];
+        // One `vcvtne2ps2bf16` rounds both groups (the low half of its result is its second
+        // operand's), unless either holds a lane it rounds differently from the integer path.
+        if Self::special_lanes(lo.0) | Self::special_lanes(hi.0) == 0 {
+            // SAFETY: `__m512bh` and `__m512i` are both 512 bits of plain data.
+            let r = avx!(unsafe {
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi.0, lo.0))
+            });
+            // SAFETY: `s` holds 32 writable elements (64 bytes); unaligned stores are fine,
+            // and AVX-512F is available (see `avx!`).
+            unsafe { _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, r) }
+        } else {
+            put_256(bf16_round_avx512(lo.0), &mut s[..16], false);
+            put_256(bf16_round_avx512(hi.0), &mut s[16..], false);
+        }
+    }
 }
 
 impl Avx512Bf16 {
+    /// The lanes of `v` that `vcvtneps2bf16` rounds differently from the integer path
+    /// (see [`Avx512Bf16::bf16_bits`]).
+    #[inline(always)]
+    fn special_lanes(v: __m512) -> __mmask16 {
+        // Subnormal or NaN: a non-zero mantissa under an exponent field of 0 or 255. Adding 1
+        // to the exponent field clears bits 24-30 exactly for those two (255 carries out), so
+        // two mask tests find them in integer arithmetic (`vfpclassps` would read subnormals
+        // as zero under a flushed step's DAZ).
+        avx!({
+            let b = _mm512_castps_si512(v);
+            let edge = _mm512_testn_epi32_mask(
+                _mm512_add_epi32(b, _mm512_set1_epi32(0x0080_0000)),
+                _mm512_set1_epi32(0x7F00_0000),
+            );
+            _mm512_mask_test_epi32_mask(edge, b, _mm512_set1_epi32(0x007F_FFFF))
+        })
+    }
+
     /// Sixteen lanes rounded to bf16 bits, with `vcvtneps2bf16` where that gives the same
     /// bits as the integer path.
     #[inline(always)]
@@ -458,19 +494,7 @@ impl Avx512Bf16 {
         // inputs as zero and keeps a NaN's sign and payload (quietened). Lanes holding either
         // are rare (none inside a flushed step but NaN), so a vector with any of them takes
         // the integer path whole; the others keep the one-instruction conversion.
-        // Subnormal or NaN: a non-zero mantissa under an exponent field of 0 or 255. Adding 1
-        // to the exponent field clears bits 24-30 exactly for those two (255 carries out), so
-        // two mask tests find them in integer arithmetic (`vfpclassps` would read subnormals
-        // as zero under a flushed step's DAZ).
-        let special = avx!({
-            let b = _mm512_castps_si512(v.0);
-            let edge = _mm512_testn_epi32_mask(
-                _mm512_add_epi32(b, _mm512_set1_epi32(0x0080_0000)),
-                _mm512_set1_epi32(0x7F00_0000),
-            );
-            _mm512_mask_test_epi32_mask(edge, b, _mm512_set1_epi32(0x007F_FFFF))
-        });
-        if special == 0 {
+        if Self::special_lanes(v.0) == 0 {
             // SAFETY: `__m256bh` and `__m256i` are both 256 bits of plain data.
             avx!(unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v.0)) })
         } else {

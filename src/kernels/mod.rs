@@ -302,6 +302,42 @@ pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
     // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one);
     // the parameter stream leaves out a streamed copy, whose lines must not be cached.
     const AHEAD: usize = PREFETCH_AHEAD;
+    // Two lane groups at a time, stored together (`store_pair`: one conversion instruction
+    // for both where the token has one), then at most one group alone.
+    while 2 * w <= body - i {
+        // Each group's lines, as the one-group loop below (an f32 array's group is a line).
+        #[cfg(target_arch = "x86_64")]
+        for at in [i, i + w] {
+            if AHEAD < body - at {
+                params.prefetch(head + at + AHEAD);
+                // SAFETY: `_mm_prefetch` only hints the cache and never faults;
+                // `at + AHEAD < body`, so every address is inside its slice.
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                    _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(at + AHEAD) as *const i8);
+                    for part in &parts {
+                        _mm_prefetch::<_MM_HINT_T0>(part.1.as_ptr().add(at + AHEAD) as *const i8);
+                    }
+                }
+            }
+        }
+        // Plain loops, no closures (see below).
+        let mut p = [<S::F32 as Lane>::splat(0.0); 2];
+        let mut s = [[<S::F32 as Lane>::splat(0.0); B]; 2];
+        for (j, (p, s)) in p.iter_mut().zip(&mut s).enumerate() {
+            let at = i + j * w;
+            let g = G::load(simd, &g_body[at..at + w]);
+            for (k, v) in s.iter_mut().enumerate() {
+                *v = M::load(simd, &parts[k].1[at..at + w]);
+            }
+            *p = op.apply(params.load(simd, head + at), g, s);
+        }
+        params.store_pair(simd, head + i, p[0], p[1]);
+        for (k, part) in parts.iter_mut().enumerate() {
+            M::store_pair(simd, s[0][k], s[1][k], &mut part.1[i..i + 2 * w]);
+        }
+        i += 2 * w;
+    }
     while w <= body - i {
         #[cfg(target_arch = "x86_64")]
         if AHEAD < body - i {

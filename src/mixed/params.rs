@@ -154,6 +154,13 @@ pub(crate) trait ParamStream: Send {
     fn load<S: Simd>(&self, simd: S, i: usize) -> S::F32;
     /// Writes the updated lane group at `i`.
     fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32);
+    /// Writes the updated lane groups at `i` (`lo`) and `i + S::F32::WIDTH` (`hi`): the same
+    /// bits as two calls of `store`.
+    #[inline(always)]
+    fn store_pair<S: Simd>(&mut self, simd: S, i: usize, lo: S::F32, hi: S::F32) {
+        self.store(simd, i, lo);
+        self.store(simd, i + <S::F32 as Lane>::WIDTH, hi);
+    }
     /// The f32 value of element `i` (the scalar tail).
     fn load_one(&self, i: usize) -> f32;
     /// Writes the updated element `i` (the scalar tail): the same bits `store` writes for it.
@@ -307,6 +314,15 @@ impl<P: Storage> ParamStream for Nearest<'_, P> {
     #[inline(always)]
     fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
         P::store(simd, v, &mut self.params[i..i + <S::F32 as Lane>::WIDTH]);
+    }
+    #[inline(always)]
+    fn store_pair<S: Simd>(&mut self, simd: S, i: usize, lo: S::F32, hi: S::F32) {
+        P::store_pair(
+            simd,
+            lo,
+            hi,
+            &mut self.params[i..i + 2 * <S::F32 as Lane>::WIDTH],
+        );
     }
     #[inline(always)]
     fn load_one(&self, i: usize) -> f32 {
