@@ -275,6 +275,25 @@ mod token {
                 *h = hash.hash(j as u32);
             }
         }
+        /// Rounds two lane groups stochastically, `lo` then `hi`, into the front of `s`
+        /// (`2 · F32::WIDTH` elements), with the hashes of the pairs `0..F32::WIDTH` of
+        /// `hash`, the first half for `lo`: the bits of [`Simd::pair_hashes`] and two
+        /// [`Simd::store_bf16_stochastic_hashed`] calls (the AVX-512 tokens keep the hashes
+        /// in a register).
+        #[inline(always)]
+        fn store_bf16_stochastic_pair(
+            self,
+            lo: Self::F32,
+            hi: Self::F32,
+            hash: PairHash,
+            s: &mut [u16],
+        ) {
+            let w = <Self::F32 as Lane>::WIDTH;
+            let mut hashes = [0u32; 16];
+            self.pair_hashes(hash, &mut hashes);
+            self.store_bf16_stochastic_hashed(lo, &hashes[..w / 2], &mut s[..w]);
+            self.store_bf16_stochastic_hashed(hi, &hashes[w / 2..w], &mut s[w..2 * w]);
+        }
         /// Rounds `v` to bf16 stochastically into the front of `s`: lane `i` becomes
         /// [`bf16_bits_stochastic`]`(v_i, r_i)`, with `r_i` the low half of `hashes[i / 2]`
         /// for an even `i` and its high half for an odd one (`hashes`: the group's

@@ -185,6 +185,19 @@ fn lowbias32_512(x: __m512i) -> __m512i {
     })
 }
 
+/// The hashes of the pairs `0..16` of `hash` ([`PairHash::hash`]) in sixteen 32-bit lanes.
+#[inline(always)]
+fn pair_hashes_512(hash: PairHash) -> __m512i {
+    avx!({
+        let pairs = _mm512_add_epi32(
+            _mm512_set1_epi32(hash.first as i32),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        );
+        let h = lowbias32_512(_mm512_xor_si512(pairs, _mm512_set1_epi32(hash.k0 as i32)));
+        _mm512_xor_si512(h, _mm512_set1_epi32(hash.k1 as i32))
+    })
+}
+
 /// Eight f32 lanes rounded to bf16 bits with the random halves of four pair hashes `h`
 /// (x86 is little-endian, so widening the hashes' 16-bit halves in order gives a pair's low
 /// half to its even lane).
@@ -360,17 +373,19 @@ macro_rules! avx512_half_common {
         #[inline(always)]
         fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
             let out = &mut out[..16];
-            let h = avx!({
-                let pairs = _mm512_add_epi32(
-                    _mm512_set1_epi32(hash.first as i32),
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                );
-                let h = lowbias32_512(_mm512_xor_si512(pairs, _mm512_set1_epi32(hash.k0 as i32)));
-                _mm512_xor_si512(h, _mm512_set1_epi32(hash.k1 as i32))
-            });
+            let h = pair_hashes_512(hash);
             // SAFETY: `out` holds sixteen writable `u32` (64 bytes); unaligned stores are
             // fine, and AVX-512F is available (see `avx!`).
             unsafe { _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, h) }
+        }
+        #[inline(always)]
+        fn store_bf16_stochastic_pair(self, lo: F32x16, hi: F32x16, hash: PairHash, s: &mut [u16]) {
+            let s = &mut s[..32];
+            // The sixteen pair hashes stay in a register: the low eight for `lo`.
+            let h = pair_hashes_512(hash);
+            let (h_lo, h_hi) = avx!((_mm512_castsi512_si256(h), _mm512_extracti64x4_epi64::<1>(h)));
+            put_256(bf16_stochastic_bits_avx512(lo.0, h_lo), &mut s[..16], false);
+            put_256(bf16_stochastic_bits_avx512(hi.0, h_hi), &mut s[16..], false);
         }
         #[inline(always)]
         fn store_bf16_stochastic_hashed(self, v: F32x16, hashes: &[u32], s: &mut [u16]) {

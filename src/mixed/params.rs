@@ -345,11 +345,6 @@ pub(crate) struct Stochastic<'a> {
     key: SrKey,
     /// Arena position of the piece's first element.
     base: u64,
-    /// The pair hashes of the next lane group, computed with the current one's (one vector
-    /// of hashes serves two groups), and the piece position that group starts at
-    /// (`usize::MAX`: none).
-    pending: [u32; MAX_WIDTH / 2],
-    pending_at: usize,
 }
 
 impl<'a> Stochastic<'a> {
@@ -360,9 +355,37 @@ impl<'a> Stochastic<'a> {
             params,
             key: SrKey::new(seed, step),
             base,
-            pending: [0; MAX_WIDTH / 2],
-            pending_at: usize::MAX,
         }
+    }
+
+    /// The lane group `v` at piece position `i`, element by element with the scalar
+    /// generator.
+    #[inline(always)]
+    fn store_scalars<V: Lane<Elem = f32>>(&mut self, i: usize, v: V) {
+        let w = V::WIDTH;
+        let mut lanes = [0.0f32; MAX_WIDTH];
+        v.store(&mut lanes[..w]);
+        let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
+        for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
+            *o = bf16_bits_stochastic(x, self.key.bits(self.base + (i + k) as u64));
+        }
+    }
+
+    /// The pair hash of the `pairs` pairs from piece position `i` when the token can compute
+    /// it in integer vectors: `i` is on an even arena position (`vector_start` makes every
+    /// lane group start one, so groups cover whole pairs) and the pairs share the high word
+    /// of their numbers (cross no multiple of 2^32), which then folds into the key.
+    /// Elsewhere each element takes the scalar generator, which gives the same bits.
+    #[inline(always)]
+    fn vector_hash(&self, i: usize, pairs: usize) -> Option<PairHash> {
+        let at = self.base + i as u64;
+        let pair = at >> 1;
+        let first = pair as u32;
+        (at & 1 == 0 && first.checked_add(pairs as u32 - 1).is_some()).then(|| {
+            self.key
+                .with_high_word((pair >> 32) as u32)
+                .pair_hash(first)
+        })
     }
 }
 
@@ -381,33 +404,28 @@ impl ParamStream for Stochastic<'_> {
     #[inline(always)]
     fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
         let w = <S::F32 as Lane>::WIDTH;
-        let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
-        let at = self.base + i as u64;
-        let pair = at >> 1;
-        let lo = pair as u32;
-        // `vector_start` puts every lane group on an even arena position, so it covers whole
-        // pairs. While the pairs of this group and the next share their high word (they cross
-        // no multiple of 2^32 pairs), that word folds into the key and the token hashes both
-        // groups' pairs in one integer vector; elsewhere (an odd start, the crossing) each
-        // element takes the scalar generator, which gives the same bits.
-        if i == self.pending_at {
-            // The second group of a pair of groups: its hashes were computed with the first's.
-            self.pending_at = usize::MAX;
-            simd.store_bf16_stochastic_hashed(v, &self.pending[..w / 2], out);
-        } else if at & 1 == 0 && lo.checked_add(w as u32 - 1).is_some() {
-            // One vector of pair hashes for this group and the next (the lane loop stores the
-            // groups of a piece in order; a group that is not next recomputes its own).
-            let key = self.key.with_high_word((pair >> 32) as u32);
-            let mut hashes = [0u32; MAX_WIDTH];
-            simd.pair_hashes(key.pair_hash(lo), &mut hashes);
-            simd.store_bf16_stochastic_hashed(v, &hashes[..w / 2], out);
-            self.pending[..w / 2].copy_from_slice(&hashes[w / 2..w]);
-            self.pending_at = i + w;
-        } else {
-            let mut lanes = [0.0f32; MAX_WIDTH];
-            v.store(&mut lanes[..w]);
-            for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
-                *o = bf16_bits_stochastic(x, self.key.bits(at + k as u64));
+        match self.vector_hash(i, w / 2) {
+            Some(hash) => {
+                let mut hashes = [0u32; MAX_WIDTH];
+                simd.pair_hashes(hash, &mut hashes);
+                let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
+                simd.store_bf16_stochastic_hashed(v, &hashes[..w / 2], out);
+            }
+            None => self.store_scalars(i, v),
+        }
+    }
+    /// One vector of pair hashes for both groups (the lane loop's usual store).
+    #[inline(always)]
+    fn store_pair<S: Simd>(&mut self, simd: S, i: usize, lo: S::F32, hi: S::F32) {
+        let w = <S::F32 as Lane>::WIDTH;
+        match self.vector_hash(i, w) {
+            Some(hash) => {
+                let out = &mut bits_mut(&mut self.params[i..i + 2 * w])[..2 * w];
+                simd.store_bf16_stochastic_pair(lo, hi, hash, out);
+            }
+            None => {
+                self.store(simd, i, lo);
+                self.store(simd, i + w, hi);
             }
         }
     }
@@ -438,8 +456,8 @@ mod tests {
     use super::*;
     use crate::arch::{SimdLevel, WithSimd};
 
-    /// Rounds `values` as the lane loop's vector body does (every whole lane group from
-    /// `vector_start`), the rest element by element.
+    /// Rounds `values` as the lane loop's vector body does (pairs of lane groups from
+    /// `vector_start`, then a group alone), the rest element by element.
     struct RoundAll<'a> {
         values: &'a [f32],
         out: &'a mut [bf16],
@@ -460,6 +478,12 @@ mod tests {
                 stream.store_one(i, self.values[i]);
             }
             let mut i = head;
+            while i + 2 * w <= n {
+                let lo = <S::F32 as Lane>::load(&self.values[i..]);
+                let hi = <S::F32 as Lane>::load(&self.values[i + w..]);
+                stream.store_pair(simd, i, lo, hi);
+                i += 2 * w;
+            }
             while i + w <= n {
                 stream.store(simd, i, <S::F32 as Lane>::load(&self.values[i..]));
                 i += w;
@@ -474,7 +498,7 @@ mod tests {
     /// even and odd bases and for groups whose pair numbers cross a multiple of 2^32.
     #[test]
     fn vector_stochastic_store_matches_the_documented_bits() {
-        let values: Vec<f32> = (0..203)
+        let values: Vec<f32> = (0..219)
             .map(|k| match k % 7 {
                 0 => f32::NAN,
                 1 => f32::INFINITY,
