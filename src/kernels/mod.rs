@@ -306,20 +306,8 @@ pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
     // for both where the token has one), then at most one group alone.
     while 2 * w <= body - i {
         // Each group's lines, as the one-group loop below (an f32 array's group is a line).
-        #[cfg(target_arch = "x86_64")]
         for at in [i, i + w] {
-            if AHEAD < body - at {
-                params.prefetch(head + at + AHEAD);
-                // SAFETY: `_mm_prefetch` only hints the cache and never faults;
-                // `at + AHEAD < body`, so every address is inside its slice.
-                unsafe {
-                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                    _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(at + AHEAD) as *const i8);
-                    for part in &parts {
-                        _mm_prefetch::<_MM_HINT_T0>(part.1.as_ptr().add(at + AHEAD) as *const i8);
-                    }
-                }
-            }
+            prefetch_ahead::<_, _, _, B, AHEAD>(&params, head, g_body, &parts, at);
         }
         // Plain loops, no closures (see below).
         let mut p = [<S::F32 as Lane>::splat(0.0); 2];
@@ -339,19 +327,7 @@ pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
         i += 2 * w;
     }
     while w <= body - i {
-        #[cfg(target_arch = "x86_64")]
-        if AHEAD < body - i {
-            params.prefetch(head + i + AHEAD);
-            // SAFETY: `_mm_prefetch` only hints the cache and never faults; `i + AHEAD < body`,
-            // so every address is inside its slice (`add` stays in bounds).
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(g_body.as_ptr().add(i + AHEAD) as *const i8);
-                for part in &parts {
-                    _mm_prefetch::<_MM_HINT_T0>(part.1.as_ptr().add(i + AHEAD) as *const i8);
-                }
-            }
-        }
+        prefetch_ahead::<_, _, _, B, AHEAD>(&params, head, g_body, &parts, i);
         let p = params.load(simd, head + i);
         let g = G::load(simd, &g_body[i..i + w]);
         // A plain loop, not `array::from_fn`: a closure is compiled without the token's target
@@ -376,6 +352,36 @@ pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
         g_tail,
         parts.each_mut().map(|p| &mut *p.2),
     );
+}
+
+/// Hints the cache to fetch the elements `AHEAD` past position `at` of [`mixed_lane_loop`]'s
+/// vector body (of `grads.len()`) in every array: the parameters through their stream (`head`
+/// before the body), the gradients, each state buffer (`parts`: head, body, tail of each).
+/// Nothing near the end of the body, or off x86-64.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn prefetch_ahead<PS: ParamStream, G, M, const B: usize, const AHEAD: usize>(
+    params: &PS,
+    head: usize,
+    grads: &[G],
+    parts: &[(&mut [M], &mut [M], &mut [M]); B],
+    at: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if AHEAD < grads.len() - at {
+        params.prefetch(head + at + AHEAD);
+        // SAFETY: `_mm_prefetch` only hints the cache and never faults; `at + AHEAD` is below
+        // the body's length, so every address is inside its slice (`add` stays in bounds).
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(grads.as_ptr().add(at + AHEAD) as *const i8);
+            for part in parts {
+                _mm_prefetch::<_MM_HINT_T0>(part.1.as_ptr().add(at + AHEAD) as *const i8);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (params, head, grads, parts, at);
 }
 
 /// The scalar form of [`mixed_lane_loop`]'s body, for its head and tail: elements
