@@ -110,7 +110,7 @@ pub fn sgd<P: Pass<f32>>(c: &SGDCoeffs, fresh: bool, grad_scale: f64, pass: P) {
 
 /// Division of a square root by a constant, `√v / c` for any f32 `v` and any `c` of torch's
 /// Adam (`c = √(1 − β₂ᵗ)` with `0 ≤ β₂ < 1`, so `2⁻²⁷ < c ≤ 1`), correctly rounded: the bits
-/// of the division, from two multiplies and two multiply-adds instead of a divide.
+/// of the division, from a multiply, two multiply-adds and a select instead of a divide.
 ///
 /// The loops of the bf16 steps wait on the divider (a square root and two divisions per
 /// element, against a pipelined multiply-add every cycle), so taking one division off it
