@@ -223,6 +223,11 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn large_buffers_and_their_clones_are_advised_onto_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            // A kernel built without THP refuses the advice; the buffers work as before.
+            eprintln!("this kernel has no transparent huge pages: nothing to check");
+            return;
+        }
         let advised = |b: &AlignedBuf<f32>| {
             let middle = b.as_ptr() as usize + b.len() * 2;
             vm_flags(middle).split_whitespace().any(|f| f == "hg")
