@@ -29,14 +29,14 @@ A "Muon" section times torch.optim.Muon against optarena's on GPT-2 small's hidd
 
 `--train-loop-only`, `--realistic-only` and `--muon-only` run just that section and write it into `--out`,
 replacing the section of the same name there and keeping the rest of the file (`--main-only`: the
-f32 table at the top and its fraction of the roofline).
+f32 table at the top and its fraction of the roofline). `--focus N` runs only the 32M
+SGD-momentum, Adam and AdamW cases against torch fused and the roofline kernel for N rounds and
+prints per-round ratio medians (for ratios too close to call in the full table).
 
 optarena advises its large buffers onto transparent huge pages; torch's allocator does so only
 with `THP_MEM_ALLOC_ENABLE=1` in the environment. Every section says which was the case, and a
 `--*-only` run with it set writes its sections under headings of their own, beside the default's:
-    THP_MEM_ALLOC_ENABLE=1 ../venv/bin/python scripts/bench_vs_torch.py --mixed-only --rounds 3 `--focus N` runs
-only the 32M SGD-momentum, Adam and AdamW cases against torch fused and the roofline kernel for N
-rounds and prints per-round ratio medians (for ratios too close to call in the full table).
+    THP_MEM_ALLOC_ENABLE=1 ../venv/bin/python scripts/bench_vs_torch.py --mixed-only --rounds 3
 """
 
 import argparse
@@ -61,6 +61,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_32M = 32 * 1024 * 1024
+GPT2_ELEMENTS = 124_439_808
 
 # torch's CPU allocator puts allocations of 2 MiB and more on transparent huge pages only when
 # this is set (c10's `THP_MEM_ALLOC_ENABLE`); optarena advises its large buffers onto them always.
@@ -83,7 +84,6 @@ def pages():
                   else "torch's allocator does not by default (`THP_MEM_ALLOC_ENABLE` unset)")
     return (f"- Pages: optarena advises its large buffers onto transparent huge pages (this "
             f"kernel's setting: `{mode}`); {torch_side}")
-GPT2_ELEMENTS = 124_439_808
 
 
 def gpt2_small_shapes():
