@@ -60,9 +60,9 @@
 //!   ([`bf16_stochastic_round`]), so `E[round(x)] = x` and updates much smaller than a bf16
 //!   unit are not lost. The bits of element `i` (its position in the arena) at step `step` of
 //!   a run seeded `seed` are [`stochastic_bits`]`(seed, step, i)`: SplitMix64 of
-//!   `(seed, step)` gives a 64-bit key, and one round of the `lowbias32` integer hash mixes it
-//!   with the index of the element's pair (one 32-bit hash feeds two neighbours; the formula
-//!   is on [`stochastic_bits`]). A pure function of the position,
+//!   `(seed, step)` keys the counter-based generator ARS-5 (five AES rounds; Intel MKL's
+//!   `VSL_BRNG_ARS5`), whose 128-bit block `i >> 3` gives eight neighbours their 16 bits each
+//!   (the formula is on [`stochastic_bits`]). A pure function of the position,
 //!   not of the thread or lane that rounds it: results are bitwise the same for every thread
 //!   count and SIMD level. The caller numbers the steps (a global step count, saved with a
 //!   checkpoint, resumes the same sequence); state is bf16 ([`StatePrecision::Bf16`], rounded

@@ -568,34 +568,110 @@ fn f16_parameters_round_to_nearest() {
 // Stochastic rounding: the generator, unbiasedness, tracking small updates
 // ---------------------------------------------------------------------------------------------
 
-/// The generator as documented (`ParamRounding::Stochastic`), written out here independently.
+/// AES's round function (FIPS-197) written out from its definition, independently of the
+/// crate's `aes` dependency and of the AES instructions: the S-box from the multiplicative
+/// inverse in GF(2^8) and the affine map; state byte `i` is row `i % 4`, column `i / 4`.
+struct TextbookAes {
+    sbox: [u8; 256],
+}
+
+impl TextbookAes {
+    fn xtime(b: u8) -> u8 {
+        (b << 1) ^ if b & 0x80 != 0 { 0x1b } else { 0 }
+    }
+
+    fn mul(mut a: u8, mut b: u8) -> u8 {
+        let mut p = 0;
+        while b != 0 {
+            if b & 1 != 0 {
+                p ^= a;
+            }
+            a = Self::xtime(a);
+            b >>= 1;
+        }
+        p
+    }
+
+    fn new() -> Self {
+        let sbox = std::array::from_fn(|x| {
+            let x = x as u8;
+            // x^254 = x^-1 in GF(2^8) (0 for 0).
+            let mut inv = 1u8;
+            for _ in 0..254 {
+                inv = Self::mul(inv, x);
+            }
+            let inv = if x == 0 { 0 } else { inv };
+            inv ^ inv.rotate_left(1)
+                ^ inv.rotate_left(2)
+                ^ inv.rotate_left(3)
+                ^ inv.rotate_left(4)
+                ^ 0x63
+        });
+        TextbookAes { sbox }
+    }
+
+    /// SubBytes, ShiftRows, MixColumns (not in the last round), AddRoundKey.
+    fn round(&self, s: [u8; 16], key: [u8; 16], last: bool) -> [u8; 16] {
+        let shifted: [u8; 16] =
+            std::array::from_fn(|i| self.sbox[s[i % 4 + 4 * ((i / 4 + i % 4) % 4)] as usize]);
+        let mut out = shifted;
+        if !last {
+            for c in 0..4 {
+                let a = &shifted[4 * c..4 * c + 4];
+                let m = |x: u8, k: u8| Self::mul(x, k);
+                out[4 * c] = m(a[0], 2) ^ m(a[1], 3) ^ a[2] ^ a[3];
+                out[4 * c + 1] = a[0] ^ m(a[1], 2) ^ m(a[2], 3) ^ a[3];
+                out[4 * c + 2] = a[0] ^ a[1] ^ m(a[2], 2) ^ m(a[3], 3);
+                out[4 * c + 3] = m(a[0], 3) ^ a[1] ^ a[2] ^ m(a[3], 2);
+            }
+        }
+        std::array::from_fn(|i| out[i] ^ key[i])
+    }
+}
+
+fn hex16(s: &str) -> [u8; 16] {
+    std::array::from_fn(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+}
+
+/// The generator as documented (`stochastic_bits`: ARS-5 keyed by SplitMix64 of the seed and
+/// step), written out here with the textbook AES round, itself checked against FIPS-197.
 #[test]
-fn stochastic_bits_follow_the_documented_hash() {
-    fn splitmix64(x: u64) -> u64 {
-        common::splitmix64(x)
-    }
-    fn lowbias32(mut x: u32) -> u32 {
-        x ^= x >> 16;
-        x = x.wrapping_mul(0x7feb_352d);
-        x ^= x >> 15;
-        x = x.wrapping_mul(0x846c_a68b);
-        x ^ (x >> 16)
-    }
+fn stochastic_bits_follow_the_documented_generator() {
+    let aes = TextbookAes::new();
+    assert_eq!((aes.sbox[0x00], aes.sbox[0x53]), (0x63, 0xED)); // FIPS-197 §5.1.1
+                                                                // FIPS-197 Appendix B: the start of round 2 from the start of round 1 and round key 1.
+    assert_eq!(
+        aes.round(
+            hex16("193de3bea0f4e22b9ac68d2ae9f84808"),
+            hex16("a0fafe1788542cb123a339392a6c7605"),
+            false
+        ),
+        hex16("a49c7ff2689f352b6b5bea43026a5049")
+    );
+    let splitmix64 = common::splitmix64;
+    let weyl = [0x9E37_79B9_7F4A_7C15u64, 0xBB67_AE85_84CA_A73B];
+    let bytes = |k: [u64; 2]| -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&k[0].to_le_bytes());
+        b[8..].copy_from_slice(&k[1].to_le_bytes());
+        b
+    };
     let mut rng = Rng(3);
     for _ in 0..1000 {
         let seed = (rng.next_f64().to_bits()) ^ 0x1234;
         let step = (rng.next_f64().abs() * 1e6) as u64;
-        let index = (rng.next_f64().abs() * 1e12) as u64;
+        let index = (rng.next_f64().abs() * 1e15) as u64;
         let k = splitmix64(seed ^ splitmix64(step));
-        let (k0, k1) = (k as u32, (k >> 32) as u32);
-        let pair = index >> 1;
-        let h = lowbias32(pair as u32 ^ k0 ^ lowbias32((pair >> 32) as u32)) ^ k1;
-        let half = if index.is_multiple_of(2) {
-            h & 0xFFFF
-        } else {
-            h >> 16
-        };
-        assert_eq!(stochastic_bits(seed, step, index), half as u16);
+        let mut key = [k, splitmix64(k)];
+        let counter = index >> 3;
+        let mut x: [u8; 16] = std::array::from_fn(|i| bytes([counter, counter])[i] ^ bytes(key)[i]);
+        for round in 1..=5 {
+            key = [key[0].wrapping_add(weyl[0]), key[1].wrapping_add(weyl[1])];
+            x = aes.round(x, bytes(key), round == 5);
+        }
+        let j = (index & 7) as usize;
+        let word = u16::from_le_bytes([x[2 * j], x[2 * j + 1]]);
+        assert_eq!(stochastic_bits(seed, step, index), word, "index {index}");
     }
     // Rounding: add the bits below the mantissa and truncate; infinities stay, NaN is quiet.
     assert_eq!(bf16_stochastic_round(1.0, 0xFFFF).to_f32(), 1.0);
@@ -654,6 +730,65 @@ fn stochastic_rounding_is_unbiased() {
                 x.to_bits()
             );
         }
+    }
+}
+
+/// The random bits look like independent uniform 16-bit words: over 2^20 neighbouring elements,
+/// every bit is set about half the time, the top byte is spread evenly (chi-square), and
+/// neither neighbours, nor the same element at consecutive steps, nor elements a block apart
+/// are correlated. Bounds are five to six standard deviations (the test is deterministic).
+#[test]
+fn stochastic_bits_look_uniform_and_independent() {
+    let n = 1usize << 20;
+    let (seed, step, start) = (0xDEAD_BEEF, 7, 12_345_u64);
+    let r: Vec<u16> = (0..n as u64)
+        .map(|i| stochastic_bits(seed, step, start + i))
+        .collect();
+    let half = n as f64 / 2.0;
+    let sd = (n as f64).sqrt() / 2.0;
+    for bit in 0..16 {
+        let ones = r.iter().filter(|&&x| x >> bit & 1 == 1).count() as f64;
+        assert!(
+            (ones - half).abs() < 5.0 * sd,
+            "bit {bit}: {ones} ones of {n}"
+        );
+    }
+    let mut bins = [0f64; 256];
+    for &x in &r {
+        bins[(x >> 8) as usize] += 1.0;
+    }
+    let expected = n as f64 / 256.0;
+    let chi2: f64 = bins
+        .iter()
+        .map(|&b| (b - expected).powi(2) / expected)
+        .sum();
+    // 255 degrees of freedom: mean 255, standard deviation about 22.6.
+    assert!((120.0..390.0).contains(&chi2), "chi-square {chi2}");
+    let correlation = |a: &[u16], b: &[u16]| -> f64 {
+        let m = a.len() as f64;
+        let (ma, mb) = (
+            a.iter().map(|&x| x as f64).sum::<f64>() / m,
+            b.iter().map(|&x| x as f64).sum::<f64>() / m,
+        );
+        let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+        for (&x, &y) in a.iter().zip(b) {
+            let (dx, dy) = (x as f64 - ma, y as f64 - mb);
+            sab += dx * dy;
+            saa += dx * dx;
+            sbb += dy * dy;
+        }
+        sab / (saa * sbb).sqrt()
+    };
+    let bound = 5.0 / (n as f64).sqrt();
+    let next_step: Vec<u16> = (0..n as u64)
+        .map(|i| stochastic_bits(seed, step + 1, start + i))
+        .collect();
+    for (what, c) in [
+        ("neighbours", correlation(&r[..n - 1], &r[1..])),
+        ("a block apart", correlation(&r[..n - 8], &r[8..])),
+        ("consecutive steps", correlation(&r, &next_step)),
+    ] {
+        assert!(c.abs() < bound, "{what}: correlation {c}");
     }
 }
 

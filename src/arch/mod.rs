@@ -12,9 +12,9 @@
 //! module never names an algorithm.
 //!
 //! - A *token* (`Simd` implementor) is the proof that the CPU has an instruction set:
-//!   `x86_64::Avx2::new()` (AVX2 + F16C + FMA), `x86_64::Avx512::new()` (AVX-512F + AVX2 +
-//!   F16C + FMA)
-//!   and `x86_64::Avx512Bf16::new()` (those + AVX-512 BF16) return `None` unless run-time
+//!   `x86_64::Avx2::new()` (AVX2 + F16C + FMA + AES-NI), `x86_64::Avx512::new()` (those +
+//!   AVX-512F + AVX-512BW) and `x86_64::Avx512Bf16::new()` (those + AVX-512 BF16 + VAES) return
+//!   `None` unless run-time
 //!   detection finds the features, and the only other way to get one is an `unsafe fn
 //!   new_unchecked` whose caller promises it. (memchr's `arch/x86_64/avx2` searchers and
 //!   pulp's `V3`/`V4` are built the same way.) Besides its lanes, a token converts its f32
@@ -159,19 +159,9 @@ impl SimdLevel {
     }
 }
 
-pub(crate) use token::{PairHash, Simd, WithSimd};
-
-/// Chris Wellons' `lowbias32` integer hash (hash-prospector): a bijection of `u32` with
-/// near-ideal avalanche and two multiplications, so it vectorises to 32-bit multiply lanes.
-/// The scalar definition the tokens' vector forms follow.
-#[inline(always)]
-pub(crate) const fn lowbias32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7FEB_352D);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846C_A68B);
-    x ^ (x >> 16)
-}
+mod ars;
+pub(crate) use ars::ArsKey;
+pub(crate) use token::{Simd, WithSimd};
 
 /// Stochastic rounding of `x` to bf16 bits with the random bits `r` (below 2^16): the f32
 /// bits plus `r`, truncated (torchao's `_bf16_stochastic_round`); a NaN becomes `0x7FC0`.
@@ -189,27 +179,8 @@ pub(crate) fn bf16_bits_stochastic(x: f32, r: u32) -> u16 {
 /// The traits of the token layer. Public items of a private module: the crate can use them in
 /// the sealed part of [`crate::Float`] without exporting them.
 mod token {
+    use super::ArsKey;
     use crate::float::Lane;
-
-    /// The counter-based random bits of a lane group rounded stochastically
-    /// ([`Simd::store_bf16_stochastic_hashed`]): lanes `2j` and `2j + 1` share the 32-bit hash
-    /// `lowbias32((first + j) ^ k0) ^ k1`, the even lane taking its low half.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct PairHash {
-        /// The counter of the group's first pair.
-        pub first: u32,
-        /// The key's two words.
-        pub k0: u32,
-        pub k1: u32,
-    }
-
-    impl PairHash {
-        /// The 32 random bits of the group's pair `j`.
-        #[inline(always)]
-        pub(crate) fn hash(self, j: u32) -> u32 {
-            super::lowbias32(self.first.wrapping_add(j) ^ self.k0) ^ self.k1
-        }
-    }
 
     /// Proof that the CPU has an instruction set, and that set's lane types.
     ///
@@ -265,49 +236,44 @@ mod token {
         /// (`sfence`), so that whoever synchronises with this thread afterwards sees them.
         #[inline(always)]
         fn store_fence(self) {}
-        /// The hashes of the pairs `0..F32::WIDTH` of `hash` (two lane groups' worth) into
-        /// the front of `out`, for [`Simd::store_bf16_stochastic_hashed`]: 32-bit integer
-        /// vectors on the tokens.
+        /// [`ArsKey::block`]`(counter)`: the token's AES instructions where it has them (inline,
+        /// so a kernel loop that needs a block holds no call), the `aes` crate's rounds
+        /// otherwise.
         #[inline(always)]
-        fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
+        fn ars_block(self, key: &ArsKey, counter: u64) -> [u16; 8] {
+            key.block(counter)
+        }
+        /// Rounds `v` to bf16 stochastically into the front of `s` (`F32::WIDTH` elements, the
+        /// arena's elements `8·block` on): element `j` becomes
+        /// [`bf16_bits_stochastic`]`(v_j, r_j)`, with `r_j` the 16-bit word `j mod 8` of
+        /// [`ArsKey::block`]`(block + j / 8)`.
+        #[inline(always)]
+        fn store_bf16_stochastic(self, v: Self::F32, key: &ArsKey, block: u64, s: &mut [u16]) {
             let w = <Self::F32 as Lane>::WIDTH;
-            for (j, h) in out[..w].iter_mut().enumerate() {
-                *h = hash.hash(j as u32);
+            let mut lanes = [0.0f32; 16];
+            v.store(&mut lanes[..w]);
+            for (b, (out, x)) in s[..w].chunks_mut(8).zip(lanes[..w].chunks(8)).enumerate() {
+                let bits = self.ars_block(key, block + b as u64);
+                for ((o, &x), &r) in out.iter_mut().zip(x).zip(&bits) {
+                    *o = super::bf16_bits_stochastic(x, r as u32);
+                }
             }
         }
-        /// Rounds two lane groups stochastically, `lo` then `hi`, into the front of `s`
-        /// (`2 · F32::WIDTH` elements), with the hashes of the pairs `0..F32::WIDTH` of
-        /// `hash`, the first half for `lo`: the bits of [`Simd::pair_hashes`] and two
-        /// [`Simd::store_bf16_stochastic_hashed`] calls (the AVX-512 tokens keep the hashes
-        /// in a register).
+        /// [`Simd::store_bf16_stochastic`] of two lane groups, `lo` then `hi`, into the front
+        /// of `s` (`2 · F32::WIDTH` elements from the arena's element `8·block`): the same bits
+        /// as two calls.
         #[inline(always)]
         fn store_bf16_stochastic_pair(
             self,
             lo: Self::F32,
             hi: Self::F32,
-            hash: PairHash,
+            key: &ArsKey,
+            block: u64,
             s: &mut [u16],
         ) {
             let w = <Self::F32 as Lane>::WIDTH;
-            let mut hashes = [0u32; 16];
-            self.pair_hashes(hash, &mut hashes);
-            self.store_bf16_stochastic_hashed(lo, &hashes[..w / 2], &mut s[..w]);
-            self.store_bf16_stochastic_hashed(hi, &hashes[w / 2..w], &mut s[w..2 * w]);
-        }
-        /// Rounds `v` to bf16 stochastically into the front of `s`: lane `i` becomes
-        /// [`bf16_bits_stochastic`]`(v_i, r_i)`, with `r_i` the low half of `hashes[i / 2]`
-        /// for an even `i` and its high half for an odd one (`hashes`: the group's
-        /// `F32::WIDTH / 2` pair hashes, from [`Simd::pair_hashes`]).
-        #[inline(always)]
-        fn store_bf16_stochastic_hashed(self, v: Self::F32, hashes: &[u32], s: &mut [u16]) {
-            let w = <Self::F32 as Lane>::WIDTH;
-            let mut lanes = [0.0f32; 16];
-            v.store(&mut lanes[..w]);
-            for (i, (o, &x)) in s[..w].iter_mut().zip(&lanes[..w]).enumerate() {
-                let h = hashes[i / 2];
-                let r = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
-                *o = super::bf16_bits_stochastic(x, r);
-            }
+            self.store_bf16_stochastic(lo, key, block, &mut s[..w]);
+            self.store_bf16_stochastic(hi, key, block + (w / 8) as u64, &mut s[w..2 * w]);
         }
     }
 

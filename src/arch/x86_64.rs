@@ -25,7 +25,7 @@
 use std::arch::x86_64::*;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::{PairHash, Simd, WithSimd};
+use super::{ArsKey, Simd, WithSimd};
 use crate::float::Lane;
 
 /// Evaluates AVX / AVX-512 intrinsics.
@@ -46,13 +46,15 @@ macro_rules! avx {
 pub(crate) struct Avx2(());
 
 impl Avx2 {
-    /// The token, if the CPU has AVX2, F16C and FMA (every AVX2 CPU made has both; the
-    /// mixed-precision passes use F16C for f16, and the torch-order bf16 kernels FMA).
+    /// The token, if the CPU has AVX2, F16C, FMA and AES-NI (every AVX2 CPU made has all
+    /// three; the mixed-precision passes use F16C for f16, the torch-order bf16 kernels FMA,
+    /// and stochastic rounding's generator AES-NI).
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
         if is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("f16c")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("aes")
         {
             // SAFETY: just checked.
             Some(unsafe { Self::new_unchecked() })
@@ -64,25 +66,25 @@ impl Avx2 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX2, F16C and FMA.
+    /// The CPU must support AVX2, F16C, FMA and AES-NI.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx2(())
     }
 }
 
-/// Proof that the CPU has AVX-512F (and AVX2, F16C).
+/// Proof that the CPU has AVX-512F and AVX-512BW (and AVX2, F16C, FMA, AES-NI).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx512(());
 
 impl Avx512 {
-    /// The token, if the CPU has AVX-512F, AVX2, F16C and FMA.
+    /// The token, if the CPU has AVX-512F, AVX-512BW and [`Avx2`]'s features (every AVX-512
+    /// CPU but the Xeon Phi has BW; stochastic rounding uses its 16-bit permutes and masks).
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
         if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("f16c")
-            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("avx512bw")
+            && Avx2::new().is_some()
         {
             // SAFETY: just checked.
             Some(unsafe { Self::new_unchecked() })
@@ -94,23 +96,28 @@ impl Avx512 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F, AVX2, F16C and FMA.
+    /// The CPU must support AVX-512F, AVX-512BW, AVX2, F16C, FMA and AES-NI.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx512(())
     }
 }
 
-/// Proof that the CPU has AVX-512F and AVX-512 BF16 (and AVX2, F16C): [`Avx512`]'s lanes,
-/// with `vcvtneps2bf16` for rounding to bf16.
+/// Proof that the CPU has AVX-512 BF16 and VAES besides [`Avx512`]'s features: its lanes, with
+/// `vcvtneps2bf16` for rounding to bf16 and 512-bit AES rounds for stochastic rounding's
+/// generator (Sapphire Rapids and Zen 4 have both; Cooper Lake, with BF16 but no VAES, runs
+/// [`Avx512`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx512Bf16(());
 
 impl Avx512Bf16 {
-    /// The token, if the CPU has AVX-512F, AVX-512 BF16, AVX2, F16C and FMA.
+    /// The token, if the CPU has AVX-512 BF16, VAES and [`Avx512`]'s features.
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
-        if Avx512::new().is_some() && is_x86_feature_detected!("avx512bf16") {
+        if Avx512::new().is_some()
+            && is_x86_feature_detected!("avx512bf16")
+            && is_x86_feature_detected!("vaes")
+        {
             // SAFETY: just checked.
             Some(unsafe { Self::new_unchecked() })
         } else {
@@ -121,7 +128,8 @@ impl Avx512Bf16 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F, AVX-512 BF16, AVX2, F16C and FMA.
+    /// The CPU must support AVX-512 BF16, VAES, AVX-512F, AVX-512BW, AVX2, F16C, FMA and
+    /// AES-NI.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx512Bf16(())
@@ -161,46 +169,100 @@ fn bf16_round_avx512(v: __m512) -> __m256i {
     })
 }
 
-/// [`super::lowbias32`] on eight 32-bit lanes.
+/// Round key `r` of `key` ([`ArsKey::round_key`]) in a register.
 #[inline(always)]
-fn lowbias32_256(x: __m256i) -> __m256i {
+fn ars_round_key(key: &ArsKey, r: usize) -> __m128i {
+    // SAFETY: a round key is 16 readable bytes; unaligned loads are fine (SSE2).
+    unsafe { _mm_loadu_si128(key.round_key(r).as_ptr() as *const __m128i) }
+}
+
+/// [`ArsKey::block`]`(counter)` with AES-NI: the eight words in one register.
+#[inline(always)]
+fn ars_128(key: &ArsKey, counter: u64) -> __m128i {
     avx!({
-        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
-        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB_352D));
-        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
-        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846C_A68B_u32 as i32));
-        _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
+        let mut x = _mm_xor_si128(_mm_set1_epi64x(counter as i64), ars_round_key(key, 0));
+        for r in 1..ArsKey::ROUNDS {
+            x = _mm_aesenc_si128(x, ars_round_key(key, r));
+        }
+        _mm_aesenclast_si128(x, ars_round_key(key, ArsKey::ROUNDS))
     })
 }
 
-/// [`super::lowbias32`] on sixteen 32-bit lanes.
+/// The blocks of counters `counter..counter + 4` ([`ars_128`]), in order, in one register.
 #[inline(always)]
-fn lowbias32_512(x: __m512i) -> __m512i {
+fn ars_512_aes_ni(key: &ArsKey, counter: u64) -> __m512i {
     avx!({
-        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
-        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB_352D));
-        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
-        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846C_A68B_u32 as i32));
-        _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+        let x = _mm512_castsi128_si512(ars_128(key, counter));
+        let x = _mm512_inserti32x4::<1>(x, ars_128(key, counter.wrapping_add(1)));
+        let x = _mm512_inserti32x4::<2>(x, ars_128(key, counter.wrapping_add(2)));
+        _mm512_inserti32x4::<3>(x, ars_128(key, counter.wrapping_add(3)))
     })
 }
 
-/// The hashes of the pairs `0..16` of `hash` ([`PairHash::hash`]) in sixteen 32-bit lanes.
+/// [`ars_512_aes_ni`] with VAES: each round is one instruction on all four blocks.
 #[inline(always)]
-fn pair_hashes_512(hash: PairHash) -> __m512i {
+fn ars_512_vaes(key: &ArsKey, counter: u64) -> __m512i {
     avx!({
-        let pairs = _mm512_add_epi32(
-            _mm512_set1_epi32(hash.first as i32),
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        // Each block's counter in both of its 64-bit halves.
+        let counters = _mm512_add_epi64(
+            _mm512_set1_epi64(counter as i64),
+            _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3),
         );
-        let h = lowbias32_512(_mm512_xor_si512(pairs, _mm512_set1_epi32(hash.k0 as i32)));
-        _mm512_xor_si512(h, _mm512_set1_epi32(hash.k1 as i32))
+        let mut x = _mm512_xor_si512(counters, _mm512_broadcast_i32x4(ars_round_key(key, 0)));
+        for r in 1..ArsKey::ROUNDS {
+            x = _mm512_aesenc_epi128(x, _mm512_broadcast_i32x4(ars_round_key(key, r)));
+        }
+        let last = _mm512_broadcast_i32x4(ars_round_key(key, ArsKey::ROUNDS));
+        _mm512_aesenclast_epi128(x, last)
     })
 }
 
-/// Eight f32 lanes rounded to bf16 bits with the random halves of four pair hashes `h`
-/// (x86 is little-endian, so widening the hashes' 16-bit halves in order gives a pair's low
-/// half to its even lane).
+/// Two groups of sixteen f32 lanes rounded stochastically to 32 bf16 values, `lo` first, with
+/// the 32 random words of `r` in order: the sums of [`bf16_stochastic_bits_avx512`], whose
+/// high halves one word permute gathers, and NaN lanes (if any) set to `0x7FC0`.
+#[inline(always)]
+fn bf16_stochastic_pair_avx512(lo: __m512, hi: __m512, r: __m512i) -> __m512i {
+    avx!({
+        let r_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(r));
+        let r_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(r));
+        let sum_lo = _mm512_add_epi32(_mm512_castps_si512(lo), r_lo);
+        let sum_hi = _mm512_add_epi32(_mm512_castps_si512(hi), r_hi);
+        // Word 2j + 1 of the concatenation `sum_hi:sum_lo` (indices 32.. select `sum_hi`).
+        let odd_words = _mm512_setr_epi32(
+            0x0003_0001,
+            0x0007_0005,
+            0x000B_0009,
+            0x000F_000D,
+            0x0013_0011,
+            0x0017_0015,
+            0x001B_0019,
+            0x001F_001D,
+            0x0023_0021,
+            0x0027_0025,
+            0x002B_0029,
+            0x002F_002D,
+            0x0033_0031,
+            0x0037_0035,
+            0x003B_0039,
+            0x003F_003D,
+        );
+        let rounded = _mm512_permutex2var_epi16(sum_lo, odd_words, sum_hi);
+        // One compare finds whether either group has a NaN (rare): lane j is unordered when
+        // `lo_j` or `hi_j` is a NaN.
+        if _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(lo, hi) == 0 {
+            rounded
+        } else {
+            let nan = _mm512_kunpackw(
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(hi, hi) as u32,
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(lo, lo) as u32,
+            );
+            _mm512_mask_mov_epi16(rounded, nan, _mm512_set1_epi16(0x7FC0))
+        }
+    })
+}
+
+/// Eight f32 lanes rounded to bf16 bits stochastically with the eight random words of `h`, in
+/// order (x86 is little-endian: widening the words gives word `j` to lane `j`).
 #[inline(always)]
 fn bf16_stochastic_bits_avx2(v: __m256, h: __m128i) -> __m128i {
     avx!({
@@ -213,7 +275,7 @@ fn bf16_stochastic_bits_avx2(v: __m256, h: __m128i) -> __m128i {
     })
 }
 
-/// Sixteen f32 lanes rounded to bf16 bits with the random halves of eight pair hashes `h`.
+/// Sixteen f32 lanes rounded to bf16 bits stochastically with the sixteen random words of `h`.
 #[inline(always)]
 fn bf16_stochastic_bits_avx512(v: __m512, h: __m256i) -> __m256i {
     avx!({
@@ -274,25 +336,17 @@ macro_rules! avx2_half {
             put_128(bf16_round_avx2(v.0), s, true)
         }
         #[inline(always)]
-        fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
-            let out = &mut out[..8];
-            let h = avx!({
-                let pairs = _mm256_add_epi32(
-                    _mm256_set1_epi32(hash.first as i32),
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                );
-                let h = lowbias32_256(_mm256_xor_si256(pairs, _mm256_set1_epi32(hash.k0 as i32)));
-                _mm256_xor_si256(h, _mm256_set1_epi32(hash.k1 as i32))
-            });
-            // SAFETY: `out` holds eight writable `u32` (32 bytes); unaligned stores are fine.
-            unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, h) }
+        fn ars_block(self, key: &ArsKey, counter: u64) -> [u16; 8] {
+            // SAFETY: `__m128i` and `[u16; 8]` are both 16 bytes of plain data.
+            unsafe { std::mem::transmute::<__m128i, [u16; 8]>(ars_128(key, counter)) }
         }
         #[inline(always)]
-        fn store_bf16_stochastic_hashed(self, v: F32x8, hashes: &[u32], s: &mut [u16]) {
-            let hashes = &hashes[..4];
-            // SAFETY: `hashes` holds four `u32` (16 bytes); unaligned loads are fine.
-            let h = avx!(_mm_loadu_si128(hashes.as_ptr() as *const __m128i));
-            put_128(bf16_stochastic_bits_avx2(v.0, h), s, false)
+        fn store_bf16_stochastic(self, v: F32x8, key: &ArsKey, block: u64, s: &mut [u16]) {
+            put_128(
+                bf16_stochastic_bits_avx2(v.0, ars_128(key, block)),
+                s,
+                false,
+            )
         }
         #[inline(always)]
         fn load_f16(self, s: &[u16]) -> F32x8 {
@@ -371,28 +425,34 @@ macro_rules! avx512_half_common {
             put_256(self.bf16_bits(v), s, false)
         }
         #[inline(always)]
-        fn pair_hashes(self, hash: PairHash, out: &mut [u32]) {
-            let out = &mut out[..16];
-            let h = pair_hashes_512(hash);
-            // SAFETY: `out` holds sixteen writable `u32` (64 bytes); unaligned stores are
-            // fine, and AVX-512F is available (see `avx!`).
-            unsafe { _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, h) }
+        fn ars_block(self, key: &ArsKey, counter: u64) -> [u16; 8] {
+            // SAFETY: `__m128i` and `[u16; 8]` are both 16 bytes of plain data.
+            unsafe { std::mem::transmute::<__m128i, [u16; 8]>(ars_128(key, counter)) }
         }
         #[inline(always)]
-        fn store_bf16_stochastic_pair(self, lo: F32x16, hi: F32x16, hash: PairHash, s: &mut [u16]) {
+        fn store_bf16_stochastic(self, v: F32x16, key: &ArsKey, block: u64, s: &mut [u16]) {
+            // Four blocks for two: a lone group is at most one per piece.
+            let r = self.ars_512(key, block);
+            put_256(
+                bf16_stochastic_bits_avx512(v.0, avx!(_mm512_castsi512_si256(r))),
+                s,
+                false,
+            )
+        }
+        #[inline(always)]
+        fn store_bf16_stochastic_pair(
+            self,
+            lo: F32x16,
+            hi: F32x16,
+            key: &ArsKey,
+            block: u64,
+            s: &mut [u16],
+        ) {
             let s = &mut s[..32];
-            // The sixteen pair hashes stay in a register: the low eight for `lo`.
-            let h = pair_hashes_512(hash);
-            let (h_lo, h_hi) = avx!((_mm512_castsi512_si256(h), _mm512_extracti64x4_epi64::<1>(h)));
-            put_256(bf16_stochastic_bits_avx512(lo.0, h_lo), &mut s[..16], false);
-            put_256(bf16_stochastic_bits_avx512(hi.0, h_hi), &mut s[16..], false);
-        }
-        #[inline(always)]
-        fn store_bf16_stochastic_hashed(self, v: F32x16, hashes: &[u32], s: &mut [u16]) {
-            let hashes = &hashes[..8];
-            // SAFETY: `hashes` holds eight `u32` (32 bytes); unaligned loads are fine.
-            let h = avx!(_mm256_loadu_si256(hashes.as_ptr() as *const __m256i));
-            put_256(bf16_stochastic_bits_avx512(v.0, h), s, false)
+            let r = bf16_stochastic_pair_avx512(lo.0, hi.0, self.ars_512(key, block));
+            // SAFETY: `s` holds 32 writable elements (64 bytes); unaligned stores are fine,
+            // and AVX-512F is available (see `avx!`).
+            unsafe { _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, r) }
         }
         #[inline(always)]
         fn store_fence(self) {
@@ -409,12 +469,12 @@ impl Simd for Avx2 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,f16c,fma")]
+        #[target_feature(enable = "avx2,f16c,fma,aes")]
         fn imp<K: WithSimd>(simd: Avx2, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
-        // SAFETY: `self` is an `Avx2` token, which exists only if the CPU has AVX2, F16C and
-        // FMA.
+        // SAFETY: `self` is an `Avx2` token, which exists only if the CPU has AVX2, F16C, FMA
+        // and AES-NI.
         unsafe { imp(self, kernel) }
     }
     avx2_half!();
@@ -427,12 +487,12 @@ impl Simd for Avx512 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,f16c,fma,avx512f")]
+        #[target_feature(enable = "avx2,f16c,fma,aes,avx512f,avx512bw")]
         fn imp<K: WithSimd>(simd: Avx512, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
         // SAFETY: `self` is an `Avx512` token, which exists only if the CPU has AVX-512F,
-        // AVX2, F16C and FMA.
+        // AVX-512BW, AVX2, F16C, FMA and AES-NI.
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
@@ -444,6 +504,12 @@ impl Avx512 {
     fn bf16_bits(self, v: F32x16) -> __m256i {
         bf16_round_avx512(v.0)
     }
+
+    /// The ARS-5 blocks of counters `counter..counter + 4`, with 128-bit AES-NI.
+    #[inline(always)]
+    fn ars_512(self, key: &ArsKey, counter: u64) -> __m512i {
+        ars_512_aes_ni(key, counter)
+    }
 }
 
 impl Simd for Avx512Bf16 {
@@ -453,12 +519,12 @@ impl Simd for Avx512Bf16 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,f16c,fma,avx512f,avx512bf16")]
+        #[target_feature(enable = "avx2,f16c,fma,aes,avx512f,avx512bw,avx512bf16,vaes")]
         fn imp<K: WithSimd>(simd: Avx512Bf16, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
         // SAFETY: `self` is an `Avx512Bf16` token, which exists only if the CPU has
-        // AVX-512F, AVX-512 BF16, AVX2, F16C and FMA.
+        // AVX-512F, AVX-512BW, AVX-512 BF16, VAES, AVX2, F16C, FMA and AES-NI.
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
@@ -483,6 +549,12 @@ impl Simd for Avx512Bf16 {
 }
 
 impl Avx512Bf16 {
+    /// The ARS-5 blocks of counters `counter..counter + 4`, with VAES.
+    #[inline(always)]
+    fn ars_512(self, key: &ArsKey, counter: u64) -> __m512i {
+        ars_512_vaes(key, counter)
+    }
+
     /// The lanes of `v` that `vcvtneps2bf16` rounds differently from the integer path
     /// (see [`Avx512Bf16::bf16_bits`]).
     #[inline(always)]

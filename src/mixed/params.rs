@@ -8,7 +8,7 @@ use half::bf16;
 
 use super::sealed::Sealed;
 use super::{bits_mut, Storage};
-use crate::arch::{bf16_bits_stochastic, lowbias32, PairHash, Simd};
+use crate::arch::{bf16_bits_stochastic, ArsKey, Simd};
 use crate::error::{Error, Result};
 use crate::float::Lane;
 
@@ -24,7 +24,7 @@ pub enum ParamRounding {
     /// the f32 result `x` becomes the bf16 above or below it with probabilities proportional
     /// to its distance from the other, so the rounded value is `x` on average and small
     /// updates are not lost. The 16 random bits of element `i` (its position in the arena) at
-    /// this step are [`stochastic_bits`]`(seed, step, i)`: a counter-based hash, so the result
+    /// this step are [`stochastic_bits`]`(seed, step, i)`: a counter-based generator (ARS-5), so the result
     /// is the same bits for any thread count, SIMD level and piece split. Pass a new `step`
     /// for every optimizer step (for example the global step count, saved with a checkpoint
     /// so that a resumed run rounds as the uninterrupted one would): the same `(seed, step)`
@@ -47,90 +47,34 @@ const fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The per-step key of stochastic rounding: two 32-bit words from `(seed, step)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SrKey {
-    k0: u32,
-    k1: u32,
-}
-
-impl SrKey {
-    /// The key of step `step` of a run seeded `seed`: `splitmix64(seed ^ splitmix64(step))`,
-    /// low and high words.
-    pub(crate) const fn new(seed: u64, step: u64) -> Self {
-        let k = splitmix64(seed ^ splitmix64(step));
-        SrKey {
-            k0: k as u32,
-            k1: (k >> 32) as u32,
-        }
-    }
-
-    /// The 16 random bits of arena element `index`: one half of its pair's 32-bit hash.
-    #[inline(always)]
-    pub(crate) fn bits(self, index: u64) -> u32 {
-        let h = self.pair_bits(index >> 1);
-        if index & 1 == 0 {
-            h & 0xFFFF
-        } else {
-            h >> 16
-        }
-    }
-
-    /// The 32 random bits of pair `pair` (arena elements `2·pair` and `2·pair + 1`).
-    #[inline(always)]
-    fn pair_bits(self, pair: u64) -> u32 {
-        self.with_high_word((pair >> 32) as u32)
-            .pair_bits_lo(pair as u32)
-    }
-
-    /// The key for pairs whose high 32 bits are `hi` (hashed into `k0`; `lowbias32(0) = 0`,
-    /// so below 2^32 pairs the key is unchanged).
-    #[inline(always)]
-    fn with_high_word(self, hi: u32) -> Self {
-        SrKey {
-            k0: self.k0 ^ lowbias32(hi),
-            k1: self.k1,
-        }
-    }
-
-    /// The 32 random bits of the pair with low word `lo` (the high word is in the key).
-    #[inline(always)]
-    fn pair_bits_lo(self, lo: u32) -> u32 {
-        self.pair_hash(lo).hash(0)
-    }
-
-    /// The hashes of the pairs from low word `lo` on, for a token's vector rounding.
-    #[inline(always)]
-    fn pair_hash(self, lo: u32) -> PairHash {
-        PairHash {
-            first: lo,
-            k0: self.k0,
-            k1: self.k1,
-        }
-    }
+/// The per-step key of stochastic rounding: ARS-5's round keys for
+/// `(k, splitmix64(k))` with `k = splitmix64(seed ^ splitmix64(step))`.
+fn step_key(seed: u64, step: u64) -> ArsKey {
+    let k = splitmix64(seed ^ splitmix64(step));
+    ArsKey::new([k, splitmix64(k)])
 }
 
 /// The 16 random bits stochastic rounding adds below the bf16 mantissa of arena element
 /// `index` at step `step` of a run seeded `seed`:
 ///
 /// ```text
-/// k        = splitmix64(seed ^ splitmix64(step))         (SplitMix64, as SCHEMA.md's hashed)
-/// k0, k1   = low and high 32 bits of k
-/// pair     = index >> 1                                   (elements 2j and 2j + 1 share a hash)
-/// h        = lowbias32(pair_lo ^ k0 ^ lowbias32(pair_hi)) ^ k1
-/// bits     = h & 0xFFFF for an even index, h >> 16 for an odd one
+/// k      = splitmix64(seed ^ splitmix64(step))     (SplitMix64, as SCHEMA.md's hashed)
+/// key    = (k, splitmix64(k))                       (128 bits, low word first)
+/// c      = index >> 3
+/// block  = ARS5(key, counter = (c, c))              (128 bits: eight 16-bit words)
+/// bits   = word (index & 7) of block                (little-endian words)
 /// ```
 ///
-/// with `lowbias32(x)`: `x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
-/// x ^= x >> 16` (wrapping `u32`), `pair_lo`/`pair_hi` the low and high 32 bits of the pair's
-/// number. One round of a hash with near-ideal avalanche feeds two elements (both halves of
-/// its output are well mixed), so the vector loop hashes half as many lanes, a quarter of the
-/// multiplies of the two rounds per element this generator had before (which had taken a
-/// quarter of mode 3's step on the AVX-512 Xeon of BENCHMARKS.md). Pairs `2^32` apart may
-/// share bits, harmless for rounding. A pure function of its arguments: which thread or
-/// SIMD lane rounds an element does not matter.
+/// with ARS-5 the AES-based counter-based generator of Salmon et al. (SC 2011) that Intel MKL
+/// ships as `VSL_BRNG_ARS5`: the counter exclusive-ored with the key, four AES rounds and a
+/// last round (`aesenc` ×4, `aesenclast`) under the keys `key + r·W`,
+/// `W = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)` added in 64-bit lanes. One 128-bit block
+/// feeds eight neighbouring elements, so a 512-bit VAES round serves 32 elements. A pure
+/// function of its arguments: which thread or SIMD lane rounds an element does not matter.
+/// (Until 2026-12 the bits came from a `lowbias32` integer hash of pairs of elements; runs
+/// resumed across that change round differently from then on, as with a new seed.)
 pub fn stochastic_bits(seed: u64, step: u64, index: u64) -> u16 {
-    SrKey::new(seed, step).bits(index) as u16
+    step_key(seed, step).block(index >> 3)[(index & 7) as usize]
 }
 
 /// Stochastic rounding of `x` to bf16 bits with the 16 random bits `r` (below 2^16), as
@@ -342,9 +286,12 @@ impl<P: Storage> ParamStream for Nearest<'_, P> {
 /// [`stochastic_bits`] (see [`ParamRounding::Stochastic`]).
 pub(crate) struct Stochastic<'a> {
     params: &'a mut [bf16],
-    key: SrKey,
+    key: ArsKey,
     /// Arena position of the piece's first element.
     base: u64,
+    /// The last block the scalar path computed, with its counter: the head and tail elements
+    /// of a piece share at most three blocks.
+    last_block: Option<(u64, [u16; 8])>,
 }
 
 impl<'a> Stochastic<'a> {
@@ -353,39 +300,47 @@ impl<'a> Stochastic<'a> {
     pub(crate) fn new(params: &'a mut [bf16], seed: u64, step: u64, base: u64) -> Self {
         Stochastic {
             params,
-            key: SrKey::new(seed, step),
+            key: step_key(seed, step),
             base,
+            last_block: None,
         }
     }
 
-    /// The lane group `v` at piece position `i`, element by element with the scalar
-    /// generator.
+    /// The random bits of arena element `at` (the scalar path).
     #[inline(always)]
-    fn store_scalars<V: Lane<Elem = f32>>(&mut self, i: usize, v: V) {
-        let w = V::WIDTH;
+    fn bits(&mut self, at: u64) -> u32 {
+        let counter = at >> 3;
+        let words = match self.last_block {
+            Some((c, words)) if c == counter => words,
+            _ => {
+                let words = self.key.block(counter);
+                self.last_block = Some((counter, words));
+                words
+            }
+        };
+        words[(at & 7) as usize] as u32
+    }
+
+    /// The lane group `v` at piece position `i`, element by element, with the blocks from
+    /// the token (no call inside the lane loop, whose vector registers a call would spill).
+    #[inline(always)]
+    fn store_scalars<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
+        let w = <S::F32 as Lane>::WIDTH;
         let mut lanes = [0.0f32; MAX_WIDTH];
         v.store(&mut lanes[..w]);
-        let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
-        for (k, (o, &x)) in out.iter_mut().zip(&lanes[..w]).enumerate() {
-            *o = bf16_bits_stochastic(x, self.key.bits(self.base + (i + k) as u64));
+        for (k, &x) in lanes[..w].iter().enumerate() {
+            let at = self.base + (i + k) as u64;
+            let r = simd.ars_block(&self.key, at >> 3)[(at & 7) as usize];
+            self.params[i + k] = bf16::from_bits(bf16_bits_stochastic(x, r as u32));
         }
     }
 
-    /// The pair hash of the `pairs` pairs from piece position `i` when the token can compute
-    /// it in integer vectors: `i` is on an even arena position (`vector_start` makes every
-    /// lane group start one, so groups cover whole pairs) and the pairs share the high word
-    /// of their numbers (cross no multiple of 2^32), which then folds into the key.
-    /// Elsewhere each element takes the scalar generator, which gives the same bits.
+    /// The counter of the block that starts at piece position `i`, if one does: the vector
+    /// stores need their groups on whole blocks (`vector_start` puts every group there).
     #[inline(always)]
-    fn vector_hash(&self, i: usize, pairs: usize) -> Option<PairHash> {
+    fn block_at(&self, i: usize) -> Option<u64> {
         let at = self.base + i as u64;
-        let pair = at >> 1;
-        let first = pair as u32;
-        (at & 1 == 0 && first.checked_add(pairs as u32 - 1).is_some()).then(|| {
-            self.key
-                .with_high_word((pair >> 32) as u32)
-                .pair_hash(first)
-        })
+        (at & 7 == 0).then_some(at >> 3)
     }
 }
 
@@ -404,24 +359,22 @@ impl ParamStream for Stochastic<'_> {
     #[inline(always)]
     fn store<S: Simd>(&mut self, simd: S, i: usize, v: S::F32) {
         let w = <S::F32 as Lane>::WIDTH;
-        match self.vector_hash(i, w / 2) {
-            Some(hash) => {
-                let mut hashes = [0u32; MAX_WIDTH];
-                simd.pair_hashes(hash, &mut hashes);
+        match self.block_at(i) {
+            Some(block) => {
                 let out = &mut bits_mut(&mut self.params[i..i + w])[..w];
-                simd.store_bf16_stochastic_hashed(v, &hashes[..w / 2], out);
+                simd.store_bf16_stochastic(v, &self.key, block, out);
             }
-            None => self.store_scalars(i, v),
+            None => self.store_scalars(simd, i, v),
         }
     }
-    /// One vector of pair hashes for both groups (the lane loop's usual store).
+    /// Both groups' random bits from one run of the generator (the lane loop's usual store).
     #[inline(always)]
     fn store_pair<S: Simd>(&mut self, simd: S, i: usize, lo: S::F32, hi: S::F32) {
         let w = <S::F32 as Lane>::WIDTH;
-        match self.vector_hash(i, w) {
-            Some(hash) => {
+        match self.block_at(i) {
+            Some(block) => {
                 let out = &mut bits_mut(&mut self.params[i..i + 2 * w])[..2 * w];
-                simd.store_bf16_stochastic_pair(lo, hi, hash, out);
+                simd.store_bf16_stochastic_pair(lo, hi, &self.key, block, out);
             }
             None => {
                 self.store(simd, i, lo);
@@ -429,12 +382,12 @@ impl ParamStream for Stochastic<'_> {
             }
         }
     }
-    /// One scalar first when the piece starts at an odd arena position, so that every lane
-    /// group starts a pair of elements (the two share one hash).
+    /// Scalars first up to the piece's first multiple of eight in the arena, so that every
+    /// lane group covers whole blocks of the generator (eight elements each).
     #[inline(always)]
     fn vector_start(&self, width: usize) -> usize {
         let _ = width;
-        (self.base & 1) as usize
+        (self.base.wrapping_neg() & 7) as usize
     }
     #[inline(always)]
     fn load_one(&self, i: usize) -> f32 {
@@ -442,8 +395,8 @@ impl ParamStream for Stochastic<'_> {
     }
     #[inline(always)]
     fn store_one(&mut self, i: usize, v: f32) {
-        self.params[i] =
-            bf16::from_bits(bf16_bits_stochastic(v, self.key.bits(self.base + i as u64)));
+        let r = self.bits(self.base + i as u64);
+        self.params[i] = bf16::from_bits(bf16_bits_stochastic(v, r));
     }
     #[inline(always)]
     fn prefetch(&self, i: usize) {
@@ -495,7 +448,7 @@ mod tests {
     }
 
     /// Every level's vector store gives each element the bits of [`stochastic_bits`], for
-    /// even and odd bases and for groups whose pair numbers cross a multiple of 2^32.
+    /// pieces starting anywhere in a block, and near the end of the counters.
     #[test]
     fn vector_stochastic_store_matches_the_documented_bits() {
         let values: Vec<f32> = (0..219)
@@ -506,8 +459,7 @@ mod tests {
                 _ => (k as f32 * 0.377).sin() * 1.0e3,
             })
             .collect();
-        let crossing = (1u64 << 33) - 70;
-        for base in [0u64, 1, 2, 17, crossing, crossing + 1, u64::MAX - 500] {
+        for base in [0u64, 1, 2, 7, 8, 17, (1u64 << 35) - 70, u64::MAX - 500] {
             for level in SimdLevel::ALL.into_iter().filter(|l| l.is_available()) {
                 let mut out = vec![bf16::ZERO; values.len()];
                 level.dispatch_half(RoundAll {
