@@ -24,8 +24,9 @@ pub enum ParamRounding {
     /// the f32 result `x` becomes the bf16 above or below it with probabilities proportional
     /// to its distance from the other, so the rounded value is `x` on average and small
     /// updates are not lost. The 16 random bits of element `i` (its position in the arena) at
-    /// this step are [`stochastic_bits`]`(seed, step, i)`: a counter-based generator (ARS-5), so the result
-    /// is the same bits for any thread count, SIMD level and piece split. Pass a new `step`
+    /// this step are [`stochastic_bits`]`(seed, step, i)`: a counter-based generator (ARS-5),
+    /// so the result is the same bits for any thread count, SIMD level and piece split. Pass
+    /// a new `step`
     /// for every optimizer step (for example the global step count, saved with a checkpoint
     /// so that a resumed run rounds as the uninterrupted one would): the same `(seed, step)`
     /// twice reuses the same random bits.
@@ -417,6 +418,9 @@ mod tests {
         seed: u64,
         step: u64,
         base: u64,
+        /// Start the vectors at `vector_start` (as the lane loop does), or at once, so that
+        /// groups off a block boundary take the stores' fallback.
+        aligned: bool,
     }
 
     impl WithSimd for RoundAll<'_> {
@@ -426,7 +430,11 @@ mod tests {
             let w = <S::F32 as Lane>::WIDTH;
             let n = self.values.len();
             let mut stream = Stochastic::new(self.out, self.seed, self.step, self.base);
-            let head = stream.vector_start(w).min(n);
+            let head = if self.aligned {
+                stream.vector_start(w).min(n)
+            } else {
+                0
+            };
             for i in 0..head {
                 stream.store_one(i, self.values[i]);
             }
@@ -448,7 +456,8 @@ mod tests {
     }
 
     /// Every level's vector store gives each element the bits of [`stochastic_bits`], for
-    /// pieces starting anywhere in a block, and near the end of the counters.
+    /// pieces starting anywhere in a block, near the end of the counters, and with groups off
+    /// a block boundary.
     #[test]
     fn vector_stochastic_store_matches_the_documented_bits() {
         let values: Vec<f32> = (0..219)
@@ -460,7 +469,11 @@ mod tests {
             })
             .collect();
         for base in [0u64, 1, 2, 7, 8, 17, (1u64 << 35) - 70, u64::MAX - 500] {
-            for level in SimdLevel::ALL.into_iter().filter(|l| l.is_available()) {
+            for (level, aligned) in SimdLevel::ALL
+                .into_iter()
+                .filter(|l| l.is_available())
+                .flat_map(|l| [(l, true), (l, false)])
+            {
                 let mut out = vec![bf16::ZERO; values.len()];
                 level.dispatch_half(RoundAll {
                     values: &values,
@@ -468,13 +481,14 @@ mod tests {
                     seed: 7,
                     step: 11,
                     base,
+                    aligned,
                 });
                 for (k, (&x, o)) in values.iter().zip(&out).enumerate() {
                     let want = bf16_stochastic_round(x, stochastic_bits(7, 11, base + k as u64));
                     assert_eq!(
                         o.to_bits(),
                         want.to_bits(),
-                        "{level:?} base {base} element {k}"
+                        "{level:?} base {base} element {k} (aligned: {aligned})"
                     );
                 }
             }
