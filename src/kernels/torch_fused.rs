@@ -189,6 +189,7 @@ impl AdamOp {
 }
 
 impl ElementOp<f32, 2> for AdamOp {
+    const GROUPS_PER_ITERATION: usize = 4;
     #[inline(always)]
     fn apply<V: Lane<Elem = f32>>(&self, p: V, g: V, s: &mut [V; 2]) -> V {
         let [m, v] = s;
@@ -198,6 +199,7 @@ impl ElementOp<f32, 2> for AdamOp {
 }
 
 impl ElementOp<f32, 3> for AdamOp {
+    const GROUPS_PER_ITERATION: usize = 4;
     #[inline(always)]
     fn apply<V: Lane<Elem = f32>>(&self, p: V, g: V, s: &mut [V; 3]) -> V {
         let [m, v, vmax] = s;

@@ -93,6 +93,10 @@ pub fn bf16_stochastic_round(x: f32, r: u16) -> bf16 {
 /// parameter side of [`crate::kernels`]' one mixed lane loop. Indices are positions in the
 /// piece; `load`/`store` cover the `S::F32::WIDTH` elements from `i`.
 pub(crate) trait ParamStream: Send {
+    /// Whether the lane loop may compute four lane groups per iteration when the op asks for
+    /// it ([`crate::kernels::ElementOp::GROUPS_PER_ITERATION`]): 4 to allow, 2 not to. A
+    /// stream whose stores hold many registers (stochastic rounding's generator) keeps 2.
+    const GROUPS_PER_ITERATION: usize = 2;
     /// Elements in the piece.
     fn len(&self) -> usize;
     /// The f32 values of the lane group at `i` (widened exactly).
@@ -248,6 +252,7 @@ impl<'a, P: Storage> Nearest<'a, P> {
 }
 
 impl<P: Storage> ParamStream for Nearest<'_, P> {
+    const GROUPS_PER_ITERATION: usize = 4;
     #[inline(always)]
     fn len(&self) -> usize {
         self.params.len()
