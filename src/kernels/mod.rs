@@ -51,7 +51,7 @@ use crate::mixed::{ParamStream, Storage};
 
 /// The per-element update of a fused kernel with `B` state buffers.
 pub trait ElementOp<T: Float, const B: usize> {
-    /// Lane groups the half-precision loop ([`mixed_lane_loop`]) computes per iteration before
+    /// Lane groups the half-precision loop (`mixed_lane_loop`) computes per iteration before
     /// storing them in pairs: 2 or 4 (four only where the parameter stream allows it too).
     /// Four give the out-of-order core more independent work beside an op's divisions, but
     /// hold twice the vector registers: measured on the AVX-512 Xeon of BENCHMARKS.md, torch's
@@ -309,16 +309,18 @@ pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
     // As in `lane_loop`: 1024 elements ahead in every array (2 KiB in a half-precision one);
     // the parameter stream leaves out a streamed copy, whose lines must not be cached.
     const AHEAD: usize = PREFETCH_AHEAD;
-    // Four lane groups at a time where the op and the parameter stream both allow it
-    // (`GROUPS_PER_ITERATION`), then two at a time, stored together (`store_pair`: one
-    // conversion instruction for both where the token has one), then at most one group alone.
-    if O::GROUPS_PER_ITERATION == 4 && PS::GROUPS_PER_ITERATION == 4 {
-        while 4 * w <= body - i {
-            for j in 0..4 {
+    // `$n` lane groups at a time, stored in pairs (`store_pair`: one conversion instruction
+    // for both where the token has one).
+    macro_rules! groups_at_a_time {
+        ($n:literal) => {{
+            // Each group's lines, as the one-group loop below (an f32 array's group is a
+            // line).
+            for j in 0..$n {
                 prefetch_ahead::<_, _, _, B, AHEAD>(&params, head, g_body, &parts, i + j * w);
             }
-            let mut p = [<S::F32 as Lane>::splat(0.0); 4];
-            let mut s = [[<S::F32 as Lane>::splat(0.0); B]; 4];
+            // Plain loops, no closures (see below).
+            let mut p = [<S::F32 as Lane>::splat(0.0); $n];
+            let mut s = [[<S::F32 as Lane>::splat(0.0); B]; $n];
             for (j, (p, s)) in p.iter_mut().zip(&mut s).enumerate() {
                 let at = i + j * w;
                 let g = G::load(simd, &g_body[at..at + w]);
@@ -327,37 +329,25 @@ pub(crate) fn mixed_lane_loop<S, PS, G, M, const B: usize, O>(
                 }
                 *p = op.apply(params.load(simd, head + at), g, s);
             }
-            for j in [0, 2] {
+            for j in (0..$n).step_by(2) {
                 let at = i + j * w;
                 params.store_pair(simd, head + at, p[j], p[j + 1]);
                 for (k, part) in parts.iter_mut().enumerate() {
                     M::store_pair(simd, s[j][k], s[j + 1][k], &mut part.1[at..at + 2 * w]);
                 }
             }
-            i += 4 * w;
+            i += $n * w;
+        }};
+    }
+    // Four groups at a time where the op and the parameter stream both allow it
+    // (`GROUPS_PER_ITERATION`), then two at a time, then at most one group alone.
+    if O::GROUPS_PER_ITERATION == 4 && PS::GROUPS_PER_ITERATION == 4 {
+        while 4 * w <= body - i {
+            groups_at_a_time!(4);
         }
     }
     while 2 * w <= body - i {
-        // Each group's lines, as the one-group loop below (an f32 array's group is a line).
-        for at in [i, i + w] {
-            prefetch_ahead::<_, _, _, B, AHEAD>(&params, head, g_body, &parts, at);
-        }
-        // Plain loops, no closures (see below).
-        let mut p = [<S::F32 as Lane>::splat(0.0); 2];
-        let mut s = [[<S::F32 as Lane>::splat(0.0); B]; 2];
-        for (j, (p, s)) in p.iter_mut().zip(&mut s).enumerate() {
-            let at = i + j * w;
-            let g = G::load(simd, &g_body[at..at + w]);
-            for (k, v) in s.iter_mut().enumerate() {
-                *v = M::load(simd, &parts[k].1[at..at + w]);
-            }
-            *p = op.apply(params.load(simd, head + at), g, s);
-        }
-        params.store_pair(simd, head + i, p[0], p[1]);
-        for (k, part) in parts.iter_mut().enumerate() {
-            M::store_pair(simd, s[0][k], s[1][k], &mut part.1[i..i + 2 * w]);
-        }
-        i += 2 * w;
+        groups_at_a_time!(2);
     }
     while w <= body - i {
         prefetch_ahead::<_, _, _, B, AHEAD>(&params, head, g_body, &parts, i);
