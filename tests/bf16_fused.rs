@@ -638,8 +638,9 @@ fn hex16(s: &str) -> [u8; 16] {
 #[test]
 fn stochastic_bits_follow_the_documented_generator() {
     let aes = TextbookAes::new();
-    assert_eq!((aes.sbox[0x00], aes.sbox[0x53]), (0x63, 0xED)); // FIPS-197 §5.1.1
-                                                                // FIPS-197 Appendix B: the start of round 2 from the start of round 1 and round key 1.
+    // FIPS-197 §5.1.1's S-box entries, and Appendix B: the start of round 2 from the start of
+    // round 1 and round key 1.
+    assert_eq!((aes.sbox[0x00], aes.sbox[0x53]), (0x63, 0xED));
     assert_eq!(
         aes.round(
             hex16("193de3bea0f4e22b9ac68d2ae9f84808"),

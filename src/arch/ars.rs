@@ -58,8 +58,8 @@ impl ArsKey {
     }
 
     /// The block of counter `counter` (the 128-bit counter with `counter` in both halves), as
-    /// eight little-endian 16-bit words. The `aes` crate's round functions: AES-NI where the CPU has
-    /// it, its constant-time software rounds elsewhere; the same bits either way.
+    /// eight little-endian 16-bit words. The `aes` crate's round functions: AES-NI where the
+    /// CPU has it, its constant-time software rounds elsewhere; the same bits either way.
     pub(crate) fn block(&self, counter: u64) -> [u16; 8] {
         let mut x = [0u8; 16];
         x[..8].copy_from_slice(&counter.to_le_bytes());
