@@ -75,13 +75,16 @@ mod x86_64;
 pub enum SimdLevel {
     /// `wide`'s lanes as compiled (SSE2 on a default x86-64 build).
     Portable,
-    /// AVX2: eight-lane f32 / four-lane f64 vectors, when the CPU has AVX2.
+    /// AVX2: eight-lane f32 / four-lane f64 vectors, when the CPU has AVX2 (with F16C, FMA
+    /// and AES-NI, which every AVX2 CPU made has).
     Avx2,
-    /// AVX-512F: sixteen-lane f32 / eight-lane f64 vectors, when the CPU has AVX-512F.
+    /// AVX-512: sixteen-lane f32 / eight-lane f64 vectors, when the CPU has AVX-512F and
+    /// AVX-512BW (every AVX-512 CPU but the Xeon Phi).
     Avx512,
-    /// AVX-512F plus the AVX-512 BF16 extension: the f32 kernels are [`SimdLevel::Avx512`]'s;
-    /// mixed-precision passes ([`crate::mixed`]) round f32 to bf16 with `vcvtneps2bf16`
-    /// instead of integer arithmetic. Same bits either way.
+    /// AVX-512 plus the AVX-512 BF16 and VAES extensions: the f32 kernels are
+    /// [`SimdLevel::Avx512`]'s; mixed-precision passes ([`crate::mixed`]) round f32 to bf16
+    /// with `vcvtneps2bf16` instead of integer arithmetic, and stochastic rounding draws its
+    /// bits with 512-bit AES rounds. Same bits either way.
     Avx512Bf16,
     /// The best the CPU has (the default).
     #[default]
