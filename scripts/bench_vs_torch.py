@@ -741,24 +741,49 @@ class TorchBf16Case(TorchCase):
         self.opt = TORCH_OPTIMIZERS[optimizer](self.params, **IMPLS["fused"])
 
 
+def torch_time_isolated(kind, optimizer, layout, n, threads, steps):
+    """`TorchCase(optimizer, "fused", ...)` (`kind` "f32") or `TorchBf16Case` (`kind` "bf16")
+    timed in a fresh interpreter, as optarena's `bench_step` runs in a fresh process: in one
+    long-lived process torch's step on 32M elements measured up to 50% slower after a GPT-2
+    case than before it (15.2 vs 23.3 ms for bf16 AdamW, reproducibly), which would flatter
+    optarena. Returns the median step in seconds."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--time-torch-case", kind, optimizer,
+           layout, str(n), str(steps), "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["median_s"]
+
+
+def time_torch_case(args):
+    """`--time-torch-case KIND OPTIMIZER LAYOUT N STEPS`: one case of `torch_time_isolated`,
+    printed as JSON."""
+    kind, optimizer, layout, n, steps = args.time_torch_case
+    torch.set_num_threads(args.threads)
+    case = (TorchCase(optimizer, "fused", layout, int(n)) if kind == "f32"
+            else TorchBf16Case(optimizer, layout, int(n)))
+    print(json.dumps({"median_s": case.time(int(steps))[0]}))
+
+
 def half_section(args, binary):
-    """Modes 1 and 3 of issue 15 at 32M elements (`Optimizer::step_half`, bf16 parameters and
-    gradients, no f32 copy of the parameters): mode 1 (bf16 moments, round to nearest) against
-    torch's `fused=True` on bf16 parameters, mode 3 (stochastic rounding; bf16 or f32 moments)
-    against torch's fused f32 AdamW, interleaved per round. Returns the section's Markdown
+    """Modes 1 and 3 of issue 15 at 32M elements and on GPT-2 small's layout
+    (`Optimizer::step_half`, bf16 parameters and gradients, no f32 copy of the parameters):
+    mode 1 (bf16 moments, round to nearest) against torch's `fused=True` on bf16 parameters,
+    mode 3 (stochastic rounding; bf16 or f32 moments) against torch's fused f32 AdamW,
+    interleaved per round, each case in a fresh process. Returns the section's Markdown
     lines."""
-    n = 1 << 20 if args.quick else N_32M
-    steps = 10
     threads = args.threads
     torch.set_num_threads(threads)
-    results = {}  # (opt, label) -> list of medians
-    rows = {  # label -> (optarena bench_step name or None for torch, bytes / element)
-        "adam": [("torch fused f32", None, "28 (read p g m v 16, write p m v 12)"),
-                 ("torch fused bf16", None, "14 (read 8, write 6)"),
+    big = 1 << 20 if args.quick else N_32M
+    layouts = [(f"{big / (1 << 20):.0f}M", "flat", big, 10)]
+    if not args.quick and not args.skip_gpt2:
+        layouts.append(("GPT-2 small", "gpt2", 0, 5))
+    results = {}  # (layout label, opt, label) -> list of medians
+    rows = {  # label -> (optarena bench_step name, or torch's kind; bytes / element)
+        "adam": [("torch fused f32", "f32", "28 (read p g m v 16, write p m v 12)"),
+                 ("torch fused bf16", "bf16", "14 (read 8, write 6)"),
                  ("optarena mode 1 (bf16, nearest)", "adam_bf16", "14"),
                  ("roofline (bf16 traffic)", "roofline_bf16", "14")],
-        "adamw": [("torch fused f32", None, "28 (read p g m v 16, write p m v 12)"),
-                  ("torch fused bf16", None, "14 (read 8, write 6)"),
+        "adamw": [("torch fused f32", "f32", "28 (read p g m v 16, write p m v 12)"),
+                  ("torch fused bf16", "bf16", "14 (read 8, write 6)"),
                   ("optarena mode 1 (bf16, nearest)", "adamw_bf16", "14"),
                   ("optarena mode 3 (stochastic, bf16 moments)", "adamw_sr", "14"),
                   ("optarena mode 3 (stochastic, f32 moments)", "adamw_sr_f32state",
@@ -767,21 +792,22 @@ def half_section(args, binary):
     }
     for rnd in range(args.rounds):
         print(f"bf16 modes 1 and 3, round {rnd + 1}/{args.rounds}", file=sys.stderr)
-        for opt, cases in rows.items():
-            for label, name, _ in cases:
-                if name is not None:
-                    t = optarena_time(binary, name, "flat", n, threads, steps)[0]
-                else:
-                    case = (TorchCase(opt, "fused", "flat", n) if label == "torch fused f32"
-                            else TorchBf16Case(opt, "flat", n))
-                    t = case.time(steps)[0]
-                    del case
-                results.setdefault((opt, label), []).append(t)
+        for layout_label, layout, n, steps in layouts:
+            for opt, cases in rows.items():
+                for label, name, _ in cases:
+                    if label.startswith("torch"):
+                        t = torch_time_isolated(name, opt, layout, n, threads, steps)
+                    else:
+                        t = optarena_time(binary, name, layout, n, threads, steps)[0]
+                    results.setdefault((layout_label, opt, label), []).append(t)
     med = statistics.median
     lines = [HALF_HEADING, "",
-             f"One Adam / AdamW step (default hyperparameters) over {n / 1e6:.1f}M elements, "
-             f"{threads} threads, median of {steps} timed steps per round, "
-             f"{rounds_text(args.rounds)} interleaved. Parameters and gradients are bf16 and no "
+             f"One Adam / AdamW step (default hyperparameters) over {big / 1e6:.1f}M elements "
+             f"and over GPT-2 small's 148 tensors (124.4M elements), {threads} threads, median "
+             f"of 10 (GPT-2: 5) timed steps per round, {rounds_text(args.rounds)} interleaved; "
+             f"every case runs in a fresh process (torch's as optarena's: in one long-lived "
+             f"process torch's 32M step measured up to 50% slower after a GPT-2 case). "
+             f"Parameters and gradients are bf16 and no "
              f"f32 copy of the parameters exists (`Optimizer::step_half`). Mode 1 keeps the "
              f"moments in bf16 and rounds to nearest: torch's `fused=True` step on bf16 "
              f"parameters, bit for bit (tests/bf16_fused.rs); its peer is that torch step "
@@ -792,18 +818,21 @@ def half_section(args, binary):
              f"lane loop (`optarena::roofline::HalfRoofline`, bf16 conversions included); the "
              f"last column is its time over the row's.", "",
              *provenance(), "",
-             "| optimizer | implementation | bytes / element | median step (ms) | "
+             "| layout | optimizer | implementation | bytes / element | median step (ms) | "
              "vs torch fused f32 | vs torch fused bf16 | fraction of the bf16 roofline |",
-             "|---|---|---|---|---|---|---|"]
-    for opt, cases in rows.items():
-        tf = med(results[(opt, "torch fused f32")])
-        tb = med(results[(opt, "torch fused bf16")])
-        roof = med(results[(opt, "roofline (bf16 traffic)")])
-        for label, _, traffic in cases:
-            t = med(results[(opt, label)])
-            frac = f"{roof / t:.0%}" if label.startswith("optarena") and traffic == "14" else ""
-            lines.append(f"| {opt} | {label} | {traffic} | {t * 1e3:.2f} | "
-                         f"{tf / t:.2f}x | {tb / t:.2f}x | {frac} |")
+             "|---|---|---|---|---|---|---|---|"]
+    for layout_label, _, _, _ in layouts:
+        for opt, cases in rows.items():
+            def m(label):
+                return med(results[(layout_label, opt, label)])
+            tf, tb = m("torch fused f32"), m("torch fused bf16")
+            roof = m("roofline (bf16 traffic)")
+            for label, _, traffic in cases:
+                t = m(label)
+                frac = (f"{roof / t:.0%}" if label.startswith("optarena") and traffic == "14"
+                        else "")
+                lines.append(f"| {layout_label} | {opt} | {label} | {traffic} | {t * 1e3:.2f} | "
+                             f"{tf / t:.2f}x | {tb / t:.2f}x | {frac} |")
     return lines
 
 
@@ -1099,16 +1128,21 @@ def main():
                          "and GPT-2 small, with torch fused and the roofline), written into "
                          "--out in place of its old version")
     ap.add_argument("--skip-gpt2", action="store_true",
-                    help="leave GPT-2 small's layout out of the DeepSpeed section (its 20 cases "
-                         "take about 4x the 32M ones)")
+                    help="leave GPT-2 small's layout out of the bf16 and DeepSpeed sections "
+                         "(its cases take about 4x the 32M ones)")
     ap.add_argument("--main-only", action="store_true",
                     help="only the f32 step table at the top of --out and its fraction of the "
                          "roofline, written in place of their old versions")
     ap.add_argument("--sparse-only", action="store_true",
                     help="only the SparseAdam embedding-table section, written into --out in "
                          "place of its old version")
+    ap.add_argument("--time-torch-case", nargs=5,
+                    metavar=("KIND", "OPTIMIZER", "LAYOUT", "N", "STEPS"),
+                    help=argparse.SUPPRESS)  # one torch case in this process, for the others
     args = ap.parse_args()
     os.chdir(REPO)
+    if args.time_torch_case:
+        return time_torch_case(args)
     if args.sparse_only:
         torch.set_num_threads(args.threads)
         lines = sparse_section(args, build_example("sparse_adam_bench"))

@@ -13,8 +13,19 @@
 //!   A NaN becomes torch's scalar quiet NaN `0x7FC0` (`half` keeps the sign and payload
 //!   instead, and torch's own vectorised kernels write `0xFFFF`: every one is a NaN). On CPUs
 //!   with AVX-512 BF16 ([`SimdLevel::Avx512Bf16`]) the rounding is the `vcvtneps2bf16`
-//!   instruction, with vectors holding a subnormal or NaN (which it flushes, or keeps the
-//!   payload of) sent down the integer path, so the bits are the same at every level.
+//!   instruction, with vectors holding a NaN (whose payload it keeps) or a subnormal (which it
+//!   flushes) sent down the integer path, one `vfpclassps` deciding, so the bits are the same
+//!   at every level.
+//! - **Subnormals in a flushed step.** Inside a step under [`Subnormals::Flush`] (the default)
+//!   on x86-64, the thread reads subnormal f32 values as zero (MXCSR.DAZ), and the bf16
+//!   rounding to nearest reads its input the same way at every level: a subnormal becomes a
+//!   zero of its sign. The step's arithmetic never produces one there (FTZ), so this touches
+//!   only a subnormal a step passes through unchanged (the previous gradient Rprop keeps);
+//!   it is what lets `vcvtneps2bf16`, which always flushes, round every vector without a
+//!   subnormal test. Stochastic rounding adds its bits to the value as
+//!   stored (parameters are always results of the step's arithmetic, so never subnormal there).
+//!   Outside a flushed step, and under [`Subnormals::Preserve`], subnormals round like any other
+//!   value.
 //! - **f16** uses F16C's `vcvtph2ps` / `vcvtps2ph` (round to nearest even) under AVX2 and
 //!   AVX-512, and `half`'s software conversion on the portable level: the same bits, the
 //!   same as `half::f16::from_f32` (NaN keeps its sign and top payload bits, quietened).
@@ -104,6 +115,18 @@ pub fn bf16_bits_from_f32(x: f32) -> u16 {
     (b.wrapping_add(0x7FFF + lsb) >> 16) as u16
 }
 
+/// [`bf16_bits_from_f32`] of `x` as the running thread reads it: inside a step under
+/// [`Subnormals::Flush`] on x86-64 (MXCSR.DAZ) a subnormal `x` rounds as a zero of its sign, as
+/// the step's arithmetic reads it and as `vcvtneps2bf16` always does, so every SIMD level
+/// stores the same bits in both modes. Elsewhere, and outside a flushed step, exactly
+/// [`bf16_bits_from_f32`].
+#[inline(always)]
+pub(crate) fn bf16_bits_as_read(x: f32) -> u16 {
+    #[cfg(target_arch = "x86_64")]
+    let x = crate::arch::as_read_f32(x);
+    bf16_bits_from_f32(x)
+}
+
 mod sealed {
     use crate::arch::Simd;
     use crate::checkpoint::dtype::{Values, ValuesMut};
@@ -144,7 +167,7 @@ pub trait Storage:
     /// Widens to f32 (exact).
     fn to_f32(self) -> f32;
     /// Rounds an f32 to this format, to nearest with ties to even (see the module docs for
-    /// NaN).
+    /// NaN, and for subnormals inside a flushed step).
     fn from_f32(x: f32) -> Self;
     /// True when any element is NaN or infinite.
     fn any_non_finite(x: &[Self]) -> bool;
@@ -239,7 +262,7 @@ impl Storage for bf16 {
     }
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
-        bf16::from_bits(bf16_bits_from_f32(x))
+        bf16::from_bits(bf16_bits_as_read(x))
     }
     fn any_non_finite(x: &[bf16]) -> bool {
         any_exponent_full(bits(x), 0x7F80)

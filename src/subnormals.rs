@@ -38,6 +38,9 @@
 //! torch with gradients scaled into the subnormal range. Choose [`Subnormals::Preserve`] for
 //! bit-exact torch parity in subnormal ranges, or when `eps` is below 1e-19.
 //!
+//! A half-precision store inside a flushed step reads its value the same way: rounding to bf16
+//! turns a subnormal f32 into a zero of its sign at every SIMD level (see [`crate::mixed`]).
+//!
 //! A clip folded into the step ([`crate::StepOptions::clipped`]) computes its norm under the
 //! same mode: squares below 1.2e-38 count as zero, which moves the norm by less than
 //! `√n · 1.1e-19` for `n` elements, against the `1e-6` torch adds to it. The standalone

@@ -13,8 +13,8 @@
 //!
 //! - A *token* (`Simd` implementor) is the proof that the CPU has an instruction set:
 //!   `x86_64::Avx2::new()` (AVX2 + F16C + FMA + AES-NI), `x86_64::Avx512::new()` (those +
-//!   AVX-512F + AVX-512BW) and `x86_64::Avx512Bf16::new()` (those + AVX-512 BF16 + VAES)
-//!   return `None` unless run-time detection finds the features, and the only other way to
+//!   AVX-512F + AVX-512BW) and `x86_64::Avx512Bf16::new()` (those + AVX-512 BF16, AVX-512DQ
+//!   and VAES) return `None` unless run-time detection finds the features, and the only other way to
 //!   get one is an `unsafe fn new_unchecked` whose caller promises it. (memchr's
 //!   `arch/x86_64/avx2` searchers and pulp's `V3`/`V4` are built the same way.) Besides its
 //!   lanes, a token converts its f32 lanes to and from bf16 and f16 storage
@@ -81,10 +81,11 @@ pub enum SimdLevel {
     /// AVX-512: sixteen-lane f32 / eight-lane f64 vectors, when the CPU has AVX-512F and
     /// AVX-512BW (every AVX-512 CPU but the Xeon Phi).
     Avx512,
-    /// AVX-512 plus the AVX-512 BF16 and VAES extensions: the f32 kernels are
-    /// [`SimdLevel::Avx512`]'s; mixed-precision passes ([`crate::mixed`]) round f32 to bf16
-    /// with `vcvtneps2bf16` instead of integer arithmetic, and stochastic rounding draws its
-    /// bits with 512-bit AES rounds. Same bits either way.
+    /// AVX-512 plus the AVX-512 BF16, AVX-512DQ and VAES extensions (Sapphire Rapids, Zen 4):
+    /// the f32 kernels are [`SimdLevel::Avx512`]'s; mixed-precision passes ([`crate::mixed`])
+    /// round f32 to bf16 with `vcvtneps2bf16` instead of integer arithmetic (DQ's
+    /// `vfpclassps` finds the lanes it would round differently), and stochastic rounding
+    /// draws its bits with 512-bit AES rounds. Same bits either way.
     Avx512Bf16,
     /// The best the CPU has (the default).
     #[default]
@@ -165,6 +166,8 @@ impl SimdLevel {
 mod ars;
 pub(crate) use ars::ArsKey;
 pub(crate) use token::{Simd, WithSimd};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86_64::as_read_f32;
 
 /// Stochastic rounding of `x` to bf16 bits with the random bits `r` (below 2^16): the f32
 /// bits plus `r`, truncated (torchao's `_bf16_stochastic_round`); a NaN becomes `0x7FC0`.
@@ -310,7 +313,7 @@ impl Simd for Portable {
     }
     #[inline(always)]
     fn store_bf16(self, v: wide::f32x8, s: &mut [u16]) {
-        let bits = v.to_array().map(crate::mixed::bf16_bits_from_f32);
+        let bits = v.to_array().map(crate::mixed::bf16_bits_as_read);
         s[..8].copy_from_slice(&bits);
     }
     #[inline(always)]

@@ -103,19 +103,21 @@ impl Avx512 {
     }
 }
 
-/// Proof that the CPU has AVX-512 BF16 and VAES besides [`Avx512`]'s features: its lanes, with
-/// `vcvtneps2bf16` for rounding to bf16 and 512-bit AES rounds for stochastic rounding's
-/// generator (Sapphire Rapids and Zen 4 have both; Cooper Lake, with BF16 but no VAES, runs
+/// Proof that the CPU has AVX-512 BF16, AVX-512DQ and VAES besides [`Avx512`]'s features: its
+/// lanes, with `vcvtneps2bf16` for rounding to bf16 (and DQ's `vfpclassps` to find the lanes it
+/// would round differently), and 512-bit AES rounds for stochastic rounding's generator
+/// (Sapphire Rapids and Zen 4 have all three; Cooper Lake, with BF16 but no VAES, runs
 /// [`Avx512`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx512Bf16(());
 
 impl Avx512Bf16 {
-    /// The token, if the CPU has AVX-512 BF16, VAES and [`Avx512`]'s features.
+    /// The token, if the CPU has AVX-512 BF16, AVX-512DQ, VAES and [`Avx512`]'s features.
     #[inline(always)]
     pub(crate) fn new() -> Option<Self> {
         if Avx512::new().is_some()
             && is_x86_feature_detected!("avx512bf16")
+            && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("vaes")
         {
             // SAFETY: just checked.
@@ -128,19 +130,45 @@ impl Avx512Bf16 {
     /// The token, unchecked.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 BF16, VAES, AVX-512F, AVX-512BW, AVX2, F16C, FMA and
-    /// AES-NI.
+    /// The CPU must support AVX-512 BF16, AVX-512DQ, VAES, AVX-512F, AVX-512BW, AVX2, F16C,
+    /// FMA and AES-NI.
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Avx512Bf16(())
     }
 }
 
+/// `x`, or a zero of its sign where a lane is subnormal and the thread reads subnormals as zero
+/// (MXCSR.DAZ, set inside a step under `Subnormals::Flush`): `minss(+inf, x)`, which the
+/// hardware evaluates under the thread's mode and the compiler cannot fold (x86's `min` returns
+/// its second operand when either is NaN, so every other value, NaN included, comes back bit
+/// for bit). The integer bf16 roundings below read their input through it, so they give what
+/// `vcvtneps2bf16` gives in both modes (see [`Avx512Bf16::bf16_bits`]).
+#[inline(always)]
+pub(crate) fn as_read_f32(x: f32) -> f32 {
+    // SAFETY: SSE is part of x86-64.
+    unsafe { _mm_cvtss_f32(_mm_min_ss(_mm_set_ss(f32::INFINITY), _mm_set_ss(x))) }
+}
+
+/// [`as_read_f32`] on eight lanes.
+#[inline(always)]
+fn as_read_256(v: __m256) -> __m256 {
+    avx!(_mm256_min_ps(_mm256_set1_ps(f32::INFINITY), v))
+}
+
+/// [`as_read_f32`] on sixteen lanes.
+#[inline(always)]
+fn as_read_512(v: __m512) -> __m512 {
+    avx!(_mm512_min_ps(_mm512_set1_ps(f32::INFINITY), v))
+}
+
 /// bf16 rounding of eight f32 lanes with integer AVX2 arithmetic (torch's `cvtfp32_bf16`):
-/// `(bits + 0x7FFF + lsb) >> 16`, NaN replaced by `0x7FC0`.
+/// `(bits + 0x7FFF + lsb) >> 16`, NaN replaced by `0x7FC0`, of the lanes as the thread reads
+/// them ([`as_read_256`]).
 #[inline(always)]
 fn bf16_round_avx2(v: __m256) -> __m128i {
     avx!({
+        let v = as_read_256(v);
         let b = _mm256_castps_si256(v);
         let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
         let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
@@ -159,6 +187,7 @@ fn bf16_round_avx2(v: __m256) -> __m128i {
 #[inline(always)]
 fn bf16_round_avx512(v: __m512) -> __m256i {
     avx!({
+        let v = as_read_512(v);
         let b = _mm512_castps_si512(v);
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
         let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
@@ -519,12 +548,12 @@ impl Simd for Avx512Bf16 {
     type F64x4 = F64x4;
     #[inline(always)]
     fn vectorize<K: WithSimd>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,f16c,fma,aes,avx512f,avx512bw,avx512bf16,vaes")]
+        #[target_feature(enable = "avx2,f16c,fma,aes,avx512f,avx512bw,avx512dq,avx512bf16,vaes")]
         fn imp<K: WithSimd>(simd: Avx512Bf16, kernel: K) -> K::Output {
             kernel.with_simd(simd)
         }
         // SAFETY: `self` is an `Avx512Bf16` token, which exists only if the CPU has
-        // AVX-512F, AVX-512BW, AVX-512 BF16, VAES, AVX2, F16C, FMA and AES-NI.
+        // AVX-512F, AVX-512BW, AVX-512DQ, AVX-512 BF16, VAES, AVX2, F16C, FMA and AES-NI.
         unsafe { imp(self, kernel) }
     }
     avx512_half_common!();
@@ -559,28 +588,22 @@ impl Avx512Bf16 {
     /// (see [`Avx512Bf16::bf16_bits`]).
     #[inline(always)]
     fn special_lanes(v: __m512) -> __mmask16 {
-        // Subnormal or NaN: a non-zero mantissa under an exponent field of 0 or 255. Adding 1
-        // to the exponent field clears bits 24-30 exactly for those two (255 carries out), so
-        // two mask tests find them in integer arithmetic (`vfpclassps` would read subnormals
-        // as zero under a flushed step's DAZ).
-        avx!({
-            let b = _mm512_castps_si512(v);
-            let edge = _mm512_testn_epi32_mask(
-                _mm512_add_epi32(b, _mm512_set1_epi32(0x0080_0000)),
-                _mm512_set1_epi32(0x7F00_0000),
-            );
-            _mm512_mask_test_epi32_mask(edge, b, _mm512_set1_epi32(0x007F_FFFF))
-        })
+        // `vfpclassps` with categories QNaN (0x01), denormal (0x20) and SNaN (0x80): one
+        // instruction. It classifies its operand as the thread reads it: under MXCSR.DAZ a
+        // subnormal is a zero to it as to `vcvtneps2bf16` and to the integer path's
+        // `as_read_512`, so only NaN lanes are special then.
+        avx!(_mm512_fpclass_ps_mask::<0xA1>(v))
     }
 
     /// Sixteen lanes rounded to bf16 bits, with `vcvtneps2bf16` where that gives the same
     /// bits as the integer path.
     #[inline(always)]
     fn bf16_bits(self, v: F32x16) -> __m256i {
-        // `vcvtneps2bf16` rounds to nearest even like the integer path, but reads subnormal
-        // inputs as zero and keeps a NaN's sign and payload (quietened). Lanes holding either
-        // are rare (none inside a flushed step but NaN), so a vector with any of them takes
-        // the integer path whole; the others keep the one-instruction conversion.
+        // `vcvtneps2bf16` rounds to nearest even like the integer path, but always reads
+        // subnormal inputs as zero (the integer path does so only under DAZ, as the thread's
+        // arithmetic does) and keeps a NaN's sign and payload (quietened). Lanes holding
+        // either are rare (none inside a flushed step but NaN), so a vector with any of them
+        // takes the integer path whole; the others keep the one-instruction conversion.
         if Self::special_lanes(v.0) == 0 {
             // SAFETY: `__m256bh` and `__m256i` are both 256 bits of plain data.
             avx!(unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v.0)) })
