@@ -16,8 +16,9 @@
 //!    consecutive parameters, its state buffers holding them back to back, so a group
 //!    registered in one piece has exactly the arena's layout. The algorithm's per-step scalars
 //!    are computed once per run in f64.
-//! 4. Runs are cut into [`CHUNK`](crate::parallel::CHUNK)-element pieces and the fused kernel runs on each, on the
-//!    [`Parallelism`] the optimizer was given. The piece length never depends on the thread
+//! 4. Runs are cut into pieces of [`CHUNK`](crate::parallel::CHUNK) elements (a multiple of
+//!    it, up to 256K elements, for runs of 1M and more) and the fused kernel runs on each, on
+//!    the [`Parallelism`] the optimizer was given. The piece length never depends on the thread
 //!    count, so the result is bitwise the same on any number of threads; the kernels are
 //!    elementwise, so a parameter's result does not depend on how its group is fragmented
 //!    either.

@@ -1,5 +1,5 @@
 //! Work planning: lazy state init, step counts, and the cut of each group's runs into
-//! [`CHUNK`]-element work items.
+//! work items of [`piece_len`] elements.
 
 use super::{
     aux_ranges, Algorithm, KernelArgs, Optimizer, ParamState, MAX_AUX_BUFFERS, MAX_BUFFERS,
@@ -8,7 +8,7 @@ use crate::arena::{AlignedBuf, Arena, ParamInfo};
 use crate::buffer::Role;
 use crate::float::Float;
 use crate::mixed::StatePrecision;
-use crate::parallel::CHUNK;
+use crate::parallel::piece_len;
 
 /// Consecutive parameters of a group whose state agrees, being collected into one run.
 struct OpenRun<S> {
@@ -129,7 +129,7 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
     ///
     /// A run of the plan is a set of parameters of one group that are consecutive in the arena
     /// (so never crossing a gap between the group's runs) and whose state agrees; it is cut
-    /// into [`CHUNK`]-element pieces from its start. A group of one run is therefore cut
+    /// into [`piece_len`]-element pieces from its start. A group of one run is therefore cut
     /// exactly as a single slice is, and a parameter's update never depends on which other
     /// parameters share its group: the kernels are elementwise, so the piece boundaries do not
     /// change a bit.
@@ -274,12 +274,13 @@ impl<T: Float, A: Algorithm> Optimizer<T, A> {
                         }
                     }
                     let mut at = start;
+                    let piece = piece_len(end - start);
                     while at < end {
                         // A per-parameter kernel gets its parameter whole.
                         let len = if A::PER_PARAMETER {
                             end - at
                         } else {
-                            CHUNK.min(end - at)
+                            piece.min(end - at)
                         };
                         let local = base + (at - start);
                         let mut buffers = [std::ptr::null_mut(); MAX_BUFFERS];
