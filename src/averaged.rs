@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::kernels::average;
 use crate::optimizer::load::match_model;
-use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
+use crate::parallel::{piece_len, Parallelism, PARALLEL_THRESHOLD};
 use crate::subnormals::Subnormals;
 
 /// Version of the [`AveragedModel`] state layout, saved as `"format"`.
@@ -64,8 +64,9 @@ impl AverageFn {
 ///
 /// The averaged copy is a second buffer shaped like the arena (aligned like it). Each
 /// [`update_parameters`](Self::update_parameters) is one fused SIMD pass over it and the
-/// arena's parameters, cut into the same fixed 16K-element chunks as a step and spread over
-/// the [`Parallelism`], so the result is bitwise the same for any thread count:
+/// arena's parameters, cut into pieces as a step cuts a run of the arena's length (16K
+/// elements, longer for 1M and more; never depending on the thread count) and spread over the
+/// [`Parallelism`], so the result is bitwise the same for any thread count:
 ///
 /// ```text
 /// n_averaged == 0:  averaged ← param                          (torch copies on the first call)
@@ -124,7 +125,8 @@ impl AverageFn {
 /// ```
 pub struct AveragedModel<T: Float> {
     averaged: AlignedBuf<T>,
-    /// The averaged buffer cut into [`CHUNK`]-element pieces, the units of parallel work.
+    /// The averaged buffer cut into pieces as a step cuts a run of its length, the units of
+    /// parallel work.
     chunks: Vec<Range<usize>>,
     layout: Vec<ParamInfo>,
     avg: AverageFn,
@@ -191,10 +193,14 @@ impl<T: Float> AveragedModel<T> {
     pub fn new(arena: &Arena<T>) -> Self {
         AveragedModel {
             averaged: AlignedBuf::from_slice(Role::Params, arena.params()),
-            chunks: (0..arena.params().len())
-                .step_by(CHUNK)
-                .map(|start| start..(start + CHUNK).min(arena.params().len()))
-                .collect(),
+            chunks: {
+                let n = arena.params().len();
+                let piece = piece_len(n);
+                (0..n)
+                    .step_by(piece)
+                    .map(|start| start..(start + piece).min(n))
+                    .collect()
+            },
             layout: arena.infos().to_vec(),
             avg: AverageFn::Swa,
             n_averaged: 0,

@@ -37,7 +37,7 @@ use crate::buffer::{AlignedBuf, Role};
 use crate::float::{Float, Lane};
 use crate::kernels::{for_each_lane_ahead, ElementOp, Pass, PREFETCH_AHEAD};
 use crate::mixed::{MasterCopy, MixedPass, Nearest, Storage};
-use crate::parallel::{Parallelism, CHUNK, PARALLEL_THRESHOLD};
+use crate::parallel::{piece_len, Parallelism, CHUNK, PARALLEL_THRESHOLD};
 
 /// How a roofline pass walks the arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +52,9 @@ pub struct Strategy {
 }
 
 impl Strategy {
-    /// What an optimizer step does: the best lanes, [`CHUNK`]-element pieces, prefetch.
+    /// What an optimizer step does with a run below 1M elements: the best lanes,
+    /// [`CHUNK`]-element pieces, prefetch (longer runs it cuts into longer pieces, up to
+    /// sixteen times longer).
     pub const STEP: Strategy = Strategy {
         simd: SimdLevel::Best,
         piece: Some(CHUNK),
@@ -285,7 +287,8 @@ impl HalfTraffic {
 
 /// The roofline of the mixed-precision steps: the arrays of a [`HalfTraffic`], walked by the
 /// steps' own mixed lane loop (bf16 widened exactly and rounded to nearest, the streamed copy,
-/// [`CHUNK`]-element pieces on the pool) with the trivial update `p += c·g`, `s_k += c·g`.
+/// pieces cut as a step cuts a run of the same length, on the pool) with the trivial update
+/// `p += c·g`, `s_k += c·g`.
 /// Converting bf16 is part of any such step, so it is part of this bound; what it leaves out
 /// is the optimizer's arithmetic. A step near its time is limited by memory bandwidth (and
 /// the conversions) alone.
@@ -345,7 +348,7 @@ impl HalfRoofline {
         self.traffic.bytes_per_element() * self.len()
     }
 
-    /// One pass, in [`CHUNK`]-element pieces spread over `parallelism` as a step's are.
+    /// One pass, in pieces cut and spread over `parallelism` as a step's are.
     pub fn run(&mut self, parallelism: &Parallelism) {
         let HalfRoofline {
             traffic,
@@ -382,11 +385,13 @@ fn half_pass<M: Storage>(
     // A step a bf16 value can show (0.25 + 0.125·0.25 is exact), so a test can see it.
     let op = Axpy { c: 0.125f32 };
     let n = params.len();
-    let mut masters = master.map(|p| p.chunks_mut(CHUNK));
+    // A step's pieces for a run of `n` elements.
+    let piece = piece_len(n);
+    let mut masters = master.map(|p| p.chunks_mut(piece));
     let mut pieces: Vec<_> = params
-        .chunks_mut(CHUNK)
-        .zip(grads.chunks(CHUNK))
-        .zip(m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK)))
+        .chunks_mut(piece)
+        .zip(grads.chunks(piece))
+        .zip(m.chunks_mut(piece).zip(v.chunks_mut(piece)))
         .map(|((copy, g), (m, v))| HalfPiece {
             master: masters.as_mut().and_then(Iterator::next),
             copy,

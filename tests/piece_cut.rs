@@ -4,7 +4,8 @@
 //! two runs below 1M, cut into 16K-element pieces. Both layouts must give the same parameters
 //! and state, bit for bit: the f32 step, mode 1 (bf16 parameters and state, rounding to
 //! nearest) and mode 3 (stochastic rounding, whose bits are keyed by arena position, so a piece
-//! at a wrong offset would show), on 1 and 3 threads.
+//! at a wrong offset would show), on 1 and 3 threads. `AveragedModel`'s pass is cut the same
+//! way and is checked against its one-pass reference.
 
 mod common;
 
@@ -128,6 +129,46 @@ fn long_runs_cut_into_long_pieces_give_the_same_bits() {
                 half_steps(false, threads, stochastic),
                 "bf16, stochastic {stochastic}, {threads} threads"
             );
+        }
+    }
+}
+
+/// `AveragedModel` cuts its pass the same way: on 1.2M elements (32K-element pieces) and 3
+/// threads, the fused pass equals the one-pass scalar reference, SWA and EMA, over three
+/// updates.
+#[test]
+fn averaging_a_long_arena_in_long_pieces_matches_the_reference() {
+    use optarena::AveragedModel;
+    let (mut arena, handles) = build();
+    let pool = Parallelism::Pool(Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap(),
+    ));
+    let mut fused = [
+        AveragedModel::new(&arena).with_parallelism(pool.clone()),
+        AveragedModel::ema(&arena, 0.9)
+            .unwrap()
+            .with_parallelism(pool),
+    ];
+    for m in &mut fused {
+        m.set_parallel_threshold(0);
+    }
+    let mut reference = [
+        AveragedModel::new(&arena),
+        AveragedModel::ema(&arena, 0.9).unwrap(),
+    ];
+    let mut rng = Rng(13);
+    for _ in 0..3 {
+        for &p in &handles {
+            let v: Vec<f32> = rng.vec(arena.value(p).len(), 1.0);
+            arena.value_mut(p).copy_from_slice(&v);
+        }
+        for (f, r) in fused.iter_mut().zip(&mut reference) {
+            f.update_parameters(&arena).unwrap();
+            r.update_parameters_reference(&arena).unwrap();
+            assert_eq!(bits(f.averaged()), bits(r.averaged()));
         }
     }
 }
