@@ -1302,9 +1302,10 @@ def step_tables(args, binary):
     lines += ["", FRACTION_HEADING, "",
               "The roofline kernel (`optarena::roofline`) moves exactly an optimizer's memory "
               "traffic with trivial arithmetic (Adam/AdamW/RAdam: read 4 arrays, write 3; "
-              "SGD-momentum: read 3, write 2), through the same allocation, SIMD lanes, chunks and "
-              "threads as a step, timed in the same rounds. A fraction near 100% means the step "
-              "is limited by memory bandwidth alone.",
+              "SGD-momentum: read 3, write 2) in arrays allocated as a step's, on the same "
+              "threads, walked the fastest of its ways (lane widths, piece sizes, prefetch on or "
+              "off; `Roofline::calibrate`), timed in the same rounds. A fraction near 100% means "
+              "the step is limited by memory bandwidth alone.",
               "", "| case | optarena | torch fused | roofline | optarena, fraction of roofline "
               "throughput | torch fused, fraction |", "|---|---|---|---|---|---|"]
     roof = {(name, n): med(label, "optarena") for label, name, n in rooflines}
