@@ -22,10 +22,9 @@
 //!   zero of its sign. The step's arithmetic never produces one there (FTZ), so this touches
 //!   only a subnormal a step passes through unchanged (the previous gradient Rprop keeps);
 //!   it is what lets `vcvtneps2bf16`, which always flushes, round every vector without a
-//!   subnormal test. Stochastic rounding adds its bits to the value as
-//!   stored (parameters are always results of the step's arithmetic, so never subnormal there).
-//!   Outside a flushed step, and under [`Subnormals::Preserve`], subnormals round like any other
-//!   value.
+//!   subnormal test. Stochastic rounding adds its bits to the value as stored (parameters are
+//!   always results of the step's arithmetic, so never subnormal there). Outside a flushed
+//!   step, and under [`Subnormals::Preserve`], subnormals round like any other value.
 //! - **f16** uses F16C's `vcvtph2ps` / `vcvtps2ph` (round to nearest even) under AVX2 and
 //!   AVX-512, and `half`'s software conversion on the portable level: the same bits, the
 //!   same as `half::f16::from_f32` (NaN keeps its sign and top payload bits, quietened).

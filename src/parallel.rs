@@ -13,7 +13,9 @@ use rayon::prelude::*;
 
 use crate::subnormals::Subnormals;
 
-/// Elements per unit of parallel work. Fixed, so results never depend on the thread count.
+/// Elements per unit of parallel work: the pieces of runs below 1M elements (longer runs are
+/// cut into multiples of it), and the partial sums of norms. Fixed, so results never depend on
+/// the thread count.
 pub const CHUNK: usize = 16 * 1024;
 
 /// The length of the pieces a step cuts a run of `run` elements into: [`CHUNK`], or for runs of
@@ -22,10 +24,10 @@ pub const CHUNK: usize = 16 * 1024;
 ///
 /// Why: a piece starts with its software prefetch 4 KiB behind (the kernels fetch 1024 elements
 /// ahead in every array, from the piece's start), and per-piece setup (the loop's entry,
-/// stochastic rounding's key) is paid again. On 32M f32 elements, 2 threads, the Intel Xeon of BENCHMARKS.md,
-/// paired with the roofline (`examples/roofline_ratio`), 16K-element pieces held Adam at
-/// 95-96% of the roofline and 256K-element ones at 99%; the bf16 modes gained 7-10% (mode 3
-/// 10.2 -> 9.1 ms). Pieces of 1M elements measured the same as 256K; 32 pieces per run keep
+/// stochastic rounding's key) is paid again. On 32M f32 elements, 2 threads, the Intel Xeon of
+/// BENCHMARKS.md, paired with the roofline (`examples/roofline_ratio`), 16K-element pieces held
+/// Adam at 95-96% of the roofline and 256K-element ones at 99%; the bf16 modes gained 7-10%
+/// (mode 3 10.2 -> 9.1 ms). Pieces of 1M elements measured the same as 256K; 32 pieces per run keep
 /// work for the pool to balance. The kernels are elementwise, so the cut never changes a bit.
 #[inline]
 pub(crate) fn piece_len(run: usize) -> usize {

@@ -14,8 +14,8 @@
 //! - A *token* (`Simd` implementor) is the proof that the CPU has an instruction set:
 //!   `x86_64::Avx2::new()` (AVX2 + F16C + FMA + AES-NI), `x86_64::Avx512::new()` (those +
 //!   AVX-512F + AVX-512BW) and `x86_64::Avx512Bf16::new()` (those + AVX-512 BF16, AVX-512DQ
-//!   and VAES) return `None` unless run-time detection finds the features, and the only other way to
-//!   get one is an `unsafe fn new_unchecked` whose caller promises it. (memchr's
+//!   and VAES) return `None` unless run-time detection finds the features, and the only other
+//!   way to get one is an `unsafe fn new_unchecked` whose caller promises it. (memchr's
 //!   `arch/x86_64/avx2` searchers and pulp's `V3`/`V4` are built the same way.) Besides its
 //!   lanes, a token converts its f32 lanes to and from bf16 and f16 storage
 //!   ([`crate::mixed`], stochastic rounding's generator included); the AVX-512 BF16 token
