@@ -771,7 +771,6 @@ def half_section(args, binary):
     interleaved per round, each case in a fresh process. Returns the section's Markdown
     lines."""
     threads = args.threads
-    torch.set_num_threads(threads)
     big = 1 << 20 if args.quick else N_32M
     layouts = [(f"{big / (1 << 20):.0f}M", "flat", big, 10)]
     if not args.quick and not args.skip_gpt2:

@@ -27,8 +27,9 @@ pub const CHUNK: usize = 16 * 1024;
 /// stochastic rounding's key) is paid again. On 32M f32 elements, 2 threads, the Intel Xeon of
 /// BENCHMARKS.md, paired with the roofline (`examples/roofline_ratio`), 16K-element pieces held
 /// Adam at 95-96% of the roofline and 256K-element ones at 99%; the bf16 modes gained 7-10%
-/// (mode 3 10.2 -> 9.1 ms). Pieces of 1M elements measured the same as 256K; 32 pieces per run keep
-/// work for the pool to balance. The kernels are elementwise, so the cut never changes a bit.
+/// (mode 3 10.2 -> 9.1 ms). Pieces of 1M elements measured the same as 256K; 32 pieces per run
+/// keep work for the pool to balance. The kernels are elementwise, so the cut never changes a
+/// bit.
 #[inline]
 pub(crate) fn piece_len(run: usize) -> usize {
     CHUNK * (run / (CHUNK * 32)).clamp(1, 16)

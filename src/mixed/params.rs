@@ -26,10 +26,9 @@ pub enum ParamRounding {
     /// updates are not lost. The 16 random bits of element `i` (its position in the arena) at
     /// this step are [`stochastic_bits`]`(seed, step, i)`: a counter-based generator (ARS-5),
     /// so the result is the same bits for any thread count, SIMD level and piece split. Pass
-    /// a new `step`
-    /// for every optimizer step (for example the global step count, saved with a checkpoint
-    /// so that a resumed run rounds as the uninterrupted one would): the same `(seed, step)`
-    /// twice reuses the same random bits.
+    /// a new `step` for every optimizer step (for example the global step count, saved with a
+    /// checkpoint so that a resumed run rounds as the uninterrupted one would): the same
+    /// `(seed, step)` twice reuses the same random bits.
     Stochastic {
         /// The run's seed.
         seed: u64,
